@@ -1,0 +1,137 @@
+"""Reading seed data and writing artifacts: the one place that knows file formats and atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ROW_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+_SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+class DataError(ValueError):
+    """Input data that a stage cannot use; the message says what and where."""
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, row)`` from a JSON Lines file, streaming; a bad line names the file and line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def _read_arrow(path: Path) -> list[dict]:
+    import pyarrow as pa
+
+    # datasets writes the IPC stream format; other tools write the file format.
+    try:
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_stream(source).read_all().to_pylist()
+    except pa.ArrowInvalid:
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_file(source).read_all().to_pylist()
+
+
+def _read_file(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return [row for _, row in iter_jsonl(path)]
+    if suffix == ".json":
+        text = path.read_text(encoding="utf-8")
+        stripped = text.lstrip()
+        if stripped.startswith("["):
+            rows = json.loads(text)
+            if not all(isinstance(r, dict) for r in rows):
+                raise DataError(f"{path}: expected a JSON array of objects")
+            return rows
+        return [row for _, row in iter_jsonl(path)]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if suffix == ".arrow":
+        return _read_arrow(path)
+    raise DataError(f"{path}: unsupported file type {suffix!r}, expected one of {ROW_FILE_SUFFIXES}")
+
+
+def load_rows(source: str | Path, split: str = "train") -> list[dict]:
+    """Rows of a local file or folder (jsonl, json, parquet, arrow, ``save_to_disk``) or of a hub dataset."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if any((path / marker).exists() for marker in _SAVE_TO_DISK_MARKERS):
+            import datasets
+
+            loaded = datasets.load_from_disk(str(path))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise DataError(f"{path}: no split {split!r}; splits are {sorted(loaded)}")
+                loaded = loaded[split]
+            return loaded.to_list()
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in ROW_FILE_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: folder holds no {', '.join(ROW_FILE_SUFFIXES)} files")
+        return [row for f in files for row in _read_file(f)]
+    if path.is_file():
+        return _read_file(path)
+    if path.suffix.lower() in ROW_FILE_SUFFIXES or str(source).startswith((".", "/", "~")):
+        raise DataError(f"{source}: no such file or folder")
+    import datasets
+
+    logger.info("%s is not a local path; loading split %r from the Hugging Face hub", source, split)
+    try:
+        return datasets.load_dataset(str(source), split=split).to_list()
+    except Exception as e:  # the hub raises many types; one clear message is what the user needs
+        raise DataError(f"{source!r} is neither a local file or folder nor a loadable hub dataset: {e}") from e
+
+
+def require_columns(rows: list[dict], columns: list[str], source: str | Path) -> None:
+    """Fail naming the missing column and listing those present (checked on the first row)."""
+    present = list(rows[0]) if rows else []
+    for column in columns:
+        if column not in present:
+            raise DataError(f"{source}: column {column!r} not found; columns present: {', '.join(present)}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it replaces ``path`` in one rename, on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            if tmp.is_dir():
+                import shutil
+
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write a small JSON document atomically (stats, reports)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def dumps_line(row: dict) -> bytes:
+    """One JSONL line as bytes, ready for a single ``os.write``."""
+    return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")

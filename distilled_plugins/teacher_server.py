@@ -1,0 +1,187 @@
+"""A local OpenAI-compatible teacher that replays stored completions: the demo's endpoint, and the tests' and
+benchmarks' server. No model runs: each request's problem is looked up and its stored text is returned.
+
+Usage:
+    python -m distilled_plugins.teacher_server \\
+        --answers ../shared/data/math_train/math12k_train_with_solutions.jsonl \\
+        --problem-field problem --answer-field solution --port 39876
+
+Faults can be injected, for tests and benchmarks: a scripted sequence (``faults``, consumed one per request) or
+a random share of requests (``fault_rate``) answered 429 or 500.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from aiohttp import web
+
+from distilled_plugins.generate import DEFAULT_PROMPT_TEMPLATE
+
+logger = logging.getLogger(__name__)
+
+FAULTS = ("ok", "429", "500", "503", "400", "401", "404", "bad_json", "truncated", "slow", "reasoning")
+
+
+class ReplayTeacher:
+    """Answers ``/v1/chat/completions`` with ``answer(problem)``; counts requests and records what it saw."""
+
+    def __init__(self, answer: Callable[[str], str], *, prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+                 faults: Iterable[str] = (), fault_rate: float = 0.0, seed: int = 0, delay: float = 0.0,
+                 retry_after: str | None = "1", api_key: str | None = None):
+        self.answer = answer
+        prefix, _, suffix = prompt_template.replace("{{", "{").replace("}}", "}").partition("{prompt}")
+        self.prefix, self.suffix = prefix, suffix
+        self.faults = collections.deque(faults)
+        self.fault_rate, self.rng = fault_rate, random.Random(seed)
+        self.delay, self.retry_after, self.api_key = delay, retry_after, api_key
+        self.requests = 0
+        self.seen_authorization: list[str | None] = []
+        self.seen_problems: list[str] = []
+        self.seen_payloads: list[dict] = []
+
+    def problem_of(self, content: str) -> str:
+        if content.startswith(self.prefix) and content.endswith(self.suffix):
+            return content[len(self.prefix): len(content) - len(self.suffix)]
+        return content
+
+    def _next_fault(self) -> str:
+        if self.faults:
+            return self.faults.popleft()
+        if self.fault_rate and self.rng.random() < self.fault_rate:
+            return self.rng.choice(("429", "500"))
+        return "ok"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        self.seen_authorization.append(request.headers.get("Authorization"))
+        fault = self._next_fault()
+        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return web.json_response({"error": {"message": "Incorrect API key provided", "code": 401}}, status=401)
+        if fault == "429":
+            headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+            return web.json_response({"error": {"message": "rate limited", "code": 429}}, status=429, headers=headers)
+        if fault == "500":
+            return web.json_response({"error": {"message": "internal error", "code": 500}}, status=500)
+        if fault == "503":
+            return web.Response(text="Service Unavailable: upstream overloaded", status=503)
+        if fault in ("400", "401", "404"):
+            return web.json_response({"error": {"message": f"injected {fault}"}}, status=int(fault))
+        payload = await request.json()
+        self.seen_payloads.append(payload)
+        problem = self.problem_of(payload["messages"][-1]["content"])
+        self.seen_problems.append(problem)
+        if fault == "slow" or self.delay:
+            await asyncio.sleep(self.delay or 2.0)
+        text = self.answer(problem)
+        message = {"role": "assistant", "content": text}
+        if fault == "reasoning":
+            message = {"role": "assistant", "reasoning_content": "Let me think.\n", "content": text}
+        body = json.dumps({
+            "id": f"replay-{self.requests}", "object": "chat.completion", "model": payload.get("model"),
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": len(problem) // 4, "completion_tokens": len(text) // 4,
+                      "total_tokens": (len(problem) + len(text)) // 4},
+        }).encode()
+        if fault == "bad_json":
+            return web.Response(body=body[: len(body) // 2], content_type="application/json")
+        if fault == "truncated":
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            response.content_length = len(body)
+            await response.prepare(request)
+            await response.write(body[: len(body) // 2])
+            request.transport.close()
+            return response
+        return web.Response(body=body, content_type="application/json")
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.handle)
+        return app
+
+
+class ServerThread:
+    """Runs an aiohttp application on 127.0.0.1 in a background thread; ``url`` is its base URL."""
+
+    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0):
+        self._app, self.host, self.port = app, host, port
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        runner = web.AppRunner(self._app, access_log=None)
+        self._loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, self.host, self.port)
+        self._loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        self._stop = asyncio.Event()
+        self._ready.set()
+        self._loop.run_until_complete(self._stop.wait())
+        self._loop.run_until_complete(runner.cleanup())
+        self._loop.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the local server did not start within 30 s")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+
+def load_answers(path: str | Path, problem_field: str, answer_field: str) -> dict[str, str]:
+    from distilled_plugins.io import load_rows, require_columns
+
+    rows = load_rows(path)
+    require_columns(rows, [problem_field, answer_field], path)
+    return {row[problem_field]: row[answer_field] for row in rows if row.get(answer_field)}
+
+
+def replay_answer(answers: dict[str, str], fallback: str | None = None) -> Callable[[str], str]:
+    """An ``answer`` function over stored texts; unknown problems get ``fallback`` (or a reply without answer)."""
+    def answer(problem: str) -> str:
+        found = answers.get(problem)
+        if found is not None:
+            return found
+        return fallback if fallback is not None else "I could not find this problem, so I give no answer."
+    return answer
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m distilled_plugins.teacher_server", description=__doc__.split("\n")[0])
+    p.add_argument("--answers", required=True, help="file with problems and the texts to replay")
+    p.add_argument("--problem-field", default="problem")
+    p.add_argument("--answer-field", default="solution")
+    p.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=39876)
+    p.add_argument("--fault-rate", type=float, default=0.0, help="share of requests answered 429 or 500")
+    p.add_argument("--retry-after", default=None, help="Retry-After header sent with 429 replies")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds to wait before each reply")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    answers = load_answers(args.answers, args.problem_field, args.answer_field)
+    teacher = ReplayTeacher(replay_answer(answers), prompt_template=args.prompt_template,
+                            fault_rate=args.fault_rate, delay=args.delay, retry_after=args.retry_after)
+    logger.info("replaying %d stored answers on http://%s:%d/v1/chat/completions", len(answers), args.host, args.port)
+    web.run_app(teacher.app(), host=args.host, port=args.port, access_log=None, print=None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

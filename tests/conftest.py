@@ -1,0 +1,73 @@
+"""Test set-up: a private Airflow home with its own SQLite database, and shared data paths.
+
+Airflow reads its configuration when first imported, so the environment is set here, before any test module
+imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+MATH500 = SHARED_DATA / "math500" / "test.jsonl"
+MATH_TRAIN_SOLUTIONS = SHARED_DATA / "math_train" / "math12k_train_with_solutions.jsonl"
+TOKENIZER_DIR = SHARED_DATA / "tokenizer" / "qwen2.5"
+
+_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="distilled-airflow-"))
+os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
+os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_AIRFLOW_HOME}/airflow.db"
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
+# dag.test() runs only DAGs found in a bundle: the project's dags/ and the tests' own small DAGs
+os.environ["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"] = json.dumps([
+    {"name": "dags-folder", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+     "kwargs": {"path": str(REPO / "dags"), "refresh_interval": 0}},
+    {"name": "test-dags", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+     "kwargs": {"path": str(REPO / "tests" / "dags"), "refresh_interval": 0}},
+])
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """A migrated Airflow metadata database, created once per test session."""
+    from airflow.utils import db
+
+    db.initdb()
+    return _AIRFLOW_HOME
+
+
+def read_jsonl(path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def write_jsonl(path, rows) -> Path:
+    import json
+
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def math_train_rows(n: int, start: int = 0) -> list[dict]:
+    """The first ``n`` MATH training problems that have a reference solution."""
+    import json
+
+    rows = []
+    with open(MATH_TRAIN_SOLUTIONS) as f:
+        for i, line in enumerate(f):
+            if i < start:
+                continue
+            row = json.loads(line)
+            if row.get("solution"):
+                rows.append(row)
+            if len(rows) == n:
+                break
+    return rows

@@ -1,0 +1,13 @@
+"""Small one-operator DAGs for the operator tests; paths and settings come from the run's conf (params)."""
+
+from __future__ import annotations
+
+from airflow.sdk import DAG
+
+from operators import GenerateReasoningOperator
+
+with DAG("test_generate_operator", schedule=None, params={"seed": "", "out": "", "n": 2}) as generate_dag:
+    GenerateReasoningOperator(
+        task_id="generate", dataset_name="{{ params.seed }}", model="teacher", teacher_conn_id="teacher_test",
+        output_file="{{ params.out }}/{{ dag.dag_id }}/{{ run_id }}/gen.jsonl",
+        num_generations="{{ params.n }}", max_concurrent=4)

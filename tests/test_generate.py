@@ -1,0 +1,333 @@
+"""Stage 1 against a real aiohttp server on 127.0.0.1 that speaks the chat-completions protocol."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from distilled_plugins import generate
+from distilled_plugins.client import FatalRequestError, RetryPolicy, base_url
+from distilled_plugins.generate import GenerateConfig, GenerationIncomplete
+from distilled_plugins.io import DataError
+from distilled_plugins.teacher_server import ReplayTeacher, ServerThread
+from tests.conftest import REPO, math_train_rows, read_jsonl, write_jsonl
+
+SECRET = "sk-test-7c1d9e0b5a3f4242"
+FAST_RETRY = RetryPolicy(max_attempts=4, backoff_base=0.01, backoff_max=0.05, connect_timeout=2, request_timeout=5)
+
+
+def answer_with_solution(problem: str) -> str:
+    return f"Solving: {problem[:40]} ... so the answer is $\\boxed{{42}}$."
+
+
+@pytest.fixture
+def teacher():
+    """Start a replay teacher; ``teacher(faults=[...], ...)`` returns ``(ReplayTeacher, base_url)``."""
+    servers = []
+
+    def start(**kwargs):
+        replay = ReplayTeacher(kwargs.pop("answer", answer_with_solution), **kwargs)
+        server = ServerThread(replay.app()).__enter__()
+        servers.append(server)
+        return replay, server.url
+
+    yield start
+    for server in servers:
+        server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def seed(tmp_path):
+    return write_jsonl(tmp_path / "seed.jsonl", math_train_rows(12))
+
+
+def config(seed, tmp_path, url, **overrides) -> GenerateConfig:
+    settings = dict(dataset_name=str(seed), output_file=str(tmp_path / "out" / "gen.jsonl"), model="teacher",
+                    api_addr=url, num_generations=2, max_concurrent=4, retry=FAST_RETRY, progress_interval=0.2)
+    settings.update(overrides)
+    return GenerateConfig(**settings)
+
+
+def keys_of(path, column="problem") -> list[str]:
+    return [generate.row_key(row, column) for row in read_jsonl(path)]
+
+
+class TestOutput:
+    def test_schema_prompt_and_request(self, teacher, seed, tmp_path):
+        replay, url = teacher()
+        result = generate.run(config(seed, tmp_path, url, max_tokens=123))
+        rows = read_jsonl(result.output_file)
+        seed_rows = read_jsonl(seed)
+        assert len(rows) == len(seed_rows) == 12
+        by_problem = {r["problem"]: r for r in rows}
+        for example in seed_rows:
+            row = by_problem[example["problem"]]
+            assert {k: row[k] for k in example} == example
+            assert row["prompt"] == generate.DEFAULT_PROMPT_TEMPLATE.format(prompt=example["problem"])
+            assert row["generations"] == [answer_with_solution(example["problem"])] * 2
+            assert row["finish_reasons"] == ["stop", "stop"]
+            assert all(m["completion_tokens"] > 0 for m in row["api_metadata"])
+        payload = replay.seen_payloads[0]
+        assert payload["model"] == "teacher"
+        assert payload["max_tokens"] == 123 and payload["temperature"] == 0.6 and payload["top_p"] == 0.95
+        assert payload["messages"][0]["role"] == "user"
+        stats = json.loads(result.stats_file.read_text())
+        assert stats["rows_written"] == 12 and stats["completions_ok"] == 24 and stats["requests_sent"] == 24
+        assert stats["completion_tokens"] > 0
+        assert not Path(str(result.output_file) + ".parts").exists()
+
+    def test_reasoning_content_becomes_think_block(self, teacher, seed, tmp_path):
+        replay, url = teacher(faults=["reasoning"] * 100)
+        rows = read_jsonl(generate.run(config(seed, tmp_path, url, num_generations=1)).output_file)
+        text = rows[0]["generations"][0]
+        assert text.startswith("<think>\nLet me think.\n</think>\n")
+        assert text.endswith("\\boxed{42}$.")
+
+    def test_duplicate_uuids_are_generated_once(self, teacher, tmp_path):
+        rows = math_train_rows(5)
+        seed = write_jsonl(tmp_path / "seed.jsonl", rows + rows[:3])
+        replay, url = teacher()
+        result = generate.run(config(seed, tmp_path, url, num_generations=1))
+        assert len(read_jsonl(result.output_file)) == 5
+        assert replay.requests == 5
+        assert result.stats["duplicate_uuids_skipped"] == 3
+
+    def test_api_addr_forms(self):
+        assert base_url("localhost:8000") == "http://localhost:8000"
+        assert base_url("https://api.example.com/v1/") == "https://api.example.com"
+        assert base_url("http://10.0.0.1:9000") == "http://10.0.0.1:9000"
+        with pytest.raises(ValueError, match="invalid API address"):
+            base_url("ftp://host:1")
+
+    def test_verl_chat_prompt_column(self, teacher, tmp_path):
+        rows = [{"prompt": [{"role": "user", "content": r["problem"]}], "uid": i}
+                for i, r in enumerate(math_train_rows(3))]
+        seed = write_jsonl(tmp_path / "seed.jsonl", rows)
+        replay, url = teacher()
+        generate.run(config(seed, tmp_path, url, num_generations=1, prompt_column="prompt", uuid_column="uid"))
+        assert sorted(replay.seen_problems) == sorted(r["prompt"][0]["content"] for r in rows)
+
+
+class TestRetries:
+    @pytest.mark.parametrize("fault", ["500", "503", "bad_json", "truncated"])
+    def test_transient_fault_is_retried(self, teacher, seed, tmp_path, fault):
+        replay, url = teacher(faults=[fault, fault])
+        result = generate.run(config(seed, tmp_path, url, max_concurrent=1))
+        assert len(read_jsonl(result.output_file)) == 12
+        cause = {"500": "http_500", "503": "http_503", "bad_json": "bad_json", "truncated": "truncated_body"}[fault]
+        assert result.stats["retries"] == {cause: 2}
+        assert replay.requests == 24 + 2
+
+    def test_429_honours_retry_after(self, teacher, seed, tmp_path):
+        replay, url = teacher(faults=["429"], retry_after="1")
+        started = time.monotonic()
+        result = generate.run(config(seed, tmp_path, url, max_concurrent=1, num_generations=1))
+        assert time.monotonic() - started >= 1.0  # backoff alone would have waited at most 0.05 s
+        assert result.stats["retries"] == {"http_429": 1}
+        assert len(read_jsonl(result.output_file)) == 12
+
+    def test_slow_reply_times_out_and_is_retried(self, teacher, seed, tmp_path):
+        replay, url = teacher(faults=["slow"])
+        policy = RetryPolicy(max_attempts=3, backoff_base=0.01, backoff_max=0.05, request_timeout=0.5)
+        result = generate.run(config(seed, tmp_path, url, max_concurrent=1, num_generations=1, retry=policy))
+        assert result.stats["retries"] == {"timeout": 1}
+        assert len(read_jsonl(result.output_file)) == 12
+
+    def test_backoff_grows_and_respects_bounds(self):
+        policy = RetryPolicy(backoff_base=1.0, backoff_max=8.0)
+        for failed, (low, high) in {1: (0.5, 1), 2: (1, 2), 3: (2, 4), 4: (4, 8), 9: (4, 8)}.items():
+            delays = [policy.delay(failed) for _ in range(50)]
+            assert all(low <= d <= high for d in delays), (failed, min(delays), max(delays))
+        assert policy.delay(1, retry_after=30) == 30
+
+    @pytest.mark.parametrize("status,hint", [("400", "rejected the request"), ("401", "OPENAI_API_KEY"),
+                                             ("404", "no such endpoint or model")])
+    def test_client_errors_fail_at_once(self, teacher, seed, tmp_path, status, hint):
+        replay, url = teacher(faults=[status])
+        with pytest.raises(FatalRequestError, match=hint) as info:
+            generate.run(config(seed, tmp_path, url, max_concurrent=1))
+        assert f"HTTP {status}" in str(info.value)
+        assert replay.requests == 1
+
+    def test_unreachable_endpoint_is_one_clear_error(self, seed, tmp_path):
+        import socket
+
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with pytest.raises(FatalRequestError, match=f"cannot reach the teacher endpoint http://127.0.0.1:{port}"):
+            generate.run(config(seed, tmp_path, f"127.0.0.1:{port}"))
+
+
+class TestNothingLost:
+    def test_sibling_success_is_kept_and_resume_requests_only_missing(self, teacher, seed, tmp_path):
+        # the first problem's second generation fails on every attempt: its row stays incomplete, its sibling is kept
+        from aiohttp import web
+
+        first_problem = read_jsonl(seed)[0]["problem"]
+        calls = []
+
+        def flaky(problem):
+            if problem == first_problem:
+                calls.append(problem)
+                if 1 < len(calls) <= 1 + FAST_RETRY.max_attempts:
+                    raise web.HTTPInternalServerError(text='{"error": "boom"}', content_type="application/json")
+            return answer_with_solution(problem)
+
+        replay, url = teacher(answer=flaky)
+        cfg = config(seed, tmp_path, url, max_concurrent=1)
+        with pytest.raises(GenerationIncomplete, match="1 of 12 rows still miss completions") as info:
+            generate.run(cfg)
+        assert "run again to resume" in str(info.value)
+        assert len(read_jsonl(cfg.output_file)) == 11
+        parts = read_jsonl(cfg.output_file + ".parts")
+        failed_key = generate.row_key({"problem": first_problem}, "problem")
+        assert [p["i"] for p in parts if p["key"] == failed_key] == [0]
+        stats = json.loads(generate.stats_path(cfg.output_file).read_text())
+        assert stats["rows_failed"] == 1 and stats["failed_requests"] == {"http_500": 1}
+
+        before = replay.requests
+        result = generate.run(cfg)
+        assert replay.requests - before == 1  # only the failed generation is requested again
+        rows = read_jsonl(result.output_file)
+        assert len(rows) == 12 and len(set(keys_of(result.output_file))) == 12
+        assert all(len(r["generations"]) == 2 for r in rows)
+        assert result.stats["generations_resumed"] == 1 and result.stats["rows_already_done"] == 11
+
+    def test_half_written_last_line_is_repaired_not_appended_onto(self, teacher, seed, tmp_path):
+        replay, url = teacher()
+        cfg = config(seed, tmp_path, url)
+        generate.run(cfg)
+        lines = Path(cfg.output_file).read_bytes().splitlines(keepends=True)
+        # keep 5 whole lines and half of the sixth, as a kill in the middle of a write could leave
+        Path(cfg.output_file).write_bytes(b"".join(lines[:5]) + lines[5][: len(lines[5]) // 2])
+        before = replay.requests
+        generate.run(cfg)
+        assert replay.requests - before == 2 * 7
+        rows = read_jsonl(cfg.output_file)  # every line parses
+        assert sorted(keys_of(cfg.output_file)) == sorted(generate.row_key(r, "problem") for r in read_jsonl(seed))
+
+    def test_sigkill_at_any_moment_then_resume(self, teacher, tmp_path):
+        seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(60))
+        replay, url = teacher(delay=0.02)
+        output = tmp_path / "gen.jsonl"
+        cmd = [sys.executable, "-m", "distilled_plugins.generate", "--model", "teacher", "--dataset-name", str(seed),
+               "--output-file", str(output), "--api-addr", url, "--num-generations", "3", "--max-concurrent", "4",
+               "--backoff-base", "0.01"]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        for delay in (0.8, 1.1, 0.9):
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 30
+            while not output.exists() or output.stat().st_size == 0:  # wait until it is writing
+                assert time.monotonic() < deadline, "the CLI never started writing"
+                time.sleep(0.02)
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        rows = read_jsonl(output)
+        keys = keys_of(output)
+        assert len(keys) == len(set(keys)) == 60
+        assert all(len(r["generations"]) == 3 for r in rows)
+        # completions were resumed, not all requested again: at most the in-flight ones were lost per kill
+        assert replay.requests <= 60 * 3 + 3 * 4
+
+
+class TestShards:
+    def test_shards_partition_and_merge_equals_unsharded(self, teacher, tmp_path):
+        seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(30))
+        replay, url = teacher()
+        shards = [generate.run(config(seed, tmp_path, url, num_generations=1, num_shards=3, shard_index=i,
+                                      output_file=str(tmp_path / f"shard-{i}.jsonl"))).output_file
+                  for i in range(3)]
+        shard_keys = [set(keys_of(p)) for p in shards]
+        assert sum(map(len, shard_keys)) == 30 and len(set().union(*shard_keys)) == 30
+        assert all(shard_keys)
+        merged = generate.merge(shards, tmp_path / "merged.jsonl", "problem")
+        single = generate.run(config(seed, tmp_path, url, num_generations=1, output_file=str(tmp_path / "one.jsonl")))
+        generate.merge([single.output_file], tmp_path / "one-merged.jsonl", "problem")
+        assert merged.read_bytes() == (tmp_path / "one-merged.jsonl").read_bytes()
+        assert replay.requests == 60
+
+    def test_merge_refuses_an_unfinished_shard(self, tmp_path):
+        shard = tmp_path / "shard.jsonl"
+        shard.write_text('{"problem": "a", "generations": []}\n{"problem": "b", "gener')
+        with pytest.raises(DataError, match="cut-short"):
+            generate.merge([shard], tmp_path / "merged.jsonl", "problem")
+
+
+class TestBadInput:
+    def test_missing_column_names_it_and_lists_present(self, teacher, seed, tmp_path):
+        with pytest.raises(DataError, match=r"column 'question' not found; columns present: problem, answer"):
+            generate.run(config(seed, tmp_path, "127.0.0.1:9", prompt_column="question"))
+
+    def test_empty_seed(self, tmp_path):
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text("")
+        with pytest.raises(DataError, match="seed dataset is empty"):
+            generate.run(config(empty, tmp_path, "127.0.0.1:9"))
+
+    @pytest.mark.parametrize("template,message", [("Solve this.", "must contain {prompt}"),
+                                                  ("Put it in \\boxed{}: {prompt}", "write literal braces")])
+    def test_bad_template(self, seed, tmp_path, template, message):
+        with pytest.raises(ValueError, match=message):
+            config(seed, tmp_path, "127.0.0.1:9", prompt_template=template)
+
+    def test_parquet_seed_and_missing_file(self, teacher, tmp_path):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = math_train_rows(4)
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "seed.parquet")
+        replay, url = teacher()
+        result = generate.run(config(tmp_path / "seed.parquet", tmp_path, url, num_generations=1))
+        assert len(read_jsonl(result.output_file)) == 4
+        with pytest.raises(DataError, match="no such file"):
+            generate.run(config(tmp_path / "nope.parquet", tmp_path, url))
+
+    def test_cli_bad_template_is_one_clear_line(self, tmp_path, seed):
+        done = subprocess.run([sys.executable, "-m", "distilled_plugins.generate", "--model", "m", "--dataset-name",
+                               str(seed), "--output-file", str(tmp_path / "o.jsonl"), "--prompt-template", "nothing"],
+                              capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert done.returncode == 1
+        assert "must contain {prompt}" in done.stderr and "Traceback" not in done.stderr
+
+
+class TestSecrets:
+    def test_key_is_sent_but_never_logged_or_written(self, teacher, seed, tmp_path, caplog):
+        replay, url = teacher(api_key=SECRET, faults=["500", "bad_json"])
+        caplog.set_level(logging.DEBUG)
+        cfg = config(seed, tmp_path, url, api_key=SECRET, progress_interval=0.01)
+        generate.run(cfg)
+        assert replay.seen_authorization[-1] == f"Bearer {SECRET}"
+        assert SECRET not in repr(cfg)
+        assert SECRET not in caplog.text
+        for path in tmp_path.rglob("*"):
+            if path.is_file():
+                assert SECRET.encode() not in path.read_bytes(), path
+
+    def test_key_refused_error_does_not_echo_it(self, teacher, seed, tmp_path):
+        replay, url = teacher(api_key="sk-the-right-one")
+        with pytest.raises(FatalRequestError, match="API key was refused") as info:
+            generate.run(config(seed, tmp_path, url, api_key=SECRET))
+        assert SECRET not in str(info.value)
+
+    def test_cli_reads_key_from_environment(self, teacher, seed, tmp_path):
+        replay, url = teacher(api_key=SECRET)
+        done = subprocess.run([sys.executable, "-m", "distilled_plugins.generate", "--model", "m", "--dataset-name",
+                               str(seed), "--output-file", str(tmp_path / "o.jsonl"), "--api-addr", url,
+                               "--num-generations", "1", "--api-key-env", "TEACHER_KEY"],
+                              capture_output=True, text=True, cwd=REPO, timeout=60,
+                              env={**os.environ, "TEACHER_KEY": SECRET})
+        assert done.returncode == 0, done.stderr
+        assert SECRET not in done.stderr + done.stdout
+        assert len(read_jsonl(tmp_path / "o.jsonl")) == 12

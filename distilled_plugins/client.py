@@ -53,8 +53,8 @@ class FatalRequestError(Exception):
 class RetryPolicy:
     """How failed requests are repeated. Delays grow exponentially with jitter, never below ``Retry-After``."""
 
-    max_attempts: int = 8
-    backoff_base: float = 0.5
+    max_attempts: int = 12
+    backoff_base: float = 0.1
     backoff_max: float = 60.0
     connect_timeout: float = 10.0
     request_timeout: float = 1800.0
@@ -68,10 +68,14 @@ class RetryPolicy:
             raise ValueError("connect_timeout and request_timeout must be positive")
 
     def delay(self, failed_attempts: int, retry_after: float | None = None) -> float:
-        """Seconds to wait after ``failed_attempts`` failures: 'equal jitter' backoff, at least ``retry_after``."""
+        """Seconds to wait after ``failed_attempts`` failures, at least the server's ``retry_after``.
+
+        'Full jitter' (uniform up to an exponentially growing ceiling): clients that failed together spread
+        out, and a sporadic fault costs little wall time. With the defaults the ceilings are 0.1, 0.2, 0.4, ...
+        60 s: about two minutes of patience on average before a request is given up.
+        """
         ceiling = min(self.backoff_max, self.backoff_base * 2 ** (failed_attempts - 1))
-        backoff = ceiling / 2 + random.uniform(0, ceiling / 2)
-        return max(backoff, retry_after or 0.0)
+        return max(random.uniform(0, ceiling), retry_after or 0.0)
 
 
 def base_url(api_addr: str) -> str:

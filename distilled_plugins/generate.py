@@ -204,7 +204,11 @@ class _Row:
 
 
 class _Run:
-    """One asynchronous pass over the pending requests; retries are re-queued so waits hold no slot."""
+    """One asynchronous pass over the pending requests.
+
+    A failed request waits for its retry outside the queue (so the wait holds no concurrency slot) and then
+    goes ahead of fresh requests, so that its row completes, and leaves memory, soon.
+    """
 
     def __init__(self, cfg: GenerateConfig, rows: list[_Row], output: Path, parts: Path):
         self.cfg, self.rows = cfg, rows
@@ -235,12 +239,13 @@ class _Run:
             os.write(self.parts_fd, dumps_line(record))
 
     async def run(self) -> None:
-        queue: asyncio.Queue = asyncio.Queue()
+        # items: (retry first?, order, row, generation index, failed attempts so far)
+        queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
         pending = 0
         for row in self.rows:
             for index, result in enumerate(row.results):
                 if result is None:
-                    queue.put_nowait((row, index, 0))
+                    queue.put_nowait((1, pending, row, index, 0))
                     pending += 1
         self.counts["requests_needed"] = pending
         if not pending:
@@ -262,7 +267,7 @@ class _Run:
 
             async def worker() -> None:
                 while True:
-                    row, index, failed_attempts = await queue.get()
+                    _, order, row, index, failed_attempts = await queue.get()
                     try:
                         completion = await client.attempt(row.messages, **self.cfg.sampling)
                     except RetryableError as e:
@@ -282,7 +287,7 @@ class _Run:
                         else:
                             self.retries[e.cause] += 1
                             delay = self.cfg.retry.delay(failed_attempts, e.retry_after)
-                            loop.call_later(delay, queue.put_nowait, (row, index, failed_attempts))
+                            loop.call_later(delay, queue.put_nowait, (0, order, row, index, failed_attempts))
                         continue
                     except FatalRequestError as e:
                         self.fatal = e

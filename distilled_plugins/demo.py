@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from distilled_plugins import generate
+from distilled_plugins import generate, reject_sampling
 from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 
 logger = logging.getLogger("distilled_plugins.demo")
@@ -56,6 +56,9 @@ def run_demo(workdir: Path, problems: int, shards: int) -> dict:
                 shard_index=index, num_shards=shards))
             shard_files.append(result.output_file)
         artifacts["generations"] = str(generate.merge(shard_files, workdir / "generate" / "merged.jsonl", "problem"))
+    filtered = reject_sampling.run(reject_sampling.RejectSamplingConfig(
+        src=artifacts["generations"], dst=str(workdir / "reject_sampling" / "filtered.jsonl")))
+    artifacts["filtered"] = str(filtered.output)
     return artifacts
 
 

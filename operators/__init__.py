@@ -2,5 +2,6 @@
 artifact paths through XCom."""
 
 from operators.generate import GenerateReasoningOperator
+from operators.reject_sampling import RejectSamplingOperator
 
-__all__ = ["GenerateReasoningOperator"]
+__all__ = ["GenerateReasoningOperator", "RejectSamplingOperator"]

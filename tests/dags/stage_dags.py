@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from airflow.sdk import DAG
 
-from operators import GenerateReasoningOperator
+from operators import GenerateReasoningOperator, RejectSamplingOperator
 
 with DAG("test_generate_operator", schedule=None, params={"seed": "", "out": "", "n": 2}) as generate_dag:
     GenerateReasoningOperator(
         task_id="generate", dataset_name="{{ params.seed }}", model="teacher", teacher_conn_id="teacher_test",
         output_file="{{ params.out }}/{{ dag.dag_id }}/{{ run_id }}/gen.jsonl",
         num_generations="{{ params.n }}", max_concurrent=4)
+
+with DAG("test_reject_sampling_operator", schedule=None, params={"src": "", "out": ""}) as reject_dag:
+    RejectSamplingOperator(task_id="reject_sampling", src="{{ params.src }}",
+                           dst="{{ params.out }}/{{ run_id }}/filtered.jsonl", workers=2)

@@ -1,0 +1,240 @@
+"""Stage 2: keep the generations whose final answer math_verify proves equal to the gold answer.
+
+Usage:
+    python -m distilled_plugins.reject_sampling --src generations.jsonl --dst filtered.jsonl
+
+Writes ``--dst`` (the tutorial's schema: kept examples with only their correct ``generations``,
+``finish_reasons`` and ``api_metadata``, still aligned, and ``messages`` = user prompt + last correct
+generation), ``<dst stem>.verdicts.jsonl`` (one verdict per generation, for audit) and ``<dst stem>.stats.json``.
+Examples whose problem shares a word 8-gram with an evaluation problem (MATH-500 by default) are dropped.
+Output rows keep input order, and a rerun writes byte-identical files (written to a temporary name, renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distilled_plugins import grader
+from distilled_plugins.decontaminate import Decontaminator
+from distilled_plugins.io import DataError, atomic_path, dumps_line, iter_jsonl, write_json
+from distilled_plugins.progress import Progress
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EVAL_SETS = [str(Path(__file__).resolve().parents[2] / "shared" / "data" / "math500" / "test.jsonl")]
+ALIGNED_COLUMNS = ("generations", "finish_reasons", "api_metadata")
+
+
+@dataclass
+class RejectSamplingConfig:
+    src: str
+    dst: str
+    answer_column: str = "answer"
+    problem_column: str = "problem"
+    uuid_column: str | None = None  # defaults to the problem column
+    workers: int | None = None  # default: one per core
+    parse_timeout: int = 5
+    verify_timeout: int = 5
+    sample_timeout: float = 30.0
+    eval_sets: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_SETS))
+    progress_interval: float = 5.0
+
+    def __post_init__(self):
+        self.uuid_column = self.uuid_column or self.problem_column
+        for path in self.eval_sets:
+            if not Path(path).exists():
+                raise DataError(f"evaluation set {path} not found (give --eval-sets, or --eval-sets none to skip)")
+
+
+@dataclass
+class RejectSamplingResult:
+    output: Path
+    verdicts: Path
+    stats_file: Path
+    stats: dict
+
+
+def sibling(dst: str | Path, suffix: str) -> Path:
+    dst = Path(dst)
+    return dst.with_name(dst.stem + suffix)
+
+
+class _Example:
+    __slots__ = ("row", "key", "verdicts", "remaining", "dropped")
+
+    def __init__(self, row: dict, key: str, n: int, dropped: str | None = None):
+        self.row, self.key, self.dropped = row, key, dropped
+        self.verdicts: list[grader.Verdict | None] = [None] * n
+        self.remaining = 0 if dropped else n
+
+
+def _check_row(row: dict, cfg: RejectSamplingConfig, where: str) -> None:
+    for column in (cfg.answer_column, "generations", cfg.problem_column):
+        if column not in row:
+            raise DataError(f"{where}: missing field {column!r}; fields present: {', '.join(row)}")
+    generations = row["generations"]
+    if not isinstance(generations, list) or not all(isinstance(g, str) for g in generations):
+        raise DataError(f"{where}: field 'generations' must be a list of strings")
+    for column in ("finish_reasons", "api_metadata"):
+        if column in row and len(row[column]) != len(generations):
+            raise DataError(f"{where}: {column!r} has {len(row[column])} entries for {len(generations)} generations")
+
+
+def _kept_row(example: _Example) -> dict | None:
+    correct = [i for i, v in enumerate(example.verdicts) if v.verdict == grader.CORRECT]
+    if not correct:
+        return None
+    row = dict(example.row)
+    for column in ALIGNED_COLUMNS:
+        if column in row:
+            row[column] = [row[column][i] for i in correct]
+    prompt = row.get("prompt") or row["problem"]
+    row["messages"] = [{"role": "user", "content": prompt},
+                       {"role": "assistant", "content": example.row["generations"][correct[-1]]}]
+    return row
+
+
+def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
+    """Grade every generation of ``cfg.src`` and write the kept examples, verdicts and stats."""
+    src = Path(cfg.src)
+    if not src.is_file():
+        raise DataError(f"{src}: no such file")
+    started = time.monotonic()
+    decontaminator = Decontaminator(cfg.eval_sets, "problem") if cfg.eval_sets else None
+    total = sum(1 for line in open(src, "rb") if line.strip())
+    if total == 0:
+        raise DataError(f"{src}: no examples (the file is empty)")
+    examples: OrderedDict[int, _Example] = OrderedDict()
+    per_generation, per_example = Counter(), Counter()
+    counts = Counter()
+    contaminated: list[dict] = []
+    progress = Progress(logger, "examples", total, cfg.progress_interval)
+
+    def samples():
+        """Read examples lazily, registering each in input order before its samples go to the pool."""
+        for index, (lineno, row) in enumerate(iter_jsonl(src)):
+            _check_row(row, cfg, f"{src}:{lineno}")
+            key = hashlib.md5(str(row[cfg.uuid_column]).encode()).hexdigest()
+            n = len(row["generations"])
+            dropped = None
+            if grader.gold_is_filtered(row[cfg.answer_column]):
+                dropped = "gold_filtered"
+            elif decontaminator and (gram := decontaminator.match(row[cfg.problem_column])):
+                dropped = "contaminated"
+                contaminated.append({"key": key, "problem": str(row[cfg.problem_column])[:200], "ngram": gram})
+            examples[index] = _Example(row, key, n, dropped)
+            if dropped:
+                continue
+            if n == 0:
+                examples[index].dropped = "no_generations"
+            reasons = row.get("finish_reasons") or [None] * n
+            gold = str(row[cfg.answer_column])
+            for i, completion in enumerate(row["generations"]):
+                yield grader.Sample((index, i), gold, completion, reasons[i])
+
+    with atomic_path(cfg.dst) as dst_tmp, atomic_path(sibling(cfg.dst, ".verdicts.jsonl")) as verdicts_tmp, \
+            open(dst_tmp, "wb") as out, open(verdicts_tmp, "wb") as audit:
+
+        def flush() -> None:
+            """Write finished examples at the head of the input order."""
+            while examples and next(iter(examples.values())).remaining == 0:
+                _, example = examples.popitem(last=False)
+                counts["examples_in"] += 1
+                if example.dropped:
+                    per_example[example.dropped] += 1
+                    for i in range(len(example.row["generations"])):
+                        audit.write(dumps_line({"key": example.key, "index": i, "verdict": example.dropped,
+                                                "reason": "example dropped before grading"}))
+                    continue
+                for i, v in enumerate(example.verdicts):
+                    per_generation[v.verdict] += 1
+                    audit.write(dumps_line({"key": example.key, "index": i, "verdict": v.verdict, "reason": v.reason}))
+                kept = _kept_row(example)
+                if kept is None:
+                    unparseable = all(v.verdict == grader.GOLD_UNPARSEABLE for v in example.verdicts)
+                    per_example["gold_unparseable" if unparseable else "no_correct_generation"] += 1
+                    continue
+                out.write(dumps_line(kept))
+                counts["examples_out"] += 1
+            progress.maybe_log(counts["examples_in"], f"| {counts['examples_out']} kept")
+
+        with grader.GradingPool(cfg.workers, cfg.parse_timeout, cfg.verify_timeout, cfg.sample_timeout) as pool:
+            logger.info("grading %d examples of %s with %d worker processes", total, src, pool.size)
+            for verdict in pool.grade(samples()):
+                index, i = verdict.id
+                example = examples[index]
+                example.verdicts[i] = verdict
+                example.remaining -= 1
+                flush()
+            flush()  # examples dropped at the end of the input
+            workers, replaced = pool.size, pool.replaced
+    wall = time.monotonic() - started
+    progress.finish(counts["examples_in"], f"| {counts['examples_out']} kept")
+    graded = sum(per_generation.values())
+    stats = {
+        "src": str(src), "dst": str(cfg.dst),
+        "examples_in": counts["examples_in"], "examples_out": counts["examples_out"],
+        "generations_graded": graded, "generations_correct": per_generation[grader.CORRECT],
+        "rejected_generations": {k: per_generation[k] for k in grader.VERDICTS if k != grader.CORRECT},
+        "rejected_examples": {k: per_example[k] for k in ("gold_filtered", "contaminated", "gold_unparseable",
+                                                            "no_generations", "no_correct_generation")},
+        "contaminated": contaminated,
+        "eval_sets": cfg.eval_sets,
+        "workers": workers, "workers_replaced": replaced,
+        "wall_seconds": round(wall, 3),
+        "examples_per_s": round(counts["examples_in"] / wall, 2),
+        "samples_per_s": round(graded / wall, 2),
+    }
+    stats_file = write_json(sibling(cfg.dst, ".stats.json"), stats)
+    logger.info("kept %d of %d examples (%d of %d generations correct); rejections: %s",
+                stats["examples_out"], stats["examples_in"], stats["generations_correct"], graded,
+                json.dumps({**stats["rejected_generations"], **stats["rejected_examples"]}))
+    return RejectSamplingResult(Path(cfg.dst), sibling(cfg.dst, ".verdicts.jsonl"), stats_file, stats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m distilled_plugins.reject_sampling", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--src", required=True, help="JSONL of stage 1 (generations)")
+    p.add_argument("--dst", required=True, help="JSONL of kept examples")
+    p.add_argument("--answer-column", default="answer")
+    p.add_argument("--problem-column", default="problem")
+    p.add_argument("--uuid-column", default=None, help="column keying the verdict file (default: problem column)")
+    p.add_argument("--workers", type=int, default=None, help="grading processes (default: one per core)")
+    p.add_argument("--parse-timeout", type=int, default=5, help="math_verify's parse timeout, whole seconds")
+    p.add_argument("--verify-timeout", type=int, default=5, help="math_verify's verify timeout, whole seconds")
+    p.add_argument("--sample-timeout", type=float, default=30.0,
+                   help="hard wall-clock limit per generation; past it the worker is replaced")
+    p.add_argument("--eval-sets", nargs="+", default=DEFAULT_EVAL_SETS,
+                   help="evaluation sets (with a 'problem' column) to decontaminate against; 'none' to skip")
+    p.add_argument("--progress-interval", type=float, default=5.0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    eval_sets = [] if [s.lower() for s in args.eval_sets] == ["none"] else args.eval_sets
+    try:
+        result = run(RejectSamplingConfig(
+            src=args.src, dst=args.dst, answer_column=args.answer_column, problem_column=args.problem_column,
+            uuid_column=args.uuid_column, workers=args.workers, parse_timeout=args.parse_timeout,
+            verify_timeout=args.verify_timeout, sample_timeout=args.sample_timeout, eval_sets=eval_sets,
+            progress_interval=args.progress_interval))
+    except ValueError as e:
+        logger.error("%s", e)
+        return 1
+    logger.info("wrote %s, %s and %s", result.output, result.verdicts, result.stats_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

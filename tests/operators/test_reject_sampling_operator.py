@@ -1,0 +1,22 @@
+"""RejectSamplingOperator inside a real ``dag.test()``."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import read_jsonl, write_jsonl
+from tests.test_reject_sampling import contaminated_row, generation_rows
+
+
+def test_operator_filters_and_returns_paths(airflow_db, tmp_path):
+    from tests.dags.stage_dags import reject_dag
+
+    src = write_jsonl(tmp_path / "gen.jsonl", generation_rows() + [contaminated_row()])
+    run = reject_dag.test(run_conf={"src": str(src), "out": str(tmp_path)})
+    assert run.state == "success"
+    result = run.get_task_instance("reject_sampling").xcom_pull(task_ids="reject_sampling")
+    assert result["output"] == f"{tmp_path}/{run.run_id}/filtered.jsonl"
+    assert len(read_jsonl(result["output"])) == 2
+    stats = json.loads(open(result["stats"]).read())
+    assert stats["rejected_examples"]["contaminated"] == 1  # MATH-500 is the default evaluation set
+    assert len(read_jsonl(result["verdicts"])) == 12

@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from distilled_plugins import generate, reject_sampling
+from distilled_plugins import generate, handle, pack, reject_sampling
 from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 
 logger = logging.getLogger("distilled_plugins.demo")
@@ -24,6 +24,8 @@ logger = logging.getLogger("distilled_plugins.demo")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 MATH_TRAIN = SHARED_DATA / "math_train" / "math12k_train_with_solutions.jsonl"
+TOKENIZER = SHARED_DATA / "tokenizer" / "qwen2.5"
+DEMO_SEQ_LENGTH = 1024
 
 
 def make_seed(path: Path, n: int) -> Path:
@@ -59,6 +61,11 @@ def run_demo(workdir: Path, problems: int, shards: int) -> dict:
     filtered = reject_sampling.run(reject_sampling.RejectSamplingConfig(
         src=artifacts["generations"], dst=str(workdir / "reject_sampling" / "filtered.jsonl")))
     artifacts["filtered"] = str(filtered.output)
+    handled = handle.run(handle.HandleConfig(src=[str(filtered.output)], tokenizer=str(TOKENIZER),
+                                             dst=str(workdir / "handle")))
+    artifacts["handled"] = str(handled)
+    artifacts["packed"] = str(pack.run(pack.PackConfig(src=str(handled), dst=str(workdir / "pack"),
+                                                       seq_length=DEMO_SEQ_LENGTH)))
     return artifacts
 
 

@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -123,6 +123,98 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
                 shutil.rmtree(tmp)
             else:
                 tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder; on success it replaces ``path`` (an old one is removed)."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def count_rows(paths: list[str | Path]) -> int | None:
+    """Rows in jsonl and parquet files, cheaply (lines, metadata); None when another format is among them."""
+    total = 0
+    for path in map(Path, paths):
+        if path.is_file() and path.suffix.lower() == ".jsonl":
+            with open(path, "rb") as f:
+                total += sum(1 for line in f if line.strip())
+        elif path.is_file() and path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(path).metadata.num_rows
+        else:
+            return None
+    return total
+
+
+def iter_column_batches(paths: list[str | Path], column: str, batch_size: int) -> Iterator[list]:
+    """Stream one column of jsonl/parquet files (others are loaded whole) in lists of ``batch_size`` values."""
+    for path in map(Path, paths):
+        if not path.exists():
+            raise DataError(f"{path}: no such file or folder")
+        if path.is_file() and path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            parquet = pq.ParquetFile(path)
+            if column not in parquet.schema_arrow.names:
+                raise DataError(f"{path}: column {column!r} not found; columns present: "
+                                f"{', '.join(parquet.schema_arrow.names)}")
+            for batch in parquet.iter_batches(batch_size=batch_size, columns=[column]):
+                yield batch.column(0).to_pylist()
+        elif path.is_file() and path.suffix.lower() == ".jsonl":
+            batch = []
+            for lineno, row in iter_jsonl(path):
+                if column not in row:
+                    raise DataError(f"{path}:{lineno}: column {column!r} not found; columns present: {', '.join(row)}")
+                batch.append(row[column])
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+        else:
+            rows = load_rows(path)
+            require_columns(rows, [column], path)
+            for start in range(0, len(rows), batch_size):
+                yield [row[column] for row in rows[start: start + batch_size]]
+
+
+def save_tables_to_disk(tables: Iterable, dst: Path, features) -> int:
+    """Write Arrow tables, streamed, as a ``datasets`` folder (``save_to_disk`` layout) at ``dst``; return rows.
+
+    The tables go to one temporary Arrow file first, so memory holds one table at a time, not the dataset.
+    """
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    datasets.disable_progress_bars()  # stages log their own progress lines
+    staging = dst.with_name(dst.name + ".staging.arrow")
+    rows = 0
+    try:
+        with ArrowWriter(features=features, path=str(staging)) as writer:
+            for table in tables:
+                writer.write_table(table)
+                rows += table.num_rows
+            writer.finalize()
+        datasets.Dataset.from_file(str(staging)).save_to_disk(str(dst))
+    finally:
+        staging.unlink(missing_ok=True)
+    return rows
 
 
 def write_json(path: str | Path, obj) -> Path:

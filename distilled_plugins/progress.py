@@ -13,9 +13,9 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """Logs ``label done/total (rate/s, ETA) extra`` at most every ``interval`` seconds."""
+    """Logs ``label done/total (rate/s, ETA) extra`` at most every ``interval`` seconds (``total`` may be None)."""
 
-    def __init__(self, logger: logging.Logger, label: str, total: int, interval: float = 5.0):
+    def __init__(self, logger: logging.Logger, label: str, total: int | None, interval: float = 5.0):
         self.logger, self.label, self.total, self.interval = logger, label, total, interval
         self.start = self._last = time.monotonic()
 
@@ -24,6 +24,8 @@ class Progress:
 
     def line(self, done: int, extra: str = "") -> str:
         rate = self.rate(done)
+        if self.total is None:  # a stream of unknown length
+            return f"{self.label} {done} ({rate:.1f}/s){' ' + extra if extra else ''}"
         eta = _duration((self.total - done) / rate) if rate > 0 else "?"
         pct = 100.0 * done / self.total if self.total else 100.0
         return f"{self.label} {done}/{self.total} ({pct:.1f}%, {rate:.1f}/s, ETA {eta}){' ' + extra if extra else ''}"

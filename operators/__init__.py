@@ -2,6 +2,8 @@
 artifact paths through XCom."""
 
 from operators.generate import GenerateReasoningOperator
+from operators.handle import HandleDatasetOperator
+from operators.pack import PackDatasetOperator
 from operators.reject_sampling import RejectSamplingOperator
 
-__all__ = ["GenerateReasoningOperator", "RejectSamplingOperator"]
+__all__ = ["GenerateReasoningOperator", "HandleDatasetOperator", "PackDatasetOperator", "RejectSamplingOperator"]

@@ -23,6 +23,9 @@ _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="distilled-airflow-"))
 os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
 os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_AIRFLOW_HOME}/airflow.db"
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+# mindformers writes its logs under ./output unless told otherwise
+os.environ["LOG_MF_PATH"] = str(_AIRFLOW_HOME / "mindformers-log")
+os.environ["LOCAL_DEFAULT_PATH"] = str(_AIRFLOW_HOME / "mindformers-output")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 # dag.test() runs only DAGs found in a bundle: the project's dags/ and the tests' own small DAGs
 os.environ["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"] = json.dumps([
@@ -71,3 +74,9 @@ def math_train_rows(n: int, start: int = 0) -> list[dict]:
             if len(rows) == n:
                 break
     return rows
+
+
+def conversation_rows(n: int, start: int = 0) -> list[dict]:
+    """MATH training problems with their reference solutions as user/assistant conversations."""
+    return [{"messages": [{"role": "user", "content": r["problem"]}, {"role": "assistant", "content": r["solution"]}]}
+            for r in math_train_rows(n, start)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from airflow.sdk import DAG
 
-from operators import GenerateReasoningOperator, RejectSamplingOperator
+from operators import GenerateReasoningOperator, HandleDatasetOperator, PackDatasetOperator, RejectSamplingOperator
 
 with DAG("test_generate_operator", schedule=None, params={"seed": "", "out": "", "n": 2}) as generate_dag:
     GenerateReasoningOperator(
@@ -15,3 +15,10 @@ with DAG("test_generate_operator", schedule=None, params={"seed": "", "out": "",
 with DAG("test_reject_sampling_operator", schedule=None, params={"src": "", "out": ""}) as reject_dag:
     RejectSamplingOperator(task_id="reject_sampling", src="{{ params.src }}",
                            dst="{{ params.out }}/{{ run_id }}/filtered.jsonl", workers=2)
+
+with DAG("test_handle_pack_operators", schedule=None,
+         params={"src": "", "tokenizer": "", "out": "", "seq_length": 1024}) as handle_pack_dag:
+    handled = HandleDatasetOperator(task_id="handle", src="{{ params.src }}", tokenizer="{{ params.tokenizer }}",
+                                    dst="{{ params.out }}/{{ run_id }}/handled")
+    PackDatasetOperator(task_id="pack", src=handled.output, dst="{{ params.out }}/{{ run_id }}/packed",
+                        seq_length="{{ params.seq_length }}")

@@ -1,0 +1,29 @@
+"""The project's YAML configs: where they live and the values other stages read from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+FINETUNE_7B = CONFIG_DIR / "finetune_qwen_2_5_7b.yaml"
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} not found")
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}
+
+
+def seq_length_of(finetune_config: str | Path) -> int:
+    """``model.model_config.seq_length`` of a fine-tune config: the one source of the packed row length."""
+    try:
+        value = load_yaml(finetune_config)["model"]["model_config"]["seq_length"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{finetune_config}: no model.model_config.seq_length") from None
+    if not isinstance(value, int) or value < 2:
+        raise ValueError(f"{finetune_config}: model.model_config.seq_length must be an integer >= 2, got {value!r}")
+    return value

@@ -1,0 +1,86 @@
+"""The project's equivalent of mindformers' ``toolkit/data_preprocess/huggingface/datasets_preprocess.py``
+(not in the mindformers wheel): run a data loader config's handlers and ``save_to_disk`` the result.
+
+Usage:
+    python -m distilled_plugins.datasets_preprocess --config configs/data_process_handling.yaml \\
+        --save_path handled/ --register_path distilled_plugins/ [--data_files filtered.jsonl ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import logging
+import sys
+from pathlib import Path
+
+from distilled_plugins.configs import load_yaml
+from distilled_plugins.io import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+
+def register(path: str | Path) -> list[str]:
+    """Import every module of ``path`` and expose its data handler classes to mindformers' ``HFDataLoader``."""
+    import mindformers.dataset.handler as mindformers_handlers
+    from mindformers.dataset.handler.base_handler import BaseInstructDataHandler
+
+    path = Path(path).resolve()
+    if not path.is_dir():
+        raise ValueError(f"--register_path {path} is not a folder")
+    package = path.name if (path / "__init__.py").exists() else None
+    sys.path.insert(0, str(path.parent if package else path))
+    found = []
+    for source in sorted(path.glob("*.py")):
+        if source.stem.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package}.{source.stem}" if package else source.stem)
+        for name, obj in inspect.getmembers(module, inspect.isclass):
+            if issubclass(obj, BaseInstructDataHandler) and obj.__module__ == module.__name__:
+                setattr(mindformers_handlers, name, obj)
+                found.append(name)
+    return found
+
+
+def preprocess(config_path: str | Path, save_path: str | Path, data_files: list[str] | None = None) -> Path:
+    from mindformers.dataset.dataloader.hf_dataloader import HFDataLoader, process_legacy_args
+
+    config = load_yaml(config_path)
+    try:
+        loader = dict(config["train_dataset"]["data_loader"])
+    except (KeyError, TypeError):
+        raise ValueError(f"{config_path}: no train_dataset.data_loader section") from None
+    if data_files:
+        loader["data_files"] = list(data_files)
+    hf_config = HFDataLoader._build_config(**process_legacy_args(**loader))
+    dataset = HFDataLoader.load_dataset(hf_config)
+    if hf_config.process is not None:
+        dataset, _ = HFDataLoader.process_dataset(hf_config, dataset)
+    with atomic_dir(save_path) as tmp:
+        dataset.save_to_disk(str(tmp))
+    logger.info("processed %d rows into %s", len(dataset), save_path)
+    return Path(save_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m distilled_plugins.datasets_preprocess",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="YAML with train_dataset.data_loader")
+    p.add_argument("--save_path", default="./handled_data")
+    p.add_argument("--register_path", default=str(Path(__file__).resolve().parent),
+                   help="folder whose modules define extra data handlers")
+    p.add_argument("--data_files", nargs="+", default=None, help="override data_loader.data_files")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        logger.info("registered data handlers: %s", register(args.register_path))
+        preprocess(args.config, args.save_path, args.data_files)
+    except (ValueError, FileNotFoundError) as e:
+        logger.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Stage 3: tokenize conversations with the Qwen2.5 chat template, prompt tokens masked out of the labels.
+
+Usage:
+    python -m distilled_plugins.handle --src filtered.jsonl --tokenizer ../shared/data/tokenizer/qwen2.5 \\
+        --dst handled/
+
+Each example's ``messages`` (stage 2's JSONL, or OpenR1-Math-220k parquet files) get a system message with the
+reasoning prompt in front, are rendered with the tokenizer's chat template (no generation prompt) and tokenized
+by the fast (Rust) tokenizer in batches. Every label up to and including the first ``<|im_start|>assistant\\n``
+is -100; the answer and its closing ``<|im_end|>`` are learned. Writes a ``save_to_disk`` folder with
+``input_ids`` and ``labels`` (unshifted), ``stats.json`` and ``lengths.png`` inside ``--dst``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distilled_plugins.io import DataError, atomic_dir, count_rows, iter_column_batches, save_tables_to_disk, write_json
+from distilled_plugins.progress import Progress
+from distilled_plugins.schema import HANDLED_COLUMNS, IGNORE_INDEX, features
+
+logger = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+TRUNCATION_POLICIES = ("tutorial", "drop", "none")
+ASSISTANT_MARKER = "<|im_start|>assistant\n"
+
+
+@dataclass
+class HandleConfig:
+    src: list[str]
+    tokenizer: str
+    dst: str
+    system_prompt: str = SYSTEM_PROMPT
+    max_length: int = 20480
+    truncation: str = "tutorial"  # tutorial: keep input_ids[:max_length] + input_ids[-2:]
+    messages_column: str = "messages"
+    batch_size: int = 1000
+    num_proc: int | None = None  # tokenizer threads; default: all cores
+    progress_interval: float = 5.0
+
+    def __post_init__(self):
+        if isinstance(self.src, (str, Path)):
+            self.src = [str(self.src)]
+        if not self.src:
+            raise ValueError("no input given (--src)")
+        if self.truncation not in TRUNCATION_POLICIES:
+            raise ValueError(f"Invalid truncation policy {self.truncation!r}, must be one of {TRUNCATION_POLICIES}.")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+
+
+def load_tokenizer(path: str | Path, num_threads: int | None = None):
+    """The fast Qwen2.5 tokenizer of a local folder, checked for what the stage needs."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"tokenizer folder {path} not found")
+    if num_threads:
+        os.environ["RAYON_NUM_THREADS"] = str(num_threads)  # read when the Rust thread pool first starts
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot load a tokenizer: {e}") from e
+    if not tokenizer.is_fast:
+        raise DataError(f"{path}: no fast tokenizer (tokenizer.json) found")
+    if not tokenizer.chat_template:
+        raise DataError(f"{path}: the tokenizer has no chat template (tokenizer_config.json 'chat_template')")
+    for token in ("<|im_start|>", "<|im_end|>"):
+        if token not in tokenizer.get_vocab():
+            raise DataError(f"{path}: special token {token} is not in the vocabulary; is this a Qwen2.5 tokenizer?")
+    if tokenizer.pad_token_id is None:
+        raise DataError(f"{path}: the tokenizer has no pad token")
+    return tokenizer
+
+
+class ChatEncoder:
+    """Chat template + tokenizer + label mask: the logic shared by the stage and the mindformers handler."""
+
+    def __init__(self, tokenizer, system_prompt: str = SYSTEM_PROMPT, max_length: int = 20480,
+                 truncation: str = "tutorial"):
+        self.tokenizer = tokenizer
+        self.system = {"role": "system", "content": system_prompt}
+        self.max_length, self.truncation = max_length, truncation
+        self.marker = np.array(tokenizer.encode(ASSISTANT_MARKER, add_special_tokens=False), dtype=np.int64)
+        self.counts = Counter()
+
+    def _target_start(self, ids: np.ndarray) -> int | None:
+        """Index of the first answer token: just past the first ``<|im_start|>assistant\\n``."""
+        width = len(self.marker)
+        for start in np.flatnonzero(ids == self.marker[0]):
+            if np.array_equal(ids[start: start + width], self.marker):
+                return int(start) + width
+        return None
+
+    def encode_batch(self, conversations: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``(input_ids, labels)`` of each conversation that is kept; reasons for the others are counted."""
+        valid = []
+        for messages in conversations:
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+                self.counts["dropped_malformed_messages"] += 1
+            else:
+                valid.append([self.system, *messages])
+        if not valid:
+            return []
+        texts = self.tokenizer.apply_chat_template(valid, tokenize=False, add_generation_prompt=False)
+        # the Rust tokenizer directly: batched across threads, without building Python BatchEncoding objects
+        encodings = self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+        out = []
+        for encoding in encodings:
+            ids = np.asarray(encoding.ids, dtype=np.int32)
+            target = self._target_start(ids)
+            if target is None or target >= len(ids):
+                self.counts["dropped_no_assistant_turn"] += 1
+                continue
+            if len(ids) > self.max_length:
+                if self.truncation == "drop":
+                    self.counts["dropped_too_long"] += 1
+                    continue
+                if self.truncation == "tutorial":
+                    # keep the head and the closing "<|im_end|>\n", as the tutorial's handler does
+                    ids = np.concatenate([ids[: self.max_length], ids[-2:]])
+                    self.counts["truncated"] += 1
+            labels = ids.astype(np.int64)
+            labels[:target] = IGNORE_INDEX
+            out.append((ids, labels))
+        return out
+
+
+def _table(pairs: list[tuple[np.ndarray, np.ndarray]]):
+    import pyarrow as pa
+
+    lengths = np.fromiter((len(ids) for ids, _ in pairs), dtype=np.int64, count=len(pairs))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    ids = pa.array(np.concatenate([p[0] for p in pairs]), type=pa.int32())
+    labels = pa.array(np.concatenate([p[1] for p in pairs]), type=pa.int64())
+    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, ids),
+                     "labels": pa.ListArray.from_arrays(offsets, labels)})
+
+
+def _histogram(lengths: np.ndarray, path: Path, max_length: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(lengths, bins=50, color="#4c72b0")
+    ax.axvline(max_length, color="#c44e52", linestyle="--", label=f"max_length {max_length}")
+    ax.set_xlabel("tokens per sample")
+    ax.set_ylabel("samples")
+    ax.set_title(f"Handled samples: {len(lengths)} rows, median {int(np.median(lengths))} tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(cfg: HandleConfig) -> Path:
+    """Tokenize every conversation of ``cfg.src`` into a ``save_to_disk`` folder at ``cfg.dst``."""
+    started = time.monotonic()
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.num_proc)
+    encoder = ChatEncoder(tokenizer, cfg.system_prompt, cfg.max_length, cfg.truncation)
+    lengths: list[int] = []
+    answer_tokens = 0
+    rows_in = 0
+    progress = Progress(logger, "rows", count_rows(cfg.src), cfg.progress_interval)
+    processing_started = time.monotonic()  # tokens/s counts the work, not loading the tokenizer
+
+    def tables():
+        nonlocal rows_in, answer_tokens
+        for batch in iter_column_batches(cfg.src, cfg.messages_column, cfg.batch_size):
+            rows_in += len(batch)
+            pairs = encoder.encode_batch(batch)
+            if pairs:
+                lengths.extend(len(ids) for ids, _ in pairs)
+                answer_tokens += sum(int((labels != IGNORE_INDEX).sum()) for _, labels in pairs)
+                yield _table(pairs)
+            progress.maybe_log(rows_in, f"| {sum(lengths)} tokens")
+
+    with atomic_dir(cfg.dst) as tmp:
+        rows = save_tables_to_disk(tables(), tmp, features(HANDLED_COLUMNS))
+        if rows == 0:
+            raise DataError(f"{', '.join(cfg.src)}: no rows to handle ({rows_in} read; {dict(encoder.counts)})")
+        length_array = np.asarray(lengths)
+        processing = time.monotonic() - processing_started
+        stats = {
+            "src": cfg.src, "tokenizer": str(cfg.tokenizer), "pad_token_id": tokenizer.pad_token_id,
+            "system_prompt": cfg.system_prompt,
+            "rows_in": rows_in, "rows": rows, "tokens": int(length_array.sum()), "answer_tokens": answer_tokens,
+            "max_length": cfg.max_length, "truncation": cfg.truncation,
+            "truncated": encoder.counts["truncated"],
+            "dropped": {k.removeprefix("dropped_"): v for k, v in sorted(encoder.counts.items())
+                        if k.startswith("dropped_")},
+            "length_percentiles": {f"p{q}": int(np.percentile(length_array, q)) for q in (50, 90, 99)}
+            | {"max": int(length_array.max()), "min": int(length_array.min())},
+            "wall_seconds": round(time.monotonic() - started, 3), "processing_seconds": round(processing, 3),
+            "tokens_per_s": round(float(length_array.sum()) / processing),
+        }
+        write_json(tmp / "stats.json", stats)
+        _histogram(length_array, tmp / "lengths.png", cfg.max_length)
+    progress.finish(rows_in, f"| {rows} rows, {stats['tokens']} tokens, {stats['truncated']} truncated, "
+                             f"dropped {stats['dropped']}")
+    return Path(cfg.dst)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m distilled_plugins.handle", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--src", nargs="+", required=True, help="stage 2 JSONL, or parquet files with 'messages'")
+    p.add_argument("--tokenizer", required=True, help="local folder of the Qwen2.5 tokenizer")
+    p.add_argument("--dst", required=True, help="output folder (save_to_disk layout)")
+    p.add_argument("--system-prompt", default=SYSTEM_PROMPT)
+    p.add_argument("--max-length", type=int, default=20480)
+    p.add_argument("--truncation", choices=TRUNCATION_POLICIES, default="tutorial",
+                   help="over --max-length: keep head + last 2 tokens (tutorial), drop the sample, or keep it whole")
+    p.add_argument("--messages-column", default="messages")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--num-proc", type=int, default=None, help="tokenizer threads (default: all cores)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        dst = run(HandleConfig(src=args.src, tokenizer=args.tokenizer, dst=args.dst, system_prompt=args.system_prompt,
+                               max_length=args.max_length, truncation=args.truncation,
+                               messages_column=args.messages_column, batch_size=args.batch_size,
+                               num_proc=args.num_proc))
+    except ValueError as e:
+        logger.error("%s", e)
+        return 1
+    logger.info("wrote %s", dst)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

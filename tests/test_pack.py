@@ -1,0 +1,157 @@
+"""Stage 4: the plan, the overlong policies, and the output read back through mindformers' own loader."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import datasets
+import numpy as np
+import pytest
+
+from distilled_plugins import handle, pack
+from distilled_plugins.handle import HandleConfig
+from distilled_plugins.io import DataError
+from distilled_plugins.pack import PackConfig, Piece, pieces_of, plan_bfd
+from tests.conftest import TOKENIZER_DIR, conversation_rows, write_jsonl
+
+SEQ = 1024
+
+
+class TestPlan:
+    def test_best_fit_decreasing_literal(self):
+        assert plan_bfd([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]
+        assert plan_bfd([8, 8, 1], 8) == [[0], [1], [2]]
+        assert plan_bfd([], 8) == []
+
+    def test_deterministic_and_near_optimal(self):
+        rng = np.random.default_rng(0)
+        lengths = np.clip(rng.lognormal(np.log(400), 0.8, 5000), 16, 1600).astype(int)
+        first, second = plan_bfd(lengths, 1638), plan_bfd(lengths.copy(), 1638)
+        assert first == second
+        assert sorted(i for p in first for i in p) == list(range(5000))  # each sample exactly once
+        assert all(lengths[p].sum() <= 1638 for p in first)
+        assert len(first) <= math.ceil(lengths.sum() / 1638) * 1.005
+        next_fit, room = 0, 0  # the tutorial's plan: a new row whenever the next sample does not fit
+        for n in lengths:
+            if n > room:
+                next_fit, room = next_fit + 1, 1638
+            room -= n
+        assert len(first) < 0.85 * next_fit
+
+    def test_rejects_items_longer_than_a_row(self):
+        with pytest.raises(ValueError, match="every length must be in"):
+            plan_bfd([9], 8)
+
+    def test_overlong_policies(self):
+        lengths = np.array([3, 10, 4])
+        assert pieces_of(lengths, 4, "truncate") == ([Piece(0, 0, 3), Piece(1, 0, 4), Piece(2, 0, 4)],
+                                                     {"truncated": 1, "split": 0, "split_pieces": 0, "dropped": 0})
+        assert pieces_of(lengths, 4, "split")[0] == [Piece(0, 0, 3), Piece(1, 0, 4), Piece(1, 4, 4),
+                                                     Piece(1, 8, 2), Piece(2, 0, 4)]
+        assert pieces_of(lengths, 4, "split")[1]["split_pieces"] == 3
+        assert pieces_of(lengths, 4, "drop") == ([Piece(0, 0, 3), Piece(2, 0, 4)],
+                                                 {"truncated": 0, "split": 0, "split_pieces": 0, "dropped": 1})
+
+
+@pytest.fixture(scope="module")
+def handled(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pack")
+    src = write_jsonl(tmp / "filtered.jsonl", conversation_rows(60))
+    return handle.run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp / "handled")))
+
+
+def read_back(packed_dir):
+    """Rows as mindformers' HFDataLoader yields them for training (create_attention_mask: True)."""
+    from mindformers.dataset.dataloader.hf_dataloader import HFDataLoader
+
+    loader = HFDataLoader(load_func="load_from_disk", dataset_path=str(packed_dir), create_attention_mask=True,
+                          python_multiprocessing=False)
+    assert loader.get_col_names() == ["input_ids", "labels", "loss_mask", "position_ids", "attention_mask"]
+    return list(loader.create_tuple_iterator(output_numpy=True))
+
+
+def test_mindformers_loader_reads_what_was_handled(handled, tmp_path):
+    dst = pack.run(PackConfig(src=str(handled), dst=str(tmp_path / "packed"), seq_length=SEQ))
+    samples = datasets.load_from_disk(str(handled))
+    packed = datasets.load_from_disk(str(dst))
+    assert packed.features["input_ids"].feature.dtype == "int32"
+    assert packed.features["labels"].feature.dtype == "int64"
+    rows = read_back(dst)
+    assert len(rows) == len(packed)
+    seen = []
+    for (ids, labels, loss_mask, position_ids, attention_mask), ends in zip(rows, packed["actual_seq_len"]):
+        assert ids.shape == (SEQ,) and attention_mask.shape == (1, SEQ, SEQ)
+        starts = [0, *ends[:-1]]
+        for start, end in zip(starts, ends):
+            np.testing.assert_array_equal(position_ids[start:end], np.arange(end - start))  # restart per sample
+            original = next(i for i, s in enumerate(samples["input_ids"]) if s == ids[start:end].tolist())
+            seen.append(original)
+            raw_labels = np.array(samples["labels"][original])
+            answer_next = np.append(raw_labels[1:] != -100, True)  # next token is an answer token, or "+ [pad]"
+            np.testing.assert_array_equal(loss_mask[start:end].astype(bool), answer_next)
+            np.testing.assert_array_equal(labels[start:end - 1], raw_labels[1:])
+            assert labels[end - 1] == 151643
+            block = attention_mask[0, start:end]  # 1 = masked out
+            assert block[:, :start].all()  # no token sees an earlier sample of the row
+            np.testing.assert_array_equal(block[:, start:end], 1 - np.tril(np.ones((end - start,) * 2, int)))
+        assert (ids[ends[-1]:] == 151643).all() and not loss_mask[ends[-1]:].any()
+    assert sorted(seen) == list(range(len(samples)))  # every handled sample once, nothing lost
+    stats = json.loads((dst / "stats.json").read_text())
+    assert stats["packs"] == len(rows) and stats["samples_in"] == len(samples)
+    assert stats["efficiency"] == round(stats["tokens"] / (len(rows) * SEQ), 6)
+
+
+def test_never_more_packs_than_mindformers_packing_handler(handled, tmp_path):
+    from mindformers.dataset.handler import PackingHandler
+
+    ours = json.loads((pack.run(PackConfig(src=str(handled), dst=str(tmp_path / "p"), seq_length=SEQ))
+                       / "stats.json").read_text())["packs"]
+    theirs = len(PackingHandler(seq_length=SEQ, pack_strategy="pack")(datasets.load_from_disk(str(handled))))
+    assert ours <= theirs
+
+
+@pytest.mark.parametrize("policy", ["truncate", "split", "drop"])
+def test_overlong_samples_are_counted_never_silently_lost(handled, tmp_path, policy):
+    seq = 256
+    lengths = [len(x) for x in datasets.load_from_disk(str(handled))["input_ids"]]
+    over = sum(n > seq for n in lengths)
+    assert over > 0
+    dst = pack.run(PackConfig(src=str(handled), dst=str(tmp_path / policy), seq_length=seq, overlong=policy))
+    stats = json.loads((dst / "stats.json").read_text())
+    key = {"truncate": "truncated", "split": "split", "drop": "dropped"}[policy]
+    assert stats["overlong"][key] == over
+    expected_tokens = {"truncate": sum(min(n, seq) for n in lengths), "split": sum(lengths),
+                       "drop": sum(n for n in lengths if n <= seq)}[policy]
+    assert stats["tokens"] == expected_tokens
+    assert sum(sum(1 for t in row if t != 151643) for row in datasets.load_from_disk(str(dst))["input_ids"]) <= expected_tokens
+    read_back(dst)
+
+
+def test_seq_length_comes_from_the_finetune_config(handled, tmp_path):
+    cfg = PackConfig(src=str(handled), dst=str(tmp_path / "p"))
+    assert cfg.seq_length == 32768
+    custom = tmp_path / "ft.yaml"
+    custom.write_text("model:\n  model_config:\n    seq_length: 2048\n")
+    assert PackConfig(src="s", dst="d", finetune_config=str(custom)).seq_length == 2048
+
+
+class TestBadInput:
+    def test_drop_with_nothing_left(self, handled, tmp_path):
+        with pytest.raises(DataError, match="policy 'drop' left nothing"):
+            pack.run(PackConfig(src=str(handled), dst=str(tmp_path / "p"), seq_length=16, overlong="drop"))
+        assert not (tmp_path / "p").exists()
+
+    def test_missing_column(self, tmp_path):
+        datasets.Dataset.from_dict({"input_ids": [[1, 2]]}).save_to_disk(str(tmp_path / "h"))
+        with pytest.raises(DataError, match="column 'labels' not found; columns present: input_ids"):
+            pack.run(PackConfig(src=str(tmp_path / "h"), dst=str(tmp_path / "p"), seq_length=8))
+
+    def test_empty_dataset(self, tmp_path):
+        datasets.Dataset.from_dict({"input_ids": [], "labels": []}).save_to_disk(str(tmp_path / "h"))
+        with pytest.raises(DataError, match="empty"):
+            pack.run(PackConfig(src=str(tmp_path / "h"), dst=str(tmp_path / "p"), seq_length=8))
+
+    def test_bad_policy_lists_choices(self):
+        with pytest.raises(ValueError, match=r"must be one of \('truncate', 'split', 'drop'\)"):
+            PackConfig(src="s", dst="d", seq_length=8, overlong="squash")

@@ -80,3 +80,22 @@ def conversation_rows(n: int, start: int = 0) -> list[dict]:
     """MATH training problems with their reference solutions as user/assistant conversations."""
     return [{"messages": [{"role": "user", "content": r["problem"]}, {"role": "assistant", "content": r["solution"]}]}
             for r in math_train_rows(n, start)]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_packed(tmp_path_factory):
+    """Packed rows at the tiny CPU profile's seq_length (256): a few training steps' worth."""
+    from distilled_plugins import handle, pack
+
+    tmp = tmp_path_factory.mktemp("tiny-packed")
+    src = write_jsonl(tmp / "filtered.jsonl", conversation_rows(6))
+    handled = handle.run(handle.HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp / "handled")))
+    return pack.run(pack.PackConfig(src=str(handled), dst=str(tmp / "packed"), seq_length=256))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from airflow.sdk import DAG
 
-from operators import GenerateReasoningOperator, HandleDatasetOperator, PackDatasetOperator, RejectSamplingOperator
+from operators import (GenerateReasoningOperator, HandleDatasetOperator, MsrunFinetuneOperator, PackDatasetOperator,
+                       RejectSamplingOperator)
 
 with DAG("test_generate_operator", schedule=None, params={"seed": "", "out": "", "n": 2}) as generate_dag:
     GenerateReasoningOperator(
@@ -22,3 +23,9 @@ with DAG("test_handle_pack_operators", schedule=None,
                                     dst="{{ params.out }}/{{ run_id }}/handled")
     PackDatasetOperator(task_id="pack", src=handled.output, dst="{{ params.out }}/{{ run_id }}/packed",
                         seq_length="{{ params.seq_length }}")
+
+with DAG("test_finetune_operator", schedule=None,
+         params={"config": "", "data": "", "out": "", "port": 8118}) as finetune_dag:
+    MsrunFinetuneOperator(task_id="finetune", config="{{ params.config }}", dataset_path="{{ params.data }}",
+                          output_dir="{{ params.out }}/{{ run_id }}", master_port="{{ params.port }}",
+                          deferrable=True, poll_interval=1.0, stall_timeout=600)

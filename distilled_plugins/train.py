@@ -1,0 +1,106 @@
+"""The training entry that ``msrun`` starts in every worker: the project's ``run_mindformer.py``.
+
+Usage (normally through ``python -m distilled_plugins.finetune``, which launches msrun with it):
+    msrun --worker_num=8 --local_worker_num=8 --join=True distilled_plugins/train.py \\
+        --config run_config.yaml --run_mode finetune
+
+config -> output path -> context -> ``Trainer`` -> ``train()`` (``finetune`` and ``train`` both train; the config
+decides whether a checkpoint is loaded or resumed). Imports nothing from Airflow: it is its own process.
+
+CPU accommodations, applied only when ``context.device_target`` is CPU and said so in the log:
+- mindformers' loss-scale cell checks overflow with NPU-only float-status ops; on CPU the check becomes a plain
+  "any gradient not finite" test (summed over workers), so a NaN/Inf step is still skipped, not hidden;
+- mindspore's ``barrier`` op has no CPU kernel (nor has an eager all-reduce: only the all-reduce inside the
+  compiled training step runs on CPU), so the barriers mindformers waits on outside the step (data loader,
+  checkpoint loading) are skipped; each worker builds its dataset and strategy deterministically by itself, and
+  the first training step's gradient all-reduce brings the workers together anyway;
+- binding worker threads to cores (meant to keep NPU feeders on their NUMA node) is skipped: mindspore's
+  automatic plan divides by the local device count, which is zero for a single CPU worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # started as a script by msrun
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mindspore as ms  # noqa: E402  (the graph compiler resolves names used in cells as module globals)
+from mindspore import ops  # noqa: E402
+
+logger = logging.getLogger("distilled_plugins.train")
+
+
+def _cpu_overflow_status(self, status, compute_output):
+    """Overflow = some gradient is not finite, summed across workers (no NPU float-status ops)."""
+    flags = ops.stack([ops.logical_not(ops.isfinite(grad).all()).astype(ms.float32) for grad in compute_output])
+    total = flags.sum()
+    if self.is_distributed:
+        total = self.allreduce(total)
+    return total > 0
+
+
+def _skip_barrier(*args, **kwargs) -> None:
+    """Stands in for mindspore's barrier on CPU (see the module docstring)."""
+
+
+def _replace_barriers() -> int:
+    """Point every imported mindformers module's ``barrier`` name (bound at import) at :func:`_skip_barrier`."""
+    import mindspore.communication.comm_func as comm_func
+
+    original = comm_func.barrier
+    replaced = 0
+    for name, module in list(sys.modules.items()):
+        if (name.startswith("mindformers") or module is comm_func) and getattr(module, "barrier", None) is original:
+            module.barrier = _skip_barrier
+            replaced += 1
+    return replaced
+
+
+def apply_cpu_accommodations(device_target: str) -> list[str]:
+    """Patch what mindformers cannot do on CPU; returns what was patched (empty on NPUs)."""
+    if str(device_target).upper() != "CPU":
+        return []
+    import mindformers.core.context  # noqa: F401
+    import mindformers.trainer  # noqa: F401  (imports the modules whose barrier names are replaced)
+    from mindformers.wrapper.wrapper import MFTrainOneStepCell
+
+    # the package re-exports a function named build_context, hiding the module of the same name
+    mf_context = sys.modules["mindformers.core.context.build_context"]
+    MFTrainOneStepCell.get_overflow_status = _cpu_overflow_status
+    barriers = _replace_barriers()
+    mf_context._setup_affinity = lambda *args, **kwargs: None
+    return ["loss-scale overflow check -> finite-gradient check",
+            f"barriers outside the training step skipped ({barriers} modules)", "CPU core binding skipped"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="distilled_plugins/train.py", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="the run's YAML (paths and seq_length already filled)")
+    p.add_argument("--run_mode", default=None, choices=["train", "finetune"])
+    args = p.parse_args(argv)
+
+    from mindformers.core.context import build_context
+    from mindformers.tools.register import MindFormerConfig
+    from mindformers.trainer import Trainer
+    from mindformers.utils.file_utils import set_output_path
+
+    config = MindFormerConfig(args.config)
+    if args.run_mode:
+        config.run_mode = args.run_mode
+    set_output_path(config.output_dir)
+    patched = apply_cpu_accommodations(config.context.device_target)
+    build_context(config)
+    if patched:
+        from mindformers.tools.logger import logger as mf_logger
+
+        mf_logger.warning("device_target is CPU: applying CPU accommodations: %s", "; ".join(patched))
+    Trainer(config).train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distilled_plugins.client import API_KEY_ENV, ChatClient, Completion, FatalRequestError, RetryableError, RetryPolicy
-from distilled_plugins.io import DataError, atomic_path, dumps_line, load_rows, require_columns, write_json
+from distilled_plugins.io import (DataError, atomic_path, dumps_line, load_rows, read_appended_jsonl, require_columns,
+                                  rewrite_jsonl, write_json)
 from distilled_plugins.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class GenerateConfig:
     temperature: float = 0.6
     top_p: float = 0.95
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    system_prompt: str | None = None  # sent as a system message before the prompt (evaluation uses it)
+    seed: int | None = None  # sent with each request where the endpoint supports it
     split: str = "train"
     shard_index: int = 0
     num_shards: int = 1
@@ -89,7 +92,10 @@ class GenerateConfig:
 
     @property
     def sampling(self) -> dict:
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p}
+        sampling = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p}
+        if self.seed is not None:
+            sampling["seed"] = self.seed
+        return sampling
 
 
 @dataclass
@@ -128,35 +134,8 @@ def parts_path(output_file: str | Path) -> Path:
     return Path(str(output_file) + ".parts")
 
 
-def _read_complete_lines(path: Path) -> tuple[list[dict], int]:
-    """Rows of a JSONL file written by appends, and how many bad lines (corrupt or cut short) it had."""
-    if not path.exists():
-        return [], 0
-    rows, bad = [], 0
-    with open(path, "rb") as f:
-        data = f.read()
-    for raw in data.split(b"\n"):
-        if not raw.strip():
-            continue
-        try:
-            rows.append(json.loads(raw))
-        except ValueError:
-            bad += 1
-    if data and not data.endswith(b"\n") and bad == 0:
-        # a last line that parsed but lacks its newline was written whole; keep it, newline comes on rewrite
-        bad = 1
-    return rows, bad
-
-
-def _repair(path: Path, rows: list[dict]) -> None:
-    """Rewrite ``path`` atomically with exactly ``rows``, dropping a half-written or corrupt line."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        for row in rows:
-            f.write(dumps_line(row))
-
-
 def _load_done(cfg: GenerateConfig, output: Path) -> set[str]:
-    rows, bad = _read_complete_lines(output)
+    rows, bad = read_appended_jsonl(output)
     done, kept = set(), []
     for row in rows:
         if cfg.uuid_column not in row:
@@ -168,14 +147,14 @@ def _load_done(cfg: GenerateConfig, output: Path) -> set[str]:
     if bad or len(kept) != len(rows):
         logger.warning("%s: repaired %d cut-short or corrupt line(s) and %d duplicate(s) left by an interrupted run",
                        output, bad, len(rows) - len(kept))
-        _repair(output, kept)
+        rewrite_jsonl(output, kept)
     return done
 
 
 def _load_parts(parts: Path, num_generations: int) -> dict[str, dict[int, Completion]]:
-    records, bad = _read_complete_lines(parts)
+    records, bad = read_appended_jsonl(parts)
     if bad:
-        _repair(parts, records)
+        rewrite_jsonl(parts, records)
     found: dict[str, dict[int, Completion]] = {}
     for rec in records:
         if rec.get("i", num_generations) < num_generations:
@@ -186,9 +165,12 @@ def _load_parts(parts: Path, num_generations: int) -> dict[str, dict[int, Comple
 class _Row:
     __slots__ = ("example", "key", "messages", "prompt", "results", "missing", "failed")
 
-    def __init__(self, example: dict, key: str, prompt: str, n: int, known: dict[int, Completion]):
+    def __init__(self, example: dict, key: str, prompt: str, n: int, known: dict[int, Completion],
+                 system_prompt: str | None = None):
         self.example, self.key, self.prompt = example, key, prompt
         self.messages = [{"role": "user", "content": prompt}]
+        if system_prompt:
+            self.messages.insert(0, {"role": "system", "content": system_prompt})
         self.results: list[Completion | None] = [known.get(i) for i in range(n)]
         self.missing = sum(r is None for r in self.results)
         self.failed = False
@@ -344,7 +326,7 @@ def _prepare_rows(cfg: GenerateConfig, output: Path) -> tuple[list[_Row], dict]:
         known = partial.get(key, {})
         info["generations_resumed"] += len(known)
         prompt = cfg.prompt_template.format(prompt=prompt_text(example[cfg.prompt_column]))
-        rows.append(_Row(example, key, prompt, cfg.num_generations, known))
+        rows.append(_Row(example, key, prompt, cfg.num_generations, known, cfg.system_prompt))
     return rows, dict(info)
 
 
@@ -407,7 +389,7 @@ def merge(inputs: list[str | Path], output_file: str | Path, uuid_column: str) -
     """Join shard outputs into one file: each key once, rows sorted by key so any sharding gives the same file."""
     by_key: dict[str, dict] = {}
     for path in inputs:
-        rows, bad = _read_complete_lines(Path(path))
+        rows, bad = read_appended_jsonl(Path(path))
         if bad:
             raise DataError(f"{path}: has a cut-short or corrupt line; resume that shard before merging")
         for row in rows:

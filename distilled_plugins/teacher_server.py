@@ -28,7 +28,7 @@ from distilled_plugins.generate import DEFAULT_PROMPT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
-FAULTS = ("ok", "429", "500", "503", "400", "401", "404", "bad_json", "truncated", "slow", "reasoning")
+FAULTS = ("ok", "429", "500", "503", "400", "401", "404", "bad_json", "truncated", "slow", "reasoning", "length")
 
 
 class ReplayTeacher:
@@ -87,7 +87,7 @@ class ReplayTeacher:
             message = {"role": "assistant", "reasoning_content": "Let me think.\n", "content": text}
         body = json.dumps({
             "id": f"replay-{self.requests}", "object": "chat.completion", "model": payload.get("model"),
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": message, "finish_reason": "length" if fault == "length" else "stop"}],
             "usage": {"prompt_tokens": len(problem) // 4, "completion_tokens": len(text) // 4,
                       "total_tokens": (len(problem) + len(text)) // 4},
         }).encode()

@@ -99,3 +99,15 @@ def tiny_packed(tmp_path_factory):
     src = write_jsonl(tmp / "filtered.jsonl", conversation_rows(6))
     handled = handle.run(handle.HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp / "handled")))
     return pack.run(pack.PackConfig(src=str(handled), dst=str(tmp / "packed"), seq_length=256))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_packed, tmp_path_factory):
+    """A tiny model fine-tuned for 8 steps by stage 5 (msrun, 1 CPU worker): its checkpoint folder."""
+    from distilled_plugins import configs, finetune
+
+    out = tmp_path_factory.mktemp("tiny-finetune")
+    result = finetune.run(finetune.FinetuneConfig(config=str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml"),
+                                                  dataset_path=str(tiny_packed), output_dir=str(out),
+                                                  master_port=free_port(), poll_interval=0.5))
+    return Path(result.checkpoint_dir)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from airflow.sdk import DAG
 
-from operators import (GenerateReasoningOperator, HandleDatasetOperator, MsrunFinetuneOperator, PackDatasetOperator,
-                       RejectSamplingOperator)
+from operators import (GenerateReasoningOperator, HandleDatasetOperator, Math500EvalOperator, MsrunFinetuneOperator,
+                       PackDatasetOperator, RejectSamplingOperator)
 
 with DAG("test_generate_operator", schedule=None, params={"seed": "", "out": "", "n": 2}) as generate_dag:
     GenerateReasoningOperator(
@@ -29,3 +29,8 @@ with DAG("test_finetune_operator", schedule=None,
     MsrunFinetuneOperator(task_id="finetune", config="{{ params.config }}", dataset_path="{{ params.data }}",
                           output_dir="{{ params.out }}/{{ run_id }}", master_port="{{ params.port }}",
                           deferrable=True, poll_interval=1.0, stall_timeout=600)
+
+with DAG("test_evaluate_operator", schedule=None, params={"out": "", "baseline": ""}) as evaluate_dag:
+    Math500EvalOperator(task_id="evaluate", output_dir="{{ params.out }}/{{ run_id }}", endpoint_conn_id="model_endpoint",
+                        model="reference", limit=10, n_samples=1, baseline="{{ params.baseline }}",
+                        fail_below_baseline=True)

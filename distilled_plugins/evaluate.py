@@ -1,0 +1,379 @@
+"""Stage 6: MATH-500 evaluation with a stated protocol, a report and a chart.
+
+Usage:
+    # an OpenAI-compatible endpoint serving the fine-tuned model (vLLM, vLLM-MindSpore, MindIE):
+    python -m distilled_plugins.evaluate --api-addr localhost:8000 --model OpenR1-Qwen-7B --out eval/
+    # mindformers' own generation from the stage 5 checkpoint (the tutorial's way):
+    python -m distilled_plugins.evaluate --checkpoint finetune/checkpoint \\
+        --mindformers-config configs/finetune_tiny_cpu.yaml --limit 20 --max-new-tokens 64 --out eval/
+    # re-score completions made elsewhere:
+    python -m distilled_plugins.evaluate --rescore outputs.jsonl --problem-column question \\
+        --gold-column answer --completion-column code --out eval/
+
+Protocol (open-r1's values by default, all parameters, all written into the report): the system prompt
+"Please reason step by step, and put your final answer within \\boxed{}.", temperature 0.6, top_p 0.95, up to
+32,768 new tokens, 4 samples per problem, seed 0. pass@1 is the mean over all samples, with a 95% confidence
+interval over problems; completions are graded by stage 2's grader (same math_verify semantics, same worker
+processes). Completions are kept in ``--out`` and a rerun requests only the missing ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from distilled_plugins import generate, grader
+from distilled_plugins.client import API_KEY_ENV, RetryPolicy
+from distilled_plugins.handle import SYSTEM_PROMPT
+from distilled_plugins.io import DataError, dumps_line, iter_jsonl, load_rows, write_json
+
+logger = logging.getLogger(__name__)
+
+MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500" / "test.jsonl"
+TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizer" / "qwen2.5"
+PROBLEM_COLUMNS = ("problem", "answer", "subject", "level", "unique_id")
+REFERENCE = [  # the tutorial's table (MATH-500)
+    ("DeepSeek-Distill-Qwen-7B", 91.6), ("OpenR1-Qwen-7B (Hugging Face)", 90.6),
+    ("OpenR1-Qwen-7B (MindSpore Transformers, tutorial)", 90.0), ("OpenThinker-7B", 89.6),
+]
+
+
+@dataclass
+class Protocol:
+    system_prompt: str = SYSTEM_PROMPT
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 32768
+    n_samples: int = 4
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    out: str
+    dataset: str = str(MATH500)
+    limit: int | None = None  # the first N problems (a subset for quick runs)
+    protocol: Protocol = None
+    # completions from an endpoint ...
+    api_addr: str | None = None
+    model: str | None = None
+    api_key: str | None = None
+    max_concurrent: int = 64
+    retry: RetryPolicy = None
+    # ... or from a checkpoint with mindformers ...
+    checkpoint: str | None = None
+    mindformers_config: str | None = None
+    tokenizer: str = str(TOKENIZER)
+    # ... or re-scored from a file
+    rescore: str | None = None
+    problem_column: str = "problem"
+    gold_column: str = "answer"
+    completion_column: str = "generations"
+    # scoring and report
+    workers: int | None = None
+    baseline: str | None = None
+    label: str = "fine-tuned model"
+
+    def __post_init__(self):
+        self.protocol = self.protocol or Protocol()
+        self.retry = self.retry or RetryPolicy()
+        sources = [bool(self.api_addr), bool(self.checkpoint), bool(self.rescore)]
+        if sum(sources) != 1:
+            raise ValueError("give exactly one source of completions: an endpoint (api_addr and model), "
+                             "a checkpoint (with mindformers_config), or rescore")
+        if self.api_addr and not self.model:
+            raise ValueError("an endpoint needs the served model's name (--model)")
+        if self.checkpoint and not self.mindformers_config:
+            raise ValueError("a checkpoint needs the fine-tune YAML that describes its model (--mindformers-config)")
+        if self.protocol.n_samples < 1:
+            raise ValueError(f"n_samples must be at least 1, got {self.protocol.n_samples}")
+
+
+def load_problems(path: str | Path, limit: int | None) -> list[dict]:
+    rows = load_rows(path)
+    if not rows:
+        raise DataError(f"{path}: the evaluation set is empty")
+    missing = [c for c in PROBLEM_COLUMNS if c not in rows[0]]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; columns present: {', '.join(rows[0])}")
+    return rows[:limit] if limit else rows
+
+
+# ---- completions ----------------------------------------------------------------------------------------------
+
+def _problems_file(cfg: EvalConfig, problems: list[dict]) -> Path:
+    path = Path(cfg.out) / "problems.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(dumps_line(p) for p in problems))
+    return path
+
+
+def completions_from_endpoint(cfg: EvalConfig, problems: list[dict]) -> Path:
+    protocol = cfg.protocol
+    result = generate.run(generate.GenerateConfig(
+        dataset_name=str(_problems_file(cfg, problems)), output_file=str(Path(cfg.out) / "completions.jsonl"),
+        model=cfg.model, prompt_column="problem", uuid_column="unique_id", api_addr=cfg.api_addr,
+        api_key=cfg.api_key, num_generations=protocol.n_samples, max_tokens=protocol.max_new_tokens,
+        max_concurrent=cfg.max_concurrent, temperature=protocol.temperature, top_p=protocol.top_p,
+        prompt_template="{prompt}", system_prompt=protocol.system_prompt, seed=protocol.seed, retry=cfg.retry))
+    return result.output_file
+
+
+def completions_from_checkpoint(cfg: EvalConfig, problems: list[dict]) -> Path:
+    protocol = cfg.protocol
+    output = Path(cfg.out) / "completions.jsonl"
+    command = [sys.executable, "-m", "distilled_plugins.mf_generate", "--config", cfg.mindformers_config,
+               "--checkpoint", cfg.checkpoint, "--tokenizer", cfg.tokenizer,
+               "--problems", str(_problems_file(cfg, problems)), "--output", str(output),
+               "--system-prompt", protocol.system_prompt, "--num-samples", str(protocol.n_samples),
+               "--max-new-tokens", str(protocol.max_new_tokens), "--temperature", str(protocol.temperature),
+               "--top-p", str(protocol.top_p), "--seed", str(protocol.seed)]
+    env_log = Path(cfg.out) / "mindformers"
+    import os
+
+    env = {**os.environ, "LOG_MF_PATH": str(env_log / "log"), "LOCAL_DEFAULT_PATH": str(env_log)}
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stdout.splitlines()[-20:])
+        raise RuntimeError(f"mindformers generation from {cfg.checkpoint} failed (exit {done.returncode}):\n{tail}")
+    return output
+
+
+# ---- scoring --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Scored:
+    key: str
+    level: str
+    subject: str
+    verdicts: list[str]
+
+
+def _rows_to_score(cfg: EvalConfig, completions: Path, problems: list[dict] | None) -> list[dict]:
+    """Rows of ``{key, problem, gold, level, subject, completions, finish_reasons}`` in problem order."""
+    if cfg.rescore:
+        by_problem = {p["problem"]: p for p in load_rows(cfg.dataset)} if Path(cfg.dataset).exists() else {}
+        rows = []
+        for lineno, row in iter_jsonl(completions):
+            for column in (cfg.problem_column, cfg.gold_column, cfg.completion_column):
+                if column not in row:
+                    raise DataError(f"{completions}:{lineno}: missing column {column!r}; columns present: "
+                                    f"{', '.join(row)}")
+            texts = row[cfg.completion_column]
+            texts = [texts] if isinstance(texts, str) else list(texts)
+            known = by_problem.get(row[cfg.problem_column], {})
+            rows.append({"key": str(row.get("unique_id") or known.get("unique_id") or lineno),
+                         "problem": row[cfg.problem_column], "gold": str(row[cfg.gold_column]),
+                         "level": str(row.get("level") or known.get("level") or "unknown"),
+                         "subject": str(row.get("subject") or known.get("subject") or "unknown"),
+                         "completions": texts, "finish_reasons": row.get("finish_reasons") or [None] * len(texts)})
+        if not rows:
+            raise DataError(f"{completions}: no completions to score")
+        return rows
+    by_key = {str(r["unique_id"]): r for _, r in iter_jsonl(completions)}
+    rows = []
+    for p in problems:
+        got = by_key.get(str(p["unique_id"]))
+        if got is None:
+            raise DataError(f"{completions}: no completions for problem {p['unique_id']}")
+        rows.append({"key": str(p["unique_id"]), "problem": p["problem"], "gold": str(p["answer"]),
+                     "level": str(p["level"]), "subject": str(p["subject"]), "completions": got["generations"],
+                     "finish_reasons": got.get("finish_reasons") or [None] * len(got["generations"])})
+    return rows
+
+
+def score(rows: list[dict], workers: int | None, scored_path: Path) -> list[Scored]:
+    samples = (grader.Sample((i, j), row["gold"], text, row["finish_reasons"][j])
+               for i, row in enumerate(rows) for j, text in enumerate(row["completions"]))
+    verdicts: dict[tuple[int, int], grader.Verdict] = {}
+    with grader.GradingPool(workers) as pool:
+        for verdict in pool.grade(samples):
+            verdicts[verdict.id] = verdict
+    scored = []
+    with open(scored_path, "wb") as f:
+        for i, row in enumerate(rows):
+            row_verdicts = [verdicts[(i, j)] for j in range(len(row["completions"]))]
+            scored.append(Scored(row["key"], row["level"], row["subject"], [v.verdict for v in row_verdicts]))
+            for j, v in enumerate(row_verdicts):
+                f.write(dumps_line({"key": row["key"], "sample": j, "verdict": v.verdict, "reason": v.reason}))
+    return scored
+
+
+def _accuracy(items: list[Scored]) -> dict:
+    samples = sum(len(s.verdicts) for s in items)
+    correct = sum(v == grader.CORRECT for s in items for v in s.verdicts)
+    return {"problems": len(items), "samples": samples, "correct": correct,
+            "accuracy": round(100.0 * correct / samples, 2) if samples else 0.0}
+
+
+def summarize(scored: list[Scored]) -> dict:
+    overall = _accuracy(scored)
+    per_problem = [sum(v == grader.CORRECT for v in s.verdicts) / len(s.verdicts) for s in scored if s.verdicts]
+    n = len(per_problem)
+    mean = sum(per_problem) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in per_problem) / (n - 1)) if n > 1 else 0.0
+    half = 1.96 * std / math.sqrt(n) if n else 0.0
+    groups = {"by_level": defaultdict(list), "by_subject": defaultdict(list)}
+    for s in scored:
+        groups["by_level"][s.level].append(s)
+        groups["by_subject"][s.subject].append(s)
+    verdict_counts = defaultdict(int)
+    for s in scored:
+        for v in s.verdicts:
+            verdict_counts[v] += 1
+    return {
+        "pass@1": round(100.0 * mean, 2),
+        "ci95": [round(100.0 * max(0.0, mean - half), 2), round(100.0 * min(1.0, mean + half), 2)],
+        **{k: overall[k] for k in ("problems", "samples", "correct")},
+        "truncated": verdict_counts.get(grader.TRUNCATED, 0),
+        "verdicts": dict(sorted(verdict_counts.items())),
+        "by_level": {k: _accuracy(v) for k, v in sorted(groups["by_level"].items())},
+        "by_subject": {k: _accuracy(v) for k, v in sorted(groups["by_subject"].items())},
+    }
+
+
+# ---- report ---------------------------------------------------------------------------------------------------
+
+def _chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 2]})
+    for ax, key, title in ((axes[0], "by_level", "Accuracy by level"), (axes[1], "by_subject", "Accuracy by subject")):
+        names = list(report[key])
+        values = [report[key][n]["accuracy"] for n in names]
+        ax.bar(range(len(names)), values, color="#4c72b0")
+        ax.set_xticks(range(len(names)), names, rotation=30 if key == "by_subject" else 0, ha="right"
+                      if key == "by_subject" else "center")
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(title)
+        ax.axhline(report["pass@1"], color="#c44e52", linestyle="--", linewidth=1)
+    fig.suptitle(f"MATH-500 pass@1 {report['pass@1']:.1f}% ({report['label']}, n={report['protocol']['n_samples']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _markdown(report: dict) -> str:
+    p = report["protocol"]
+    lines = [f"# MATH-500 evaluation: {report['label']}", "",
+             f"**pass@1 {report['pass@1']:.1f}%** (95% CI {report['ci95'][0]:.1f}-{report['ci95'][1]:.1f}) over "
+             f"{report['problems']} problems x {p['n_samples']} samples; {report['truncated']} truncated.", "",
+             "## Protocol", "", "| setting | value |", "|---|---|",
+             *[f"| {k} | {json.dumps(v, ensure_ascii=False)} |" for k, v in p.items()], "",
+             "## By level", "", "| level | problems | samples | accuracy |", "|---|---|---|---|",
+             *[f"| {k} | {v['problems']} | {v['samples']} | {v['accuracy']:.1f} |" for k, v in report["by_level"].items()],
+             "", "## By subject", "", "| subject | problems | samples | accuracy |", "|---|---|---|---|",
+             *[f"| {k} | {v['problems']} | {v['samples']} | {v['accuracy']:.1f} |"
+               for k, v in report["by_subject"].items()],
+             "", "## Beside the tutorial's table", "", "| model | MATH-500 |", "|---|---|",
+             *[f"| {name} | {score:.1f} |" for name, score in REFERENCE],
+             f"| **{report['label']} (this run)** | **{report['pass@1']:.1f}** |"]
+    if report.get("baseline"):
+        b = report["baseline"]
+        lines += ["", "## Against the baseline", "", f"Baseline {b['label']}: {b['pass@1']:.1f}; "
+                  f"difference **{b['difference']:+.1f}** points."]
+    lines += ["", "![accuracy](accuracy.png)", ""]
+    return "\n".join(lines)
+
+
+def run(cfg: EvalConfig) -> Path:
+    """Get completions, grade them and write ``report.json``, ``report.md`` and ``accuracy.png`` in ``cfg.out``."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    problems = None
+    if cfg.rescore:
+        completions = Path(cfg.rescore)
+        if not completions.is_file():
+            raise DataError(f"{completions}: no such file")
+    else:
+        problems = load_problems(cfg.dataset, cfg.limit)
+        completions = (completions_from_endpoint if cfg.api_addr else completions_from_checkpoint)(cfg, problems)
+    rows = _rows_to_score(cfg, completions, problems)
+    logger.info("grading %d completions of %d problems", sum(len(r["completions"]) for r in rows), len(rows))
+    scored = score(rows, cfg.workers, out / "scored.jsonl")
+    protocol = asdict(cfg.protocol)
+    source = ("endpoint " + str(cfg.api_addr) + f" model {cfg.model}" if cfg.api_addr else
+              f"mindformers checkpoint {cfg.checkpoint}" if cfg.checkpoint else f"rescore of {cfg.rescore}")
+    protocol.update(completions=source, dataset=str(cfg.rescore or cfg.dataset), limit=cfg.limit)
+    if cfg.rescore:
+        protocol["n_samples"] = max(len(r["completions"]) for r in rows)
+        protocol["note"] = "completions made elsewhere: sampling settings are those of their producer"
+    report = {"label": cfg.label, "protocol": protocol, **summarize(scored),
+              "reference": [{"model": n, "math500": s} for n, s in REFERENCE]}
+    if cfg.baseline:
+        base = json.loads(Path(cfg.baseline).read_text())
+        report["baseline"] = {"label": base.get("label", cfg.baseline), "pass@1": base["pass@1"],
+                              "difference": round(report["pass@1"] - base["pass@1"], 2), "path": cfg.baseline}
+    write_json(out / "report.json", report)
+    (out / "report.md").write_text(_markdown(report), encoding="utf-8")
+    _chart(report, out / "accuracy.png")
+    logger.info("pass@1 %.2f%% (95%% CI %s) over %d problems; report %s", report["pass@1"], report["ci95"],
+                report["problems"], out / "report.json")
+    return out / "report.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m distilled_plugins.evaluate", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for completions, scores and the report")
+    p.add_argument("--dataset", default=str(MATH500), help="problems with problem/answer/subject/level/unique_id")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
+    p.add_argument("--api-addr", default=None, help="endpoint serving the model (host:port or URL)")
+    p.add_argument("--model", default=None, help="model name at the endpoint")
+    p.add_argument("--api-key-env", default=API_KEY_ENV)
+    p.add_argument("--max-concurrent", type=int, default=64)
+    p.add_argument("--checkpoint", default=None, help="stage 5 checkpoint (file or folder) for mindformers")
+    p.add_argument("--mindformers-config", default=None, help="the fine-tune YAML describing the checkpoint's model")
+    p.add_argument("--tokenizer", default=str(TOKENIZER))
+    p.add_argument("--rescore", default=None, help="JSONL of existing completions to grade")
+    p.add_argument("--problem-column", default="problem")
+    p.add_argument("--gold-column", default="answer")
+    p.add_argument("--completion-column", default="generations", help="a string or a list of completions")
+    p.add_argument("--system-prompt", default=SYSTEM_PROMPT)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=32768)
+    p.add_argument("--n-samples", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="grading processes")
+    p.add_argument("--baseline", default=None, help="report.json of a baseline (e.g. the base model)")
+    p.add_argument("--label", default="fine-tuned model")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(EvalConfig(
+            out=args.out, dataset=args.dataset, limit=args.limit,
+            protocol=Protocol(args.system_prompt, args.temperature, args.top_p, args.max_new_tokens, args.n_samples,
+                              args.seed),
+            api_addr=args.api_addr, model=args.model, api_key=os.environ.get(args.api_key_env),
+            max_concurrent=args.max_concurrent, checkpoint=args.checkpoint,
+            mindformers_config=args.mindformers_config, tokenizer=args.tokenizer, rescore=args.rescore,
+            problem_column=args.problem_column, gold_column=args.gold_column,
+            completion_column=args.completion_column, workers=args.workers, baseline=args.baseline,
+            label=args.label))
+    except (ValueError, RuntimeError) as e:
+        logger.error("%s", e)
+        return 1
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

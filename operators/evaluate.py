@@ -1,0 +1,77 @@
+"""Math500EvalOperator: stage 6 as an Airflow task."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+
+from airflow.sdk import BaseOperator, Context
+from airflow.sdk.exceptions import AirflowException
+
+from distilled_plugins import evaluate
+from operators.hooks import TeacherEndpointHook
+
+
+class Math500EvalOperator(BaseOperator):
+    """Evaluate on MATH-500 and write report.json / report.md / accuracy.png; returns the report's path.
+
+    Completions come from an endpoint (``endpoint_conn_id`` + ``model``), from a stage 5 checkpoint through
+    mindformers (``checkpoint`` + ``mindformers_config``), or from a file (``rescore``). They are kept in
+    ``output_dir``, so a retry requests only what is missing. With ``baseline`` and ``fail_below_baseline``
+    the task fails when the model scores below the baseline's pass@1.
+    """
+
+    template_fields = ("output_dir", "dataset", "limit", "model", "checkpoint", "mindformers_config", "rescore",
+                       "baseline", "n_samples", "max_new_tokens")
+    ui_color = "#f3e8fd"
+
+    def __init__(self, *, output_dir: str, dataset: str = str(evaluate.MATH500), limit: int | None = None,
+                 endpoint_conn_id: str | None = None, model: str | None = None, checkpoint: str | None = None,
+                 mindformers_config: str | None = None, rescore: str | None = None,
+                 n_samples: int = 4, max_new_tokens: int = 32768, temperature: float = 0.6, top_p: float = 0.95,
+                 seed: int = 0, system_prompt: str = evaluate.SYSTEM_PROMPT, baseline: str | None = None,
+                 fail_below_baseline: bool = False, report_label: str = "fine-tuned model", **kwargs):
+        super().__init__(**kwargs)
+        self.output_dir = output_dir
+        self.dataset = dataset
+        self.limit = limit
+        self.endpoint_conn_id = endpoint_conn_id
+        self.model = model
+        self.checkpoint = checkpoint
+        self.mindformers_config = mindformers_config
+        self.rescore = rescore
+        self.n_samples = n_samples
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.seed = seed
+        self.system_prompt = system_prompt
+        self.baseline = baseline
+        self.fail_below_baseline = fail_below_baseline
+        self.report_label = report_label
+
+    @cached_property
+    def hook(self) -> TeacherEndpointHook:
+        return TeacherEndpointHook(self.endpoint_conn_id)
+
+    def execute(self, context: Context) -> str:
+        api_addr = api_key = None
+        if self.endpoint_conn_id:
+            api_addr, api_key = self.hook.get_endpoint()
+        report_path = evaluate.run(evaluate.EvalConfig(
+            out=self.output_dir, dataset=self.dataset, limit=int(self.limit) if self.limit else None,
+            protocol=evaluate.Protocol(self.system_prompt, float(self.temperature), float(self.top_p),
+                                       int(self.max_new_tokens), int(self.n_samples), int(self.seed)),
+            api_addr=api_addr, model=self.model, api_key=api_key, checkpoint=self.checkpoint or None,
+            mindformers_config=self.mindformers_config or None, rescore=self.rescore or None,
+            baseline=self.baseline or None, label=self.report_label))
+        report = json.loads(report_path.read_text())
+        self.log.info("MATH-500 pass@1 %.2f%% (95%% CI %s) over %d problems x %d samples; report %s",
+                      report["pass@1"], report["ci95"], report["problems"], report["protocol"]["n_samples"],
+                      report_path)
+        if self.fail_below_baseline and report.get("baseline") and report["baseline"]["difference"] < 0:
+            raise AirflowException(
+                f"task {self.task_id}: pass@1 {report['pass@1']:.2f} is below the baseline's "
+                f"{report['baseline']['pass@1']:.2f} ({report['baseline']['difference']:+.2f} points); "
+                f"see {report_path.with_suffix('.md')}")
+        return str(report_path)

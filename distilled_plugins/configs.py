@@ -10,8 +10,16 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 FINETUNE_7B = CONFIG_DIR / "finetune_qwen_2_5_7b.yaml"
 
 
+def resolve(name_or_path: str | Path) -> Path:
+    """A config path as given, or a bare name (``finetune_tiny_cpu.yaml``) looked up in ``configs/``."""
+    path = Path(name_or_path)
+    if not path.exists() and (CONFIG_DIR / path.name).exists() and path.parent == Path("."):
+        return CONFIG_DIR / path.name
+    return path
+
+
 def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
+    path = resolve(path)
     if not path.is_file():
         raise FileNotFoundError(f"config {path} not found")
     with open(path, encoding="utf-8") as f:

@@ -65,6 +65,7 @@ class FinetuneConfig:
     poll_interval: float = 5.0
 
     def __post_init__(self):
+        self.config = str(configs.resolve(self.config))
         self.local_worker_num = self.local_worker_num or self.worker_num
         if self.worker_num < 1 or not 1 <= self.local_worker_num <= self.worker_num:
             raise ValueError(f"need 1 <= local_worker_num ({self.local_worker_num}) <= worker_num ({self.worker_num})")

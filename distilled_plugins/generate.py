@@ -41,6 +41,9 @@ DEFAULT_PROMPT_TEMPLATE = (
 )
 
 
+_GENERATED_COLUMNS = ("generations", "finish_reasons", "api_metadata")
+
+
 class GenerationIncomplete(RuntimeError):
     """Some rows still miss completions after all retries; what succeeded is kept for the next run."""
 
@@ -69,6 +72,8 @@ class GenerateConfig:
     num_shards: int = 1
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     progress_interval: float = 5.0
+    # shared across runs: rows finished with the same settings are copied from here instead of requested again
+    store_dir: str | None = None
 
     def __post_init__(self):
         self.uuid_column = self.uuid_column or self.prompt_column
@@ -123,6 +128,34 @@ def prompt_text(value) -> str:
         if users:
             return users[-1]
     raise DataError(f"prompt cell must be a string or a list of chat messages, got {type(value).__name__}: {value!r:.80}")
+
+
+def settings_key(cfg: GenerateConfig) -> str:
+    """What makes two generations interchangeable: teacher, prompt and sampling settings."""
+    settings = {"model": cfg.model, "prompt_template": cfg.prompt_template, "system_prompt": cfg.system_prompt,
+                "prompt_column": cfg.prompt_column, "uuid_column": cfg.uuid_column,
+                "num_generations": cfg.num_generations, **cfg.sampling}
+    return hashlib.md5(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _store_rows(cfg: GenerateConfig) -> dict[str, dict]:
+    """Finished rows in the generation store for these settings, by row key."""
+    found: dict[str, dict] = {}
+    if cfg.store_dir:
+        for path in sorted((Path(cfg.store_dir) / settings_key(cfg)).glob("*.jsonl")):
+            for row in read_appended_jsonl(path)[0]:
+                if cfg.uuid_column in row and len(row.get("generations", ())) == cfg.num_generations:
+                    found.setdefault(row_key(row, cfg.uuid_column), row)
+    return found
+
+
+def _publish_to_store(cfg: GenerateConfig, output: Path) -> None:
+    """Copy a finished shard into the store (atomically), for later runs to reuse."""
+    import shutil
+
+    name = hashlib.md5(str(output.resolve()).encode()).hexdigest()[:16] + ".jsonl"
+    with atomic_path(Path(cfg.store_dir) / settings_key(cfg) / name) as tmp:
+        shutil.copyfile(output, tmp)
 
 
 def stats_path(output_file: str | Path) -> Path:
@@ -302,15 +335,17 @@ class _Run:
         return f"| {self.counts['responses_ok']} completions, {retries} retries, {failed} failed requests"
 
 
-def _prepare_rows(cfg: GenerateConfig, output: Path) -> tuple[list[_Row], dict]:
+def _prepare_rows(cfg: GenerateConfig, output: Path) -> tuple[list[_Row], list[dict], dict]:
+    """Rows still to generate, rows to copy from the store, and counts."""
     seed = load_rows(cfg.dataset_name, cfg.split)
     if not seed:
         raise DataError(f"{cfg.dataset_name}: the seed dataset is empty")
     require_columns(seed, [cfg.prompt_column, cfg.uuid_column], cfg.dataset_name)
     done = _load_done(cfg, output)
     partial = _load_parts(parts_path(output), cfg.num_generations)
+    stored = _store_rows(cfg)
     info = Counter(seed_rows=len(seed))
-    rows, seen = [], set()
+    rows, reused, seen = [], [], set()
     for example in seed:
         key = row_key(example, cfg.uuid_column)
         if key in seen:
@@ -323,11 +358,16 @@ def _prepare_rows(cfg: GenerateConfig, output: Path) -> tuple[list[_Row], dict]:
         if key in done:
             info["rows_already_done"] += 1
             continue
+        if key in stored:
+            reused.append({**example, **{k: stored[key][k] for k in (*_GENERATED_COLUMNS, "prompt")
+                                         if k in stored[key]}})
+            continue
         known = partial.get(key, {})
         info["generations_resumed"] += len(known)
         prompt = cfg.prompt_template.format(prompt=prompt_text(example[cfg.prompt_column]))
         rows.append(_Row(example, key, prompt, cfg.num_generations, known, cfg.system_prompt))
-    return rows, dict(info)
+    info["rows_reused_from_store"] = len(reused)
+    return rows, reused, dict(info)
 
 
 def run(cfg: GenerateConfig) -> GenerateResult:
@@ -335,12 +375,13 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     output = Path(cfg.output_file)
     output.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    rows, info = _prepare_rows(cfg, output)
-    logger.info("shard %d/%d of %s: %d rows, %d already done, %d to generate (%d completions resumed from %s)",
-                cfg.shard_index, cfg.num_shards, cfg.dataset_name, info.get("shard_rows", 0),
-                info.get("rows_already_done", 0), len(rows), info.get("generations_resumed", 0),
-                parts_path(output).name)
-    output.touch()
+    rows, reused, info = _prepare_rows(cfg, output)
+    logger.info("shard %d/%d of %s: %d rows, %d already done, %d reused from the generation store, %d to generate "
+                "(%d completions resumed from %s)", cfg.shard_index, cfg.num_shards, cfg.dataset_name,
+                info.get("shard_rows", 0), info.get("rows_already_done", 0), len(reused), len(rows),
+                info.get("generations_resumed", 0), parts_path(output).name)
+    with open(output, "ab") as f:
+        f.write(b"".join(dumps_line(row) for row in reused))
     job = _Run(cfg, rows, output, parts_path(output))
     try:
         _run_loop(job.run())
@@ -373,6 +414,8 @@ def run(cfg: GenerateConfig) -> GenerateResult:
             f"the {job.counts['responses_ok']} completions that succeeded are kept in {output} and "
             f"{parts_path(output).name}: run again to resume")
     parts_path(output).unlink(missing_ok=True)
+    if cfg.store_dir:
+        _publish_to_store(cfg, output)
     return GenerateResult(output, stats_file, stats)
 
 

@@ -47,7 +47,9 @@ def build_model(config_path: str, checkpoint: Path, seq_length: int):
 
     import mindspore as ms
 
-    config = MindFormerConfig(config_path)
+    from distilled_plugins.configs import resolve
+
+    config = MindFormerConfig(str(resolve(config_path)))
     config.use_parallel = False
     config.context.mode = 1  # PyNative: generation runs once per token, nothing to gain from compiling
     config.postprocess_use_numpy = True  # sampling in NumPy: mindspore's sort kernel is missing on CPU

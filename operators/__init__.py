@@ -3,10 +3,10 @@ artifact paths through XCom."""
 
 from operators.evaluate import Math500EvalOperator
 from operators.finetune import MsrunFinetuneOperator
-from operators.generate import GenerateReasoningOperator
+from operators.generate import GenerateReasoningOperator, MergeShardsOperator
 from operators.handle import HandleDatasetOperator
 from operators.pack import PackDatasetOperator
 from operators.reject_sampling import RejectSamplingOperator
 
-__all__ = ["GenerateReasoningOperator", "HandleDatasetOperator", "Math500EvalOperator", "MsrunFinetuneOperator",
-           "PackDatasetOperator", "RejectSamplingOperator"]
+__all__ = ["GenerateReasoningOperator", "HandleDatasetOperator", "Math500EvalOperator", "MergeShardsOperator",
+           "MsrunFinetuneOperator", "PackDatasetOperator", "RejectSamplingOperator"]

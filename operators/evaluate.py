@@ -21,13 +21,13 @@ class Math500EvalOperator(BaseOperator):
     the task fails when the model scores below the baseline's pass@1.
     """
 
-    template_fields = ("output_dir", "dataset", "limit", "model", "checkpoint", "mindformers_config", "rescore",
-                       "baseline", "n_samples", "max_new_tokens")
+    template_fields = ("output_dir", "dataset", "limit", "source", "endpoint_conn_id", "model", "checkpoint",
+                       "mindformers_config", "rescore", "baseline", "n_samples", "max_new_tokens")
     ui_color = "#f3e8fd"
 
     def __init__(self, *, output_dir: str, dataset: str = str(evaluate.MATH500), limit: int | None = None,
                  endpoint_conn_id: str | None = None, model: str | None = None, checkpoint: str | None = None,
-                 mindformers_config: str | None = None, rescore: str | None = None,
+                 mindformers_config: str | None = None, rescore: str | None = None, source: str | None = None,
                  n_samples: int = 4, max_new_tokens: int = 32768, temperature: float = 0.6, top_p: float = 0.95,
                  seed: int = 0, system_prompt: str = evaluate.SYSTEM_PROMPT, baseline: str | None = None,
                  fail_below_baseline: bool = False, report_label: str = "fine-tuned model", **kwargs):
@@ -40,6 +40,7 @@ class Math500EvalOperator(BaseOperator):
         self.checkpoint = checkpoint
         self.mindformers_config = mindformers_config
         self.rescore = rescore
+        self.source = source  # "endpoint" or "checkpoint": which of the configured sources to use
         self.n_samples = n_samples
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -55,6 +56,12 @@ class Math500EvalOperator(BaseOperator):
         return TeacherEndpointHook(self.endpoint_conn_id)
 
     def execute(self, context: Context) -> str:
+        if self.source not in (None, "", "endpoint", "checkpoint"):
+            raise ValueError(f"source must be 'endpoint' or 'checkpoint', got {self.source!r}")
+        if self.source == "endpoint":
+            self.checkpoint = None
+        elif self.source == "checkpoint":
+            self.endpoint_conn_id = None
         api_addr = api_key = None
         if self.endpoint_conn_id:
             api_addr, api_key = self.hook.get_endpoint()

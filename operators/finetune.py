@@ -7,6 +7,7 @@ from airflow.sdk.exceptions import AirflowException
 
 from distilled_plugins import finetune
 from operators.triggers import MsrunJobTrigger
+from operators.xcom import with_fields
 
 
 class MsrunFinetuneOperator(BaseOperator):
@@ -63,9 +64,9 @@ class MsrunFinetuneOperator(BaseOperator):
         if done:
             self.log.info("%s already holds a finished job: returning its checkpoints without training again",
                           cfg.run_dir)
-            return self._xcom(done)
+            return with_fields(context, self._xcom(done))
         if not self.deferrable:
-            return self._xcom(finetune.run(cfg))
+            return with_fields(context, self._xcom(finetune.run(cfg)))
         launched = finetune.running_job(cfg.run_dir)
         if launched:
             self.log.info("re-attaching to the training job still running in %s (pid %d)", cfg.run_dir,
@@ -89,7 +90,7 @@ class MsrunFinetuneOperator(BaseOperator):
             raise AirflowException(f"task {self.task_id}: {e}\nClear the task to resume from the newest checkpoint "
                                    f"in {cfg.run_dir}/checkpoint.") from None
         self.log.info("training finished after %d steps; checkpoints in %s", result.steps, result.checkpoint_dir)
-        return self._xcom(result)
+        return with_fields(context, self._xcom(result))
 
     def on_kill(self) -> None:
         finetune.stop(self.output_dir)

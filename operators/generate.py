@@ -9,6 +9,7 @@ from airflow.sdk import BaseOperator, Context
 from distilled_plugins import generate
 from distilled_plugins.client import RetryPolicy
 from operators.hooks import TeacherEndpointHook
+from operators.xcom import with_fields
 
 
 class GenerateReasoningOperator(BaseOperator):
@@ -20,14 +21,16 @@ class GenerateReasoningOperator(BaseOperator):
     """
 
     # prompt_template is not templated: its literal braces (\boxed{{}}) would be read as Jinja
-    template_fields = ("dataset_name", "output_file", "model", "prompt_column", "uuid_column", "num_generations", "max_tokens", "max_concurrent", "shard_index", "num_shards")
+    template_fields = ("dataset_name", "output_file", "model", "teacher_conn_id", "prompt_column", "uuid_column",
+                       "num_generations", "max_tokens", "max_concurrent", "shard_index", "num_shards", "store_dir",
+                       "max_attempts")
     ui_color = "#e8f0fe"
 
     def __init__(self, *, dataset_name: str, output_file: str, model: str, teacher_conn_id: str = "teacher_default",
                  prompt_column: str = "problem", uuid_column: str | None = None, num_generations: int = 4,
                  max_tokens: int = 16384, max_concurrent: int = 100, temperature: float = 0.6, top_p: float = 0.95,
                  prompt_template: str = generate.DEFAULT_PROMPT_TEMPLATE, shard_index: int = 0, num_shards: int = 1,
-                 retry_policy: RetryPolicy | None = None, **kwargs):
+                 store_dir: str | None = None, max_attempts: int = RetryPolicy.max_attempts, **kwargs):
         super().__init__(**kwargs)
         self.dataset_name = dataset_name
         self.output_file = output_file
@@ -43,7 +46,8 @@ class GenerateReasoningOperator(BaseOperator):
         self.prompt_template = prompt_template
         self.shard_index = shard_index
         self.num_shards = num_shards
-        self.retry_policy = retry_policy
+        self.store_dir = store_dir
+        self.max_attempts = max_attempts
 
     @cached_property
     def hook(self) -> TeacherEndpointHook:
@@ -57,6 +61,24 @@ class GenerateReasoningOperator(BaseOperator):
             api_key=api_key, num_generations=int(self.num_generations), max_tokens=int(self.max_tokens),
             max_concurrent=int(self.max_concurrent), temperature=float(self.temperature), top_p=float(self.top_p),
             prompt_template=self.prompt_template, shard_index=int(self.shard_index),
-            num_shards=int(self.num_shards), retry=self.retry_policy or RetryPolicy(),
+            num_shards=int(self.num_shards), retry=RetryPolicy(max_attempts=int(self.max_attempts)),
+            store_dir=self.store_dir or None,
         ))
-        return {"output": str(result.output_file), "stats": str(result.stats_file)}
+        return with_fields(context, {"output": str(result.output_file), "stats": str(result.stats_file)})
+
+
+class MergeShardsOperator(BaseOperator):
+    """Join the shard outputs of mapped :class:`GenerateReasoningOperator` tasks; returns the merged JSONL path."""
+
+    template_fields = ("shards", "output_file", "uuid_column")
+    ui_color = "#e8f0fe"
+
+    def __init__(self, *, shards, output_file: str, uuid_column: str = "problem", **kwargs):
+        super().__init__(**kwargs)
+        self.shards = shards  # the mapped tasks' return values (dicts with "output"), or paths
+        self.output_file = output_file
+        self.uuid_column = uuid_column
+
+    def execute(self, context: Context) -> str:
+        paths = [s["output"] if isinstance(s, dict) else s for s in self.shards]
+        return str(generate.merge(paths, self.output_file, self.uuid_column))

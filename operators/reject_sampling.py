@@ -5,6 +5,7 @@ from __future__ import annotations
 from airflow.sdk import BaseOperator, Context
 
 from distilled_plugins import reject_sampling
+from operators.xcom import with_fields
 
 
 class RejectSamplingOperator(BaseOperator):
@@ -38,4 +39,5 @@ class RejectSamplingOperator(BaseOperator):
             src=self.src, dst=self.dst, answer_column=self.answer_column, problem_column=self.problem_column,
             workers=int(self.workers) if self.workers else None, parse_timeout=self.parse_timeout,
             verify_timeout=self.verify_timeout, sample_timeout=self.sample_timeout, eval_sets=eval_sets))
-        return {"output": str(result.output), "verdicts": str(result.verdicts), "stats": str(result.stats_file)}
+        return with_fields(context, {"output": str(result.output), "verdicts": str(result.verdicts),
+                                     "stats": str(result.stats_file)})

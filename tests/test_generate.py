@@ -332,3 +332,22 @@ class TestSecrets:
         assert done.returncode == 0, done.stderr
         assert SECRET not in done.stderr + done.stdout
         assert len(read_jsonl(tmp_path / "o.jsonl")) == 12
+
+
+class TestGenerationStore:
+    def test_a_second_run_generates_only_new_rows(self, teacher, tmp_path):
+        replay, url = teacher()
+        store = tmp_path / "store"
+        first_seed = write_jsonl(tmp_path / "seed1.jsonl", math_train_rows(10))
+        generate.run(config(first_seed, tmp_path, url, output_file=str(tmp_path / "run1" / "gen.jsonl"),
+                            store_dir=str(store)))
+        assert replay.requests == 20
+        refreshed = write_jsonl(tmp_path / "seed2.jsonl", math_train_rows(13))  # 3 new problems
+        second = generate.run(config(refreshed, tmp_path, url, output_file=str(tmp_path / "run2" / "gen.jsonl"),
+                                     store_dir=str(store)))
+        assert replay.requests == 20 + 3 * 2
+        assert second.stats["rows_reused_from_store"] == 10
+        assert len(read_jsonl(second.output_file)) == 13 and len(set(keys_of(second.output_file))) == 13
+        other = generate.run(config(refreshed, tmp_path, url, output_file=str(tmp_path / "run3" / "gen.jsonl"),
+                                    store_dir=str(store), temperature=1.0))  # other settings: nothing reused
+        assert other.stats["rows_reused_from_store"] == 0 and replay.requests == 26 + 13 * 2

@@ -8,6 +8,7 @@ asset is updated. Artifacts live under {output_root}/{dag_id}/{run_id}/{task_id}
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -24,62 +25,69 @@ SEED = Asset(name="distill_seed", uri=f"file://{SEED_PATH}")
 OUTPUT_ROOT = os.environ.get("DISTILL_OUTPUT_ROOT", "/opt/airflow/distill")
 RETRY_DELAY = timedelta(seconds=float(os.environ.get("DISTILL_RETRY_DELAY_SECONDS", "60")))
 RUN_DIR = "{{ params.output_root }}/{{ dag.dag_id }}/{{ run_id }}"
+# a deployment's own defaults (JSON object of parameter -> value), e.g. for runs started by seed refreshes
+DEFAULTS = json.loads(os.environ.get("DISTILL_DEFAULTS", "{}"))
+
+
+def default(name: str, value):
+    return DEFAULTS.get(name, value)
+
 
 params = {
-    "seed_dataset": Param(SEED_PATH, type="string", minLength=1, title="Seed dataset",
+    "seed_dataset": Param(default("seed_dataset", SEED_PATH), type="string", minLength=1, title="Seed dataset",
                           description="Problems to distil: a local jsonl/json/parquet/arrow file or folder, or a "
                                       "Hugging Face dataset name"),
-    "prompt_column": Param("problem", type="string", minLength=1, description="Column holding the problem text"),
-    "uuid_column": Param("problem", type="string", minLength=1,
+    "prompt_column": Param(default("prompt_column", "problem"), type="string", minLength=1, description="Column holding the problem text"),
+    "uuid_column": Param(default("uuid_column", "problem"), type="string", minLength=1,
                          description="Column identifying a problem (generations are stored and reused by it)"),
-    "answer_column": Param("answer", type="string", minLength=1, description="Column holding the gold answer"),
-    "teacher_conn_id": Param("teacher_default", type="string", minLength=1,
+    "answer_column": Param(default("answer_column", "answer"), type="string", minLength=1, description="Column holding the gold answer"),
+    "teacher_conn_id": Param(default("teacher_conn_id", "teacher_default"), type="string", minLength=1,
                              description="Airflow connection of the OpenAI-compatible teacher endpoint "
                                          "(host, port, schema; password = API key)"),
-    "teacher_model": Param("deepseek-ai/DeepSeek-R1", type="string", minLength=1,
+    "teacher_model": Param(default("teacher_model", "deepseek-ai/DeepSeek-R1"), type="string", minLength=1,
                            description="Model name sent to the teacher endpoint"),
-    "num_generations": Param(4, type="integer", minimum=1, maximum=16, description="Completions per problem"),
-    "max_tokens": Param(16384, type="integer", minimum=16, maximum=131072,
+    "num_generations": Param(default("num_generations", 4), type="integer", minimum=1, maximum=16, description="Completions per problem"),
+    "max_tokens": Param(default("max_tokens", 16384), type="integer", minimum=16, maximum=131072,
                         description="Longest teacher completion, in tokens"),
-    "max_concurrent": Param(100, type="integer", minimum=1, maximum=2000,
+    "max_concurrent": Param(default("max_concurrent", 100), type="integer", minimum=1, maximum=2000,
                             description="Teacher requests in flight at once, per shard"),
-    "request_attempts": Param(12, type="integer", minimum=1, maximum=50,
+    "request_attempts": Param(default("request_attempts", 12), type="integer", minimum=1, maximum=50,
                               description="Attempts per teacher request before the shard task fails (it resumes "
                                           "on retry)"),
-    "shards": Param(2, type="integer", minimum=1, maximum=64, description="Generation tasks run side by side"),
-    "tokenizer_dir": Param(str(SHARED_DATA / "tokenizer" / "qwen2.5"), type="string", minLength=1,
+    "shards": Param(default("shards", 2), type="integer", minimum=1, maximum=64, description="Generation tasks run side by side"),
+    "tokenizer_dir": Param(default("tokenizer_dir", str(SHARED_DATA / "tokenizer" / "qwen2.5")), type="string", minLength=1,
                            description="Folder of the Qwen2.5 tokenizer (tokenizer.json with the chat template)"),
-    "max_length": Param(20480, type="integer", minimum=16, maximum=131072,
+    "max_length": Param(default("max_length", 20480), type="integer", minimum=16, maximum=131072,
                         description="Longest handled sample; longer ones follow the truncation policy"),
-    "truncation": Param("tutorial", type="string", enum=["tutorial", "drop", "none"],
+    "truncation": Param(default("truncation", "tutorial"), type="string", enum=["tutorial", "drop", "none"],
                         description="Samples over max_length: keep head + closing tokens (tutorial), drop, keep"),
-    "overlong": Param("split", type="string", enum=["split", "truncate", "drop"],
+    "overlong": Param(default("overlong", "split"), type="string", enum=["split", "truncate", "drop"],
                       description="Packing: samples longer than the model's seq_length are split, truncated or "
                                   "dropped (always counted)"),
-    "finetune_config": Param("finetune_qwen_2_5_7b.yaml", type="string",
+    "finetune_config": Param(default("finetune_config", "finetune_qwen_2_5_7b.yaml"), type="string",
                              enum=["finetune_qwen_2_5_7b.yaml", "finetune_tiny_cpu.yaml"],
                              description="Fine-tune profile in configs/: the 7B recipe (Ascend) or the tiny CPU model"),
-    "base_checkpoint": Param("", type="string",
+    "base_checkpoint": Param(default("base_checkpoint", ""), type="string",
                              description="Folder of the base model weights (Qwen2.5-Math-7B-Instruct safetensors); "
                                          "empty: the profile's own value"),
-    "nodes": Param(1, type="integer", minimum=1, maximum=512, description="Training nodes"),
-    "workers_per_node": Param(8, type="integer", minimum=1, maximum=16,
+    "nodes": Param(default("nodes", 1), type="integer", minimum=1, maximum=512, description="Training nodes"),
+    "workers_per_node": Param(default("workers_per_node", 8), type="integer", minimum=1, maximum=16,
                               description="msrun workers (NPUs) per node"),
-    "node_rank": Param(0, type="integer", minimum=0, description="This node's rank among the training nodes"),
-    "master_addr": Param("127.0.0.1", type="string", minLength=1, description="Address of training node 0"),
-    "master_port": Param(8118, type="integer", minimum=1024, maximum=65535, description="msrun's master port"),
-    "eval_source": Param("checkpoint", type="string", enum=["checkpoint", "endpoint"],
+    "node_rank": Param(default("node_rank", 0), type="integer", minimum=0, description="This node's rank among the training nodes"),
+    "master_addr": Param(default("master_addr", "127.0.0.1"), type="string", minLength=1, description="Address of training node 0"),
+    "master_port": Param(default("master_port", 8118), type="integer", minimum=1024, maximum=65535, description="msrun's master port"),
+    "eval_source": Param(default("eval_source", "checkpoint"), type="string", enum=["checkpoint", "endpoint"],
                          description="Evaluate the fine-tuned checkpoint with mindformers, or a model served at "
                                      "an endpoint"),
-    "eval_conn_id": Param("eval_endpoint", type="string", minLength=1,
+    "eval_conn_id": Param(default("eval_conn_id", "eval_endpoint"), type="string", minLength=1,
                           description="Connection of the endpoint serving the fine-tuned model (eval_source endpoint)"),
-    "eval_model": Param("OpenR1-Qwen-7B", type="string", minLength=1, description="Model name at that endpoint"),
-    "eval_samples": Param(4, type="integer", minimum=1, maximum=64, description="Samples per MATH-500 problem"),
-    "eval_limit": Param(0, type="integer", minimum=0, maximum=500,
+    "eval_model": Param(default("eval_model", "OpenR1-Qwen-7B"), type="string", minLength=1, description="Model name at that endpoint"),
+    "eval_samples": Param(default("eval_samples", 4), type="integer", minimum=1, maximum=64, description="Samples per MATH-500 problem"),
+    "eval_limit": Param(default("eval_limit", 0), type="integer", minimum=0, maximum=500,
                         description="Evaluate the first N MATH-500 problems only (0: all 500)"),
-    "eval_max_new_tokens": Param(32768, type="integer", minimum=1, maximum=131072,
+    "eval_max_new_tokens": Param(default("eval_max_new_tokens", 32768), type="integer", minimum=1, maximum=131072,
                                  description="Longest evaluated completion, in tokens"),
-    "output_root": Param(OUTPUT_ROOT, type="string", minLength=1,
+    "output_root": Param(default("output_root", OUTPUT_ROOT), type="string", minLength=1,
                          description="Where artifacts and the shared generation store live"),
 }
 

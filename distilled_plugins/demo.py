@@ -1,10 +1,15 @@
-"""The embedded demo: the pipeline's stages on ~32 MATH training problems, with no network.
+"""The embedded demo: the whole DAG in a private Airflow on this machine, with no network.
 
 Usage:
-    make demo            # or: python -m distilled_plugins.demo --workdir .demo
+    make demo            # or: python -m distilled_plugins.demo [--problems 32] [--keep-running]
 
-A local teacher endpoint replays each problem's reference solution from the MATH training set in
-``../shared/data`` as its completion (real text, correct answers), so every stage has real work to do.
+It starts Airflow 3 (api-server, scheduler, dag-processor, triggerer; SQLite and LocalExecutor under
+``.demo/airflow``) and a local teacher endpoint that replays each problem's reference solution from the MATH
+training set in ``../shared/data`` as its completion (real text with correct answers, no model). It then
+triggers ``distill_r1`` through the REST API on ~32 MATH training problems with the tiny CPU fine-tune profile
+and a MATH-500 subset, follows the run to its end, and prints the UI address, the run's state and the
+evaluation report. A second ``make demo`` reuses the Airflow database and the generation store: its run
+requests nothing from the teacher that the first one already generated.
 """
 
 from __future__ import annotations
@@ -12,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
+import time
 from pathlib import Path
 
-from distilled_plugins import generate, handle, pack, reject_sampling
+from distilled_plugins.local_airflow import LocalAirflow, free_port
 from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 
 logger = logging.getLogger("distilled_plugins.demo")
@@ -24,8 +29,7 @@ logger = logging.getLogger("distilled_plugins.demo")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 MATH_TRAIN = SHARED_DATA / "math_train" / "math12k_train_with_solutions.jsonl"
-TOKENIZER = SHARED_DATA / "tokenizer" / "qwen2.5"
-DEMO_SEQ_LENGTH = 1024
+DAG_ID = "distill_r1"
 
 
 def make_seed(path: Path, n: int) -> Path:
@@ -43,48 +47,88 @@ def make_seed(path: Path, n: int) -> Path:
     return path
 
 
-def run_demo(workdir: Path, problems: int, shards: int) -> dict:
-    workdir.mkdir(parents=True, exist_ok=True)
-    seed = make_seed(workdir / "seed.jsonl", problems)
-    teacher = ReplayTeacher(replay_answer(load_answers(MATH_TRAIN, "problem", "solution")))
-    artifacts: dict[str, str] = {"seed": str(seed)}
-    with ServerThread(teacher.app()) as server:
-        logger.info("demo teacher replaying MATH reference solutions at %s", server.url)
-        shard_files = []
-        for index in range(shards):
-            result = generate.run(generate.GenerateConfig(
-                dataset_name=str(seed), output_file=str(workdir / "generate" / f"shard-{index}.jsonl"),
-                model="demo-teacher", api_addr=server.url, num_generations=2, max_concurrent=16,
-                shard_index=index, num_shards=shards))
-            shard_files.append(result.output_file)
-        artifacts["generations"] = str(generate.merge(shard_files, workdir / "generate" / "merged.jsonl", "problem"))
-    filtered = reject_sampling.run(reject_sampling.RejectSamplingConfig(
-        src=artifacts["generations"], dst=str(workdir / "reject_sampling" / "filtered.jsonl")))
-    artifacts["filtered"] = str(filtered.output)
-    handled = handle.run(handle.HandleConfig(src=[str(filtered.output)], tokenizer=str(TOKENIZER),
-                                             dst=str(workdir / "handle")))
-    artifacts["handled"] = str(handled)
-    artifacts["packed"] = str(pack.run(pack.PackConfig(src=str(handled), dst=str(workdir / "pack"),
-                                                       seq_length=DEMO_SEQ_LENGTH)))
-    return artifacts
+def demo_settings(workdir: Path, seed: Path) -> dict:
+    """Parameters of a demo run: the tiny CPU model, one msrun worker, a MATH-500 subset."""
+    return {
+        "seed_dataset": str(seed), "teacher_model": "demo-replay-teacher", "num_generations": 2, "shards": 2,
+        "max_concurrent": 16, "finetune_config": "finetune_tiny_cpu.yaml", "nodes": 1, "workers_per_node": 1,
+        "master_port": free_port(), "eval_samples": 1, "eval_limit": 10, "eval_max_new_tokens": 32,
+        "output_root": str(workdir / "output"),
+    }
+
+
+def airflow_for_demo(workdir: Path, teacher_url: str, port: int, settings: dict) -> LocalAirflow:
+    host, _, teacher_port = teacher_url.removeprefix("http://").partition(":")
+    return LocalAirflow(workdir / "airflow", port=port, env={
+        "AIRFLOW_CONN_TEACHER_DEFAULT": json.dumps({"conn_type": "http", "host": host, "port": int(teacher_port)}),
+        "DISTILL_SEED": settings["seed_dataset"], "DISTILL_OUTPUT_ROOT": settings["output_root"],
+        "DISTILL_DEFAULTS": json.dumps(settings), "DISTILL_RETRY_DELAY_SECONDS": "5",
+    })
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m distilled_plugins.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", type=Path, default=REPO / ".demo", help="where the demo writes (recreated)")
+    p.add_argument("--workdir", type=Path, default=REPO / ".demo", help="where the demo keeps Airflow and outputs")
     p.add_argument("--problems", type=int, default=32)
-    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--port", type=int, default=8080, help="Airflow UI/API port (a free one if taken)")
+    p.add_argument("--keep-running", action="store_true", help="keep Airflow up after the run (Ctrl-C stops it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not MATH_TRAIN.exists():
         logger.error("%s not found: the demo needs the shared data folder beside the checkout", MATH_TRAIN)
         return 1
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    artifacts = run_demo(args.workdir, args.problems, args.shards)
-    print("\nDemo finished. Artifacts:")
-    for name, path in artifacts.items():
-        print(f"  {name:<12} {path}")
-    return 0
+    workdir = args.workdir.resolve()
+    seed = make_seed(workdir / "seed" / "seed.jsonl", args.problems)
+    settings = demo_settings(workdir, seed)
+    port = args.port if _port_free(args.port) else free_port()
+    teacher = ReplayTeacher(replay_answer(load_answers(MATH_TRAIN, "problem", "solution")))
+    started = time.monotonic()
+    with ServerThread(teacher.app()) as server:
+        logger.info("demo teacher (replays MATH reference solutions) at %s", server.url)
+        airflow = airflow_for_demo(workdir, server.url, port, settings)
+        logger.info("starting Airflow (api-server, scheduler, dag-processor, triggerer) in %s", airflow.home)
+        with airflow:
+            print(f"\nAirflow UI: {airflow.url}  (no login: a private demo instance)\n", flush=True)
+            airflow.wait_for_dag(DAG_ID)
+            run_id = airflow.trigger(DAG_ID, settings)
+            logger.info("triggered %s run %s; following it", DAG_ID, run_id)
+            state = airflow.wait_for_run(DAG_ID, run_id, timeout=1800)
+            report = airflow.xcom(DAG_ID, run_id, "evaluate") if state == "success" else None
+            generated = [airflow.xcom(DAG_ID, run_id, "generate", map_index=i) for i in range(settings["shards"])] \
+                if state == "success" else []
+            print(f"\nRun {run_id} of {DAG_ID}: {state} in {time.monotonic() - started:.0f} s")
+            print(f"Airflow UI: {airflow.url}/dags/{DAG_ID}")
+            print(f"Teacher requests this run: {teacher.requests}")
+            for shard in generated:
+                stats = json.loads(Path(shard["stats"]).read_text())
+                print(f"  shard stats {shard['stats']}: {stats.get('rows_reused_from_store', 0)} rows reused from "
+                      f"the generation store, {stats['requests_sent']} requests")
+            if report:
+                summary = json.loads(Path(report).read_text())
+                print(f"Evaluation report: {report}  (pass@1 {summary['pass@1']:.1f}% on {summary['problems']} "
+                      f"MATH-500 problems: a tiny model trained for seconds on a CPU)")
+                print(f"                   {Path(report).with_suffix('.md')}")
+            else:
+                print(f"The run failed: see the failed task's log in the UI or under {airflow.home}/logs")
+            if args.keep_running:
+                print("Airflow keeps running; press Ctrl-C to stop it.")
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:
+                    pass
+    return 0 if state == "success" else 1
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 if __name__ == "__main__":

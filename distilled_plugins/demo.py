@@ -52,7 +52,7 @@ def demo_settings(workdir: Path, seed: Path) -> dict:
     return {
         "seed_dataset": str(seed), "teacher_model": "demo-replay-teacher", "num_generations": 2, "shards": 2,
         "max_concurrent": 16, "finetune_config": "finetune_tiny_cpu.yaml", "nodes": 1, "workers_per_node": 1,
-        "master_port": free_port(), "eval_samples": 1, "eval_limit": 10, "eval_max_new_tokens": 32,
+        "master_port": free_port(), "eval_samples": 1, "eval_limit": 5, "eval_max_new_tokens": 32,
         "output_root": str(workdir / "output"),
     }
 

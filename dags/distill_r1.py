@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import os
 from datetime import timedelta
-from pathlib import Path
 
 from airflow.sdk import DAG, Asset, Param, chain
 
+from distilled_plugins.configs import SHARED_DATA
 from operators import (GenerateReasoningOperator, HandleDatasetOperator, Math500EvalOperator, MergeShardsOperator,
                        MsrunFinetuneOperator, PackDatasetOperator, RejectSamplingOperator)
 from operators.pipeline import log_failure_summary, shard_plan
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SEED_PATH = os.environ.get("DISTILL_SEED", str(SHARED_DATA / "math_train" / "math12k_train.parquet"))
 SEED = Asset(name="distill_seed", uri=f"file://{SEED_PATH}")
 OUTPUT_ROOT = os.environ.get("DISTILL_OUTPUT_ROOT", "/opt/airflow/distill")

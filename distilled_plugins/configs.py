@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 FINETUNE_7B = CONFIG_DIR / "finetune_qwen_2_5_7b.yaml"
+# the public data beside the checkout (MATH-500, the Qwen2.5 tokenizer, ...); DISTILL_DATA moves it (Docker: /data)
+SHARED_DATA = Path(os.environ.get("DISTILL_DATA", CONFIG_DIR.parents[1] / "shared" / "data"))
 
 
 def resolve(name_or_path: str | Path) -> Path:

@@ -21,13 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+from distilled_plugins.configs import SHARED_DATA
 from distilled_plugins.local_airflow import LocalAirflow, free_port
 from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 
 logger = logging.getLogger("distilled_plugins.demo")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 MATH_TRAIN = SHARED_DATA / "math_train" / "math12k_train_with_solutions.jsonl"
 DAG_ID = "distill_r1"
 

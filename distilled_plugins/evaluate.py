@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -30,14 +31,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from distilled_plugins import generate, grader
+from distilled_plugins.configs import SHARED_DATA
 from distilled_plugins.client import API_KEY_ENV, RetryPolicy
 from distilled_plugins.handle import SYSTEM_PROMPT
 from distilled_plugins.io import DataError, dumps_line, iter_jsonl, load_rows, write_json
 
 logger = logging.getLogger(__name__)
 
-MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500" / "test.jsonl"
-TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizer" / "qwen2.5"
+MATH500 = SHARED_DATA / "math500" / "test.jsonl"
+TOKENIZER = SHARED_DATA / "tokenizer" / "qwen2.5"
 PROBLEM_COLUMNS = ("problem", "answer", "subject", "level", "unique_id")
 REFERENCE = [  # the tutorial's table (MATH-500)
     ("DeepSeek-Distill-Qwen-7B", 91.6), ("OpenR1-Qwen-7B (Hugging Face)", 90.6),
@@ -136,8 +138,6 @@ def completions_from_checkpoint(cfg: EvalConfig, problems: list[dict]) -> Path:
                "--max-new-tokens", str(protocol.max_new_tokens), "--temperature", str(protocol.temperature),
                "--top-p", str(protocol.top_p), "--seed", str(protocol.seed)]
     env_log = Path(cfg.out) / "mindformers"
-    import os
-
     env = {**os.environ, "LOG_MF_PATH": str(env_log / "log"), "LOCAL_DEFAULT_PATH": str(env_log)}
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
@@ -353,8 +353,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:

@@ -13,7 +13,6 @@ is global and must not live in an Airflow task.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys

@@ -22,14 +22,14 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distilled_plugins import grader
+from distilled_plugins import configs, grader
 from distilled_plugins.decontaminate import Decontaminator
 from distilled_plugins.io import DataError, atomic_path, dumps_line, iter_jsonl, write_json
 from distilled_plugins.progress import Progress
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_EVAL_SETS = [str(Path(__file__).resolve().parents[2] / "shared" / "data" / "math500" / "test.jsonl")]
+DEFAULT_EVAL_SETS = [str(configs.SHARED_DATA / "math500" / "test.jsonl")]
 ALIGNED_COLUMNS = ("generations", "finish_reasons", "api_metadata")
 
 

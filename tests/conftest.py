@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from distilled_plugins.configs import SHARED_DATA  # noqa: E402
+from distilled_plugins.local_airflow import free_port  # noqa: E402,F401  (tests import it from here)
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 MATH500 = SHARED_DATA / "math500" / "test.jsonl"
 MATH_TRAIN_SOLUTIONS = SHARED_DATA / "math_train" / "math12k_train_with_solutions.jsonl"
 TOKENIZER_DIR = SHARED_DATA / "tokenizer" / "qwen2.5"
@@ -80,14 +82,6 @@ def conversation_rows(n: int, start: int = 0) -> list[dict]:
     """MATH training problems with their reference solutions as user/assistant conversations."""
     return [{"messages": [{"role": "user", "content": r["problem"]}, {"role": "assistant", "content": r["solution"]}]}
             for r in math_train_rows(n, start)]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

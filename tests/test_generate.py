@@ -214,6 +214,7 @@ class TestNothingLost:
         generate.run(cfg)
         assert replay.requests - before == 2 * 7
         rows = read_jsonl(cfg.output_file)  # every line parses
+        assert len(rows) == 12 and all(len(r["generations"]) == 2 for r in rows)
         assert sorted(keys_of(cfg.output_file)) == sorted(generate.row_key(r, "problem") for r in read_jsonl(seed))
 
     def test_sigkill_at_any_moment_then_resume(self, teacher, tmp_path):

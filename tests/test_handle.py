@@ -6,7 +6,6 @@ import json
 import shutil
 
 import datasets
-import numpy as np
 import pytest
 
 from distilled_plugins import handle

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from distilled_plugins import grader, reject_sampling
+from distilled_plugins import reject_sampling
 from distilled_plugins.grader import GradingPool, Sample
 from distilled_plugins.io import DataError
 from distilled_plugins.reject_sampling import RejectSamplingConfig

@@ -75,7 +75,7 @@ def test_two_workers_train_data_parallel(tiny_packed, tmp_path):
     result = finetune.run(cfg)
     metrics = json.loads(Path(result.metrics_file).read_text())
     assert metrics["workers"] == 2 and len(metrics["steps"]) == 4  # 8 rows shared by 2 workers
-    assert metrics["tokens_per_s"] == pytest.approx(2 * metrics["tokens_per_s_per_worker"])
+    assert metrics["tokens_per_s"] == pytest.approx(2 * metrics["tokens_per_s_per_worker"], rel=1e-3)  # both rounded
     norms = [[line.split("global_norm: ")[1][:12] for line in (cfg.run_dir / "msrun_log" / f"worker_{r}.log")
               .read_text().splitlines() if "global_norm: " in line] for r in (0, 1)]
     assert norms[0] == norms[1]  # gradients were all-reduced: the same norm on both workers

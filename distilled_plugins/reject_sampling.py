@@ -24,7 +24,7 @@ from pathlib import Path
 
 from distilled_plugins import configs, grader
 from distilled_plugins.decontaminate import Decontaminator
-from distilled_plugins.io import DataError, atomic_path, dumps_line, iter_jsonl, write_json
+from distilled_plugins.io import DataError, atomic_path, count_rows, dumps_line, iter_jsonl, write_json
 from distilled_plugins.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def _check_row(row: dict, cfg: RejectSamplingConfig, where: str) -> None:
             raise DataError(f"{where}: {column!r} has {len(row[column])} entries for {len(generations)} generations")
 
 
-def _kept_row(example: _Example) -> dict | None:
+def _kept_row(example: _Example, problem_column: str) -> dict | None:
     correct = [i for i, v in enumerate(example.verdicts) if v.verdict == grader.CORRECT]
     if not correct:
         return None
@@ -96,7 +96,7 @@ def _kept_row(example: _Example) -> dict | None:
     for column in ALIGNED_COLUMNS:
         if column in row:
             row[column] = [row[column][i] for i in correct]
-    prompt = row.get("prompt") or row["problem"]
+    prompt = row.get("prompt") or row[problem_column]
     row["messages"] = [{"role": "user", "content": prompt},
                        {"role": "assistant", "content": example.row["generations"][correct[-1]]}]
     return row
@@ -109,7 +109,7 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
         raise DataError(f"{src}: no such file")
     started = time.monotonic()
     decontaminator = Decontaminator(cfg.eval_sets, "problem") if cfg.eval_sets else None
-    total = sum(1 for line in open(src, "rb") if line.strip())
+    total = count_rows([src])
     if total == 0:
         raise DataError(f"{src}: no examples (the file is empty)")
     examples: OrderedDict[int, _Example] = OrderedDict()
@@ -157,7 +157,7 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
                 for i, v in enumerate(example.verdicts):
                     per_generation[v.verdict] += 1
                     audit.write(dumps_line({"key": example.key, "index": i, "verdict": v.verdict, "reason": v.reason}))
-                kept = _kept_row(example)
+                kept = _kept_row(example, cfg.problem_column)
                 if kept is None:
                     unparseable = all(v.verdict == grader.GOLD_UNPARSEABLE for v in example.verdicts)
                     per_example["gold_unparseable" if unparseable else "no_correct_generation"] += 1

@@ -179,6 +179,11 @@ class TestStage:
         assert [r["problem"] for r in read_jsonl(second.output)] == [f"Problem {i}" for i in range(40)]
         assert list((tmp_path / "out").glob(".*tmp*")) == []
 
+    def test_other_problem_column(self, tmp_path):
+        row = {"question": "What is 2+2?", "answer": "4", "generations": ["$\\boxed{4}$"], "finish_reasons": ["stop"]}
+        result = run_stage(tmp_path, [row], problem_column="question", eval_sets=[])
+        assert read_jsonl(result.output)[0]["messages"][0] == {"role": "user", "content": "What is 2+2?"}
+
     def test_decontamination_catches_case_and_spacing(self, tmp_path):
         result = run_stage(tmp_path, [contaminated_row()] * 1 + generation_rows()[4:5])
         assert result.stats["rejected_examples"]["contaminated"] == 1

@@ -21,6 +21,8 @@ demo: $(STAMP)
 	$(PY) -m distilled_plugins.demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

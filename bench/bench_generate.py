@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distilled_plugins import generate  # noqa: E402
-from distilled_plugins.client import RetryPolicy  # noqa: E402
+from distilled_plugins import generate
+from distilled_plugins.client import RetryPolicy
 
 COMPLETION = ("Let me work through this carefully. " * 250)[:9000] + " So the answer is $\\boxed{42}$."
 
@@ -68,9 +68,15 @@ def run_once(workdir: Path, seed: Path, fault_rate: float, args) -> dict:
         wait_for(port)
         output = workdir / f"out-{fault_rate}.jsonl"
         cfg = generate.GenerateConfig(
-            dataset_name=str(seed), output_file=str(output), model="bench", api_addr=f"127.0.0.1:{port}",
-            num_generations=args.num_generations, max_concurrent=args.max_concurrent, progress_interval=60,
-            retry=RetryPolicy())
+            dataset_name=str(seed),
+            output_file=str(output),
+            model="bench",
+            api_addr=f"127.0.0.1:{port}",
+            num_generations=args.num_generations,
+            max_concurrent=args.max_concurrent,
+            progress_interval=60,
+            retry=RetryPolicy(),
+        )
         cpu0, wall0 = time.process_time(), time.monotonic()
         result = generate.run(cfg)
         cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
@@ -79,10 +85,17 @@ def run_once(workdir: Path, seed: Path, fault_rate: float, args) -> dict:
         server.join()
     rows = output.read_text().count("\n")
     requests = result.stats["requests_sent"]
-    return {"fault_rate": fault_rate, "rows_expected": args.rows, "rows_written": rows,
-            "rows_lost": args.rows - rows, "requests": requests, "retries": result.stats["retries"],
-            "wall_s": round(wall, 2), "rows_per_s": round(rows / wall, 1),
-            "client_cpu_s_per_1000_requests": round(1000 * cpu / requests, 3)}
+    return {
+        "fault_rate": fault_rate,
+        "rows_expected": args.rows,
+        "rows_written": rows,
+        "rows_lost": args.rows - rows,
+        "requests": requests,
+        "retries": result.stats["retries"],
+        "wall_s": round(wall, 2),
+        "rows_per_s": round(rows / wall, 1),
+        "client_cpu_s_per_1000_requests": round(1000 * cpu / requests, 3),
+    }
 
 
 def main() -> int:
@@ -96,8 +109,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         seed = workdir / "seed.jsonl"
-        seed.write_text("".join(json.dumps({"problem": f"Problem {i}: compute 6 times 7."}) + "\n"
-                                for i in range(args.rows)))
+        seed.write_text(
+            "".join(json.dumps({"problem": f"Problem {i}: compute 6 times 7."}) + "\n" for i in range(args.rows))
+        )
         for _ in range(args.repeat):  # interleaved, so drifting machine load hits both kinds alike
             for rate in runs:
                 for old in workdir.glob("out-*"):
@@ -105,10 +119,13 @@ def main() -> int:
                 runs[rate].append(run_once(workdir, seed, rate, args))
     clean, faulty = (sorted(r, key=lambda x: x["wall_s"])[len(r) // 2] for r in runs.values())
     faulty["wall_vs_fault_free"] = round(faulty["wall_s"] / clean["wall_s"], 2)
-    report = {"fault_free": clean, "faults_10pct": faulty,
-              "all_walls_s": {str(rate): [r["wall_s"] for r in rs] for rate, rs in runs.items()},
-              "all_rows_lost": [r["rows_lost"] for rs in runs.values() for r in rs],
-              "client_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    report = {
+        "fault_free": clean,
+        "faults_10pct": faulty,
+        "all_walls_s": {str(rate): [r["wall_s"] for r in rs] for rate, rs in runs.items()},
+        "all_rows_lost": [r["rows_lost"] for rs in runs.values() for r in rs],
+        "client_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
     print(json.dumps(report, indent=2))
     return 0
 

@@ -34,8 +34,9 @@ def tutorial_path(rows: list[dict], dst: Path) -> tuple[int, float]:
     start = time.perf_counter()
     out, tokens = [], 0
     for row in rows:
-        ids = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, *row["messages"]],
-                                            tokenize=True, add_generation_prompt=False)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "system", "content": SYSTEM}, *row["messages"]], tokenize=True, add_generation_prompt=False
+        )
         target = 0
         for i in range(len(ids)):  # the tutorial's search for <|im_start|> assistant
             if ids[i] == 151644 and ids[i + 1] == 77091:
@@ -56,25 +57,47 @@ def main() -> int:
         for line in f:
             r = json.loads(line)
             if r.get("solution"):
-                rows.append({"messages": [{"role": "user", "content": r["problem"]},
-                                          {"role": "assistant", "content": r["solution"]}]})
+                rows.append(
+                    {
+                        "messages": [
+                            {"role": "user", "content": r["problem"]},
+                            {"role": "assistant", "content": r["solution"]},
+                        ]
+                    }
+                )
             if len(rows) == args.rows:
                 break
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "rows.jsonl"
         src.write_text("".join(json.dumps(r) + "\n" for r in rows))
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "distilled_plugins.handle", "--src", str(src), "--tokenizer",
-                        str(TOKENIZER), "--dst", str(Path(tmp) / "ours")], check=True, cwd=REPO,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "distilled_plugins.handle",
+                "--src",
+                str(src),
+                "--tokenizer",
+                str(TOKENIZER),
+                "--dst",
+                str(Path(tmp) / "ours"),
+            ],
+            check=True,
+            cwd=REPO,
+            stderr=subprocess.DEVNULL,
+        )
         process_wall = time.perf_counter() - start
         stats = json.loads((Path(tmp) / "ours" / "stats.json").read_text())
         tokens, seconds = tutorial_path(rows, Path(tmp) / "tutorial")
     report = {
-        "rows": len(rows), "tokens": stats["tokens"],
-        "ours_tokens_per_s": stats["tokens_per_s"], "ours_stage_seconds": stats["processing_seconds"],
+        "rows": len(rows),
+        "tokens": stats["tokens"],
+        "ours_tokens_per_s": stats["tokens_per_s"],
+        "ours_stage_seconds": stats["processing_seconds"],
         "ours_whole_process_seconds_with_imports": round(process_wall, 2),
-        "tutorial_tokens_per_s": round(tokens / seconds), "tutorial_seconds": round(seconds, 2),
+        "tutorial_tokens_per_s": round(tokens / seconds),
+        "tutorial_seconds": round(seconds, 2),
         "speedup": round(stats["tokens_per_s"] / (tokens / seconds), 1),
         "same_token_count": tokens == stats["tokens"],
     }

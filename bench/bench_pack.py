@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distilled_plugins.pack import plan_bfd  # noqa: E402
+from distilled_plugins.pack import plan_bfd
 
 
 def next_fit(lengths, seq_length: int) -> int:
@@ -41,9 +41,12 @@ def main() -> int:
         tokens = int(lengths.sum())
         nf = next_fit(lengths.tolist(), seq_length)
         report[str(seq_length)] = {
-            "packs": len(plan), "lower_bound": math.ceil(tokens / seq_length),
-            "efficiency": round(tokens / (len(plan) * seq_length), 5), "plan_seconds": round(seconds, 3),
-            "next_fit_packs": nf, "next_fit_efficiency": round(tokens / (nf * seq_length), 5),
+            "packs": len(plan),
+            "lower_bound": math.ceil(tokens / seq_length),
+            "efficiency": round(tokens / (len(plan) * seq_length), 5),
+            "plan_seconds": round(seconds, 3),
+            "next_fit_packs": nf,
+            "next_fit_efficiency": round(tokens / (nf * seq_length), 5),
         }
     print(json.dumps(report, indent=2))
     return 0

@@ -31,11 +31,25 @@ DATA = REPO.parent / "shared" / "data"
 
 
 def answer_kind(answer: str) -> str:
-    checks = [("matrix", r"\\begin\{[pb]?matrix"), ("text", r"\\text|\\mbox|^[A-Za-z ]+$"),
-              ("interval", r"^[\[\(].*,.*[\]\)]$"), ("set/list", r","), ("fraction", r"\\d?frac"),
-              ("root", r"\\sqrt"), ("pi", r"\\pi"), ("degrees", r"\^\\circ|\\degree"), ("equation", r"="),
-              ("inequality", r"<|>|\\le|\\ge"), ("base", r"_\{?\d"), ("power", r"\^"), ("decimal", r"^-?\d*\.\d+$"),
-              ("negative", r"^-\d+$"), ("integer", r"^\d+$"), ("infinity", r"\\infty"), ("complex", r"\bi\b")]
+    checks = [
+        ("matrix", r"\\begin\{[pb]?matrix"),
+        ("text", r"\\text|\\mbox|^[A-Za-z ]+$"),
+        ("interval", r"^[\[\(].*,.*[\]\)]$"),
+        ("set/list", r","),
+        ("fraction", r"\\d?frac"),
+        ("root", r"\\sqrt"),
+        ("pi", r"\\pi"),
+        ("degrees", r"\^\\circ|\\degree"),
+        ("equation", r"="),
+        ("inequality", r"<|>|\\le|\\ge"),
+        ("base", r"_\{?\d"),
+        ("power", r"\^"),
+        ("decimal", r"^-?\d*\.\d+$"),
+        ("negative", r"^-\d+$"),
+        ("integer", r"^\d+$"),
+        ("infinity", r"\\infty"),
+        ("complex", r"\bi\b"),
+    ]
     for kind, pattern in checks:
         if re.search(pattern, answer):
             return kind
@@ -51,7 +65,9 @@ def wrong_answer(answer: str, others: list[str], rng: random.Random) -> str:
 def build_dataset(path: Path, n: int, seed: int = 0) -> Counter:
     rng = random.Random(seed)
     math500 = [json.loads(line) for line in open(DATA / "math500" / "test.jsonl")]
-    reasoning_pool = [json.loads(line)["solution"] for line in open(DATA / "math_train" / "math12k_train_with_solutions.jsonl")]
+    reasoning_pool = [
+        json.loads(line)["solution"] for line in open(DATA / "math_train" / "math12k_train_with_solutions.jsonl")
+    ]
     reasoning_pool = [re.sub(r"\\boxed\{", "{", s) for s in reasoning_pool if s]  # only the final box counts
     golds = [r["answer"] for r in math500]
     kinds = Counter()
@@ -70,8 +86,17 @@ def build_dataset(path: Path, n: int, seed: int = 0) -> Counter:
             else:
                 completion = f"{reasoning}\n\nTherefore, the final answer is $\\boxed{{{final}}}$."
             kinds[answer_kind(row["answer"])] += 1
-            f.write(json.dumps({"problem": f"[bench {i}] {row['problem']}", "answer": row["answer"],
-                                "generations": [completion], "finish_reasons": ["stop"]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "problem": f"[bench {i}] {row['problem']}",
+                        "answer": row["answer"],
+                        "generations": [completion],
+                        "finish_reasons": ["stop"],
+                    }
+                )
+                + "\n"
+            )
     return kinds
 
 
@@ -94,8 +119,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "generations.jsonl", Path(tmp) / "filtered.jsonl"
         kinds = build_dataset(src, args.samples)
-        cmd = [sys.executable, "-m", "distilled_plugins.reject_sampling", "--src", str(src), "--dst", str(dst),
-               "--eval-sets", "none", "--progress-interval", "60"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "distilled_plugins.reject_sampling",
+            "--src",
+            str(src),
+            "--dst",
+            str(dst),
+            "--eval-sets",
+            "none",
+            "--progress-interval",
+            "60",
+        ]
         if args.workers:
             cmd += ["--workers", str(args.workers)]
         start = time.monotonic()
@@ -104,11 +140,15 @@ def main() -> int:
         stats = json.loads((Path(tmp) / "filtered.stats.json").read_text())
         peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         report = {
-            "samples": stats["generations_graded"], "answer_kinds": len(kinds), "kinds": dict(kinds.most_common()),
-            "correct": stats["generations_correct"], "rejected": stats["rejected_generations"],
+            "samples": stats["generations_graded"],
+            "answer_kinds": len(kinds),
+            "kinds": dict(kinds.most_common()),
+            "correct": stats["generations_correct"],
+            "rejected": stats["rejected_generations"],
             "samples_per_s_in_stage": stats["samples_per_s"],
             "samples_per_s_whole_process": round(stats["generations_graded"] / wall, 1),
-            "peak_rss_mb_largest_process": round(peak_rss, 1), "workers": stats["workers"],
+            "peak_rss_mb_largest_process": round(peak_rss, 1),
+            "workers": stats["workers"],
         }
         if args.naive:
             report["naive_single_process_samples_per_s"] = round(naive_rate(src, 400), 1)

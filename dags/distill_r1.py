@@ -15,8 +15,15 @@ from datetime import timedelta
 from airflow.sdk import DAG, Asset, Param, chain
 
 from distilled_plugins.configs import SHARED_DATA
-from operators import (GenerateReasoningOperator, HandleDatasetOperator, Math500EvalOperator, MergeShardsOperator,
-                       MsrunFinetuneOperator, PackDatasetOperator, RejectSamplingOperator)
+from operators import (
+    GenerateReasoningOperator,
+    HandleDatasetOperator,
+    Math500EvalOperator,
+    MergeShardsOperator,
+    MsrunFinetuneOperator,
+    PackDatasetOperator,
+    RejectSamplingOperator,
+)
 from operators.pipeline import log_failure_summary, shard_plan
 
 SEED_PATH = os.environ.get("DISTILL_SEED", str(SHARED_DATA / "math_train" / "math12k_train.parquet"))
@@ -33,61 +40,159 @@ def default(name: str, value):
 
 
 params = {
-    "seed_dataset": Param(default("seed_dataset", SEED_PATH), type="string", minLength=1, title="Seed dataset",
-                          description="Problems to distil: a local jsonl/json/parquet/arrow file or folder, or a "
-                                      "Hugging Face dataset name"),
-    "prompt_column": Param(default("prompt_column", "problem"), type="string", minLength=1, description="Column holding the problem text"),
-    "uuid_column": Param(default("uuid_column", "problem"), type="string", minLength=1,
-                         description="Column identifying a problem (generations are stored and reused by it)"),
-    "answer_column": Param(default("answer_column", "answer"), type="string", minLength=1, description="Column holding the gold answer"),
-    "teacher_conn_id": Param(default("teacher_conn_id", "teacher_default"), type="string", minLength=1,
-                             description="Airflow connection of the OpenAI-compatible teacher endpoint "
-                                         "(host, port, schema; password = API key)"),
-    "teacher_model": Param(default("teacher_model", "deepseek-ai/DeepSeek-R1"), type="string", minLength=1,
-                           description="Model name sent to the teacher endpoint"),
-    "num_generations": Param(default("num_generations", 4), type="integer", minimum=1, maximum=16, description="Completions per problem"),
-    "max_tokens": Param(default("max_tokens", 16384), type="integer", minimum=16, maximum=131072,
-                        description="Longest teacher completion, in tokens"),
-    "max_concurrent": Param(default("max_concurrent", 100), type="integer", minimum=1, maximum=2000,
-                            description="Teacher requests in flight at once, per shard"),
-    "request_attempts": Param(default("request_attempts", 12), type="integer", minimum=1, maximum=50,
-                              description="Attempts per teacher request before the shard task fails (it resumes "
-                                          "on retry)"),
-    "shards": Param(default("shards", 2), type="integer", minimum=1, maximum=64, description="Generation tasks run side by side"),
-    "tokenizer_dir": Param(default("tokenizer_dir", str(SHARED_DATA / "tokenizer" / "qwen2.5")), type="string", minLength=1,
-                           description="Folder of the Qwen2.5 tokenizer (tokenizer.json with the chat template)"),
-    "max_length": Param(default("max_length", 20480), type="integer", minimum=16, maximum=131072,
-                        description="Longest handled sample; longer ones follow the truncation policy"),
-    "truncation": Param(default("truncation", "tutorial"), type="string", enum=["tutorial", "drop", "none"],
-                        description="Samples over max_length: keep head + closing tokens (tutorial), drop, keep"),
-    "overlong": Param(default("overlong", "split"), type="string", enum=["split", "truncate", "drop"],
-                      description="Packing: samples longer than the model's seq_length are split, truncated or "
-                                  "dropped (always counted)"),
-    "finetune_config": Param(default("finetune_config", "finetune_qwen_2_5_7b.yaml"), type="string",
-                             enum=["finetune_qwen_2_5_7b.yaml", "finetune_tiny_cpu.yaml"],
-                             description="Fine-tune profile in configs/: the 7B recipe (Ascend) or the tiny CPU model"),
-    "base_checkpoint": Param(default("base_checkpoint", ""), type="string",
-                             description="Folder of the base model weights (Qwen2.5-Math-7B-Instruct safetensors); "
-                                         "empty: the profile's own value"),
+    "seed_dataset": Param(
+        default("seed_dataset", SEED_PATH),
+        type="string",
+        minLength=1,
+        title="Seed dataset",
+        description="Problems to distil: a local jsonl/json/parquet/arrow file or folder, or a "
+        "Hugging Face dataset name",
+    ),
+    "prompt_column": Param(
+        default("prompt_column", "problem"), type="string", minLength=1, description="Column holding the problem text"
+    ),
+    "uuid_column": Param(
+        default("uuid_column", "problem"),
+        type="string",
+        minLength=1,
+        description="Column identifying a problem (generations are stored and reused by it)",
+    ),
+    "answer_column": Param(
+        default("answer_column", "answer"), type="string", minLength=1, description="Column holding the gold answer"
+    ),
+    "teacher_conn_id": Param(
+        default("teacher_conn_id", "teacher_default"),
+        type="string",
+        minLength=1,
+        description="Airflow connection of the OpenAI-compatible teacher endpoint "
+        "(host, port, schema; password = API key)",
+    ),
+    "teacher_model": Param(
+        default("teacher_model", "deepseek-ai/DeepSeek-R1"),
+        type="string",
+        minLength=1,
+        description="Model name sent to the teacher endpoint",
+    ),
+    "num_generations": Param(
+        default("num_generations", 4), type="integer", minimum=1, maximum=16, description="Completions per problem"
+    ),
+    "max_tokens": Param(
+        default("max_tokens", 16384),
+        type="integer",
+        minimum=16,
+        maximum=131072,
+        description="Longest teacher completion, in tokens",
+    ),
+    "max_concurrent": Param(
+        default("max_concurrent", 100),
+        type="integer",
+        minimum=1,
+        maximum=2000,
+        description="Teacher requests in flight at once, per shard",
+    ),
+    "request_attempts": Param(
+        default("request_attempts", 12),
+        type="integer",
+        minimum=1,
+        maximum=50,
+        description="Attempts per teacher request before the shard task fails (it resumes on retry)",
+    ),
+    "shards": Param(
+        default("shards", 2), type="integer", minimum=1, maximum=64, description="Generation tasks run side by side"
+    ),
+    "tokenizer_dir": Param(
+        default("tokenizer_dir", str(SHARED_DATA / "tokenizer" / "qwen2.5")),
+        type="string",
+        minLength=1,
+        description="Folder of the Qwen2.5 tokenizer (tokenizer.json with the chat template)",
+    ),
+    "max_length": Param(
+        default("max_length", 20480),
+        type="integer",
+        minimum=16,
+        maximum=131072,
+        description="Longest handled sample; longer ones follow the truncation policy",
+    ),
+    "truncation": Param(
+        default("truncation", "tutorial"),
+        type="string",
+        enum=["tutorial", "drop", "none"],
+        description="Samples over max_length: keep head + closing tokens (tutorial), drop, keep",
+    ),
+    "overlong": Param(
+        default("overlong", "split"),
+        type="string",
+        enum=["split", "truncate", "drop"],
+        description="Packing: samples longer than the model's seq_length are split, truncated or "
+        "dropped (always counted)",
+    ),
+    "finetune_config": Param(
+        default("finetune_config", "finetune_qwen_2_5_7b.yaml"),
+        type="string",
+        enum=["finetune_qwen_2_5_7b.yaml", "finetune_tiny_cpu.yaml"],
+        description="Fine-tune profile in configs/: the 7B recipe (Ascend) or the tiny CPU model",
+    ),
+    "base_checkpoint": Param(
+        default("base_checkpoint", ""),
+        type="string",
+        description="Folder of the base model weights (Qwen2.5-Math-7B-Instruct safetensors); "
+        "empty: the profile's own value",
+    ),
     "nodes": Param(default("nodes", 1), type="integer", minimum=1, maximum=512, description="Training nodes"),
-    "workers_per_node": Param(default("workers_per_node", 8), type="integer", minimum=1, maximum=16,
-                              description="msrun workers (NPUs) per node"),
-    "node_rank": Param(default("node_rank", 0), type="integer", minimum=0, description="This node's rank among the training nodes"),
-    "master_addr": Param(default("master_addr", "127.0.0.1"), type="string", minLength=1, description="Address of training node 0"),
-    "master_port": Param(default("master_port", 8118), type="integer", minimum=1024, maximum=65535, description="msrun's master port"),
-    "eval_source": Param(default("eval_source", "checkpoint"), type="string", enum=["checkpoint", "endpoint"],
-                         description="Evaluate the fine-tuned checkpoint with mindformers, or a model served at "
-                                     "an endpoint"),
-    "eval_conn_id": Param(default("eval_conn_id", "eval_endpoint"), type="string", minLength=1,
-                          description="Connection of the endpoint serving the fine-tuned model (eval_source endpoint)"),
-    "eval_model": Param(default("eval_model", "OpenR1-Qwen-7B"), type="string", minLength=1, description="Model name at that endpoint"),
-    "eval_samples": Param(default("eval_samples", 4), type="integer", minimum=1, maximum=64, description="Samples per MATH-500 problem"),
-    "eval_limit": Param(default("eval_limit", 0), type="integer", minimum=0, maximum=500,
-                        description="Evaluate the first N MATH-500 problems only (0: all 500)"),
-    "eval_max_new_tokens": Param(default("eval_max_new_tokens", 32768), type="integer", minimum=1, maximum=131072,
-                                 description="Longest evaluated completion, in tokens"),
-    "output_root": Param(default("output_root", OUTPUT_ROOT), type="string", minLength=1,
-                         description="Where artifacts and the shared generation store live"),
+    "workers_per_node": Param(
+        default("workers_per_node", 8),
+        type="integer",
+        minimum=1,
+        maximum=16,
+        description="msrun workers (NPUs) per node",
+    ),
+    "node_rank": Param(
+        default("node_rank", 0), type="integer", minimum=0, description="This node's rank among the training nodes"
+    ),
+    "master_addr": Param(
+        default("master_addr", "127.0.0.1"), type="string", minLength=1, description="Address of training node 0"
+    ),
+    "master_port": Param(
+        default("master_port", 8118), type="integer", minimum=1024, maximum=65535, description="msrun's master port"
+    ),
+    "eval_source": Param(
+        default("eval_source", "checkpoint"),
+        type="string",
+        enum=["checkpoint", "endpoint"],
+        description="Evaluate the fine-tuned checkpoint with mindformers, or a model served at an endpoint",
+    ),
+    "eval_conn_id": Param(
+        default("eval_conn_id", "eval_endpoint"),
+        type="string",
+        minLength=1,
+        description="Connection of the endpoint serving the fine-tuned model (eval_source endpoint)",
+    ),
+    "eval_model": Param(
+        default("eval_model", "OpenR1-Qwen-7B"), type="string", minLength=1, description="Model name at that endpoint"
+    ),
+    "eval_samples": Param(
+        default("eval_samples", 4), type="integer", minimum=1, maximum=64, description="Samples per MATH-500 problem"
+    ),
+    "eval_limit": Param(
+        default("eval_limit", 0),
+        type="integer",
+        minimum=0,
+        maximum=500,
+        description="Evaluate the first N MATH-500 problems only (0: all 500)",
+    ),
+    "eval_max_new_tokens": Param(
+        default("eval_max_new_tokens", 32768),
+        type="integer",
+        minimum=1,
+        maximum=131072,
+        description="Longest evaluated completion, in tokens",
+    ),
+    "output_root": Param(
+        default("output_root", OUTPUT_ROOT),
+        type="string",
+        minLength=1,
+        description="Where artifacts and the shared generation store live",
+    ),
 }
 
 default_args = {
@@ -111,35 +216,70 @@ with DAG(
 ) as dag:
     shards = shard_plan.override(task_id="shard_plan")("{{ params.shards }}")
     generate = GenerateReasoningOperator.partial(
-        task_id="generate", dataset_name="{{ params.seed_dataset }}", model="{{ params.teacher_model }}",
-        teacher_conn_id="{{ params.teacher_conn_id }}", prompt_column="{{ params.prompt_column }}",
-        uuid_column="{{ params.uuid_column }}", num_generations="{{ params.num_generations }}",
-        max_tokens="{{ params.max_tokens }}", max_concurrent="{{ params.max_concurrent }}",
-        num_shards="{{ params.shards }}", max_attempts="{{ params.request_attempts }}",
+        task_id="generate",
+        dataset_name="{{ params.seed_dataset }}",
+        model="{{ params.teacher_model }}",
+        teacher_conn_id="{{ params.teacher_conn_id }}",
+        prompt_column="{{ params.prompt_column }}",
+        uuid_column="{{ params.uuid_column }}",
+        num_generations="{{ params.num_generations }}",
+        max_tokens="{{ params.max_tokens }}",
+        max_concurrent="{{ params.max_concurrent }}",
+        num_shards="{{ params.shards }}",
+        max_attempts="{{ params.request_attempts }}",
         output_file=RUN_DIR + "/generate/shard-{{ ti.map_index }}.jsonl",
         store_dir="{{ params.output_root }}/generation_store",
     ).expand(shard_index=shards)
-    merged = MergeShardsOperator(task_id="merge", shards=generate.output, uuid_column="{{ params.uuid_column }}",
-                                 output_file=RUN_DIR + "/merge/generations.jsonl")
-    filtered = RejectSamplingOperator(task_id="reject_sampling", src=merged.output,
-                                      dst=RUN_DIR + "/reject_sampling/filtered.jsonl",
-                                      answer_column="{{ params.answer_column }}",
-                                      problem_column="{{ params.prompt_column }}")
-    handled = HandleDatasetOperator(task_id="handle", src=filtered.output["output"], dst=RUN_DIR + "/handle",
-                                    tokenizer="{{ params.tokenizer_dir }}", max_length="{{ params.max_length }}",
-                                    truncation="{{ params.truncation }}")
-    packed = PackDatasetOperator(task_id="pack", src=handled.output, dst=RUN_DIR + "/pack",
-                                 finetune_config="{{ params.finetune_config }}", overlong="{{ params.overlong }}")
+    merged = MergeShardsOperator(
+        task_id="merge",
+        shards=generate.output,
+        uuid_column="{{ params.uuid_column }}",
+        output_file=RUN_DIR + "/merge/generations.jsonl",
+    )
+    filtered = RejectSamplingOperator(
+        task_id="reject_sampling",
+        src=merged.output,
+        dst=RUN_DIR + "/reject_sampling/filtered.jsonl",
+        answer_column="{{ params.answer_column }}",
+        problem_column="{{ params.prompt_column }}",
+    )
+    handled = HandleDatasetOperator(
+        task_id="handle",
+        src=filtered.output["output"],
+        dst=RUN_DIR + "/handle",
+        tokenizer="{{ params.tokenizer_dir }}",
+        max_length="{{ params.max_length }}",
+        truncation="{{ params.truncation }}",
+    )
+    packed = PackDatasetOperator(
+        task_id="pack",
+        src=handled.output,
+        dst=RUN_DIR + "/pack",
+        finetune_config="{{ params.finetune_config }}",
+        overlong="{{ params.overlong }}",
+    )
     finetuned = MsrunFinetuneOperator(
-        task_id="finetune", config="{{ params.finetune_config }}", dataset_path=packed.output,
-        output_dir=RUN_DIR + "/finetune", load_checkpoint="{{ params.base_checkpoint }}",
-        worker_num="{{ params.nodes * params.workers_per_node }}", local_worker_num="{{ params.workers_per_node }}",
-        node_rank="{{ params.node_rank }}", master_addr="{{ params.master_addr }}",
-        master_port="{{ params.master_port }}")
+        task_id="finetune",
+        config="{{ params.finetune_config }}",
+        dataset_path=packed.output,
+        output_dir=RUN_DIR + "/finetune",
+        load_checkpoint="{{ params.base_checkpoint }}",
+        worker_num="{{ params.nodes * params.workers_per_node }}",
+        local_worker_num="{{ params.workers_per_node }}",
+        node_rank="{{ params.node_rank }}",
+        master_addr="{{ params.master_addr }}",
+        master_port="{{ params.master_port }}",
+    )
     evaluated = Math500EvalOperator(
-        task_id="evaluate", output_dir=RUN_DIR + "/evaluate", source="{{ params.eval_source }}",
-        checkpoint=finetuned.output["checkpoint_dir"], mindformers_config="{{ params.finetune_config }}",
-        endpoint_conn_id="{{ params.eval_conn_id }}", model="{{ params.eval_model }}",
-        n_samples="{{ params.eval_samples }}", limit="{{ params.eval_limit }}",
-        max_new_tokens="{{ params.eval_max_new_tokens }}")
+        task_id="evaluate",
+        output_dir=RUN_DIR + "/evaluate",
+        source="{{ params.eval_source }}",
+        checkpoint=finetuned.output["checkpoint_dir"],
+        mindformers_config="{{ params.finetune_config }}",
+        endpoint_conn_id="{{ params.eval_conn_id }}",
+        model="{{ params.eval_model }}",
+        n_samples="{{ params.eval_samples }}",
+        limit="{{ params.eval_limit }}",
+        max_new_tokens="{{ params.eval_max_new_tokens }}",
+    )
     chain(shards, generate, merged, filtered, handled, packed, finetuned, evaluated)

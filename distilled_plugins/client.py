@@ -138,8 +138,9 @@ class ChatClient:
             headers["Authorization"] = f"Bearer {self.api_key}"
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=300),
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.policy.connect_timeout,
-                                          sock_connect=self.policy.connect_timeout),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=self.policy.connect_timeout, sock_connect=self.policy.connect_timeout
+            ),
             headers=headers,
         )
         return self
@@ -172,7 +173,9 @@ class ChatClient:
             if status in (408, 409, 425, 429) or status >= 500:
                 raise RetryableError(f"http_{status}", detail, _retry_after_seconds(retry_after))
             hint = _FATAL_HINTS.get(status, "the server refused the request").format(key_env=self.key_env)
-            raise FatalRequestError(f"HTTP {status} from {self.url} (model {self.model!r}): {hint}. Server said: {detail}")
+            raise FatalRequestError(
+                f"HTTP {status} from {self.url} (model {self.model!r}): {hint}. Server said: {detail}"
+            )
         try:
             reply = json.loads(body)
             choice = reply["choices"][0]

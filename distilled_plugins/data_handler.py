@@ -44,8 +44,9 @@ class OpenR1Math220kDataHandler(BaseInstructDataHandler):
         import os
 
         config = dict(config or {})
-        folder = config.get("pretrained_model_dir") or (os.path.dirname(config["vocab_file"])
-                                                        if config.get("vocab_file") else None)
+        folder = config.get("pretrained_model_dir") or (
+            os.path.dirname(config["vocab_file"]) if config.get("vocab_file") else None
+        )
         if not folder:
             raise ValueError("OpenR1Math220kDataHandler needs tokenizer.pretrained_model_dir: a tokenizer folder")
         return load_tokenizer(folder)
@@ -58,8 +59,14 @@ class OpenR1Math220kDataHandler(BaseInstructDataHandler):
             pairs = self.encoder.encode_batch(batch[self.messages_column])
             return {"input_ids": [ids for ids, _ in pairs], "labels": [labels for _, labels in pairs]}
 
-        return dataset.map(encode, batched=True, batch_size=self.batch_size, remove_columns=dataset.column_names,
-                           features=features(HANDLED_COLUMNS), desc="OpenR1Math220kDataHandler")
+        return dataset.map(
+            encode,
+            batched=True,
+            batch_size=self.batch_size,
+            remove_columns=dataset.column_names,
+            features=features(HANDLED_COLUMNS),
+            desc="OpenR1Math220kDataHandler",
+        )
 
 
 # HFDataLoader finds handlers as attributes of this module, not in the registry

@@ -64,12 +64,16 @@ def preprocess(config_path: str | Path, save_path: str | Path, data_files: list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m distilled_plugins.datasets_preprocess",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m distilled_plugins.datasets_preprocess", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--config", required=True, help="YAML with train_dataset.data_loader")
     p.add_argument("--save_path", default="./handled_data")
-    p.add_argument("--register_path", default=str(Path(__file__).resolve().parent),
-                   help="folder whose modules define extra data handlers")
+    p.add_argument(
+        "--register_path",
+        default=str(Path(__file__).resolve().parent),
+        help="folder whose modules define extra data handlers",
+    )
     p.add_argument("--data_files", nargs="+", default=None, help="override data_loader.data_files")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -21,7 +21,7 @@ def ngrams(text: str, n: int = NGRAM) -> list[str]:
     words = _SPACE.sub(" ", str(text).lower()).strip().split(" ")
     if len(words) < n:
         return [" ".join(words)] if words != [""] else []
-    return [" ".join(words[i: i + n]) for i in range(len(words) - n + 1)]
+    return [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 class Decontaminator:

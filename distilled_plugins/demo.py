@@ -50,20 +50,35 @@ def make_seed(path: Path, n: int) -> Path:
 def demo_settings(workdir: Path, seed: Path) -> dict:
     """Parameters of a demo run: the tiny CPU model, one msrun worker, a MATH-500 subset."""
     return {
-        "seed_dataset": str(seed), "teacher_model": "demo-replay-teacher", "num_generations": 2, "shards": 2,
-        "max_concurrent": 16, "finetune_config": "finetune_tiny_cpu.yaml", "nodes": 1, "workers_per_node": 1,
-        "master_port": free_port(), "eval_samples": 1, "eval_limit": 5, "eval_max_new_tokens": 32,
+        "seed_dataset": str(seed),
+        "teacher_model": "demo-replay-teacher",
+        "num_generations": 2,
+        "shards": 2,
+        "max_concurrent": 16,
+        "finetune_config": "finetune_tiny_cpu.yaml",
+        "nodes": 1,
+        "workers_per_node": 1,
+        "master_port": free_port(),
+        "eval_samples": 1,
+        "eval_limit": 5,
+        "eval_max_new_tokens": 32,
         "output_root": str(workdir / "output"),
     }
 
 
 def airflow_for_demo(workdir: Path, teacher_url: str, port: int, settings: dict) -> LocalAirflow:
     host, _, teacher_port = teacher_url.removeprefix("http://").partition(":")
-    return LocalAirflow(workdir / "airflow", port=port, env={
-        "AIRFLOW_CONN_TEACHER_DEFAULT": json.dumps({"conn_type": "http", "host": host, "port": int(teacher_port)}),
-        "DISTILL_SEED": settings["seed_dataset"], "DISTILL_OUTPUT_ROOT": settings["output_root"],
-        "DISTILL_DEFAULTS": json.dumps(settings), "DISTILL_RETRY_DELAY_SECONDS": "5",
-    })
+    return LocalAirflow(
+        workdir / "airflow",
+        port=port,
+        env={
+            "AIRFLOW_CONN_TEACHER_DEFAULT": json.dumps({"conn_type": "http", "host": host, "port": int(teacher_port)}),
+            "DISTILL_SEED": settings["seed_dataset"],
+            "DISTILL_OUTPUT_ROOT": settings["output_root"],
+            "DISTILL_DEFAULTS": json.dumps(settings),
+            "DISTILL_RETRY_DELAY_SECONDS": "5",
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,19 +109,26 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("triggered %s run %s; following it", DAG_ID, run_id)
             state = airflow.wait_for_run(DAG_ID, run_id, timeout=1800)
             report = airflow.xcom(DAG_ID, run_id, "evaluate") if state == "success" else None
-            generated = [airflow.xcom(DAG_ID, run_id, "generate", map_index=i) for i in range(settings["shards"])] \
-                if state == "success" else []
+            generated = (
+                [airflow.xcom(DAG_ID, run_id, "generate", map_index=i) for i in range(settings["shards"])]
+                if state == "success"
+                else []
+            )
             print(f"\nRun {run_id} of {DAG_ID}: {state} in {time.monotonic() - started:.0f} s")
             print(f"Airflow UI: {airflow.url}/dags/{DAG_ID}")
             print(f"Teacher requests this run: {teacher.requests}")
             for shard in generated:
                 stats = json.loads(Path(shard["stats"]).read_text())
-                print(f"  shard stats {shard['stats']}: {stats.get('rows_reused_from_store', 0)} rows reused from "
-                      f"the generation store, {stats['requests_sent']} requests")
+                print(
+                    f"  shard stats {shard['stats']}: {stats.get('rows_reused_from_store', 0)} rows reused from "
+                    f"the generation store, {stats['requests_sent']} requests"
+                )
             if report:
                 summary = json.loads(Path(report).read_text())
-                print(f"Evaluation report: {report}  (pass@1 {summary['pass@1']:.1f}% on {summary['problems']} "
-                      f"MATH-500 problems: a tiny model trained for seconds on a CPU)")
+                print(
+                    f"Evaluation report: {report}  (pass@1 {summary['pass@1']:.1f}% on {summary['problems']} "
+                    f"MATH-500 problems: a tiny model trained for seconds on a CPU)"
+                )
                 print(f"                   {Path(report).with_suffix('.md')}")
             else:
                 print(f"The run failed: see the failed task's log in the UI or under {airflow.home}/logs")

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from distilled_plugins import generate, grader
-from distilled_plugins.configs import SHARED_DATA
 from distilled_plugins.client import API_KEY_ENV, RetryPolicy
+from distilled_plugins.configs import SHARED_DATA
 from distilled_plugins.handle import SYSTEM_PROMPT
 from distilled_plugins.io import DataError, dumps_line, iter_jsonl, load_rows, write_json
 
@@ -42,8 +42,10 @@ MATH500 = SHARED_DATA / "math500" / "test.jsonl"
 TOKENIZER = SHARED_DATA / "tokenizer" / "qwen2.5"
 PROBLEM_COLUMNS = ("problem", "answer", "subject", "level", "unique_id")
 REFERENCE = [  # the tutorial's table (MATH-500)
-    ("DeepSeek-Distill-Qwen-7B", 91.6), ("OpenR1-Qwen-7B (Hugging Face)", 90.6),
-    ("OpenR1-Qwen-7B (MindSpore Transformers, tutorial)", 90.0), ("OpenThinker-7B", 89.6),
+    ("DeepSeek-Distill-Qwen-7B", 91.6),
+    ("OpenR1-Qwen-7B (Hugging Face)", 90.6),
+    ("OpenR1-Qwen-7B (MindSpore Transformers, tutorial)", 90.0),
+    ("OpenThinker-7B", 89.6),
 ]
 
 
@@ -88,8 +90,10 @@ class EvalConfig:
         self.retry = self.retry or RetryPolicy()
         sources = [bool(self.api_addr), bool(self.checkpoint), bool(self.rescore)]
         if sum(sources) != 1:
-            raise ValueError("give exactly one source of completions: an endpoint (api_addr and model), "
-                             "a checkpoint (with mindformers_config), or rescore")
+            raise ValueError(
+                "give exactly one source of completions: an endpoint (api_addr and model), "
+                "a checkpoint (with mindformers_config), or rescore"
+            )
         if self.api_addr and not self.model:
             raise ValueError("an endpoint needs the served model's name (--model)")
         if self.checkpoint and not self.mindformers_config:
@@ -110,6 +114,7 @@ def load_problems(path: str | Path, limit: int | None) -> list[dict]:
 
 # ---- completions ----------------------------------------------------------------------------------------------
 
+
 def _problems_file(cfg: EvalConfig, problems: list[dict]) -> Path:
     path = Path(cfg.out) / "problems.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,24 +124,59 @@ def _problems_file(cfg: EvalConfig, problems: list[dict]) -> Path:
 
 def completions_from_endpoint(cfg: EvalConfig, problems: list[dict]) -> Path:
     protocol = cfg.protocol
-    result = generate.run(generate.GenerateConfig(
-        dataset_name=str(_problems_file(cfg, problems)), output_file=str(Path(cfg.out) / "completions.jsonl"),
-        model=cfg.model, prompt_column="problem", uuid_column="unique_id", api_addr=cfg.api_addr,
-        api_key=cfg.api_key, num_generations=protocol.n_samples, max_tokens=protocol.max_new_tokens,
-        max_concurrent=cfg.max_concurrent, temperature=protocol.temperature, top_p=protocol.top_p,
-        prompt_template="{prompt}", system_prompt=protocol.system_prompt, seed=protocol.seed, retry=cfg.retry))
+    result = generate.run(
+        generate.GenerateConfig(
+            dataset_name=str(_problems_file(cfg, problems)),
+            output_file=str(Path(cfg.out) / "completions.jsonl"),
+            model=cfg.model,
+            prompt_column="problem",
+            uuid_column="unique_id",
+            api_addr=cfg.api_addr,
+            api_key=cfg.api_key,
+            num_generations=protocol.n_samples,
+            max_tokens=protocol.max_new_tokens,
+            max_concurrent=cfg.max_concurrent,
+            temperature=protocol.temperature,
+            top_p=protocol.top_p,
+            prompt_template="{prompt}",
+            system_prompt=protocol.system_prompt,
+            seed=protocol.seed,
+            retry=cfg.retry,
+        )
+    )
     return result.output_file
 
 
 def completions_from_checkpoint(cfg: EvalConfig, problems: list[dict]) -> Path:
     protocol = cfg.protocol
     output = Path(cfg.out) / "completions.jsonl"
-    command = [sys.executable, "-m", "distilled_plugins.mf_generate", "--config", cfg.mindformers_config,
-               "--checkpoint", cfg.checkpoint, "--tokenizer", cfg.tokenizer,
-               "--problems", str(_problems_file(cfg, problems)), "--output", str(output),
-               "--system-prompt", protocol.system_prompt, "--num-samples", str(protocol.n_samples),
-               "--max-new-tokens", str(protocol.max_new_tokens), "--temperature", str(protocol.temperature),
-               "--top-p", str(protocol.top_p), "--seed", str(protocol.seed)]
+    command = [
+        sys.executable,
+        "-m",
+        "distilled_plugins.mf_generate",
+        "--config",
+        cfg.mindformers_config,
+        "--checkpoint",
+        cfg.checkpoint,
+        "--tokenizer",
+        cfg.tokenizer,
+        "--problems",
+        str(_problems_file(cfg, problems)),
+        "--output",
+        str(output),
+        "--system-prompt",
+        protocol.system_prompt,
+        "--num-samples",
+        str(protocol.n_samples),
+        "--max-new-tokens",
+        str(protocol.max_new_tokens),
+        "--temperature",
+        str(protocol.temperature),
+        "--top-p",
+        str(protocol.top_p),
+        "--seed",
+        str(protocol.seed),
+    ]
     env_log = Path(cfg.out) / "mindformers"
     env = {**os.environ, "LOG_MF_PATH": str(env_log / "log"), "LOCAL_DEFAULT_PATH": str(env_log)}
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -147,6 +187,7 @@ def completions_from_checkpoint(cfg: EvalConfig, problems: list[dict]) -> Path:
 
 
 # ---- scoring --------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Scored:
@@ -164,16 +205,23 @@ def _rows_to_score(cfg: EvalConfig, completions: Path, problems: list[dict] | No
         for lineno, row in iter_jsonl(completions):
             for column in (cfg.problem_column, cfg.gold_column, cfg.completion_column):
                 if column not in row:
-                    raise DataError(f"{completions}:{lineno}: missing column {column!r}; columns present: "
-                                    f"{', '.join(row)}")
+                    raise DataError(
+                        f"{completions}:{lineno}: missing column {column!r}; columns present: {', '.join(row)}"
+                    )
             texts = row[cfg.completion_column]
             texts = [texts] if isinstance(texts, str) else list(texts)
             known = by_problem.get(row[cfg.problem_column], {})
-            rows.append({"key": str(row.get("unique_id") or known.get("unique_id") or lineno),
-                         "problem": row[cfg.problem_column], "gold": str(row[cfg.gold_column]),
-                         "level": str(row.get("level") or known.get("level") or "unknown"),
-                         "subject": str(row.get("subject") or known.get("subject") or "unknown"),
-                         "completions": texts, "finish_reasons": row.get("finish_reasons") or [None] * len(texts)})
+            rows.append(
+                {
+                    "key": str(row.get("unique_id") or known.get("unique_id") or lineno),
+                    "problem": row[cfg.problem_column],
+                    "gold": str(row[cfg.gold_column]),
+                    "level": str(row.get("level") or known.get("level") or "unknown"),
+                    "subject": str(row.get("subject") or known.get("subject") or "unknown"),
+                    "completions": texts,
+                    "finish_reasons": row.get("finish_reasons") or [None] * len(texts),
+                }
+            )
         if not rows:
             raise DataError(f"{completions}: no completions to score")
         return rows
@@ -183,15 +231,26 @@ def _rows_to_score(cfg: EvalConfig, completions: Path, problems: list[dict] | No
         got = by_key.get(str(p["unique_id"]))
         if got is None:
             raise DataError(f"{completions}: no completions for problem {p['unique_id']}")
-        rows.append({"key": str(p["unique_id"]), "problem": p["problem"], "gold": str(p["answer"]),
-                     "level": str(p["level"]), "subject": str(p["subject"]), "completions": got["generations"],
-                     "finish_reasons": got.get("finish_reasons") or [None] * len(got["generations"])})
+        rows.append(
+            {
+                "key": str(p["unique_id"]),
+                "problem": p["problem"],
+                "gold": str(p["answer"]),
+                "level": str(p["level"]),
+                "subject": str(p["subject"]),
+                "completions": got["generations"],
+                "finish_reasons": got.get("finish_reasons") or [None] * len(got["generations"]),
+            }
+        )
     return rows
 
 
 def score(rows: list[dict], workers: int | None, scored_path: Path) -> list[Scored]:
-    samples = (grader.Sample((i, j), row["gold"], text, row["finish_reasons"][j])
-               for i, row in enumerate(rows) for j, text in enumerate(row["completions"]))
+    samples = (
+        grader.Sample((i, j), row["gold"], text, row["finish_reasons"][j])
+        for i, row in enumerate(rows)
+        for j, text in enumerate(row["completions"])
+    )
     verdicts: dict[tuple[int, int], grader.Verdict] = {}
     with grader.GradingPool(workers) as pool:
         for verdict in pool.grade(samples):
@@ -209,8 +268,12 @@ def score(rows: list[dict], workers: int | None, scored_path: Path) -> list[Scor
 def _accuracy(items: list[Scored]) -> dict:
     samples = sum(len(s.verdicts) for s in items)
     correct = sum(v == grader.CORRECT for s in items for v in s.verdicts)
-    return {"problems": len(items), "samples": samples, "correct": correct,
-            "accuracy": round(100.0 * correct / samples, 2) if samples else 0.0}
+    return {
+        "problems": len(items),
+        "samples": samples,
+        "correct": correct,
+        "accuracy": round(100.0 * correct / samples, 2) if samples else 0.0,
+    }
 
 
 def summarize(scored: list[Scored]) -> dict:
@@ -241,6 +304,7 @@ def summarize(scored: list[Scored]) -> dict:
 
 # ---- report ---------------------------------------------------------------------------------------------------
 
+
 def _chart(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -252,8 +316,12 @@ def _chart(report: dict, path: Path) -> None:
         names = list(report[key])
         values = [report[key][n]["accuracy"] for n in names]
         ax.bar(range(len(names)), values, color="#4c72b0")
-        ax.set_xticks(range(len(names)), names, rotation=30 if key == "by_subject" else 0, ha="right"
-                      if key == "by_subject" else "center")
+        ax.set_xticks(
+            range(len(names)),
+            names,
+            rotation=30 if key == "by_subject" else 0,
+            ha="right" if key == "by_subject" else "center",
+        )
         ax.set_ylim(0, 100)
         ax.set_ylabel("accuracy (%)")
         ax.set_title(title)
@@ -266,23 +334,45 @@ def _chart(report: dict, path: Path) -> None:
 
 def _markdown(report: dict) -> str:
     p = report["protocol"]
-    lines = [f"# MATH-500 evaluation: {report['label']}", "",
-             f"**pass@1 {report['pass@1']:.1f}%** (95% CI {report['ci95'][0]:.1f}-{report['ci95'][1]:.1f}) over "
-             f"{report['problems']} problems x {p['n_samples']} samples; {report['truncated']} truncated.", "",
-             "## Protocol", "", "| setting | value |", "|---|---|",
-             *[f"| {k} | {json.dumps(v, ensure_ascii=False)} |" for k, v in p.items()], "",
-             "## By level", "", "| level | problems | samples | accuracy |", "|---|---|---|---|",
-             *[f"| {k} | {v['problems']} | {v['samples']} | {v['accuracy']:.1f} |" for k, v in report["by_level"].items()],
-             "", "## By subject", "", "| subject | problems | samples | accuracy |", "|---|---|---|---|",
-             *[f"| {k} | {v['problems']} | {v['samples']} | {v['accuracy']:.1f} |"
-               for k, v in report["by_subject"].items()],
-             "", "## Beside the tutorial's table", "", "| model | MATH-500 |", "|---|---|",
-             *[f"| {name} | {score:.1f} |" for name, score in REFERENCE],
-             f"| **{report['label']} (this run)** | **{report['pass@1']:.1f}** |"]
+    lines = [
+        f"# MATH-500 evaluation: {report['label']}",
+        "",
+        f"**pass@1 {report['pass@1']:.1f}%** (95% CI {report['ci95'][0]:.1f}-{report['ci95'][1]:.1f}) over "
+        f"{report['problems']} problems x {p['n_samples']} samples; {report['truncated']} truncated.",
+        "",
+        "## Protocol",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *[f"| {k} | {json.dumps(v, ensure_ascii=False)} |" for k, v in p.items()],
+        "",
+        "## By level",
+        "",
+        "| level | problems | samples | accuracy |",
+        "|---|---|---|---|",
+        *[f"| {k} | {v['problems']} | {v['samples']} | {v['accuracy']:.1f} |" for k, v in report["by_level"].items()],
+        "",
+        "## By subject",
+        "",
+        "| subject | problems | samples | accuracy |",
+        "|---|---|---|---|",
+        *[f"| {k} | {v['problems']} | {v['samples']} | {v['accuracy']:.1f} |" for k, v in report["by_subject"].items()],
+        "",
+        "## Beside the tutorial's table",
+        "",
+        "| model | MATH-500 |",
+        "|---|---|",
+        *[f"| {name} | {score:.1f} |" for name, score in REFERENCE],
+        f"| **{report['label']} (this run)** | **{report['pass@1']:.1f}** |",
+    ]
     if report.get("baseline"):
         b = report["baseline"]
-        lines += ["", "## Against the baseline", "", f"Baseline {b['label']}: {b['pass@1']:.1f}; "
-                  f"difference **{b['difference']:+.1f}** points."]
+        lines += [
+            "",
+            "## Against the baseline",
+            "",
+            f"Baseline {b['label']}: {b['pass@1']:.1f}; difference **{b['difference']:+.1f}** points.",
+        ]
     lines += ["", "![accuracy](accuracy.png)", ""]
     return "\n".join(lines)
 
@@ -303,29 +393,50 @@ def run(cfg: EvalConfig) -> Path:
     logger.info("grading %d completions of %d problems", sum(len(r["completions"]) for r in rows), len(rows))
     scored = score(rows, cfg.workers, out / "scored.jsonl")
     protocol = asdict(cfg.protocol)
-    source = ("endpoint " + str(cfg.api_addr) + f" model {cfg.model}" if cfg.api_addr else
-              f"mindformers checkpoint {cfg.checkpoint}" if cfg.checkpoint else f"rescore of {cfg.rescore}")
+    source = (
+        "endpoint " + str(cfg.api_addr) + f" model {cfg.model}"
+        if cfg.api_addr
+        else f"mindformers checkpoint {cfg.checkpoint}"
+        if cfg.checkpoint
+        else f"rescore of {cfg.rescore}"
+    )
     protocol.update(completions=source, dataset=str(cfg.rescore or cfg.dataset), limit=cfg.limit)
     if cfg.rescore:
         protocol["n_samples"] = max(len(r["completions"]) for r in rows)
         protocol["note"] = "completions made elsewhere: sampling settings are those of their producer"
-    report = {"label": cfg.label, "protocol": protocol, **summarize(scored),
-              "reference": [{"model": n, "math500": s} for n, s in REFERENCE]}
+    report = {
+        "label": cfg.label,
+        "protocol": protocol,
+        **summarize(scored),
+        "reference": [{"model": n, "math500": s} for n, s in REFERENCE],
+    }
     if cfg.baseline:
         base = json.loads(Path(cfg.baseline).read_text())
-        report["baseline"] = {"label": base.get("label", cfg.baseline), "pass@1": base["pass@1"],
-                              "difference": round(report["pass@1"] - base["pass@1"], 2), "path": cfg.baseline}
+        report["baseline"] = {
+            "label": base.get("label", cfg.baseline),
+            "pass@1": base["pass@1"],
+            "difference": round(report["pass@1"] - base["pass@1"], 2),
+            "path": cfg.baseline,
+        }
     write_json(out / "report.json", report)
     (out / "report.md").write_text(_markdown(report), encoding="utf-8")
     _chart(report, out / "accuracy.png")
-    logger.info("pass@1 %.2f%% (95%% CI %s) over %d problems; report %s", report["pass@1"], report["ci95"],
-                report["problems"], out / "report.json")
+    logger.info(
+        "pass@1 %.2f%% (95%% CI %s) over %d problems; report %s",
+        report["pass@1"],
+        report["ci95"],
+        report["problems"],
+        out / "report.json",
+    )
     return out / "report.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distilled_plugins.evaluate", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m distilled_plugins.evaluate",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--out", required=True, help="folder for completions, scores and the report")
     p.add_argument("--dataset", default=str(MATH500), help="problems with problem/answer/subject/level/unique_id")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
@@ -356,16 +467,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        report = run(EvalConfig(
-            out=args.out, dataset=args.dataset, limit=args.limit,
-            protocol=Protocol(args.system_prompt, args.temperature, args.top_p, args.max_new_tokens, args.n_samples,
-                              args.seed),
-            api_addr=args.api_addr, model=args.model, api_key=os.environ.get(args.api_key_env),
-            max_concurrent=args.max_concurrent, checkpoint=args.checkpoint,
-            mindformers_config=args.mindformers_config, tokenizer=args.tokenizer, rescore=args.rescore,
-            problem_column=args.problem_column, gold_column=args.gold_column,
-            completion_column=args.completion_column, workers=args.workers, baseline=args.baseline,
-            label=args.label))
+        report = run(
+            EvalConfig(
+                out=args.out,
+                dataset=args.dataset,
+                limit=args.limit,
+                protocol=Protocol(
+                    args.system_prompt, args.temperature, args.top_p, args.max_new_tokens, args.n_samples, args.seed
+                ),
+                api_addr=args.api_addr,
+                model=args.model,
+                api_key=os.environ.get(args.api_key_env),
+                max_concurrent=args.max_concurrent,
+                checkpoint=args.checkpoint,
+                mindformers_config=args.mindformers_config,
+                tokenizer=args.tokenizer,
+                rescore=args.rescore,
+                problem_column=args.problem_column,
+                gold_column=args.gold_column,
+                completion_column=args.completion_column,
+                workers=args.workers,
+                baseline=args.baseline,
+                label=args.label,
+            )
+        )
     except (ValueError, RuntimeError) as e:
         logger.error("%s", e)
         return 1

@@ -19,6 +19,7 @@ whose job already finished returns its result without training again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -37,12 +38,23 @@ from distilled_plugins.io import DataError, write_json
 logger = logging.getLogger(__name__)
 
 TRAIN_ENTRY = Path(__file__).resolve().parent / "train.py"
-REQUIRED_KEYS = ("run_mode", "trainer.type", "runner_config.epochs", "runner_config.batch_size", "optimizer.type",
-                 "lr_schedule.type", "train_dataset.data_loader.type", "context.device_target",
-                 "model.model_config.seq_length", "model.arch.type")
+REQUIRED_KEYS = (
+    "run_mode",
+    "trainer.type",
+    "runner_config.epochs",
+    "runner_config.batch_size",
+    "optimizer.type",
+    "lr_schedule.type",
+    "train_dataset.data_loader.type",
+    "context.device_target",
+    "model.model_config.seq_length",
+    "model.arch.type",
+)
 ASCEND_ENV = {"ACLNN_CACHE_LIMIT": "10", "MS_DEV_RUNTIME_CONF": "aclnn_cache_queue_length:128"}
-_STEP_LINE = re.compile(r"Epoch:\[\s*(\d+)/\s*(\d+)\], step:\[\s*(\d+)/\s*(\d+)\], loss:\[\s*([-\d.eE+naif]+)/"
-                        r"\s*([-\d.eE+naif]+)\], per_step_time: (\d+)ms")
+_STEP_LINE = re.compile(
+    r"Epoch:\[\s*(\d+)/\s*(\d+)\], step:\[\s*(\d+)/\s*(\d+)\], loss:\[\s*([-\d.eE+naif]+)/"
+    r"\s*([-\d.eE+naif]+)\], per_step_time: (\d+)ms"
+)
 
 
 class FinetuneFailed(RuntimeError):
@@ -70,8 +82,10 @@ class FinetuneConfig:
         if self.worker_num < 1 or not 1 <= self.local_worker_num <= self.worker_num:
             raise ValueError(f"need 1 <= local_worker_num ({self.local_worker_num}) <= worker_num ({self.worker_num})")
         if self.worker_num % self.local_worker_num:
-            raise ValueError(f"worker_num {self.worker_num} must be a multiple of local_worker_num "
-                             f"{self.local_worker_num} (the same number of workers on every node)")
+            raise ValueError(
+                f"worker_num {self.worker_num} must be a multiple of local_worker_num "
+                f"{self.local_worker_num} (the same number of workers on every node)"
+            )
 
     @property
     def run_dir(self) -> Path:
@@ -89,11 +103,19 @@ class FinetuneResult:
 
 # ---- files of a job -------------------------------------------------------------------------------------------
 
+
 def _paths(run_dir: Path) -> dict[str, Path]:
-    return {"run_config": run_dir / "run_config.yaml", "launcher_log": run_dir / "launcher.log",
-            "log_dir": run_dir / "msrun_log", "status": run_dir / "status.json", "pid": run_dir / "supervisor.pid",
-            "checkpoint": run_dir / "checkpoint", "metrics": run_dir / "metrics.json", "loss": run_dir / "loss.png",
-            "result": run_dir / "result.json"}
+    return {
+        "run_config": run_dir / "run_config.yaml",
+        "launcher_log": run_dir / "launcher.log",
+        "log_dir": run_dir / "msrun_log",
+        "status": run_dir / "status.json",
+        "pid": run_dir / "supervisor.pid",
+        "checkpoint": run_dir / "checkpoint",
+        "metrics": run_dir / "metrics.json",
+        "loss": run_dir / "loss.png",
+        "result": run_dir / "result.json",
+    }
 
 
 def _get(tree: dict, dotted: str):
@@ -124,8 +146,9 @@ def latest_step_checkpoint(checkpoint_dir: Path) -> int:
     """The newest step saved for every rank (0 when none): resuming needs all ranks at the same step."""
     steps = []
     for rank_dir in sorted(checkpoint_dir.glob("rank_*")):
-        found = [int(m.group(1)) for f in rank_dir.glob("*.safetensors") if (m := re.search(r"_(\d+)\.safetensors$",
-                                                                                              f.name))]
+        found = [
+            int(m.group(1)) for f in rank_dir.glob("*.safetensors") if (m := re.search(r"_(\d+)\.safetensors$", f.name))
+        ]
         steps.append(max(found) if found else 0)
     return min(steps) if steps else 0
 
@@ -134,8 +157,9 @@ def _fit_parallelism(run_config: dict, worker_num: int, source: str) -> None:
     """Check that the parallel layout uses exactly ``worker_num`` workers; a pure data-parallel layout is
     scaled to them (so one CPU profile serves 1 or 2 workers)."""
     layout = run_config.get("parallel_config") or {}
-    sizes = {k: int(layout.get(k, 1) or 1) for k in ("data_parallel", "model_parallel", "context_parallel",
-                                                     "pipeline_stage")}
+    sizes = {
+        k: int(layout.get(k, 1) or 1) for k in ("data_parallel", "model_parallel", "context_parallel", "pipeline_stage")
+    }
     product = sizes["data_parallel"] * sizes["model_parallel"] * sizes["context_parallel"] * sizes["pipeline_stage"]
     if product == worker_num or not run_config.get("use_parallel"):
         return
@@ -146,6 +170,7 @@ def _fit_parallelism(run_config: dict, worker_num: int, source: str) -> None:
 
 
 # ---- preflight and the run's YAML -----------------------------------------------------------------------------
+
 
 def packed_row_length(dataset_path: str | Path) -> int:
     path = Path(dataset_path)
@@ -158,7 +183,7 @@ def packed_row_length(dataset_path: str | Path) -> int:
 
 
 def npu_count() -> int:
-    return len([d for d in Path("/dev").glob("davinci[0-9]*")])
+    return len(list(Path("/dev").glob("davinci[0-9]*")))
 
 
 def build_run_config(cfg: FinetuneConfig) -> tuple[dict, int]:
@@ -196,13 +221,17 @@ def preflight(cfg: FinetuneConfig, run_config: dict, resuming: bool) -> None:
     seq_length = int(_get(run_config, "model.model_config.seq_length"))
     rows = packed_row_length(dataset)
     if rows != seq_length:
-        raise DataError(f"packed rows of {dataset} hold {rows} tokens but the model's seq_length is {seq_length} "
-                        f"(the tutorial packed at 8,192 for a 32,768 model): pack again with --seq-length {seq_length}"
-                        f" or set model.model_config.seq_length to {rows}")
+        raise DataError(
+            f"packed rows of {dataset} hold {rows} tokens but the model's seq_length is {seq_length} "
+            f"(the tutorial packed at 8,192 for a 32,768 model): pack again with --seq-length {seq_length}"
+            f" or set model.model_config.seq_length to {rows}"
+        )
     checkpoint = run_config.get("load_checkpoint")
     if checkpoint and not resuming and not Path(str(checkpoint)).exists():
-        raise DataError(f"load_checkpoint {checkpoint} does not exist; give the base model's folder "
-                        "(e.g. Qwen2.5-Math-7B-Instruct safetensors)")
+        raise DataError(
+            f"load_checkpoint {checkpoint} does not exist; give the base model's folder "
+            "(e.g. Qwen2.5-Math-7B-Instruct safetensors)"
+        )
     device = str(_get(run_config, "context.device_target"))
     if device.lower() == "ascend" and npu_count() < cfg.local_worker_num:
         raise ValueError(f"{cfg.local_worker_num} workers per node need as many NPUs; this node has {npu_count()}")
@@ -210,10 +239,21 @@ def preflight(cfg: FinetuneConfig, run_config: dict, resuming: bool) -> None:
 
 def msrun_command(cfg: FinetuneConfig) -> list[str]:
     paths = _paths(cfg.run_dir)
-    return ["msrun", f"--worker_num={cfg.worker_num}", f"--local_worker_num={cfg.local_worker_num}",
-            f"--master_addr={cfg.master_addr}", f"--master_port={cfg.master_port}", f"--node_rank={cfg.node_rank}",
-            f"--log_dir={paths['log_dir']}", "--join=True", str(TRAIN_ENTRY),
-            "--config", str(paths["run_config"]), "--run_mode", "finetune"]
+    return [
+        "msrun",
+        f"--worker_num={cfg.worker_num}",
+        f"--local_worker_num={cfg.local_worker_num}",
+        f"--master_addr={cfg.master_addr}",
+        f"--master_port={cfg.master_port}",
+        f"--node_rank={cfg.node_rank}",
+        f"--log_dir={paths['log_dir']}",
+        "--join=True",
+        str(TRAIN_ENTRY),
+        "--config",
+        str(paths["run_config"]),
+        "--run_mode",
+        "finetune",
+    ]
 
 
 def _job_env(run_config: dict) -> dict:
@@ -229,6 +269,7 @@ def _job_env(run_config: dict) -> dict:
 
 
 # ---- launch, watch, stop --------------------------------------------------------------------------------------
+
 
 @dataclass
 class Launch:
@@ -251,14 +292,30 @@ def launch(cfg: FinetuneConfig) -> Launch:
         yaml.safe_dump(run_config, f, sort_keys=False)
     with open(paths["launcher_log"], "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "distilled_plugins.finetune", "--supervise", str(cfg.run_dir), "--",
-             *msrun_command(cfg)],
-            cwd=cfg.run_dir, env=_job_env(run_config), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "distilled_plugins.finetune",
+                "--supervise",
+                str(cfg.run_dir),
+                "--",
+                *msrun_command(cfg),
+            ],
+            cwd=cfg.run_dir,
+            env=_job_env(run_config),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     paths["pid"].write_text(str(process.pid))
-    logger.info("%s msrun with %d worker(s) (%d on this node); logs in %s",
-                f"resumed from step {resume_step}:" if resume_step else "started", cfg.worker_num,
-                cfg.local_worker_num, paths["log_dir"])
+    logger.info(
+        "%s msrun with %d worker(s) (%d on this node); logs in %s",
+        f"resumed from step {resume_step}:" if resume_step else "started",
+        cfg.worker_num,
+        cfg.local_worker_num,
+        paths["log_dir"],
+    )
     return Launch(str(cfg.run_dir), process.pid, socket.gethostname(), resume_step)
 
 
@@ -319,16 +376,15 @@ def stop(run_dir: str | Path, grace: float = 10.0) -> None:
         return
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for proc in members:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 proc.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-        gone, alive = psutil.wait_procs(members, timeout=grace)
+        _gone, alive = psutil.wait_procs(members, timeout=grace)
         if not alive:
             break
         members = alive
-    logger.info("stopped the training job of %s (supervisor pid %d and %d other process(es))", run_dir, pid,
-                len(members) - 1)
+    logger.info(
+        "stopped the training job of %s (supervisor pid %d and %d other process(es))", run_dir, pid, len(members) - 1
+    )
 
 
 def running_job(run_dir: str | Path) -> Launch | None:
@@ -372,6 +428,7 @@ def wait(launched: Launch, poll_interval: float = 5.0) -> str:
 
 # ---- results --------------------------------------------------------------------------------------------------
 
+
 def _log_tail(path: Path, lines: int = 25) -> str:
     if not path.exists():
         return f"({path} does not exist)"
@@ -391,8 +448,15 @@ def failing_worker(run_dir: Path) -> Path:
 def parse_steps(log: Path) -> list[dict]:
     steps = []
     for m in _STEP_LINE.finditer(log.read_text(encoding="utf-8", errors="replace")):
-        steps.append({"epoch": int(m.group(1)), "step": int(m.group(3)), "steps_per_epoch": int(m.group(4)),
-                      "loss": float(m.group(5)), "step_time_ms": int(m.group(7))})
+        steps.append(
+            {
+                "epoch": int(m.group(1)),
+                "step": int(m.group(3)),
+                "steps_per_epoch": int(m.group(4)),
+                "loss": float(m.group(5)),
+                "step_time_ms": int(m.group(7)),
+            }
+        )
     return steps
 
 
@@ -419,34 +483,44 @@ def collect(cfg: FinetuneConfig, state: str, resume_step: int = 0) -> FinetuneRe
     paths = _paths(run_dir)
     status = json.loads(paths["status"].read_text()) if paths["status"].exists() else None
     if state == "vanished" or status is None:
-        raise FinetuneFailed(f"the training job of {run_dir} vanished without an exit status (killed?); last lines "
-                             f"of {paths['launcher_log']}:\n{_log_tail(paths['launcher_log'])}")
+        raise FinetuneFailed(
+            f"the training job of {run_dir} vanished without an exit status (killed?); last lines "
+            f"of {paths['launcher_log']}:\n{_log_tail(paths['launcher_log'])}"
+        )
     if status["returncode"] != 0:
         worker = failing_worker(run_dir)
-        raise FinetuneFailed(f"msrun exited with code {status['returncode']} (last progress: "
-                             f"{latest_progress(run_dir) or 'no step logged'}); last lines of {worker}:\n"
-                             f"{_log_tail(worker)}")
+        raise FinetuneFailed(
+            f"msrun exited with code {status['returncode']} (last progress: "
+            f"{latest_progress(run_dir) or 'no step logged'}); last lines of {worker}:\n"
+            f"{_log_tail(worker)}"
+        )
     worker0 = paths["log_dir"] / "worker_0.log"
     steps = parse_steps(worker0) if worker0.exists() else []
     if not steps:
-        raise FinetuneFailed(f"training ended without a single logged step; last lines of {worker0}:\n"
-                             f"{_log_tail(worker0)}")
+        raise FinetuneFailed(
+            f"training ended without a single logged step; last lines of {worker0}:\n{_log_tail(worker0)}"
+        )
     run_config = configs.load_yaml(paths["run_config"])
     seq_length = int(_get(run_config, "model.model_config.seq_length"))
     batch = int(_get(run_config, "runner_config.batch_size"))
     times = [s["step_time_ms"] for s in steps[1:]] or [steps[0]["step_time_ms"]]  # step 1 includes compiling
     step_ms = sorted(times)[len(times) // 2]
     metrics = {
-        "steps": steps, "final_loss": steps[-1]["loss"], "first_loss": steps[0]["loss"],
-        "median_step_time_ms": step_ms, "seq_length": seq_length, "workers": cfg.worker_num,
+        "steps": steps,
+        "final_loss": steps[-1]["loss"],
+        "first_loss": steps[0]["loss"],
+        "median_step_time_ms": step_ms,
+        "seq_length": seq_length,
+        "workers": cfg.worker_num,
         "tokens_per_s_per_worker": round(seq_length * batch * 1000 / step_ms, 1),
         "tokens_per_s": round(seq_length * batch * cfg.worker_num * 1000 / step_ms, 1),
         "resumed_from_step": resume_step,
     }
     write_json(paths["metrics"], metrics)
     _loss_curve(steps, paths["loss"])
-    result = FinetuneResult(str(paths["checkpoint"]), str(paths["metrics"]), str(paths["loss"]),
-                            steps[-1]["step"], resume_step)
+    result = FinetuneResult(
+        str(paths["checkpoint"]), str(paths["metrics"]), str(paths["loss"]), steps[-1]["step"], resume_step
+    )
     write_json(paths["result"], asdict(result))
     return result
 
@@ -463,8 +537,9 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
     """Fine-tune to the end in the foreground (the CLI, and the operator without deferral)."""
     done = finished_result(cfg.run_dir)
     if done:
-        logger.info("%s already holds a finished job (checkpoints in %s): not training again", cfg.run_dir,
-                    done.checkpoint_dir)
+        logger.info(
+            "%s already holds a finished job (checkpoints in %s): not training again", cfg.run_dir, done.checkpoint_dir
+        )
         return done
     launched = running_job(cfg.run_dir) or launch(cfg)
     try:
@@ -479,8 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--supervise"]:  # internal: the detached supervisor of one msrun job
         return supervise(Path(argv[1]), argv[3:])
-    p = argparse.ArgumentParser(prog="python -m distilled_plugins.finetune", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m distilled_plugins.finetune",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--config", default=str(configs.FINETUNE_7B), help="base fine-tune YAML")
     p.add_argument("--dataset-path", required=True, help="packed data folder (stage 4)")
     p.add_argument("--output-dir", required=True, help="the job's folder: logs, checkpoints, metrics")
@@ -498,16 +576,27 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
     try:
-        result = run(FinetuneConfig(
-            config=args.config, dataset_path=args.dataset_path, output_dir=args.output_dir,
-            load_checkpoint=args.load_checkpoint, seq_length=args.seq_length, worker_num=args.worker_num,
-            local_worker_num=args.local_worker_num, node_rank=args.node_rank, master_addr=args.master_addr,
-            master_port=args.master_port, overrides=overrides))
+        result = run(
+            FinetuneConfig(
+                config=args.config,
+                dataset_path=args.dataset_path,
+                output_dir=args.output_dir,
+                load_checkpoint=args.load_checkpoint,
+                seq_length=args.seq_length,
+                worker_num=args.worker_num,
+                local_worker_num=args.local_worker_num,
+                node_rank=args.node_rank,
+                master_addr=args.master_addr,
+                master_port=args.master_port,
+                overrides=overrides,
+            )
+        )
     except (ValueError, FileNotFoundError, FinetuneFailed) as e:
         logger.error("%s", e)
         return 1
-    logger.info("checkpoints in %s; metrics %s; loss curve %s", result.checkpoint_dir, result.metrics_file,
-                result.loss_curve)
+    logger.info(
+        "checkpoints in %s; metrics %s; loss curve %s", result.checkpoint_dir, result.metrics_file, result.loss_curve
+    )
     return 0
 
 

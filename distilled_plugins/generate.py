@@ -30,8 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distilled_plugins.client import API_KEY_ENV, ChatClient, Completion, FatalRequestError, RetryableError, RetryPolicy
-from distilled_plugins.io import (DataError, atomic_path, dumps_line, load_rows, read_appended_jsonl, require_columns,
-                                  rewrite_jsonl, write_json)
+from distilled_plugins.io import (
+    DataError,
+    atomic_path,
+    dumps_line,
+    load_rows,
+    read_appended_jsonl,
+    require_columns,
+    rewrite_jsonl,
+    write_json,
+)
 from distilled_plugins.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -78,8 +86,10 @@ class GenerateConfig:
     def __post_init__(self):
         self.uuid_column = self.uuid_column or self.prompt_column
         if self.uuid_column == "prompt":
-            raise ValueError("the uuid column cannot be 'prompt': output lines overwrite that field with the templated "
-                             "prompt, so it would not identify rows on resume; pick another column")
+            raise ValueError(
+                "the uuid column cannot be 'prompt': output lines overwrite that field with the templated "
+                "prompt, so it would not identify rows on resume; pick another column"
+            )
         if "{prompt}" not in self.prompt_template:
             raise ValueError(f"prompt template must contain {{prompt}}; got {self.prompt_template!r}")
         try:
@@ -127,14 +137,22 @@ def prompt_text(value) -> str:
         users = [m.get("content", "") for m in value if m.get("role") == "user"]
         if users:
             return users[-1]
-    raise DataError(f"prompt cell must be a string or a list of chat messages, got {type(value).__name__}: {value!r:.80}")
+    raise DataError(
+        f"prompt cell must be a string or a list of chat messages, got {type(value).__name__}: {value!r:.80}"
+    )
 
 
 def settings_key(cfg: GenerateConfig) -> str:
     """What makes two generations interchangeable: teacher, prompt and sampling settings."""
-    settings = {"model": cfg.model, "prompt_template": cfg.prompt_template, "system_prompt": cfg.system_prompt,
-                "prompt_column": cfg.prompt_column, "uuid_column": cfg.uuid_column,
-                "num_generations": cfg.num_generations, **cfg.sampling}
+    settings = {
+        "model": cfg.model,
+        "prompt_template": cfg.prompt_template,
+        "system_prompt": cfg.system_prompt,
+        "prompt_column": cfg.prompt_column,
+        "uuid_column": cfg.uuid_column,
+        "num_generations": cfg.num_generations,
+        **cfg.sampling,
+    }
     return hashlib.md5(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -178,8 +196,12 @@ def _load_done(cfg: GenerateConfig, output: Path) -> set[str]:
             done.add(key)
             kept.append(row)
     if bad or len(kept) != len(rows):
-        logger.warning("%s: repaired %d cut-short or corrupt line(s) and %d duplicate(s) left by an interrupted run",
-                       output, bad, len(rows) - len(kept))
+        logger.warning(
+            "%s: repaired %d cut-short or corrupt line(s) and %d duplicate(s) left by an interrupted run",
+            output,
+            bad,
+            len(rows) - len(kept),
+        )
         rewrite_jsonl(output, kept)
     return done
 
@@ -196,10 +218,17 @@ def _load_parts(parts: Path, num_generations: int) -> dict[str, dict[int, Comple
 
 
 class _Row:
-    __slots__ = ("example", "key", "messages", "prompt", "results", "missing", "failed")
+    __slots__ = ("example", "failed", "key", "messages", "missing", "prompt", "results")
 
-    def __init__(self, example: dict, key: str, prompt: str, n: int, known: dict[int, Completion],
-                 system_prompt: str | None = None):
+    def __init__(
+        self,
+        example: dict,
+        key: str,
+        prompt: str,
+        n: int,
+        known: dict[int, Completion],
+        system_prompt: str | None = None,
+    ):
         self.example, self.key, self.prompt = example, key, prompt
         self.messages = [{"role": "user", "content": prompt}]
         if system_prompt:
@@ -249,8 +278,13 @@ class _Run:
             os.write(self.output_fd, dumps_line(row.line()))
             self.counts["rows_written"] += 1
         else:
-            record = {"key": row.key, "i": index, "text": completion.text,
-                      "finish_reason": completion.finish_reason, "usage": usage}
+            record = {
+                "key": row.key,
+                "i": index,
+                "text": completion.text,
+                "finish_reason": completion.finish_reason,
+                "usage": usage,
+            }
             os.write(self.parts_fd, dumps_line(record))
 
     async def run(self) -> None:
@@ -276,8 +310,9 @@ class _Run:
             if resolved == pending:
                 finished.set()
 
-        async with ChatClient(self.cfg.api_addr, self.cfg.model, self.cfg.api_key, self.cfg.retry,
-                              max_connections=self.cfg.max_concurrent) as client:
+        async with ChatClient(
+            self.cfg.api_addr, self.cfg.model, self.cfg.api_key, self.cfg.retry, max_connections=self.cfg.max_concurrent
+        ) as client:
             self.client = client
 
             async def worker() -> None:
@@ -295,7 +330,8 @@ class _Run:
                             if e.cause == "connection" and not self.counts["responses_ok"]:
                                 self.fatal = FatalRequestError(
                                     f"cannot reach the teacher endpoint {client.url} after "
-                                    f"{failed_attempts} attempts: {e}. Is the server running and the address right?")
+                                    f"{failed_attempts} attempts: {e}. Is the server running and the address right?"
+                                )
                                 finished.set()
                                 return
                             resolve()
@@ -315,8 +351,7 @@ class _Run:
             async def report() -> None:
                 while True:
                     await asyncio.sleep(self.cfg.progress_interval)
-                    progress.maybe_log(self.counts["rows_written"] + self.counts["rows_failed"],
-                                       self._progress_extra())
+                    progress.maybe_log(self.counts["rows_written"] + self.counts["rows_failed"], self._progress_extra())
 
             workers = [asyncio.create_task(worker()) for _ in range(min(self.cfg.max_concurrent, pending))]
             reporter = asyncio.create_task(report())
@@ -359,8 +394,9 @@ def _prepare_rows(cfg: GenerateConfig, output: Path) -> tuple[list[_Row], list[d
             info["rows_already_done"] += 1
             continue
         if key in stored:
-            reused.append({**example, **{k: stored[key][k] for k in (*_GENERATED_COLUMNS, "prompt")
-                                         if k in stored[key]}})
+            reused.append(
+                {**example, **{k: stored[key][k] for k in (*_GENERATED_COLUMNS, "prompt") if k in stored[key]}}
+            )
             continue
         known = partial.get(key, {})
         info["generations_resumed"] += len(known)
@@ -376,10 +412,19 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     output.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     rows, reused, info = _prepare_rows(cfg, output)
-    logger.info("shard %d/%d of %s: %d rows, %d already done, %d reused from the generation store, %d to generate "
-                "(%d completions resumed from %s)", cfg.shard_index, cfg.num_shards, cfg.dataset_name,
-                info.get("shard_rows", 0), info.get("rows_already_done", 0), len(reused), len(rows),
-                info.get("generations_resumed", 0), parts_path(output).name)
+    logger.info(
+        "shard %d/%d of %s: %d rows, %d already done, %d reused from the generation store, %d to generate "
+        "(%d completions resumed from %s)",
+        cfg.shard_index,
+        cfg.num_shards,
+        cfg.dataset_name,
+        info.get("shard_rows", 0),
+        info.get("rows_already_done", 0),
+        len(reused),
+        len(rows),
+        info.get("generations_resumed", 0),
+        parts_path(output).name,
+    )
     with open(output, "ab") as f:
         f.write(b"".join(dumps_line(row) for row in reused))
     job = _Run(cfg, rows, output, parts_path(output))
@@ -412,7 +457,8 @@ def run(cfg: GenerateConfig) -> GenerateResult:
             f"{rows_failed} of {info.get('shard_rows', 0)} rows still miss completions after "
             f"{cfg.retry.max_attempts} attempts per request (failures by cause: {dict(job.failures)}); "
             f"the {job.counts['responses_ok']} completions that succeeded are kept in {output} and "
-            f"{parts_path(output).name}: run again to resume")
+            f"{parts_path(output).name}: run again to resume"
+        )
     parts_path(output).unlink(missing_ok=True)
     if cfg.store_dir:
         _publish_to_store(cfg, output)
@@ -447,8 +493,11 @@ def merge(inputs: list[str | Path], output_file: str | Path, uuid_column: str) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distilled_plugins.generate", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m distilled_plugins.generate",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", help="model name sent to the endpoint (required unless --merge)")
     p.add_argument("--dataset-name", help="hub dataset name, or a local jsonl/json/parquet/arrow file or folder")
     p.add_argument("--output-file", required=True, help="JSONL output; resumed if it exists")
@@ -469,8 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backoff-base", type=float, default=RetryPolicy.backoff_base, help="first retry delay (s)")
     p.add_argument("--backoff-max", type=float, default=RetryPolicy.backoff_max, help="longest retry delay (s)")
     p.add_argument("--connect-timeout", type=float, default=RetryPolicy.connect_timeout)
-    p.add_argument("--request-timeout", type=float, default=RetryPolicy.request_timeout,
-                   help="seconds for one whole request, reply included")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=RetryPolicy.request_timeout,
+        help="seconds for one whole request, reply included",
+    )
     p.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
     p.add_argument("--merge", nargs="+", metavar="SHARD", help="merge these shard outputs into --output-file")
     return p
@@ -486,15 +539,30 @@ def main(argv: list[str] | None = None) -> int:
         if not args.model or not args.dataset_name:
             raise ValueError("--model and --dataset-name are required")
         cfg = GenerateConfig(
-            dataset_name=args.dataset_name, output_file=args.output_file, model=args.model,
-            prompt_column=args.prompt_column, uuid_column=args.uuid_column, api_addr=args.api_addr,
-            api_key=os.environ.get(args.api_key_env), num_generations=args.num_generations,
-            max_tokens=args.max_tokens, max_concurrent=args.max_concurrent, temperature=args.temperature,
-            top_p=args.top_p, prompt_template=args.prompt_template, split=args.split,
-            shard_index=args.shard_index, num_shards=args.num_shards, progress_interval=args.progress_interval,
-            retry=RetryPolicy(max_attempts=args.max_attempts, backoff_base=args.backoff_base,
-                              backoff_max=args.backoff_max, connect_timeout=args.connect_timeout,
-                              request_timeout=args.request_timeout),
+            dataset_name=args.dataset_name,
+            output_file=args.output_file,
+            model=args.model,
+            prompt_column=args.prompt_column,
+            uuid_column=args.uuid_column,
+            api_addr=args.api_addr,
+            api_key=os.environ.get(args.api_key_env),
+            num_generations=args.num_generations,
+            max_tokens=args.max_tokens,
+            max_concurrent=args.max_concurrent,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            prompt_template=args.prompt_template,
+            split=args.split,
+            shard_index=args.shard_index,
+            num_shards=args.num_shards,
+            progress_interval=args.progress_interval,
+            retry=RetryPolicy(
+                max_attempts=args.max_attempts,
+                backoff_base=args.backoff_base,
+                backoff_max=args.backoff_max,
+                connect_timeout=args.connect_timeout,
+                request_timeout=args.request_timeout,
+            ),
         )
         result = run(cfg)
     except (ValueError, FatalRequestError, GenerationIncomplete) as e:

@@ -18,6 +18,7 @@ clock the worker is killed, the sample counted as ``timeout``, and a fresh worke
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing.connection
 import os
@@ -25,15 +26,22 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 logger = logging.getLogger(__name__)
 
 CORRECT, WRONG, NO_ANSWER, TRUNCATED, TIMEOUT, GOLD_UNPARSEABLE, ERROR = (
-    "correct", "wrong", "no_answer", "truncated", "timeout", "gold_unparseable", "error")
+    "correct",
+    "wrong",
+    "no_answer",
+    "truncated",
+    "timeout",
+    "gold_unparseable",
+    "error",
+)
 VERDICTS = (CORRECT, WRONG, NO_ANSWER, TRUNCATED, TIMEOUT, GOLD_UNPARSEABLE, ERROR)
 FILTERED_GOLDS = ("proof", "notfound")  # NuminaMath marks problems without a checkable answer so
 _DELIMITERS = (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
@@ -69,11 +77,12 @@ def gold_as_latex(answer: str) -> str:
 
 def graded_part(completion: str) -> str:
     """What is graded: the text after the last ``</think>``, or the whole completion without one."""
-    head, sep, tail = completion.rpartition("</think>")
+    _head, sep, tail = completion.rpartition("</think>")
     return tail if sep else completion
 
 
 # ---- inside a worker process ---------------------------------------------------------------------------------
+
 
 class _TimeoutLog(logging.Handler):
     """math_verify reports its own (alarm) timeouts only in its log; this turns them into a flag."""
@@ -87,8 +96,9 @@ class _TimeoutLog(logging.Handler):
             self.fired = True
 
 
-def _grade_in_worker(sample: Sample, parse_timeout: int, verify_timeout: int, gold_cache: dict,
-                     timeouts: _TimeoutLog) -> tuple[str, str]:
+def _grade_in_worker(
+    sample: Sample, parse_timeout: int, verify_timeout: int, gold_cache: dict, timeouts: _TimeoutLog
+) -> tuple[str, str]:
     from math_verify import parse, verify
 
     timeouts.fired = False
@@ -114,7 +124,6 @@ def _grade_in_worker(sample: Sample, parse_timeout: int, verify_timeout: int, go
 
 def _worker_main(conn, parse_timeout: int, verify_timeout: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
-    import math_verify  # noqa: F401  (imported before "ready", so start-up is not charged to the first sample)
 
     conn.send("ready")
     timeouts = _TimeoutLog()
@@ -138,6 +147,7 @@ def _worker_main(conn, parse_timeout: int, verify_timeout: int) -> None:
 
 # ---- in the caller's process -----------------------------------------------------------------------------------
 
+
 @dataclass
 class _Worker:
     process: subprocess.Popen
@@ -153,12 +163,14 @@ class GradingPool:
     fractions); ``sample_timeout`` is the hard wall-clock limit after which a worker is killed and replaced.
     """
 
-    def __init__(self, workers: int | None = None, parse_timeout: int = 5, verify_timeout: int = 5,
-                 sample_timeout: float = 30.0):
+    def __init__(
+        self, workers: int | None = None, parse_timeout: int = 5, verify_timeout: int = 5, sample_timeout: float = 30.0
+    ):
         for name, value in (("parse_timeout", parse_timeout), ("verify_timeout", verify_timeout)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number of seconds >= 1 (math_verify uses signal.alarm), "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"{name} must be a whole number of seconds >= 1 (math_verify uses signal.alarm), got {value!r}"
+                )
         if sample_timeout <= 0:
             raise ValueError(f"sample_timeout must be positive, got {sample_timeout}")
         self.size = workers or os.cpu_count() or 1
@@ -174,9 +186,21 @@ class GradingPool:
         package_root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         process = subprocess.Popen(
-            [sys.executable, "-m", "distilled_plugins.grader", "--worker", str(to_child_r), str(from_child_w),
-             str(self.parse_timeout), str(self.verify_timeout)],
-            pass_fds=(to_child_r, from_child_w), env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "distilled_plugins.grader",
+                "--worker",
+                str(to_child_r),
+                str(from_child_w),
+                str(self.parse_timeout),
+                str(self.verify_timeout),
+            ],
+            pass_fds=(to_child_r, from_child_w),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         os.close(to_child_r)
         os.close(from_child_w)
         return _Worker(process, _Duplex(from_child_r, to_child_w))
@@ -190,10 +214,8 @@ class GradingPool:
 
     def __exit__(self, *exc) -> None:
         for worker in self._workers:
-            try:
+            with contextlib.suppress(OSError):
                 worker.conn.send(None)
-            except OSError:
-                pass
         for worker in self._workers:
             try:
                 worker.process.wait(timeout=2)
@@ -245,8 +267,9 @@ class GradingPool:
                     worker.sample = None
                     yield Verdict(sample.id, verdict, reason)
                 elif time.monotonic() >= worker.deadline:
-                    logger.warning("sample %r stalled past %g s; its worker was replaced", sample.id,
-                                   self.sample_timeout)
+                    logger.warning(
+                        "sample %r stalled past %g s; its worker was replaced", sample.id, self.sample_timeout
+                    )
                     self._replace(worker)
                     yield Verdict(sample.id, TIMEOUT, f"abandoned after {self.sample_timeout:g} s of wall clock")
 

@@ -87,8 +87,9 @@ def load_tokenizer(path: str | Path, num_threads: int | None = None):
 class ChatEncoder:
     """Chat template + tokenizer + label mask: the logic shared by the stage and the mindformers handler."""
 
-    def __init__(self, tokenizer, system_prompt: str = SYSTEM_PROMPT, max_length: int = 20480,
-                 truncation: str = "tutorial"):
+    def __init__(
+        self, tokenizer, system_prompt: str = SYSTEM_PROMPT, max_length: int = 20480, truncation: str = "tutorial"
+    ):
         self.tokenizer = tokenizer
         self.system = {"role": "system", "content": system_prompt}
         self.max_length, self.truncation = max_length, truncation
@@ -99,7 +100,7 @@ class ChatEncoder:
         """Index of the first answer token: just past the first ``<|im_start|>assistant\\n``."""
         width = len(self.marker)
         for start in np.flatnonzero(ids == self.marker[0]):
-            if np.array_equal(ids[start: start + width], self.marker):
+            if np.array_equal(ids[start : start + width], self.marker):
                 return int(start) + width
         return None
 
@@ -144,8 +145,9 @@ def _table(pairs: list[tuple[np.ndarray, np.ndarray]]):
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     ids = pa.array(np.concatenate([p[0] for p in pairs]), type=pa.int32())
     labels = pa.array(np.concatenate([p[1] for p in pairs]), type=pa.int64())
-    return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, ids),
-                     "labels": pa.ListArray.from_arrays(offsets, labels)})
+    return pa.table(
+        {"input_ids": pa.ListArray.from_arrays(offsets, ids), "labels": pa.ListArray.from_arrays(offsets, labels)}
+    )
 
 
 def _histogram(lengths: np.ndarray, path: Path, max_length: int) -> None:
@@ -195,35 +197,51 @@ def run(cfg: HandleConfig) -> Path:
         length_array = np.asarray(lengths)
         processing = time.monotonic() - processing_started
         stats = {
-            "src": cfg.src, "tokenizer": str(cfg.tokenizer), "pad_token_id": tokenizer.pad_token_id,
+            "src": cfg.src,
+            "tokenizer": str(cfg.tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
             "system_prompt": cfg.system_prompt,
-            "rows_in": rows_in, "rows": rows, "tokens": int(length_array.sum()), "answer_tokens": answer_tokens,
-            "max_length": cfg.max_length, "truncation": cfg.truncation,
+            "rows_in": rows_in,
+            "rows": rows,
+            "tokens": int(length_array.sum()),
+            "answer_tokens": answer_tokens,
+            "max_length": cfg.max_length,
+            "truncation": cfg.truncation,
             "truncated": encoder.counts["truncated"],
-            "dropped": {k.removeprefix("dropped_"): v for k, v in sorted(encoder.counts.items())
-                        if k.startswith("dropped_")},
+            "dropped": {
+                k.removeprefix("dropped_"): v for k, v in sorted(encoder.counts.items()) if k.startswith("dropped_")
+            },
             "length_percentiles": {f"p{q}": int(np.percentile(length_array, q)) for q in (50, 90, 99)}
             | {"max": int(length_array.max()), "min": int(length_array.min())},
-            "wall_seconds": round(time.monotonic() - started, 3), "processing_seconds": round(processing, 3),
+            "wall_seconds": round(time.monotonic() - started, 3),
+            "processing_seconds": round(processing, 3),
             "tokens_per_s": round(float(length_array.sum()) / processing),
         }
         write_json(tmp / "stats.json", stats)
         _histogram(length_array, tmp / "lengths.png", cfg.max_length)
-    progress.finish(rows_in, f"| {rows} rows, {stats['tokens']} tokens, {stats['truncated']} truncated, "
-                             f"dropped {stats['dropped']}")
+    progress.finish(
+        rows_in, f"| {rows} rows, {stats['tokens']} tokens, {stats['truncated']} truncated, dropped {stats['dropped']}"
+    )
     return Path(cfg.dst)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distilled_plugins.handle", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m distilled_plugins.handle",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--src", nargs="+", required=True, help="stage 2 JSONL, or parquet files with 'messages'")
     p.add_argument("--tokenizer", required=True, help="local folder of the Qwen2.5 tokenizer")
     p.add_argument("--dst", required=True, help="output folder (save_to_disk layout)")
     p.add_argument("--system-prompt", default=SYSTEM_PROMPT)
     p.add_argument("--max-length", type=int, default=20480)
-    p.add_argument("--truncation", choices=TRUNCATION_POLICIES, default="tutorial",
-                   help="over --max-length: keep head + last 2 tokens (tutorial), drop the sample, or keep it whole")
+    p.add_argument(
+        "--truncation",
+        choices=TRUNCATION_POLICIES,
+        default="tutorial",
+        help="over --max-length: keep head + last 2 tokens (tutorial), drop the sample, or keep it whole",
+    )
     p.add_argument("--messages-column", default="messages")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--num-proc", type=int, default=None, help="tokenizer threads (default: all cores)")
@@ -234,10 +252,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        dst = run(HandleConfig(src=args.src, tokenizer=args.tokenizer, dst=args.dst, system_prompt=args.system_prompt,
-                               max_length=args.max_length, truncation=args.truncation,
-                               messages_column=args.messages_column, batch_size=args.batch_size,
-                               num_proc=args.num_proc))
+        dst = run(
+            HandleConfig(
+                src=args.src,
+                tokenizer=args.tokenizer,
+                dst=args.dst,
+                system_prompt=args.system_prompt,
+                max_length=args.max_length,
+                truncation=args.truncation,
+                messages_column=args.messages_column,
+                batch_size=args.batch_size,
+                num_proc=args.num_proc,
+            )
+        )
     except ValueError as e:
         logger.error("%s", e)
         return 1

@@ -172,8 +172,9 @@ def iter_column_batches(paths: list[str | Path], column: str, batch_size: int) -
 
             parquet = pq.ParquetFile(path)
             if column not in parquet.schema_arrow.names:
-                raise DataError(f"{path}: column {column!r} not found; columns present: "
-                                f"{', '.join(parquet.schema_arrow.names)}")
+                raise DataError(
+                    f"{path}: column {column!r} not found; columns present: {', '.join(parquet.schema_arrow.names)}"
+                )
             for batch in parquet.iter_batches(batch_size=batch_size, columns=[column]):
                 yield batch.column(0).to_pylist()
         elif path.is_file() and path.suffix.lower() == ".jsonl":
@@ -191,7 +192,7 @@ def iter_column_batches(paths: list[str | Path], column: str, batch_size: int) -
             rows = load_rows(path)
             require_columns(rows, [column], path)
             for start in range(0, len(rows), batch_size):
-                yield [row[column] for row in rows[start: start + batch_size]]
+                yield [row[column] for row in rows[start : start + batch_size]]
 
 
 def save_tables_to_disk(tables: Iterable, dst: Path, features) -> int:

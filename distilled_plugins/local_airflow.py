@@ -38,8 +38,9 @@ def free_port() -> int:
 
 
 class LocalAirflow:
-    def __init__(self, home: str | Path, port: int = 8080, dags_folder: str | Path = REPO / "dags",
-                 env: dict | None = None):
+    def __init__(
+        self, home: str | Path, port: int = 8080, dags_folder: str | Path = REPO / "dags", env: dict | None = None
+    ):
         self.home, self.port = Path(home).resolve(), port
         self.url = f"http://127.0.0.1:{port}"
         self.env = {
@@ -69,8 +70,9 @@ class LocalAirflow:
 
     # ---- lifecycle ----
     def airflow(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run([str(Path(sys.executable).parent / "airflow"), *args], env=self.env,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "airflow"), *args], env=self.env, capture_output=True, text=True
+        )
         if check and done.returncode:
             raise AirflowError(f"airflow {' '.join(args)} failed:\n{done.stderr[-2000:]}")
         return done
@@ -82,8 +84,13 @@ class LocalAirflow:
         for service in SERVICES:
             log = open(self.home / "logs" / f"{service}.log", "ab")
             self.processes[service] = subprocess.Popen(
-                [str(Path(sys.executable).parent / "airflow"), service], env=self.env, stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                [str(Path(sys.executable).parent / "airflow"), service],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -94,8 +101,9 @@ class LocalAirflow:
                 pass
             for service, proc in self.processes.items():
                 if proc.poll() is not None:
-                    raise AirflowError(f"airflow {service} exited ({proc.returncode}); see "
-                                       f"{self.home / 'logs' / (service + '.log')}")
+                    raise AirflowError(
+                        f"airflow {service} exited ({proc.returncode}); see {self.home / 'logs' / (service + '.log')}"
+                    )
             if time.monotonic() > deadline:
                 raise AirflowError(f"Airflow did not become healthy within {timeout:g} s; logs in {self.home}/logs")
             time.sleep(1)
@@ -120,8 +128,9 @@ class LocalAirflow:
     # ---- REST API ----
     def api(self, method: str, path: str, body: dict | None = None):
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 text = response.read().decode()
@@ -139,8 +148,9 @@ class LocalAirflow:
                 return dag
             except AirflowError:
                 if time.monotonic() > deadline:
-                    raise AirflowError(f"DAG {dag_id} did not appear within {timeout:g} s; "
-                                       f"see {self.home}/logs/dag-processor.log") from None
+                    raise AirflowError(
+                        f"DAG {dag_id} did not appear within {timeout:g} s; see {self.home}/logs/dag-processor.log"
+                    ) from None
                 time.sleep(2)
 
     def trigger(self, dag_id: str, conf: dict) -> str:
@@ -170,6 +180,8 @@ class LocalAirflow:
             time.sleep(2)
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1):
-        path = (f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}"
-                f"?map_index={map_index}&deserialize=true")
+        path = (
+            f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}"
+            f"?map_index={map_index}&deserialize=true"
+        )
         return self.api("GET", path)["value"]

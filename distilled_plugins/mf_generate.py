@@ -40,11 +40,10 @@ def newest_checkpoint(checkpoint: str | Path) -> Path:
 
 
 def build_model(config_path: str, checkpoint: Path, seq_length: int):
+    import mindspore as ms
     from mindformers.core.context import build_context
     from mindformers.models.llama import LlamaConfig, LlamaForCausalLM
     from mindformers.tools.register import MindFormerConfig
-
-    import mindspore as ms
 
     from distilled_plugins.configs import resolve
 
@@ -81,9 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from distilled_plugins.handle import load_tokenizer
-
     import mindspore as ms
+
+    from distilled_plugins.handle import load_tokenizer
 
     ms.set_seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -108,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     longest = max(len(ids) for _, ids in prompts)
     seq_length = min(max_positions, longest + args.max_new_tokens)  # no KV cache: every step costs seq_length
     model = build_model(args.config, newest_checkpoint(args.checkpoint), seq_length)
-    logger.info("generating %d x %d completions with %s (seq_length %d)", len(prompts), args.num_samples,
-                args.checkpoint, seq_length)
+    logger.info(
+        "generating %d x %d completions with %s (seq_length %d)",
+        len(prompts),
+        args.num_samples,
+        args.checkpoint,
+        seq_length,
+    )
     fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         for number, (row, ids) in enumerate(prompts, start=1):
@@ -120,9 +124,15 @@ def main(argv: list[str] | None = None) -> int:
                     texts.append("")
                     reasons.append("length")
                     continue
-                out = model.generate([ids], max_new_tokens=budget, do_sample=args.temperature > 0,
-                                     temperature=args.temperature or 1.0, top_p=args.top_p, top_k=0)
-                new = [int(t) for t in out[0][len(ids):]]
+                out = model.generate(
+                    [ids],
+                    max_new_tokens=budget,
+                    do_sample=args.temperature > 0,
+                    temperature=args.temperature or 1.0,
+                    top_p=args.top_p,
+                    top_k=0,
+                )
+                new = [int(t) for t in out[0][len(ids) :]]
                 stop_at = next((i for i, t in enumerate(new) if t in stop_ids), None)
                 reasons.append("stop" if stop_at is not None else "length")
                 texts.append(tokenizer.decode(new[:stop_at], skip_special_tokens=True))

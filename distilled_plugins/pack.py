@@ -140,7 +140,7 @@ class _Columns:
         chunk = int(np.searchsorted(self.first_row, index, side="right")) - 1
         local = index - self.first_row[chunk]
         offsets = self.offsets[chunk]
-        return self.values[chunk][offsets[local]: offsets[local + 1]]
+        return self.values[chunk][offsets[local] : offsets[local + 1]]
 
     def lengths(self) -> np.ndarray:
         return np.concatenate([np.diff(o) for o in self.offsets]) if self.offsets else np.zeros(0, dtype=np.int64)
@@ -152,8 +152,9 @@ def _pad_id(cfg: PackConfig) -> int:
     stats = Path(cfg.src) / "stats.json"
     if stats.exists() and "pad_token_id" in (recorded := json.loads(stats.read_text())):
         return int(recorded["pad_token_id"])
-    raise DataError(f"{cfg.src}: no stats.json with the tokenizer's pad_token_id (not made by stage 3?); "
-                    "give --pad-token-id")
+    raise DataError(
+        f"{cfg.src}: no stats.json with the tokenizer's pad_token_id (not made by stage 3?); give --pad-token-id"
+    )
 
 
 def run(cfg: PackConfig) -> Path:
@@ -175,8 +176,10 @@ def run(cfg: PackConfig) -> Path:
     lengths = ids.lengths()
     pieces, overlong = pieces_of(lengths, cfg.seq_length, cfg.overlong)
     if not pieces:
-        raise DataError(f"{src}: all {len(lengths)} samples are longer than seq_length {cfg.seq_length} and "
-                        f"policy 'drop' left nothing; raise seq_length or use --overlong split/truncate")
+        raise DataError(
+            f"{src}: all {len(lengths)} samples are longer than seq_length {cfg.seq_length} and "
+            f"policy 'drop' left nothing; raise seq_length or use --overlong split/truncate"
+        )
     plan_started = time.monotonic()
     plan = plan_bfd([p.length for p in pieces], cfg.seq_length)
     plan_seconds = time.monotonic() - plan_started
@@ -188,15 +191,15 @@ def run(cfg: PackConfig) -> Path:
     def piece_arrays(piece: Piece) -> tuple[np.ndarray, np.ndarray]:
         row_ids, row_labels = ids.row(piece.row), labels.row(piece.row)
         end = piece.start + piece.length
-        shifted = row_labels[piece.start + 1: end + 1]  # labels[1:] of the sample, cut to the piece
+        shifted = row_labels[piece.start + 1 : end + 1]  # labels[1:] of the sample, cut to the piece
         if end >= len(row_labels):
             shifted = np.append(shifted, pad)  # the sample's last position: "+ [pad]"
-        return row_ids[piece.start: end], shifted
+        return row_ids[piece.start : end], shifted
 
     def tables():
         for first in range(0, len(plan), cfg.rows_per_write):
             batch_ids, batch_labels, batch_seq_len = [], [], []
-            for pack in plan[first: first + cfg.rows_per_write]:
+            for pack in plan[first : first + cfg.rows_per_write]:
                 parts = [piece_arrays(pieces[i]) for i in pack]
                 used = sum(len(p[0]) for p in parts)
                 batch_ids.append(np.concatenate([p[0] for p in parts] + [pad_ids[: seq - used]]))
@@ -204,45 +207,76 @@ def run(cfg: PackConfig) -> Path:
                 batch_seq_len.append(np.cumsum([len(p[0]) for p in parts], dtype=np.int32))
             seq_offsets = pa.array(np.concatenate([[0], np.cumsum([len(s) for s in batch_seq_len])]).astype(np.int32))
             row_offsets = pa.array(np.arange(len(batch_ids) + 1, dtype=np.int32) * seq)
-            yield pa.table({
-                "input_ids": pa.ListArray.from_arrays(row_offsets, pa.array(np.concatenate(batch_ids), pa.int32())),
-                "labels": pa.ListArray.from_arrays(row_offsets, pa.array(np.concatenate(batch_labels), pa.int64())),
-                "actual_seq_len": pa.ListArray.from_arrays(seq_offsets,
-                                                           pa.array(np.concatenate(batch_seq_len), pa.int32())),
-            })
+            yield pa.table(
+                {
+                    "input_ids": pa.ListArray.from_arrays(row_offsets, pa.array(np.concatenate(batch_ids), pa.int32())),
+                    "labels": pa.ListArray.from_arrays(row_offsets, pa.array(np.concatenate(batch_labels), pa.int64())),
+                    "actual_seq_len": pa.ListArray.from_arrays(
+                        seq_offsets, pa.array(np.concatenate(batch_seq_len), pa.int32())
+                    ),
+                }
+            )
 
     tokens = sum(p.length for p in pieces)
     samples_per_pack = np.array([len(pack) for pack in plan])
     with atomic_dir(cfg.dst) as tmp:
         save_tables_to_disk(tables(), tmp, features(PACKED_COLUMNS))
         stats = {
-            "src": str(src), "seq_length": cfg.seq_length, "overlong_policy": cfg.overlong, "pad_token_id": pad,
-            "samples_in": int(len(lengths)), "pieces_packed": len(pieces), "tokens": int(tokens),
+            "src": str(src),
+            "seq_length": cfg.seq_length,
+            "overlong_policy": cfg.overlong,
+            "pad_token_id": pad,
+            "samples_in": len(lengths),
+            "pieces_packed": len(pieces),
+            "tokens": int(tokens),
             "tokens_in": int(lengths.sum()),
-            "packs": len(plan), "packs_lower_bound": math.ceil(tokens / cfg.seq_length),
+            "packs": len(plan),
+            "packs_lower_bound": math.ceil(tokens / cfg.seq_length),
             "efficiency": round(tokens / (len(plan) * cfg.seq_length), 6),
-            "samples_per_pack": {"mean": round(float(samples_per_pack.mean()), 3),
-                                 "min": int(samples_per_pack.min()), "max": int(samples_per_pack.max())},
+            "samples_per_pack": {
+                "mean": round(float(samples_per_pack.mean()), 3),
+                "min": int(samples_per_pack.min()),
+                "max": int(samples_per_pack.max()),
+            },
             "overlong": overlong,
-            "plan_seconds": round(plan_seconds, 3), "wall_seconds": round(time.monotonic() - started, 3),
+            "plan_seconds": round(plan_seconds, 3),
+            "wall_seconds": round(time.monotonic() - started, 3),
         }
         write_json(tmp / "stats.json", stats)
-    logger.info("packed %d samples (%d tokens) into %d rows of %d: efficiency %.4f (lower bound %d rows); "
-                "overlong: %s", stats["samples_in"], tokens, len(plan), cfg.seq_length, stats["efficiency"],
-                stats["packs_lower_bound"], overlong)
+    logger.info(
+        "packed %d samples (%d tokens) into %d rows of %d: efficiency %.4f (lower bound %d rows); overlong: %s",
+        stats["samples_in"],
+        tokens,
+        len(plan),
+        cfg.seq_length,
+        stats["efficiency"],
+        stats["packs_lower_bound"],
+        overlong,
+    )
     return Path(cfg.dst)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distilled_plugins.pack", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m distilled_plugins.pack",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--src", required=True, help="handled dataset folder (stage 3)")
     p.add_argument("--dst", required=True, help="output folder (save_to_disk layout)")
-    p.add_argument("--seq-length", type=int, default=None,
-                   help="row length; default: model.model_config.seq_length of --finetune-config")
+    p.add_argument(
+        "--seq-length",
+        type=int,
+        default=None,
+        help="row length; default: model.model_config.seq_length of --finetune-config",
+    )
     p.add_argument("--finetune-config", default=str(configs.FINETUNE_7B))
-    p.add_argument("--overlong", choices=OVERLONG_POLICIES, default="split",
-                   help="what happens to samples longer than seq_length (each case is counted)")
+    p.add_argument(
+        "--overlong",
+        choices=OVERLONG_POLICIES,
+        default="split",
+        help="what happens to samples longer than seq_length (each case is counted)",
+    )
     p.add_argument("--pad-token-id", type=int, default=None)
     return p
 
@@ -251,9 +285,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        dst = run(PackConfig(src=args.src, dst=args.dst, seq_length=args.seq_length,
-                             finetune_config=args.finetune_config, overlong=args.overlong,
-                             pad_token_id=args.pad_token_id))
+        dst = run(
+            PackConfig(
+                src=args.src,
+                dst=args.dst,
+                seq_length=args.seq_length,
+                finetune_config=args.finetune_config,
+                overlong=args.overlong,
+                pad_token_id=args.pad_token_id,
+            )
+        )
     except (ValueError, FileNotFoundError) as e:
         logger.error("%s", e)
         return 1

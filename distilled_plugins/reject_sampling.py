@@ -68,7 +68,7 @@ def sibling(dst: str | Path, suffix: str) -> Path:
 
 
 class _Example:
-    __slots__ = ("row", "key", "verdicts", "remaining", "dropped")
+    __slots__ = ("dropped", "key", "remaining", "row", "verdicts")
 
     def __init__(self, row: dict, key: str, n: int, dropped: str | None = None):
         self.row, self.key, self.dropped = row, key, dropped
@@ -97,8 +97,10 @@ def _kept_row(example: _Example, problem_column: str) -> dict | None:
         if column in row:
             row[column] = [row[column][i] for i in correct]
     prompt = row.get("prompt") or row[problem_column]
-    row["messages"] = [{"role": "user", "content": prompt},
-                       {"role": "assistant", "content": example.row["generations"][correct[-1]]}]
+    row["messages"] = [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": example.row["generations"][correct[-1]]},
+    ]
     return row
 
 
@@ -140,8 +142,12 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
             for i, completion in enumerate(row["generations"]):
                 yield grader.Sample((index, i), gold, completion, reasons[i])
 
-    with atomic_path(cfg.dst) as dst_tmp, atomic_path(sibling(cfg.dst, ".verdicts.jsonl")) as verdicts_tmp, \
-            open(dst_tmp, "wb") as out, open(verdicts_tmp, "wb") as audit:
+    with (
+        atomic_path(cfg.dst) as dst_tmp,
+        atomic_path(sibling(cfg.dst, ".verdicts.jsonl")) as verdicts_tmp,
+        open(dst_tmp, "wb") as out,
+        open(verdicts_tmp, "wb") as audit,
+    ):
 
         def flush() -> None:
             """Write finished examples at the head of the input order."""
@@ -151,8 +157,16 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
                 if example.dropped:
                     per_example[example.dropped] += 1
                     for i in range(len(example.row["generations"])):
-                        audit.write(dumps_line({"key": example.key, "index": i, "verdict": example.dropped,
-                                                "reason": "example dropped before grading"}))
+                        audit.write(
+                            dumps_line(
+                                {
+                                    "key": example.key,
+                                    "index": i,
+                                    "verdict": example.dropped,
+                                    "reason": "example dropped before grading",
+                                }
+                            )
+                        )
                     continue
                 for i, v in enumerate(example.verdicts):
                     per_generation[v.verdict] += 1
@@ -180,29 +194,43 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
     progress.finish(counts["examples_in"], f"| {counts['examples_out']} kept")
     graded = sum(per_generation.values())
     stats = {
-        "src": str(src), "dst": str(cfg.dst),
-        "examples_in": counts["examples_in"], "examples_out": counts["examples_out"],
-        "generations_graded": graded, "generations_correct": per_generation[grader.CORRECT],
+        "src": str(src),
+        "dst": str(cfg.dst),
+        "examples_in": counts["examples_in"],
+        "examples_out": counts["examples_out"],
+        "generations_graded": graded,
+        "generations_correct": per_generation[grader.CORRECT],
         "rejected_generations": {k: per_generation[k] for k in grader.VERDICTS if k != grader.CORRECT},
-        "rejected_examples": {k: per_example[k] for k in ("gold_filtered", "contaminated", "gold_unparseable",
-                                                            "no_generations", "no_correct_generation")},
+        "rejected_examples": {
+            k: per_example[k]
+            for k in ("gold_filtered", "contaminated", "gold_unparseable", "no_generations", "no_correct_generation")
+        },
         "contaminated": contaminated,
         "eval_sets": cfg.eval_sets,
-        "workers": workers, "workers_replaced": replaced,
+        "workers": workers,
+        "workers_replaced": replaced,
         "wall_seconds": round(wall, 3),
         "examples_per_s": round(counts["examples_in"] / wall, 2),
         "samples_per_s": round(graded / wall, 2),
     }
     stats_file = write_json(sibling(cfg.dst, ".stats.json"), stats)
-    logger.info("kept %d of %d examples (%d of %d generations correct); rejections: %s",
-                stats["examples_out"], stats["examples_in"], stats["generations_correct"], graded,
-                json.dumps({**stats["rejected_generations"], **stats["rejected_examples"]}))
+    logger.info(
+        "kept %d of %d examples (%d of %d generations correct); rejections: %s",
+        stats["examples_out"],
+        stats["examples_in"],
+        stats["generations_correct"],
+        graded,
+        json.dumps({**stats["rejected_generations"], **stats["rejected_examples"]}),
+    )
     return RejectSamplingResult(Path(cfg.dst), sibling(cfg.dst, ".verdicts.jsonl"), stats_file, stats)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distilled_plugins.reject_sampling", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m distilled_plugins.reject_sampling",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--src", required=True, help="JSONL of stage 1 (generations)")
     p.add_argument("--dst", required=True, help="JSONL of kept examples")
     p.add_argument("--answer-column", default="answer")
@@ -211,10 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="grading processes (default: one per core)")
     p.add_argument("--parse-timeout", type=int, default=5, help="math_verify's parse timeout, whole seconds")
     p.add_argument("--verify-timeout", type=int, default=5, help="math_verify's verify timeout, whole seconds")
-    p.add_argument("--sample-timeout", type=float, default=30.0,
-                   help="hard wall-clock limit per generation; past it the worker is replaced")
-    p.add_argument("--eval-sets", nargs="+", default=DEFAULT_EVAL_SETS,
-                   help="evaluation sets (with a 'problem' column) to decontaminate against; 'none' to skip")
+    p.add_argument(
+        "--sample-timeout",
+        type=float,
+        default=30.0,
+        help="hard wall-clock limit per generation; past it the worker is replaced",
+    )
+    p.add_argument(
+        "--eval-sets",
+        nargs="+",
+        default=DEFAULT_EVAL_SETS,
+        help="evaluation sets (with a 'problem' column) to decontaminate against; 'none' to skip",
+    )
     p.add_argument("--progress-interval", type=float, default=5.0)
     return p
 
@@ -224,11 +260,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     eval_sets = [] if [s.lower() for s in args.eval_sets] == ["none"] else args.eval_sets
     try:
-        result = run(RejectSamplingConfig(
-            src=args.src, dst=args.dst, answer_column=args.answer_column, problem_column=args.problem_column,
-            uuid_column=args.uuid_column, workers=args.workers, parse_timeout=args.parse_timeout,
-            verify_timeout=args.verify_timeout, sample_timeout=args.sample_timeout, eval_sets=eval_sets,
-            progress_interval=args.progress_interval))
+        result = run(
+            RejectSamplingConfig(
+                src=args.src,
+                dst=args.dst,
+                answer_column=args.answer_column,
+                problem_column=args.problem_column,
+                uuid_column=args.uuid_column,
+                workers=args.workers,
+                parse_timeout=args.parse_timeout,
+                verify_timeout=args.verify_timeout,
+                sample_timeout=args.sample_timeout,
+                eval_sets=eval_sets,
+                progress_interval=args.progress_interval,
+            )
+        )
     except ValueError as e:
         logger.error("%s", e)
         return 1

@@ -34,9 +34,18 @@ FAULTS = ("ok", "429", "500", "503", "400", "401", "404", "bad_json", "truncated
 class ReplayTeacher:
     """Answers ``/v1/chat/completions`` with ``answer(problem)``; counts requests and records what it saw."""
 
-    def __init__(self, answer: Callable[[str], str], *, prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
-                 faults: Iterable[str] = (), fault_rate: float = 0.0, seed: int = 0, delay: float = 0.0,
-                 retry_after: str | None = "1", api_key: str | None = None):
+    def __init__(
+        self,
+        answer: Callable[[str], str],
+        *,
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        faults: Iterable[str] = (),
+        fault_rate: float = 0.0,
+        seed: int = 0,
+        delay: float = 0.0,
+        retry_after: str | None = "1",
+        api_key: str | None = None,
+    ):
         self.answer = answer
         prefix, _, suffix = prompt_template.replace("{{", "{").replace("}}", "}").partition("{prompt}")
         self.prefix, self.suffix = prefix, suffix
@@ -50,7 +59,7 @@ class ReplayTeacher:
 
     def problem_of(self, content: str) -> str:
         if content.startswith(self.prefix) and content.endswith(self.suffix):
-            return content[len(self.prefix): len(content) - len(self.suffix)]
+            return content[len(self.prefix) : len(content) - len(self.suffix)]
         return content
 
     def _next_fault(self) -> str:
@@ -85,12 +94,21 @@ class ReplayTeacher:
         message = {"role": "assistant", "content": text}
         if fault == "reasoning":
             message = {"role": "assistant", "reasoning_content": "Let me think.\n", "content": text}
-        body = json.dumps({
-            "id": f"replay-{self.requests}", "object": "chat.completion", "model": payload.get("model"),
-            "choices": [{"index": 0, "message": message, "finish_reason": "length" if fault == "length" else "stop"}],
-            "usage": {"prompt_tokens": len(problem) // 4, "completion_tokens": len(text) // 4,
-                      "total_tokens": (len(problem) + len(text)) // 4},
-        }).encode()
+        body = json.dumps(
+            {
+                "id": f"replay-{self.requests}",
+                "object": "chat.completion",
+                "model": payload.get("model"),
+                "choices": [
+                    {"index": 0, "message": message, "finish_reason": "length" if fault == "length" else "stop"}
+                ],
+                "usage": {
+                    "prompt_tokens": len(problem) // 4,
+                    "completion_tokens": len(text) // 4,
+                    "total_tokens": (len(problem) + len(text)) // 4,
+                },
+            }
+        ).encode()
         if fault == "bad_json":
             return web.Response(body=body[: len(body) // 2], content_type="application/json")
         if fault == "truncated":
@@ -154,11 +172,13 @@ def load_answers(path: str | Path, problem_field: str, answer_field: str) -> dic
 
 def replay_answer(answers: dict[str, str], fallback: str | None = None) -> Callable[[str], str]:
     """An ``answer`` function over stored texts; unknown problems get ``fallback`` (or a reply without answer)."""
+
     def answer(problem: str) -> str:
         found = answers.get(problem)
         if found is not None:
             return found
         return fallback if fallback is not None else "I could not find this problem, so I give no answer."
+
     return answer
 
 
@@ -176,8 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     answers = load_answers(args.answers, args.problem_field, args.answer_field)
-    teacher = ReplayTeacher(replay_answer(answers), prompt_template=args.prompt_template,
-                            fault_rate=args.fault_rate, delay=args.delay, retry_after=args.retry_after)
+    teacher = ReplayTeacher(
+        replay_answer(answers),
+        prompt_template=args.prompt_template,
+        fault_rate=args.fault_rate,
+        delay=args.delay,
+        retry_after=args.retry_after,
+    )
     logger.info("replaying %d stored answers on http://%s:%d/v1/chat/completions", len(answers), args.host, args.port)
     web.run_app(teacher.app(), host=args.host, port=args.port, access_log=None, print=None)
     return 0

@@ -28,8 +28,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # started as a script by msrun
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mindspore as ms  # noqa: E402  (the graph compiler resolves names used in cells as module globals)
-from mindspore import ops  # noqa: E402
+import mindspore as ms
+from mindspore import ops
 
 logger = logging.getLogger("distilled_plugins.train")
 
@@ -64,8 +64,6 @@ def apply_cpu_accommodations(device_target: str) -> list[str]:
     """Patch what mindformers cannot do on CPU; returns what was patched (empty on NPUs)."""
     if str(device_target).upper() != "CPU":
         return []
-    import mindformers.core.context  # noqa: F401
-    import mindformers.trainer  # noqa: F401  (imports the modules whose barrier names are replaced)
     from mindformers.wrapper.wrapper import MFTrainOneStepCell
 
     # the package re-exports a function named build_context, hiding the module of the same name
@@ -73,8 +71,11 @@ def apply_cpu_accommodations(device_target: str) -> list[str]:
     MFTrainOneStepCell.get_overflow_status = _cpu_overflow_status
     barriers = _replace_barriers()
     mf_context._setup_affinity = lambda *args, **kwargs: None
-    return ["loss-scale overflow check -> finite-gradient check",
-            f"barriers outside the training step skipped ({barriers} modules)", "CPU core binding skipped"]
+    return [
+        "loss-scale overflow check -> finite-gradient check",
+        f"barriers outside the training step skipped ({barriers} modules)",
+        "CPU core binding skipped",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

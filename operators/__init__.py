@@ -8,5 +8,12 @@ from operators.handle import HandleDatasetOperator
 from operators.pack import PackDatasetOperator
 from operators.reject_sampling import RejectSamplingOperator
 
-__all__ = ["GenerateReasoningOperator", "HandleDatasetOperator", "Math500EvalOperator", "MergeShardsOperator",
-           "MsrunFinetuneOperator", "PackDatasetOperator", "RejectSamplingOperator"]
+__all__ = [
+    "GenerateReasoningOperator",
+    "HandleDatasetOperator",
+    "Math500EvalOperator",
+    "MergeShardsOperator",
+    "MsrunFinetuneOperator",
+    "PackDatasetOperator",
+    "RejectSamplingOperator",
+]

@@ -21,16 +21,45 @@ class Math500EvalOperator(BaseOperator):
     the task fails when the model scores below the baseline's pass@1.
     """
 
-    template_fields = ("output_dir", "dataset", "limit", "source", "endpoint_conn_id", "model", "checkpoint",
-                       "mindformers_config", "rescore", "baseline", "n_samples", "max_new_tokens")
+    template_fields = (
+        "output_dir",
+        "dataset",
+        "limit",
+        "source",
+        "endpoint_conn_id",
+        "model",
+        "checkpoint",
+        "mindformers_config",
+        "rescore",
+        "baseline",
+        "n_samples",
+        "max_new_tokens",
+    )
     ui_color = "#f3e8fd"
 
-    def __init__(self, *, output_dir: str, dataset: str = str(evaluate.MATH500), limit: int | None = None,
-                 endpoint_conn_id: str | None = None, model: str | None = None, checkpoint: str | None = None,
-                 mindformers_config: str | None = None, rescore: str | None = None, source: str | None = None,
-                 n_samples: int = 4, max_new_tokens: int = 32768, temperature: float = 0.6, top_p: float = 0.95,
-                 seed: int = 0, system_prompt: str = evaluate.SYSTEM_PROMPT, baseline: str | None = None,
-                 fail_below_baseline: bool = False, report_label: str = "fine-tuned model", **kwargs):
+    def __init__(
+        self,
+        *,
+        output_dir: str,
+        dataset: str = str(evaluate.MATH500),
+        limit: int | None = None,
+        endpoint_conn_id: str | None = None,
+        model: str | None = None,
+        checkpoint: str | None = None,
+        mindformers_config: str | None = None,
+        rescore: str | None = None,
+        source: str | None = None,
+        n_samples: int = 4,
+        max_new_tokens: int = 32768,
+        temperature: float = 0.6,
+        top_p: float = 0.95,
+        seed: int = 0,
+        system_prompt: str = evaluate.SYSTEM_PROMPT,
+        baseline: str | None = None,
+        fail_below_baseline: bool = False,
+        report_label: str = "fine-tuned model",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.output_dir = output_dir
         self.dataset = dataset
@@ -65,20 +94,42 @@ class Math500EvalOperator(BaseOperator):
         api_addr = api_key = None
         if self.endpoint_conn_id:
             api_addr, api_key = self.hook.get_endpoint()
-        report_path = evaluate.run(evaluate.EvalConfig(
-            out=self.output_dir, dataset=self.dataset, limit=int(self.limit) if self.limit else None,
-            protocol=evaluate.Protocol(self.system_prompt, float(self.temperature), float(self.top_p),
-                                       int(self.max_new_tokens), int(self.n_samples), int(self.seed)),
-            api_addr=api_addr, model=self.model, api_key=api_key, checkpoint=self.checkpoint or None,
-            mindformers_config=self.mindformers_config or None, rescore=self.rescore or None,
-            baseline=self.baseline or None, label=self.report_label))
+        report_path = evaluate.run(
+            evaluate.EvalConfig(
+                out=self.output_dir,
+                dataset=self.dataset,
+                limit=int(self.limit) if self.limit else None,
+                protocol=evaluate.Protocol(
+                    self.system_prompt,
+                    float(self.temperature),
+                    float(self.top_p),
+                    int(self.max_new_tokens),
+                    int(self.n_samples),
+                    int(self.seed),
+                ),
+                api_addr=api_addr,
+                model=self.model,
+                api_key=api_key,
+                checkpoint=self.checkpoint or None,
+                mindformers_config=self.mindformers_config or None,
+                rescore=self.rescore or None,
+                baseline=self.baseline or None,
+                label=self.report_label,
+            )
+        )
         report = json.loads(report_path.read_text())
-        self.log.info("MATH-500 pass@1 %.2f%% (95%% CI %s) over %d problems x %d samples; report %s",
-                      report["pass@1"], report["ci95"], report["problems"], report["protocol"]["n_samples"],
-                      report_path)
+        self.log.info(
+            "MATH-500 pass@1 %.2f%% (95%% CI %s) over %d problems x %d samples; report %s",
+            report["pass@1"],
+            report["ci95"],
+            report["problems"],
+            report["protocol"]["n_samples"],
+            report_path,
+        )
         if self.fail_below_baseline and report.get("baseline") and report["baseline"]["difference"] < 0:
             raise AirflowException(
                 f"task {self.task_id}: pass@1 {report['pass@1']:.2f} is below the baseline's "
                 f"{report['baseline']['pass@1']:.2f} ({report['baseline']['difference']:+.2f} points); "
-                f"see {report_path.with_suffix('.md')}")
+                f"see {report_path.with_suffix('.md')}"
+            )
         return str(report_path)

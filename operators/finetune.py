@@ -20,15 +20,39 @@ class MsrunFinetuneOperator(BaseOperator):
     newest checkpoint, or returns the result of a job that already finished, without training again.
     """
 
-    template_fields = ("config", "dataset_path", "output_dir", "load_checkpoint", "seq_length", "worker_num",
-                       "local_worker_num", "node_rank", "master_addr", "master_port")
+    template_fields = (
+        "config",
+        "dataset_path",
+        "output_dir",
+        "load_checkpoint",
+        "seq_length",
+        "worker_num",
+        "local_worker_num",
+        "node_rank",
+        "master_addr",
+        "master_port",
+    )
     ui_color = "#fce8e6"
 
-    def __init__(self, *, config: str, dataset_path: str, output_dir: str, load_checkpoint: str | None = None,
-                 seq_length: int | None = None, worker_num: int = 1, local_worker_num: int | None = None,
-                 node_rank: int = 0, master_addr: str = "127.0.0.1", master_port: int = 8118,
-                 overrides: dict | None = None, deferrable: bool = True, poll_interval: float = 10.0,
-                 stall_timeout: float | None = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        config: str,
+        dataset_path: str,
+        output_dir: str,
+        load_checkpoint: str | None = None,
+        seq_length: int | None = None,
+        worker_num: int = 1,
+        local_worker_num: int | None = None,
+        node_rank: int = 0,
+        master_addr: str = "127.0.0.1",
+        master_port: int = 8118,
+        overrides: dict | None = None,
+        deferrable: bool = True,
+        poll_interval: float = 10.0,
+        stall_timeout: float | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.config = config
         self.dataset_path = dataset_path
@@ -47,48 +71,72 @@ class MsrunFinetuneOperator(BaseOperator):
 
     def _config(self) -> finetune.FinetuneConfig:
         return finetune.FinetuneConfig(
-            config=self.config, dataset_path=self.dataset_path, output_dir=self.output_dir,
-            load_checkpoint=self.load_checkpoint or None, seq_length=int(self.seq_length) if self.seq_length else None,
-            worker_num=int(self.worker_num), local_worker_num=int(self.local_worker_num or self.worker_num),
-            node_rank=int(self.node_rank), master_addr=self.master_addr, master_port=int(self.master_port),
-            overrides=self.overrides, poll_interval=self.poll_interval)
+            config=self.config,
+            dataset_path=self.dataset_path,
+            output_dir=self.output_dir,
+            load_checkpoint=self.load_checkpoint or None,
+            seq_length=int(self.seq_length) if self.seq_length else None,
+            worker_num=int(self.worker_num),
+            local_worker_num=int(self.local_worker_num or self.worker_num),
+            node_rank=int(self.node_rank),
+            master_addr=self.master_addr,
+            master_port=int(self.master_port),
+            overrides=self.overrides,
+            poll_interval=self.poll_interval,
+        )
 
     @staticmethod
     def _xcom(result: finetune.FinetuneResult) -> dict:
-        return {"checkpoint_dir": result.checkpoint_dir, "metrics": result.metrics_file,
-                "loss_curve": result.loss_curve, "steps": result.steps}
+        return {
+            "checkpoint_dir": result.checkpoint_dir,
+            "metrics": result.metrics_file,
+            "loss_curve": result.loss_curve,
+            "steps": result.steps,
+        }
 
     def execute(self, context: Context) -> dict | None:
         cfg = self._config()
         done = finetune.finished_result(cfg.run_dir)
         if done:
-            self.log.info("%s already holds a finished job: returning its checkpoints without training again",
-                          cfg.run_dir)
+            self.log.info(
+                "%s already holds a finished job: returning its checkpoints without training again", cfg.run_dir
+            )
             return with_fields(context, self._xcom(done))
         if not self.deferrable:
             return with_fields(context, self._xcom(finetune.run(cfg)))
         launched = finetune.running_job(cfg.run_dir)
         if launched:
-            self.log.info("re-attaching to the training job still running in %s (pid %d)", cfg.run_dir,
-                          launched.pid)
+            self.log.info("re-attaching to the training job still running in %s (pid %d)", cfg.run_dir, launched.pid)
         else:
             launched = finetune.launch(cfg)
-        self.defer(trigger=MsrunJobTrigger(run_dir=launched.run_dir, pid=launched.pid, hostname=launched.hostname,
-                                           poll_interval=self.poll_interval, stall_timeout=self.stall_timeout),
-                   method_name="execute_complete", kwargs={"resume_step": launched.resume_step})
+        self.defer(
+            trigger=MsrunJobTrigger(
+                run_dir=launched.run_dir,
+                pid=launched.pid,
+                hostname=launched.hostname,
+                poll_interval=self.poll_interval,
+                stall_timeout=self.stall_timeout,
+            ),
+            method_name="execute_complete",
+            kwargs={"resume_step": launched.resume_step},
+        )
         return None
 
     def execute_complete(self, context: Context, event: dict, resume_step: int = 0) -> dict:
         cfg = self._config()
         if event["status"] == "stalled":
             finetune.stop(cfg.run_dir)
-            raise AirflowException(f"task {self.task_id}: training in {cfg.run_dir} stalled ({event['message']}) "
-                                   "and was stopped; clear the task to resume from its newest checkpoint")
+            raise AirflowException(
+                f"task {self.task_id}: training in {cfg.run_dir} stalled ({event['message']}) "
+                "and was stopped; clear the task to resume from its newest checkpoint"
+            )
         try:
             result = finetune.collect(cfg, event["status"], resume_step)
         except finetune.FinetuneFailed as e:
-            raise AirflowException(f"task {self.task_id}: {e}\nClear the task to resume from the newest checkpoint "
-                                   f"in {cfg.run_dir}/checkpoint.") from None
+            raise AirflowException(
+                f"task {self.task_id}: {e}\nClear the task to resume from the newest checkpoint "
+                f"in {cfg.run_dir}/checkpoint."
+            ) from None
         self.log.info("training finished after %d steps; checkpoints in %s", result.steps, result.checkpoint_dir)
         return with_fields(context, self._xcom(result))
 

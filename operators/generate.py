@@ -21,16 +21,44 @@ class GenerateReasoningOperator(BaseOperator):
     """
 
     # prompt_template is not templated: its literal braces (\boxed{{}}) would be read as Jinja
-    template_fields = ("dataset_name", "output_file", "model", "teacher_conn_id", "prompt_column", "uuid_column",
-                       "num_generations", "max_tokens", "max_concurrent", "shard_index", "num_shards", "store_dir",
-                       "max_attempts")
+    template_fields = (
+        "dataset_name",
+        "output_file",
+        "model",
+        "teacher_conn_id",
+        "prompt_column",
+        "uuid_column",
+        "num_generations",
+        "max_tokens",
+        "max_concurrent",
+        "shard_index",
+        "num_shards",
+        "store_dir",
+        "max_attempts",
+    )
     ui_color = "#e8f0fe"
 
-    def __init__(self, *, dataset_name: str, output_file: str, model: str, teacher_conn_id: str = "teacher_default",
-                 prompt_column: str = "problem", uuid_column: str | None = None, num_generations: int = 4,
-                 max_tokens: int = 16384, max_concurrent: int = 100, temperature: float = 0.6, top_p: float = 0.95,
-                 prompt_template: str = generate.DEFAULT_PROMPT_TEMPLATE, shard_index: int = 0, num_shards: int = 1,
-                 store_dir: str | None = None, max_attempts: int = RetryPolicy.max_attempts, **kwargs):
+    def __init__(
+        self,
+        *,
+        dataset_name: str,
+        output_file: str,
+        model: str,
+        teacher_conn_id: str = "teacher_default",
+        prompt_column: str = "problem",
+        uuid_column: str | None = None,
+        num_generations: int = 4,
+        max_tokens: int = 16384,
+        max_concurrent: int = 100,
+        temperature: float = 0.6,
+        top_p: float = 0.95,
+        prompt_template: str = generate.DEFAULT_PROMPT_TEMPLATE,
+        shard_index: int = 0,
+        num_shards: int = 1,
+        store_dir: str | None = None,
+        max_attempts: int = RetryPolicy.max_attempts,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.dataset_name = dataset_name
         self.output_file = output_file
@@ -55,15 +83,27 @@ class GenerateReasoningOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict:
         api_addr, api_key = self.hook.get_endpoint()
-        result = generate.run(generate.GenerateConfig(
-            dataset_name=self.dataset_name, output_file=self.output_file, model=self.model,
-            prompt_column=self.prompt_column, uuid_column=self.uuid_column or None, api_addr=api_addr,
-            api_key=api_key, num_generations=int(self.num_generations), max_tokens=int(self.max_tokens),
-            max_concurrent=int(self.max_concurrent), temperature=float(self.temperature), top_p=float(self.top_p),
-            prompt_template=self.prompt_template, shard_index=int(self.shard_index),
-            num_shards=int(self.num_shards), retry=RetryPolicy(max_attempts=int(self.max_attempts)),
-            store_dir=self.store_dir or None,
-        ))
+        result = generate.run(
+            generate.GenerateConfig(
+                dataset_name=self.dataset_name,
+                output_file=self.output_file,
+                model=self.model,
+                prompt_column=self.prompt_column,
+                uuid_column=self.uuid_column or None,
+                api_addr=api_addr,
+                api_key=api_key,
+                num_generations=int(self.num_generations),
+                max_tokens=int(self.max_tokens),
+                max_concurrent=int(self.max_concurrent),
+                temperature=float(self.temperature),
+                top_p=float(self.top_p),
+                prompt_template=self.prompt_template,
+                shard_index=int(self.shard_index),
+                num_shards=int(self.num_shards),
+                retry=RetryPolicy(max_attempts=int(self.max_attempts)),
+                store_dir=self.store_dir or None,
+            )
+        )
         return with_fields(context, {"output": str(result.output_file), "stats": str(result.stats_file)})
 
 

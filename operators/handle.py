@@ -16,8 +16,17 @@ class HandleDatasetOperator(BaseOperator):
     template_fields = ("src", "tokenizer", "dst", "max_length", "truncation")
     ui_color = "#e6f4ea"
 
-    def __init__(self, *, src: str | list[str], tokenizer: str, dst: str, max_length: int = 20480,
-                 truncation: str = "tutorial", system_prompt: str = handle.SYSTEM_PROMPT, **kwargs):
+    def __init__(
+        self,
+        *,
+        src: str | list[str],
+        tokenizer: str,
+        dst: str,
+        max_length: int = 20480,
+        truncation: str = "tutorial",
+        system_prompt: str = handle.SYSTEM_PROMPT,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.src = src
         self.tokenizer = tokenizer
@@ -28,6 +37,15 @@ class HandleDatasetOperator(BaseOperator):
 
     def execute(self, context: Context) -> str:
         src = [self.src] if isinstance(self.src, str) else list(self.src)
-        return str(handle.run(handle.HandleConfig(src=src, tokenizer=self.tokenizer, dst=self.dst,
-                                                  max_length=int(self.max_length), truncation=self.truncation,
-                                                  system_prompt=self.system_prompt)))
+        return str(
+            handle.run(
+                handle.HandleConfig(
+                    src=src,
+                    tokenizer=self.tokenizer,
+                    dst=self.dst,
+                    max_length=int(self.max_length),
+                    truncation=self.truncation,
+                    system_prompt=self.system_prompt,
+                )
+            )
+        )

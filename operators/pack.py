@@ -16,8 +16,16 @@ class PackDatasetOperator(BaseOperator):
     template_fields = ("src", "dst", "seq_length", "finetune_config", "overlong")
     ui_color = "#e6f4ea"
 
-    def __init__(self, *, src: str, dst: str, seq_length: int | None = None,
-                 finetune_config: str = str(configs.FINETUNE_7B), overlong: str = "split", **kwargs):
+    def __init__(
+        self,
+        *,
+        src: str,
+        dst: str,
+        seq_length: int | None = None,
+        finetune_config: str = str(configs.FINETUNE_7B),
+        overlong: str = "split",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.src = src
         self.dst = dst
@@ -26,6 +34,14 @@ class PackDatasetOperator(BaseOperator):
         self.overlong = overlong
 
     def execute(self, context: Context) -> str:
-        return str(pack.run(pack.PackConfig(src=self.src, dst=self.dst,
-                                            seq_length=int(self.seq_length) if self.seq_length else None,
-                                            finetune_config=self.finetune_config, overlong=self.overlong)))
+        return str(
+            pack.run(
+                pack.PackConfig(
+                    src=self.src,
+                    dst=self.dst,
+                    seq_length=int(self.seq_length) if self.seq_length else None,
+                    finetune_config=self.finetune_config,
+                    overlong=self.overlong,
+                )
+            )
+        )

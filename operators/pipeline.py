@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 WHAT_TO_DO = {
     "shard_plan": "check the 'shards' parameter",
     "generate": "check the teacher connection and model name; clearing the task resumes its shard, "
-                "completions already received are kept",
+    "completions already received are kept",
     "merge": "a shard output is incomplete: clear the generate task of that shard",
     "reject_sampling": "check the seed's answer column and the evaluation sets; clearing the task rewrites its output",
     "handle": "check the tokenizer folder and the messages column; clearing the task rewrites its output",
@@ -36,5 +36,6 @@ def log_failure_summary(context) -> None:
     error = context.get("exception")
     first_line = str(error).strip().splitlines()[0] if error else "unknown error"
     hint = WHAT_TO_DO.get(ti.task_id, "read the error above, fix its cause, then clear the task")
-    logger.error("FAILED %s (run %s, try %s): %s -- what to do: %s", ti.task_id, ti.run_id, ti.try_number,
-                 first_line, hint)
+    logger.error(
+        "FAILED %s (run %s, try %s): %s -- what to do: %s", ti.task_id, ti.run_id, ti.try_number, first_line, hint
+    )

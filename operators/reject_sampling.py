@@ -19,9 +19,20 @@ class RejectSamplingOperator(BaseOperator):
     template_fields = ("src", "dst", "eval_sets", "answer_column", "problem_column", "workers")
     ui_color = "#fef3e0"
 
-    def __init__(self, *, src: str, dst: str, eval_sets: list[str] | None = None, answer_column: str = "answer",
-                 problem_column: str = "problem", workers: int | None = None, parse_timeout: int = 5,
-                 verify_timeout: int = 5, sample_timeout: float = 30.0, **kwargs):
+    def __init__(
+        self,
+        *,
+        src: str,
+        dst: str,
+        eval_sets: list[str] | None = None,
+        answer_column: str = "answer",
+        problem_column: str = "problem",
+        workers: int | None = None,
+        parse_timeout: int = 5,
+        verify_timeout: int = 5,
+        sample_timeout: float = 30.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.src = src
         self.dst = dst
@@ -35,9 +46,19 @@ class RejectSamplingOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict:
         eval_sets = reject_sampling.DEFAULT_EVAL_SETS if self.eval_sets is None else list(self.eval_sets)
-        result = reject_sampling.run(reject_sampling.RejectSamplingConfig(
-            src=self.src, dst=self.dst, answer_column=self.answer_column, problem_column=self.problem_column,
-            workers=int(self.workers) if self.workers else None, parse_timeout=self.parse_timeout,
-            verify_timeout=self.verify_timeout, sample_timeout=self.sample_timeout, eval_sets=eval_sets))
-        return with_fields(context, {"output": str(result.output), "verdicts": str(result.verdicts),
-                                     "stats": str(result.stats_file)})
+        result = reject_sampling.run(
+            reject_sampling.RejectSamplingConfig(
+                src=self.src,
+                dst=self.dst,
+                answer_column=self.answer_column,
+                problem_column=self.problem_column,
+                workers=int(self.workers) if self.workers else None,
+                parse_timeout=self.parse_timeout,
+                verify_timeout=self.verify_timeout,
+                sample_timeout=self.sample_timeout,
+                eval_sets=eval_sets,
+            )
+        )
+        return with_fields(
+            context, {"output": str(result.output), "verdicts": str(result.verdicts), "stats": str(result.stats_file)}
+        )

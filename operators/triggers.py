@@ -20,8 +20,9 @@ class MsrunJobTrigger(BaseTrigger):
     stopped growing for ``stall_timeout`` seconds.
     """
 
-    def __init__(self, run_dir: str, pid: int, hostname: str, poll_interval: float = 10.0,
-                 stall_timeout: float | None = None):
+    def __init__(
+        self, run_dir: str, pid: int, hostname: str, poll_interval: float = 10.0, stall_timeout: float | None = None
+    ):
         super().__init__()
         self.run_dir = run_dir
         self.pid = pid
@@ -30,10 +31,16 @@ class MsrunJobTrigger(BaseTrigger):
         self.stall_timeout = stall_timeout
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return ("operators.triggers.MsrunJobTrigger", {
-            "run_dir": self.run_dir, "pid": self.pid, "hostname": self.hostname,
-            "poll_interval": self.poll_interval, "stall_timeout": self.stall_timeout,
-        })
+        return (
+            "operators.triggers.MsrunJobTrigger",
+            {
+                "run_dir": self.run_dir,
+                "pid": self.pid,
+                "hostname": self.hostname,
+                "poll_interval": self.poll_interval,
+                "stall_timeout": self.stall_timeout,
+            },
+        )
 
     async def run(self):
         same_host = socket.gethostname() == self.hostname
@@ -51,7 +58,12 @@ class MsrunJobTrigger(BaseTrigger):
                     self.log.info("training %s: %s", self.run_dir, progress)
                     last_progress = progress
             elif self.stall_timeout and time.monotonic() - last_growth > self.stall_timeout:
-                yield TriggerEvent({"status": "stalled", "run_dir": self.run_dir,
-                                    "message": f"worker logs did not grow for {self.stall_timeout:g} s"})
+                yield TriggerEvent(
+                    {
+                        "status": "stalled",
+                        "run_dir": self.run_dir,
+                        "message": f"worker logs did not grow for {self.stall_timeout:g} s",
+                    }
+                )
                 return
             await asyncio.sleep(self.poll_interval)

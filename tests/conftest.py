@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from distilled_plugins.configs import SHARED_DATA  # noqa: E402
-from distilled_plugins.local_airflow import free_port  # noqa: E402,F401  (tests import it from here)
+from distilled_plugins.configs import SHARED_DATA
+from distilled_plugins.local_airflow import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MATH500 = SHARED_DATA / "math500" / "test.jsonl"
@@ -30,12 +30,20 @@ os.environ["LOG_MF_PATH"] = str(_AIRFLOW_HOME / "mindformers-log")
 os.environ["LOCAL_DEFAULT_PATH"] = str(_AIRFLOW_HOME / "mindformers-output")
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 # dag.test() runs only DAGs found in a bundle: the project's dags/ and the tests' own small DAGs
-os.environ["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"] = json.dumps([
-    {"name": "dags-folder", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
-     "kwargs": {"path": str(REPO / "dags"), "refresh_interval": 0}},
-    {"name": "test-dags", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
-     "kwargs": {"path": str(REPO / "tests" / "dags"), "refresh_interval": 0}},
-])
+os.environ["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"] = json.dumps(
+    [
+        {
+            "name": "dags-folder",
+            "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+            "kwargs": {"path": str(REPO / "dags"), "refresh_interval": 0},
+        },
+        {
+            "name": "test-dags",
+            "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+            "kwargs": {"path": str(REPO / "tests" / "dags"), "refresh_interval": 0},
+        },
+    ]
+)
 
 
 @pytest.fixture(scope="session")
@@ -80,8 +88,10 @@ def math_train_rows(n: int, start: int = 0) -> list[dict]:
 
 def conversation_rows(n: int, start: int = 0) -> list[dict]:
     """MATH training problems with their reference solutions as user/assistant conversations."""
-    return [{"messages": [{"role": "user", "content": r["problem"]}, {"role": "assistant", "content": r["solution"]}]}
-            for r in math_train_rows(n, start)]
+    return [
+        {"messages": [{"role": "user", "content": r["problem"]}, {"role": "assistant", "content": r["solution"]}]}
+        for r in math_train_rows(n, start)
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +111,13 @@ def tiny_checkpoint(tiny_packed, tmp_path_factory):
     from distilled_plugins import configs, finetune
 
     out = tmp_path_factory.mktemp("tiny-finetune")
-    result = finetune.run(finetune.FinetuneConfig(config=str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml"),
-                                                  dataset_path=str(tiny_packed), output_dir=str(out),
-                                                  master_port=free_port(), poll_interval=0.5))
+    result = finetune.run(
+        finetune.FinetuneConfig(
+            config=str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml"),
+            dataset_path=str(tiny_packed),
+            output_dir=str(out),
+            master_port=free_port(),
+            poll_interval=0.5,
+        )
+    )
     return Path(result.checkpoint_dir)

@@ -22,17 +22,27 @@ DAG_ID = "distill_r1"
 
 
 def test_dag_imports_fast_and_every_param_is_documented():
-    code = ("import time, json, importlib.util as u; t = time.monotonic(); "
-            f"s = u.spec_from_file_location('d', {str(DAG_FILE)!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
-            "took = time.monotonic() - t; "
-            "print(json.dumps({'took': took, 'tasks': [x.task_id for x in m.dag.tasks], "
-            "'params': {k: [p.description, p.schema] for k, p in m.params.items()}}))")
+    code = (
+        "import time, json, importlib.util as u; t = time.monotonic(); "
+        f"s = u.spec_from_file_location('d', {str(DAG_FILE)!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
+        "took = time.monotonic() - t; "
+        "print(json.dumps({'took': took, 'tasks': [x.task_id for x in m.dag.tasks], "
+        "'params': {k: [p.description, p.schema] for k, p in m.params.items()}}))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout.strip().splitlines()[-1])
     assert info["took"] < 2.0
-    assert info["tasks"] == ["shard_plan", "generate", "merge", "reject_sampling", "handle", "pack", "finetune",
-                             "evaluate"]
+    assert info["tasks"] == [
+        "shard_plan",
+        "generate",
+        "merge",
+        "reject_sampling",
+        "handle",
+        "pack",
+        "finetune",
+        "evaluate",
+    ]
     for name, (description, schema) in info["params"].items():
         assert description and len(description) > 10, name
         assert schema.get("type") in ("string", "integer"), name
@@ -56,8 +66,12 @@ def flaky_teacher(answers: dict[str, str], failures: int) -> ReplayTeacher:
 @pytest.mark.slow
 def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(tmp_path):
     seed = make_seed(tmp_path / "seed" / "seed.jsonl", 16)
-    settings = {**demo_settings(tmp_path, seed), "eval_limit": 2, "eval_max_new_tokens": 8,
-                "request_attempts": 1}  # one attempt per request: a teacher error fails the task, the retry resumes
+    settings = {
+        **demo_settings(tmp_path, seed),
+        "eval_limit": 2,
+        "eval_max_new_tokens": 8,
+        "request_attempts": 1,
+    }  # one attempt per request: a teacher error fails the task, the retry resumes
     answers = load_answers(MATH_TRAIN_SOLUTIONS, "problem", "solution")
     teacher = flaky_teacher(answers, failures=2)
     with ServerThread(teacher.app()) as server:
@@ -72,7 +86,9 @@ def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(tmp_path):
 
             run_id = airflow.trigger(DAG_ID, settings)
             assert airflow.wait_for_run(DAG_ID, run_id, timeout=900) == "success"
-            tries = {(ti["task_id"], ti["map_index"]): ti["try_number"] for ti in airflow.task_instances(DAG_ID, run_id)}
+            tries = {
+                (ti["task_id"], ti["map_index"]): ti["try_number"] for ti in airflow.task_instances(DAG_ID, run_id)
+            }
             assert max(tries[("generate", 0)], tries[("generate", 1)]) == 2  # failed once, then resumed
             assert teacher.requests == 16 * 2 + 2  # only the two failed requests were sent again
             merged = airflow.xcom(DAG_ID, run_id, "merge")
@@ -83,8 +99,14 @@ def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(tmp_path):
             assert Path(finetuned["checkpoint_dir"], "rank_0").is_dir()
             report = json.loads(Path(airflow.xcom(DAG_ID, run_id, "evaluate")).read_text())
             assert report["problems"] == 2 and report["protocol"]["n_samples"] == 1
-            for task in ("reject_sampling/filtered.jsonl", "handle/stats.json", "pack/stats.json",
-                         "finetune/metrics.json", "evaluate/report.md", "evaluate/accuracy.png"):
+            for task in (
+                "reject_sampling/filtered.jsonl",
+                "handle/stats.json",
+                "pack/stats.json",
+                "finetune/metrics.json",
+                "evaluate/report.md",
+                "evaluate/accuracy.png",
+            ):
                 assert (tmp_path / "output" / DAG_ID / run_id / task).exists(), task
 
             # the seed refreshes with 3 new problems; announcing it as an asset event starts a run
@@ -100,6 +122,10 @@ def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(tmp_path):
             second = new[0]["dag_run_id"]
             assert airflow.wait_for_run(DAG_ID, second, timeout=900) == "success"
             assert teacher.requests - before == 3 * 2  # only the new problems went to the teacher
-            reused = sum(json.loads(Path(airflow.xcom(DAG_ID, second, "generate", map_index=i)["stats"]).read_text())
-                         ["rows_reused_from_store"] for i in range(2))
+            reused = sum(
+                json.loads(Path(airflow.xcom(DAG_ID, second, "generate", map_index=i)["stats"]).read_text())[
+                    "rows_reused_from_store"
+                ]
+                for i in range(2)
+            )
             assert reused == 16

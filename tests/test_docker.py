@@ -14,8 +14,16 @@ DOCKER = REPO / "docker"
 def test_compose_file_describes_a_celery_deployment():
     compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"postgres", "redis", "airflow-init", "api-server", "scheduler", "dag-processor", "triggerer",
-            "worker"} <= set(services)
+    assert {
+        "postgres",
+        "redis",
+        "airflow-init",
+        "api-server",
+        "scheduler",
+        "dag-processor",
+        "triggerer",
+        "worker",
+    } <= set(services)
     for name in ("api-server", "scheduler", "dag-processor", "triggerer", "worker"):
         service = services[name]
         assert service["image"] == "distilled-r1:latest"

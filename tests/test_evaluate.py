@@ -28,15 +28,20 @@ def endpoint(answer, **kwargs):
 
 def test_reference_solutions_score_100_and_figures_add_up(reference_answers, tmp_path):
     with endpoint(replay_answer(reference_answers)) as server:
-        path = evaluate.run(EvalConfig(out=str(tmp_path), api_addr=server.url, model="reference",
-                                       protocol=Protocol(n_samples=2, max_new_tokens=2048)))
+        path = evaluate.run(
+            EvalConfig(
+                out=str(tmp_path),
+                api_addr=server.url,
+                model="reference",
+                protocol=Protocol(n_samples=2, max_new_tokens=2048),
+            )
+        )
     report = json.loads(path.read_text())
     assert report["pass@1"] == 100.0 and report["ci95"] == [100.0, 100.0]
     assert report["problems"] == 500 and report["samples"] == 1000
     assert sum(v["samples"] for v in report["by_level"].values()) == 500 * 2
     assert sum(v["samples"] for v in report["by_subject"].values()) == 500 * 2
-    assert {k: v["problems"] for k, v in report["by_level"].items()} == {"1": 43, "2": 90, "3": 105, "4": 128,
-                                                                          "5": 134}
+    assert {k: v["problems"] for k, v in report["by_level"].items()} == {"1": 43, "2": 90, "3": 105, "4": 128, "5": 134}
     assert report["protocol"]["system_prompt"] == evaluate.SYSTEM_PROMPT
     assert report["protocol"]["temperature"] == 0.6 and report["protocol"]["top_p"] == 0.95
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
@@ -47,8 +52,9 @@ def test_reference_solutions_score_100_and_figures_add_up(reference_answers, tmp
 def test_wrong_answers_score_0_truncations_counted_and_resume(tmp_path):
     teacher = ReplayTeacher(lambda problem: "After some work: $\\boxed{123456789}$.", faults=["length"] * 3)
     with ServerThread(teacher.app()) as server:
-        cfg = EvalConfig(out=str(tmp_path), api_addr=server.url, model="wrong", limit=20,
-                         protocol=Protocol(n_samples=2, seed=7))
+        cfg = EvalConfig(
+            out=str(tmp_path), api_addr=server.url, model="wrong", limit=20, protocol=Protocol(n_samples=2, seed=7)
+        )
         report = json.loads(evaluate.run(cfg).read_text())
         assert report["pass@1"] == 0.0 and report["truncated"] == 3
         assert report["verdicts"] == {"truncated": 3, "wrong": 37}
@@ -63,11 +69,27 @@ def test_wrong_answers_score_0_truncations_counted_and_resume(tmp_path):
 def test_baseline_difference(reference_answers, tmp_path):
     half = {p: (s if i % 2 else "no idea") for i, (p, s) in enumerate(reference_answers.items())}
     with endpoint(replay_answer(half)) as server:
-        base = evaluate.run(EvalConfig(out=str(tmp_path / "base"), api_addr=server.url, model="base", limit=40,
-                                       protocol=Protocol(n_samples=1), label="base model"))
+        base = evaluate.run(
+            EvalConfig(
+                out=str(tmp_path / "base"),
+                api_addr=server.url,
+                model="base",
+                limit=40,
+                protocol=Protocol(n_samples=1),
+                label="base model",
+            )
+        )
     with endpoint(replay_answer(reference_answers)) as server:
-        tuned = evaluate.run(EvalConfig(out=str(tmp_path / "tuned"), api_addr=server.url, model="tuned", limit=40,
-                                        protocol=Protocol(n_samples=1), baseline=str(base)))
+        tuned = evaluate.run(
+            EvalConfig(
+                out=str(tmp_path / "tuned"),
+                api_addr=server.url,
+                model="tuned",
+                limit=40,
+                protocol=Protocol(n_samples=1),
+                baseline=str(base),
+            )
+        )
     report = json.loads(tuned.read_text())
     assert report["baseline"]["label"] == "base model"
     assert report["baseline"]["difference"] == pytest.approx(100.0 - json.loads(base.read_text())["pass@1"])
@@ -78,9 +100,13 @@ def test_baseline_difference(reference_answers, tmp_path):
 def test_mindformers_generation_from_the_tiny_checkpoint(tiny_checkpoint, tmp_path):
     from distilled_plugins import configs
 
-    cfg = EvalConfig(out=str(tmp_path), checkpoint=str(tiny_checkpoint), limit=3,
-                     mindformers_config=str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml"),
-                     protocol=Protocol(n_samples=2, max_new_tokens=12))
+    cfg = EvalConfig(
+        out=str(tmp_path),
+        checkpoint=str(tiny_checkpoint),
+        limit=3,
+        mindformers_config=str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml"),
+        protocol=Protocol(n_samples=2, max_new_tokens=12),
+    )
     report = json.loads(evaluate.run(cfg).read_text())
     assert report["problems"] == 3 and report["samples"] == 6
     completions = read_jsonl(tmp_path / "completions.jsonl")
@@ -90,12 +116,20 @@ def test_mindformers_generation_from_the_tiny_checkpoint(tiny_checkpoint, tmp_pa
     assert "mindformers checkpoint" in report["protocol"]["completions"]
 
 
-@pytest.mark.parametrize("model,stored", [("Qwen2.5-Math-7B", 52.4), ("Qwen2.5-14B-Instruct", 80.4),
-                                          ("gemma-2-27b-it", 57.2)])
+@pytest.mark.parametrize(
+    ("model", "stored"), [("Qwen2.5-Math-7B", 52.4), ("Qwen2.5-14B-Instruct", 80.4), ("gemma-2-27b-it", 57.2)]
+)
 def test_rescore_matches_stored_accuracy_within_one_point(tmp_path, model, stored):
     assert json.loads((SKYTHOUGHT / f"{model}.math500.metrics.json").read_text())["acc"] == stored
-    path = evaluate.run(EvalConfig(out=str(tmp_path), rescore=str(SKYTHOUGHT / f"{model}.math500.jsonl"),
-                                   problem_column="question", gold_column="answer", completion_column="code"))
+    path = evaluate.run(
+        EvalConfig(
+            out=str(tmp_path),
+            rescore=str(SKYTHOUGHT / f"{model}.math500.jsonl"),
+            problem_column="question",
+            gold_column="answer",
+            completion_column="code",
+        )
+    )
     report = json.loads(path.read_text())
     assert abs(report["pass@1"] - stored) <= 1.0
     assert report["problems"] == 500 and "unknown" not in report["by_subject"]  # subjects joined from MATH-500
@@ -105,22 +139,38 @@ class TestBadInput:
     def test_missing_column(self, tmp_path):
         rows = [{k: v for k, v in r.items() if k != "subject"} for r in read_jsonl(MATH500)[:3]]
         with pytest.raises(DataError, match="missing column\\(s\\) subject"):
-            evaluate.run(EvalConfig(out=str(tmp_path), dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)),
-                                    api_addr="127.0.0.1:9", model="m"))
+            evaluate.run(
+                EvalConfig(
+                    out=str(tmp_path),
+                    dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)),
+                    api_addr="127.0.0.1:9",
+                    model="m",
+                )
+            )
 
     def test_empty_set(self, tmp_path):
         (tmp_path / "p.jsonl").write_text("")
         with pytest.raises(DataError, match="evaluation set is empty"):
-            evaluate.run(EvalConfig(out=str(tmp_path), dataset=str(tmp_path / "p.jsonl"), api_addr="127.0.0.1:9",
-                                    model="m"))
+            evaluate.run(
+                EvalConfig(out=str(tmp_path), dataset=str(tmp_path / "p.jsonl"), api_addr="127.0.0.1:9", model="m")
+            )
 
     def test_unreachable_endpoint(self, tmp_path):
         from tests.conftest import free_port
 
         port = free_port()
-        with pytest.raises(FatalRequestError, match=re.escape(f"cannot reach the teacher endpoint http://127.0.0.1:{port}")):
-            evaluate.run(EvalConfig(out=str(tmp_path), api_addr=f"127.0.0.1:{port}", model="m", limit=2,
-                                    retry=RetryPolicy(max_attempts=2, backoff_base=0.01)))
+        with pytest.raises(
+            FatalRequestError, match=re.escape(f"cannot reach the teacher endpoint http://127.0.0.1:{port}")
+        ):
+            evaluate.run(
+                EvalConfig(
+                    out=str(tmp_path),
+                    api_addr=f"127.0.0.1:{port}",
+                    model="m",
+                    limit=2,
+                    retry=RetryPolicy(max_attempts=2, backoff_base=0.01),
+                )
+            )
 
     def test_one_source_only(self, tmp_path):
         with pytest.raises(ValueError, match="exactly one source"):
@@ -129,5 +179,8 @@ class TestBadInput:
     def test_rescore_missing_completion_column(self, tmp_path):
         src = write_jsonl(tmp_path / "c.jsonl", [{"question": "q", "answer": "1"}])
         with pytest.raises(DataError, match="missing column 'code'"):
-            evaluate.run(EvalConfig(out=str(tmp_path / "o"), rescore=str(src), problem_column="question",
-                                    completion_column="code"))
+            evaluate.run(
+                EvalConfig(
+                    out=str(tmp_path / "o"), rescore=str(src), problem_column="question", completion_column="code"
+                )
+            )

@@ -18,8 +18,14 @@ TINY = str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml")
 
 
 def tiny(tiny_packed, out: Path, **overrides) -> FinetuneConfig:
-    settings = dict(config=TINY, dataset_path=str(tiny_packed), output_dir=str(out), master_port=free_port(),
-                    poll_interval=0.5, overrides={"callbacks.1.save_checkpoint_steps": 2})
+    settings = {
+        "config": TINY,
+        "dataset_path": str(tiny_packed),
+        "output_dir": str(out),
+        "master_port": free_port(),
+        "poll_interval": 0.5,
+        "overrides": {"callbacks.1.save_checkpoint_steps": 2},
+    }
     settings.update(overrides)
     return FinetuneConfig(**settings)
 
@@ -76,8 +82,14 @@ def test_two_workers_train_data_parallel(tiny_packed, tmp_path):
     metrics = json.loads(Path(result.metrics_file).read_text())
     assert metrics["workers"] == 2 and len(metrics["steps"]) == 4  # 8 rows shared by 2 workers
     assert metrics["tokens_per_s"] == pytest.approx(2 * metrics["tokens_per_s_per_worker"], rel=1e-3)  # both rounded
-    norms = [[line.split("global_norm: ")[1][:12] for line in (cfg.run_dir / "msrun_log" / f"worker_{r}.log")
-              .read_text().splitlines() if "global_norm: " in line] for r in (0, 1)]
+    norms = [
+        [
+            line.split("global_norm: ")[1][:12]
+            for line in (cfg.run_dir / "msrun_log" / f"worker_{r}.log").read_text().splitlines()
+            if "global_norm: " in line
+        ]
+        for r in (0, 1)
+    ]
     assert norms[0] == norms[1]  # gradients were all-reduced: the same norm on both workers
     assert (cfg.run_dir / "checkpoint" / "rank_1").is_dir()
 
@@ -102,8 +114,9 @@ def test_killed_worker_fails_with_its_log_tail(tiny_packed, tmp_path):
 
 class TestPreflight:
     def test_seq_length_mismatch(self, tiny_packed, tmp_path):
-        cfg = tiny(tiny_packed, tmp_path / "job", config=str(configs.FINETUNE_7B), worker_num=8,
-                   load_checkpoint=str(tmp_path))
+        cfg = tiny(
+            tiny_packed, tmp_path / "job", config=str(configs.FINETUNE_7B), worker_num=8, load_checkpoint=str(tmp_path)
+        )
         with pytest.raises(DataError, match="hold 256 tokens but the model's seq_length is 32768"):
             finetune.launch(cfg)
 
@@ -122,8 +135,7 @@ class TestPreflight:
             finetune.launch(tiny(tiny_packed, tmp_path / "job", load_checkpoint="/nope/Qwen"))
 
     def test_ascend_needs_enough_npus(self, tiny_packed, tmp_path):
-        cfg = tiny(tiny_packed, tmp_path / "job", worker_num=8,
-                   overrides={"context.device_target": "Ascend"})
+        cfg = tiny(tiny_packed, tmp_path / "job", worker_num=8, overrides={"context.device_target": "Ascend"})
         with pytest.raises(ValueError, match="8 workers per node need as many NPUs; this node has 0"):
             finetune.launch(cfg)
 

@@ -50,8 +50,16 @@ def seed(tmp_path):
 
 
 def config(seed, tmp_path, url, **overrides) -> GenerateConfig:
-    settings = dict(dataset_name=str(seed), output_file=str(tmp_path / "out" / "gen.jsonl"), model="teacher",
-                    api_addr=url, num_generations=2, max_concurrent=4, retry=FAST_RETRY, progress_interval=0.2)
+    settings = {
+        "dataset_name": str(seed),
+        "output_file": str(tmp_path / "out" / "gen.jsonl"),
+        "model": "teacher",
+        "api_addr": url,
+        "num_generations": 2,
+        "max_concurrent": 4,
+        "retry": FAST_RETRY,
+        "progress_interval": 0.2,
+    }
     settings.update(overrides)
     return GenerateConfig(**settings)
 
@@ -85,7 +93,7 @@ class TestOutput:
         assert not Path(str(result.output_file) + ".parts").exists()
 
     def test_reasoning_content_becomes_think_block(self, teacher, seed, tmp_path):
-        replay, url = teacher(faults=["reasoning"] * 100)
+        _replay, url = teacher(faults=["reasoning"] * 100)
         rows = read_jsonl(generate.run(config(seed, tmp_path, url, num_generations=1)).output_file)
         text = rows[0]["generations"][0]
         assert text.startswith("<think>\nLet me think.\n</think>\n")
@@ -108,8 +116,9 @@ class TestOutput:
             base_url("ftp://host:1")
 
     def test_verl_chat_prompt_column(self, teacher, tmp_path):
-        rows = [{"prompt": [{"role": "user", "content": r["problem"]}], "uid": i}
-                for i, r in enumerate(math_train_rows(3))]
+        rows = [
+            {"prompt": [{"role": "user", "content": r["problem"]}], "uid": i} for i, r in enumerate(math_train_rows(3))
+        ]
         seed = write_jsonl(tmp_path / "seed.jsonl", rows)
         replay, url = teacher()
         generate.run(config(seed, tmp_path, url, num_generations=1, prompt_column="prompt", uuid_column="uid"))
@@ -127,7 +136,7 @@ class TestRetries:
         assert replay.requests == 24 + 2
 
     def test_429_honours_retry_after(self, teacher, seed, tmp_path):
-        replay, url = teacher(faults=["429"], retry_after="1")
+        _replay, url = teacher(faults=["429"], retry_after="1")
         started = time.monotonic()
         result = generate.run(config(seed, tmp_path, url, max_concurrent=1, num_generations=1))
         assert time.monotonic() - started >= 1.0  # backoff alone would have waited at most 0.05 s
@@ -135,7 +144,7 @@ class TestRetries:
         assert len(read_jsonl(result.output_file)) == 12
 
     def test_slow_reply_times_out_and_is_retried(self, teacher, seed, tmp_path):
-        replay, url = teacher(faults=["slow"])
+        _replay, url = teacher(faults=["slow"])
         policy = RetryPolicy(max_attempts=3, backoff_base=0.01, backoff_max=0.05, request_timeout=0.5)
         result = generate.run(config(seed, tmp_path, url, max_concurrent=1, num_generations=1, retry=policy))
         assert result.stats["retries"] == {"timeout": 1}
@@ -149,8 +158,10 @@ class TestRetries:
             assert max(delays) > ceiling / 2  # jitter spreads over the whole range
         assert policy.delay(1, retry_after=30) == 30
 
-    @pytest.mark.parametrize("status,hint", [("400", "rejected the request"), ("401", "OPENAI_API_KEY"),
-                                             ("404", "no such endpoint or model")])
+    @pytest.mark.parametrize(
+        ("status", "hint"),
+        [("400", "rejected the request"), ("401", "OPENAI_API_KEY"), ("404", "no such endpoint or model")],
+    )
     def test_client_errors_fail_at_once(self, teacher, seed, tmp_path, status, hint):
         replay, url = teacher(faults=[status])
         with pytest.raises(FatalRequestError, match=hint) as info:
@@ -221,9 +232,25 @@ class TestNothingLost:
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(60))
         replay, url = teacher(delay=0.02)
         output = tmp_path / "gen.jsonl"
-        cmd = [sys.executable, "-m", "distilled_plugins.generate", "--model", "teacher", "--dataset-name", str(seed),
-               "--output-file", str(output), "--api-addr", url, "--num-generations", "3", "--max-concurrent", "4",
-               "--backoff-base", "0.01"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "distilled_plugins.generate",
+            "--model",
+            "teacher",
+            "--dataset-name",
+            str(seed),
+            "--output-file",
+            str(output),
+            "--api-addr",
+            url,
+            "--num-generations",
+            "3",
+            "--max-concurrent",
+            "4",
+            "--backoff-base",
+            "0.01",
+        ]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         for delay in (0.8, 1.1, 0.9):
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -248,9 +275,20 @@ class TestShards:
     def test_shards_partition_and_merge_equals_unsharded(self, teacher, tmp_path):
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(30))
         replay, url = teacher()
-        shards = [generate.run(config(seed, tmp_path, url, num_generations=1, num_shards=3, shard_index=i,
-                                      output_file=str(tmp_path / f"shard-{i}.jsonl"))).output_file
-                  for i in range(3)]
+        shards = [
+            generate.run(
+                config(
+                    seed,
+                    tmp_path,
+                    url,
+                    num_generations=1,
+                    num_shards=3,
+                    shard_index=i,
+                    output_file=str(tmp_path / f"shard-{i}.jsonl"),
+                )
+            ).output_file
+            for i in range(3)
+        ]
         shard_keys = [set(keys_of(p)) for p in shards]
         assert sum(map(len, shard_keys)) == 30 and len(set().union(*shard_keys)) == 30
         assert all(shard_keys)
@@ -278,8 +316,10 @@ class TestBadInput:
         with pytest.raises(DataError, match="seed dataset is empty"):
             generate.run(config(empty, tmp_path, "127.0.0.1:9"))
 
-    @pytest.mark.parametrize("template,message", [("Solve this.", "must contain {prompt}"),
-                                                  ("Put it in \\boxed{}: {prompt}", "write literal braces")])
+    @pytest.mark.parametrize(
+        ("template", "message"),
+        [("Solve this.", "must contain {prompt}"), ("Put it in \\boxed{}: {prompt}", "write literal braces")],
+    )
     def test_bad_template(self, seed, tmp_path, template, message):
         with pytest.raises(ValueError, match=message):
             config(seed, tmp_path, "127.0.0.1:9", prompt_template=template)
@@ -290,16 +330,32 @@ class TestBadInput:
 
         rows = math_train_rows(4)
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "seed.parquet")
-        replay, url = teacher()
+        _replay, url = teacher()
         result = generate.run(config(tmp_path / "seed.parquet", tmp_path, url, num_generations=1))
         assert len(read_jsonl(result.output_file)) == 4
         with pytest.raises(DataError, match="no such file"):
             generate.run(config(tmp_path / "nope.parquet", tmp_path, url))
 
     def test_cli_bad_template_is_one_clear_line(self, tmp_path, seed):
-        done = subprocess.run([sys.executable, "-m", "distilled_plugins.generate", "--model", "m", "--dataset-name",
-                               str(seed), "--output-file", str(tmp_path / "o.jsonl"), "--prompt-template", "nothing"],
-                              capture_output=True, text=True, cwd=REPO, timeout=60)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "distilled_plugins.generate",
+                "--model",
+                "m",
+                "--dataset-name",
+                str(seed),
+                "--output-file",
+                str(tmp_path / "o.jsonl"),
+                "--prompt-template",
+                "nothing",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
         assert done.returncode == 1
         assert "must contain {prompt}" in done.stderr and "Traceback" not in done.stderr
 
@@ -318,18 +374,37 @@ class TestSecrets:
                 assert SECRET.encode() not in path.read_bytes(), path
 
     def test_key_refused_error_does_not_echo_it(self, teacher, seed, tmp_path):
-        replay, url = teacher(api_key="sk-the-right-one")
+        _replay, url = teacher(api_key="sk-the-right-one")
         with pytest.raises(FatalRequestError, match="API key was refused") as info:
             generate.run(config(seed, tmp_path, url, api_key=SECRET))
         assert SECRET not in str(info.value)
 
     def test_cli_reads_key_from_environment(self, teacher, seed, tmp_path):
-        replay, url = teacher(api_key=SECRET)
-        done = subprocess.run([sys.executable, "-m", "distilled_plugins.generate", "--model", "m", "--dataset-name",
-                               str(seed), "--output-file", str(tmp_path / "o.jsonl"), "--api-addr", url,
-                               "--num-generations", "1", "--api-key-env", "TEACHER_KEY"],
-                              capture_output=True, text=True, cwd=REPO, timeout=60,
-                              env={**os.environ, "TEACHER_KEY": SECRET})
+        _replay, url = teacher(api_key=SECRET)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "distilled_plugins.generate",
+                "--model",
+                "m",
+                "--dataset-name",
+                str(seed),
+                "--output-file",
+                str(tmp_path / "o.jsonl"),
+                "--api-addr",
+                url,
+                "--num-generations",
+                "1",
+                "--api-key-env",
+                "TEACHER_KEY",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+            env={**os.environ, "TEACHER_KEY": SECRET},
+        )
         assert done.returncode == 0, done.stderr
         assert SECRET not in done.stderr + done.stdout
         assert len(read_jsonl(tmp_path / "o.jsonl")) == 12
@@ -340,15 +415,25 @@ class TestGenerationStore:
         replay, url = teacher()
         store = tmp_path / "store"
         first_seed = write_jsonl(tmp_path / "seed1.jsonl", math_train_rows(10))
-        generate.run(config(first_seed, tmp_path, url, output_file=str(tmp_path / "run1" / "gen.jsonl"),
-                            store_dir=str(store)))
+        generate.run(
+            config(first_seed, tmp_path, url, output_file=str(tmp_path / "run1" / "gen.jsonl"), store_dir=str(store))
+        )
         assert replay.requests == 20
         refreshed = write_jsonl(tmp_path / "seed2.jsonl", math_train_rows(13))  # 3 new problems
-        second = generate.run(config(refreshed, tmp_path, url, output_file=str(tmp_path / "run2" / "gen.jsonl"),
-                                     store_dir=str(store)))
+        second = generate.run(
+            config(refreshed, tmp_path, url, output_file=str(tmp_path / "run2" / "gen.jsonl"), store_dir=str(store))
+        )
         assert replay.requests == 20 + 3 * 2
         assert second.stats["rows_reused_from_store"] == 10
         assert len(read_jsonl(second.output_file)) == 13 and len(set(keys_of(second.output_file))) == 13
-        other = generate.run(config(refreshed, tmp_path, url, output_file=str(tmp_path / "run3" / "gen.jsonl"),
-                                    store_dir=str(store), temperature=1.0))  # other settings: nothing reused
+        other = generate.run(
+            config(
+                refreshed,
+                tmp_path,
+                url,
+                output_file=str(tmp_path / "run3" / "gen.jsonl"),
+                store_dir=str(store),
+                temperature=1.0,
+            )
+        )  # other settings: nothing reused
         assert other.stats["rows_reused_from_store"] == 0 and replay.requests == 26 + 13 * 2

@@ -30,13 +30,13 @@ def handled(tmp_path_factory):
 
 
 def test_labels_are_masked_exactly_up_to_the_answer(handled, tokenizer):
-    src, dst, ds = handled
+    _src, _dst, ds = handled
     rows = conversation_rows(ROWS)
     marker = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
     assert len(ds) == ROWS
-    for row, sample in zip(rows, ds):
+    for row, sample in zip(rows, ds, strict=False):
         ids, labels = sample["input_ids"], sample["labels"]
-        target = next(i + len(marker) for i in range(len(ids)) if ids[i: i + len(marker)] == marker)
+        target = next(i + len(marker) for i in range(len(ids)) if ids[i : i + len(marker)] == marker)
         assert labels[:target] == [-100] * target
         assert labels[target:] == ids[target:]
         answer = row["messages"][1]["content"]
@@ -48,14 +48,14 @@ def test_fast_ids_equal_the_slow_tokenizer(handled):
     from transformers import Qwen2Tokenizer
 
     slow = Qwen2Tokenizer.from_pretrained(str(TOKENIZER_DIR))
-    src, dst, ds = handled
-    for row, sample in list(zip(conversation_rows(ROWS), ds))[:15]:
+    _src, _dst, ds = handled
+    for row, sample in list(zip(conversation_rows(ROWS), ds, strict=False))[:15]:
         messages = [{"role": "system", "content": SYSTEM_PROMPT}, *row["messages"]]
         assert slow.apply_chat_template(messages, tokenize=True, add_generation_prompt=False) == sample["input_ids"]
 
 
 def test_stats_and_histogram(handled):
-    src, dst, ds = handled
+    _src, dst, ds = handled
     stats = json.loads((dst / "stats.json").read_text())
     assert stats["rows"] == ROWS and stats["tokens"] == sum(len(x) for x in ds["input_ids"])
     assert stats["answer_tokens"] == sum(sum(1 for v in x if v != -100) for x in ds["labels"])
@@ -70,37 +70,46 @@ def test_mindformers_handler_through_hfdataloader_gives_the_same_rows(handled, t
 
     from distilled_plugins import datasets_preprocess
 
-    src, dst, ds = handled
+    src, _dst, ds = handled
     assert "OpenR1Math220kDataHandler" in datasets_preprocess.register(handle.__file__.rsplit("/", 1)[0])
     handler = {"type": "OpenR1Math220kDataHandler", "tokenizer": {"pretrained_model_dir": str(TOKENIZER_DIR)}}
-    loader = HFDataLoader(path="json", data_files=[str(src)], split="train", handler=[handler],
-                          python_multiprocessing=False)
+    loader = HFDataLoader(
+        path="json", data_files=[str(src)], split="train", handler=[handler], python_multiprocessing=False
+    )
     rows = [tuple(x.tolist() for x in item) for item in loader.create_tuple_iterator(output_numpy=True)]
     assert loader.get_col_names() == ["input_ids", "labels"]
-    assert rows == list(zip(ds["input_ids"], ds["labels"]))
+    assert rows == list(zip(ds["input_ids"], ds["labels"], strict=False))
 
     # and the datasets_preprocess equivalent, driven by the shipped YAML
     config = tmp_path / "handling.yaml"
-    text = (handle.__file__.rsplit("/", 2)[0] + "/configs/data_process_handling.yaml")
+    text = handle.__file__.rsplit("/", 2)[0] + "/configs/data_process_handling.yaml"
     config.write_text(open(text).read().replace("../shared/data/tokenizer/qwen2.5", str(TOKENIZER_DIR)))
     out = datasets_preprocess.preprocess(config, tmp_path / "handled", [str(src)])
     again = datasets.load_from_disk(str(out))
     assert again["input_ids"] == ds["input_ids"] and again["labels"] == ds["labels"]
 
 
-@pytest.mark.parametrize("policy,length,counted", [("tutorial", 202, "truncated"), ("drop", None, "too_long"),
-                                                   ("none", None, None)])
+@pytest.mark.parametrize(
+    ("policy", "length", "counted"), [("tutorial", 202, "truncated"), ("drop", None, "too_long"), ("none", None, None)]
+)
 def test_truncation_policies(tmp_path, policy, length, counted, tokenizer):
     src = write_jsonl(tmp_path / "f.jsonl", conversation_rows(12))
-    full = [len(x) for x in datasets.load_from_disk(str(handle.run(HandleConfig(
-        src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / "full")))))["input_ids"]]
-    dst = handle.run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / policy),
-                                  max_length=200, truncation=policy))
+    full = [
+        len(x)
+        for x in datasets.load_from_disk(
+            str(handle.run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / "full"))))
+        )["input_ids"]
+    ]
+    dst = handle.run(
+        HandleConfig(
+            src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / policy), max_length=200, truncation=policy
+        )
+    )
     ds, stats = datasets.load_from_disk(str(dst)), json.loads((dst / "stats.json").read_text())
     over = sum(n > 200 for n in full)
     assert 0 < over < len(full)
     if policy == "tutorial":
-        long = [x for x, n in zip(ds["input_ids"], full) if n > 200]
+        long = [x for x, n in zip(ds["input_ids"], full, strict=False) if n > 200]
         assert {len(x) for x in long} == {length} and stats["truncated"] == over
         assert all(tokenizer.decode(x[-2:]) == "<|im_end|>\n" for x in long)
     elif policy == "drop":
@@ -134,8 +143,11 @@ class TestBadInput:
     def test_tokenizer_without_special_tokens(self, tmp_path):
         folder = shutil.copytree(TOKENIZER_DIR, tmp_path / "tok")
         config = json.loads((folder / "tokenizer_config.json").read_text())
-        config["added_tokens_decoder"] = {k: v for k, v in config["added_tokens_decoder"].items()
-                                          if v["content"] not in ("<|im_start|>", "<|im_end|>")}
+        config["added_tokens_decoder"] = {
+            k: v
+            for k, v in config["added_tokens_decoder"].items()
+            if v["content"] not in ("<|im_start|>", "<|im_end|>")
+        }
         config["additional_special_tokens"] = []
         config["eos_token"] = "<|endoftext|>"
         (folder / "tokenizer_config.json").write_text(json.dumps(config))

@@ -45,13 +45,22 @@ class TestPlan:
 
     def test_overlong_policies(self):
         lengths = np.array([3, 10, 4])
-        assert pieces_of(lengths, 4, "truncate") == ([Piece(0, 0, 3), Piece(1, 0, 4), Piece(2, 0, 4)],
-                                                     {"truncated": 1, "split": 0, "split_pieces": 0, "dropped": 0})
-        assert pieces_of(lengths, 4, "split")[0] == [Piece(0, 0, 3), Piece(1, 0, 4), Piece(1, 4, 4),
-                                                     Piece(1, 8, 2), Piece(2, 0, 4)]
+        assert pieces_of(lengths, 4, "truncate") == (
+            [Piece(0, 0, 3), Piece(1, 0, 4), Piece(2, 0, 4)],
+            {"truncated": 1, "split": 0, "split_pieces": 0, "dropped": 0},
+        )
+        assert pieces_of(lengths, 4, "split")[0] == [
+            Piece(0, 0, 3),
+            Piece(1, 0, 4),
+            Piece(1, 4, 4),
+            Piece(1, 8, 2),
+            Piece(2, 0, 4),
+        ]
         assert pieces_of(lengths, 4, "split")[1]["split_pieces"] == 3
-        assert pieces_of(lengths, 4, "drop") == ([Piece(0, 0, 3), Piece(2, 0, 4)],
-                                                 {"truncated": 0, "split": 0, "split_pieces": 0, "dropped": 1})
+        assert pieces_of(lengths, 4, "drop") == (
+            [Piece(0, 0, 3), Piece(2, 0, 4)],
+            {"truncated": 0, "split": 0, "split_pieces": 0, "dropped": 1},
+        )
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +74,12 @@ def read_back(packed_dir):
     """Rows as mindformers' HFDataLoader yields them for training (create_attention_mask: True)."""
     from mindformers.dataset.dataloader.hf_dataloader import HFDataLoader
 
-    loader = HFDataLoader(load_func="load_from_disk", dataset_path=str(packed_dir), create_attention_mask=True,
-                          python_multiprocessing=False)
+    loader = HFDataLoader(
+        load_func="load_from_disk",
+        dataset_path=str(packed_dir),
+        create_attention_mask=True,
+        python_multiprocessing=False,
+    )
     assert loader.get_col_names() == ["input_ids", "labels", "loss_mask", "position_ids", "attention_mask"]
     return list(loader.create_tuple_iterator(output_numpy=True))
 
@@ -80,22 +93,24 @@ def test_mindformers_loader_reads_what_was_handled(handled, tmp_path):
     rows = read_back(dst)
     assert len(rows) == len(packed)
     seen = []
-    for (ids, labels, loss_mask, position_ids, attention_mask), ends in zip(rows, packed["actual_seq_len"]):
+    for (ids, labels, loss_mask, position_ids, attention_mask), ends in zip(
+        rows, packed["actual_seq_len"], strict=False
+    ):
         assert ids.shape == (SEQ,) and attention_mask.shape == (1, SEQ, SEQ)
         starts = [0, *ends[:-1]]
-        for start, end in zip(starts, ends):
+        for start, end in zip(starts, ends, strict=False):
             np.testing.assert_array_equal(position_ids[start:end], np.arange(end - start))  # restart per sample
             original = next(i for i, s in enumerate(samples["input_ids"]) if s == ids[start:end].tolist())
             seen.append(original)
             raw_labels = np.array(samples["labels"][original])
             answer_next = np.append(raw_labels[1:] != -100, True)  # next token is an answer token, or "+ [pad]"
             np.testing.assert_array_equal(loss_mask[start:end].astype(bool), answer_next)
-            np.testing.assert_array_equal(labels[start:end - 1], raw_labels[1:])
+            np.testing.assert_array_equal(labels[start : end - 1], raw_labels[1:])
             assert labels[end - 1] == 151643
             block = attention_mask[0, start:end]  # 1 = masked out
             assert block[:, :start].all()  # no token sees an earlier sample of the row
             np.testing.assert_array_equal(block[:, start:end], 1 - np.tril(np.ones((end - start,) * 2, int)))
-        assert (ids[ends[-1]:] == 151643).all() and not loss_mask[ends[-1]:].any()
+        assert (ids[ends[-1] :] == 151643).all() and not loss_mask[ends[-1] :].any()
     assert sorted(seen) == list(range(len(samples)))  # every handled sample once, nothing lost
     stats = json.loads((dst / "stats.json").read_text())
     assert stats["packs"] == len(rows) and stats["samples_in"] == len(samples)
@@ -105,8 +120,9 @@ def test_mindformers_loader_reads_what_was_handled(handled, tmp_path):
 def test_never_more_packs_than_mindformers_packing_handler(handled, tmp_path):
     from mindformers.dataset.handler import PackingHandler
 
-    ours = json.loads((pack.run(PackConfig(src=str(handled), dst=str(tmp_path / "p"), seq_length=SEQ))
-                       / "stats.json").read_text())["packs"]
+    ours = json.loads(
+        (pack.run(PackConfig(src=str(handled), dst=str(tmp_path / "p"), seq_length=SEQ)) / "stats.json").read_text()
+    )["packs"]
     theirs = len(PackingHandler(seq_length=SEQ, pack_strategy="pack")(datasets.load_from_disk(str(handled))))
     assert ours <= theirs
 
@@ -121,10 +137,16 @@ def test_overlong_samples_are_counted_never_silently_lost(handled, tmp_path, pol
     stats = json.loads((dst / "stats.json").read_text())
     key = {"truncate": "truncated", "split": "split", "drop": "dropped"}[policy]
     assert stats["overlong"][key] == over
-    expected_tokens = {"truncate": sum(min(n, seq) for n in lengths), "split": sum(lengths),
-                       "drop": sum(n for n in lengths if n <= seq)}[policy]
+    expected_tokens = {
+        "truncate": sum(min(n, seq) for n in lengths),
+        "split": sum(lengths),
+        "drop": sum(n for n in lengths if n <= seq),
+    }[policy]
     assert stats["tokens"] == expected_tokens
-    assert sum(sum(1 for t in row if t != 151643) for row in datasets.load_from_disk(str(dst))["input_ids"]) <= expected_tokens
+    assert (
+        sum(sum(1 for t in row if t != 151643) for row in datasets.load_from_disk(str(dst))["input_ids"])
+        <= expected_tokens
+    )
     read_back(dst)
 
 

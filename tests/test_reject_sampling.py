@@ -30,8 +30,11 @@ CASES = [
     ("\\{1, 2, 3\\}", "The roots are $\\boxed{\\{3, 2, 1\\}}$", "correct"),
     ("\\text{Evelyn}", "The fastest is $\\boxed{\\text{Evelyn}}$", "correct"),
     ("\\text{(C)}", "Hence $\\boxed{\\text{(C)}}$", "correct"),
-    ("\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}",
-     "$\\boxed{\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}}$", "correct"),
+    (
+        "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}",
+        "$\\boxed{\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}}$",
+        "correct",
+    ),
     ("3", "<think>\nMaybe it is \\boxed{5}? No.\n</think>\nThe answer is $\\boxed{3}$.", "correct"),
     ("5", "<think>\nIt is clearly \\boxed{5}.\n</think>\nThe answer is $\\boxed{3}$.", "wrong"),
     ("\\frac{1}{2}", "So $\\boxed{\\frac{1}{3}}$", "wrong"),
@@ -58,8 +61,11 @@ class TestGrader:
         assert got == [(g, expected) for g, _, expected in CASES]
 
     def test_cases_the_tutorial_regex_cuts_are_accepted(self, pool):
-        cut = [(g, c) for g, c, expected in CASES
-               if expected == "correct" and "</think>" not in c and tutorial_extract(c) != g]
+        cut = [
+            (g, c)
+            for g, c, expected in CASES
+            if expected == "correct" and "</think>" not in c and tutorial_extract(c) != g
+        ]
         braces = [(g, c) for g, c in cut if "{" in g]
         assert len(braces) >= 6  # fractions, roots, powers, text, matrices, sets all have braces
         for g, c in braces:
@@ -82,8 +88,11 @@ class TestGrader:
         assert v.verdict == "gold_unparseable"
 
     def test_pathological_inputs_cannot_stall(self):
-        samples = [Sample(0, "9", "$\\boxed{9^{9^{9}}}$"), Sample(1, "1", "$\\boxed{\\binom{1000000}{500000}}$"),
-                   Sample(2, "4", "$\\boxed{4}$")]
+        samples = [
+            Sample(0, "9", "$\\boxed{9^{9^{9}}}$"),
+            Sample(1, "1", "$\\boxed{\\binom{1000000}{500000}}$"),
+            Sample(2, "4", "$\\boxed{4}$"),
+        ]
         started = time.monotonic()
         with GradingPool(workers=2, parse_timeout=1, verify_timeout=1, sample_timeout=3) as pool:
             verdicts = {v.id: v.verdict for v in pool.grade(samples)}
@@ -117,16 +126,38 @@ class TestGrader:
 
 def generation_rows():
     return [
-        {"problem": "Compute 1/2 + 1/2 - 1/2.", "answer": "\\frac{1}{2}", "prompt": "P1",
-         "generations": ["so $\\boxed{\\frac{1}{3}}$", "so $\\boxed{\\frac{1}{2}}$", "so $\\boxed{0.5}$", "so $\\boxed{\\frac{1}{2}}$"],
-         "finish_reasons": ["stop", "stop", "stop", "length"], "api_metadata": [{"n": 0}, {"n": 1}, {"n": 2}, {"n": 3}]},
-        {"problem": "Prove that there are infinitely many primes.", "answer": "proof", "generations": ["..."],
-         "finish_reasons": ["stop"]},
+        {
+            "problem": "Compute 1/2 + 1/2 - 1/2.",
+            "answer": "\\frac{1}{2}",
+            "prompt": "P1",
+            "generations": [
+                "so $\\boxed{\\frac{1}{3}}$",
+                "so $\\boxed{\\frac{1}{2}}$",
+                "so $\\boxed{0.5}$",
+                "so $\\boxed{\\frac{1}{2}}$",
+            ],
+            "finish_reasons": ["stop", "stop", "stop", "length"],
+            "api_metadata": [{"n": 0}, {"n": 1}, {"n": 2}, {"n": 3}],
+        },
+        {
+            "problem": "Prove that there are infinitely many primes.",
+            "answer": "proof",
+            "generations": ["..."],
+            "finish_reasons": ["stop"],
+        },
         {"problem": "Find x.", "answer": "notfound", "generations": ["x"], "finish_reasons": ["stop"]},
-        {"problem": "What is 2+2?", "answer": "4", "generations": ["It is $\\boxed{5}$", "no idea"],
-         "finish_reasons": ["stop", "stop"]},
-        {"problem": "Solve x^2 = 4 for positive x.", "answer": "2", "generations": ["$\\boxed{2}$"],
-         "finish_reasons": ["stop"]},
+        {
+            "problem": "What is 2+2?",
+            "answer": "4",
+            "generations": ["It is $\\boxed{5}$", "no idea"],
+            "finish_reasons": ["stop", "stop"],
+        },
+        {
+            "problem": "Solve x^2 = 4 for positive x.",
+            "answer": "2",
+            "generations": ["$\\boxed{2}$"],
+            "finish_reasons": ["stop"],
+        },
         {"problem": "Odd gold.", "answer": "\\text{}", "generations": ["$\\boxed{1}$"], "finish_reasons": ["stop"]},
         {"problem": "Empty gold.", "answer": " ", "generations": ["$\\boxed{1}$"], "finish_reasons": ["stop"]},
     ]
@@ -146,23 +177,36 @@ def run_stage(tmp_path, rows, **overrides):
 
 class TestStage:
     def test_output_schema_alignment_and_stats(self, tmp_path):
-        result = run_stage(tmp_path, generation_rows() + [contaminated_row()])
+        result = run_stage(tmp_path, [*generation_rows(), contaminated_row()])
         kept = read_jsonl(result.output)
         assert [r["problem"] for r in kept] == ["Compute 1/2 + 1/2 - 1/2.", "Solve x^2 = 4 for positive x."]
         first = kept[0]
         assert first["generations"] == ["so $\\boxed{\\frac{1}{2}}$", "so $\\boxed{0.5}$"]
         assert first["finish_reasons"] == ["stop", "stop"]
         assert first["api_metadata"] == [{"n": 1}, {"n": 2}]
-        assert first["messages"] == [{"role": "user", "content": "P1"},
-                                     {"role": "assistant", "content": "so $\\boxed{0.5}$"}]
+        assert first["messages"] == [
+            {"role": "user", "content": "P1"},
+            {"role": "assistant", "content": "so $\\boxed{0.5}$"},
+        ]
         assert kept[1]["messages"][0]["content"] == "Solve x^2 = 4 for positive x."  # no prompt: the problem
         stats = result.stats
         assert stats["examples_in"] == 8 and stats["examples_out"] == 2
         assert stats["generations_correct"] == 3
-        assert stats["rejected_generations"] == {"wrong": 2, "no_answer": 1, "truncated": 1, "timeout": 0,
-                                                 "gold_unparseable": 1, "error": 0}
-        assert stats["rejected_examples"] == {"gold_filtered": 3, "contaminated": 1, "gold_unparseable": 1,
-                                              "no_generations": 0, "no_correct_generation": 1}
+        assert stats["rejected_generations"] == {
+            "wrong": 2,
+            "no_answer": 1,
+            "truncated": 1,
+            "timeout": 0,
+            "gold_unparseable": 1,
+            "error": 0,
+        }
+        assert stats["rejected_examples"] == {
+            "gold_filtered": 3,
+            "contaminated": 1,
+            "gold_unparseable": 1,
+            "no_generations": 0,
+            "no_correct_generation": 1,
+        }
         assert stats["contaminated"][0]["problem"].startswith("CONVERT  THE  POINT")
         verdicts = read_jsonl(result.verdicts)
         assert len(verdicts) == 4 + 1 + 1 + 2 + 1 + 1 + 1 + 1
@@ -170,8 +214,15 @@ class TestStage:
         assert json.loads(result.stats_file.read_text())["examples_out"] == 2
 
     def test_rerun_is_byte_identical_and_keeps_input_order(self, tmp_path):
-        rows = [{"problem": f"Problem {i}", "answer": str(i), "generations": [f"$\\boxed{{{i}}}$"] * 2,
-                 "finish_reasons": ["stop", "stop"]} for i in range(40)]
+        rows = [
+            {
+                "problem": f"Problem {i}",
+                "answer": str(i),
+                "generations": [f"$\\boxed{{{i}}}$"] * 2,
+                "finish_reasons": ["stop", "stop"],
+            }
+            for i in range(40)
+        ]
         first = run_stage(tmp_path, rows)
         out1, verdicts1 = first.output.read_bytes(), first.verdicts.read_bytes()
         second = run_stage(tmp_path, rows)
@@ -215,8 +266,22 @@ class TestBadInput:
 
     def test_cli_error_is_one_line(self, tmp_path):
         src = write_jsonl(tmp_path / "gen.jsonl", [{"problem": "p", "generations": []}])
-        done = subprocess.run([sys.executable, "-m", "distilled_plugins.reject_sampling", "--src", str(src),
-                               "--dst", str(tmp_path / "o.jsonl"), "--eval-sets", "none"],
-                              capture_output=True, text=True, cwd=REPO, timeout=120)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "distilled_plugins.reject_sampling",
+                "--src",
+                str(src),
+                "--dst",
+                str(tmp_path / "o.jsonl"),
+                "--eval-sets",
+                "none",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
         assert done.returncode == 1
         assert "missing field 'answer'" in done.stderr and "Traceback" not in done.stderr

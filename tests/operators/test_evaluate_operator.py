@@ -15,8 +15,9 @@ def test_operator_reports_and_fails_below_baseline(airflow_db, tmp_path, monkeyp
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps({"label": "base", "pass@1": 50.0}))
     with ServerThread(ReplayTeacher(replay_answer(answers)).app()) as server:
-        monkeypatch.setenv("AIRFLOW_CONN_MODEL_ENDPOINT", json.dumps({"conn_type": "http", "host": server.host,
-                                                                      "port": server.port}))
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_MODEL_ENDPOINT", json.dumps({"conn_type": "http", "host": server.host, "port": server.port})
+        )
         run = evaluate_dag.test(run_conf={"out": str(tmp_path), "baseline": str(baseline)})
         assert run.state == "success"
         report_path = run.get_task_instance("evaluate").xcom_pull(task_ids="evaluate")

@@ -16,9 +16,10 @@ from tests.conftest import free_port
 class TestMsrunJobTrigger:
     def test_serialization(self):
         trigger = MsrunJobTrigger(run_dir="/r", pid=42, hostname="h", poll_interval=2.0, stall_timeout=60.0)
-        assert trigger.serialize() == ("operators.triggers.MsrunJobTrigger",
-                                       {"run_dir": "/r", "pid": 42, "hostname": "h", "poll_interval": 2.0,
-                                        "stall_timeout": 60.0})
+        assert trigger.serialize() == (
+            "operators.triggers.MsrunJobTrigger",
+            {"run_dir": "/r", "pid": 42, "hostname": "h", "poll_interval": 2.0, "stall_timeout": 60.0},
+        )
 
     def test_fires_finished_when_status_is_written(self, tmp_path):
         (tmp_path / "status.json").write_text(json.dumps({"returncode": 0}))
@@ -38,8 +39,9 @@ class TestMsrunJobTrigger:
         import os
         import socket
 
-        trigger = MsrunJobTrigger(str(tmp_path), os.getpid(), socket.gethostname(), poll_interval=0.1,
-                                  stall_timeout=0.3)
+        trigger = MsrunJobTrigger(
+            str(tmp_path), os.getpid(), socket.gethostname(), poll_interval=0.1, stall_timeout=0.3
+        )
         event = asyncio.run(anext(trigger.run()))
         assert event.payload["status"] == "stalled" and "did not grow for 0.3 s" in event.payload["message"]
 
@@ -49,8 +51,14 @@ def test_operator_defers_and_returns_the_checkpoint(airflow_db, tiny_packed, tmp
     from tests.dags.stage_dags import finetune_dag
 
     caplog.set_level(logging.INFO)
-    run = finetune_dag.test(run_conf={"config": str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml"),
-                                      "data": str(tiny_packed), "out": str(tmp_path), "port": free_port()})
+    run = finetune_dag.test(
+        run_conf={
+            "config": str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml"),
+            "data": str(tiny_packed),
+            "out": str(tmp_path),
+            "port": free_port(),
+        }
+    )
     assert run.state == "success"
     assert "running trigger in line" in caplog.text  # it really deferred
     result = run.get_task_instance("finetune").xcom_pull(task_ids="finetune")

@@ -13,8 +13,9 @@ def test_handle_then_pack(airflow_db, tmp_path):
     from tests.dags.stage_dags import handle_pack_dag
 
     src = write_jsonl(tmp_path / "filtered.jsonl", conversation_rows(20))
-    run = handle_pack_dag.test(run_conf={"src": str(src), "tokenizer": str(TOKENIZER_DIR), "out": str(tmp_path),
-                                         "seq_length": 1024})
+    run = handle_pack_dag.test(
+        run_conf={"src": str(src), "tokenizer": str(TOKENIZER_DIR), "out": str(tmp_path), "seq_length": 1024}
+    )
     assert run.state == "success"
     handled = run.get_task_instance("handle").xcom_pull(task_ids="handle")
     packed = run.get_task_instance("pack").xcom_pull(task_ids="pack")

@@ -11,7 +11,7 @@ from tests.test_reject_sampling import contaminated_row, generation_rows
 def test_operator_filters_and_returns_paths(airflow_db, tmp_path):
     from tests.dags.stage_dags import reject_dag
 
-    src = write_jsonl(tmp_path / "gen.jsonl", generation_rows() + [contaminated_row()])
+    src = write_jsonl(tmp_path / "gen.jsonl", [*generation_rows(), contaminated_row()])
     run = reject_dag.test(run_conf={"src": str(src), "out": str(tmp_path)})
     assert run.state == "success"
     result = run.get_task_instance("reject_sampling").xcom_pull(task_ids="reject_sampling")

@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from distilled_plugins import cli
 from distilled_plugins.configs import load_yaml
 from distilled_plugins.io import atomic_dir
 
@@ -81,10 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("registered data handlers: %s", register(args.register_path))
         preprocess(args.config, args.save_path, args.data_files)
     except (ValueError, FileNotFoundError) as e:
-        logger.error("%s", e)
-        return 1
+        return cli.fail(e)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

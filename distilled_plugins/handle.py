@@ -24,7 +24,17 @@ from pathlib import Path
 
 import numpy as np
 
-from distilled_plugins.io import DataError, atomic_dir, count_rows, iter_column_batches, save_tables_to_disk, write_json
+from distilled_plugins import cli
+from distilled_plugins.io import (
+    DataError,
+    artifact_kind,
+    atomic_dir,
+    check_output_folder,
+    count_rows,
+    iter_column_batches,
+    save_tables_to_disk,
+    write_json,
+)
 from distilled_plugins.progress import Progress
 from distilled_plugins.schema import HANDLED_COLUMNS, IGNORE_INDEX, features
 
@@ -47,6 +57,7 @@ class HandleConfig:
     batch_size: int = 1000
     num_proc: int | None = None  # tokenizer threads; default: all cores
     progress_interval: float = 5.0
+    overwrite: bool = False  # replace a --dst folder that handle did not make
 
     def __post_init__(self):
         if isinstance(self.src, (str, Path)):
@@ -108,7 +119,9 @@ class ChatEncoder:
         """``(input_ids, labels)`` of each conversation that is kept; reasons for the others are counted."""
         valid = []
         for messages in conversations:
-            if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in messages
+            ):  # a null or list content would fail inside the chat template: count it instead
                 self.counts["dropped_malformed_messages"] += 1
             else:
                 valid.append([self.system, *messages])
@@ -168,9 +181,24 @@ def _histogram(lengths: np.ndarray, path: Path, max_length: int) -> None:
     plt.close(fig)
 
 
+def _check_paths(cfg: HandleConfig) -> None:
+    """Refuse, before any work, inputs of the wrong kind and an output that would destroy something."""
+    dst = Path(cfg.dst).resolve()
+    for src in map(Path, cfg.src):
+        if src.resolve() == dst or dst in src.resolve().parents:
+            raise DataError(f"{src}: --src lies in --dst {cfg.dst}; writing there would destroy the input")
+        if src.is_dir() and artifact_kind(src) is not None:
+            raise DataError(
+                f"{src}: holds a {artifact_kind(src)} dataset; --src expects stage 2's JSONL (or parquet files) "
+                f"with a {cfg.messages_column!r} column"
+            )
+    check_output_folder(cfg.dst, "handled", cfg.overwrite)
+
+
 def run(cfg: HandleConfig) -> Path:
     """Tokenize every conversation of ``cfg.src`` into a ``save_to_disk`` folder at ``cfg.dst``."""
     started = time.monotonic()
+    _check_paths(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.num_proc)
     encoder = ChatEncoder(tokenizer, cfg.system_prompt, cfg.max_length, cfg.truncation)
     lengths: list[int] = []
@@ -190,7 +218,7 @@ def run(cfg: HandleConfig) -> Path:
                 yield _table(pairs)
             progress.maybe_log(rows_in, f"| {sum(lengths)} tokens")
 
-    with atomic_dir(cfg.dst) as tmp:
+    with atomic_dir(cfg.dst, kind="handled", overwrite=cfg.overwrite) as tmp:
         rows = save_tables_to_disk(tables(), tmp, features(HANDLED_COLUMNS))
         if rows == 0:
             raise DataError(f"{', '.join(cfg.src)}: no rows to handle ({rows_in} read; {dict(encoder.counts)})")
@@ -245,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--messages-column", default="messages")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--num-proc", type=int, default=None, help="tokenizer threads (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace a --dst folder that handle did not make")
     return p
 
 
@@ -263,14 +292,14 @@ def main(argv: list[str] | None = None) -> int:
                 messages_column=args.messages_column,
                 batch_size=args.batch_size,
                 num_proc=args.num_proc,
+                overwrite=args.overwrite,
             )
         )
     except ValueError as e:
-        logger.error("%s", e)
-        return 1
+        return cli.fail(e)
     logger.info("wrote %s", dst)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

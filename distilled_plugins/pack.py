@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import logging
 import math
 import sys
@@ -27,8 +26,17 @@ from typing import NamedTuple
 
 import numpy as np
 
-from distilled_plugins import configs
-from distilled_plugins.io import DataError, atomic_dir, save_tables_to_disk, write_json
+from distilled_plugins import cli, configs
+from distilled_plugins.cli import one_line
+from distilled_plugins.io import (
+    DataError,
+    atomic_dir,
+    check_output_folder,
+    read_json,
+    require_artifact,
+    save_tables_to_disk,
+    write_json,
+)
 from distilled_plugins.schema import HANDLED_COLUMNS, IGNORE_INDEX, PACKED_COLUMNS, features
 
 logger = logging.getLogger(__name__)
@@ -45,6 +53,7 @@ class PackConfig:
     overlong: str = "split"
     pad_token_id: int | None = None  # default: the pad id stage 3 recorded in its stats.json
     rows_per_write: int = 256
+    overwrite: bool = False  # replace a --dst folder that pack did not make
 
     def __post_init__(self):
         if self.overlong not in OVERLONG_POLICIES:
@@ -150,7 +159,7 @@ def _pad_id(cfg: PackConfig) -> int:
     if cfg.pad_token_id is not None:
         return cfg.pad_token_id
     stats = Path(cfg.src) / "stats.json"
-    if stats.exists() and "pad_token_id" in (recorded := json.loads(stats.read_text())):
+    if stats.exists() and "pad_token_id" in (recorded := read_json(stats, "handle stats file")):
         return int(recorded["pad_token_id"])
     raise DataError(
         f"{cfg.src}: no stats.json with the tokenizer's pad_token_id (not made by stage 3?); give --pad-token-id"
@@ -164,12 +173,19 @@ def run(cfg: PackConfig) -> Path:
 
     started = time.monotonic()
     src = Path(cfg.src)
-    if not src.is_dir():
-        raise DataError(f"{src}: handled dataset folder not found")
-    handled = datasets.load_from_disk(str(src))
+    require_artifact(src, "handled")
+    if src.resolve() == Path(cfg.dst).resolve():
+        raise DataError(f"{src}: --src and --dst are the same folder; packing in place would destroy the input")
+    check_output_folder(cfg.dst, "packed", cfg.overwrite)
+    try:
+        handled = datasets.load_from_disk(str(src))
+    except (OSError, ValueError) as e:  # a cut-short or foreign folder: pyarrow's message names no file
+        raise DataError(f"{src}: cannot be read as a handled dataset ({one_line(e)}); rerun handle") from None
     for column in HANDLED_COLUMNS:
         if column not in handled.column_names:
             raise DataError(f"{src}: column {column!r} not found; columns present: {', '.join(handled.column_names)}")
+    if "actual_seq_len" in handled.column_names:  # a packed folder from before artifact markers
+        raise DataError(f"{src}: is already packed (it has 'actual_seq_len'); --src expects handle's output")
     if len(handled) == 0:
         raise DataError(f"{src}: the handled dataset is empty")
     ids, labels = _Columns(handled.data, "input_ids"), _Columns(handled.data, "labels")
@@ -219,7 +235,7 @@ def run(cfg: PackConfig) -> Path:
 
     tokens = sum(p.length for p in pieces)
     samples_per_pack = np.array([len(pack) for pack in plan])
-    with atomic_dir(cfg.dst) as tmp:
+    with atomic_dir(cfg.dst, kind="packed", overwrite=cfg.overwrite) as tmp:
         save_tables_to_disk(tables(), tmp, features(PACKED_COLUMNS))
         stats = {
             "src": str(src),
@@ -278,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="what happens to samples longer than seq_length (each case is counted)",
     )
     p.add_argument("--pad-token-id", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace a --dst folder that pack did not make")
     return p
 
 
@@ -293,14 +310,14 @@ def main(argv: list[str] | None = None) -> int:
                 finetune_config=args.finetune_config,
                 overlong=args.overlong,
                 pad_token_id=args.pad_token_id,
+                overwrite=args.overwrite,
             )
         )
     except (ValueError, FileNotFoundError) as e:
-        logger.error("%s", e)
-        return 1
+        return cli.fail(e)
     logger.info("wrote %s", dst)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

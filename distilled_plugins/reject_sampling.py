@@ -22,7 +22,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distilled_plugins import configs, grader
+from distilled_plugins import cli, configs, grader
 from distilled_plugins.decontaminate import Decontaminator
 from distilled_plugins.io import DataError, atomic_path, count_rows, dumps_line, iter_jsonl, write_json
 from distilled_plugins.progress import Progress
@@ -84,6 +84,10 @@ def _check_row(row: dict, cfg: RejectSamplingConfig, where: str) -> None:
     if not isinstance(generations, list) or not all(isinstance(g, str) for g in generations):
         raise DataError(f"{where}: field 'generations' must be a list of strings")
     for column in ("finish_reasons", "api_metadata"):
+        if column in row and row[column] is None:
+            del row[column]  # null means "not recorded", as if the column were absent
+        if column in row and not isinstance(row[column], list):
+            raise DataError(f"{where}: field {column!r} must be a list, got {type(row[column]).__name__}")
         if column in row and len(row[column]) != len(generations):
             raise DataError(f"{where}: {column!r} has {len(row[column])} entries for {len(generations)} generations")
 
@@ -276,11 +280,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     except ValueError as e:
-        logger.error("%s", e)
-        return 1
+        return cli.fail(e)
     logger.info("wrote %s, %s and %s", result.output, result.verdicts, result.stats_file)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

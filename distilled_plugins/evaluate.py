@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from distilled_plugins import cli, generate, grader
-from distilled_plugins.client import API_KEY_ENV, RetryPolicy
+from distilled_plugins.client import API_KEY_ENV, FatalRequestError, RetryPolicy
 from distilled_plugins.configs import SHARED_DATA
 from distilled_plugins.handle import SYSTEM_PROMPT
 from distilled_plugins.io import DataError, dumps_line, iter_jsonl, load_rows, read_json, write_json
@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
                 fresh=args.fresh,
             )
         )
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, FatalRequestError) as e:
         return cli.fail(e)
     print(report)
     return 0

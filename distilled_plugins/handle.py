@@ -37,6 +37,7 @@ from distilled_plugins.io import (
 )
 from distilled_plugins.progress import Progress
 from distilled_plugins.schema import HANDLED_COLUMNS, IGNORE_INDEX, features
+from distilled_plugins.settings import add_arguments, from_args, setting
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +48,23 @@ ASSISTANT_MARKER = "<|im_start|>assistant\n"
 
 @dataclass
 class HandleConfig:
-    src: list[str]
-    tokenizer: str
-    dst: str
-    system_prompt: str = SYSTEM_PROMPT
-    max_length: int = 20480
-    truncation: str = "tutorial"  # tutorial: keep input_ids[:max_length] + input_ids[-2:]
-    messages_column: str = "messages"
-    batch_size: int = 1000
-    num_proc: int | None = None  # tokenizer threads; default: all cores
-    progress_interval: float = 5.0
-    overwrite: bool = False  # replace a --dst folder that handle did not make
+    src: list[str] = setting(help="stage 2 JSONL, or parquet files with a messages column", required=True)
+    tokenizer: str = setting(help="local folder of the Qwen2.5 tokenizer (with its chat template)", required=True)
+    dst: str = setting(help="output folder (save_to_disk layout)", required=True)
+    system_prompt: str = setting(SYSTEM_PROMPT, help="system turn prepended to every conversation")
+    max_length: int = setting(
+        20480, help="longest sample in tokens; longer ones follow --truncation", minimum=16, maximum=131072
+    )
+    truncation: str = setting(
+        "tutorial",
+        help="over --max-length: keep head + last 2 tokens (tutorial), drop the sample, or keep it whole",
+        choices=TRUNCATION_POLICIES,
+    )
+    messages_column: str = setting("messages", help="column holding the conversation")
+    batch_size: int = setting(1000, help="rows tokenized per batch", minimum=1)
+    num_proc: int | None = setting(None, help="tokenizer threads (default: all cores)", minimum=1)
+    progress_interval: float = setting(5.0, help="seconds between progress lines", minimum=0)
+    overwrite: bool = setting(False, help="replace a --dst folder that handle did not make")
 
     def __post_init__(self):
         if isinstance(self.src, (str, Path)):
@@ -254,47 +261,16 @@ def run(cfg: HandleConfig) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m distilled_plugins.handle",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--src", nargs="+", required=True, help="stage 2 JSONL, or parquet files with 'messages'")
-    p.add_argument("--tokenizer", required=True, help="local folder of the Qwen2.5 tokenizer")
-    p.add_argument("--dst", required=True, help="output folder (save_to_disk layout)")
-    p.add_argument("--system-prompt", default=SYSTEM_PROMPT)
-    p.add_argument("--max-length", type=int, default=20480)
-    p.add_argument(
-        "--truncation",
-        choices=TRUNCATION_POLICIES,
-        default="tutorial",
-        help="over --max-length: keep head + last 2 tokens (tutorial), drop the sample, or keep it whole",
-    )
-    p.add_argument("--messages-column", default="messages")
-    p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--num-proc", type=int, default=None, help="tokenizer threads (default: all cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace a --dst folder that handle did not make")
-    return p
+    parser = argparse.ArgumentParser(prog="python -m distilled_plugins.handle", description=__doc__.split("\n")[0])
+    add_arguments(parser, HandleConfig)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        dst = run(
-            HandleConfig(
-                src=args.src,
-                tokenizer=args.tokenizer,
-                dst=args.dst,
-                system_prompt=args.system_prompt,
-                max_length=args.max_length,
-                truncation=args.truncation,
-                messages_column=args.messages_column,
-                batch_size=args.batch_size,
-                num_proc=args.num_proc,
-                overwrite=args.overwrite,
-            )
-        )
+        dst = run(from_args(HandleConfig, args))
     except ValueError as e:
         return cli.fail(e)
     logger.info("wrote %s", dst)

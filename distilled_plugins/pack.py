@@ -38,6 +38,7 @@ from distilled_plugins.io import (
     write_json,
 )
 from distilled_plugins.schema import HANDLED_COLUMNS, IGNORE_INDEX, PACKED_COLUMNS, features
+from distilled_plugins.settings import add_arguments, from_args, setting
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +47,22 @@ OVERLONG_POLICIES = ("truncate", "split", "drop")
 
 @dataclass
 class PackConfig:
-    src: str
-    dst: str
-    seq_length: int | None = None  # default: from finetune_config
-    finetune_config: str = str(configs.FINETUNE_7B)
-    overlong: str = "split"
-    pad_token_id: int | None = None  # default: the pad id stage 3 recorded in its stats.json
-    rows_per_write: int = 256
-    overwrite: bool = False  # replace a --dst folder that pack did not make
+    src: str = setting(help="handled dataset folder (stage 3)", required=True)
+    dst: str = setting(help="output folder (save_to_disk layout)", required=True)
+    seq_length: int | None = setting(
+        None, help="row length (default: model.model_config.seq_length of --finetune-config)", minimum=2
+    )
+    finetune_config: str = setting(
+        str(configs.FINETUNE_7B), help="fine-tune YAML whose model seq_length the rows are packed to"
+    )
+    overlong: str = setting(
+        "split",
+        help="samples longer than seq_length are split, truncated or dropped (each case is counted)",
+        choices=OVERLONG_POLICIES,
+    )
+    pad_token_id: int | None = setting(None, help="pad id (default: the one handle recorded in its stats.json)")
+    rows_per_write: int = setting(256, help="packed rows per Arrow write", minimum=1)
+    overwrite: bool = setting(False, help="replace a --dst folder that pack did not make")
 
     def __post_init__(self):
         if self.overlong not in OVERLONG_POLICIES:
@@ -273,47 +282,17 @@ def run(cfg: PackConfig) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m distilled_plugins.pack",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--src", required=True, help="handled dataset folder (stage 3)")
-    p.add_argument("--dst", required=True, help="output folder (save_to_disk layout)")
-    p.add_argument(
-        "--seq-length",
-        type=int,
-        default=None,
-        help="row length; default: model.model_config.seq_length of --finetune-config",
-    )
-    p.add_argument("--finetune-config", default=str(configs.FINETUNE_7B))
-    p.add_argument(
-        "--overlong",
-        choices=OVERLONG_POLICIES,
-        default="split",
-        help="what happens to samples longer than seq_length (each case is counted)",
-    )
-    p.add_argument("--pad-token-id", type=int, default=None)
-    p.add_argument("--overwrite", action="store_true", help="replace a --dst folder that pack did not make")
-    return p
+    parser = argparse.ArgumentParser(prog="python -m distilled_plugins.pack", description=__doc__.split("\n")[0])
+    add_arguments(parser, PackConfig)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        dst = run(
-            PackConfig(
-                src=args.src,
-                dst=args.dst,
-                seq_length=args.seq_length,
-                finetune_config=args.finetune_config,
-                overlong=args.overlong,
-                pad_token_id=args.pad_token_id,
-                overwrite=args.overwrite,
-            )
-        )
-    except (ValueError, FileNotFoundError) as e:
+        dst = run(from_args(PackConfig, args))
+    except ValueError as e:
         return cli.fail(e)
     logger.info("wrote %s", dst)
     return 0

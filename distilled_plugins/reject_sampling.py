@@ -19,13 +19,14 @@ import logging
 import sys
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from distilled_plugins import cli, configs, grader
 from distilled_plugins.decontaminate import Decontaminator
 from distilled_plugins.io import DataError, atomic_path, count_rows, dumps_line, iter_jsonl, write_json
 from distilled_plugins.progress import Progress
+from distilled_plugins.settings import add_arguments, from_args, setting
 
 logger = logging.getLogger(__name__)
 
@@ -35,20 +36,27 @@ ALIGNED_COLUMNS = ("generations", "finish_reasons", "api_metadata")
 
 @dataclass
 class RejectSamplingConfig:
-    src: str
-    dst: str
-    answer_column: str = "answer"
-    problem_column: str = "problem"
-    uuid_column: str | None = None  # defaults to the problem column
-    workers: int | None = None  # default: one per core
-    parse_timeout: int = 5
-    verify_timeout: int = 5
-    sample_timeout: float = 30.0
-    eval_sets: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_SETS))
-    progress_interval: float = 5.0
+    src: str = setting(help="JSONL of stage 1 (generations)", required=True)
+    dst: str = setting(help="JSONL of kept examples", required=True)
+    answer_column: str = setting("answer", help="column holding the gold answer", section="Data")
+    problem_column: str = setting("problem", help="column holding the problem text", section="Data")
+    uuid_column: str | None = setting(None, help="column keying the verdict file (default: the problem column)")
+    workers: int | None = setting(None, help="grading processes (default: one per core)", minimum=1)
+    parse_timeout: int = setting(5, help="math_verify's parse timeout, whole seconds", minimum=1)
+    verify_timeout: int = setting(5, help="math_verify's verify timeout, whole seconds", minimum=1)
+    sample_timeout: float = setting(
+        30.0, help="hard wall-clock limit per generation; past it the grading worker is replaced", minimum=1
+    )
+    eval_sets: list[str] = setting(
+        help="evaluation sets (with a 'problem' column) to decontaminate against; 'none' to skip",
+        factory=lambda: list(DEFAULT_EVAL_SETS),
+    )
+    progress_interval: float = setting(5.0, help="seconds between progress lines", minimum=0)
 
     def __post_init__(self):
         self.uuid_column = self.uuid_column or self.problem_column
+        if [str(s).lower() for s in self.eval_sets] == ["none"]:
+            self.eval_sets = []
         for path in self.eval_sets:
             if not Path(path).exists():
                 raise DataError(f"evaluation set {path} not found (give --eval-sets, or --eval-sets none to skip)")
@@ -230,55 +238,18 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m distilled_plugins.reject_sampling",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = argparse.ArgumentParser(
+        prog="python -m distilled_plugins.reject_sampling", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--src", required=True, help="JSONL of stage 1 (generations)")
-    p.add_argument("--dst", required=True, help="JSONL of kept examples")
-    p.add_argument("--answer-column", default="answer")
-    p.add_argument("--problem-column", default="problem")
-    p.add_argument("--uuid-column", default=None, help="column keying the verdict file (default: problem column)")
-    p.add_argument("--workers", type=int, default=None, help="grading processes (default: one per core)")
-    p.add_argument("--parse-timeout", type=int, default=5, help="math_verify's parse timeout, whole seconds")
-    p.add_argument("--verify-timeout", type=int, default=5, help="math_verify's verify timeout, whole seconds")
-    p.add_argument(
-        "--sample-timeout",
-        type=float,
-        default=30.0,
-        help="hard wall-clock limit per generation; past it the worker is replaced",
-    )
-    p.add_argument(
-        "--eval-sets",
-        nargs="+",
-        default=DEFAULT_EVAL_SETS,
-        help="evaluation sets (with a 'problem' column) to decontaminate against; 'none' to skip",
-    )
-    p.add_argument("--progress-interval", type=float, default=5.0)
-    return p
+    add_arguments(parser, RejectSamplingConfig)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    eval_sets = [] if [s.lower() for s in args.eval_sets] == ["none"] else args.eval_sets
     try:
-        result = run(
-            RejectSamplingConfig(
-                src=args.src,
-                dst=args.dst,
-                answer_column=args.answer_column,
-                problem_column=args.problem_column,
-                uuid_column=args.uuid_column,
-                workers=args.workers,
-                parse_timeout=args.parse_timeout,
-                verify_timeout=args.verify_timeout,
-                sample_timeout=args.sample_timeout,
-                eval_sets=eval_sets,
-                progress_interval=args.progress_interval,
-            )
-        )
+        result = run(from_args(RejectSamplingConfig, args))
     except ValueError as e:
         return cli.fail(e)
     logger.info("wrote %s, %s and %s", result.output, result.verdicts, result.stats_file)

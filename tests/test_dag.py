@@ -21,18 +21,22 @@ DAG_FILE = REPO / "dags" / "distill_r1.py"
 DAG_ID = "distill_r1"
 
 
-def test_dag_imports_fast_and_every_param_is_documented():
+# parsing the DAG file (every few seconds, in the dag-processor) must not load the ML frameworks
+HEAVY_MODULES = ("mindspore", "mindformers", "torch", "transformers", "datasets", "matplotlib", "pyarrow", "sympy")
+
+
+def test_dag_parses_light_and_every_param_is_documented():
     code = (
-        "import time, json, importlib.util as u; t = time.monotonic(); "
+        "import sys, json, importlib.util as u; "
         f"s = u.spec_from_file_location('d', {str(DAG_FILE)!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
-        "took = time.monotonic() - t; "
-        "print(json.dumps({'took': took, 'tasks': [x.task_id for x in m.dag.tasks], "
+        f"heavy = [n for n in {HEAVY_MODULES!r} if n in sys.modules]; "
+        "print(json.dumps({'heavy': heavy, 'tasks': [x.task_id for x in m.dag.tasks], "
         "'params': {k: [p.description, p.schema] for k, p in m.params.items()}}))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout.strip().splitlines()[-1])
-    assert info["took"] < 2.0
+    assert info["heavy"] == []
     assert info["tasks"] == [
         "shard_plan",
         "generate",

@@ -36,7 +36,7 @@ from distilled_plugins.io import (
     write_json,
 )
 from distilled_plugins.progress import Progress
-from distilled_plugins.schema import HANDLED_COLUMNS, IGNORE_INDEX, features
+from distilled_plugins.schema import HANDLED_COLUMNS, IGNORE_INDEX, STATS_FILE, STATS_PAD_TOKEN_ID, features
 from distilled_plugins.settings import add_arguments, from_args, setting
 
 logger = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def run(cfg: HandleConfig) -> Path:
         stats = {
             "src": cfg.src,
             "tokenizer": str(cfg.tokenizer),
-            "pad_token_id": tokenizer.pad_token_id,
+            STATS_PAD_TOKEN_ID: tokenizer.pad_token_id,
             "system_prompt": cfg.system_prompt,
             "rows_in": rows_in,
             "rows": rows,
@@ -252,7 +252,7 @@ def run(cfg: HandleConfig) -> Path:
             "processing_seconds": round(processing, 3),
             "tokens_per_s": round(float(length_array.sum()) / processing),
         }
-        write_json(tmp / "stats.json", stats)
+        write_json(tmp / STATS_FILE, stats)
         _histogram(length_array, tmp / "lengths.png", cfg.max_length)
     progress.finish(
         rows_in, f"| {rows} rows, {stats['tokens']} tokens, {stats['truncated']} truncated, dropped {stats['dropped']}"

@@ -37,7 +37,15 @@ from distilled_plugins.io import (
     save_tables_to_disk,
     write_json,
 )
-from distilled_plugins.schema import HANDLED_COLUMNS, IGNORE_INDEX, PACKED_COLUMNS, features
+from distilled_plugins.schema import (
+    HANDLED_COLUMNS,
+    IGNORE_INDEX,
+    PACKED_COLUMNS,
+    STATS_FILE,
+    STATS_PAD_TOKEN_ID,
+    STATS_SEQ_LENGTH,
+    features,
+)
 from distilled_plugins.settings import add_arguments, from_args, setting
 
 logger = logging.getLogger(__name__)
@@ -167,9 +175,9 @@ class _Columns:
 def _pad_id(cfg: PackConfig) -> int:
     if cfg.pad_token_id is not None:
         return cfg.pad_token_id
-    stats = Path(cfg.src) / "stats.json"
-    if stats.exists() and "pad_token_id" in (recorded := read_json(stats, "handle stats file")):
-        return int(recorded["pad_token_id"])
+    stats = Path(cfg.src) / STATS_FILE
+    if stats.exists() and STATS_PAD_TOKEN_ID in (recorded := read_json(stats, "handle stats file")):
+        return int(recorded[STATS_PAD_TOKEN_ID])
     raise DataError(
         f"{cfg.src}: no stats.json with the tokenizer's pad_token_id (not made by stage 3?); give --pad-token-id"
     )
@@ -248,7 +256,7 @@ def run(cfg: PackConfig) -> Path:
         save_tables_to_disk(tables(), tmp, features(PACKED_COLUMNS))
         stats = {
             "src": str(src),
-            "seq_length": cfg.seq_length,
+            STATS_SEQ_LENGTH: cfg.seq_length,
             "overlong_policy": cfg.overlong,
             "pad_token_id": pad,
             "samples_in": len(lengths),
@@ -267,7 +275,7 @@ def run(cfg: PackConfig) -> Path:
             "plan_seconds": round(plan_seconds, 3),
             "wall_seconds": round(time.monotonic() - started, 3),
         }
-        write_json(tmp / "stats.json", stats)
+        write_json(tmp / STATS_FILE, stats)
     logger.info(
         "packed %d samples (%d tokens) into %d rows of %d: efficiency %.4f (lower bound %d rows); overlong: %s",
         stats["samples_in"],

@@ -13,7 +13,6 @@ Output rows keep input order, and a rerun writes byte-identical files (written t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -26,12 +25,12 @@ from distilled_plugins import cli, configs, grader
 from distilled_plugins.decontaminate import Decontaminator
 from distilled_plugins.io import DataError, atomic_path, count_rows, dumps_line, iter_jsonl, write_json
 from distilled_plugins.progress import Progress
+from distilled_plugins.schema import GENERATION_COLUMNS, MESSAGES_COLUMN, PROMPT_COLUMN, row_key, sibling_path
 from distilled_plugins.settings import add_arguments, from_args, setting
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_EVAL_SETS = [str(configs.SHARED_DATA / "math500" / "test.jsonl")]
-ALIGNED_COLUMNS = ("generations", "finish_reasons", "api_metadata")
 
 
 @dataclass
@@ -70,11 +69,6 @@ class RejectSamplingResult:
     stats: dict
 
 
-def sibling(dst: str | Path, suffix: str) -> Path:
-    dst = Path(dst)
-    return dst.with_name(dst.stem + suffix)
-
-
 class _Example:
     __slots__ = ("dropped", "key", "remaining", "row", "verdicts")
 
@@ -105,11 +99,11 @@ def _kept_row(example: _Example, problem_column: str) -> dict | None:
     if not correct:
         return None
     row = dict(example.row)
-    for column in ALIGNED_COLUMNS:
+    for column in GENERATION_COLUMNS:
         if column in row:
             row[column] = [row[column][i] for i in correct]
-    prompt = row.get("prompt") or row[problem_column]
-    row["messages"] = [
+    prompt = row.get(PROMPT_COLUMN) or row[problem_column]
+    row[MESSAGES_COLUMN] = [
         {"role": "user", "content": prompt},
         {"role": "assistant", "content": example.row["generations"][correct[-1]]},
     ]
@@ -136,7 +130,7 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
         """Read examples lazily, registering each in input order before its samples go to the pool."""
         for index, (lineno, row) in enumerate(iter_jsonl(src)):
             _check_row(row, cfg, f"{src}:{lineno}")
-            key = hashlib.md5(str(row[cfg.uuid_column]).encode()).hexdigest()
+            key = row_key(row[cfg.uuid_column])
             n = len(row["generations"])
             dropped = None
             if grader.gold_is_filtered(row[cfg.answer_column]):
@@ -156,7 +150,7 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
 
     with (
         atomic_path(cfg.dst) as dst_tmp,
-        atomic_path(sibling(cfg.dst, ".verdicts.jsonl")) as verdicts_tmp,
+        atomic_path(sibling_path(cfg.dst, ".verdicts.jsonl")) as verdicts_tmp,
         open(dst_tmp, "wb") as out,
         open(verdicts_tmp, "wb") as audit,
     ):
@@ -225,7 +219,7 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
         "examples_per_s": round(counts["examples_in"] / wall, 2),
         "samples_per_s": round(graded / wall, 2),
     }
-    stats_file = write_json(sibling(cfg.dst, ".stats.json"), stats)
+    stats_file = write_json(sibling_path(cfg.dst, ".stats.json"), stats)
     logger.info(
         "kept %d of %d examples (%d of %d generations correct); rejections: %s",
         stats["examples_out"],
@@ -234,7 +228,7 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
         graded,
         json.dumps({**stats["rejected_generations"], **stats["rejected_examples"]}),
     )
-    return RejectSamplingResult(Path(cfg.dst), sibling(cfg.dst, ".verdicts.jsonl"), stats_file, stats)
+    return RejectSamplingResult(Path(cfg.dst), sibling_path(cfg.dst, ".verdicts.jsonl"), stats_file, stats)
 
 
 def build_parser() -> argparse.ArgumentParser:

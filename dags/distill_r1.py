@@ -1,7 +1,8 @@
 """Distil DeepSeek-R1 chain-of-thought into Qwen2.5-Math-7B with MindSpore Transformers.
 
 ```
-shard_plan -> generate[0..N-1] -> merge -> reject_sampling -> handle -> pack -> finetune -> evaluate
+shard_plan -> generate[0..N-1] -> merge -> reject_sampling
+    -> handle -> pack -> finetune -> evaluate
 ```
 
 Artifacts live under `{output_root}/distill_r1/{run_id}/{task_id}/`; XCom carries paths only.

@@ -148,6 +148,8 @@ def test_trigger_form_shows_labelled_sections_refuses_an_empty_field_and_submits
                 for title, description in wanted.items():
                     assert description in form.text, f"{title}: description not shown; see {page.listing()}"
                 assert REQUIRED not in form.text, f"{section}: a field reports an error; see {page.listing()}"
+                if section == "Fine-tune":  # an enum shows its readable choice, not the file name
+                    assert "Tiny CPU model (demo)" in form.text, f"values_display not shown; see {page.listing()}"
 
             # an invalid value: the seed dataset emptied is refused in the form (error shown, Trigger disabled)
             data = button(form, "Data")
@@ -187,6 +189,24 @@ def test_trigger_form_shows_labelled_sections_refuses_an_empty_field_and_submits
                 assert time.monotonic() < deadline, f"run {run_id} started no task; see {page.listing()}"
                 time.sleep(2)
             af.api("PATCH", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", {"state": "failed"})  # no need to finish it
+
+            # the seed asset's page shows its description and URI; the DAG docs show the chain as code
+            asset = af.api("GET", "/api/v2/assets?name_pattern=distill_seed")["assets"][0]
+            driver.get(f"{af.url}/assets/{asset['id']}")
+            body = lambda: driver.find_element(By.TAG_NAME, "body").text  # noqa: E731
+            page.wait(lambda: asset["uri"] in body() and "an update to this asset starts" in body(), "the asset's URI")
+            page.shot("asset")
+            driver.get(f"{af.url}/dags/{DAG_ID}")
+            docs = page.wait(
+                lambda: driver.find_elements(By.CSS_SELECTOR, "[data-testid=markdown-button]"), "the Dag Docs button"
+            )[0]
+            docs.click()
+            page.wait(
+                lambda: any("shard_plan -> generate" in c.text for c in driver.find_elements(By.TAG_NAME, "code")),
+                "the DAG docs' chain in a code block",
+            )
+            page.wait(lambda: "Create Event" in body(), "the DAG docs saying how to announce a seed refresh")
+            page.shot("docs")
     except AssertionError as e:
         raise AssertionError(f"{e}\nscreenshots: {page.listing()}") from None
     except Exception as e:

@@ -23,6 +23,7 @@ from airflow.sdk.exceptions import (
     DownstreamTasksSkipped,
 )
 
+from distilled_plugins.cli import one_line
 from distilled_plugins.client import FatalRequestError
 from distilled_plugins.finetune import FinetuneFailed
 from distilled_plugins.generate import GenerationIncomplete
@@ -156,8 +157,7 @@ def classify(task_id: str, error: BaseException) -> tuple[bool, str]:
 
 
 def summary_line(task_id: str, ti, error: BaseException, hint: str, retrying: bool) -> str:
-    lines = str(error).strip().splitlines()
-    first = lines[0] if lines else type(error).__name__
+    first = one_line(error)  # the same first line the stage's command line prints
     where = f"{task_id}" + (f"[{ti.map_index}]" if getattr(ti, "map_index", -1) not in (None, -1) else "")
     outcome = "Airflow retries it; if every try fails: " if retrying else ""
     return (

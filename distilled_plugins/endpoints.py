@@ -26,6 +26,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 FAIL_STREAK = 3  # consecutive failures (5xx, timeouts, cut connections) that take an endpoint out
+# Until an endpoint without a configured rate limit first answers, it gets one request at a time for up to this
+# long: its first reply's x-ratelimit-* headers tell the limit before a burst of max_concurrent requests hits it.
+FIRST_CONTACT_SECONDS = 2.0
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -151,6 +154,8 @@ class EndpointState:
         self.out_until = 0.0  # cool-down end
         self.probing = False  # after a cool-down: one request at a time until one succeeds
         self.paused_until = 0.0  # rate-limit pause (429, remaining 0)
+        self.heard = False  # an outcome (a reply's headers) has come back
+        self.first_sent: float | None = None
         self.requests_bucket = TokenBucket(endpoint.max_rpm) if endpoint.max_rpm else None
         self.tokens_bucket = TokenBucket(endpoint.max_tpm) if endpoint.max_tpm else None
 
@@ -163,6 +168,8 @@ class EndpointState:
         if self.probing and self.in_flight:
             return float("inf")  # the probe's outcome decides; released() wakes the waiters
         wait = max(0.0, self.out_until - now, self.paused_until - now)
+        if not self.heard and self.in_flight and not self.requests_bucket and not self.tokens_bucket:
+            wait = max(wait, self.first_sent + FIRST_CONTACT_SECONDS - now)
         if self.requests_bucket:
             wait = max(wait, self.requests_bucket.wait_time(1, now))
         if self.tokens_bucket:
@@ -222,6 +229,8 @@ class Fleet:
                 if best is not None:
                     best.in_flight += 1
                     best.requests += 1
+                    if best.first_sent is None:
+                        best.first_sent = now
                     if best.requests_bucket:
                         best.requests_bucket.take(1, now)
                     if best.tokens_bucket:
@@ -233,6 +242,7 @@ class Fleet:
 
     def _release(self, state: EndpointState) -> None:
         state.in_flight -= 1
+        state.heard = True
         self._changed.set()
 
     def released(self, state: EndpointState) -> None:
@@ -293,12 +303,16 @@ class Fleet:
         for kind, attr in (("requests", "requests_bucket"), ("tokens", "tokens_bucket")):
             limit = _number(headers.get(f"x-ratelimit-limit-{kind}"))
             remaining = _number(headers.get(f"x-ratelimit-remaining-{kind}"))
-            if limit and getattr(state, attr) is None:
+            bucket = getattr(state, attr)
+            if limit and bucket is None:
                 bucket = TokenBucket(limit)
-                if remaining is not None:
-                    bucket.level = min(bucket.capacity, remaining)
                 setattr(state, attr, bucket)
-            if remaining is not None and remaining <= 0:
+            if remaining is None:
+                continue
+            if bucket is not None:  # the server's count wins where it is lower (it saw requests this one did not)
+                bucket.wait_time(0, now)
+                bucket.level = min(bucket.level, remaining)
+            elif remaining <= 0:
                 reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
                 self._pause(state, now, reset if reset is not None else 1.0)
 

@@ -45,7 +45,7 @@ def test_dag_imports_fast_and_every_param_is_documented():
     ]
     for name, (description, schema) in info["params"].items():
         assert description and len(description) > 10, name
-        assert schema.get("type") in ("string", "integer"), name
+        assert schema.get("type") in ("string", "integer", "number", "boolean"), name
     assert info["params"]["finetune_config"][1]["enum"] == ["finetune_qwen_2_5_7b.yaml", "finetune_tiny_cpu.yaml"]
     assert info["params"]["shards"][1]["minimum"] == 1
 

@@ -15,6 +15,7 @@ from distilled_plugins import generate
 from distilled_plugins.client import RequestSettings
 from distilled_plugins.endpoints import Endpoint
 from distilled_plugins.local_airflow import free_port
+from distilled_plugins.teacher_server import ReplayTeacher, ServerThread
 from tests import test_generate
 from tests.conftest import REPO, math_train_rows, read_jsonl, write_jsonl
 from tests.test_generate import answer_with_solution, config, keys_of
@@ -179,3 +180,34 @@ def test_cli_takes_a_comma_separated_list_and_writes_per_endpoint_stats(teacher,
     assert set(stats["endpoints"]) == {url_a, url_b}
     assert a.requests > 0 and b.requests > 0 and a.requests + b.requests == 20
     assert stats["cost_estimate"] == round(stats["completion_tokens"] * 2.5 / 1e6, 6) > 0
+
+
+def test_operator_reads_endpoints_keys_and_price_from_the_connection(airflow_db, monkeypatch, tmp_path, caplog):
+    import logging
+
+    from tests.dags.stage_dags import generate_dag
+
+    key_a, key_b = "sk-fleet-a-8812", "sk-fleet-b-2290"
+    first = ReplayTeacher(answer_with_solution, api_key=key_a)
+    second = ReplayTeacher(answer_with_solution, api_key=key_b)
+    with ServerThread(first.app()) as a, ServerThread(second.app()) as b:
+        conn = {
+            "conn_type": "http",
+            "host": a.host,
+            "port": a.port,
+            "password": key_a,
+            "extra": {"endpoints": [{"addr": b.url, "api_key": key_b}], "price_per_mtok_out": 2.0, "max_rpm": 6000},
+        }
+        monkeypatch.setenv("AIRFLOW_CONN_TEACHER_TEST", json.dumps(conn))
+        seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(8))
+        caplog.set_level(logging.INFO)
+        run = generate_dag.test(run_conf={"seed": str(seed), "out": str(tmp_path), "n": 2})
+    assert run.state == "success"
+    result = run.get_task_instance("generate").xcom_pull(task_ids="generate")
+    check_complete(Path(result["output"]), seed, 2)
+    assert set(first.seen_authorization) == {f"Bearer {key_a}"}
+    assert set(second.seen_authorization) == {f"Bearer {key_b}"}
+    assert first.requests > 0 and second.requests > 0 and first.requests + second.requests == 16
+    stats = json.loads(Path(result["stats"]).read_text())
+    assert stats["cost_estimate"] == round(stats["completion_tokens"] * 2.0 / 1e6, 6) > 0
+    assert key_a not in caplog.text and key_b not in caplog.text

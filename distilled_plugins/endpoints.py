@@ -9,8 +9,9 @@
   goes there until one succeeds;
 - rate limits: per endpoint, a request bucket (``max_rpm``) and a token bucket (``max_tpm``; a request costs its
   prompt estimate plus ``max_tokens`` until the reply's ``usage`` corrects it), both learnt from the server's
-  ``x-ratelimit-limit-*`` headers when not given; ``x-ratelimit-remaining-* = 0`` or a 429 pause the whole
-  endpoint until ``x-ratelimit-reset-*`` / ``Retry-After``.
+  ``x-ratelimit-limit-*`` headers when not given, and lowered to the server's ``x-ratelimit-remaining-*``;
+  without a bucket, ``remaining = 0`` pauses the whole endpoint until ``x-ratelimit-reset-*`` (1 s if absent),
+  and a 429 with ``Retry-After`` pauses it that long.
 
 >>> parse_endpoints("a:1, https://b/v1", "k", None)[1].url
 'https://b'
@@ -267,10 +268,10 @@ class Fleet:
         state.failures[cause] += 1
         now = time.monotonic()
         if cause == "http_429":
-            pause = retry_after
-            if pause is None and headers is not None:
-                pause = parse_duration(headers.get("x-ratelimit-reset-requests"))
-            self._pause(state, now, pause if pause is not None else 1.0)
+            # a refusal that says how long (Retry-After, or nothing remaining until the reset) pauses the whole
+            # endpoint; a bare 429 (an overloaded server, not a quota) only delays its own request
+            if retry_after is not None:
+                self._pause(state, now, retry_after)
             self._learn_limits(state, headers)
         elif cause in ("connect_failed", "connection", "timeout", "stream_cut") or cause.startswith("http_5"):
             state.streak += 1

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 FAULTS = (
     "ok",
     "429",
+    "429_exhausted",  # 429 saying x-ratelimit-remaining-requests: 0
     "500",
     "503",
     "400",
@@ -136,10 +137,11 @@ class ReplayTeacher:
             if not allowed:
                 self.refused += 1
                 fault = "429"
-        if fault == "429":
+        if fault in ("429", "429_exhausted"):
             headers = {"Retry-After": self.retry_after} if self.retry_after else {}
             headers.update(limit_headers)
-            headers.setdefault("x-ratelimit-remaining-requests", "0")
+            if fault == "429_exhausted":
+                headers["x-ratelimit-remaining-requests"] = "0"
             return web.json_response({"error": {"message": "rate limited", "code": 429}}, status=429, headers=headers)
         if fault == "500":
             return web.json_response({"error": {"message": "internal error", "code": 500}}, status=500)

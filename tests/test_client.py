@@ -68,7 +68,7 @@ class TestRateLimits:
     def test_429_with_nothing_remaining_pauses_the_whole_endpoint(self, teacher, seed, tmp_path):
         # one 429 saying x-ratelimit-remaining-requests: 0 and no Retry-After; the request's own backoff is
         # 0.05 s at most, so only an endpoint-wide pause (1 s by default) keeps the other requests away
-        replay, url = teacher(faults=["ok"] * 6 + ["429"], retry_after=None)
+        replay, url = teacher(faults=["ok"] * 6 + ["429_exhausted"], retry_after=None)
         result = generate.run(config(seed, tmp_path, url, max_concurrent=4))
         assert len(read_jsonl(result.output_file)) == 12
         refused_at = replay.request_times[6]

@@ -95,7 +95,8 @@ class RequestSettings(RetryPolicy):
     of both stages from these fields, so a flag, its default and its help are written once."""
 
     max_rpm: float | None = field(
-        default=None, metadata={"help": "requests per minute allowed per endpoint (default: learnt from the server)"}
+        default=None,
+        metadata={"help": "requests per minute allowed per endpoint; unset: learnt from x-ratelimit headers"},
     )
     max_tpm: float | None = field(
         default=None,
@@ -116,6 +117,11 @@ class RequestSettings(RetryPolicy):
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.price_per_mtok_in < 0 or self.price_per_mtok_out < 0:
             raise ValueError("prices must not be negative")
+        if self.max_cost is not None and not self.priced:
+            raise ValueError(
+                f"max_cost {self.max_cost:g} needs a price to estimate the cost; give price_per_mtok_in and/or "
+                "price_per_mtok_out (CLI: --price-per-mtok-in/--price-per-mtok-out)"
+            )
 
     @classmethod
     def of(cls, policy: RetryPolicy | None) -> RequestSettings:

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import re
 import time
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -148,7 +149,7 @@ class EndpointState:
         self.failures: Counter = Counter()
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self.latencies: list[float] = []
+        self.latencies = array("d")  # seconds per successful request (8 bytes each)
         self.streak = 0  # consecutive failures
         self.trips = 0  # times taken out since the last success
         self.times_out = 0  # times taken out in all

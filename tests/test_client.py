@@ -157,3 +157,11 @@ class TestSettingsOnce:
             parse_endpoints(None, None, [{"addr": "a:1", "wieght": 2}])
         with pytest.raises(ValueError, match="weight must be positive"):
             Endpoint("a:1", weight=0)
+
+    def test_budget_without_a_price_is_refused(self, tmp_path):
+        with pytest.raises(ValueError, match="max_cost 5 needs a price"):
+            RequestSettings(max_cost=5)
+        done = generate.main(
+            ["--model", "m", "--dataset-name", "x.jsonl", "--output-file", str(tmp_path / "o"), "--max-cost", "5"]
+        )
+        assert done == 1

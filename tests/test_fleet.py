@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from distilled_plugins import generate
 from distilled_plugins.client import RequestSettings
 from distilled_plugins.endpoints import Endpoint
@@ -182,6 +184,7 @@ def test_cli_takes_a_comma_separated_list_and_writes_per_endpoint_stats(teacher,
     assert stats["cost_estimate"] == round(stats["completion_tokens"] * 2.5 / 1e6, 6) > 0
 
 
+@pytest.mark.slow  # dag.test() in a real Airflow database
 def test_operator_reads_endpoints_keys_and_price_from_the_connection(airflow_db, monkeypatch, tmp_path, caplog):
     import logging
 

@@ -165,3 +165,43 @@ class TestSettingsOnce:
             ["--model", "m", "--dataset-name", "x.jsonl", "--output-file", str(tmp_path / "o"), "--max-cost", "5"]
         )
         assert done == 1
+
+
+class TestEvaluationUsesTheSameClient:
+    def test_evaluate_cli_streams_from_two_endpoints_with_the_request_flags(self, teacher, tmp_path):
+        from distilled_plugins.teacher_server import load_answers, replay_answer
+        from tests.conftest import MATH500
+
+        answers = replay_answer(load_answers(MATH500, "problem", "solution"))
+        first, url1 = teacher(answer=answers, faults=["cut_stream"])
+        second, url2 = teacher(answer=answers)
+        argv = ["--out", str(tmp_path / "eval"), "--api-addr", f"{url1},{url2}", "--model", "m", "--limit", "6"]
+        argv += ["--n-samples", "2", "--workers", "1", "--stream", "--request-timeout", "30", "--max-attempts", "3"]
+        assert evaluate.main(argv) == 0
+        report = json.loads((tmp_path / "eval" / "report.json").read_text())
+        assert report["pass@1"] == 100.0 and report["samples"] == 12
+        assert first.requests > 1 and second.requests > 0 and first.requests + second.requests == 12 + 1
+        assert all(p["stream"] is True for p in first.seen_payloads + second.seen_payloads)
+        stats = json.loads((tmp_path / "eval" / "completions.stats.json").read_text())
+        assert stats["retries"] == {"stream_cut": 1} and set(stats["endpoints"]) == {url1, url2}
+
+
+class TestTokenLimit:
+    def test_tokens_are_charged_at_max_tokens_until_the_usage_corrects_them(self):
+        import asyncio
+        import time
+
+        from distilled_plugins.endpoints import Fleet
+
+        async def scenario():
+            fleet = Fleet([Endpoint("127.0.0.1:9", max_tpm=6000)])  # 100 tokens/s, at most 100 at once
+            state = await fleet.acquire(100)  # prompt estimate + max_tokens
+            assert state.tokens_bucket.wait_time(50, time.monotonic()) > 0.4
+            fleet.succeeded(state, 0.01, {"prompt_tokens": 5, "completion_tokens": 15, "total_tokens": 20}, 100, {})
+            started = time.monotonic()
+            await fleet.acquire(50)  # the 80 unused tokens were given back: no wait
+            return time.monotonic() - started, state
+
+        waited, state = asyncio.run(scenario())
+        assert waited < 0.2
+        assert state.prompt_tokens == 5 and state.completion_tokens == 15 and state.in_flight == 1

@@ -31,6 +31,7 @@ FAIL_STREAK = 3  # consecutive failures (5xx, timeouts, cut connections) that ta
 # Until an endpoint without a configured rate limit first answers, it gets one request at a time for up to this
 # long: its first reply's x-ratelimit-* headers tell the limit before a burst of max_concurrent requests hits it.
 FIRST_CONTACT_SECONDS = 2.0
+_HEALTH_FAILURES = ("connect_failed", "connection", "timeout", "stream_cut", "truncated_body")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -116,25 +117,25 @@ class TokenBucket:
         self.level = self.capacity
         self.stamp = time.monotonic()
 
-    def _refill(self, now: float) -> None:
+    def refill(self, now: float) -> None:
         self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
 
     def wait_time(self, cost: float, now: float) -> float:
         """Seconds until ``cost`` may be taken (0: now)."""
-        self._refill(now)
+        self.refill(now)
         need = min(cost, self.capacity)
         return 0.0 if self.level >= need else (need - self.level) / self.rate
 
     def take(self, cost: float, now: float) -> None:
-        self._refill(now)
+        self.refill(now)
         self.level -= cost
 
     def give_back(self, amount: float) -> None:
         self.level = min(self.capacity, self.level + amount)
 
     def drain(self, now: float) -> None:
-        self._refill(now)
+        self.refill(now)
         self.level = min(self.level, 0.0)
 
 
@@ -274,7 +275,7 @@ class Fleet:
             if retry_after is not None:
                 self._pause(state, now, retry_after)
             self._learn_limits(state, headers)
-        elif cause in ("connect_failed", "connection", "timeout", "stream_cut") or cause.startswith("http_5"):
+        elif cause in _HEALTH_FAILURES or cause.startswith("http_5"):
             state.streak += 1
             if cause == "connect_failed" or state.probing or state.streak >= FAIL_STREAK:
                 self._take_out(state, now)
@@ -312,7 +313,7 @@ class Fleet:
             if remaining is None:
                 continue
             if bucket is not None:  # the server's count wins where it is lower (it saw requests this one did not)
-                bucket.wait_time(0, now)
+                bucket.refill(now)
                 bucket.level = min(bucket.level, remaining)
             elif remaining <= 0:
                 reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -111,7 +112,10 @@ class TestRateLimits:
 
 
 class TestCostAndBudget:
-    def test_budget_stops_cleanly_and_a_rerun_resumes(self, teacher, seed, tmp_path):
+    def test_budget_stops_cleanly_and_a_rerun_resumes(self, teacher, seed, tmp_path, caplog):
+        import logging
+
+        caplog.set_level(logging.INFO)
         replay, url = teacher()
         completion_tokens = len(answer_with_solution(read_jsonl(seed)[0]["problem"])) // 4
         # a price making each completion cost about 1.0: the budget of 5.5 allows 6 completions
@@ -121,6 +125,7 @@ class TestCostAndBudget:
         with pytest.raises(BudgetReached, match="run again") as info:
             generate.run(cfg)
         assert "budget reached" in str(info.value)
+        assert re.search(r"cost \d+\.\d{4} of 5\.5", caplog.text), caplog.text  # the progress line shows it
         stats = json.loads(generate.stats_path(cfg.output_file).read_text())
         assert stats["budget_reached"] is True and stats["cost_estimate"] >= 5.5
         assert stats["completions_ok"] == replay.requests < 24

@@ -353,6 +353,65 @@ params = {
         type="string",
         minLength=1,
     ),
+    # ---- Teacher: requests to the teacher fleet (issue #17). 0 means "not set here": the teacher connection's
+    # extra (endpoints, max_rpm, max_tpm, prices, max_cost) or the server's x-ratelimit headers decide.
+    "teacher_max_rpm": Param(
+        default("teacher_max_rpm", 0),
+        type="number",
+        minimum=0,
+        title="Requests per minute per endpoint",
+        description="Rate limit per teacher endpoint (0: from the connection, else learnt from the server)",
+        section="Teacher",
+    ),
+    "teacher_max_tpm": Param(
+        default("teacher_max_tpm", 0),
+        type="number",
+        minimum=0,
+        title="Tokens per minute per endpoint",
+        description="Token rate limit per teacher endpoint: prompt + max_tokens until the reply's usage "
+        "(0: from the connection, else learnt from the server)",
+        section="Teacher",
+    ),
+    "teacher_stream": Param(
+        default("teacher_stream", False),
+        type="boolean",
+        title="Stream replies",
+        description="Server-sent events: keeps minutes-long replies alive through proxies; a cut stream is retried",
+        section="Teacher",
+    ),
+    "teacher_request_timeout": Param(
+        default("teacher_request_timeout", 1800),
+        type="number",
+        minimum=1,
+        title="Request timeout (s)",
+        description="Seconds for one whole teacher request, reply included",
+        section="Teacher",
+    ),
+    "teacher_price_per_mtok_in": Param(
+        default("teacher_price_per_mtok_in", 0),
+        type="number",
+        minimum=0,
+        title="Price per million prompt tokens",
+        description="For the running cost estimate (0: from the connection, else no estimate)",
+        section="Teacher",
+    ),
+    "teacher_price_per_mtok_out": Param(
+        default("teacher_price_per_mtok_out", 0),
+        type="number",
+        minimum=0,
+        title="Price per million completion tokens",
+        description="For the running cost estimate (0: from the connection, else no estimate)",
+        section="Teacher",
+    ),
+    "teacher_max_cost": Param(
+        default("teacher_max_cost", 0),
+        type="number",
+        minimum=0,
+        title="Budget per shard task",
+        description="Stop a shard's generation cleanly once its estimated cost reaches this; a rerun resumes "
+        "(0: from the connection, else no budget)",
+        section="Teacher",
+    ),
 }
 
 default_args = {
@@ -387,6 +446,13 @@ with DAG(
         max_concurrent="{{ params.max_concurrent }}",
         num_shards="{{ params.shards }}",
         max_attempts="{{ params.request_attempts }}",
+        request_timeout="{{ params.teacher_request_timeout }}",
+        max_rpm="{{ params.teacher_max_rpm }}",
+        max_tpm="{{ params.teacher_max_tpm }}",
+        stream="{{ params.teacher_stream }}",
+        price_per_mtok_in="{{ params.teacher_price_per_mtok_in }}",
+        price_per_mtok_out="{{ params.teacher_price_per_mtok_out }}",
+        max_cost="{{ params.teacher_max_cost }}",
         output_file=RUN_DIR + "/generate/shard-{{ ti.map_index }}.jsonl",
         store_dir="{{ params.output_root }}/generation_store",
     ).expand(shard_index=shards)

@@ -8,17 +8,20 @@ Callers that can keep working while a request waits (generation) schedule the re
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import email.utils
 import json
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 import aiohttp
 from yarl import URL
+
+from distilled_plugins.endpoints import Endpoint, EndpointState, Fleet, parse_endpoints
 
 API_KEY_ENV = "OPENAI_API_KEY"
 _FATAL_HINTS = {
@@ -39,10 +42,15 @@ class Completion(NamedTuple):
 class RetryableError(Exception):
     """A failed attempt worth repeating: ``cause`` names it for the stats (``http_429``, ``timeout``, ...)."""
 
-    def __init__(self, cause: str, detail: str, retry_after: float | None = None):
+    def __init__(self, cause: str, detail: str, retry_after: float | None = None, headers=None):
         super().__init__(f"{cause}: {detail}")
         self.cause = cause
         self.retry_after = retry_after
+        self.headers = headers  # the reply's headers, for the rate-limit adaptation
+
+
+class BudgetExhausted(Exception):
+    """The run's estimated cost reached ``max_cost``: no new request is sent."""
 
 
 class FatalRequestError(Exception):
@@ -53,11 +61,13 @@ class FatalRequestError(Exception):
 class RetryPolicy:
     """How failed requests are repeated. Delays grow exponentially with jitter, never below ``Retry-After``."""
 
-    max_attempts: int = 12
-    backoff_base: float = 0.1
-    backoff_max: float = 60.0
-    connect_timeout: float = 10.0
-    request_timeout: float = 1800.0
+    max_attempts: int = field(default=12, metadata={"help": "attempts per request"})
+    backoff_base: float = field(default=0.1, metadata={"help": "first retry delay (s)"})
+    backoff_max: float = field(
+        default=60.0, metadata={"help": "longest retry delay, and longest cool-down of a failing endpoint (s)"}
+    )
+    connect_timeout: float = field(default=10.0, metadata={"help": "seconds to open a connection"})
+    request_timeout: float = field(default=1800.0, metadata={"help": "seconds for one whole request, reply included"})
 
     def __post_init__(self):
         if self.max_attempts < 1:
@@ -76,6 +86,72 @@ class RetryPolicy:
         """
         ceiling = min(self.backoff_max, self.backoff_base * 2 ** (failed_attempts - 1))
         return max(random.uniform(0, ceiling), retry_after or 0.0)
+
+
+@dataclass
+class RequestSettings(RetryPolicy):
+    """Everything about sending requests, shared by generation and evaluation: retries and timeouts (from
+    :class:`RetryPolicy`), rate limits, streaming, prices and budget. :meth:`add_arguments` makes the CLI flags
+    of both stages from these fields, so a flag, its default and its help are written once."""
+
+    max_rpm: float | None = field(
+        default=None,
+        metadata={"help": "requests per minute allowed per endpoint; unset: learnt from x-ratelimit headers"},
+    )
+    max_tpm: float | None = field(
+        default=None,
+        metadata={"help": "tokens per minute allowed per endpoint, prompt + max_tokens until the reply's usage"},
+    )
+    stream: bool = field(default=False, metadata={"help": "stream replies (server-sent events)"})
+    price_per_mtok_in: float = field(default=0.0, metadata={"help": "price per million prompt tokens"})
+    price_per_mtok_out: float = field(default=0.0, metadata={"help": "price per million completion tokens"})
+    max_cost: float | None = field(
+        default=None, metadata={"help": "stop this run cleanly (resumable) once its estimated cost reaches this"}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("max_rpm", "max_tpm", "max_cost"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.price_per_mtok_in < 0 or self.price_per_mtok_out < 0:
+            raise ValueError("prices must not be negative")
+        if self.max_cost is not None and not self.priced:
+            raise ValueError(
+                f"max_cost {self.max_cost:g} needs a price to estimate the cost; give price_per_mtok_in and/or "
+                "price_per_mtok_out (CLI: --price-per-mtok-in/--price-per-mtok-out)"
+            )
+
+    @classmethod
+    def of(cls, policy: RetryPolicy | None) -> RequestSettings:
+        """``policy`` itself if it already is a :class:`RequestSettings`, else one with its retry fields."""
+        if isinstance(policy, cls):
+            return policy
+        return cls(**{f.name: getattr(policy, f.name) for f in fields(RetryPolicy)}) if policy else cls()
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add ``--max-attempts``, ``--request-timeout``, ``--max-rpm``, ``--stream``, ... to ``parser``."""
+        group = parser.add_argument_group("teacher requests")
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            if f.type in ("bool", bool):
+                group.add_argument(flag, action="store_true", help=f.metadata["help"])
+            else:
+                kind = int if f.type in ("int", int) else float
+                group.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RequestSettings:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    @property
+    def priced(self) -> bool:
+        return bool(self.price_per_mtok_in or self.price_per_mtok_out)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.price_per_mtok_in + completion_tokens * self.price_per_mtok_out) / 1e6
 
 
 def base_url(api_addr: str) -> str:
@@ -115,11 +191,21 @@ def _retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def _estimate_prompt_tokens(messages: list[dict]) -> int:
+    """About four characters a token: the rate-limit charge until the reply's usage says the truth."""
+    return sum(len(m.get("content") or "") for m in messages) // 4 + 8
+
+
 @dataclass
 class ChatClient:
-    """Async client for ``{base_url}/v1/chat/completions``; use as ``async with ChatClient(...) as client``."""
+    """Async client for ``{base_url}/v1/chat/completions`` on one or several endpoints (a :class:`Fleet`).
 
-    api_addr: str
+    ``api_addr`` may list several addresses separated by commas; ``endpoints`` gives them with their own keys,
+    weights and limits instead. ``policy`` is a :class:`RetryPolicy` or a full :class:`RequestSettings`.
+    Use as ``async with ChatClient(...) as client``.
+    """
+
+    api_addr: str | None
     model: str
     api_key: str | None = field(default=None, repr=False)
     policy: RetryPolicy = field(default_factory=RetryPolicy)
@@ -127,21 +213,42 @@ class ChatClient:
     key_env: str = API_KEY_ENV
     retries: Counter = field(default_factory=Counter)
     requests_sent: int = 0
+    endpoints: list[Endpoint] | None = None
 
     def __post_init__(self):
-        self.url = f"{base_url(self.api_addr)}/v1/chat/completions"
+        self.settings = RequestSettings.of(self.policy)
+        self.endpoints = self.endpoints or parse_endpoints(self.api_addr, self.api_key, None)
+        for endpoint in self.endpoints:  # the flags are every endpoint's default limits
+            endpoint.max_rpm = endpoint.max_rpm or self.settings.max_rpm
+            endpoint.max_tpm = endpoint.max_tpm or self.settings.max_tpm
+        self.url = ", ".join(f"{e.url}/v1/chat/completions" for e in self.endpoints)
+        self.fleet: Fleet | None = None
+        self.prompt_tokens = self.completion_tokens = 0
         self._session: aiohttp.ClientSession | None = None
 
+    @property
+    def cost(self) -> float:
+        """Estimated spend of this client's successful requests, from the reply usage and the prices."""
+        return self.settings.cost(self.prompt_tokens, self.completion_tokens)
+
+    @property
+    def budget_exhausted(self) -> bool:
+        return self.settings.max_cost is not None and self.cost >= self.settings.max_cost
+
+    def _check_budget(self) -> None:
+        if self.budget_exhausted:
+            raise BudgetExhausted(f"estimated cost {self.cost:.4f} reached max_cost {self.settings.max_cost:g}")
+
     async def __aenter__(self) -> ChatClient:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        # an endpoint's cool-down grows like the retry backoff: 10 x backoff_base, doubling, at most backoff_max
+        cooldown = min(self.settings.backoff_max, max(0.01, 10 * self.settings.backoff_base))
+        self.fleet = Fleet(self.endpoints, cooldown, max(cooldown, self.settings.backoff_max))
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(
-                total=None, connect=self.policy.connect_timeout, sock_connect=self.policy.connect_timeout
+                total=None, connect=self.settings.connect_timeout, sock_connect=self.settings.connect_timeout
             ),
-            headers=headers,
+            headers={"Content-Type": "application/json"},
         )
         return self
 
@@ -149,50 +256,140 @@ class ChatClient:
         await self._session.close()
 
     def redact(self, text: str) -> str:
-        """Text with the API key replaced, for anything that may reach a log or an error."""
-        return text.replace(self.api_key, "***") if self.api_key else text
+        """Text with the API keys replaced, for anything that may reach a log or an error."""
+        for key in {e.api_key for e in self.endpoints if e.api_key}:
+            text = text.replace(key, "***")
+        return text
 
     async def attempt(self, messages: list[dict], **sampling) -> Completion:
-        """Send one request; raise :class:`RetryableError` or :class:`FatalRequestError` on failure."""
-        payload = json.dumps({"model": self.model, "messages": messages, **sampling})
-        self.requests_sent += 1
+        """Send one request to the fleet's choice of endpoint; raise :class:`RetryableError` or
+        :class:`FatalRequestError` on failure. Waits (holding no connection) while every endpoint is rate
+        limited or cooling down."""
+        body = {"model": self.model, "messages": messages, **sampling}
+        if self.settings.stream:
+            body.update(stream=True, stream_options={"include_usage": True})
+        payload = json.dumps(body)
+        cost = _estimate_prompt_tokens(messages) + (sampling.get("max_tokens") or 0)
+        self._check_budget()
+        state = await self.fleet.acquire(cost)
         try:
-            async with asyncio.timeout(self.policy.request_timeout):
-                async with self._session.post(self.url, data=payload) as resp:
-                    body = await resp.read()
-                    status = resp.status
-                    retry_after = resp.headers.get("Retry-After")
+            self._check_budget()  # it may have been reached while this request waited for an endpoint
+        except BudgetExhausted:
+            state.requests -= 1  # not sent after all
+            self.fleet.released(state)
+            raise
+        self.requests_sent += 1
+        started = time.monotonic()
+        try:
+            completion, headers = await self._send(state, payload)
+        except RetryableError as e:
+            self.fleet.failed(state, e.cause, e.headers, e.retry_after)
+            raise
+        except BaseException:
+            self.fleet.released(state)
+            raise
+        self.fleet.succeeded(state, time.monotonic() - started, completion.usage, cost, headers)
+        self.prompt_tokens += completion.usage.get("prompt_tokens") or 0
+        self.completion_tokens += completion.usage.get("completion_tokens") or 0
+        return completion
+
+    async def _send(self, state: EndpointState, payload: str) -> tuple[Completion, object]:
+        url = f"{state.url}/v1/chat/completions"
+        key = state.endpoint.api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        stream = self.settings.stream
+        try:
+            async with asyncio.timeout(self.settings.request_timeout):
+                async with self._session.post(url, data=payload, headers=headers) as resp:
+                    if resp.status != 200:
+                        self._refuse(url, resp.status, await resp.read(), resp.headers)
+                    if stream:
+                        return await self._read_stream(resp), resp.headers
+                    return self._parse(await resp.read()), resp.headers
         except TimeoutError:
-            raise RetryableError("timeout", f"no complete reply within {self.policy.request_timeout:g} s") from None
+            raise RetryableError(
+                "timeout", f"{url}: no complete reply within {self.settings.request_timeout:g} s"
+            ) from None
+        except aiohttp.ClientConnectorError as e:
+            raise RetryableError("connect_failed", f"{url}: {self.redact(str(e) or type(e).__name__)}") from None
         except aiohttp.ClientPayloadError as e:
-            raise RetryableError("truncated_body", self.redact(str(e))) from None
+            raise RetryableError("stream_cut" if stream else "truncated_body", self.redact(str(e))) from None
         except aiohttp.ClientConnectionError as e:
-            raise RetryableError("connection", self.redact(str(e) or type(e).__name__)) from None
-        if status != 200:
-            detail = self.redact(body[:500].decode("utf-8", "replace").strip())
-            if status in (408, 409, 425, 429) or status >= 500:
-                raise RetryableError(f"http_{status}", detail, _retry_after_seconds(retry_after))
-            hint = _FATAL_HINTS.get(status, "the server refused the request").format(key_env=self.key_env)
-            raise FatalRequestError(
-                f"HTTP {status} from {self.url} (model {self.model!r}): {hint}. Server said: {detail}"
-            )
+            cause = "stream_cut" if stream else "connection"
+            raise RetryableError(cause, f"{url}: {self.redact(str(e) or type(e).__name__)}") from None
+
+    def _refuse(self, url: str, status: int, body: bytes, headers) -> None:
+        detail = self.redact(body[:500].decode("utf-8", "replace").strip())
+        if status in (408, 409, 425, 429) or status >= 500:
+            raise RetryableError(f"http_{status}", detail, _retry_after_seconds(headers.get("Retry-After")), headers)
+        hint = _FATAL_HINTS.get(status, "the server refused the request").format(key_env=self.key_env)
+        raise FatalRequestError(f"HTTP {status} from {url} (model {self.model!r}): {hint}. Server said: {detail}")
+
+    def _parse(self, body: bytes) -> Completion:
         try:
             reply = json.loads(body)
-            choice = reply["choices"][0]
-            text = completion_text(choice["message"])
-        except (ValueError, KeyError, IndexError, TypeError) as e:
+            choices = reply.get("choices")
+        except (ValueError, AttributeError) as e:
             snippet = self.redact(body[:200].decode("utf-8", "replace"))
             raise RetryableError("bad_json", f"{type(e).__name__} in reply {snippet!r}") from None
-        return Completion(text, choice.get("finish_reason"), reply.get("usage") or {})
+        if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+            raise RetryableError(
+                "no_choices", f"reply without choices: {self.redact(body[:200].decode('utf-8', 'replace'))!r}"
+            )
+        choice = choices[0]
+        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        if message.get("content") is None:
+            raise RetryableError(
+                "null_content", f"reply with null or missing content (finish_reason {choice.get('finish_reason')!r})"
+            )
+        return Completion(completion_text(message), choice.get("finish_reason"), reply.get("usage") or {})
+
+    async def _read_stream(self, resp: aiohttp.ClientResponse) -> Completion:
+        """Merge a server-sent-event stream's deltas; a stream that ends before its last chunk is ``stream_cut``."""
+        reasoning, content = [], []
+        finish, usage, done, saw_content = None, {}, False, False
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue  # blank separators, comments (": keep-alive"), event: lines
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                done = True
+                break
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise RetryableError(
+                    "bad_json", f"undecodable stream chunk {self.redact(data[:200].decode('utf-8', 'replace'))!r}"
+                ) from None
+            if not isinstance(chunk, dict):
+                continue
+            if chunk.get("error"):
+                raise RetryableError("stream_error", self.redact(json.dumps(chunk["error"])[:300]))
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or []:
+                delta = choice.get("delta") or {}
+                if delta.get("reasoning_content"):
+                    reasoning.append(delta["reasoning_content"])
+                if delta.get("content") is not None:
+                    saw_content = True
+                    content.append(delta["content"])
+                finish = choice.get("finish_reason") or finish
+        if not done and finish is None:
+            raise RetryableError("stream_cut", "the stream ended before its last chunk; its partial text is dropped")
+        if not saw_content:
+            raise RetryableError("null_content", f"stream without content (finish_reason {finish!r})")
+        message = {"content": "".join(content), "reasoning_content": "".join(reasoning)}
+        return Completion(completion_text(message), finish, usage)
 
     async def complete(self, messages: list[dict], **sampling) -> Completion:
         """One completion with retries, sleeping between attempts; raises the last error when they run out."""
-        for failed in range(1, self.policy.max_attempts + 1):
+        for failed in range(1, self.settings.max_attempts + 1):
             try:
                 return await self.attempt(messages, **sampling)
             except RetryableError as e:
-                if failed == self.policy.max_attempts:
+                if failed == self.settings.max_attempts:
                     raise
                 self.retries[e.cause] += 1
-                await asyncio.sleep(self.policy.delay(failed, e.retry_after))
+                await asyncio.sleep(self.settings.delay(failed, e.retry_after))
         raise AssertionError("unreachable")

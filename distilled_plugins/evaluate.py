@@ -31,8 +31,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from distilled_plugins import cli, generate, grader
-from distilled_plugins.client import API_KEY_ENV, FatalRequestError, RetryPolicy
+from distilled_plugins.client import API_KEY_ENV, FatalRequestError, RequestSettings, RetryPolicy
 from distilled_plugins.configs import SHARED_DATA
+from distilled_plugins.endpoints import Endpoint
 from distilled_plugins.handle import SYSTEM_PROMPT
 from distilled_plugins.io import DataError, dumps_line, iter_jsonl, load_rows, read_json, write_json
 
@@ -69,8 +70,9 @@ class EvalConfig:
     api_addr: str | None = None
     model: str | None = None
     api_key: str | None = None
+    endpoints: list[Endpoint] | None = None  # instead of api_addr: endpoints with their own keys, weights, limits
     max_concurrent: int = 64
-    retry: RetryPolicy = None
+    retry: RetryPolicy = None  # a RequestSettings (timeouts, attempts, rate limits, stream, prices), as generate's
     # ... or from a checkpoint with mindformers ...
     checkpoint: str | None = None
     mindformers_config: str | None = None
@@ -89,14 +91,14 @@ class EvalConfig:
 
     def __post_init__(self):
         self.protocol = self.protocol or Protocol()
-        self.retry = self.retry or RetryPolicy()
-        sources = [bool(self.api_addr), bool(self.checkpoint), bool(self.rescore)]
+        self.retry = RequestSettings.of(self.retry)
+        sources = [bool(self.api_addr or self.endpoints), bool(self.checkpoint), bool(self.rescore)]
         if sum(sources) != 1:
             raise ValueError(
                 "give exactly one source of completions: an endpoint (api_addr and model), "
                 "a checkpoint (with mindformers_config), or rescore"
             )
-        if self.api_addr and not self.model:
+        if (self.api_addr or self.endpoints) and not self.model:
             raise ValueError("an endpoint needs the served model's name (--model)")
         if self.checkpoint and not self.mindformers_config:
             raise ValueError("a checkpoint needs the fine-tune YAML that describes its model (--mindformers-config)")
@@ -135,6 +137,7 @@ def completions_from_endpoint(cfg: EvalConfig, problems: list[dict]) -> Path:
             uuid_column="unique_id",
             api_addr=cfg.api_addr,
             api_key=cfg.api_key,
+            endpoints=cfg.endpoints,
             num_generations=protocol.n_samples,
             max_tokens=protocol.max_new_tokens,
             max_concurrent=cfg.max_concurrent,
@@ -409,8 +412,8 @@ SETTINGS_FILE = "settings.json"  # what the completions in an output folder were
 def settings_fingerprint(cfg: EvalConfig) -> dict:
     """What the stored completions depend on: their source, the sampling protocol, the problems."""
     return {
-        "source": {"endpoint": cfg.api_addr, "model": cfg.model}
-        if cfg.api_addr
+        "source": {"endpoints": sorted(e.addr for e in cfg.endpoints or []) or [cfg.api_addr], "model": cfg.model}
+        if cfg.api_addr or cfg.endpoints
         else {"checkpoint": cfg.checkpoint, "mindformers_config": cfg.mindformers_config, "tokenizer": cfg.tokenizer}
         if cfg.checkpoint
         else {"rescore": cfg.rescore},
@@ -470,15 +473,16 @@ def run(cfg: EvalConfig) -> Path:
             raise DataError(f"{completions}: no such file")
     else:
         problems = load_problems(cfg.dataset, cfg.limit)
-        completions = (completions_from_endpoint if cfg.api_addr else completions_from_checkpoint)(cfg, problems)
+        from_endpoint = cfg.api_addr or cfg.endpoints
+        completions = (completions_from_endpoint if from_endpoint else completions_from_checkpoint)(cfg, problems)
     excluded = Counter()
     rows = _rows_to_score(cfg, completions, problems, excluded)
     logger.info("grading %d completions of %d problems", sum(len(r["completions"]) for r in rows), len(rows))
     scored = score(rows, cfg.workers, out / "scored.jsonl")
     protocol = asdict(cfg.protocol)
     source = (
-        "endpoint " + str(cfg.api_addr) + f" model {cfg.model}"
-        if cfg.api_addr
+        "endpoint " + (cfg.api_addr or ", ".join(e.url for e in cfg.endpoints)) + f" model {cfg.model}"
+        if cfg.api_addr or cfg.endpoints
         else f"mindformers checkpoint {cfg.checkpoint}"
         if cfg.checkpoint
         else f"rescore of {cfg.rescore}"
@@ -524,7 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for completions, scores and the report")
     p.add_argument("--dataset", default=str(MATH500), help="problems with problem/answer/subject/level/unique_id")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
-    p.add_argument("--api-addr", default=None, help="endpoint serving the model (host:port or URL)")
+    p.add_argument(
+        "--api-addr", default=None, help="endpoint serving the model (host:port or URL; several separated by commas)"
+    )
     p.add_argument("--model", default=None, help="model name at the endpoint")
     p.add_argument("--api-key-env", default=API_KEY_ENV)
     p.add_argument("--max-concurrent", type=int, default=64)
@@ -549,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="discard completions in --out made with other settings (default: refuse to mix them)",
     )
+    RequestSettings.add_arguments(p)  # the same request flags as generate: one definition
     return p
 
 
@@ -568,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                 model=args.model,
                 api_key=os.environ.get(args.api_key_env),
                 max_concurrent=args.max_concurrent,
+                retry=RequestSettings.from_args(args),
                 checkpoint=args.checkpoint,
                 mindformers_config=args.mindformers_config,
                 tokenizer=args.tokenizer,

@@ -30,7 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distilled_plugins import cli
-from distilled_plugins.client import API_KEY_ENV, ChatClient, Completion, FatalRequestError, RetryableError, RetryPolicy
+from distilled_plugins.client import (
+    API_KEY_ENV,
+    BudgetExhausted,
+    ChatClient,
+    Completion,
+    FatalRequestError,
+    RequestSettings,
+    RetryableError,
+    RetryPolicy,
+)
+from distilled_plugins.endpoints import Endpoint
 from distilled_plugins.io import (
     DataError,
     atomic_path,
@@ -57,6 +67,10 @@ class GenerationIncomplete(RuntimeError):
     """Some rows still miss completions after all retries; what succeeded is kept for the next run."""
 
 
+class BudgetReached(GenerationIncomplete):
+    """The run stopped at ``max_cost``; what succeeded is kept, and a rerun resumes (with a new budget)."""
+
+
 @dataclass
 class GenerateConfig:
     """Settings of one generation run (one shard of the seed)."""
@@ -66,8 +80,9 @@ class GenerateConfig:
     model: str
     prompt_column: str = "problem"
     uuid_column: str | None = None  # defaults to the prompt column
-    api_addr: str = "localhost:39876"
+    api_addr: str = "localhost:39876"  # one address, or several separated by commas
     api_key: str | None = field(default=None, repr=False)
+    endpoints: list[Endpoint] | None = None  # instead of api_addr: endpoints with their own keys, weights, limits
     num_generations: int = 4
     max_tokens: int = 16384
     max_concurrent: int = 1000
@@ -79,12 +94,13 @@ class GenerateConfig:
     split: str = "train"
     shard_index: int = 0
     num_shards: int = 1
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry: RetryPolicy = field(default_factory=RequestSettings)  # a RequestSettings, or only its retry part
     progress_interval: float = 5.0
     # shared across runs: rows finished with the same settings are copied from here instead of requested again
     store_dir: str | None = None
 
     def __post_init__(self):
+        self.retry = RequestSettings.of(self.retry)
         self.uuid_column = self.uuid_column or self.prompt_column
         if self.uuid_column == "prompt":
             raise ValueError(
@@ -312,29 +328,44 @@ class _Run:
                 finished.set()
 
         async with ChatClient(
-            self.cfg.api_addr, self.cfg.model, self.cfg.api_key, self.cfg.retry, max_connections=self.cfg.max_concurrent
+            self.cfg.api_addr,
+            self.cfg.model,
+            self.cfg.api_key,
+            self.cfg.retry,
+            max_connections=self.cfg.max_concurrent,
+            endpoints=self.cfg.endpoints,
         ) as client:
             self.client = client
+            # endpoints that never answered and failed this many probes are taken for wrong addresses
+            unreachable_after = min(self.cfg.retry.max_attempts, 4)
 
             async def worker() -> None:
                 while True:
                     _, order, row, index, failed_attempts = await queue.get()
                     try:
                         completion = await client.attempt(row.messages, **self.cfg.sampling)
+                    except BudgetExhausted:
+                        self.counts["requests_not_sent_budget"] += 1
+                        resolve()
+                        continue
                     except RetryableError as e:
                         failed_attempts += 1
+                        if (
+                            e.cause in ("connect_failed", "connection")
+                            and not self.counts["responses_ok"]
+                            and client.fleet.unreachable(unreachable_after)
+                        ):
+                            self.fatal = FatalRequestError(
+                                f"cannot reach the teacher endpoint {client.url} after "
+                                f"{unreachable_after} tries each: {e}. Is the server running and the address right?"
+                            )
+                            finished.set()
+                            return
                         if failed_attempts >= self.cfg.retry.max_attempts:
                             self.failures[e.cause] += 1
                             if not row.failed:
                                 row.failed = True
                                 self.counts["rows_failed"] += 1
-                            if e.cause == "connection" and not self.counts["responses_ok"]:
-                                self.fatal = FatalRequestError(
-                                    f"cannot reach the teacher endpoint {client.url} after "
-                                    f"{failed_attempts} attempts: {e}. Is the server running and the address right?"
-                                )
-                                finished.set()
-                                return
                             resolve()
                         else:
                             self.retries[e.cause] += 1
@@ -363,12 +394,22 @@ class _Run:
                     task.cancel()
                 await asyncio.gather(*workers, reporter, return_exceptions=True)
             self.counts["requests_sent"] = client.requests_sent
+            self.endpoint_stats = client.fleet.stats()
+            self.rate_limit_pauses = client.fleet.rate_limit_pauses
+            self.cost = client.cost
+            self.budget_reached = client.budget_exhausted and bool(self.counts["requests_not_sent_budget"])
             progress.finish(self.counts["rows_written"], self._progress_extra())
 
     def _progress_extra(self) -> str:
         retries = sum(self.retries.values())
         failed = sum(self.failures.values())
-        return f"| {self.counts['responses_ok']} completions, {retries} retries, {failed} failed requests"
+        extra = f"| {self.counts['responses_ok']} completions, {retries} retries, {failed} failed requests"
+        client = getattr(self, "client", None)
+        if client is not None and client.settings.priced:
+            extra += f", cost {client.cost:.4f}"
+            if client.settings.max_cost:
+                extra += f" of {client.settings.max_cost:g}"
+        return extra
 
 
 def _prepare_rows(cfg: GenerateConfig, output: Path) -> tuple[list[_Row], list[dict], dict]:
@@ -449,10 +490,21 @@ def run(cfg: GenerateConfig) -> GenerateResult:
         "prompt_tokens": job.counts["prompt_tokens"],
         "completion_tokens": job.counts["completion_tokens"],
         "wall_seconds": round(time.monotonic() - started, 3),
+        "endpoints": getattr(job, "endpoint_stats", {}),
+        "rate_limit_pauses": getattr(job, "rate_limit_pauses", 0),
+        "cost_estimate": round(getattr(job, "cost", 0.0), 6),
+        "budget_reached": getattr(job, "budget_reached", False),
+        "requests_not_sent_budget": job.counts["requests_not_sent_budget"],
     }
     stats_file = write_json(stats_path(output), stats)
     if job.fatal is not None:
         raise job.fatal
+    if stats["budget_reached"]:
+        raise BudgetReached(
+            f"budget reached: estimated cost {job.cost:.4f} >= max_cost {cfg.retry.max_cost:g} after "
+            f"{job.counts['responses_ok']} completions; {job.counts['rows_written']} rows written to {output}, "
+            f"the rest is kept in {parts_path(output).name}: run again (with a new --max-cost) to resume"
+        )
     if rows_failed:
         raise GenerationIncomplete(
             f"{rows_failed} of {info.get('shard_rows', 0)} rows still miss completions after "
@@ -504,7 +556,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-file", required=True, help="JSONL output; resumed if it exists")
     p.add_argument("--prompt-column", default="problem")
     p.add_argument("--uuid-column", default=None, help="column identifying a row (default: the prompt column)")
-    p.add_argument("--api-addr", default="localhost:39876", help="host:port or http(s):// base URL")
+    p.add_argument(
+        "--api-addr",
+        default="localhost:39876",
+        help="host:port or http(s):// base URL; several separated by commas share the requests",
+    )
     p.add_argument("--api-key-env", default=API_KEY_ENV, help="environment variable holding the API key")
     p.add_argument("--num-generations", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=16384)
@@ -515,18 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split of a hub or save_to_disk dataset")
     p.add_argument("--shard-index", type=int, default=0)
     p.add_argument("--num-shards", type=int, default=1)
-    p.add_argument("--max-attempts", type=int, default=RetryPolicy.max_attempts, help="attempts per request")
-    p.add_argument("--backoff-base", type=float, default=RetryPolicy.backoff_base, help="first retry delay (s)")
-    p.add_argument("--backoff-max", type=float, default=RetryPolicy.backoff_max, help="longest retry delay (s)")
-    p.add_argument("--connect-timeout", type=float, default=RetryPolicy.connect_timeout)
-    p.add_argument(
-        "--request-timeout",
-        type=float,
-        default=RetryPolicy.request_timeout,
-        help="seconds for one whole request, reply included",
-    )
     p.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
     p.add_argument("--merge", nargs="+", metavar="SHARD", help="merge these shard outputs into --output-file")
+    RequestSettings.add_arguments(p)
     return p
 
 
@@ -557,13 +604,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_index=args.shard_index,
             num_shards=args.num_shards,
             progress_interval=args.progress_interval,
-            retry=RetryPolicy(
-                max_attempts=args.max_attempts,
-                backoff_base=args.backoff_base,
-                backoff_max=args.backoff_max,
-                connect_timeout=args.connect_timeout,
-                request_timeout=args.request_timeout,
-            ),
+            retry=RequestSettings.from_args(args),
         )
         result = run(cfg)
     except (ValueError, FatalRequestError, GenerationIncomplete) as e:

@@ -8,6 +8,10 @@ Usage:
 
 Faults can be injected, for tests and benchmarks: a scripted sequence (``faults``, consumed one per request) or
 a random share of requests (``fault_rate``) answered 429 or 500.
+
+Like a provider, it can enforce a rate limit (``rate_limit_rpm``: a bucket of one second's worth of requests;
+over it, 429 with ``Retry-After`` and ``x-ratelimit-*`` headers, which every reply carries), and it streams
+server-sent events when a request asks ``stream: true`` (the ``cut_stream`` fault drops the connection midway).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -28,7 +33,50 @@ from distilled_plugins.generate import DEFAULT_PROMPT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
-FAULTS = ("ok", "429", "500", "503", "400", "401", "404", "bad_json", "truncated", "slow", "reasoning", "length")
+FAULTS = (
+    "ok",
+    "429",
+    "429_exhausted",  # 429 saying x-ratelimit-remaining-requests: 0
+    "500",
+    "503",
+    "400",
+    "401",
+    "404",
+    "bad_json",
+    "truncated",
+    "slow",
+    "reasoning",
+    "length",
+    "null_content",
+    "no_choices",
+    "cut_stream",
+)
+
+
+class RequestBucket:
+    """The server side of a rate limit: ``rpm`` requests a minute, at most one second's worth at once."""
+
+    def __init__(self, rpm: float):
+        self.rpm, self.rate = rpm, rpm / 60.0
+        self.capacity = max(1.0, self.rate)
+        self.level, self.stamp = self.capacity, time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.level >= 1:
+            self.level -= 1
+            return True
+        return False
+
+    def headers(self) -> dict[str, str]:
+        reset = max(0.0, (self.capacity - self.level) / self.rate)
+        return {
+            "x-ratelimit-limit-requests": f"{self.rpm:g}",
+            "x-ratelimit-remaining-requests": str(int(self.level)),
+            "x-ratelimit-reset-requests": f"{reset:.3f}s",
+        }
 
 
 class ReplayTeacher:
@@ -45,6 +93,8 @@ class ReplayTeacher:
         delay: float = 0.0,
         retry_after: str | None = "1",
         api_key: str | None = None,
+        rate_limit_rpm: float | None = None,
+        stream_chunks: int = 8,
     ):
         self.answer = answer
         prefix, _, suffix = prompt_template.replace("{{", "{").replace("}}", "}").partition("{prompt}")
@@ -53,6 +103,10 @@ class ReplayTeacher:
         self.fault_rate, self.rng = fault_rate, random.Random(seed)
         self.delay, self.retry_after, self.api_key = delay, retry_after, api_key
         self.requests = 0
+        self.refused = 0  # requests over the rate limit
+        self.request_times: list[float] = []  # monotonic arrival time of each request
+        self.limit = RequestBucket(rate_limit_rpm) if rate_limit_rpm else None
+        self.stream_chunks = stream_chunks
         self.seen_authorization: list[str | None] = []
         self.seen_problems: list[str] = []
         self.seen_payloads: list[dict] = []
@@ -71,12 +125,23 @@ class ReplayTeacher:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
+        self.request_times.append(time.monotonic())
         self.seen_authorization.append(request.headers.get("Authorization"))
         fault = self._next_fault()
         if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return web.json_response({"error": {"message": "Incorrect API key provided", "code": 401}}, status=401)
-        if fault == "429":
+        limit_headers = {}
+        if self.limit is not None:
+            allowed = self.limit.take()
+            limit_headers = self.limit.headers()
+            if not allowed:
+                self.refused += 1
+                fault = "429"
+        if fault in ("429", "429_exhausted"):
             headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+            headers.update(limit_headers)
+            if fault == "429_exhausted":
+                headers["x-ratelimit-remaining-requests"] = "0"
             return web.json_response({"error": {"message": "rate limited", "code": 429}}, status=429, headers=headers)
         if fault == "500":
             return web.json_response({"error": {"message": "internal error", "code": 500}}, status=500)
@@ -94,6 +159,15 @@ class ReplayTeacher:
         message = {"role": "assistant", "content": text}
         if fault == "reasoning":
             message = {"role": "assistant", "reasoning_content": "Let me think.\n", "content": text}
+        if fault == "null_content":
+            message = {"role": "assistant", "content": None}
+        usage = {
+            "prompt_tokens": len(problem) // 4,
+            "completion_tokens": len(text) // 4,
+            "total_tokens": (len(problem) + len(text)) // 4,
+        }
+        if payload.get("stream"):
+            return await self._stream(request, payload, message, fault, usage, limit_headers)
         body = json.dumps(
             {
                 "id": f"replay-{self.requests}",
@@ -102,13 +176,11 @@ class ReplayTeacher:
                 "choices": [
                     {"index": 0, "message": message, "finish_reason": "length" if fault == "length" else "stop"}
                 ],
-                "usage": {
-                    "prompt_tokens": len(problem) // 4,
-                    "completion_tokens": len(text) // 4,
-                    "total_tokens": (len(problem) + len(text)) // 4,
-                },
+                "usage": usage,
             }
         ).encode()
+        if fault == "no_choices":
+            body = json.dumps({"id": f"replay-{self.requests}", "object": "chat.completion", "usage": usage}).encode()
         if fault == "bad_json":
             return web.Response(body=body[: len(body) // 2], content_type="application/json")
         if fault == "truncated":
@@ -118,7 +190,39 @@ class ReplayTeacher:
             await response.write(body[: len(body) // 2])
             request.transport.close()
             return response
-        return web.Response(body=body, content_type="application/json")
+        return web.Response(body=body, content_type="application/json", headers=limit_headers)
+
+    async def _stream(self, request, payload, message, fault, usage, headers) -> web.StreamResponse:
+        """Server-sent events as OpenAI sends them: role, reasoning and content deltas, finish, usage, [DONE]."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **headers})
+        await response.prepare(request)
+
+        def event(delta: dict | None, finish: str | None = None, usage_chunk: dict | None = None) -> bytes:
+            chunk = {"id": f"replay-{self.requests}", "object": "chat.completion.chunk", "model": payload.get("model")}
+            chunk["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+            if usage_chunk is not None:
+                chunk["usage"] = usage_chunk
+            return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+        events = [event({"role": "assistant", "content": ""})] if message.get("content") is not None else []
+        if message.get("reasoning_content"):
+            events.append(event({"reasoning_content": message["reasoning_content"]}))
+        text = message.get("content")
+        if text:
+            step = max(1, -(-len(text) // self.stream_chunks))
+            events.extend(event({"content": text[i : i + step]}) for i in range(0, len(text), step))
+        events.append(event({}, "length" if fault == "length" else "stop"))
+        if (payload.get("stream_options") or {}).get("include_usage"):
+            events.append(event(None, usage_chunk=usage))
+        events.append(b"data: [DONE]\n\n")
+        for i, data in enumerate(events):
+            if fault == "cut_stream" and i == len(events) // 2:
+                request.transport.close()  # a proxy dropping the connection midway
+                return response
+            await response.write(data)
+            await asyncio.sleep(0)
+        await response.write_eof()
+        return response
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -193,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fault-rate", type=float, default=0.0, help="share of requests answered 429 or 500")
     p.add_argument("--retry-after", default=None, help="Retry-After header sent with 429 replies")
     p.add_argument("--delay", type=float, default=0.0, help="seconds to wait before each reply")
+    p.add_argument("--rate-limit-rpm", type=float, default=None, help="requests per minute allowed (then 429)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     answers = load_answers(args.answers, args.problem_field, args.answer_field)
@@ -202,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         fault_rate=args.fault_rate,
         delay=args.delay,
         retry_after=args.retry_after,
+        rate_limit_rpm=args.rate_limit_rpm,
     )
     logger.info("replaying %d stored answers on http://%s:%d/v1/chat/completions", len(answers), args.host, args.port)
     web.run_app(teacher.app(), host=args.host, port=args.port, access_log=None, print=None)

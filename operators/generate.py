@@ -5,9 +5,10 @@ from __future__ import annotations
 from functools import cached_property
 
 from airflow.sdk import BaseOperator, Context
+from airflow.sdk.exceptions import AirflowFailException
 
 from distilled_plugins import generate
-from distilled_plugins.client import RetryPolicy
+from distilled_plugins.client import RequestSettings, RetryPolicy
 from operators.hooks import TeacherEndpointHook
 from operators.pipeline import fails_clearly
 from operators.xcom import with_fields
@@ -16,9 +17,12 @@ from operators.xcom import with_fields
 class GenerateReasoningOperator(BaseOperator):
     """Generate chain-of-thought completions for (one shard of) a seed dataset.
 
-    The endpoint and its API key come from the Airflow Connection ``teacher_conn_id``. The output file is
-    appended to and resumed, so a retry of the task requests only what the earlier try did not finish.
-    Returns ``{"output": <jsonl path>, "stats": <stats json path>}``.
+    The endpoints and their API keys come from the Airflow Connection ``teacher_conn_id`` (see
+    :class:`TeacherEndpointHook`; its extra may list several endpoints, rate limits and prices). The operator's
+    own ``max_rpm``/``max_tpm``/prices/``max_cost`` win over the connection's where given (0 or empty: not given).
+    The output file is appended to and resumed, so a retry of the task requests only what the earlier try did not
+    finish; reaching ``max_cost`` fails the task without retries (a rerun resumes). Returns
+    ``{"output": <jsonl path>, "stats": <stats json path>}``.
     """
 
     # prompt_template is not templated: its literal braces (\boxed{{}}) would be read as Jinja
@@ -36,6 +40,13 @@ class GenerateReasoningOperator(BaseOperator):
         "num_shards",
         "store_dir",
         "max_attempts",
+        "request_timeout",
+        "max_rpm",
+        "max_tpm",
+        "stream",
+        "price_per_mtok_in",
+        "price_per_mtok_out",
+        "max_cost",
     )
     ui_color = "#e8f0fe"
 
@@ -58,6 +69,13 @@ class GenerateReasoningOperator(BaseOperator):
         num_shards: int = 1,
         store_dir: str | None = None,
         max_attempts: int = RetryPolicy.max_attempts,
+        request_timeout: float = RetryPolicy.request_timeout,
+        max_rpm: float | None = None,
+        max_tpm: float | None = None,
+        stream: bool = False,
+        price_per_mtok_in: float | None = None,
+        price_per_mtok_out: float | None = None,
+        max_cost: float | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -77,23 +95,56 @@ class GenerateReasoningOperator(BaseOperator):
         self.num_shards = num_shards
         self.store_dir = store_dir
         self.max_attempts = max_attempts
+        self.request_timeout = request_timeout
+        self.max_rpm = max_rpm
+        self.max_tpm = max_tpm
+        self.stream = stream
+        self.price_per_mtok_in = price_per_mtok_in
+        self.price_per_mtok_out = price_per_mtok_out
+        self.max_cost = max_cost
 
     @cached_property
     def hook(self) -> TeacherEndpointHook:
         return TeacherEndpointHook(self.teacher_conn_id)
 
+    def request_settings(self, from_connection: dict) -> RequestSettings:
+        """The operator's values (rendered templates: strings), else the connection's, else the defaults."""
+
+        def given(name: str) -> float | None:
+            value = getattr(self, name)
+            if value in (None, "", "None") or float(value) == 0:
+                return from_connection.get(name)
+            return float(value)
+
+        return RequestSettings(
+            max_attempts=int(self.max_attempts),
+            request_timeout=float(self.request_timeout),
+            max_rpm=given("max_rpm"),
+            max_tpm=given("max_tpm"),
+            stream=str(self.stream).lower() in ("true", "1", "yes"),
+            price_per_mtok_in=given("price_per_mtok_in") or 0.0,
+            price_per_mtok_out=given("price_per_mtok_out") or 0.0,
+            max_cost=given("max_cost"),
+        )
+
     @fails_clearly
     def execute(self, context: Context) -> dict:
-        api_addr, api_key = self.hook.get_endpoint()
-        result = generate.run(
+        fleet = self.hook.get_fleet()
+        try:
+            result = self._run(fleet)
+        except generate.BudgetReached as e:
+            raise AirflowFailException(f"task {self.task_id}: {e}") from None
+        return with_fields(context, {"output": str(result.output_file), "stats": str(result.stats_file)})
+
+    def _run(self, fleet) -> generate.GenerateResult:
+        return generate.run(
             generate.GenerateConfig(
                 dataset_name=self.dataset_name,
                 output_file=self.output_file,
                 model=self.model,
                 prompt_column=self.prompt_column,
                 uuid_column=self.uuid_column or None,
-                api_addr=api_addr,
-                api_key=api_key,
+                endpoints=fleet.endpoints,
                 num_generations=int(self.num_generations),
                 max_tokens=int(self.max_tokens),
                 max_concurrent=int(self.max_concurrent),
@@ -102,11 +153,10 @@ class GenerateReasoningOperator(BaseOperator):
                 prompt_template=self.prompt_template,
                 shard_index=int(self.shard_index),
                 num_shards=int(self.num_shards),
-                retry=RetryPolicy(max_attempts=int(self.max_attempts)),
+                retry=self.request_settings(fleet.settings),
                 store_dir=self.store_dir or None,
             )
         )
-        return with_fields(context, {"output": str(result.output_file), "stats": str(result.stats_file)})
 
 
 class MergeShardsOperator(BaseOperator):

@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from airflow.sdk import BaseHook
+
+from distilled_plugins.endpoints import Endpoint, parse_endpoints
+
+# request settings a connection's extra may give for all its endpoints (the operator's own values win)
+CONNECTION_SETTINGS = ("max_rpm", "max_tpm", "price_per_mtok_in", "price_per_mtok_out", "max_cost")
+
+
+class TeacherFleet(NamedTuple):
+    endpoints: list[Endpoint]
+    settings: dict  # subset of CONNECTION_SETTINGS found in the connection's extra
 
 
 class TeacherEndpointHook(BaseHook):
-    """An OpenAI-compatible endpoint from an Airflow Connection.
+    """One or several OpenAI-compatible endpoints from an Airflow Connection.
 
     The connection's host and port give the address, its schema the protocol (``http`` unless ``https``), and its
-    password the API key. Airflow masks connection passwords in task logs; the key never leaves this hook except
-    inside the request header.
+    password the API key. Its ``extra`` may add endpoints and settings (API keys in ``extra`` are masked in logs
+    like the password, Airflow treating ``api_key`` as a sensitive name)::
+
+        {"endpoints": [{"addr": "10.0.0.2:8000", "weight": 2},
+                       {"addr": "https://api.provider.example/v1", "api_key": "sk-...", "max_rpm": 1200}],
+         "max_rpm": 600, "max_tpm": 2000000, "price_per_mtok_in": 0.55, "price_per_mtok_out": 2.19}
+
+    An endpoint without its own key uses the password; ``max_rpm``/``max_tpm`` at the top are every endpoint's
+    default limits.
     """
 
     conn_name_attr = "teacher_conn_id"
@@ -23,9 +42,29 @@ class TeacherEndpointHook(BaseHook):
         self.teacher_conn_id = teacher_conn_id
 
     def get_endpoint(self) -> tuple[str, str | None]:
-        """``(base_url, api_key)`` of the connection."""
+        """``(base_url, api_key)`` of the connection's host."""
         conn = self.get_connection(self.teacher_conn_id)
         if not conn.host:
             raise ValueError(f"connection {self.teacher_conn_id!r} has no host; set host (and port) of the endpoint")
         host = conn.host if "://" in conn.host else f"{conn.schema or 'http'}://{conn.host}"
         return (f"{host}:{conn.port}" if conn.port else host), (conn.password or None)
+
+    def get_fleet(self) -> TeacherFleet:
+        """The connection's endpoints (its host first, if set, then ``extra["endpoints"]``) and settings."""
+        conn = self.get_connection(self.teacher_conn_id)
+        extra = conn.extra_dejson or {}
+        listed = extra.get("endpoints") or []
+        if not conn.host and not listed:
+            raise ValueError(
+                f"connection {self.teacher_conn_id!r} has no host and no extra 'endpoints'; set the endpoint's host "
+                '(and port), or list endpoints in extra as {"endpoints": [{"addr": "host:port"}, ...]}'
+            )
+        if not isinstance(listed, list):
+            raise ValueError(f"connection {self.teacher_conn_id!r}: extra 'endpoints' must be a list of objects")
+        api_addr = self.get_endpoint()[0] if conn.host else None
+        try:
+            endpoints = parse_endpoints(api_addr, conn.password or None, listed)
+        except ValueError as e:
+            raise ValueError(f"connection {self.teacher_conn_id!r}: {e}") from None
+        settings = {k: float(extra[k]) for k in CONNECTION_SETTINGS if extra.get(k) is not None}
+        return TeacherFleet(endpoints, settings)

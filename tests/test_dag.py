@@ -57,7 +57,7 @@ def test_dag_parses_light_and_every_param_is_a_labelled_form_field():
         titles.add(schema["title"])
         assert schema.get("section") in SECTIONS, name
         kinds = schema["type"] if isinstance(schema.get("type"), list) else [schema.get("type")]
-        assert set(kinds) <= {"string", "integer", "null"}, name
+        assert set(kinds) <= {"string", "integer", "number", "boolean", "null"}, name
         if "enum" in schema:
             assert set(schema["values_display"]) == set(schema["enum"]), name
     assert len(titles) == len(info["params"])  # no two fields share a label

@@ -17,8 +17,10 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 
 install: $(STAMP)
 
+# extra options of the demo through ARGS, e.g. `make demo ARGS=--keep-running` (Airflow stays up for the UI)
+ARGS ?=
 demo: $(STAMP)
-	$(PY) -m distilled_plugins.demo
+	$(PY) -m distilled_plugins.demo $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

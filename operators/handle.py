@@ -5,6 +5,7 @@ from __future__ import annotations
 from airflow.sdk import Context
 
 from distilled_plugins import handle
+from operators.pipeline import fails_clearly
 from operators.stage import StageOperator
 
 
@@ -18,5 +19,6 @@ class HandleDatasetOperator(StageOperator):
     config_class = handle.HandleConfig
     ui_color = "#e6f4ea"
 
+    @fails_clearly
     def execute(self, context: Context) -> str:
         return str(handle.run(self.stage_config()))

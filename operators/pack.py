@@ -5,6 +5,7 @@ from __future__ import annotations
 from airflow.sdk import Context
 
 from distilled_plugins import pack
+from operators.pipeline import fails_clearly
 from operators.stage import StageOperator
 
 
@@ -18,5 +19,6 @@ class PackDatasetOperator(StageOperator):
     config_class = pack.PackConfig
     ui_color = "#e6f4ea"
 
+    @fails_clearly
     def execute(self, context: Context) -> str:
         return str(pack.run(self.stage_config()))

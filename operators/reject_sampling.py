@@ -5,6 +5,7 @@ from __future__ import annotations
 from airflow.sdk import Context
 
 from distilled_plugins import reject_sampling
+from operators.pipeline import fails_clearly
 from operators.stage import StageOperator
 from operators.xcom import with_fields
 
@@ -21,6 +22,7 @@ class RejectSamplingOperator(StageOperator):
     config_class = reject_sampling.RejectSamplingConfig
     ui_color = "#fef3e0"
 
+    @fails_clearly
     def execute(self, context: Context) -> dict:
         result = reject_sampling.run(self.stage_config())
         return with_fields(

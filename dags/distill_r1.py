@@ -50,6 +50,8 @@ from operators import (
     PackDatasetOperator,
     RejectSamplingOperator,
 )
+from operators.deployment import load as load_deployment
+from operators.deployment import task_kwargs
 from operators.pipeline import form_param, log_failure_summary, shard_plan
 
 SEED_PATH = os.environ.get("DISTILL_SEED", str(SHARED_DATA / "math_train" / "math12k_train.parquet"))
@@ -68,6 +70,8 @@ RETRY_DELAY = timedelta(seconds=float(os.environ.get("DISTILL_RETRY_DELAY_SECOND
 RUN_DIR = "{{ params.output_root }}/{{ dag.dag_id }}/{{ run_id }}"
 # a deployment's own defaults (JSON object of parameter -> value), e.g. for runs started by seed refreshes
 DEFAULTS = json.loads(os.environ.get("DISTILL_DEFAULTS", "{}"))
+# queues and pools per task kind: the Airflow Variable distill_deployment (operators/deployment.py)
+DEPLOYMENT = load_deployment()
 
 
 def default(name: str, value):
@@ -431,9 +435,10 @@ with DAG(
     tags=["distillation", "mindformers"],
     doc_md=__doc__,
 ) as dag:
-    shards = shard_plan.override(task_id="shard_plan")("{{ params.shards }}")
+    shards = shard_plan.override(task_id="shard_plan", **task_kwargs("cpu", DEPLOYMENT))("{{ params.shards }}")
     generate = GenerateReasoningOperator.partial(
         task_id="generate",
+        **task_kwargs("teacher", DEPLOYMENT),
         dataset_name="{{ params.seed_dataset }}",
         model="{{ params.teacher_model }}",
         teacher_conn_id="{{ params.teacher_conn_id }}",
@@ -456,12 +461,14 @@ with DAG(
     ).expand(shard_index=shards)
     merged = MergeShardsOperator(
         task_id="merge",
+        **task_kwargs("cpu", DEPLOYMENT),
         shards=generate.output,
         uuid_column="{{ params.uuid_column }}",
         output_file=RUN_DIR + "/merge/generations.jsonl",
     )
     filtered = RejectSamplingOperator(
         task_id="reject_sampling",
+        **task_kwargs("cpu", DEPLOYMENT),
         src=merged.output,
         dst=RUN_DIR + "/reject_sampling/filtered.jsonl",
         answer_column="{{ params.answer_column }}",
@@ -469,6 +476,7 @@ with DAG(
     )
     handled = HandleDatasetOperator(
         task_id="handle",
+        **task_kwargs("cpu", DEPLOYMENT),
         src=filtered.output["output"],
         dst=RUN_DIR + "/handle",
         tokenizer="{{ params.tokenizer_dir }}",
@@ -477,6 +485,7 @@ with DAG(
     )
     packed = PackDatasetOperator(
         task_id="pack",
+        **task_kwargs("cpu", DEPLOYMENT),
         src=handled.output,
         dst=RUN_DIR + "/pack",
         finetune_config="{{ params.finetune_config }}",
@@ -484,6 +493,7 @@ with DAG(
     )
     finetuned = MsrunFinetuneOperator(
         task_id="finetune",
+        **task_kwargs("npu", DEPLOYMENT),
         config="{{ params.finetune_config }}",
         dataset_path=packed.output,
         output_dir=RUN_DIR + "/finetune",
@@ -496,6 +506,7 @@ with DAG(
     )
     evaluated = Math500EvalOperator(
         task_id="evaluate",
+        **task_kwargs("npu_eval", DEPLOYMENT),
         output_dir=RUN_DIR + "/evaluate",
         source="{{ params.eval_source }}",
         checkpoint=finetuned.output["checkpoint_dir"],

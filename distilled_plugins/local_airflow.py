@@ -2,6 +2,9 @@
 
 Starts ``api-server``, ``scheduler``, ``dag-processor`` and ``triggerer`` as processes of the project's
 environment, with their own ``AIRFLOW_HOME`` and logs, and drives Airflow through its REST API (v2).
+The Celery variant (``database_url`` of a PostgreSQL, ``broker_url`` of a Redis: see
+:mod:`distilled_plugins.cluster_services`) runs CeleryExecutor and Celery workers started with
+:meth:`LocalAirflow.start_worker`, each under its own hostname and queues.
 Nothing here imports Airflow: it talks to it the way a user's scripts do.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -37,17 +41,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def worker_hostname() -> str:
+    """``[core] hostname_callable`` of the workers ``start_worker`` starts: the hostname it was given, as each
+    worker would report its own host's name on its own machine."""
+    import socket
+
+    return os.environ.get("DISTILL_WORKER_HOSTNAME") or socket.getfqdn()
+
+
+def celery_settings(database_url: str, broker_url: str) -> dict:
+    """Airflow configuration (as environment) shared by every service and worker of a Celery deployment."""
+    from cryptography.fernet import Fernet
+
+    return {
+        "AIRFLOW__CELERY__BROKER_URL": broker_url,
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database_url,
+        "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+        "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
+    }
+
+
 class LocalAirflow:
     def __init__(
-        self, home: str | Path, port: int = 8080, dags_folder: str | Path = REPO / "dags", env: dict | None = None
+        self,
+        home: str | Path,
+        port: int = 8080,
+        dags_folder: str | Path = REPO / "dags",
+        env: dict | None = None,
+        database_url: str | None = None,
+        broker_url: str | None = None,
     ):
+        """``broker_url`` given: CeleryExecutor with that broker, the database (``database_url``, which must then
+        be PostgreSQL or MySQL) as Celery's result backend, a generated fernet key and JWT secret."""
         self.home, self.port = Path(home).resolve(), port
         self.url = f"http://127.0.0.1:{port}"
+        database_url = database_url or f"sqlite:///{self.home}/airflow.db"
+        if broker_url and database_url.startswith("sqlite"):
+            raise AirflowError("CeleryExecutor needs a PostgreSQL or MySQL database_url, not SQLite")
         self.env = {
             **os.environ,
             "AIRFLOW_HOME": str(self.home),
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home}/airflow.db",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database_url,
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor" if broker_url else "LocalExecutor",
+            **(celery_settings(database_url, broker_url) if broker_url else {}),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_FOLDER": str(Path(dags_folder).resolve()),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",  # a private instance: no login
@@ -108,6 +145,61 @@ class LocalAirflow:
                 raise AirflowError(f"Airflow did not become healthy within {timeout:g} s; logs in {self.home}/logs")
             time.sleep(1)
 
+    def start_worker(
+        self, hostname: str, queues: list[str] | tuple[str, ...], concurrency: int = 2, timeout: float = 180
+    ) -> subprocess.Popen:
+        """Start a Celery worker (``airflow celery worker``) under ``hostname`` serving ``queues``; return once
+        Celery says it is ready. Its log is ``logs/worker-<hostname>.log``."""
+        if self.env["AIRFLOW__CORE__EXECUTOR"] != "CeleryExecutor":
+            raise AirflowError("start_worker needs the Celery variant (LocalAirflow(..., broker_url=...))")
+        name = f"worker-{hostname}"
+        log_path = self.home / "logs" / f"{name}.log"
+        log = open(log_path, "ab")
+        offset = log_path.stat().st_size
+        proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "airflow"),
+                "celery",
+                "worker",
+                "--queues",
+                ",".join(queues),
+                "--celery-hostname",
+                hostname,
+                "--concurrency",
+                str(concurrency),
+            ],
+            # each worker serves its task logs on its own port, as on its own host
+            env={
+                **self.env,
+                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+                "AIRFLOW__CORE__HOSTNAME_CALLABLE": "distilled_plugins.local_airflow.worker_hostname",
+                "DISTILL_WORKER_HOSTNAME": hostname,
+            },
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.processes[name] = proc
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                if b" ready." in f.read():
+                    return proc
+            if proc.poll() is not None:
+                raise AirflowError(f"celery worker {hostname} exited ({proc.returncode}); see {log_path}")
+            if time.monotonic() > deadline:
+                raise AirflowError(f"celery worker {hostname} not ready within {timeout:g} s; see {log_path}")
+            time.sleep(1)
+
+    def kill_worker(self, hostname: str) -> None:
+        """Kill a worker as a lost host would: SIGKILL to its whole process group, no clean shutdown."""
+        proc = self.processes.pop(f"worker-{hostname}")
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
     def stop(self) -> None:
         for proc in self.processes.values():
             if proc.poll() is None:
@@ -131,11 +223,19 @@ class LocalAirflow:
         request = urllib.request.Request(
             self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
         )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                text = response.read().decode()
-        except urllib.error.HTTPError as e:
-            raise AirflowError(f"{method} {path}: HTTP {e.code}: {e.read().decode()[:2000]}") from None
+        for attempt in range(1, 4):
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    text = response.read().decode()
+                break
+            except urllib.error.HTTPError as e:
+                raise AirflowError(f"{method} {path}: HTTP {e.code}: {e.read().decode()[:2000]}") from None
+            except TimeoutError:
+                # a loaded machine (training on every core) can stall the API server for a while; reads are safe
+                # to repeat, writes are not
+                if method != "GET" or attempt == 3:
+                    raise
+                logger.info("GET %s timed out; asking again", path)
         return json.loads(text) if text else None
 
     def wait_for_dag(self, dag_id: str, timeout: float = 120) -> dict:

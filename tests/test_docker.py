@@ -1,37 +1,169 @@
-"""What can be checked of the deployment without a Docker engine."""
+"""What can be checked of the deployment without a Docker engine: the compose file's structure, that it configures
+what the cluster test (tests/cluster/test_celery_cluster.py) runs, and the secret scripts, run for real."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import subprocess
 
+import pytest
 import yaml
+from cryptography.fernet import Fernet
 
+from tests.cluster.test_celery_cluster import DEPLOYMENT
 from tests.conftest import REPO
 
 DOCKER = REPO / "docker"
+AIRFLOW_SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer", "worker-cpu", "worker-npu")
+SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET", "AIRFLOW_SECRET_KEY")
 
 
-def test_compose_file_describes_a_celery_deployment():
-    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
-    services = compose["services"]
-    assert {
-        "postgres",
-        "redis",
-        "airflow-init",
-        "api-server",
-        "scheduler",
-        "dag-processor",
-        "triggerer",
-        "worker",
-    } <= set(services)
-    for name in ("api-server", "scheduler", "dag-processor", "triggerer", "worker"):
-        service = services[name]
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+
+
+def test_compose_file_describes_a_celery_deployment_with_a_cpu_and_an_npu_worker():
+    services = compose()["services"]
+    assert {"postgres", "redis", "airflow-init", *AIRFLOW_SERVICES} <= set(services)
+    for name in (*AIRFLOW_SERVICES, "airflow-init"):
+        service, env = services[name], services[name]["environment"]
         assert service["image"] == "distilled-r1:latest"
-        assert service["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
-        assert service["environment"]["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://")
-        assert service["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
+        assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+        assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://")
+        assert env["AIRFLOW__CORE__AUTH_MANAGER"].endswith("SimpleAuthManager")
+        assert "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS" not in env  # real logins
         assert any(v.startswith("../dags:") for v in service["volumes"])
-    assert services["worker"]["command"] == ["airflow", "celery", "worker"]
+        assert "distill-shared:/distill" in service["volumes"]  # artifacts on the one shared volume
+        assert env["DISTILL_OUTPUT_ROOT"] == "/distill"
+        if name != "airflow-init":
+            assert service["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
+    # routing: the Variable the cluster test sets; each queue it names has its own worker service
+    deployment = json.loads(services["api-server"]["environment"]["AIRFLOW_VAR_DISTILL_DEPLOYMENT"])
+    assert deployment == DEPLOYMENT
+    queues = {}
+    for name in ("worker-cpu", "worker-npu"):
+        command = services[name]["command"]
+        assert command[:3] == ["airflow", "celery", "worker"]
+        queues[name] = command[command.index("--queues") + 1]
+        hostname = command[command.index("--celery-hostname") + 1]
+        assert hostname in " ".join(services[name]["healthcheck"]["test"])
+    assert queues == {"worker-cpu": deployment["cpu_queue"], "worker-npu": deployment["npu_queue"]}
+    # the pools the Variable names are created by airflow-init, the training pool counting deferred tasks
+    init = (DOCKER / "init.sh").read_text()
+    assert re.search(rf"pools set {deployment['teacher_pool']} ", init)
+    assert re.search(rf"pools set {deployment['training_pool']} [^\n]*\\\n\s*--include-deferred", init)
+
+
+def test_every_long_running_service_has_a_healthcheck():
+    for name, service in compose()["services"].items():
+        if service.get("restart") != "no":
+            assert service.get("healthcheck", {}).get("test"), name
+
+
+def test_no_default_passwords_and_the_teacher_key_only_in_a_connection():
+    text = (DOCKER / "docker-compose.yml").read_text()
+    for name in SECRETS:
+        assert re.findall(rf"\${{{name}(\W)", text) and set(re.findall(rf"\${{{name}(\W)", text)) == {":"}, name
+        assert f"${{{name}:?" in text, name  # compose refuses to start without it
+    services = compose()["services"]
+    for name, service in services.items():
+        env = json.dumps(service.get("environment", {})).upper()
+        assert "TEACHER_CONN" not in env and "API_KEY" not in env and "AIRFLOW_CONN_" not in env, name
+        assert (service.get("secrets") == ["teacher_api_key"]) == (name == "airflow-init"), name
+    assert "teacher_api_key" in (DOCKER / "init.sh").read_text()
+    example = dict(
+        line.split("=", 1) for line in (DOCKER / ".env.example").read_text().splitlines() if re.match(r"^\w+=", line)
+    )
+    assert set(SECRETS) <= set(example) and all(example[name] == "change-me" for name in SECRETS)
+
+
+def run_check(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(DOCKER / "check-env.sh")],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def as_service_env(dotenv: dict) -> dict:
+    """What airflow-init sees of docker/.env through the compose file."""
+    return {
+        "POSTGRES_PASSWORD": dotenv["POSTGRES_PASSWORD"],
+        "REDIS_PASSWORD": dotenv["REDIS_PASSWORD"],
+        "AIRFLOW__CORE__FERNET_KEY": dotenv["AIRFLOW_FERNET_KEY"],
+        "AIRFLOW__API_AUTH__JWT_SECRET": dotenv["AIRFLOW_JWT_SECRET"],
+        "AIRFLOW__API__SECRET_KEY": dotenv["AIRFLOW_SECRET_KEY"],
+    }
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="generate-env.sh needs openssl")
+def test_generated_secrets_pass_the_check_and_placeholders_do_not(tmp_path):
+    (tmp_path / "docker").mkdir()
+    for script in ("generate-env.sh", "check-env.sh"):
+        shutil.copy(DOCKER / script, tmp_path / "docker" / script)
+    done = subprocess.run(["bash", str(tmp_path / "docker" / "generate-env.sh")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    env_file = tmp_path / "docker" / ".env"
+    assert env_file.stat().st_mode & 0o077 == 0
+    generated = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+    Fernet(generated["AIRFLOW_FERNET_KEY"].encode())  # a valid Fernet key
+    assert len({generated[name] for name in SECRETS}) == len(SECRETS)
+    assert run_check(as_service_env(generated)).returncode == 0
+    # never overwrites secrets already in use
+    again = subprocess.run(["bash", str(tmp_path / "docker" / "generate-env.sh")], capture_output=True, text=True)
+    assert again.returncode == 1 and generated == dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+
+    example = dict(
+        line.split("=", 1) for line in (DOCKER / ".env.example").read_text().splitlines() if re.match(r"^\w+=", line)
+    )
+    refused = run_check(as_service_env(example))
+    assert refused.returncode == 1 and refused.stderr.count("placeholder") == len(SECRETS)
+    assert "AIRFLOW__CORE__FERNET_KEY is still the placeholder" in refused.stderr
+    bad_key = run_check(as_service_env({**generated, "AIRFLOW_FERNET_KEY": "not-a-key"}))
+    assert bad_key.returncode == 1 and "not a Fernet key" in bad_key.stderr
+    empty = run_check(as_service_env({**generated, "REDIS_PASSWORD": ""}))
+    assert empty.returncode == 1 and "REDIS_PASSWORD is empty" in empty.stderr
+
+
+def compose_command() -> list[str] | None:
+    """``docker compose`` (the v2 plugin) or Debian's ``docker-compose``; neither needs a Docker engine for
+    ``config``."""
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+@pytest.mark.skipif(compose_command() is None, reason="neither docker compose nor docker-compose is installed")
+def test_docker_compose_config_accepts_the_file_and_refuses_missing_secrets(tmp_path):
+    secret = tmp_path / "teacher_api_key"
+    secret.write_text("")
+    env = {**os.environ, **dict.fromkeys(SECRETS, "x"), "AIRFLOW_USERS": "admin:admin"}
+    env["TEACHER_API_KEY_FILE"] = str(secret)
+
+    def config(env: dict) -> subprocess.CompletedProcess:
+        empty = tmp_path / "empty.env"  # not a developer's docker/.env
+        empty.write_text("")
+        command = [
+            *compose_command(),
+            "--env-file",
+            str(empty),
+            "-f",
+            str(DOCKER / "docker-compose.yml"),
+            "config",
+            "-q",
+        ]
+        return subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+
+    done = config(env)
+    assert done.returncode == 0, done.stderr
+    for name in SECRETS:
+        refused = config({k: v for k, v in env.items() if k != name})
+        assert refused.returncode != 0 and f"set {name} in docker/.env" in refused.stderr, name
 
 
 def test_dockerfile_copies_what_exists():
@@ -39,6 +171,4 @@ def test_dockerfile_copies_what_exists():
     for source in re.findall(r"^COPY (.+) \S+$", dockerfile, flags=re.M):
         for path in source.split():
             assert (REPO / path).exists(), path
-    for line in (DOCKER / "requirements-deploy.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            assert re.fullmatch(r"[\w.-]+==[\w.]+", line), line
+    assert "COPY docker/init.sh docker/check-env.sh" in dockerfile

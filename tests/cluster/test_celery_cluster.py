@@ -1,0 +1,164 @@
+"""A real multi-worker deployment on this machine: PostgreSQL, Redis, Airflow's api-server, scheduler,
+dag-processor and triggerer with CeleryExecutor, and two Celery workers under distinct hostnames, one serving
+the CPU queue (generation and data stages), one the ``npu`` queue (fine-tuning and checkpoint evaluation). Mid-fine-tune the NPU node is lost (its worker and
+its training killed); a replacement worker under another hostname runs the retry, which resumes from the newest
+checkpoint.
+
+What docker/docker-compose.yml configures is what this test runs: routing from the Variable distill_deployment,
+the pools (the training pool counts deferred tasks), the teacher key only in an Airflow Connection (created
+through the REST API, not in any service's environment), a generated fernet key, passwords on both servers,
+artifacts on one folder both workers see. Needs Debian's ``postgresql`` and ``redis-server`` (``.ci/run``
+installs them); without them the test is skipped, except under ``CI=true`` where that is a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from contextlib import ExitStack
+from datetime import datetime
+from pathlib import Path
+
+import psutil
+import pytest
+
+from distilled_plugins.cluster_services import PostgresServer, RedisServer, ServerUnavailable
+from distilled_plugins.demo import demo_settings, make_seed
+from distilled_plugins.finetune import latest_step_checkpoint
+from distilled_plugins.local_airflow import AirflowError, LocalAirflow, free_port
+from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
+from tests.conftest import MATH_TRAIN_SOLUTIONS, read_jsonl
+
+DAG_ID = "distill_r1"
+DEPLOYMENT = {"cpu_queue": "cpu", "npu_queue": "npu", "teacher_pool": "teacher", "training_pool": "npu_training"}
+CPU_TASKS = ("shard_plan", "generate", "merge", "reject_sampling", "handle", "pack")
+NPU_TASKS = ("finetune", "evaluate")
+TEACHER_KEY = "sk-cluster-test-key"
+
+
+def servers(stack: ExitStack) -> tuple[PostgresServer, RedisServer]:
+    try:
+        postgres, redis = PostgresServer(), RedisServer()
+    except ServerUnavailable as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must install the cluster test's servers (.ci/run): {e}")
+        pytest.skip(str(e))
+    return stack.enter_context(postgres), stack.enter_context(redis)
+
+
+def kill_training(run_dir: Path) -> None:
+    """SIGKILL the training job's supervisor, msrun and its workers, as a lost node loses them."""
+    root = psutil.Process(int((run_dir / "supervisor.pid").read_text()))
+    members = [root, *root.children(recursive=True)]
+    for process in members:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(members, timeout=60)
+
+
+def when(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_celery_deployment_routes_tasks_and_a_lost_npu_node_resumes_on_another(tmp_path):
+    shared = tmp_path / "shared"  # the shared filesystem (NFS, SFS, Lustre) every worker mounts
+    seed = make_seed(shared / "seed" / "seed.jsonl", 12)
+    settings = {**demo_settings(shared, seed), "eval_limit": 2, "eval_max_new_tokens": 8}
+    # the teacher refuses requests without the key (401): the workers must read it from the Connection
+    teacher = ReplayTeacher(
+        replay_answer(load_answers(MATH_TRAIN_SOLUTIONS, "problem", "solution")), api_key=TEACHER_KEY
+    )
+
+    with ExitStack() as stack:
+        postgres, redis = servers(stack)
+        server = stack.enter_context(ServerThread(teacher.app()))
+        airflow = LocalAirflow(
+            tmp_path / "airflow",
+            port=free_port(),
+            database_url=postgres.url,
+            broker_url=redis.url,
+            env={"AIRFLOW_VAR_DISTILL_DEPLOYMENT": json.dumps(DEPLOYMENT), "DISTILL_RETRY_DELAY_SECONDS": "1"},
+        )
+        assert not any(TEACHER_KEY in v for v in airflow.env.values())
+        stack.enter_context(airflow)
+
+        host, _, port = server.url.removeprefix("http://").partition(":")
+        airflow.api(
+            "POST",
+            "/api/v2/connections",
+            {"connection_id": "teacher_default", "conn_type": "http", "host": host, "port": int(port)}
+            | {"password": TEACHER_KEY},
+        )
+        airflow.api("POST", "/api/v2/pools", {"name": "teacher", "slots": 1, "include_deferred": False})
+        airflow.api("POST", "/api/v2/pools", {"name": "npu_training", "slots": 1, "include_deferred": True})
+        airflow.start_worker("cpu-node-1", ["cpu"], concurrency=2)
+        airflow.start_worker("npu-node-1", ["npu"], concurrency=1)
+        airflow.wait_for_dag(DAG_ID)
+
+        run_id = airflow.trigger(DAG_ID, settings)
+        run_dir = shared / "output" / DAG_ID / run_id
+        # follow the run; while fine-tuning is deferred (its Celery slot freed), the training pool stays full.
+        # Once it has saved a checkpoint, the NPU node is lost: its worker and its training are killed, and a
+        # replacement worker under another hostname takes the npu queue over.
+        deferred_pool_states, killed_at_step, deadline = [], 0, time.monotonic() + 1500
+        while (state := airflow.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")["state"]) not in (
+            "success",
+            "failed",
+        ):
+            assert time.monotonic() < deadline, "the run did not finish within 25 minutes"
+            finetune = airflow.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/finetune")
+            if finetune["state"] == "deferred":
+                pool = airflow.api("GET", "/api/v2/pools/npu_training")
+                deferred_pool_states.append((pool["deferred_slots"], pool["open_slots"]))
+                if not killed_at_step and (step := latest_step_checkpoint(run_dir / "finetune" / "checkpoint")):
+                    airflow.kill_worker("npu-node-1")
+                    kill_training(run_dir / "finetune")
+                    killed_at_step = step
+                    airflow.start_worker("npu-node-2", ["npu"], concurrency=1)
+            time.sleep(2)
+        assert state == "success", f"run {run_id} {state}; logs under {airflow.home}/logs"
+        assert killed_at_step, "fine-tuning finished before it could be interrupted"
+
+        tis = {(ti["task_id"], ti["map_index"]): ti for ti in airflow.task_instances(DAG_ID, run_id)}
+        for (task_id, map_index), ti in tis.items():
+            name = f"{task_id}[{map_index}]"
+            if task_id in CPU_TASKS:
+                assert (ti["queue"], ti["hostname"]) == ("cpu", "cpu-node-1"), name
+            else:
+                assert task_id in NPU_TASKS, name
+                assert (ti["queue"], ti["hostname"]) == ("npu", "npu-node-2"), name  # the replacement node
+        assert {t for t, _ in tis} == set(CPU_TASKS + NPU_TASKS)
+        assert tis[("finetune", -1)]["pool"] == "npu_training"
+        # the retry on the replacement node resumed from the newest checkpoint instead of starting over
+        assert tis[("finetune", -1)]["try_number"] == 2
+        metrics = json.loads((run_dir / "finetune" / "metrics.json").read_text())
+        assert metrics["resumed_from_step"] >= killed_at_step > 0
+
+        # the teacher pool (1 slot) ran the two generation shards one after the other
+        first, second = sorted((tis[("generate", i)] for i in range(2)), key=lambda ti: ti["start_date"])
+        assert first["pool"] == second["pool"] == "teacher"
+        assert when(first["end_date"]) <= when(second["start_date"])
+        # a deferred fine-tune holds its training slot (include_deferred): no second training could start
+        assert deferred_pool_states, "fine-tuning was never seen deferred"
+        assert all(state == (1, 0) for state in deferred_pool_states), deferred_pool_states
+
+        # the workers read the key from the Connection, nobody's environment carried it
+        assert teacher.requests == 12 * 2 and set(teacher.seen_authorization) == {f"Bearer {TEACHER_KEY}"}
+        # artifacts of both workers on the shared folder, handed on by path
+        merged = airflow.xcom(DAG_ID, run_id, "merge")
+        assert merged == f"{run_dir}/merge/generations.jsonl" and len(read_jsonl(merged)) == 12
+        finetuned = airflow.xcom(DAG_ID, run_id, "finetune")
+        assert Path(finetuned["checkpoint_dir"], "rank_0").is_dir()
+        report = json.loads(Path(airflow.xcom(DAG_ID, run_id, "evaluate")).read_text())
+        assert report["problems"] == 2
+        for artifact in ("pack/stats.json", "finetune/metrics.json", "evaluate/report.md"):
+            assert (run_dir / artifact).exists(), artifact
+
+
+def test_celery_variant_refuses_sqlite(tmp_path):
+    with pytest.raises(AirflowError, match="PostgreSQL or MySQL"):
+        LocalAirflow(tmp_path, broker_url="redis://127.0.0.1:1/0")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -35,12 +36,13 @@ from distilled_plugins.io import (
     atomic_path,
     dumps_line,
     load_rows,
-    read_appended_jsonl,
     require_columns,
-    rewrite_jsonl,
+    rewrite_jsonl_lines,
+    scan_appended_jsonl,
     write_json,
 )
 from distilled_plugins.progress import Progress
+from distilled_plugins.store import PUBLISH_BATCH, GenerationStore
 
 logger = logging.getLogger(__name__)
 
@@ -156,24 +158,25 @@ def settings_key(cfg: GenerateConfig) -> str:
     return hashlib.md5(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _store_rows(cfg: GenerateConfig) -> dict[str, dict]:
-    """Finished rows in the generation store for these settings, by row key."""
-    found: dict[str, dict] = {}
-    if cfg.store_dir:
-        for path in sorted((Path(cfg.store_dir) / settings_key(cfg)).glob("*.jsonl")):
-            for row in read_appended_jsonl(path)[0]:
-                if cfg.uuid_column in row and len(row.get("generations", ())) == cfg.num_generations:
-                    found.setdefault(row_key(row, cfg.uuid_column), row)
-    return found
+def _open_store(cfg: GenerateConfig) -> GenerationStore | None:
+    return GenerationStore(cfg.store_dir, settings_key(cfg)) if cfg.store_dir else None
 
 
-def _publish_to_store(cfg: GenerateConfig, output: Path) -> None:
-    """Copy a finished shard into the store (atomically), for later runs to reuse."""
-    import shutil
+def _generated_json(generated: dict) -> bytes:
+    return json.dumps(generated, ensure_ascii=False).encode("utf-8")
 
-    name = hashlib.md5(str(output.resolve()).encode()).hexdigest()[:16] + ".jsonl"
-    with atomic_path(Path(cfg.store_dir) / settings_key(cfg) / name) as tmp:
-        shutil.copyfile(output, tmp)
+
+def _line(example: dict, generated_json: bytes) -> bytes:
+    """The output line ``{**example, **generated}``, spliced from serialized parts (no re-encoding of the text).
+
+    >>> _line({"a": 1}, b'{"generations": ["x"]}')
+    b'{"a": 1, "generations": ["x"]}\\n'
+    """
+    if not example:
+        return generated_json + b"\n"
+    if any(column in example for column in (*_GENERATED_COLUMNS, "prompt")):
+        return dumps_line({**example, **json.loads(generated_json)})  # the generated value replaces the seed's
+    return dumps_line(example)[:-2] + b", " + generated_json[1:] + b"\n"
 
 
 def stats_path(output_file: str | Path) -> Path:
@@ -186,39 +189,72 @@ def parts_path(output_file: str | Path) -> Path:
 
 
 def _load_done(cfg: GenerateConfig, output: Path) -> set[str]:
-    rows, bad = read_appended_jsonl(output)
-    done, kept = set(), []
-    for row in rows:
+    """Keys of the rows already in ``output``, streamed; repairs what an interrupted run left (cut-short, twice)."""
+    done, bad, duplicates, unterminated = set(), 0, 0, 0
+    for _, row, intact in scan_appended_jsonl(output):
+        if row is None:
+            bad += 1
+            continue
         if cfg.uuid_column not in row:
             raise DataError(f"{output}: existing line lacks column {cfg.uuid_column!r}; is it another run's output?")
         key = row_key(row, cfg.uuid_column)
-        if key not in done:
-            done.add(key)
-            kept.append(row)
-    if bad or len(kept) != len(rows):
+        if key in done:
+            duplicates += 1
+        done.add(key)
+        unterminated += not intact
+    if bad or duplicates or unterminated:
         logger.warning(
             "%s: repaired %d cut-short or corrupt line(s) and %d duplicate(s) left by an interrupted run",
             output,
-            bad,
-            len(rows) - len(kept),
+            bad + unterminated,
+            duplicates,
         )
-        rewrite_jsonl(output, kept)
+        rewrite_jsonl_lines(output, _first_per_key(output, cfg.uuid_column))
     return done
 
 
-def _load_parts(parts: Path, num_generations: int) -> dict[str, dict[int, Completion]]:
-    records, bad = read_appended_jsonl(parts)
-    if bad:
-        rewrite_jsonl(parts, records)
+def _first_per_key(path: Path, uuid_column: str):
+    seen = set()
+    for line, row, _ in scan_appended_jsonl(path):
+        if row is not None and (key := row_key(row, uuid_column)) not in seen:
+            seen.add(key)
+            yield line
+
+
+def _republish(cfg: GenerateConfig, output: Path, done: set[str], store: GenerationStore) -> int:
+    """Publish rows of a resumed output that a killed run wrote but had not yet published (reads keys first)."""
+    missing = done - store.present(sorted(done))
+    if not missing:
+        return 0
+
+    def rows():
+        for _, row, _ in scan_appended_jsonl(output):
+            if row is not None and (key := row_key(row, cfg.uuid_column)) in missing:
+                yield key, _generated_json({k: row[k] for k in (*_GENERATED_COLUMNS, "prompt")})
+
+    return store.publish(rows())
+
+
+def _load_parts(parts: Path, num_generations: int, done: set[str]) -> dict[str, dict[int, Completion]]:
+    """Journalled completions of rows not written yet; the journal is rewritten without those of written rows."""
     found: dict[str, dict[int, Completion]] = {}
-    for rec in records:
-        if rec.get("i", num_generations) < num_generations:
+    dropped = 0
+    for _, rec, intact in scan_appended_jsonl(parts):
+        if rec is None or not intact or rec.get("key") in done:
+            dropped += 1
+        elif rec.get("i", num_generations) < num_generations:
             found.setdefault(rec["key"], {})[rec["i"]] = Completion(rec["text"], rec["finish_reason"], rec["usage"])
+    if dropped:
+        rewrite_jsonl_lines(
+            parts, (line for line, rec, ok in scan_appended_jsonl(parts) if ok and rec.get("key") not in done)
+        )
     return found
 
 
 class _Row:
-    __slots__ = ("example", "failed", "key", "messages", "missing", "prompt", "results")
+    """A seed row in flight: it holds its completions only until its line is written (then ``results`` is None)."""
+
+    __slots__ = ("__weakref__", "example", "failed", "key", "messages", "missing", "prompt", "results")
 
     def __init__(
         self,
@@ -233,18 +269,19 @@ class _Row:
         self.messages = [{"role": "user", "content": prompt}]
         if system_prompt:
             self.messages.insert(0, {"role": "system", "content": system_prompt})
-        self.results: list[Completion | None] = [known.get(i) for i in range(n)]
+        self.results: list[Completion | None] | None = [known.get(i) for i in range(n)]
         self.missing = sum(r is None for r in self.results)
         self.failed = False
 
-    def line(self) -> dict:
-        return {
-            **self.example,
-            "generations": [r.text for r in self.results],
-            "finish_reasons": [r.finish_reason for r in self.results],
-            "api_metadata": [r.usage for r in self.results],
-            "prompt": self.prompt,
-        }
+    def generated_json(self) -> bytes:
+        return _generated_json(
+            {
+                "generations": [r.text for r in self.results],
+                "finish_reasons": [r.finish_reason for r in self.results],
+                "api_metadata": [r.usage for r in self.results],
+                "prompt": self.prompt,
+            }
+        )
 
 
 class _Run:
@@ -254,8 +291,12 @@ class _Run:
     goes ahead of fresh requests, so that its row completes, and leaves memory, soon.
     """
 
-    def __init__(self, cfg: GenerateConfig, rows: list[_Row], output: Path, parts: Path):
-        self.cfg, self.rows = cfg, rows
+    def __init__(
+        self, cfg: GenerateConfig, rows: list[_Row], output: Path, parts: Path, store: GenerationStore | None = None
+    ):
+        # the list is let go once queued (see run): a written row is then referenced by nothing and freed
+        self.cfg, self.rows, self.store = cfg, rows, store
+        self.to_publish: list[tuple[str, bytes]] = []
         self.output_fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.parts_fd = os.open(parts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.counts = Counter()
@@ -264,8 +305,16 @@ class _Run:
         self.fatal: BaseException | None = None
 
     def close(self) -> None:
-        os.close(self.output_fd)
-        os.close(self.parts_fd)
+        try:
+            self._publish()
+        finally:
+            os.close(self.output_fd)
+            os.close(self.parts_fd)
+
+    def _publish(self) -> None:
+        if self.store is not None and self.to_publish:
+            self.store.publish(self.to_publish)
+        self.to_publish = []
 
     def _succeed(self, row: _Row, index: int, completion: Completion) -> None:
         row.results[index] = completion
@@ -275,8 +324,15 @@ class _Run:
         self.counts["completion_tokens"] += usage.get("completion_tokens") or 0
         if row.missing == 0 and not row.failed:
             # one write() per line: a SIGKILL leaves either the whole line or a cut-short tail that _load_done drops
-            os.write(self.output_fd, dumps_line(row.line()))
+            generated = row.generated_json()
+            row.results = None  # written: the completions leave memory with this row
+            os.write(self.output_fd, _line(row.example, generated))
             self.counts["rows_written"] += 1
+            if self.store is not None:
+                # published in batches after the write; a row a kill leaves unpublished is published on resume
+                self.to_publish.append((row.key, generated))
+                if len(self.to_publish) >= PUBLISH_BATCH:
+                    self._publish()
         else:
             record = {
                 "key": row.key,
@@ -296,12 +352,13 @@ class _Run:
                 if result is None:
                     queue.put_nowait((1, pending, row, index, 0))
                     pending += 1
+        num_rows, self.rows, row = len(self.rows), None, None
         self.counts["requests_needed"] = pending
         if not pending:
             return
         finished = asyncio.Event()
         loop = asyncio.get_running_loop()
-        progress = Progress(logger, "rows", len(self.rows), self.cfg.progress_interval)
+        progress = Progress(logger, "rows", num_rows, self.cfg.progress_interval)
         resolved = 0
 
         def resolve() -> None:
@@ -370,17 +427,19 @@ class _Run:
         return f"| {self.counts['responses_ok']} completions, {retries} retries, {failed} failed requests"
 
 
-def _prepare_rows(cfg: GenerateConfig, output: Path) -> tuple[list[_Row], list[dict], dict]:
-    """Rows still to generate, rows to copy from the store, and counts."""
+def _prepare_rows(cfg: GenerateConfig, output: Path, store: GenerationStore | None) -> tuple[list[_Row], dict]:
+    """Rows still to generate, and counts; rows the store holds are appended to ``output`` on the way."""
     seed = load_rows(cfg.dataset_name, cfg.split)
     if not seed:
         raise DataError(f"{cfg.dataset_name}: the seed dataset is empty")
     require_columns(seed, [cfg.prompt_column, cfg.uuid_column], cfg.dataset_name)
     done = _load_done(cfg, output)
-    partial = _load_parts(parts_path(output), cfg.num_generations)
-    stored = _store_rows(cfg)
     info = Counter(seed_rows=len(seed))
-    rows, reused, seen = [], [], set()
+    if store is not None and done:
+        info["rows_republished_to_store"] = _republish(cfg, output, done, store)
+    partial = _load_parts(parts_path(output), cfg.num_generations, done)
+    todo: dict[str, dict] = {}  # key -> example, in seed order
+    seen = set()
     for example in seed:
         key = row_key(example, cfg.uuid_column)
         if key in seen:
@@ -393,17 +452,22 @@ def _prepare_rows(cfg: GenerateConfig, output: Path) -> tuple[list[_Row], list[d
         if key in done:
             info["rows_already_done"] += 1
             continue
-        if key in stored:
-            reused.append(
-                {**example, **{k: stored[key][k] for k in (*_GENERATED_COLUMNS, "prompt") if k in stored[key]}}
-            )
-            continue
+        todo[key] = example
+    reused = 0
+    if store is not None and todo:
+        # batched lookups of this shard's keys only; each stored row goes straight to the output, one at a time
+        with open(output, "ab") as f:
+            for key, generated in store.lookup(list(todo)):
+                f.write(_line(todo.pop(key), generated))
+                reused += 1
+    rows = []
+    for key, example in todo.items():
         known = partial.get(key, {})
         info["generations_resumed"] += len(known)
         prompt = cfg.prompt_template.format(prompt=prompt_text(example[cfg.prompt_column]))
         rows.append(_Row(example, key, prompt, cfg.num_generations, known, cfg.system_prompt))
-    info["rows_reused_from_store"] = len(reused)
-    return rows, reused, dict(info)
+    info["rows_reused_from_store"] = reused
+    return rows, dict(info)
 
 
 def run(cfg: GenerateConfig) -> GenerateResult:
@@ -411,28 +475,35 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     output = Path(cfg.output_file)
     output.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    rows, reused, info = _prepare_rows(cfg, output)
-    logger.info(
-        "shard %d/%d of %s: %d rows, %d already done, %d reused from the generation store, %d to generate "
-        "(%d completions resumed from %s)",
-        cfg.shard_index,
-        cfg.num_shards,
-        cfg.dataset_name,
-        info.get("shard_rows", 0),
-        info.get("rows_already_done", 0),
-        len(reused),
-        len(rows),
-        info.get("generations_resumed", 0),
-        parts_path(output).name,
-    )
-    with open(output, "ab") as f:
-        f.write(b"".join(dumps_line(row) for row in reused))
-    job = _Run(cfg, rows, output, parts_path(output))
+    store = _open_store(cfg)
     try:
-        _run_loop(job.run())
+        rows, info = _prepare_rows(cfg, output, store)
+        logger.info(
+            "shard %d/%d of %s: %d rows, %d already done, %d reused from the generation store, %d to generate "
+            "(%d completions resumed from %s)",
+            cfg.shard_index,
+            cfg.num_shards,
+            cfg.dataset_name,
+            info.get("shard_rows", 0),
+            info.get("rows_already_done", 0),
+            info["rows_reused_from_store"],
+            len(rows),
+            info.get("generations_resumed", 0),
+            parts_path(output).name,
+        )
+        job = _Run(cfg, rows, output, parts_path(output), store)
+        del rows  # the job holds them until queued, then each row lives only while in flight
+        try:
+            _run_loop(job.run())
+        finally:
+            job.close()
+        store_stats = None
+        if store is not None:
+            store_stats = {**dict(store.counts), **store.size()}
     finally:
-        job.close()
-    rows_failed = sum(row.failed for row in rows)
+        if store is not None:
+            store.close()
+    rows_failed = job.counts["rows_failed"]
     stats = {
         **info,
         "model": cfg.model,
@@ -449,6 +520,18 @@ def run(cfg: GenerateConfig) -> GenerateResult:
         "completion_tokens": job.counts["completion_tokens"],
         "wall_seconds": round(time.monotonic() - started, 3),
     }
+    if store_stats is not None:
+        stats["store"] = store_stats
+        logger.info(
+            "generation store %s: %d keys looked up, %d rows read, %d written; %d bytes (%d free, WAL %d)",
+            store_stats["path"],
+            store_stats.get("keys_looked_up", 0),
+            store_stats.get("rows_read", 0),
+            store_stats.get("rows_written", 0),
+            store_stats["bytes"],
+            store_stats["free_bytes"],
+            store_stats["wal_bytes"],
+        )
     stats_file = write_json(stats_path(output), stats)
     if job.fatal is not None:
         raise job.fatal
@@ -460,8 +543,6 @@ def run(cfg: GenerateConfig) -> GenerateResult:
             f"{parts_path(output).name}: run again to resume"
         )
     parts_path(output).unlink(missing_ok=True)
-    if cfg.store_dir:
-        _publish_to_store(cfg, output)
     return GenerateResult(output, stats_file, stats)
 
 
@@ -474,21 +555,57 @@ def _run_loop(coro) -> None:
         asyncio.run(coro)
 
 
-def merge(inputs: list[str | Path], output_file: str | Path, uuid_column: str) -> Path:
-    """Join shard outputs into one file: each key once, rows sorted by key so any sharding gives the same file."""
-    by_key: dict[str, dict] = {}
-    for path in inputs:
-        rows, bad = read_appended_jsonl(Path(path))
-        if bad:
+def _shard_index(path: Path, number: int, uuid_column: str) -> list[tuple[str, int, int, int]]:
+    """``(key, shard number, offset, length)`` of each line of a shard, sorted: keys and offsets, no row text."""
+    index, offset = [], 0
+    for line, row, intact in scan_appended_jsonl(path):
+        if not intact:
             raise DataError(f"{path}: has a cut-short or corrupt line; resume that shard before merging")
-        for row in rows:
-            if uuid_column not in row:
-                raise DataError(f"{path}: a row lacks the uuid column {uuid_column!r}")
-            by_key.setdefault(row_key(row, uuid_column), row)
-    with atomic_path(output_file) as tmp, open(tmp, "wb") as f:
-        for key in sorted(by_key):
-            f.write(dumps_line(by_key[key]))
-    logger.info("merged %d shard file(s) into %s: %d rows", len(inputs), output_file, len(by_key))
+        if uuid_column not in row:
+            raise DataError(f"{path}: a row lacks the uuid column {uuid_column!r}")
+        index.append((row_key(row, uuid_column), number, offset, len(line)))
+        offset += len(line)
+    index.sort()
+    return index
+
+
+def merge(inputs: list[str | Path], output_file: str | Path, uuid_column: str) -> Path:
+    """Join shard outputs into one file: each key once, rows sorted by key so any sharding gives the same file.
+
+    Streams: each shard is indexed by key (keys and byte offsets only), the sorted indexes are k-way merged
+    (``heapq.merge``) and each row is copied from its shard by offset, so memory holds one row at a time. A key
+    in several shards is kept from the first shard given and counted in the stats as dropped.
+    """
+    started = time.monotonic()
+    paths = [Path(p) for p in inputs]
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"{path}: no such shard file; check the shard paths (did that generate task run?)")
+    indexes = [_shard_index(path, number, uuid_column) for number, path in enumerate(paths)]
+    stats = Counter(shards=len(paths), rows_in=sum(map(len, indexes)), rows_written=0, duplicate_keys_dropped=0)
+    files = [open(path, "rb") for path in paths]
+    try:
+        with atomic_path(output_file) as tmp, open(tmp, "wb") as out:
+            previous = None
+            for key, number, offset, length in heapq.merge(*indexes):
+                if key == previous:
+                    stats["duplicate_keys_dropped"] += 1
+                    continue
+                previous = key
+                out.write(os.pread(files[number].fileno(), length, offset))
+                stats["rows_written"] += 1
+    finally:
+        for f in files:
+            f.close()
+    stats["wall_seconds"] = round(time.monotonic() - started, 3)
+    write_json(stats_path(output_file), dict(stats))
+    logger.info(
+        "merged %d shard file(s) into %s: %d rows (%d duplicate keys dropped)",
+        len(paths),
+        output_file,
+        stats["rows_written"],
+        stats["duplicate_keys_dropped"],
+    )
     return Path(output_file)
 
 

@@ -238,6 +238,38 @@ def read_appended_jsonl(path: Path) -> tuple[list[dict], int]:
     return rows, bad
 
 
+def scan_appended_jsonl(path: Path) -> Iterator[tuple[bytes, dict | None, bool]]:
+    """Stream a JSONL file written by appends: ``(line, row, intact)`` per non-blank line, one line in memory.
+
+    ``row`` is None for a corrupt or cut-short line; ``intact`` is False for those and for a last line that
+    parsed but lacks its newline (written whole, but the next append would run onto it). A missing file is empty.
+    """
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except ValueError:
+                yield raw, None, False
+                continue
+            if not isinstance(row, dict):
+                yield raw, None, False
+            elif raw.endswith(b"\n"):
+                yield raw, row, True
+            else:
+                yield raw + b"\n", row, False
+
+
+def rewrite_jsonl_lines(path: Path, lines: Iterable[bytes]) -> None:
+    """Rewrite ``path`` atomically with ``lines`` (bytes ending in a newline), streamed; may read ``path`` itself."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for line in lines:
+            f.write(line)
+
+
 def rewrite_jsonl(path: Path, rows: list[dict]) -> None:
     """Rewrite ``path`` atomically with exactly ``rows``, dropping a half-written or corrupt line."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

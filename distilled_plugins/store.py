@@ -66,7 +66,7 @@ class GenerationStore:
         self.path = Path(store_dir) / STORE_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.settings = settings
-        self.counts: Counter = Counter()
+        self.counts = Counter(keys_looked_up=0, rows_read=0, rows_written=0, rows_already_stored=0)
         # isolation_level=None: we open transactions ourselves, each short (one batch)
         self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

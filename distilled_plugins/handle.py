@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from array import array
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,9 @@ class HandleConfig:
     truncation: str = "tutorial"  # tutorial: keep input_ids[:max_length] + input_ids[-2:]
     messages_column: str = "messages"
     batch_size: int = 1000
+    # tokenizer batches also stop at this many characters: the Rust encodings of a batch take ~80 bytes a token,
+    # so 1,000 rows of 40 KB completions would hold over a gigabyte at once
+    batch_chars: int = 2_000_000
     num_proc: int | None = None  # tokenizer threads; default: all cores
     progress_interval: float = 5.0
 
@@ -138,6 +142,24 @@ class ChatEncoder:
         return out
 
 
+def _chunks_by_size(conversations: list, max_chars: int):
+    """Consecutive runs of ``conversations`` holding at most ``max_chars`` characters of content (at least one)."""
+    chunk, size = [], 0
+    for messages in conversations:
+        chars = (
+            sum(len(m.get("content") or "") for m in messages if isinstance(m, dict))
+            if isinstance(messages, list)
+            else 0
+        )
+        if chunk and size + chars > max_chars:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(messages)
+        size += chars
+    if chunk:
+        yield chunk
+
+
 def _table(pairs: list[tuple[np.ndarray, np.ndarray]]):
     import pyarrow as pa
 
@@ -173,22 +195,25 @@ def run(cfg: HandleConfig) -> Path:
     started = time.monotonic()
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.num_proc)
     encoder = ChatEncoder(tokenizer, cfg.system_prompt, cfg.max_length, cfg.truncation)
-    lengths: list[int] = []
+    lengths = array("q")  # 8 bytes a row: kept for the stats and the histogram
+    tokens = 0
     answer_tokens = 0
     rows_in = 0
     progress = Progress(logger, "rows", count_rows(cfg.src), cfg.progress_interval)
     processing_started = time.monotonic()  # tokens/s counts the work, not loading the tokenizer
 
     def tables():
-        nonlocal rows_in, answer_tokens
+        nonlocal rows_in, answer_tokens, tokens
         for batch in iter_column_batches(cfg.src, cfg.messages_column, cfg.batch_size):
-            rows_in += len(batch)
-            pairs = encoder.encode_batch(batch)
-            if pairs:
-                lengths.extend(len(ids) for ids, _ in pairs)
-                answer_tokens += sum(int((labels != IGNORE_INDEX).sum()) for _, labels in pairs)
-                yield _table(pairs)
-            progress.maybe_log(rows_in, f"| {sum(lengths)} tokens")
+            for chunk in _chunks_by_size(batch, cfg.batch_chars):
+                rows_in += len(chunk)
+                pairs = encoder.encode_batch(chunk)
+                if pairs:
+                    lengths.extend(len(ids) for ids, _ in pairs)
+                    tokens += sum(len(ids) for ids, _ in pairs)
+                    answer_tokens += sum(int((labels != IGNORE_INDEX).sum()) for _, labels in pairs)
+                    yield _table(pairs)
+                progress.maybe_log(rows_in, f"| {tokens} tokens")
 
     with atomic_dir(cfg.dst) as tmp:
         rows = save_tables_to_disk(tables(), tmp, features(HANDLED_COLUMNS))

@@ -195,47 +195,60 @@ def iter_column_batches(paths: list[str | Path], column: str, batch_size: int) -
                 yield [row[column] for row in rows[start : start + batch_size]]
 
 
+MAX_SHARD_BYTES = 500 * 10**6  # as save_to_disk's default max_shard_size
+
+
 def save_tables_to_disk(tables: Iterable, dst: Path, features) -> int:
     """Write Arrow tables, streamed, as a ``datasets`` folder (``save_to_disk`` layout) at ``dst``; return rows.
 
-    The tables go to one temporary Arrow file first, so memory holds one table at a time, not the dataset.
+    Each table goes straight into the current shard file (a new one past 500 MB), and ``state.json`` and
+    ``dataset_info.json`` are written as ``save_to_disk`` writes them: memory holds one table at a time and no
+    copy of the data is read back (``Dataset.from_file(...).save_to_disk`` would map the whole file into memory).
     """
     import datasets
     from datasets.arrow_writer import ArrowWriter
+    from datasets.fingerprint import generate_random_fingerprint
+    from datasets.utils.py_utils import asdict
 
     datasets.disable_progress_bars()  # stages log their own progress lines
-    staging = dst.with_name(dst.name + ".staging.arrow")
-    rows = 0
-    try:
-        with ArrowWriter(features=features, path=str(staging)) as writer:
-            for table in tables:
-                writer.write_table(table)
-                rows += table.num_rows
-            writer.finalize()
-        datasets.Dataset.from_file(str(staging)).save_to_disk(str(dst))
-    finally:
-        staging.unlink(missing_ok=True)
+    dst.mkdir(parents=True, exist_ok=True)
+    parts: list[Path] = []
+    writer, rows = None, 0
+
+    def close(writer) -> None:
+        writer.finalize()
+        writer.close()
+
+    for table in tables:
+        if writer is None:
+            parts.append(dst / f".part-{len(parts):05d}.arrow")
+            writer = ArrowWriter(features=features, path=str(parts[-1]))
+        writer.write_table(table)
+        rows += table.num_rows
+        if writer._num_bytes >= MAX_SHARD_BYTES:
+            close(writer)
+            writer = None
+    if writer is None and not parts:  # no rows: one empty shard, as save_to_disk writes
+        parts.append(dst / ".part-00000.arrow")
+        writer = ArrowWriter(features=features, path=str(parts[-1]))
+    if writer is not None:
+        close(writer)
+    names = [f"data-{i:05d}-of-{len(parts):05d}.arrow" for i in range(len(parts))]
+    for part, name in zip(parts, names, strict=True):
+        os.replace(part, dst / name)
+    state = {
+        "_data_files": [{"filename": name} for name in names],
+        "_fingerprint": generate_random_fingerprint(),
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (dst / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    info = asdict(datasets.DatasetInfo(features=features))
+    (dst / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2), encoding="utf-8")
     return rows
-
-
-def read_appended_jsonl(path: Path) -> tuple[list[dict], int]:
-    """Rows of a JSONL file written by appends, and how many bad lines (corrupt or cut short) it had."""
-    if not path.exists():
-        return [], 0
-    rows, bad = [], 0
-    with open(path, "rb") as f:
-        data = f.read()
-    for raw in data.split(b"\n"):
-        if not raw.strip():
-            continue
-        try:
-            rows.append(json.loads(raw))
-        except ValueError:
-            bad += 1
-    if data and not data.endswith(b"\n") and bad == 0:
-        # a last line that parsed but lacks its newline was written whole; keep it, newline comes on rewrite
-        bad = 1
-    return rows, bad
 
 
 def scan_appended_jsonl(path: Path) -> Iterator[tuple[bytes, dict | None, bool]]:

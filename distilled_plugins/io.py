@@ -251,6 +251,26 @@ def save_tables_to_disk(tables: Iterable, dst: Path, features) -> int:
     return rows
 
 
+def read_appended_jsonl(path: Path) -> tuple[list[dict], int]:
+    """Rows of a JSONL file written by appends, and how many bad lines (corrupt or cut short) it had."""
+    if not path.exists():
+        return [], 0
+    rows, bad = [], 0
+    with open(path, "rb") as f:
+        data = f.read()
+    for raw in data.split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            rows.append(json.loads(raw))
+        except ValueError:
+            bad += 1
+    if data and not data.endswith(b"\n") and bad == 0:
+        # a last line that parsed but lacks its newline was written whole; keep it, newline comes on rewrite
+        bad = 1
+    return rows, bad
+
+
 def scan_appended_jsonl(path: Path) -> Iterator[tuple[bytes, dict | None, bool]]:
     """Stream a JSONL file written by appends: ``(line, row, intact)`` per non-blank line, one line in memory.
 

@@ -238,15 +238,15 @@ def _republish(cfg: GenerateConfig, output: Path, done: set[str], store: Generat
 def _load_parts(parts: Path, num_generations: int, done: set[str]) -> dict[str, dict[int, Completion]]:
     """Journalled completions of rows not written yet; the journal is rewritten without those of written rows."""
     found: dict[str, dict[int, Completion]] = {}
-    dropped = 0
+    rewrite = False
     for _, rec, intact in scan_appended_jsonl(parts):
-        if rec is None or not intact or rec.get("key") in done:
-            dropped += 1
-        elif rec.get("i", num_generations) < num_generations:
+        rewrite |= not intact or (rec is not None and rec.get("key") in done)
+        if rec is not None and rec.get("key") not in done and rec.get("i", num_generations) < num_generations:
             found.setdefault(rec["key"], {})[rec["i"]] = Completion(rec["text"], rec["finish_reason"], rec["usage"])
-    if dropped:
+    if rewrite:  # drop corrupt lines and completions of written rows; end a whole last line with its newline
         rewrite_jsonl_lines(
-            parts, (line for line, rec, ok in scan_appended_jsonl(parts) if ok and rec.get("key") not in done)
+            parts,
+            (line for line, rec, _ in scan_appended_jsonl(parts) if rec is not None and rec.get("key") not in done),
         )
     return found
 

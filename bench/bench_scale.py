@@ -223,6 +223,50 @@ def incremental(work: Path, rows: int, new_rows: int, url: str) -> dict:
     }
 
 
+# The tutorial's data: OpenR1-Math-220k default split, ~94,000 problems x 4 completions of ~40 KB.
+TUTORIAL_PROBLEMS, TUTORIAL_COMPLETIONS = 94_000, 4
+# units of work per stage at the tutorial's scale, in bench rows (one 40 KB completion each): generate, merge and
+# reject_sampling see every completion; handle and pack see one conversation per problem (the kept completion)
+TUTORIAL_UNITS = {
+    "generate": TUTORIAL_PROBLEMS * TUTORIAL_COMPLETIONS,
+    "merge": TUTORIAL_PROBLEMS * TUTORIAL_COMPLETIONS,
+    "reject_sampling": TUTORIAL_PROBLEMS * TUTORIAL_COMPLETIONS,
+    "handle": TUTORIAL_PROBLEMS,
+    "pack": TUTORIAL_PROBLEMS,
+}
+# how a stage's wall time scales from this 2-core machine to a 32-core worker: grading runs one process per
+# core and the Rust tokenizer one thread per core; generate (client side), merge and pack are single-process
+SPEEDUP_32_CORES = {"generate": 1, "merge": 1, "reject_sampling": 16, "handle": 16, "pack": 1}
+DISK_OF = {
+    "generate": "generate_shards",
+    "merge": "merge",
+    "reject_sampling": "reject_sampling",
+    "handle": "handle",
+    "pack": "pack",
+}
+
+
+def extrapolate(large: dict) -> list[dict]:
+    """Linear extrapolation of the large size's wall time and disk to the tutorial's data; memory as measured."""
+    table = []
+    for stage, figures in large["stages"].items():
+        factor = TUTORIAL_UNITS[stage] / figures["rows"]
+        hours = figures["wall_s"] * factor / 3600
+        table.append(
+            {
+                "stage": stage,
+                "units": TUTORIAL_UNITS[stage],
+                "hours_here": round(hours, 2),
+                "hours_32_cores": round(hours / SPEEDUP_32_CORES[stage], 2),
+                "disk_gb": round(large["disk_bytes"][DISK_OF[stage]] * factor / 1e9, 1),
+                "peak_rss_mb": figures["peak_rss_mb"],
+            }
+        )
+    store_factor = TUTORIAL_UNITS["generate"] / large["stages"]["generate"]["rows"]
+    table.append({"stage": "generation store", "disk_gb": round(large["disk_bytes"]["store"] * store_factor / 1e9, 1)})
+    return table
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, nargs=2, default=[5000, 50000], help="two seed sizes (text stages)")
@@ -230,7 +274,12 @@ def main() -> int:
     p.add_argument("--new-rows", type=int, default=500, help="new problems in the incremental rerun")
     p.add_argument("--workdir", default=None, help="keep the artifacts here (default: a removed temp folder)")
     p.add_argument("--json", default=None, help="write every figure to this file")
+    p.add_argument("--report", default=None, help="print the tables again from a --json file; run nothing")
     args = p.parse_args()
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        report(saved["sizes"], saved["incremental"], None)
+        return 0
     if not Path("/usr/bin/time").exists():
         print("bench_scale needs GNU time at /usr/bin/time (apt-get install -y time)", file=sys.stderr)
         return 1
@@ -250,6 +299,11 @@ def main() -> int:
         server.terminate()
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
+    report(results, rerun, args.json)
+    return 0
+
+
+def report(results: list[dict], rerun: dict, json_path: str | None) -> None:
     small, large = results
     print(f"{'stage':<16} {'rows':>14} {'wall s':>16} {'rows/s':>16} {'peak RSS MB':>16} {'RSS ratio':>9}")
     ratios = {}
@@ -269,11 +323,18 @@ def main() -> int:
         f"wrote {rerun['store_rows_written']} rows, store {rerun['store_bytes'] / 1e6:.0f} MB"
     )
     print("disk (large size, MB): " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in large["disk_bytes"].items()))
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"sizes": results, "rss_ratio": ratios, "incremental": rerun, "share": share}, indent=2) + "\n"
+    projection = extrapolate(large)
+    print(f"extrapolated to {TUTORIAL_PROBLEMS:,} problems x {TUTORIAL_COMPLETIONS} completions of ~40 KB:")
+    for row in projection:
+        print("  " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    if json_path:
+        Path(json_path).write_text(
+            json.dumps(
+                {"sizes": results, "rss_ratio": ratios, "incremental": rerun, "share": share, "projection": projection},
+                indent=2,
+            )
+            + "\n"
         )
-    return 0
 
 
 if __name__ == "__main__":

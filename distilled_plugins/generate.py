@@ -21,12 +21,14 @@ import argparse
 import asyncio
 import hashlib
 import heapq
+import itertools
 import json
 import logging
 import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,14 +37,14 @@ from distilled_plugins.io import (
     DataError,
     atomic_path,
     dumps_line,
-    load_rows,
+    iter_rows,
     require_columns,
     rewrite_jsonl_lines,
     scan_appended_jsonl,
     write_json,
 )
 from distilled_plugins.progress import Progress
-from distilled_plugins.store import PUBLISH_BATCH, GenerationStore
+from distilled_plugins.store import LOOKUP_BATCH, PUBLISH_BATCH, GenerationStore, batches
 
 logger = logging.getLogger(__name__)
 
@@ -292,10 +294,18 @@ class _Run:
     """
 
     def __init__(
-        self, cfg: GenerateConfig, rows: list[_Row], output: Path, parts: Path, store: GenerationStore | None = None
+        self,
+        cfg: GenerateConfig,
+        keys: set[str],
+        partial: dict[str, dict[int, Completion]],
+        output: Path,
+        parts: Path,
+        store: GenerationStore | None = None,
     ):
-        # the list is let go once queued (see run): a written row is then referenced by nothing and freed
-        self.cfg, self.rows, self.store = cfg, rows, store
+        # the seed is read again as requests are taken: a row becomes a _Row (prompt, messages, completions) when
+        # its first request is, and once written it is referenced by nothing and freed: memory holds the rows in
+        # flight, not the shard
+        self.cfg, self.keys, self.partial, self.store = cfg, keys, partial, store
         self.to_publish: list[tuple[str, bytes]] = []
         self.output_fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.parts_fd = os.open(parts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -344,15 +354,30 @@ class _Run:
             os.write(self.parts_fd, dumps_line(record))
 
     async def run(self) -> None:
-        # items: (retry first?, order, row, generation index, failed attempts so far)
+        # items: (retry first?, order, row, generation index, failed attempts so far); fresh requests are put in
+        # one at a time when the queue is empty, so waiting retries (put back when due) go first
         queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
-        pending = 0
-        for row in self.rows:
-            for index, result in enumerate(row.results):
-                if result is None:
-                    queue.put_nowait((1, pending, row, index, 0))
-                    pending += 1
-        num_rows, self.rows, row = len(self.rows), None, None
+        n = self.cfg.num_generations
+        pending = sum(n - len(self.partial.get(key, ())) for key in self.keys)
+        num_rows = len(self.keys)
+        sequence = itertools.count()
+
+        def fresh():
+            for key, example in _seed_rows(self.cfg, self.keys):
+                known = self.partial.pop(key, {})
+                prompt = self.cfg.prompt_template.format(prompt=prompt_text(example[self.cfg.prompt_column]))
+                row = _Row(example, key, prompt, n, known, self.cfg.system_prompt)
+                for index, result in enumerate(row.results):
+                    if result is None:
+                        yield row, index
+
+        fresh_requests = fresh()
+
+        def take():
+            if queue.empty() and (request := next(fresh_requests, None)) is not None:
+                queue.put_nowait((1, next(sequence), *request, 0))
+            return queue.get()
+
         self.counts["requests_needed"] = pending
         if not pending:
             return
@@ -374,7 +399,7 @@ class _Run:
 
             async def worker() -> None:
                 while True:
-                    _, order, row, index, failed_attempts = await queue.get()
+                    _, order, row, index, failed_attempts = await take()
                     try:
                         completion = await client.attempt(row.messages, **self.cfg.sampling)
                     except RetryableError as e:
@@ -427,20 +452,32 @@ class _Run:
         return f"| {self.counts['responses_ok']} completions, {retries} retries, {failed} failed requests"
 
 
-def _prepare_rows(cfg: GenerateConfig, output: Path, store: GenerationStore | None) -> tuple[list[_Row], dict]:
-    """Rows still to generate, and counts; rows the store holds are appended to ``output`` on the way."""
-    seed = load_rows(cfg.dataset_name, cfg.split)
-    if not seed:
-        raise DataError(f"{cfg.dataset_name}: the seed dataset is empty")
-    require_columns(seed, [cfg.prompt_column, cfg.uuid_column], cfg.dataset_name)
+def _seed_rows(cfg: GenerateConfig, wanted: set[str]) -> Iterator[tuple[str, dict]]:
+    """Stream the seed again: ``(key, example)`` of each row whose key is in ``wanted``, once (``wanted`` empties)."""
+    for example in iter_rows(cfg.dataset_name, cfg.split):
+        key = row_key(example, cfg.uuid_column)
+        if key in wanted:
+            wanted.discard(key)
+            yield key, example
+
+
+def _prepare_rows(cfg: GenerateConfig, output: Path, store: GenerationStore | None) -> tuple[set[str], dict, dict]:
+    """Keys of the rows to generate, their journalled completions, and counts; stored rows are copied to ``output``.
+
+    The seed is streamed (here, for the copy, and once more as requests are sent): memory holds its keys, not
+    its rows, and a stored row passes through one at a time.
+    """
     done = _load_done(cfg, output)
-    info = Counter(seed_rows=len(seed))
+    info = Counter(seed_rows=0)
     if store is not None and done:
         info["rows_republished_to_store"] = _republish(cfg, output, done, store)
     partial = _load_parts(parts_path(output), cfg.num_generations, done)
-    todo: dict[str, dict] = {}  # key -> example, in seed order
+    todo: list[str] = []  # keys of this shard's rows not yet in the output, in seed order
     seen = set()
-    for example in seed:
+    for example in iter_rows(cfg.dataset_name, cfg.split):
+        if not info["seed_rows"]:
+            require_columns([example], [cfg.prompt_column, cfg.uuid_column], cfg.dataset_name)
+        info["seed_rows"] += 1
         key = row_key(example, cfg.uuid_column)
         if key in seen:
             info["duplicate_uuids_skipped"] += 1
@@ -452,22 +489,26 @@ def _prepare_rows(cfg: GenerateConfig, output: Path, store: GenerationStore | No
         if key in done:
             info["rows_already_done"] += 1
             continue
-        todo[key] = example
+        prompt_text(example[cfg.prompt_column])  # checked now, before any request; templated when sent
+        todo.append(key)
+    if not info["seed_rows"]:
+        raise DataError(f"{cfg.dataset_name}: the seed dataset is empty")
+    del seen, done
+    stored = store.present(todo) if store is not None and todo else set()
     reused = 0
-    if store is not None and todo:
-        # batched lookups of this shard's keys only; each stored row goes straight to the output, one at a time
+    if stored:
+        # batched lookups of this shard's stored keys only; each row goes straight to the output, one at a time
         with open(output, "ab") as f:
-            for key, generated in store.lookup(list(todo)):
-                f.write(_line(todo.pop(key), generated))
-                reused += 1
-    rows = []
-    for key, example in todo.items():
-        known = partial.get(key, {})
-        info["generations_resumed"] += len(known)
-        prompt = cfg.prompt_template.format(prompt=prompt_text(example[cfg.prompt_column]))
-        rows.append(_Row(example, key, prompt, cfg.num_generations, known, cfg.system_prompt))
+            for batch in batches(_seed_rows(cfg, set(stored)), LOOKUP_BATCH):
+                examples = dict(batch)
+                for key, generated in store.lookup(list(examples)):
+                    f.write(_line(examples.pop(key), generated))
+                    reused += 1
+    to_generate = set(todo) - stored
+    partial = {key: known for key, known in partial.items() if key in to_generate}
+    info["generations_resumed"] = sum(map(len, partial.values()))
     info["rows_reused_from_store"] = reused
-    return rows, dict(info)
+    return to_generate, partial, dict(info)
 
 
 def run(cfg: GenerateConfig) -> GenerateResult:
@@ -477,7 +518,7 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     started = time.monotonic()
     store = _open_store(cfg)
     try:
-        rows, info = _prepare_rows(cfg, output, store)
+        to_generate, partial, info = _prepare_rows(cfg, output, store)
         logger.info(
             "shard %d/%d of %s: %d rows, %d already done, %d reused from the generation store, %d to generate "
             "(%d completions resumed from %s)",
@@ -487,12 +528,11 @@ def run(cfg: GenerateConfig) -> GenerateResult:
             info.get("shard_rows", 0),
             info.get("rows_already_done", 0),
             info["rows_reused_from_store"],
-            len(rows),
+            len(to_generate),
             info.get("generations_resumed", 0),
             parts_path(output).name,
         )
-        job = _Run(cfg, rows, output, parts_path(output), store)
-        del rows  # the job holds them until queued, then each row lives only while in flight
+        job = _Run(cfg, to_generate, partial, output, parts_path(output), store)
         try:
             _run_loop(job.run())
         finally:

@@ -98,6 +98,21 @@ def load_rows(source: str | Path, split: str = "train") -> list[dict]:
         raise DataError(f"{source!r} is neither a local file or folder nor a loadable hub dataset: {e}") from e
 
 
+def iter_rows(source: str | Path, split: str = "train") -> Iterator[dict]:
+    """The rows :func:`load_rows` returns, streamed for a local jsonl or parquet file (others are loaded whole)."""
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        for _, row in iter_jsonl(path):
+            yield row
+    elif path.is_file() and path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    else:
+        yield from load_rows(source, split)
+
+
 def require_columns(rows: list[dict], columns: list[str], source: str | Path) -> None:
     """Fail naming the missing column and listing those present (checked on the first row)."""
     present = list(rows[0]) if rows else []

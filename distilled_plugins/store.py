@@ -66,7 +66,7 @@ class GenerationStore:
         self.path = Path(store_dir) / STORE_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.settings = settings
-        self.counts = Counter(keys_looked_up=0, rows_read=0, rows_written=0, rows_already_stored=0)
+        self.counts = Counter(keys_checked=0, keys_looked_up=0, rows_read=0, rows_written=0, rows_already_stored=0)
         # isolation_level=None: we open transactions ourselves, each short (one batch)
         self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -91,7 +91,7 @@ class GenerationStore:
 
     def lookup(self, keys: Iterable[str]) -> Iterator[tuple[str, bytes]]:
         """Yield ``(key, generated columns as JSON)`` for those of ``keys`` the store holds, batch by batch."""
-        for batch in _batches(keys, LOOKUP_BATCH):
+        for batch in batches(keys, LOOKUP_BATCH):
             self.counts["keys_looked_up"] += len(batch)
             marks = ",".join("?" * len(batch))
             cursor = self.db.execute(
@@ -104,8 +104,8 @@ class GenerationStore:
     def present(self, keys: Iterable[str]) -> set[str]:
         """Which of ``keys`` the store holds (reads the key index only, no row data)."""
         found = set()
-        for batch in _batches(keys, LOOKUP_BATCH):
-            self.counts["keys_looked_up"] += len(batch)
+        for batch in batches(keys, LOOKUP_BATCH):
+            self.counts["keys_checked"] += len(batch)
             marks = ",".join("?" * len(batch))
             cursor = self.db.execute(
                 f"SELECT key FROM generations WHERE settings = ? AND key IN ({marks})", (self.settings, *batch)
@@ -116,7 +116,7 @@ class GenerationStore:
     def publish(self, rows: Iterable[tuple[str, bytes]]) -> int:
         """Insert ``(key, JSON)`` rows the store does not hold yet (others are left untouched); return how many."""
         new = 0
-        for batch in _batches(rows, PUBLISH_BATCH):
+        for batch in batches(rows, PUBLISH_BATCH):
             values = [(self.settings, key, zlib.compress(data, 1)) for key, data in batch]
             self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -162,7 +162,8 @@ class GenerationStore:
         return dict(self.db.execute("SELECT settings, COUNT(*) FROM generations GROUP BY settings"))
 
 
-def _batches(items: Iterable, size: int) -> Iterator[list]:
+def batches(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of ``size`` consecutive items (the last may be shorter)."""
     batch = []
     for item in items:
         batch.append(item)

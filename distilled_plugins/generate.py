@@ -27,10 +27,13 @@ import logging
 import os
 import sys
 import time
+from array import array
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from distilled_plugins.client import API_KEY_ENV, ChatClient, Completion, FatalRequestError, RetryableError, RetryPolicy
 from distilled_plugins.io import (
@@ -595,18 +598,27 @@ def _run_loop(coro) -> None:
         asyncio.run(coro)
 
 
-def _shard_index(path: Path, number: int, uuid_column: str) -> list[tuple[str, int, int, int]]:
-    """``(key, shard number, offset, length)`` of each line of a shard, sorted: keys and offsets, no row text."""
-    index, offset = [], 0
+def _shard_index(path: Path, number: int, uuid_column: str) -> Iterator[tuple[bytes, int, int, int]]:
+    """``(key, shard number, offset, length)`` of each line of a shard, in key order; the index is compact arrays.
+
+    Keys (32 ASCII bytes), offsets and lengths take 48 bytes a row in NumPy arrays, not Python tuples, so a
+    shard of 100,000 rows indexes in ~5 MB; the tuples are made one by one as the merge takes them.
+    """
+    keys, offsets, lengths, offset = bytearray(), array("q"), array("q"), 0
     for line, row, intact in scan_appended_jsonl(path):
         if not intact:
             raise DataError(f"{path}: has a cut-short or corrupt line; resume that shard before merging")
         if uuid_column not in row:
             raise DataError(f"{path}: a row lacks the uuid column {uuid_column!r}")
-        index.append((row_key(row, uuid_column), number, offset, len(line)))
+        keys += row_key(row, uuid_column).encode()
+        offsets.append(offset)
+        lengths.append(len(line))
         offset += len(line)
-    index.sort()
-    return index
+    key_array = np.frombuffer(bytes(keys), dtype="S32")
+    del keys
+    order = np.argsort(key_array, kind="stable")  # ties (a key twice in one shard) keep file order
+    for i in order.tolist():
+        yield key_array[i].tobytes(), number, offsets[i], lengths[i]
 
 
 def merge(inputs: list[str | Path], output_file: str | Path, uuid_column: str) -> Path:
@@ -622,12 +634,13 @@ def merge(inputs: list[str | Path], output_file: str | Path, uuid_column: str) -
         if not path.is_file():
             raise DataError(f"{path}: no such shard file; check the shard paths (did that generate task run?)")
     indexes = [_shard_index(path, number, uuid_column) for number, path in enumerate(paths)]
-    stats = Counter(shards=len(paths), rows_in=sum(map(len, indexes)), rows_written=0, duplicate_keys_dropped=0)
+    stats = Counter(shards=len(paths), rows_in=0, rows_written=0, duplicate_keys_dropped=0)
     files = [open(path, "rb") for path in paths]
     try:
         with atomic_path(output_file) as tmp, open(tmp, "wb") as out:
             previous = None
             for key, number, offset, length in heapq.merge(*indexes):
+                stats["rows_in"] += 1
                 if key == previous:
                     stats["duplicate_keys_dropped"] += 1
                     continue

@@ -5,7 +5,8 @@ Usage:
 
 One SQLite file, ``{store_dir}/generations.sqlite``: a table with one entry per (settings hash, row key) holding
 the generated columns of a row (``generations``, ``finish_reasons``, ``api_metadata``, ``prompt``) as
-zlib-compressed JSON. Lookups are by key, in batches of ``IN`` queries, so a run reads only the rows of the shard
+JSON compressed with zstd (level 1, through pyarrow's codec: ~2.6x on completions, and fast
+to read back, which is what a rerun mostly does). Lookups are by key, in batches of ``IN`` queries, so a run reads only the rows of the shard
 at hand; publishing is ``INSERT OR IGNORE`` in short transactions, so only new rows are written and several
 publisher processes may write at once (``busy_timeout`` makes them wait for each other's commits).
 
@@ -23,7 +24,6 @@ import logging
 import os
 import sqlite3
 import sys
-import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -42,6 +42,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS generations (
     settings TEXT NOT NULL,
     key TEXT NOT NULL,
+    size INTEGER NOT NULL,
     data BLOB NOT NULL,
     UNIQUE (settings, key)
 )
@@ -73,6 +74,9 @@ class GenerationStore:
         self.db.execute(f"PRAGMA journal_mode = {journal_mode}")
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute(_SCHEMA)
+        import pyarrow as pa
+
+        self.codec = pa.Codec("zstd", compression_level=1)
 
     def __enter__(self) -> GenerationStore:
         return self
@@ -95,11 +99,12 @@ class GenerationStore:
             self.counts["keys_looked_up"] += len(batch)
             marks = ",".join("?" * len(batch))
             cursor = self.db.execute(
-                f"SELECT key, data FROM generations WHERE settings = ? AND key IN ({marks})", (self.settings, *batch)
+                f"SELECT key, size, data FROM generations WHERE settings = ? AND key IN ({marks})",
+                (self.settings, *batch),
             )
-            for key, data in cursor:
+            for key, size, data in cursor:
                 self.counts["rows_read"] += 1
-                yield key, zlib.decompress(data)
+                yield key, self.codec.decompress(data, size, asbytes=True)
 
     def present(self, keys: Iterable[str]) -> set[str]:
         """Which of ``keys`` the store holds (reads the key index only, no row data)."""
@@ -117,11 +122,13 @@ class GenerationStore:
         """Insert ``(key, JSON)`` rows the store does not hold yet (others are left untouched); return how many."""
         new = 0
         for batch in batches(rows, PUBLISH_BATCH):
-            values = [(self.settings, key, zlib.compress(data, 1)) for key, data in batch]
+            values = [(self.settings, key, len(data), self.codec.compress(data, asbytes=True)) for key, data in batch]
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 before = self.db.total_changes
-                self.db.executemany("INSERT OR IGNORE INTO generations (settings, key, data) VALUES (?, ?, ?)", values)
+                self.db.executemany(
+                    "INSERT OR IGNORE INTO generations (settings, key, size, data) VALUES (?, ?, ?, ?)", values
+                )
                 added = self.db.total_changes - before
                 self.db.execute("COMMIT")
             except BaseException:

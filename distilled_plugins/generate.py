@@ -33,8 +33,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from distilled_plugins.client import API_KEY_ENV, ChatClient, Completion, FatalRequestError, RetryableError, RetryPolicy
 from distilled_plugins.io import (
     DataError,
@@ -604,6 +602,8 @@ def _shard_index(path: Path, number: int, uuid_column: str) -> Iterator[tuple[by
     Keys (32 ASCII bytes), offsets and lengths take 48 bytes a row in NumPy arrays, not Python tuples, so a
     shard of 100,000 rows indexes in ~5 MB; the tuples are made one by one as the merge takes them.
     """
+    import numpy as np  # here, not at the top: the DAG file imports this module and must load fast
+
     keys, offsets, lengths, offset = bytearray(), array("q"), array("q"), 0
     for line, row, intact in scan_appended_jsonl(path):
         if not intact:

@@ -142,15 +142,16 @@ class TestMemory:
         holding = []  # per request: live _Row objects that still hold a completion
 
         def answer(problem: str) -> str:
-            live = [o for o in gc.get_objects() if isinstance(o, generate._Row)]
-            holding.append(sum(1 for row in live if row.results and any(r is not None for r in row.results)))
+            if replay.requests % 5 == 0:  # a scan of every object is slow: every 5th request is enough
+                live = [o for o in gc.get_objects() if isinstance(o, generate._Row)]
+                holding.append(sum(1 for row in live if row.results and any(r is not None for r in row.results)))
             return answer_with_solution(problem)
 
         replay = ReplayTeacher(answer)
         with ServerThread(replay.app()) as server:
             seed = write_jsonl(tmp_path / "seed.jsonl", rows)
             result = generate.run(config(seed, tmp_path, server.url, num_generations=3, max_concurrent=3))
-        assert result.stats["rows_written"] == 60 and len(holding) == 180
+        assert result.stats["rows_written"] == 60 and len(holding) == 180 // 5
         # without the release every written row would still hold its 3 completions: up to 59 by the last request
         assert max(holding) <= 3, max(holding)
         gc.collect()

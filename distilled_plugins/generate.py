@@ -20,12 +20,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import os
 import sys
 import time
+from array import array
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,13 +49,14 @@ from distilled_plugins.io import (
     DataError,
     atomic_path,
     dumps_line,
-    load_rows,
-    read_appended_jsonl,
+    iter_rows,
     require_columns,
-    rewrite_jsonl,
+    rewrite_jsonl_lines,
+    scan_appended_jsonl,
     write_json,
 )
 from distilled_plugins.progress import Progress
+from distilled_plugins.store import LOOKUP_BATCH, PUBLISH_BATCH, GenerationStore, batches
 
 logger = logging.getLogger(__name__)
 
@@ -173,24 +178,25 @@ def settings_key(cfg: GenerateConfig) -> str:
     return hashlib.md5(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _store_rows(cfg: GenerateConfig) -> dict[str, dict]:
-    """Finished rows in the generation store for these settings, by row key."""
-    found: dict[str, dict] = {}
-    if cfg.store_dir:
-        for path in sorted((Path(cfg.store_dir) / settings_key(cfg)).glob("*.jsonl")):
-            for row in read_appended_jsonl(path)[0]:
-                if cfg.uuid_column in row and len(row.get("generations", ())) == cfg.num_generations:
-                    found.setdefault(row_key(row, cfg.uuid_column), row)
-    return found
+def _open_store(cfg: GenerateConfig) -> GenerationStore | None:
+    return GenerationStore(cfg.store_dir, settings_key(cfg)) if cfg.store_dir else None
 
 
-def _publish_to_store(cfg: GenerateConfig, output: Path) -> None:
-    """Copy a finished shard into the store (atomically), for later runs to reuse."""
-    import shutil
+def _generated_json(generated: dict) -> bytes:
+    return json.dumps(generated, ensure_ascii=False).encode("utf-8")
 
-    name = hashlib.md5(str(output.resolve()).encode()).hexdigest()[:16] + ".jsonl"
-    with atomic_path(Path(cfg.store_dir) / settings_key(cfg) / name) as tmp:
-        shutil.copyfile(output, tmp)
+
+def _line(example: dict, generated_json: bytes) -> bytes:
+    """The output line ``{**example, **generated}``, spliced from serialized parts (no re-encoding of the text).
+
+    >>> _line({"a": 1}, b'{"generations": ["x"]}')
+    b'{"a": 1, "generations": ["x"]}\\n'
+    """
+    if not example:
+        return generated_json + b"\n"
+    if any(column in example for column in (*_GENERATED_COLUMNS, "prompt")):
+        return dumps_line({**example, **json.loads(generated_json)})  # the generated value replaces the seed's
+    return dumps_line(example)[:-2] + b", " + generated_json[1:] + b"\n"
 
 
 def stats_path(output_file: str | Path) -> Path:
@@ -203,39 +209,72 @@ def parts_path(output_file: str | Path) -> Path:
 
 
 def _load_done(cfg: GenerateConfig, output: Path) -> set[str]:
-    rows, bad = read_appended_jsonl(output)
-    done, kept = set(), []
-    for row in rows:
+    """Keys of the rows already in ``output``, streamed; repairs what an interrupted run left (cut-short, twice)."""
+    done, bad, duplicates, unterminated = set(), 0, 0, 0
+    for _, row, intact in scan_appended_jsonl(output):
+        if row is None:
+            bad += 1
+            continue
         if cfg.uuid_column not in row:
             raise DataError(f"{output}: existing line lacks column {cfg.uuid_column!r}; is it another run's output?")
         key = row_key(row, cfg.uuid_column)
-        if key not in done:
-            done.add(key)
-            kept.append(row)
-    if bad or len(kept) != len(rows):
+        if key in done:
+            duplicates += 1
+        done.add(key)
+        unterminated += not intact
+    if bad or duplicates or unterminated:
         logger.warning(
             "%s: repaired %d cut-short or corrupt line(s) and %d duplicate(s) left by an interrupted run",
             output,
-            bad,
-            len(rows) - len(kept),
+            bad + unterminated,
+            duplicates,
         )
-        rewrite_jsonl(output, kept)
+        rewrite_jsonl_lines(output, _first_per_key(output, cfg.uuid_column))
     return done
 
 
-def _load_parts(parts: Path, num_generations: int) -> dict[str, dict[int, Completion]]:
-    records, bad = read_appended_jsonl(parts)
-    if bad:
-        rewrite_jsonl(parts, records)
+def _first_per_key(path: Path, uuid_column: str):
+    seen = set()
+    for line, row, _ in scan_appended_jsonl(path):
+        if row is not None and (key := row_key(row, uuid_column)) not in seen:
+            seen.add(key)
+            yield line
+
+
+def _republish(cfg: GenerateConfig, output: Path, done: set[str], store: GenerationStore) -> int:
+    """Publish rows of a resumed output that a killed run wrote but had not yet published (reads keys first)."""
+    missing = done - store.present(sorted(done))
+    if not missing:
+        return 0
+
+    def rows():
+        for _, row, _ in scan_appended_jsonl(output):
+            if row is not None and (key := row_key(row, cfg.uuid_column)) in missing:
+                yield key, _generated_json({k: row[k] for k in (*_GENERATED_COLUMNS, "prompt")})
+
+    return store.publish(rows())
+
+
+def _load_parts(parts: Path, num_generations: int, done: set[str]) -> dict[str, dict[int, Completion]]:
+    """Journalled completions of rows not written yet; the journal is rewritten without those of written rows."""
     found: dict[str, dict[int, Completion]] = {}
-    for rec in records:
-        if rec.get("i", num_generations) < num_generations:
+    rewrite = False
+    for _, rec, intact in scan_appended_jsonl(parts):
+        rewrite |= not intact or (rec is not None and rec.get("key") in done)
+        if rec is not None and rec.get("key") not in done and rec.get("i", num_generations) < num_generations:
             found.setdefault(rec["key"], {})[rec["i"]] = Completion(rec["text"], rec["finish_reason"], rec["usage"])
+    if rewrite:  # drop corrupt lines and completions of written rows; end a whole last line with its newline
+        rewrite_jsonl_lines(
+            parts,
+            (line for line, rec, _ in scan_appended_jsonl(parts) if rec is not None and rec.get("key") not in done),
+        )
     return found
 
 
 class _Row:
-    __slots__ = ("example", "failed", "key", "messages", "missing", "prompt", "results")
+    """A seed row in flight: it holds its completions only until its line is written (then ``results`` is None)."""
+
+    __slots__ = ("__weakref__", "example", "failed", "key", "messages", "missing", "prompt", "results")
 
     def __init__(
         self,
@@ -250,18 +289,19 @@ class _Row:
         self.messages = [{"role": "user", "content": prompt}]
         if system_prompt:
             self.messages.insert(0, {"role": "system", "content": system_prompt})
-        self.results: list[Completion | None] = [known.get(i) for i in range(n)]
+        self.results: list[Completion | None] | None = [known.get(i) for i in range(n)]
         self.missing = sum(r is None for r in self.results)
         self.failed = False
 
-    def line(self) -> dict:
-        return {
-            **self.example,
-            "generations": [r.text for r in self.results],
-            "finish_reasons": [r.finish_reason for r in self.results],
-            "api_metadata": [r.usage for r in self.results],
-            "prompt": self.prompt,
-        }
+    def generated_json(self) -> bytes:
+        return _generated_json(
+            {
+                "generations": [r.text for r in self.results],
+                "finish_reasons": [r.finish_reason for r in self.results],
+                "api_metadata": [r.usage for r in self.results],
+                "prompt": self.prompt,
+            }
+        )
 
 
 class _Run:
@@ -271,8 +311,20 @@ class _Run:
     goes ahead of fresh requests, so that its row completes, and leaves memory, soon.
     """
 
-    def __init__(self, cfg: GenerateConfig, rows: list[_Row], output: Path, parts: Path):
-        self.cfg, self.rows = cfg, rows
+    def __init__(
+        self,
+        cfg: GenerateConfig,
+        keys: set[str],
+        partial: dict[str, dict[int, Completion]],
+        output: Path,
+        parts: Path,
+        store: GenerationStore | None = None,
+    ):
+        # the seed is read again as requests are taken: a row becomes a _Row (prompt, messages, completions) when
+        # its first request is, and once written it is referenced by nothing and freed: memory holds the rows in
+        # flight, not the shard
+        self.cfg, self.keys, self.partial, self.store = cfg, keys, partial, store
+        self.to_publish: list[tuple[str, bytes]] = []
         self.output_fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.parts_fd = os.open(parts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.counts = Counter()
@@ -281,8 +333,16 @@ class _Run:
         self.fatal: BaseException | None = None
 
     def close(self) -> None:
-        os.close(self.output_fd)
-        os.close(self.parts_fd)
+        try:
+            self._publish()
+        finally:
+            os.close(self.output_fd)
+            os.close(self.parts_fd)
+
+    def _publish(self) -> None:
+        if self.store is not None and self.to_publish:
+            self.store.publish(self.to_publish)
+        self.to_publish = []
 
     def _succeed(self, row: _Row, index: int, completion: Completion) -> None:
         row.results[index] = completion
@@ -292,8 +352,15 @@ class _Run:
         self.counts["completion_tokens"] += usage.get("completion_tokens") or 0
         if row.missing == 0 and not row.failed:
             # one write() per line: a SIGKILL leaves either the whole line or a cut-short tail that _load_done drops
-            os.write(self.output_fd, dumps_line(row.line()))
+            generated = row.generated_json()
+            row.results = None  # written: the completions leave memory with this row
+            os.write(self.output_fd, _line(row.example, generated))
             self.counts["rows_written"] += 1
+            if self.store is not None:
+                # published in batches after the write; a row a kill leaves unpublished is published on resume
+                self.to_publish.append((row.key, generated))
+                if len(self.to_publish) >= PUBLISH_BATCH:
+                    self._publish()
         else:
             record = {
                 "key": row.key,
@@ -305,20 +372,36 @@ class _Run:
             os.write(self.parts_fd, dumps_line(record))
 
     async def run(self) -> None:
-        # items: (retry first?, order, row, generation index, failed attempts so far)
+        # items: (retry first?, order, row, generation index, failed attempts so far); fresh requests are put in
+        # one at a time when the queue is empty, so waiting retries (put back when due) go first
         queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
-        pending = 0
-        for row in self.rows:
-            for index, result in enumerate(row.results):
-                if result is None:
-                    queue.put_nowait((1, pending, row, index, 0))
-                    pending += 1
+        n = self.cfg.num_generations
+        pending = sum(n - len(self.partial.get(key, ())) for key in self.keys)
+        num_rows = len(self.keys)
+        sequence = itertools.count()
+
+        def fresh():
+            for key, example in _seed_rows(self.cfg, self.keys):
+                known = self.partial.pop(key, {})
+                prompt = self.cfg.prompt_template.format(prompt=prompt_text(example[self.cfg.prompt_column]))
+                row = _Row(example, key, prompt, n, known, self.cfg.system_prompt)
+                for index, result in enumerate(row.results):
+                    if result is None:
+                        yield row, index
+
+        fresh_requests = fresh()
+
+        def take():
+            if queue.empty() and (request := next(fresh_requests, None)) is not None:
+                queue.put_nowait((1, next(sequence), *request, 0))
+            return queue.get()
+
         self.counts["requests_needed"] = pending
         if not pending:
             return
         finished = asyncio.Event()
         loop = asyncio.get_running_loop()
-        progress = Progress(logger, "rows", len(self.rows), self.cfg.progress_interval)
+        progress = Progress(logger, "rows", num_rows, self.cfg.progress_interval)
         resolved = 0
 
         def resolve() -> None:
@@ -341,7 +424,7 @@ class _Run:
 
             async def worker() -> None:
                 while True:
-                    _, order, row, index, failed_attempts = await queue.get()
+                    _, order, row, index, failed_attempts = await take()
                     try:
                         completion = await client.attempt(row.messages, **self.cfg.sampling)
                     except BudgetExhausted:
@@ -412,18 +495,32 @@ class _Run:
         return extra
 
 
-def _prepare_rows(cfg: GenerateConfig, output: Path) -> tuple[list[_Row], list[dict], dict]:
-    """Rows still to generate, rows to copy from the store, and counts."""
-    seed = load_rows(cfg.dataset_name, cfg.split)
-    if not seed:
-        raise DataError(f"{cfg.dataset_name}: the seed dataset is empty")
-    require_columns(seed, [cfg.prompt_column, cfg.uuid_column], cfg.dataset_name)
+def _seed_rows(cfg: GenerateConfig, wanted: set[str]) -> Iterator[tuple[str, dict]]:
+    """Stream the seed again: ``(key, example)`` of each row whose key is in ``wanted``, once (``wanted`` empties)."""
+    for example in iter_rows(cfg.dataset_name, cfg.split):
+        key = row_key(example, cfg.uuid_column)
+        if key in wanted:
+            wanted.discard(key)
+            yield key, example
+
+
+def _prepare_rows(cfg: GenerateConfig, output: Path, store: GenerationStore | None) -> tuple[set[str], dict, dict]:
+    """Keys of the rows to generate, their journalled completions, and counts; stored rows are copied to ``output``.
+
+    The seed is streamed (here, for the copy, and once more as requests are sent): memory holds its keys, not
+    its rows, and a stored row passes through one at a time.
+    """
     done = _load_done(cfg, output)
-    partial = _load_parts(parts_path(output), cfg.num_generations)
-    stored = _store_rows(cfg)
-    info = Counter(seed_rows=len(seed))
-    rows, reused, seen = [], [], set()
-    for example in seed:
+    info = Counter(seed_rows=0)
+    if store is not None and done:
+        info["rows_republished_to_store"] = _republish(cfg, output, done, store)
+    partial = _load_parts(parts_path(output), cfg.num_generations, done)
+    todo: list[str] = []  # keys of this shard's rows not yet in the output, in seed order
+    seen = set()
+    for example in iter_rows(cfg.dataset_name, cfg.split):
+        if not info["seed_rows"]:
+            require_columns([example], [cfg.prompt_column, cfg.uuid_column], cfg.dataset_name)
+        info["seed_rows"] += 1
         key = row_key(example, cfg.uuid_column)
         if key in seen:
             info["duplicate_uuids_skipped"] += 1
@@ -435,17 +532,26 @@ def _prepare_rows(cfg: GenerateConfig, output: Path) -> tuple[list[_Row], list[d
         if key in done:
             info["rows_already_done"] += 1
             continue
-        if key in stored:
-            reused.append(
-                {**example, **{k: stored[key][k] for k in (*_GENERATED_COLUMNS, "prompt") if k in stored[key]}}
-            )
-            continue
-        known = partial.get(key, {})
-        info["generations_resumed"] += len(known)
-        prompt = cfg.prompt_template.format(prompt=prompt_text(example[cfg.prompt_column]))
-        rows.append(_Row(example, key, prompt, cfg.num_generations, known, cfg.system_prompt))
-    info["rows_reused_from_store"] = len(reused)
-    return rows, reused, dict(info)
+        prompt_text(example[cfg.prompt_column])  # checked now, before any request; templated when sent
+        todo.append(key)
+    if not info["seed_rows"]:
+        raise DataError(f"{cfg.dataset_name}: the seed dataset is empty")
+    del seen, done
+    stored = store.present(todo) if store is not None and todo else set()
+    reused = 0
+    if stored:
+        # batched lookups of this shard's stored keys only; each row goes straight to the output, one at a time
+        with open(output, "ab") as f:
+            for batch in batches(_seed_rows(cfg, set(stored)), LOOKUP_BATCH):
+                examples = dict(batch)
+                for key, generated in store.lookup(list(examples)):
+                    f.write(_line(examples.pop(key), generated))
+                    reused += 1
+    to_generate = set(todo) - stored
+    partial = {key: known for key, known in partial.items() if key in to_generate}
+    info["generations_resumed"] = sum(map(len, partial.values()))
+    info["rows_reused_from_store"] = reused
+    return to_generate, partial, dict(info)
 
 
 def run(cfg: GenerateConfig) -> GenerateResult:
@@ -453,28 +559,34 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     output = Path(cfg.output_file)
     output.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    rows, reused, info = _prepare_rows(cfg, output)
-    logger.info(
-        "shard %d/%d of %s: %d rows, %d already done, %d reused from the generation store, %d to generate "
-        "(%d completions resumed from %s)",
-        cfg.shard_index,
-        cfg.num_shards,
-        cfg.dataset_name,
-        info.get("shard_rows", 0),
-        info.get("rows_already_done", 0),
-        len(reused),
-        len(rows),
-        info.get("generations_resumed", 0),
-        parts_path(output).name,
-    )
-    with open(output, "ab") as f:
-        f.write(b"".join(dumps_line(row) for row in reused))
-    job = _Run(cfg, rows, output, parts_path(output))
+    store = _open_store(cfg)
     try:
-        _run_loop(job.run())
+        to_generate, partial, info = _prepare_rows(cfg, output, store)
+        logger.info(
+            "shard %d/%d of %s: %d rows, %d already done, %d reused from the generation store, %d to generate "
+            "(%d completions resumed from %s)",
+            cfg.shard_index,
+            cfg.num_shards,
+            cfg.dataset_name,
+            info.get("shard_rows", 0),
+            info.get("rows_already_done", 0),
+            info["rows_reused_from_store"],
+            len(to_generate),
+            info.get("generations_resumed", 0),
+            parts_path(output).name,
+        )
+        job = _Run(cfg, to_generate, partial, output, parts_path(output), store)
+        try:
+            _run_loop(job.run())
+        finally:
+            job.close()
+        store_stats = None
+        if store is not None:
+            store_stats = {**dict(store.counts), **store.size()}
     finally:
-        job.close()
-    rows_failed = sum(row.failed for row in rows)
+        if store is not None:
+            store.close()
+    rows_failed = job.counts["rows_failed"]
     stats = {
         **info,
         "model": cfg.model,
@@ -496,6 +608,18 @@ def run(cfg: GenerateConfig) -> GenerateResult:
         "budget_reached": getattr(job, "budget_reached", False),
         "requests_not_sent_budget": job.counts["requests_not_sent_budget"],
     }
+    if store_stats is not None:
+        stats["store"] = store_stats
+        logger.info(
+            "generation store %s: %d keys looked up, %d rows read, %d written; %d bytes (%d free, WAL %d)",
+            store_stats["path"],
+            store_stats.get("keys_looked_up", 0),
+            store_stats.get("rows_read", 0),
+            store_stats.get("rows_written", 0),
+            store_stats["bytes"],
+            store_stats["free_bytes"],
+            store_stats["wal_bytes"],
+        )
     stats_file = write_json(stats_path(output), stats)
     if job.fatal is not None:
         raise job.fatal
@@ -513,8 +637,6 @@ def run(cfg: GenerateConfig) -> GenerateResult:
             f"{parts_path(output).name}: run again to resume"
         )
     parts_path(output).unlink(missing_ok=True)
-    if cfg.store_dir:
-        _publish_to_store(cfg, output)
     return GenerateResult(output, stats_file, stats)
 
 
@@ -527,21 +649,69 @@ def _run_loop(coro) -> None:
         asyncio.run(coro)
 
 
-def merge(inputs: list[str | Path], output_file: str | Path, uuid_column: str) -> Path:
-    """Join shard outputs into one file: each key once, rows sorted by key so any sharding gives the same file."""
-    by_key: dict[str, dict] = {}
-    for path in inputs:
-        rows, bad = read_appended_jsonl(Path(path))
-        if bad:
+def _shard_index(path: Path, number: int, uuid_column: str) -> Iterator[tuple[bytes, int, int, int]]:
+    """``(key, shard number, offset, length)`` of each line of a shard, in key order; the index is compact arrays.
+
+    Keys (32 ASCII bytes), offsets and lengths take 48 bytes a row in NumPy arrays, not Python tuples, so a
+    shard of 100,000 rows indexes in ~5 MB; the tuples are made one by one as the merge takes them.
+    """
+    import numpy as np  # here, not at the top: the DAG file imports this module and must load fast
+
+    keys, offsets, lengths, offset = bytearray(), array("q"), array("q"), 0
+    for line, row, intact in scan_appended_jsonl(path):
+        if not intact:
             raise DataError(f"{path}: has a cut-short or corrupt line; resume that shard before merging")
-        for row in rows:
-            if uuid_column not in row:
-                raise DataError(f"{path}: a row lacks the uuid column {uuid_column!r}")
-            by_key.setdefault(row_key(row, uuid_column), row)
-    with atomic_path(output_file) as tmp, open(tmp, "wb") as f:
-        for key in sorted(by_key):
-            f.write(dumps_line(by_key[key]))
-    logger.info("merged %d shard file(s) into %s: %d rows", len(inputs), output_file, len(by_key))
+        if uuid_column not in row:
+            raise DataError(f"{path}: a row lacks the uuid column {uuid_column!r}")
+        keys += row_key(row, uuid_column).encode()
+        offsets.append(offset)
+        lengths.append(len(line))
+        offset += len(line)
+    key_array = np.frombuffer(bytes(keys), dtype="S32")
+    del keys
+    order = np.argsort(key_array, kind="stable")  # ties (a key twice in one shard) keep file order
+    for i in order.tolist():
+        yield key_array[i].tobytes(), number, offsets[i], lengths[i]
+
+
+def merge(inputs: list[str | Path], output_file: str | Path, uuid_column: str) -> Path:
+    """Join shard outputs into one file: each key once, rows sorted by key so any sharding gives the same file.
+
+    Streams: each shard is indexed by key (keys and byte offsets only), the sorted indexes are k-way merged
+    (``heapq.merge``) and each row is copied from its shard by offset, so memory holds one row at a time. A key
+    in several shards is kept from the first shard given and counted in the stats as dropped.
+    """
+    started = time.monotonic()
+    paths = [Path(p) for p in inputs]
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"{path}: no such shard file; check the shard paths (did that generate task run?)")
+    indexes = [_shard_index(path, number, uuid_column) for number, path in enumerate(paths)]
+    stats = Counter(shards=len(paths), rows_in=0, rows_written=0, duplicate_keys_dropped=0)
+    files = [open(path, "rb") for path in paths]
+    try:
+        with atomic_path(output_file) as tmp, open(tmp, "wb") as out:
+            previous = None
+            for key, number, offset, length in heapq.merge(*indexes):
+                stats["rows_in"] += 1
+                if key == previous:
+                    stats["duplicate_keys_dropped"] += 1
+                    continue
+                previous = key
+                out.write(os.pread(files[number].fileno(), length, offset))
+                stats["rows_written"] += 1
+    finally:
+        for f in files:
+            f.close()
+    stats["wall_seconds"] = round(time.monotonic() - started, 3)
+    write_json(stats_path(output_file), dict(stats))
+    logger.info(
+        "merged %d shard file(s) into %s: %d rows (%d duplicate keys dropped)",
+        len(paths),
+        output_file,
+        stats["rows_written"],
+        stats["duplicate_keys_dropped"],
+    )
     return Path(output_file)
 
 

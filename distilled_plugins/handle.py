@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from array import array
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,9 @@ class HandleConfig:
     )
     messages_column: str = setting("messages", help="column holding the conversation")
     batch_size: int = setting(1000, help="rows tokenized per batch", minimum=1)
+    # tokenizer batches also stop at this many characters: the Rust encodings of a batch take ~80 bytes a token,
+    # so 1,000 rows of 40 KB completions would hold over a gigabyte at once
+    batch_chars: int = setting(2_000_000, help="characters tokenized per batch at most", minimum=1)
     num_proc: int | None = setting(None, help="tokenizer threads (default: all cores)", minimum=1)
     progress_interval: float = setting(5.0, help="seconds between progress lines", minimum=0)
     overwrite: bool = setting(False, help="replace a --dst folder that handle did not make")
@@ -158,6 +162,24 @@ class ChatEncoder:
         return out
 
 
+def _chunks_by_size(conversations: list, max_chars: int):
+    """Consecutive runs of ``conversations`` holding at most ``max_chars`` characters of content (at least one)."""
+    chunk, size = [], 0
+    for messages in conversations:
+        chars = (
+            sum(len(m.get("content") or "") for m in messages if isinstance(m, dict))
+            if isinstance(messages, list)
+            else 0
+        )
+        if chunk and size + chars > max_chars:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(messages)
+        size += chars
+    if chunk:
+        yield chunk
+
+
 def _table(pairs: list[tuple[np.ndarray, np.ndarray]]):
     import pyarrow as pa
 
@@ -208,22 +230,25 @@ def run(cfg: HandleConfig) -> Path:
     _check_paths(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.num_proc)
     encoder = ChatEncoder(tokenizer, cfg.system_prompt, cfg.max_length, cfg.truncation)
-    lengths: list[int] = []
+    lengths = array("q")  # 8 bytes a row: kept for the stats and the histogram
+    tokens = 0
     answer_tokens = 0
     rows_in = 0
     progress = Progress(logger, "rows", count_rows(cfg.src), cfg.progress_interval)
     processing_started = time.monotonic()  # tokens/s counts the work, not loading the tokenizer
 
     def tables():
-        nonlocal rows_in, answer_tokens
+        nonlocal rows_in, answer_tokens, tokens
         for batch in iter_column_batches(cfg.src, cfg.messages_column, cfg.batch_size):
-            rows_in += len(batch)
-            pairs = encoder.encode_batch(batch)
-            if pairs:
-                lengths.extend(len(ids) for ids, _ in pairs)
-                answer_tokens += sum(int((labels != IGNORE_INDEX).sum()) for _, labels in pairs)
-                yield _table(pairs)
-            progress.maybe_log(rows_in, f"| {sum(lengths)} tokens")
+            for chunk in _chunks_by_size(batch, cfg.batch_chars):
+                rows_in += len(chunk)
+                pairs = encoder.encode_batch(chunk)
+                if pairs:
+                    lengths.extend(len(ids) for ids, _ in pairs)
+                    tokens += sum(len(ids) for ids, _ in pairs)
+                    answer_tokens += sum(int((labels != IGNORE_INDEX).sum()) for _, labels in pairs)
+                    yield _table(pairs)
+                progress.maybe_log(rows_in, f"| {tokens} tokens")
 
     with atomic_dir(cfg.dst, kind="handled", overwrite=cfg.overwrite) as tmp:
         rows = save_tables_to_disk(tables(), tmp, features(HANDLED_COLUMNS))

@@ -132,6 +132,21 @@ def load_rows(source: str | Path, split: str = "train") -> list[dict]:
         raise DataError(f"{source!r} is neither a local file or folder nor a loadable hub dataset: {e}") from e
 
 
+def iter_rows(source: str | Path, split: str = "train") -> Iterator[dict]:
+    """The rows :func:`load_rows` returns, streamed for a local jsonl or parquet file (others are loaded whole)."""
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        for _, row in iter_jsonl(path):
+            yield row
+    elif path.is_file() and path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    else:
+        yield from load_rows(source, split)
+
+
 def require_columns(rows: list[dict], columns: list[str], source: str | Path) -> None:
     """Fail naming the missing column and listing those present (checked on the first row)."""
     present = list(rows[0]) if rows else []
@@ -335,26 +350,59 @@ def iter_column_batches(paths: list[str | Path], column: str, batch_size: int) -
                 yield [row[column] for row in rows[start : start + batch_size]]
 
 
+MAX_SHARD_BYTES = 500 * 10**6  # as save_to_disk's default max_shard_size
+
+
 def save_tables_to_disk(tables: Iterable, dst: Path, features) -> int:
     """Write Arrow tables, streamed, as a ``datasets`` folder (``save_to_disk`` layout) at ``dst``; return rows.
 
-    The tables go to one temporary Arrow file first, so memory holds one table at a time, not the dataset.
+    Each table goes straight into the current shard file (a new one past 500 MB), and ``state.json`` and
+    ``dataset_info.json`` are written as ``save_to_disk`` writes them: memory holds one table at a time and no
+    copy of the data is read back (``Dataset.from_file(...).save_to_disk`` would map the whole file into memory).
     """
     import datasets
     from datasets.arrow_writer import ArrowWriter
+    from datasets.fingerprint import generate_random_fingerprint
+    from datasets.utils.py_utils import asdict
 
     datasets.disable_progress_bars()  # stages log their own progress lines
-    staging = dst.with_name(dst.name + ".staging.arrow")
-    rows = 0
-    try:
-        with ArrowWriter(features=features, path=str(staging)) as writer:
-            for table in tables:
-                writer.write_table(table)
-                rows += table.num_rows
-            writer.finalize()
-        datasets.Dataset.from_file(str(staging)).save_to_disk(str(dst))
-    finally:
-        staging.unlink(missing_ok=True)
+    dst.mkdir(parents=True, exist_ok=True)
+    parts: list[Path] = []
+    writer, rows = None, 0
+
+    def close(writer) -> None:
+        writer.finalize()
+        writer.close()
+
+    for table in tables:
+        if writer is None:
+            parts.append(dst / f".part-{len(parts):05d}.arrow")
+            writer = ArrowWriter(features=features, path=str(parts[-1]))
+        writer.write_table(table)
+        rows += table.num_rows
+        if writer._num_bytes >= MAX_SHARD_BYTES:
+            close(writer)
+            writer = None
+    if writer is None and not parts:  # no rows: one empty shard, as save_to_disk writes
+        parts.append(dst / ".part-00000.arrow")
+        writer = ArrowWriter(features=features, path=str(parts[-1]))
+    if writer is not None:
+        close(writer)
+    names = [f"data-{i:05d}-of-{len(parts):05d}.arrow" for i in range(len(parts))]
+    for part, name in zip(parts, names, strict=True):
+        os.replace(part, dst / name)
+    state = {
+        "_data_files": [{"filename": name} for name in names],
+        "_fingerprint": generate_random_fingerprint(),
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (dst / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    info = asdict(datasets.DatasetInfo(features=features))
+    (dst / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2), encoding="utf-8")
     return rows
 
 
@@ -376,6 +424,38 @@ def read_appended_jsonl(path: Path) -> tuple[list[dict], int]:
         # a last line that parsed but lacks its newline was written whole; keep it, newline comes on rewrite
         bad = 1
     return rows, bad
+
+
+def scan_appended_jsonl(path: Path) -> Iterator[tuple[bytes, dict | None, bool]]:
+    """Stream a JSONL file written by appends: ``(line, row, intact)`` per non-blank line, one line in memory.
+
+    ``row`` is None for a corrupt or cut-short line; ``intact`` is False for those and for a last line that
+    parsed but lacks its newline (written whole, but the next append would run onto it). A missing file is empty.
+    """
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except ValueError:
+                yield raw, None, False
+                continue
+            if not isinstance(row, dict):
+                yield raw, None, False
+            elif raw.endswith(b"\n"):
+                yield raw, row, True
+            else:
+                yield raw + b"\n", row, False
+
+
+def rewrite_jsonl_lines(path: Path, lines: Iterable[bytes]) -> None:
+    """Rewrite ``path`` atomically with ``lines`` (bytes ending in a newline), streamed; may read ``path`` itself."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for line in lines:
+            f.write(line)
 
 
 def rewrite_jsonl(path: Path, rows: list[dict]) -> None:

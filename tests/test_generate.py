@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -68,6 +69,15 @@ def keys_of(path, column="problem") -> list[str]:
     return [generate.row_key(row, column) for row in read_jsonl(path)]
 
 
+def in_memory_merge(paths, uuid_column: str) -> bytes:
+    """The merge as it was before it streamed: every row in a dict, first shard wins, sorted by key."""
+    by_key = {}
+    for path in paths:
+        for row in read_jsonl(path):
+            by_key.setdefault(generate.row_key(row, uuid_column), row)
+    return b"".join(json.dumps(by_key[key], ensure_ascii=False).encode() + b"\n" for key in sorted(by_key))
+
+
 class TestOutput:
     def test_schema_prompt_and_request(self, teacher, seed, tmp_path):
         replay, url = teacher()
@@ -123,6 +133,29 @@ class TestOutput:
         replay, url = teacher()
         generate.run(config(seed, tmp_path, url, num_generations=1, prompt_column="prompt", uuid_column="uid"))
         assert sorted(replay.seen_problems) == sorted(r["prompt"][0]["content"] for r in rows)
+
+
+class TestMemory:
+    def test_a_row_holds_no_completions_once_written(self, tmp_path):
+        """Observed from the teacher's side: while the run goes on, rows holding completions stay in flight."""
+        rows = math_train_rows(60)
+        holding = []  # per request: live _Row objects that still hold a completion
+
+        def answer(problem: str) -> str:
+            if replay.requests % 5 == 0:  # a scan of every object is slow: every 5th request is enough
+                live = [o for o in gc.get_objects() if isinstance(o, generate._Row)]
+                holding.append(sum(1 for row in live if row.results and any(r is not None for r in row.results)))
+            return answer_with_solution(problem)
+
+        replay = ReplayTeacher(answer)
+        with ServerThread(replay.app()) as server:
+            seed = write_jsonl(tmp_path / "seed.jsonl", rows)
+            result = generate.run(config(seed, tmp_path, server.url, num_generations=3, max_concurrent=3))
+        assert result.stats["rows_written"] == 60 and len(holding) == 180 // 5
+        # without the release every written row would still hold its 3 completions: up to 59 by the last request
+        assert max(holding) <= 3, max(holding)
+        gc.collect()
+        assert not [o for o in gc.get_objects() if isinstance(o, generate._Row)]
 
 
 class TestRetries:
@@ -297,6 +330,52 @@ class TestShards:
         generate.merge([single.output_file], tmp_path / "one-merged.jsonl", "problem")
         assert merged.read_bytes() == (tmp_path / "one-merged.jsonl").read_bytes()
         assert replay.requests == 60
+
+    def test_streaming_merge_equals_the_in_memory_merge(self, teacher, tmp_path):
+        seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(40))
+        _replay, url = teacher()
+        shards = [
+            generate.run(
+                config(seed, tmp_path, url, num_shards=n, shard_index=i, output_file=str(tmp_path / f"s{n}-{i}.jsonl"))
+            ).output_file
+            for n, i in ((3, 0), (3, 1), (3, 2), (2, 0))  # the last overlaps the others: 2-shard 0 repeats keys
+        ]
+        overlap = len(set(keys_of(shards[3])))
+        assert overlap > 0
+        merged = generate.merge(shards, tmp_path / "merged.jsonl", "problem")
+        assert merged.read_bytes() == in_memory_merge(shards, "problem")
+        assert len(read_jsonl(merged)) == 40
+        stats = json.loads(generate.stats_path(merged).read_text())
+        assert stats["rows_in"] == 40 + overlap and stats["rows_written"] == 40
+        assert stats["duplicate_keys_dropped"] == overlap
+        # the first shard given wins a duplicated key, as in the old merge: reorder and compare again
+        reordered = generate.merge(shards[::-1], tmp_path / "reordered.jsonl", "problem")
+        assert reordered.read_bytes() == in_memory_merge(shards[::-1], "problem")
+
+    def test_merge_refuses_a_missing_shard(self, tmp_path):
+        shard = write_jsonl(tmp_path / "shard-0.jsonl", [{"problem": "a", "generations": ["x"]}])
+        with pytest.raises(DataError, match="shard-1.jsonl: no such shard file"):
+            generate.merge([shard, tmp_path / "shard-1.jsonl"], tmp_path / "merged.jsonl", "problem")
+        assert not (tmp_path / "merged.jsonl").exists()
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "distilled_plugins.generate",
+                "--merge",
+                str(shard),
+                str(tmp_path / "shard-1.jsonl"),
+                "--output-file",
+                str(tmp_path / "merged.jsonl"),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+        assert done.returncode == 1
+        assert "no such shard file" in done.stderr and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
 
     def test_merge_refuses_an_unfinished_shard(self, tmp_path):
         shard = tmp_path / "shard.jsonl"

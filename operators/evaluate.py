@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from functools import cached_property
 
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException
@@ -81,21 +80,15 @@ class Math500EvalOperator(BaseOperator):
         self.fail_below_baseline = fail_below_baseline
         self.report_label = report_label
 
-    @cached_property
-    def hook(self) -> TeacherEndpointHook:
-        return TeacherEndpointHook(self.endpoint_conn_id)
-
     @fails_clearly
     def execute(self, context: Context) -> str:
-        if self.source not in (None, "", "endpoint", "checkpoint"):
+        source = self.source or None
+        if source not in (None, "endpoint", "checkpoint"):
             raise ValueError(f"source must be 'endpoint' or 'checkpoint', got {self.source!r}")
-        if self.source == "endpoint":
-            self.checkpoint = None
-        elif self.source == "checkpoint":
-            self.endpoint_conn_id = None
-        api_addr = api_key = None
-        if self.endpoint_conn_id:
-            api_addr, api_key = self.hook.get_endpoint()
+        checkpoint = None if source == "endpoint" else self.checkpoint or None
+        conn_id = None if source == "checkpoint" else self.endpoint_conn_id or None
+        # the connection's whole fleet (its host, then extra["endpoints"]), as generation uses it
+        endpoints = TeacherEndpointHook(conn_id).get_fleet().endpoints if conn_id else None
         report_path = evaluate.run(
             evaluate.EvalConfig(
                 out=self.output_dir,
@@ -109,10 +102,9 @@ class Math500EvalOperator(BaseOperator):
                     int(self.n_samples),
                     int(self.seed),
                 ),
-                api_addr=api_addr,
+                endpoints=endpoints,
                 model=self.model,
-                api_key=api_key,
-                checkpoint=self.checkpoint or None,
+                checkpoint=checkpoint,
                 mindformers_config=self.mindformers_config or None,
                 rescore=self.rescore or None,
                 baseline=self.baseline or None,

@@ -30,7 +30,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from distilled_plugins import cli
@@ -56,6 +56,7 @@ from distilled_plugins.io import (
     write_json,
 )
 from distilled_plugins.progress import Progress
+from distilled_plugins.settings import add_arguments, from_args, setting
 from distilled_plugins.store import LOOKUP_BATCH, PUBLISH_BATCH, GenerationStore, batches
 
 logger = logging.getLogger(__name__)
@@ -80,29 +81,39 @@ class BudgetReached(GenerationIncomplete):
 class GenerateConfig:
     """Settings of one generation run (one shard of the seed)."""
 
-    dataset_name: str
-    output_file: str
-    model: str
-    prompt_column: str = "problem"
-    uuid_column: str | None = None  # defaults to the prompt column
-    api_addr: str = "localhost:39876"  # one address, or several separated by commas
-    api_key: str | None = field(default=None, repr=False)
-    endpoints: list[Endpoint] | None = None  # instead of api_addr: endpoints with their own keys, weights, limits
-    num_generations: int = 4
-    max_tokens: int = 16384
-    max_concurrent: int = 1000
-    temperature: float = 0.6
-    top_p: float = 0.95
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
-    system_prompt: str | None = None  # sent as a system message before the prompt (evaluation uses it)
-    seed: int | None = None  # sent with each request where the endpoint supports it
-    split: str = "train"
-    shard_index: int = 0
-    num_shards: int = 1
-    retry: RetryPolicy = field(default_factory=RequestSettings)  # a RequestSettings, or only its retry part
-    progress_interval: float = 5.0
+    dataset_name: str = setting(
+        help="hub dataset name, or a local jsonl/json/parquet/arrow file or folder", required=True
+    )
+    output_file: str = setting(
+        help="JSONL output; resumed if it exists", required=True, flag="--dst", aliases=("--output-file",)
+    )
+    model: str = setting(help="model name sent to the endpoint", required=True)
+    prompt_column: str = setting("problem", help="column holding the problem text (a string or chat messages)")
+    uuid_column: str | None = setting(None, help="column identifying a row (default: the prompt column)")
+    api_addr: str = setting(
+        "localhost:39876", help="host:port or http(s):// base URL; several separated by commas share the requests"
+    )
+    api_key: str | None = setting(None, help="the endpoints' API key (CLI: from --api-key-env)", cli=False, repr=False)
+    endpoints: list[Endpoint] | None = setting(
+        None, help="instead of api_addr: endpoints with their own keys, weights and limits", cli=False
+    )
+    num_generations: int = setting(4, help="completions per problem", minimum=1, maximum=64)
+    max_tokens: int = setting(16384, help="longest completion, in tokens", minimum=1, maximum=131072)
+    max_concurrent: int = setting(100, help="requests in flight at once", minimum=1, maximum=10000)
+    temperature: float = setting(0.6, help="sampling temperature", minimum=0)
+    top_p: float = setting(0.95, help="nucleus sampling top_p", minimum=0, maximum=1)
+    prompt_template: str = setting(DEFAULT_PROMPT_TEMPLATE, help="user turn; {prompt} is the problem")
+    system_prompt: str | None = setting(None, help="system message sent before the prompt (evaluation uses one)")
+    seed: int | None = setting(None, help="sampling seed sent with each request, where the endpoint supports it")
+    split: str = setting("train", help="split of a hub or save_to_disk dataset")
+    shard_index: int = setting(0, help="this run's shard of the seed (rows split by key hash)", minimum=0)
+    num_shards: int = setting(1, help="number of shards the seed is split into", minimum=1)
+    retry: RetryPolicy = setting(
+        help="request, retry, rate-limit and cost settings (CLI: their own flags)", factory=RequestSettings, cli=False
+    )
+    progress_interval: float = setting(5.0, help="seconds between progress lines", minimum=0)
     # shared across runs: rows finished with the same settings are copied from here instead of requested again
-    store_dir: str | None = None
+    store_dir: str | None = setting(None, help="generation store folder shared across runs (default: none)")
 
     def __post_init__(self):
         self.retry = RequestSettings.of(self.retry)
@@ -716,35 +727,13 @@ def merge(inputs: list[str | Path], output_file: str | Path, uuid_column: str) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m distilled_plugins.generate",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--model", help="model name sent to the endpoint (required unless --merge)")
-    p.add_argument("--dataset-name", help="hub dataset name, or a local jsonl/json/parquet/arrow file or folder")
-    p.add_argument("--output-file", required=True, help="JSONL output; resumed if it exists")
-    p.add_argument("--prompt-column", default="problem")
-    p.add_argument("--uuid-column", default=None, help="column identifying a row (default: the prompt column)")
-    p.add_argument(
-        "--api-addr",
-        default="localhost:39876",
-        help="host:port or http(s):// base URL; several separated by commas share the requests",
-    )
-    p.add_argument("--api-key-env", default=API_KEY_ENV, help="environment variable holding the API key")
-    p.add_argument("--num-generations", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=16384)
-    p.add_argument("--max-concurrent", type=int, default=1000, help="requests in flight at once")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE)
-    p.add_argument("--split", default="train", help="split of a hub or save_to_disk dataset")
-    p.add_argument("--shard-index", type=int, default=0)
-    p.add_argument("--num-shards", type=int, default=1)
-    p.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines")
-    p.add_argument("--merge", nargs="+", metavar="SHARD", help="merge these shard outputs into --output-file")
-    RequestSettings.add_arguments(p)
-    return p
+    parser = argparse.ArgumentParser(prog="python -m distilled_plugins.generate", description=__doc__.split("\n")[0])
+    # --model and --dataset-name are not needed to --merge
+    add_arguments(parser, GenerateConfig, optional=("model", "dataset_name"))
+    parser.add_argument("--api-key-env", default=API_KEY_ENV, help="environment variable holding the API key")
+    parser.add_argument("--merge", nargs="+", metavar="SHARD", help="merge these shard outputs into --dst")
+    RequestSettings.add_arguments(parser)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -755,26 +744,9 @@ def main(argv: list[str] | None = None) -> int:
             merge(args.merge, args.output_file, args.uuid_column or args.prompt_column)
             return 0
         if not args.model or not args.dataset_name:
-            raise ValueError("--model and --dataset-name are required")
-        cfg = GenerateConfig(
-            dataset_name=args.dataset_name,
-            output_file=args.output_file,
-            model=args.model,
-            prompt_column=args.prompt_column,
-            uuid_column=args.uuid_column,
-            api_addr=args.api_addr,
-            api_key=os.environ.get(args.api_key_env),
-            num_generations=args.num_generations,
-            max_tokens=args.max_tokens,
-            max_concurrent=args.max_concurrent,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            prompt_template=args.prompt_template,
-            split=args.split,
-            shard_index=args.shard_index,
-            num_shards=args.num_shards,
-            progress_interval=args.progress_interval,
-            retry=RequestSettings.from_args(args),
+            raise ValueError("--model and --dataset-name are required (unless --merge)")
+        cfg = from_args(
+            GenerateConfig, args, api_key=os.environ.get(args.api_key_env), retry=RequestSettings.from_args(args)
         )
         result = run(cfg)
     except (ValueError, FatalRequestError, GenerationIncomplete) as e:

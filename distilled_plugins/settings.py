@@ -54,11 +54,13 @@ def setting(
     section: str | None = None,
     factory: Any = None,
     cli: bool = True,
+    repr: bool = True,
 ) -> Any:
     """A dataclass field that is also a command-line flag, an operator argument and a trigger-form param.
 
     ``flag`` overrides ``--field-name``; ``aliases`` keeps the tutorial's names working; ``cli=False`` keeps a
-    field off the command line (objects a caller builds, such as a retry policy).
+    field off the command line (objects a caller builds, such as a retry policy); ``repr=False`` keeps a secret
+    out of the config's repr.
     """
     metadata = {
         "help": help,
@@ -73,10 +75,10 @@ def setting(
         "cli": cli,
     }
     if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=metadata)
+        return dataclasses.field(default_factory=factory, metadata=metadata, repr=repr)
     if required:
-        return dataclasses.field(metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+        return dataclasses.field(metadata=metadata, repr=repr)
+    return dataclasses.field(default=default, metadata=metadata, repr=repr)
 
 
 def described_fields(cls) -> list[dataclasses.Field]:
@@ -109,8 +111,13 @@ def flag_of(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, exclude: Sequence[str] = ()) -> None:
-    """Add one flag per described field of ``cls`` (defaults, help and choices from the field)."""
+def add_arguments(
+    parser: argparse.ArgumentParser, cls, exclude: Sequence[str] = (), optional: Sequence[str] = ()
+) -> None:
+    """Add one flag per described field of ``cls`` (defaults, help and choices from the field).
+
+    ``optional`` names required fields whose flag may be left out (the command checks them itself).
+    """
     for f in described_fields(cls):
         if f.name in exclude or not f.metadata["cli"]:
             continue
@@ -119,7 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, exclude: Sequence[str] =
         default = default_of(f)
         options: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
         if meta["required"]:
-            options["required"] = True
+            options["required"] = f.name not in optional
+            options["default"] = None
         else:
             options["default"] = default
             if default is not None and default != "" and kind is not bool:

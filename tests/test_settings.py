@@ -8,14 +8,15 @@ import inspect
 
 import pytest
 
-from distilled_plugins import handle, pack, reject_sampling, settings
-from operators import HandleDatasetOperator, PackDatasetOperator, RejectSamplingOperator
+from distilled_plugins import generate, handle, pack, reject_sampling, settings
+from operators import GenerateReasoningOperator, HandleDatasetOperator, PackDatasetOperator, RejectSamplingOperator
 
 # (config class, its CLI's parser, its operator)
 STAGES = [
     (reject_sampling.RejectSamplingConfig, reject_sampling.build_parser, RejectSamplingOperator),
     (handle.HandleConfig, handle.build_parser, HandleDatasetOperator),
     (pack.PackConfig, pack.build_parser, PackDatasetOperator),
+    (generate.GenerateConfig, generate.build_parser, GenerateReasoningOperator),
 ]
 IDS = [config.__name__ for config, _, _ in STAGES]
 
@@ -32,16 +33,22 @@ def test_every_field_has_help_and_one_default_everywhere(config, build_parser, o
     signature = inspect.signature(operator.__init__).parameters
     for f in fields:
         default = settings.default_of(f)
-        action = actions[f.name]
-        assert action.help.startswith(f.metadata["help"]), f.name
+        if f.metadata["cli"]:
+            action = actions[f.name]
+            assert action.help.startswith(f.metadata["help"]), f.name
+            if default is not dataclasses.MISSING:
+                assert action.default == default, f"CLI default of {f.name}: {action.default!r} != {default!r}"
+            if f.metadata["choices"]:
+                assert tuple(action.choices) == f.metadata["choices"], f.name
+        if f.name in operator.not_arguments:  # the operator fills it itself (endpoints from a Connection)
+            assert f.name not in signature, f.name
+            continue
         if default is dataclasses.MISSING:
-            assert action.required and signature[f.name].default is inspect.Parameter.empty, f.name
+            assert signature[f.name].default is inspect.Parameter.empty, f.name
         else:
-            assert action.default == default, f"CLI default of {f.name}: {action.default!r} != {default!r}"
             assert signature[f.name].default == default, f"operator default of {f.name}"
-        if f.metadata["choices"]:
-            assert tuple(action.choices) == f.metadata["choices"], f.name
-        assert f.name in operator.template_fields, f"{f.name} is not templated"
+        if f.name not in operator.not_templated:
+            assert f.name in operator.template_fields, f"{f.name} is not templated"
 
 
 @pytest.mark.parametrize(("config", "build_parser", "operator"), STAGES, ids=IDS)

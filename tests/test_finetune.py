@@ -49,14 +49,21 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
+def job_dir_of(cfg: FinetuneConfig) -> Path:
+    return Path(finetune.find_job(cfg).job_dir)
+
+
 @pytest.mark.slow
 def test_one_worker_stop_resume_and_finished_retry(tiny_packed, tmp_path):
-    cfg = tiny(tiny_packed, tmp_path / "job")
+    cfg = tiny(tiny_packed, tmp_path / "out")
     launched = finetune.launch(cfg)
-    wait_for(lambda: finetune.latest_step_checkpoint(cfg.run_dir / "checkpoint") >= 4, 240, "a checkpoint at step 4")
-    finetune.stop(cfg.run_dir)  # what on_kill does: the whole process group goes
-    assert job_processes(cfg.run_dir) == []
-    assert finetune.job_status(cfg.run_dir, launched.pid) == "finished"
+    job = Path(launched.job_dir)
+    assert job.parent == tmp_path / "out" and job.name == "job-" + finetune.find_job(cfg).fingerprint[:12]
+    wait_for(lambda: finetune.latest_step_checkpoint(job / "checkpoint") >= 4, 240, "a checkpoint at step 4")
+    outcome = finetune.stop(job, "test stop")  # what on_kill does: stop.json, and SIGTERM as the host is this one
+    assert outcome == {0: "stopped"} and job_processes(tmp_path) == []
+    status = json.loads((job / "node-0.status.json").read_text())
+    assert status["stopped"] == "test stop" and finetune.node_state(job, 0, 60) == "finished"
 
     result = finetune.run(cfg)  # a retry: resumes from the newest checkpoint, not from step 0
     steps = json.loads(Path(result.metrics_file).read_text())["steps"]
@@ -64,12 +71,12 @@ def test_one_worker_stop_resume_and_finished_retry(tiny_packed, tmp_path):
     assert steps[0]["step"] == result.resumed_from_step + 1 and steps[-1]["step"] == 8
     assert all(s["loss"] >= 0 for s in steps)  # 0 where a split piece holds prompt tokens only
     assert Path(result.loss_curve).read_bytes()[:4] == b"\x89PNG"
-    assert (Path(result.checkpoint_dir) / "rank_0").is_dir()
-    run_config = configs.load_yaml(cfg.run_dir / "run_config.yaml")
-    assert run_config["resume_training"] is True and run_config["load_checkpoint"] == str(cfg.run_dir / "checkpoint")
-    assert "CPU accommodations" in (cfg.run_dir / "msrun_log" / "worker_0.log").read_text()
+    assert Path(result.checkpoint_dir) == job / "checkpoint" and (job / "checkpoint" / "rank_0").is_dir()
+    run_config = configs.load_yaml(job / "run_config.yaml")
+    assert run_config["resume_training"] is True and run_config["load_checkpoint"] == str(job / "checkpoint")
+    assert "CPU accommodations" in (job / "msrun_log" / "worker_0.log").read_text()
 
-    worker_log = cfg.run_dir / "msrun_log" / "worker_0.log"
+    worker_log = job / "msrun_log" / "worker_0.log"
     before = worker_log.stat().st_mtime
     again = finetune.run(cfg)  # a retry of a finished job returns its checkpoint without training
     assert again == result and worker_log.stat().st_mtime == before
@@ -77,39 +84,58 @@ def test_one_worker_stop_resume_and_finished_retry(tiny_packed, tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_train_data_parallel(tiny_packed, tmp_path):
-    cfg = tiny(tiny_packed, tmp_path / "job", worker_num=2)
+    cfg = tiny(tiny_packed, tmp_path / "out", worker_num=2)
     result = finetune.run(cfg)
+    job = Path(result.checkpoint_dir).parent
     metrics = json.loads(Path(result.metrics_file).read_text())
     assert metrics["workers"] == 2 and len(metrics["steps"]) == 4  # 8 rows shared by 2 workers
     assert metrics["tokens_per_s"] == pytest.approx(2 * metrics["tokens_per_s_per_worker"], rel=1e-3)  # both rounded
     norms = [
         [
             line.split("global_norm: ")[1][:12]
-            for line in (cfg.run_dir / "msrun_log" / f"worker_{r}.log").read_text().splitlines()
+            for line in (job / "msrun_log" / f"worker_{r}.log").read_text().splitlines()
             if "global_norm: " in line
         ]
         for r in (0, 1)
     ]
     assert norms[0] == norms[1]  # gradients were all-reduced: the same norm on both workers
-    assert (cfg.run_dir / "checkpoint" / "rank_1").is_dir()
+    assert (job / "checkpoint" / "rank_1").is_dir()
 
 
 @pytest.mark.slow
 def test_killed_worker_fails_with_its_log_tail(tiny_packed, tmp_path):
-    cfg = tiny(tiny_packed, tmp_path / "job")
+    cfg = tiny(tiny_packed, tmp_path / "out")
     launched = finetune.launch(cfg)
-    log = cfg.run_dir / "msrun_log" / "worker_0.log"
+    log = Path(launched.job_dir) / "msrun_log" / "worker_0.log"
     wait_for(lambda: log.exists() and "step:[    2/" in log.read_text(), 240, "step 2")
     # the worker is "python .../train.py --config ..."; the supervisor and msrun only pass train.py along
-    worker = next(p for p in job_processes(cfg.run_dir) if p.cmdline()[1:2] and p.cmdline()[1].endswith("train.py"))
+    worker = next(p for p in job_processes(tmp_path) if p.cmdline()[1:2] and p.cmdline()[1].endswith("train.py"))
     worker.kill()
     state = finetune.wait(launched, 0.5)
-    with pytest.raises(FinetuneFailed, match="msrun exited with code") as info:
-        finetune.collect(cfg, state)
+    with pytest.raises(FinetuneFailed, match="msrun of node 0 exited with code") as info:
+        finetune.collect(cfg, launched, state)
     message = str(info.value)
-    assert "last lines of " + str(cfg.run_dir / "msrun_log" / "worker_0.log") in message
+    assert "last lines of " + str(log) in message
     assert "(last progress: epoch 1/1 step " in message and len(message.splitlines()) > 10
-    wait_for(lambda: job_processes(cfg.run_dir) == [], 30, "no orphan processes")
+    wait_for(lambda: job_processes(tmp_path) == [], 30, "no orphan processes")
+
+
+@pytest.mark.slow
+def test_killed_supervisor_is_dead_and_its_leftovers_are_stopped(tiny_packed, tmp_path):
+    cfg = tiny(tiny_packed, tmp_path / "out", dead_after=6.0)
+    launched = finetune.launch(cfg)
+    job = Path(launched.job_dir)
+    log = job / "msrun_log" / "worker_0.log"
+    wait_for(lambda: log.exists() and "step:[    1/" in log.read_text(), 240, "step 1")
+    psutil.Process(launched.pid).kill()  # msrun and its worker live on, orphaned
+    started = time.monotonic()
+    state = finetune.wait(launched, 0.5, dead_after=cfg.dead_after)
+    assert state == "dead" and time.monotonic() - started < 60
+    with pytest.raises(FinetuneFailed, match="training node 0 of .* dead .no heartbeat") as info:
+        finetune.collect(cfg, launched, state, "no heartbeat")
+    assert "last lines of " + str(log) in str(info.value) and "node-0.launcher.log" in str(info.value)
+    assert job_processes(tmp_path) == []  # collect stopped what the dead supervisor left behind
+    assert json.loads((job / "stop.json").read_text())["reason"].startswith("node 0 dead")
 
 
 class TestPreflight:
@@ -143,4 +169,4 @@ class TestPreflight:
         cfg = tiny(tiny_packed, tmp_path / "job", worker_num=2, overrides={"parallel_config.model_parallel": 4})
         with pytest.raises(ValueError, match="uses 4 workers but worker_num is 2"):
             finetune.launch(cfg)
-        assert not (tmp_path / "job" / "supervisor.pid").exists()  # nothing was launched
+        assert not list((tmp_path / "job").glob("job-*/node-0.json"))  # nothing was launched

@@ -24,6 +24,7 @@ from operators import (
     PackDatasetOperator,
     RejectSamplingOperator,
 )
+from operators.finetune import node_ranks
 from operators.pipeline import log_failure_summary, shard_plan
 
 SEED_PATH = os.environ.get("DISTILL_SEED", str(SHARED_DATA / "math_train" / "math12k_train.parquet"))
@@ -146,9 +147,6 @@ params = {
         maximum=16,
         description="msrun workers (NPUs) per node",
     ),
-    "node_rank": Param(
-        default("node_rank", 0), type="integer", minimum=0, description="This node's rank among the training nodes"
-    ),
     "master_addr": Param(
         default("master_addr", "127.0.0.1"), type="string", minLength=1, description="Address of training node 0"
     ),
@@ -258,7 +256,8 @@ with DAG(
         finetune_config="{{ params.finetune_config }}",
         overlong="{{ params.overlong }}",
     )
-    finetuned = MsrunFinetuneOperator(
+    # one launcher per training node: the finetune task mapped over the node ranks (README, stage 5)
+    finetuned = MsrunFinetuneOperator.partial(
         task_id="finetune",
         config="{{ params.finetune_config }}",
         dataset_path=packed.output,
@@ -266,15 +265,14 @@ with DAG(
         load_checkpoint="{{ params.base_checkpoint }}",
         worker_num="{{ params.nodes * params.workers_per_node }}",
         local_worker_num="{{ params.workers_per_node }}",
-        node_rank="{{ params.node_rank }}",
         master_addr="{{ params.master_addr }}",
         master_port="{{ params.master_port }}",
-    )
+    ).expand(node_rank=node_ranks.override(task_id="node_ranks")("{{ params.nodes }}"))
     evaluated = Math500EvalOperator(
         task_id="evaluate",
         output_dir=RUN_DIR + "/evaluate",
         source="{{ params.eval_source }}",
-        checkpoint=finetuned.output["checkpoint_dir"],
+        checkpoint="{{ ti.xcom_pull(task_ids='finetune', map_indexes=0)['checkpoint_dir'] }}",
         mindformers_config="{{ params.finetune_config }}",
         endpoint_conn_id="{{ params.eval_conn_id }}",
         model="{{ params.eval_model }}",

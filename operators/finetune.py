@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from airflow.sdk import BaseOperator, Context
+from airflow.sdk import BaseOperator, Context, task
 from airflow.sdk.exceptions import AirflowException
 
 from distilled_plugins import finetune
@@ -151,3 +151,11 @@ class MsrunFinetuneOperator(BaseOperator):
     def on_kill(self) -> None:  # runs only while the task is not deferred (deferrable=False, or before deferring)
         job = finetune.find_job(self._config())
         finetune.stop(job.job_dir, f"task {self.task_id} was killed")
+
+
+@task
+def node_ranks(nodes: int) -> list[int]:
+    """The node ranks to map :class:`MsrunFinetuneOperator` over: one task (one msrun launcher) per node."""
+    if int(nodes) < 1:
+        raise ValueError(f"nodes must be at least 1, got {nodes}")
+    return list(range(int(nodes)))

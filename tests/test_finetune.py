@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -170,3 +175,42 @@ class TestPreflight:
         with pytest.raises(ValueError, match="uses 4 workers but worker_num is 2"):
             finetune.launch(cfg)
         assert not list((tmp_path / "job").glob("job-*/node-0.json"))  # nothing was launched
+
+
+def start_node(cfg: FinetuneConfig, rank: int, hostname: str, log: Path) -> subprocess.Popen:
+    """One "node": the stage's CLI in its own UTS namespace, so it sees its own hostname (root only)."""
+    cli = [
+        sys.executable,
+        "-m",
+        "distilled_plugins.finetune",
+        f"--config={cfg.config}",
+        f"--dataset-path={cfg.dataset_path}",
+        f"--output-dir={cfg.output_dir}",
+        "--worker-num=2",
+        "--local-worker-num=1",
+        f"--node-rank={rank}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={cfg.master_port}",
+    ]
+    script = f"hostname {hostname} && exec {shlex.join(cli)}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen(
+        ["unshare", "--uts", "sh", "-c", script], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (UTS namespaces)")
+def test_two_nodes_on_two_hosts_train_to_the_end(tiny_packed, tmp_path):
+    cfg = tiny(tiny_packed, tmp_path / "out", overrides={})
+    nodes = [start_node(cfg, rank, f"node{rank}", tmp_path / f"node{rank}.log") for rank in (0, 1)]
+    for rank, node in enumerate(nodes):
+        assert node.wait(timeout=600) == 0, (tmp_path / f"node{rank}.log").read_text()[-3000:]
+    (job,) = (tmp_path / "out").glob("job-*")
+    assert [json.loads((job / f"node-{r}.json").read_text())["host"] for r in (0, 1)] == ["node0", "node1"]
+    for rank in (0, 1):
+        assert list((job / "checkpoint" / f"rank_{rank}").glob("*.safetensors")), f"rank {rank} saved nothing"
+        assert json.loads((job / f"node-{rank}.status.json").read_text())["returncode"] == 0
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert metrics["workers"] == 2 and metrics["steps"][-1]["step"] == 4  # 8 rows over 2 data-parallel workers
+    assert "node 1 of 2" in (tmp_path / "node1.log").read_text()

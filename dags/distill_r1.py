@@ -148,7 +148,10 @@ params = {
         description="msrun workers (NPUs) per node",
     ),
     "master_addr": Param(
-        default("master_addr", "127.0.0.1"), type="string", minLength=1, description="Address of training node 0"
+        default("master_addr", "auto"),
+        type="string",
+        minLength=1,
+        description="Address of training node 0 (msrun's scheduler); auto: node 0's host publishes its own",
     ),
     "master_port": Param(
         default("master_port", 8118), type="integer", minimum=1024, maximum=65535, description="msrun's master port"

@@ -94,7 +94,7 @@ def test_two_workers_train_data_parallel(tiny_packed, tmp_path):
     job = Path(result.checkpoint_dir).parent
     metrics = json.loads(Path(result.metrics_file).read_text())
     assert metrics["workers"] == 2 and len(metrics["steps"]) == 4  # 8 rows shared by 2 workers
-    assert metrics["tokens_per_s"] == pytest.approx(2 * metrics["tokens_per_s_per_worker"], rel=1e-3)  # both rounded
+    assert metrics["tokens_per_s"] == pytest.approx(2 * metrics["tokens_per_s_per_worker"], abs=0.11)  # both rounded
     norms = [
         [
             line.split("global_norm: ")[1][:12]
@@ -189,7 +189,7 @@ def start_node(cfg: FinetuneConfig, rank: int, hostname: str, log: Path) -> subp
         "--worker-num=2",
         "--local-worker-num=1",
         f"--node-rank={rank}",
-        "--master-addr=127.0.0.1",
+        "--master-addr=auto",  # node 0 publishes its address, node 1 reads it
         f"--master-port={cfg.master_port}",
     ]
     script = f"hostname {hostname} && exec {shlex.join(cli)}"
@@ -207,7 +207,9 @@ def test_two_nodes_on_two_hosts_train_to_the_end(tiny_packed, tmp_path):
     for rank, node in enumerate(nodes):
         assert node.wait(timeout=600) == 0, (tmp_path / f"node{rank}.log").read_text()[-3000:]
     (job,) = (tmp_path / "out").glob("job-*")
-    assert [json.loads((job / f"node-{r}.json").read_text())["host"] for r in (0, 1)] == ["node0", "node1"]
+    records = [json.loads((job / f"node-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["host"] for r in records] == ["node0", "node1"]
+    assert records[0]["master_addr"] == records[1]["master_addr"] != "auto"
     for rank in (0, 1):
         assert list((job / "checkpoint" / f"rank_{rank}").glob("*.safetensors")), f"rank {rank} saved nothing"
         assert json.loads((job / f"node-{rank}.status.json").read_text())["returncode"] == 0

@@ -44,7 +44,7 @@ class FinetuneConfig:
     worker_num: int = 1
     local_worker_num: int | None = None  # None: worker_num (one node)
     node_rank: int = 0
-    master_addr: str = "127.0.0.1"
+    master_addr: str = "127.0.0.1"  # "auto": node 0's own address, published to the other nodes in its record
     master_port: int = 8118
     overrides: dict = field(default_factory=dict)  # dotted keys, e.g. {"runner_config.epochs": 1}
     poll_interval: float = 5.0

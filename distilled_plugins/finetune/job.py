@@ -69,6 +69,7 @@ class NodeRecord:
     create_time: float
     cmdline: list[str]
     started_at: float
+    master_addr: str = ""  # the msrun master address this node was given (node 0's is the cluster's)
 
     @classmethod
     def read(cls, path: Path) -> NodeRecord | None:
@@ -80,6 +81,34 @@ class NodeRecord:
 
 def this_host() -> str:
     return socket.gethostname()
+
+
+def this_address() -> str:
+    """This host's address as other hosts reach it (the source address of its default route)."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # nothing is sent: connecting a UDP socket only picks the route
+        return s.getsockname()[0]
+    try:
+        return socket.gethostbyname(this_host())
+    except OSError:
+        return "127.0.0.1"  # no route and no resolvable name: a single host
+
+
+def wait_for_master(job_dir: str | Path, timeout: float, dead_after: float) -> str:
+    """The address node 0 of a running job gave msrun (``master_addr=auto``): read from its record once its
+    heartbeat is fresh, so a record of an earlier attempt is never taken."""
+    paths = JobPaths(job_dir)
+    deadline = time.monotonic() + timeout
+    while True:
+        record = NodeRecord.read(paths.record(0))
+        if record and record.master_addr and node_state(job_dir, 0, dead_after) == "running":
+            return record.master_addr
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"node 0 of {job_dir} did not start within {timeout:g} s: its address (master_addr=auto) is "
+                "unknown; check node 0's task, or give master_addr explicitly"
+            )
+        time.sleep(1)
 
 
 def is_mine(record: NodeRecord, pid: int | None = None) -> tuple[bool, str]:
@@ -180,7 +209,10 @@ def supervise(job_dir: Path, node_rank: int, command: list[str]) -> int:
 
     paths = JobPaths(job_dir)
     me = psutil.Process()
-    record = NodeRecord(str(job_dir), node_rank, this_host(), me.pid, me.create_time(), me.cmdline(), time.time())
+    master = next((a.split("=", 1)[1] for a in command if a.startswith("--master_addr=")), "")
+    record = NodeRecord(
+        str(job_dir), node_rank, this_host(), me.pid, me.create_time(), me.cmdline(), time.time(), master
+    )
     write_json(paths.record(node_rank), asdict(record))
     paths.heartbeat(node_rank).touch()
     terminated = []

@@ -91,13 +91,22 @@ def launch(cfg: FinetuneConfig, job: Job | None = None) -> Launch:
     with open(tmp, "w") as f:
         yaml.safe_dump(run_config, f, sort_keys=False)
     tmp.replace(paths.run_config)
+    master_addr = cfg.master_addr
+    if master_addr == "auto":  # node 0 publishes its address in its record; the other nodes wait for it
+        if cfg.nodes == 1:
+            master_addr = "127.0.0.1"
+        elif cfg.node_rank == 0:
+            master_addr = jobs.this_address()
+        else:
+            master_addr = jobs.wait_for_master(job_dir, job.stall_timeout, cfg.dead_after)
+        logger.info("master_addr=auto: msrun's master (node 0) is at %s", master_addr)
     # several nodes: node 0 hosts msrun's scheduler by rank (see msrun_node), whatever addresses hosts share
     msrun = ["msrun"] if cfg.nodes == 1 else [sys.executable, "-m", "distilled_plugins.finetune.msrun_node"]
     command = [
         *msrun,
         f"--worker_num={cfg.worker_num}",
         f"--local_worker_num={cfg.local_worker_num}",
-        f"--master_addr={cfg.master_addr}",
+        f"--master_addr={master_addr}",
         f"--master_port={cfg.master_port}",
         f"--node_rank={cfg.node_rank}",
         f"--log_dir={paths.log_dir}",

@@ -216,3 +216,25 @@ def test_two_nodes_on_two_hosts_train_to_the_end(tiny_packed, tmp_path):
     metrics = json.loads((job / "metrics.json").read_text())
     assert metrics["workers"] == 2 and metrics["steps"][-1]["step"] == 4  # 8 rows over 2 data-parallel workers
     assert "node 1 of 2" in (tmp_path / "node1.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (UTS namespaces)")
+def test_a_failing_node_fails_every_node_with_its_log_tail(tiny_packed, tmp_path):
+    cfg = tiny(tiny_packed, tmp_path / "out", overrides={"runner_config.epochs": 20})
+    nodes = [start_node(cfg, rank, f"node{rank}", tmp_path / f"node{rank}.log") for rank in (0, 1)]
+    log = tmp_path / "out"
+    wait_for(lambda: any("step:[" in p.read_text() for p in log.glob("job-*/msrun_log/worker_1.log")), 300, "a step")
+    (job,) = log.glob("job-*")
+    msrun1 = next(p for p in job_processes(tmp_path) if "--node_rank=1" in p.cmdline())
+    worker1 = next(p for p in msrun1.children() if any(part.endswith("train.py") for part in p.cmdline()))
+    worker1.kill()
+    assert [node.wait(timeout=300) for node in nodes] == [1, 1]
+    stop = json.loads((job / "stop.json").read_text())
+    assert stop["reason"].startswith("node 1 failed (msrun exit code") and stop["host"] == "node1"
+    node0 = (tmp_path / "node0.log").read_text()
+    assert (
+        "stopped: node 1 failed" in node0
+        and "node 1's last lines of " + str(job / "msrun_log" / "worker_1.log") in node0
+    )
+    wait_for(lambda: job_processes(tmp_path) == [], 60, "no process of either node left")

@@ -230,7 +230,8 @@ def collect(cfg: FinetuneConfig, launched: Launch, state: str, why: str = "") ->
         )
     status = json.loads(paths.status(rank).read_text())
     if status["returncode"] != 0:
-        stopped = status.get("stopped") or ""
+        # stopped on request, or failed on its own while another node's failure was already announced
+        stopped = status.get("stopped") or (jobs.stop_requested(paths) or {}).get("reason", "")
         culprit = rank
         if stopped.startswith("node ") and stopped.split()[1].isdigit():
             culprit = int(stopped.split()[1])

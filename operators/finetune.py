@@ -148,6 +148,12 @@ class MsrunFinetuneOperator(BaseOperator):
         self.log.info("training finished after %d steps; checkpoints in %s", result.steps, result.checkpoint_dir)
         return with_fields(context, self._xcom(result))
 
+    def resume_execution(self, next_method: str, next_kwargs: dict | None, context: Context):
+        if next_method == "__fail__":  # the deferral timed out or the trigger crashed: do not leave training behind
+            job = finetune.find_job(self._config())
+            finetune.stop(job.job_dir, f"task {self.task_id}: {(next_kwargs or {}).get('error', 'trigger failed')}")
+        return super().resume_execution(next_method, next_kwargs, context)
+
     def on_kill(self) -> None:  # runs only while the task is not deferred (deferrable=False, or before deferring)
         job = finetune.find_job(self._config())
         finetune.stop(job.job_dir, f"task {self.task_id} was killed")

@@ -38,12 +38,9 @@ def tiny(tiny_packed, out: Path, **overrides) -> FinetuneConfig:
 def job_processes(run_dir: Path) -> list[psutil.Process]:
     """Processes of a job: the supervisor, msrun and workers all carry the run folder in their command line."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(str(run_dir) in part for part in proc.info["cmdline"] or []):
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            pass
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and any(str(run_dir) in p for p in proc.info["cmdline"] or []):
+            found.append(proc)
     return found
 
 
@@ -104,6 +101,10 @@ def test_two_workers_train_data_parallel(tiny_packed, tmp_path):
         for r in (0, 1)
     ]
     assert norms[0] == norms[1]  # gradients were all-reduced: the same norm on both workers
+    # the steps come from the StepMetricsWriter callback; they agree with mindformers' own step lines
+    logged = finetune.parse_steps(job / "msrun_log" / "worker_0.log")
+    assert [s["step"] for s in metrics["steps"]] == [s["step"] for s in logged] == [1, 2, 3, 4]
+    assert [s["loss"] for s in metrics["steps"]] == pytest.approx([s["loss"] for s in logged], abs=1e-5)
     assert (job / "checkpoint" / "rank_1").is_dir()
 
 

@@ -146,6 +146,9 @@ def job_config(run_config: dict, job_dir: Path) -> tuple[dict, int]:
     """The resolved YAML placed in ``job_dir``; returns it and the step it resumes from (0: fresh)."""
     run_config = json.loads(json.dumps(run_config))
     run_config["output_dir"] = str(job_dir)
+    # every worker writes its steps as JSON lines next to its log (distilled_plugins/train.py: StepMetricsWriter)
+    callbacks = [c for c in run_config.get("callbacks") or [] if c.get("type") != "StepMetricsWriter"]
+    run_config["callbacks"] = [*callbacks, {"type": "StepMetricsWriter", "folder": str(job_dir / "msrun_log")}]
     resume_step = latest_step_checkpoint(job_dir / "checkpoint")
     if resume_step:
         # the folder of rank_N folders: mindformers takes each rank's newest checkpoint (meta.json)
@@ -269,4 +272,6 @@ def job_env(run_config: dict) -> dict:
     if device(run_config) == "ascend":
         for key, value in ASCEND_ENV.items():
             env.setdefault(key, value)
+    else:  # CPU workers share cores with everything else: a busy machine must not read as a dead worker
+        env.setdefault("MS_NODE_TIMEOUT", "600")
     return env

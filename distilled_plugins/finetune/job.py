@@ -202,6 +202,21 @@ def _terminate_tree(root_pid: int, grace: float = STOP_GRACE) -> int | None:
     return returncode
 
 
+def _end_session(leader: int) -> None:
+    """Kill what is left in the supervisor's session (helpers a worker started and that lost their parent)."""
+    import psutil
+
+    left = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.pid != leader and os.getsid(proc.pid) == leader:
+                proc.kill()
+                left.append(proc)
+    if left:
+        psutil.wait_procs(left, timeout=5)
+        print(f"killed {len(left)} leftover process(es) of the job's session", flush=True)
+
+
 def supervise(job_dir: Path, node_rank: int, command: list[str]) -> int:
     """Record this node, run msrun with a heartbeat, stop it on request (or when another node failed), and
     write this node's status. Runs detached, in its own session, on the node's host."""
@@ -233,6 +248,7 @@ def supervise(job_dir: Path, node_rank: int, command: list[str]) -> int:
         time.sleep(0.5)
     if returncode is None:
         returncode = child.wait()
+    _end_session(me.pid)
     if returncode and not stopped:  # this node failed: the others must not wait for it
         request_stop(job_dir, f"node {node_rank} failed (msrun exit code {returncode})")
     write_json(

@@ -1,14 +1,15 @@
 """What a job's logs say: progress lines, the failing worker's tail, and the metrics and loss curve of a finished
 job.
 
-Steps are read from the step lines mindformers' ``MFLossMonitor`` writes to each worker's log. A callback of our
-own writing JSON per step (mindformers 1.9 registers callbacks by name, so the YAML could name one) is not used
-yet: the log lines already carry every figure the metrics need, and parsing them keeps the training entry free of
-anything but mindformers' own callbacks.
+Steps come from the JSON lines the training entry's ``StepMetricsWriter`` callback (registered with mindformers,
+named in the run's YAML) appends per step and worker, ``msrun_log/steps_<rank>.jsonl``; the log text is only
+read for the tail shown when something fails. ``parse_steps`` reads mindformers' ``MFLossMonitor`` step lines, for
+comparing the two.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -42,20 +43,40 @@ def log_size(job_dir: str | Path) -> int:
     return sum(f.stat().st_size for f in JobPaths(job_dir).log_dir.glob("worker_*.log"))
 
 
+def steps_file(job_dir: str | Path, rank: int) -> Path:
+    return JobPaths(job_dir).log_dir / f"steps_{rank}.jsonl"
+
+
+def read_steps(job_dir: str | Path, rank: int = 0) -> list[dict]:
+    """The steps worker ``rank`` recorded (a line cut short by a kill is skipped)."""
+    path = steps_file(job_dir, rank)
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            steps.append(json.loads(line))
+    return steps
+
+
 def latest_progress(job_dir: str | Path) -> str | None:
-    """The last step line of the first worker log, for progress logs."""
-    logs = sorted(JobPaths(job_dir).log_dir.glob("worker_*.log"), key=_rank_of)
-    if not logs:
+    """The last step recorded by the lowest-ranked worker, for progress logs (reads the file's end only)."""
+    files = sorted(JobPaths(job_dir).log_dir.glob("steps_*.jsonl"), key=_rank_of)
+    if not files:
         return None
-    log = logs[0]
-    with open(log, "rb") as f:
-        f.seek(max(0, log.stat().st_size - 65536))
-        tail = f.read().decode("utf-8", "replace")
-    matches = list(_STEP_LINE.finditer(tail))
-    if not matches:
-        return None
-    m = matches[-1]
-    return f"epoch {m.group(1)}/{m.group(2)} step {m.group(3)}/{m.group(4)} loss {m.group(5)} ({m.group(7)} ms/step)"
+    with open(files[0], "rb") as f:
+        f.seek(max(0, files[0].stat().st_size - 4096))
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    for line in reversed(lines):
+        try:
+            s = json.loads(line)
+        except ValueError:
+            continue
+        return (
+            f"epoch {s['epoch']}/{s.get('epochs', '?')} step {s['step']}/{s['steps_per_epoch']} loss {s['loss']:.6f} "
+            f"({s['step_time_ms']} ms/step)"
+        )
+    return None
 
 
 def log_tail(path: Path, lines: int = 25) -> str:
@@ -116,11 +137,12 @@ def _loss_curve(steps: list[dict], path: Path) -> None:
 def write_metrics(job_dir: Path, worker_num: int, resume_step: int) -> FinetuneResult:
     """metrics.json, loss.png and result.json of a job whose every node exited 0."""
     paths = JobPaths(job_dir)
-    worker0 = paths.log_dir / "worker_0.log"
-    steps = parse_steps(worker0) if worker0.exists() else []
+    steps = read_steps(job_dir, 0)
     if not steps:
+        worker0 = paths.log_dir / "worker_0.log"
         raise FinetuneFailed(
-            f"training ended without a single logged step; last lines of {worker0}:\n{log_tail(worker0)}"
+            f"training ended without a single recorded step ({steps_file(job_dir, 0)}); last lines of "
+            f"{worker0}:\n{log_tail(worker0)}"
         )
     if resume_step < 0:
         resume_step = (steps[0]["epoch"] - 1) * steps[0]["steps_per_epoch"] + steps[0]["step"] - 1

@@ -29,7 +29,8 @@ from distilled_plugins.finetune.metrics import (
     latest_progress,
     log_size,
     log_tail,
-    parse_steps,
+    read_steps,
+    steps_file,
     write_metrics,
 )
 from distilled_plugins.io import write_json
@@ -117,6 +118,9 @@ def launch(cfg: FinetuneConfig, job: Job | None = None) -> Launch:
         "--run_mode",
         "finetune",
     ]
+    paths.log_dir.mkdir(exist_ok=True)
+    for rank in range(cfg.node_rank * cfg.local_worker_num, (cfg.node_rank + 1) * cfg.local_worker_num):
+        steps_file(job_dir, rank).unlink(missing_ok=True)  # this attempt's steps only (a resume starts anew)
     record = jobs.start_supervisor(job_dir, cfg.node_rank, command, job_env(run_config))
     logger.info(
         "%s node %d of %d: msrun with %d worker(s) (%d on this node, host %s); logs in %s",
@@ -237,17 +241,17 @@ def collect(cfg: FinetuneConfig, launched: Launch, state: str, why: str = "") ->
             culprit = int(stopped.split()[1])
         raise FinetuneFailed(
             f"msrun of node {rank} exited with code {status['returncode']}"
-            + (f", stopped: {stopped}" if stopped else "")
+            + (f", stopped: {stopped}" if stopped and (culprit != rank or status.get("stopped")) else "")
             + f" (last progress: {latest_progress(job_dir) or 'no step logged'}); node {culprit}'s "
             + _node_tail(job_dir, culprit, cfg.local_worker_num)
         )
     if rank == 0:
         return write_metrics(job_dir, cfg.worker_num, launched.resume_step)
-    first = paths.log_dir / f"worker_{rank * cfg.local_worker_num}.log"
-    steps = parse_steps(first) if first.exists() else []
+    steps = read_steps(job_dir, rank * cfg.local_worker_num)
     if not steps:
+        first = paths.log_dir / f"worker_{rank * cfg.local_worker_num}.log"
         raise FinetuneFailed(
-            f"node {rank} ended without a single logged step; last lines of {first}:\n{log_tail(first)}"
+            f"node {rank} ended without a single recorded step; last lines of {first}:\n{log_tail(first)}"
         )
     return FinetuneResult(
         str(paths.checkpoint), str(paths.metrics), str(paths.loss), steps[-1]["step"], steps[0]["step"] - 1

@@ -110,3 +110,27 @@ def test_operator_defers_and_returns_the_checkpoint(airflow_db, tiny_packed, tmp
     assert job_dir.parent == tmp_path / run.run_id and job_dir.name.startswith("job-") and result["steps"] == 8
     metrics = json.loads(open(result["metrics"]).read())
     assert metrics["steps"][-1]["step"] == 8 and metrics["tokens_per_s"] > 0
+
+
+def test_a_timed_out_deferral_stops_the_job(tiny_packed, tmp_path):
+    from airflow.sdk.exceptions import TaskDeferralTimeout
+
+    from distilled_plugins import finetune
+    from distilled_plugins.finetune import job as jobs
+    from operators.finetune import MsrunFinetuneOperator
+
+    op = MsrunFinetuneOperator(
+        task_id="finetune",
+        config=str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml"),
+        dataset_path=str(tiny_packed),
+        output_dir=str(tmp_path),
+    )
+    job_dir = Path(finetune.find_job(op._config()).job_dir)
+    job_dir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    record = jobs.start_supervisor(job_dir, 0, ["sleep", "300"], env)  # stands in for msrun
+    with pytest.raises(TaskDeferralTimeout):
+        op.resume_execution("__fail__", {"error": "Trigger timeout"}, {})
+    assert "Trigger timeout" in json.loads((job_dir / "stop.json").read_text())["reason"]
+    assert json.loads((job_dir / "node-0.status.json").read_text())["stopped"]
+    assert not jobs.is_mine(record)[0]  # the supervisor is gone

@@ -91,6 +91,7 @@ class StepMetricsWriter(ms.train.Callback):
         super().__init__()
         self.folder = Path(folder)
         self.started = time.time()
+        self.initial_step = int(kwargs.get("initial_step") or 0)  # steps done before a resume
 
     def on_train_step_begin(self, run_context):
         self.started = time.time()
@@ -102,7 +103,9 @@ class StepMetricsWriter(ms.train.Callback):
         outputs = params.net_outputs
         loss = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
         steps_per_epoch = int(params.batch_num)
-        initial = int(params.get("initial_step", None) or 0)  # steps done before a resume
+        if params.get("initial_step", None) is not None:  # as mindformers' MFLossMonitor counts
+            self.initial_step = int(params.initial_step)
+        initial = self.initial_step
         try:
             rank = get_rank()
         except RuntimeError:  # a single worker without a communication group

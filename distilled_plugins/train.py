@@ -87,11 +87,11 @@ def apply_cpu_accommodations(device_target: str) -> list[str]:
 class StepMetricsWriter(ms.train.Callback):
     """Appends each training step's figures as one JSON line to ``<folder>/steps_<rank>.jsonl``."""
 
-    def __init__(self, folder: str, **kwargs):  # mindformers passes its default callback arguments too
+    def __init__(self, folder: str, initial_step: int = 0, **kwargs):
         super().__init__()
         self.folder = Path(folder)
         self.started = time.time()
-        self.initial_step = int(kwargs.get("initial_step") or 0)  # steps done before a resume
+        self.initial_step = int(initial_step or 0)  # steps done before a resume (the run's YAML says)
 
     def on_train_step_begin(self, run_context):
         self.started = time.time()

@@ -147,9 +147,10 @@ def job_config(run_config: dict, job_dir: Path) -> tuple[dict, int]:
     run_config = json.loads(json.dumps(run_config))
     run_config["output_dir"] = str(job_dir)
     # every worker writes its steps as JSON lines next to its log (distilled_plugins/train.py: StepMetricsWriter)
-    callbacks = [c for c in run_config.get("callbacks") or [] if c.get("type") != "StepMetricsWriter"]
-    run_config["callbacks"] = [*callbacks, {"type": "StepMetricsWriter", "folder": str(job_dir / "msrun_log")}]
     resume_step = latest_step_checkpoint(job_dir / "checkpoint")
+    callbacks = [c for c in run_config.get("callbacks") or [] if c.get("type") != "StepMetricsWriter"]
+    writer = {"type": "StepMetricsWriter", "folder": str(job_dir / "msrun_log"), "initial_step": resume_step}
+    run_config["callbacks"] = [*callbacks, writer]  # mindformers gives only its own callbacks the initial step
     if resume_step:
         # the folder of rank_N folders: mindformers takes each rank's newest checkpoint (meta.json)
         run_config["load_checkpoint"] = str(job_dir / "checkpoint")

@@ -52,6 +52,7 @@ from operators import (
 )
 from operators.deployment import load as load_deployment
 from operators.deployment import task_kwargs
+from operators.finetune import node_ranks
 from operators.pipeline import form_param, log_failure_summary, shard_plan
 
 SEED_PATH = os.environ.get("DISTILL_SEED", str(SHARED_DATA / "math_train" / "math12k_train.parquet"))
@@ -324,19 +325,12 @@ params = {
         maximum=16,
     ),
     # ---- Multi-node ----
-    "node_rank": form_param(
-        default("node_rank", 0),
-        "Node rank",
-        MULTINODE,
-        "This node's rank among the training nodes (0 on the master node)",
-        type="integer",
-        minimum=0,
-    ),
     "master_addr": form_param(
-        default("master_addr", "127.0.0.1"),
+        default("master_addr", "auto"),
         "Master address",
         MULTINODE,
-        "Address of training node 0, reachable from every node",
+        "Address of training node 0 (msrun's scheduler), reachable from every node; auto: node 0's host "
+        "publishes its own",
         type="string",
         minLength=1,
     ),
@@ -491,7 +485,8 @@ with DAG(
         finetune_config="{{ params.finetune_config }}",
         overlong="{{ params.overlong }}",
     )
-    finetuned = MsrunFinetuneOperator(
+    # one launcher per training node: the finetune task mapped over the node ranks (README, stage 5)
+    finetuned = MsrunFinetuneOperator.partial(
         task_id="finetune",
         **task_kwargs("npu", DEPLOYMENT),
         config="{{ params.finetune_config }}",
@@ -500,16 +495,15 @@ with DAG(
         load_checkpoint="{{ params.base_checkpoint or '' }}",
         worker_num="{{ params.nodes * params.workers_per_node }}",
         local_worker_num="{{ params.workers_per_node }}",
-        node_rank="{{ params.node_rank }}",
         master_addr="{{ params.master_addr }}",
         master_port="{{ params.master_port }}",
-    )
+    ).expand(node_rank=node_ranks.override(task_id="node_ranks")("{{ params.nodes }}"))
     evaluated = Math500EvalOperator(
         task_id="evaluate",
         **task_kwargs("npu_eval", DEPLOYMENT),
         output_dir=RUN_DIR + "/evaluate",
         source="{{ params.eval_source }}",
-        checkpoint=finetuned.output["checkpoint_dir"],
+        checkpoint="{{ ti.xcom_pull(task_ids='finetune', map_indexes=0)['checkpoint_dir'] }}",
         mindformers_config="{{ params.finetune_config }}",
         endpoint_conn_id="{{ params.eval_conn_id }}",
         model="{{ params.eval_model }}",

@@ -7,6 +7,10 @@ Usage (normally through ``python -m distilled_plugins.finetune``, which launches
 config -> output path -> context -> ``Trainer`` -> ``train()`` (``finetune`` and ``train`` both train; the config
 decides whether a checkpoint is loaded or resumed). Imports nothing from Airflow: it is its own process.
 
+:class:`StepMetricsWriter` is registered as a mindformers callback, so a run YAML can name it in ``callbacks``
+(the fine-tune stage does): each worker appends one JSON line per step (epoch, step, loss, step time) to
+``<folder>/steps_<rank>.jsonl``, which the stage's metrics are built from instead of the log text.
+
 CPU accommodations, applied only when ``context.device_target`` is CPU and said so in the log:
 - mindformers' loss-scale cell checks overflow with NPU-only float-status ops; on CPU the check becomes a plain
   "any gradient not finite" test (summed over workers), so a NaN/Inf step is still skipped, not hidden;
@@ -21,8 +25,10 @@ CPU accommodations, applied only when ``context.device_target`` is CPU and said 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # started as a script by msrun
@@ -78,6 +84,44 @@ def apply_cpu_accommodations(device_target: str) -> list[str]:
     ]
 
 
+class StepMetricsWriter(ms.train.Callback):
+    """Appends each training step's figures as one JSON line to ``<folder>/steps_<rank>.jsonl``."""
+
+    def __init__(self, folder: str, initial_step: int = 0, **kwargs):
+        super().__init__()
+        self.folder = Path(folder)
+        self.started = time.time()
+        self.initial_step = int(initial_step or 0)  # steps done before a resume (the run's YAML says)
+
+    def on_train_step_begin(self, run_context):
+        self.started = time.time()
+
+    def on_train_step_end(self, run_context):
+        from mindspore.communication import get_rank
+
+        params = run_context.original_args()
+        outputs = params.net_outputs
+        loss = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+        steps_per_epoch = int(params.batch_num)
+        if params.get("initial_step", None) is not None:  # as mindformers' MFLossMonitor counts
+            self.initial_step = int(params.initial_step)
+        initial = self.initial_step
+        try:
+            rank = get_rank()
+        except RuntimeError:  # a single worker without a communication group
+            rank = 0
+        line = {
+            "epoch": int(params.cur_epoch_num),
+            "epochs": int(params.epoch_num),
+            "step": (int(params.cur_step_num) + initial - 1) % steps_per_epoch + 1,
+            "steps_per_epoch": steps_per_epoch,
+            "loss": float(loss.asnumpy().mean()),
+            "step_time_ms": int((time.time() - self.started) * 1000),
+        }
+        with open(self.folder / f"steps_{rank}.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="distilled_plugins/train.py", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="the run's YAML (paths and seq_length already filled)")
@@ -85,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from mindformers.core.context import build_context
-    from mindformers.tools.register import MindFormerConfig
+    from mindformers.tools.register import MindFormerConfig, MindFormerModuleType, MindFormerRegister
     from mindformers.trainer import Trainer
     from mindformers.utils.file_utils import set_output_path
 
+    MindFormerRegister.register_cls(StepMetricsWriter, module_type=MindFormerModuleType.CALLBACK)
     config = MindFormerConfig(args.config)
     if args.run_mode:
         config.run_mode = args.run_mode

@@ -1,8 +1,10 @@
-"""MsrunFinetuneOperator: stage 5 as an Airflow task, deferrable while msrun trains."""
+"""MsrunFinetuneOperator: stage 5 as an Airflow task (one per training node), deferrable while msrun trains."""
 
 from __future__ import annotations
 
-from airflow.sdk import BaseOperator, Context
+from datetime import timedelta
+
+from airflow.sdk import BaseOperator, Context, task
 from airflow.sdk.exceptions import AirflowException
 
 from distilled_plugins import finetune
@@ -14,11 +16,13 @@ from operators.xcom import with_fields
 class MsrunFinetuneOperator(BaseOperator):
     """Fine-tune with mindformers through msrun; returns the checkpoint folder, metrics and loss curve.
 
-    Deferrable (default): the job starts detached in its own session, the task frees its worker slot and
-    :class:`~operators.triggers.MsrunJobTrigger` watches it; the task resumes when the job ends.
-    ``deferrable=False`` waits in the task instead, for deployments without a triggerer.
-    Everything lives in ``output_dir``: a retry re-attaches to a job still running there, resumes from its
-    newest checkpoint, or returns the result of a job that already finished, without training again.
+    One task instance drives one node (``node_rank``); several nodes are this operator mapped over the node
+    ranks, all with the same ``output_dir`` on shared storage and ``master_addr``. Deferrable (default): the
+    node's job starts detached in its own session, the task frees its worker slot and
+    :class:`~operators.triggers.MsrunJobTrigger` watches the node's heartbeat and status files from whatever
+    host runs the triggerer. ``deferrable=False`` waits in the task instead. The job folder is named by a
+    fingerprint of the inputs: a retry with the same inputs re-attaches to the running job, resumes from its newest
+    checkpoint, or returns its finished result; changed inputs (packed data, config, base checkpoint) train anew.
     """
 
     template_fields = (
@@ -52,6 +56,7 @@ class MsrunFinetuneOperator(BaseOperator):
         deferrable: bool = True,
         poll_interval: float = 10.0,
         stall_timeout: float | None = None,
+        dead_after: float = 60.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -69,6 +74,7 @@ class MsrunFinetuneOperator(BaseOperator):
         self.deferrable = deferrable
         self.poll_interval = poll_interval
         self.stall_timeout = stall_timeout
+        self.dead_after = dead_after
 
     def _config(self) -> finetune.FinetuneConfig:
         return finetune.FinetuneConfig(
@@ -84,6 +90,8 @@ class MsrunFinetuneOperator(BaseOperator):
             master_port=int(self.master_port),
             overrides=self.overrides,
             poll_interval=self.poll_interval,
+            stall_timeout=self.stall_timeout,
+            dead_after=self.dead_after,
         )
 
     @staticmethod
@@ -98,50 +106,65 @@ class MsrunFinetuneOperator(BaseOperator):
     @fails_clearly
     def execute(self, context: Context) -> dict | None:
         cfg = self._config()
-        done = finetune.finished_result(cfg.run_dir)
+        job = finetune.find_job(cfg)
+        done = finetune.finished(cfg, job)
         if done:
-            self.log.info(
-                "%s already holds a finished job: returning its checkpoints without training again", cfg.run_dir
-            )
+            self.log.info("%s already finished with these inputs: returning its checkpoints", job.job_dir)
             return with_fields(context, self._xcom(done))
         if not self.deferrable:
             return with_fields(context, self._xcom(finetune.run(cfg)))
-        launched = finetune.running_job(cfg.run_dir)
-        if launched:
-            self.log.info("re-attaching to the training job still running in %s (pid %d)", cfg.run_dir, launched.pid)
-        else:
-            launched = finetune.launch(cfg)
+        launched = finetune.attach(cfg, job) or finetune.launch(cfg, job)
+        self.log.info(
+            "node %d of %s: supervisor pid %d on host %s; stall timeout %g s, deferral timeout %g s",
+            cfg.node_rank,
+            launched.job_dir,
+            launched.pid,
+            launched.host,
+            job.stall_timeout,
+            job.deferral_timeout,
+        )
         self.defer(
             trigger=MsrunJobTrigger(
-                run_dir=launched.run_dir,
-                pid=launched.pid,
-                hostname=launched.hostname,
+                job_dir=launched.job_dir,
+                node_rank=cfg.node_rank,
                 poll_interval=self.poll_interval,
-                stall_timeout=self.stall_timeout,
+                stall_timeout=job.stall_timeout,
+                dead_after=self.dead_after,
             ),
             method_name="execute_complete",
             kwargs={"resume_step": launched.resume_step},
+            timeout=timedelta(seconds=job.deferral_timeout),
         )
         return None
 
     @fails_clearly
-    def execute_complete(self, context: Context, event: dict, resume_step: int = 0) -> dict:
+    def execute_complete(self, context: Context, event: dict, resume_step: int = -1) -> dict:
         cfg = self._config()
-        if event["status"] == "stalled":
-            finetune.stop(cfg.run_dir)
-            raise AirflowException(
-                f"task {self.task_id}: training in {cfg.run_dir} stalled ({event['message']}) "
-                "and was stopped; clear the task to resume from its newest checkpoint"
-            )
+        launched = finetune.Launch(event["job_dir"], int(event["node_rank"]), "", 0, resume_step)
         try:
-            result = finetune.collect(cfg, event["status"], resume_step)
+            result = finetune.collect(cfg, launched, event["status"], event.get("message", ""))
         except finetune.FinetuneFailed as e:
             raise AirflowException(
                 f"task {self.task_id}: {e}\nClear the task to resume from the newest checkpoint "
-                f"in {cfg.run_dir}/checkpoint."
+                f"in {event['job_dir']}/checkpoint."
             ) from None
         self.log.info("training finished after %d steps; checkpoints in %s", result.steps, result.checkpoint_dir)
         return with_fields(context, self._xcom(result))
 
-    def on_kill(self) -> None:
-        finetune.stop(self.output_dir)
+    def resume_execution(self, next_method: str, next_kwargs: dict | None, context: Context):
+        if next_method == "__fail__":  # the deferral timed out or the trigger crashed: do not leave training behind
+            job = finetune.find_job(self._config())
+            finetune.stop(job.job_dir, f"task {self.task_id}: {(next_kwargs or {}).get('error', 'trigger failed')}")
+        return super().resume_execution(next_method, next_kwargs, context)
+
+    def on_kill(self) -> None:  # runs only while the task is not deferred (deferrable=False, or before deferring)
+        job = finetune.find_job(self._config())
+        finetune.stop(job.job_dir, f"task {self.task_id} was killed")
+
+
+@task
+def node_ranks(nodes: int) -> list[int]:
+    """The node ranks to map :class:`MsrunFinetuneOperator` over: one task (one msrun launcher) per node."""
+    if int(nodes) < 1:
+        raise ValueError(f"nodes must be at least 1, got {nodes}")
+    return list(range(int(nodes)))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import time
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -13,57 +11,64 @@ from distilled_plugins import finetune
 
 
 class MsrunJobTrigger(BaseTrigger):
-    """Watches an msrun training job started by :class:`~operators.finetune.MsrunFinetuneOperator`.
+    """Watches one node of an msrun training job started by :class:`~operators.finetune.MsrunFinetuneOperator`,
+    from any host that sees the job folder.
 
-    Fires once: ``finished`` when the job's supervisor wrote ``status.json``, ``vanished`` when the supervisor
-    process is gone without one (only checked on the host that started it), ``stalled`` when the worker logs
-    stopped growing for ``stall_timeout`` seconds.
+    Fires once: ``finished`` when the node's supervisor wrote its status, ``dead`` when its heartbeat file did not
+    change for ``dead_after`` seconds (the supervisor was killed, or its host went away), ``stalled`` when no
+    worker log grew for ``stall_timeout`` seconds. All file I/O runs in a thread, off the triggerer's event loop.
+    When a user marks the deferred task failed or succeeded, or clears it, :meth:`on_kill` asks the job to stop.
     """
 
     def __init__(
-        self, run_dir: str, pid: int, hostname: str, poll_interval: float = 10.0, stall_timeout: float | None = None
+        self,
+        job_dir: str,
+        node_rank: int = 0,
+        poll_interval: float = 10.0,
+        stall_timeout: float | None = None,
+        dead_after: float = 60.0,
     ):
         super().__init__()
-        self.run_dir = run_dir
-        self.pid = pid
-        self.hostname = hostname
+        self.job_dir = job_dir
+        self.node_rank = node_rank
         self.poll_interval = poll_interval
         self.stall_timeout = stall_timeout
+        self.dead_after = dead_after
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
             "operators.triggers.MsrunJobTrigger",
             {
-                "run_dir": self.run_dir,
-                "pid": self.pid,
-                "hostname": self.hostname,
+                "job_dir": self.job_dir,
+                "node_rank": self.node_rank,
                 "poll_interval": self.poll_interval,
                 "stall_timeout": self.stall_timeout,
+                "dead_after": self.dead_after,
             },
         )
 
     async def run(self):
-        same_host = socket.gethostname() == self.hostname
-        last_size, last_growth, last_progress = -1, time.monotonic(), None
+        watch = finetune.Watch(self.dead_after, self.stall_timeout)
         while True:
-            status = finetune.job_status(self.run_dir, self.pid if same_host else None)
-            if status != "running":
-                yield TriggerEvent({"status": status, "run_dir": self.run_dir})
-                return
-            size = finetune.log_size(self.run_dir)
-            if size != last_size:
-                last_size, last_growth = size, time.monotonic()
-                progress = finetune.latest_progress(self.run_dir)
-                if progress and progress != last_progress:
-                    self.log.info("training %s: %s", self.run_dir, progress)
-                    last_progress = progress
-            elif self.stall_timeout and time.monotonic() - last_growth > self.stall_timeout:
+            seen = await asyncio.to_thread(finetune.probe, self.job_dir, self.node_rank)
+            state, why = watch.update(seen)
+            if state != "running":
                 yield TriggerEvent(
-                    {
-                        "status": "stalled",
-                        "run_dir": self.run_dir,
-                        "message": f"worker logs did not grow for {self.stall_timeout:g} s",
-                    }
+                    {"status": state, "job_dir": self.job_dir, "node_rank": self.node_rank, "message": why}
                 )
                 return
+            if seen["progress"] and seen["progress"] != watch.progress:
+                self.log.info("training %s node %d: %s", self.job_dir, self.node_rank, seen["progress"])
+                watch.progress = seen["progress"]
             await asyncio.sleep(self.poll_interval)
+
+    async def on_kill(self) -> None:
+        """A user marked the deferred task failed/succeeded or cleared it: stop the whole job (not in
+        ``cleanup()``, which also runs on every triggerer restart)."""
+        outcome = await asyncio.to_thread(
+            finetune.stop,
+            self.job_dir,
+            f"the deferred task of node {self.node_rank} was stopped by a user (marked failed/succeeded or cleared)",
+            20.0,
+        )
+        self.log.info("stopped the training job %s: %s", self.job_dir, outcome)

@@ -170,6 +170,23 @@ CASES = [
         "not valid YAML",
     ),
     Case(
+        "finetune names a --set value of the wrong type",
+        lambda tmp, s: (
+            "finetune",
+            [
+                "--config",
+                "finetune_tiny_cpu.yaml",
+                "--dataset-path",
+                s[1],
+                "--output-dir",
+                tmp / "job",
+                "--set",
+                "runner_config.epochs=abc",
+            ],
+        ),
+        "--set runner_config.epochs='abc': the YAML holds a int there",
+    ),
+    Case(
         "evaluate checks --baseline before any work",
         lambda tmp, s: (
             "evaluate",

@@ -46,6 +46,7 @@ def test_dag_parses_light_and_every_param_is_a_labelled_form_field():
         "reject_sampling",
         "handle",
         "pack",
+        "node_ranks",
         "finetune",
         "evaluate",
     ]
@@ -63,7 +64,6 @@ def test_dag_parses_light_and_every_param_is_a_labelled_form_field():
     sections = [info["params"][k][1]["section"] for k in info["params"]]
     assert [s for i, s in enumerate(sections) if s not in sections[:i]] == SECTIONS  # each section in one block
     assert {k for k in info["params"] if info["params"][k][1]["section"].startswith("Multi-node")} == {
-        "node_rank",
         "master_addr",
         "master_port",
     }
@@ -124,15 +124,14 @@ def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(tmp_path):
             assert merged == f"{tmp_path}/output/{DAG_ID}/{run_id}/merge/generations.jsonl"
             rows = read_jsonl(merged)
             assert len(rows) == 16 and len({r["problem"] for r in rows}) == 16  # nothing lost, nothing twice
-            finetuned = airflow.xcom(DAG_ID, run_id, "finetune")
-            assert Path(finetuned["checkpoint_dir"], "rank_0").is_dir()
+            finetuned = airflow.xcom(DAG_ID, run_id, "finetune", map_index=0)  # mapped over node ranks
+            assert Path(finetuned["checkpoint_dir"], "rank_0").is_dir() and Path(finetuned["metrics"]).exists()
             report = json.loads(Path(airflow.xcom(DAG_ID, run_id, "evaluate")).read_text())
             assert report["problems"] == 2 and report["protocol"]["n_samples"] == 1
             for task in (
                 "reject_sampling/filtered.jsonl",
                 "handle/stats.json",
                 "pack/stats.json",
-                "finetune/metrics.json",
                 "evaluate/report.md",
                 "evaluate/accuracy.png",
             ):

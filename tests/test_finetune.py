@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,12 +38,9 @@ def tiny(tiny_packed, out: Path, **overrides) -> FinetuneConfig:
 def job_processes(run_dir: Path) -> list[psutil.Process]:
     """Processes of a job: the supervisor, msrun and workers all carry the run folder in their command line."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(str(run_dir) in part for part in proc.info["cmdline"] or []):
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            pass
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and any(str(run_dir) in p for p in proc.info["cmdline"] or []):
+            found.append(proc)
     return found
 
 
@@ -49,14 +51,21 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
+def job_dir_of(cfg: FinetuneConfig) -> Path:
+    return Path(finetune.find_job(cfg).job_dir)
+
+
 @pytest.mark.slow
 def test_one_worker_stop_resume_and_finished_retry(tiny_packed, tmp_path):
-    cfg = tiny(tiny_packed, tmp_path / "job")
+    cfg = tiny(tiny_packed, tmp_path / "out")
     launched = finetune.launch(cfg)
-    wait_for(lambda: finetune.latest_step_checkpoint(cfg.run_dir / "checkpoint") >= 4, 240, "a checkpoint at step 4")
-    finetune.stop(cfg.run_dir)  # what on_kill does: the whole process group goes
-    assert job_processes(cfg.run_dir) == []
-    assert finetune.job_status(cfg.run_dir, launched.pid) == "finished"
+    job = Path(launched.job_dir)
+    assert job.parent == tmp_path / "out" and job.name == "job-" + finetune.find_job(cfg).fingerprint[:12]
+    wait_for(lambda: finetune.latest_step_checkpoint(job / "checkpoint") >= 4, 240, "a checkpoint at step 4")
+    outcome = finetune.stop(job, "test stop")  # what on_kill does: stop.json, and SIGTERM as the host is this one
+    assert outcome == {0: "stopped"} and job_processes(tmp_path) == []
+    status = json.loads((job / "node-0.status.json").read_text())
+    assert status["stopped"] == "test stop" and finetune.node_state(job, 0, 60) == "finished"
 
     result = finetune.run(cfg)  # a retry: resumes from the newest checkpoint, not from step 0
     steps = json.loads(Path(result.metrics_file).read_text())["steps"]
@@ -64,12 +73,12 @@ def test_one_worker_stop_resume_and_finished_retry(tiny_packed, tmp_path):
     assert steps[0]["step"] == result.resumed_from_step + 1 and steps[-1]["step"] == 8
     assert all(s["loss"] >= 0 for s in steps)  # 0 where a split piece holds prompt tokens only
     assert Path(result.loss_curve).read_bytes()[:4] == b"\x89PNG"
-    assert (Path(result.checkpoint_dir) / "rank_0").is_dir()
-    run_config = configs.load_yaml(cfg.run_dir / "run_config.yaml")
-    assert run_config["resume_training"] is True and run_config["load_checkpoint"] == str(cfg.run_dir / "checkpoint")
-    assert "CPU accommodations" in (cfg.run_dir / "msrun_log" / "worker_0.log").read_text()
+    assert Path(result.checkpoint_dir) == job / "checkpoint" and (job / "checkpoint" / "rank_0").is_dir()
+    run_config = configs.load_yaml(job / "run_config.yaml")
+    assert run_config["resume_training"] is True and run_config["load_checkpoint"] == str(job / "checkpoint")
+    assert "CPU accommodations" in (job / "msrun_log" / "worker_0.log").read_text()
 
-    worker_log = cfg.run_dir / "msrun_log" / "worker_0.log"
+    worker_log = job / "msrun_log" / "worker_0.log"
     before = worker_log.stat().st_mtime
     again = finetune.run(cfg)  # a retry of a finished job returns its checkpoint without training
     assert again == result and worker_log.stat().st_mtime == before
@@ -77,39 +86,62 @@ def test_one_worker_stop_resume_and_finished_retry(tiny_packed, tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_train_data_parallel(tiny_packed, tmp_path):
-    cfg = tiny(tiny_packed, tmp_path / "job", worker_num=2)
+    cfg = tiny(tiny_packed, tmp_path / "out", worker_num=2)
     result = finetune.run(cfg)
+    job = Path(result.checkpoint_dir).parent
     metrics = json.loads(Path(result.metrics_file).read_text())
     assert metrics["workers"] == 2 and len(metrics["steps"]) == 4  # 8 rows shared by 2 workers
-    assert metrics["tokens_per_s"] == pytest.approx(2 * metrics["tokens_per_s_per_worker"], rel=1e-3)  # both rounded
+    assert metrics["tokens_per_s"] == pytest.approx(2 * metrics["tokens_per_s_per_worker"], abs=0.11)  # both rounded
     norms = [
         [
             line.split("global_norm: ")[1][:12]
-            for line in (cfg.run_dir / "msrun_log" / f"worker_{r}.log").read_text().splitlines()
+            for line in (job / "msrun_log" / f"worker_{r}.log").read_text().splitlines()
             if "global_norm: " in line
         ]
         for r in (0, 1)
     ]
     assert norms[0] == norms[1]  # gradients were all-reduced: the same norm on both workers
-    assert (cfg.run_dir / "checkpoint" / "rank_1").is_dir()
+    # the steps come from the StepMetricsWriter callback; they agree with mindformers' own step lines
+    logged = finetune.parse_steps(job / "msrun_log" / "worker_0.log")
+    assert [s["step"] for s in metrics["steps"]] == [s["step"] for s in logged] == [1, 2, 3, 4]
+    assert [s["loss"] for s in metrics["steps"]] == pytest.approx([s["loss"] for s in logged], abs=1e-5)
+    assert (job / "checkpoint" / "rank_1").is_dir()
 
 
 @pytest.mark.slow
 def test_killed_worker_fails_with_its_log_tail(tiny_packed, tmp_path):
-    cfg = tiny(tiny_packed, tmp_path / "job")
+    cfg = tiny(tiny_packed, tmp_path / "out")
     launched = finetune.launch(cfg)
-    log = cfg.run_dir / "msrun_log" / "worker_0.log"
+    log = Path(launched.job_dir) / "msrun_log" / "worker_0.log"
     wait_for(lambda: log.exists() and "step:[    2/" in log.read_text(), 240, "step 2")
     # the worker is "python .../train.py --config ..."; the supervisor and msrun only pass train.py along
-    worker = next(p for p in job_processes(cfg.run_dir) if p.cmdline()[1:2] and p.cmdline()[1].endswith("train.py"))
+    worker = next(p for p in job_processes(tmp_path) if p.cmdline()[1:2] and p.cmdline()[1].endswith("train.py"))
     worker.kill()
     state = finetune.wait(launched, 0.5)
-    with pytest.raises(FinetuneFailed, match="msrun exited with code") as info:
-        finetune.collect(cfg, state)
+    with pytest.raises(FinetuneFailed, match="msrun of node 0 exited with code") as info:
+        finetune.collect(cfg, launched, state)
     message = str(info.value)
-    assert "last lines of " + str(cfg.run_dir / "msrun_log" / "worker_0.log") in message
+    assert "last lines of " + str(log) in message
     assert "(last progress: epoch 1/1 step " in message and len(message.splitlines()) > 10
-    wait_for(lambda: job_processes(cfg.run_dir) == [], 30, "no orphan processes")
+    wait_for(lambda: job_processes(tmp_path) == [], 30, "no orphan processes")
+
+
+@pytest.mark.slow
+def test_killed_supervisor_is_dead_and_its_leftovers_are_stopped(tiny_packed, tmp_path):
+    cfg = tiny(tiny_packed, tmp_path / "out", dead_after=6.0)
+    launched = finetune.launch(cfg)
+    job = Path(launched.job_dir)
+    log = job / "msrun_log" / "worker_0.log"
+    wait_for(lambda: log.exists() and "step:[    1/" in log.read_text(), 240, "step 1")
+    psutil.Process(launched.pid).kill()  # msrun and its worker live on, orphaned
+    started = time.monotonic()
+    state = finetune.wait(launched, 0.5, dead_after=cfg.dead_after)
+    assert state == "dead" and time.monotonic() - started < 60
+    with pytest.raises(FinetuneFailed, match="training node 0 of .* dead .no heartbeat") as info:
+        finetune.collect(cfg, launched, state, "no heartbeat")
+    assert "last lines of " + str(log) in str(info.value) and "node-0.launcher.log" in str(info.value)
+    assert job_processes(tmp_path) == []  # collect stopped what the dead supervisor left behind
+    assert json.loads((job / "stop.json").read_text())["reason"].startswith("node 0 dead")
 
 
 class TestPreflight:
@@ -143,4 +175,67 @@ class TestPreflight:
         cfg = tiny(tiny_packed, tmp_path / "job", worker_num=2, overrides={"parallel_config.model_parallel": 4})
         with pytest.raises(ValueError, match="uses 4 workers but worker_num is 2"):
             finetune.launch(cfg)
-        assert not (tmp_path / "job" / "supervisor.pid").exists()  # nothing was launched
+        assert not list((tmp_path / "job").glob("job-*/node-0.json"))  # nothing was launched
+
+
+def start_node(cfg: FinetuneConfig, rank: int, hostname: str, log: Path) -> subprocess.Popen:
+    """One "node": the stage's CLI in its own UTS namespace, so it sees its own hostname (root only)."""
+    cli = [
+        sys.executable,
+        "-m",
+        "distilled_plugins.finetune",
+        f"--config={cfg.config}",
+        f"--dataset-path={cfg.dataset_path}",
+        f"--output-dir={cfg.output_dir}",
+        "--worker-num=2",
+        "--local-worker-num=1",
+        f"--node-rank={rank}",
+        "--master-addr=auto",  # node 0 publishes its address, node 1 reads it
+        f"--master-port={cfg.master_port}",
+    ]
+    script = f"hostname {hostname} && exec {shlex.join(cli)}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.Popen(
+        ["unshare", "--uts", "sh", "-c", script], stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (UTS namespaces)")
+def test_two_nodes_on_two_hosts_train_to_the_end(tiny_packed, tmp_path):
+    cfg = tiny(tiny_packed, tmp_path / "out", overrides={})
+    nodes = [start_node(cfg, rank, f"node{rank}", tmp_path / f"node{rank}.log") for rank in (0, 1)]
+    for rank, node in enumerate(nodes):
+        assert node.wait(timeout=600) == 0, (tmp_path / f"node{rank}.log").read_text()[-3000:]
+    (job,) = (tmp_path / "out").glob("job-*")
+    records = [json.loads((job / f"node-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["host"] for r in records] == ["node0", "node1"]
+    assert records[0]["master_addr"] == records[1]["master_addr"] != "auto"
+    for rank in (0, 1):
+        assert list((job / "checkpoint" / f"rank_{rank}").glob("*.safetensors")), f"rank {rank} saved nothing"
+        assert json.loads((job / f"node-{rank}.status.json").read_text())["returncode"] == 0
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert metrics["workers"] == 2 and metrics["steps"][-1]["step"] == 4  # 8 rows over 2 data-parallel workers
+    assert "node 1 of 2" in (tmp_path / "node1.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (UTS namespaces)")
+def test_a_failing_node_fails_every_node_with_its_log_tail(tiny_packed, tmp_path):
+    cfg = tiny(tiny_packed, tmp_path / "out", overrides={"runner_config.epochs": 20})
+    nodes = [start_node(cfg, rank, f"node{rank}", tmp_path / f"node{rank}.log") for rank in (0, 1)]
+    log = tmp_path / "out"
+    wait_for(lambda: any("step:[" in p.read_text() for p in log.glob("job-*/msrun_log/worker_1.log")), 300, "a step")
+    (job,) = log.glob("job-*")
+    msrun1 = next(p for p in job_processes(tmp_path) if "--node_rank=1" in p.cmdline())
+    worker1 = next(p for p in msrun1.children() if any(part.endswith("train.py") for part in p.cmdline()))
+    worker1.kill()
+    assert [node.wait(timeout=300) for node in nodes] == [1, 1]
+    stop = json.loads((job / "stop.json").read_text())
+    assert stop["reason"].startswith("node 1 failed (msrun exit code") and stop["host"] == "node1"
+    node0 = (tmp_path / "node0.log").read_text()
+    assert (
+        "stopped: node 1 failed" in node0
+        and "node 1's last lines of " + str(job / "msrun_log" / "worker_1.log") in node0
+    )
+    wait_for(lambda: job_processes(tmp_path) == [], 60, "no process of either node left")

@@ -5,45 +5,89 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import threading
+from pathlib import Path
 
 import pytest
 
 from distilled_plugins import configs
+from operators import triggers
 from operators.triggers import MsrunJobTrigger
 from tests.conftest import free_port
 
 
 class TestMsrunJobTrigger:
     def test_serialization(self):
-        trigger = MsrunJobTrigger(run_dir="/r", pid=42, hostname="h", poll_interval=2.0, stall_timeout=60.0)
+        trigger = MsrunJobTrigger(
+            job_dir="/r/job-1", node_rank=1, poll_interval=2.0, stall_timeout=60.0, dead_after=30.0
+        )
         assert trigger.serialize() == (
             "operators.triggers.MsrunJobTrigger",
-            {"run_dir": "/r", "pid": 42, "hostname": "h", "poll_interval": 2.0, "stall_timeout": 60.0},
+            {"job_dir": "/r/job-1", "node_rank": 1, "poll_interval": 2.0, "stall_timeout": 60.0, "dead_after": 30.0},
         )
 
-    def test_fires_finished_when_status_is_written(self, tmp_path):
-        (tmp_path / "status.json").write_text(json.dumps({"returncode": 0}))
-        event = asyncio.run(anext(MsrunJobTrigger(str(tmp_path), 1, "h").run()))
-        assert event.payload == {"status": "finished", "run_dir": str(tmp_path)}
+    def test_fires_finished_when_the_node_status_is_written(self, tmp_path):
+        (tmp_path / "node-0.status.json").write_text(json.dumps({"returncode": 0}))
+        event = asyncio.run(anext(MsrunJobTrigger(str(tmp_path)).run()))
+        assert event.payload == {
+            "status": "finished",
+            "job_dir": str(tmp_path),
+            "node_rank": 0,
+            "message": "the node's status was written",
+        }
 
-    def test_fires_vanished_when_the_supervisor_is_gone(self, tmp_path):
-        import socket
-        import subprocess
-
-        gone = subprocess.Popen(["true"])
-        gone.wait()
-        event = asyncio.run(anext(MsrunJobTrigger(str(tmp_path), gone.pid, socket.gethostname()).run()))
-        assert event.payload["status"] == "vanished"
-
-    def test_fires_stalled_when_logs_stop_growing(self, tmp_path):
-        import os
-        import socket
-
-        trigger = MsrunJobTrigger(
-            str(tmp_path), os.getpid(), socket.gethostname(), poll_interval=0.1, stall_timeout=0.3
-        )
+    def test_fires_dead_when_the_heartbeat_stops_whatever_host_wrote_it(self, tmp_path):
+        (tmp_path / "node-1.heartbeat").touch()  # written once by a supervisor on some host, then nothing
+        trigger = MsrunJobTrigger(str(tmp_path), node_rank=1, poll_interval=0.05, dead_after=0.5)
         event = asyncio.run(anext(trigger.run()))
-        assert event.payload["status"] == "stalled" and "did not grow for 0.3 s" in event.payload["message"]
+        assert event.payload["status"] == "dead" and "no heartbeat for" in event.payload["message"]
+
+    def test_fires_stalled_when_logs_stop_growing_while_the_heartbeat_goes_on(self, tmp_path):
+        beat = tmp_path / "node-0.heartbeat"
+        beat.touch()
+
+        async def watch_while_beating():
+            async def beating():
+                for i in range(1, 1000):
+                    os.utime(beat, ns=(i * 10**9, i * 10**9))
+                    await asyncio.sleep(0.05)
+
+            beater = asyncio.create_task(beating())
+            trigger = MsrunJobTrigger(str(tmp_path), poll_interval=0.05, stall_timeout=0.5, dead_after=0.4)
+            event = await anext(trigger.run())
+            beater.cancel()
+            return event
+
+        event = asyncio.run(watch_while_beating())
+        assert event.payload["status"] == "stalled" and "did not grow for 0.5 s" in event.payload["message"]
+
+    def test_file_io_runs_off_the_event_loop(self, tmp_path, monkeypatch):
+        threads = []
+
+        def probe(job_dir, node_rank):
+            threads.append(threading.current_thread())
+            return {"finished": True, "heartbeat": None, "log_size": 0, "progress": None}
+
+        monkeypatch.setattr(triggers.finetune, "probe", probe)
+        asyncio.run(anext(MsrunJobTrigger(str(tmp_path)).run()))
+        assert threads and threads[0] is not threading.main_thread()
+
+    def test_on_kill_requests_a_stop_and_signals_no_foreign_process(self, tmp_path):
+        record = {
+            "job_dir": str(tmp_path),
+            "node_rank": 0,
+            "host": "another-host",
+            "pid": os.getpid(),  # this test's own pid, recorded by "another host": must not be signalled
+            "create_time": 0.0,
+            "cmdline": [],
+            "started_at": 0.0,
+        }
+        (tmp_path / "node-0.json").write_text(json.dumps(record))
+        (tmp_path / "node-0.heartbeat").touch()
+        os.utime(tmp_path / "node-0.heartbeat", (1, 1))  # long gone: on_kill need not wait for its status
+        asyncio.run(MsrunJobTrigger(str(tmp_path), dead_after=0.1).on_kill())
+        assert "stopped by a user" in json.loads((tmp_path / "stop.json").read_text())["reason"]
 
 
 @pytest.mark.slow
@@ -62,6 +106,31 @@ def test_operator_defers_and_returns_the_checkpoint(airflow_db, tiny_packed, tmp
     assert run.state == "success"
     assert "running trigger in line" in caplog.text  # it really deferred
     result = run.get_task_instance("finetune").xcom_pull(task_ids="finetune")
-    assert result["checkpoint_dir"] == f"{tmp_path}/{run.run_id}/checkpoint" and result["steps"] == 8
+    job_dir = Path(result["checkpoint_dir"]).parent
+    assert job_dir.parent == tmp_path / run.run_id and job_dir.name.startswith("job-") and result["steps"] == 8
     metrics = json.loads(open(result["metrics"]).read())
     assert metrics["steps"][-1]["step"] == 8 and metrics["tokens_per_s"] > 0
+
+
+def test_a_timed_out_deferral_stops_the_job(tiny_packed, tmp_path):
+    from airflow.sdk.exceptions import TaskDeferralTimeout
+
+    from distilled_plugins import finetune
+    from distilled_plugins.finetune import job as jobs
+    from operators.finetune import MsrunFinetuneOperator
+
+    op = MsrunFinetuneOperator(
+        task_id="finetune",
+        config=str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml"),
+        dataset_path=str(tiny_packed),
+        output_dir=str(tmp_path),
+    )
+    job_dir = Path(finetune.find_job(op._config()).job_dir)
+    job_dir.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    record = jobs.start_supervisor(job_dir, 0, ["sleep", "300"], env)  # stands in for msrun
+    with pytest.raises(TaskDeferralTimeout):
+        op.resume_execution("__fail__", {"error": "Trigger timeout"}, {})
+    assert "Trigger timeout" in json.loads((job_dir / "stop.json").read_text())["reason"]
+    assert json.loads((job_dir / "node-0.status.json").read_text())["stopped"]
+    assert not jobs.is_mine(record)[0]  # the supervisor is gone

@@ -1,0 +1,74 @@
+"""Stage 5: fine-tune with mindformers, launched through ``msrun``; resumable, stoppable from any host, one
+launcher per node, with metrics and a loss curve.
+
+Usage:
+    python -m distilled_plugins.finetune --config configs/finetune_tiny_cpu.yaml --dataset-path packed/ \\
+        --output-dir finetune/ --worker-num 1
+    # production: --config configs/finetune_qwen_2_5_7b.yaml --load-checkpoint /models/Qwen2.5-Math-7B-Instruct
+    #             --worker-num 16 --local-worker-num 8 --node-rank N --master-addr NODE0 (one call per node)
+
+``--output-dir`` (on storage every node sees) holds one folder per job, ``job-<id>``, the id being the first 12
+hex digits of a fingerprint of the job's inputs (packed data, resolved YAML, workers, base checkpoint). A job
+folder holds ``job.json`` (the fingerprint and its inputs), ``run_config.yaml``, per node ``node-R.json`` (the
+supervisor's host, pid, start time and command line), ``node-R.heartbeat``, ``node-R.launcher.log`` and
+``node-R.status.json``, ``msrun_log/worker_N.log`` (global ranks), ``checkpoint/rank_N/``, ``stop.json`` when a
+stop was requested, and on success ``metrics.json``, ``loss.png`` and ``result.json``.
+
+Running again with the same inputs re-attaches to the job while its heartbeat is fresh, resumes from its newest
+checkpoint, or returns its finished result; other inputs start a new job folder (the old one is kept).
+
+Modules: :mod:`.config` (settings, run YAML, preflight, fingerprint), :mod:`.job` (supervisor, heartbeat, stop,
+"is this process mine"), :mod:`.metrics` (logs, metrics, loss curve), :mod:`.stage` (launch, wait, collect).
+"""
+
+from distilled_plugins.finetune.config import FinetuneConfig, latest_step_checkpoint
+from distilled_plugins.finetune.job import JobPaths, NodeRecord, is_mine, node_state, request_stop, running_node
+from distilled_plugins.finetune.metrics import (
+    FinetuneFailed,
+    FinetuneResult,
+    finished_result,
+    latest_progress,
+    parse_steps,
+)
+from distilled_plugins.finetune.stage import (
+    Job,
+    Launch,
+    Watch,
+    attach,
+    collect,
+    find_job,
+    finished,
+    launch,
+    probe,
+    run,
+    stop,
+    wait,
+)
+
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneFailed",
+    "FinetuneResult",
+    "Job",
+    "JobPaths",
+    "Launch",
+    "NodeRecord",
+    "Watch",
+    "attach",
+    "collect",
+    "find_job",
+    "finished",
+    "finished_result",
+    "is_mine",
+    "latest_progress",
+    "latest_step_checkpoint",
+    "launch",
+    "node_state",
+    "parse_steps",
+    "probe",
+    "request_stop",
+    "run",
+    "running_node",
+    "stop",
+    "wait",
+]

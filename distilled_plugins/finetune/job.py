@@ -1,0 +1,392 @@
+"""Job control that works from any host: the job's folder, the node supervisor (heartbeat, stop requests), the
+one test of "is this process mine", and stopping.
+
+A job lives in ``<output_dir>/job-<id>/`` on storage every host sees. Each node's launcher starts a supervisor in
+its own session; the supervisor records itself in ``node-<rank>.json`` (host, pid, start time, command line),
+touches ``node-<rank>.heartbeat`` every few seconds, runs msrun, and writes ``node-<rank>.status.json`` when
+msrun ends. Anyone, on any host, stops the job by writing ``stop.json``; every supervisor polls for it and stops
+its msrun. A node whose msrun fails writes ``stop.json`` too, so the other nodes stop. Signals are only a shortcut
+for a supervisor on this very host, and only after :func:`is_mine` said so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from distilled_plugins.io import write_json
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 2.0  # the supervisor touches its heartbeat this often
+STOP_GRACE = 10.0  # seconds msrun gets to stop its workers after SIGTERM before the rest is killed
+
+
+class JobPaths:
+    """The files of one job folder."""
+
+    def __init__(self, job_dir: str | Path):
+        self.dir = Path(job_dir)
+        self.job = self.dir / "job.json"  # id, fingerprint and the inputs it hashes
+        self.run_config = self.dir / "run_config.yaml"
+        self.log_dir = self.dir / "msrun_log"
+        self.checkpoint = self.dir / "checkpoint"
+        self.stop = self.dir / "stop.json"
+        self.metrics = self.dir / "metrics.json"
+        self.loss = self.dir / "loss.png"
+        self.result = self.dir / "result.json"
+
+    def record(self, rank: int) -> Path:
+        return self.dir / f"node-{rank}.json"
+
+    def heartbeat(self, rank: int) -> Path:
+        return self.dir / f"node-{rank}.heartbeat"
+
+    def status(self, rank: int) -> Path:
+        return self.dir / f"node-{rank}.status.json"
+
+    def launcher_log(self, rank: int) -> Path:
+        return self.dir / f"node-{rank}.launcher.log"
+
+
+@dataclass
+class NodeRecord:
+    """Who runs one node of a job: written by its supervisor when it starts."""
+
+    job_dir: str
+    node_rank: int
+    host: str
+    pid: int
+    create_time: float
+    cmdline: list[str]
+    started_at: float
+    master_addr: str = ""  # the msrun master address this node was given (node 0's is the cluster's)
+
+    @classmethod
+    def read(cls, path: Path) -> NodeRecord | None:
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def this_address() -> str:
+    """This host's address as other hosts reach it (the source address of its default route)."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # nothing is sent: connecting a UDP socket only picks the route
+        return s.getsockname()[0]
+    try:
+        return socket.gethostbyname(this_host())
+    except OSError:
+        return "127.0.0.1"  # no route and no resolvable name: a single host
+
+
+def wait_for_master(job_dir: str | Path, timeout: float, dead_after: float) -> str:
+    """The address node 0 of a running job gave msrun (``master_addr=auto``): read from its record once its
+    heartbeat is fresh, so a record of an earlier attempt is never taken."""
+    paths = JobPaths(job_dir)
+    deadline = time.monotonic() + timeout
+    while True:
+        record = NodeRecord.read(paths.record(0))
+        if record and record.master_addr and node_state(job_dir, 0, dead_after) == "running":
+            return record.master_addr
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"node 0 of {job_dir} did not start within {timeout:g} s: its address (master_addr=auto) is "
+                "unknown; check node 0's task, or give master_addr explicitly"
+            )
+        time.sleep(1)
+
+
+def is_mine(record: NodeRecord, pid: int | None = None) -> tuple[bool, str]:
+    """THE test of "may this host signal that process": ``pid`` (default: the record's supervisor) is the
+    recorded supervisor (same host, same pid, same start time, same command line) or a process of its session
+    started after it (msrun and its workers; they outlive a killed supervisor). Returns the verdict and why."""
+    import psutil
+
+    here = this_host()
+    if record.host != here:
+        return False, f"supervisor of node {record.node_rank} runs on host {record.host!r}, not on this host {here!r}"
+    pid = record.pid if pid is None else pid
+    try:
+        proc = psutil.Process(pid)
+        create_time, cmdline, status = proc.create_time(), proc.cmdline(), proc.status()
+        session = os.getsid(pid)
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError, PermissionError):
+        return False, f"pid {pid} of node {record.node_rank} is gone"
+    if status == psutil.STATUS_ZOMBIE:
+        return False, f"pid {pid} of node {record.node_rank} has exited"
+    if pid == record.pid:
+        if abs(create_time - record.create_time) > 0.05 or cmdline != record.cmdline:
+            return False, (
+                f"pid {pid} now belongs to another process ({' '.join(cmdline)[:120]!r}, started "
+                f"{time.ctime(create_time)}): the record of node {record.node_rank} is stale"
+            )
+        return True, f"pid {pid} is the supervisor of node {record.node_rank}"
+    if session == record.pid and create_time >= record.create_time - 0.05:
+        try:
+            leader_gone = psutil.Process(record.pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            leader_gone = True
+        # msrun or a worker outliving a supervisor that died (the kernel reuses no pid while its session lives)
+        if leader_gone or is_mine(record)[0]:
+            return True, f"pid {pid} belongs to the session of node {record.node_rank}'s supervisor"
+    return False, f"pid {pid} is not part of node {record.node_rank}'s job"
+
+
+def _own_processes(record: NodeRecord) -> list:
+    """The supervisor and the processes of its session on this host that :func:`is_mine` accepts."""
+    import psutil
+
+    if record.host != this_host():
+        return []
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if (proc.pid == record.pid or os.getsid(proc.pid) == record.pid) and is_mine(record, proc.pid)[0]:
+                found.append(proc)
+    return found
+
+
+# ---- the supervisor (one per node) ----------------------------------------------------------------------------
+
+
+def stop_requested(paths: JobPaths) -> dict | None:
+    try:
+        return json.loads(paths.stop.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"reason": "stop requested (unreadable stop.json)"}
+
+
+def request_stop(job_dir: str | Path, reason: str) -> None:
+    """Ask every node of the job to stop (works from any host that sees the folder); the first request wins."""
+    paths = JobPaths(job_dir)
+    if paths.dir.is_dir() and not paths.stop.exists():
+        write_json(paths.stop, {"reason": reason, "host": this_host(), "requested_at": time.time()})
+
+
+def _terminate_tree(root_pid: int, grace: float = STOP_GRACE) -> int | None:
+    """SIGTERM a process and its descendants, SIGKILL what is left after ``grace`` s; returns the root's exit
+    code (it is reaped here, so its Popen can no longer tell)."""
+    import psutil
+
+    try:
+        root = psutil.Process(root_pid)
+        members = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return None
+    returncode = None
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for proc in members:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(sig)
+        gone, members = psutil.wait_procs(members, timeout=grace)
+        returncode = next((p.returncode for p in gone if p.pid == root_pid), returncode)
+        if not members:
+            break
+    return returncode
+
+
+def _end_session(leader: int) -> None:
+    """Kill what is left in the supervisor's session (helpers a worker started and that lost their parent)."""
+    import psutil
+
+    left = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if proc.pid != leader and os.getsid(proc.pid) == leader:
+                proc.kill()
+                left.append(proc)
+    if left:
+        psutil.wait_procs(left, timeout=5)
+        print(f"killed {len(left)} leftover process(es) of the job's session", flush=True)
+
+
+def supervise(job_dir: Path, node_rank: int, command: list[str]) -> int:
+    """Record this node, run msrun with a heartbeat, stop it on request (or when another node failed), and
+    write this node's status. Runs detached, in its own session, on the node's host."""
+    import psutil
+
+    paths = JobPaths(job_dir)
+    me = psutil.Process()
+    master = next((a.split("=", 1)[1] for a in command if a.startswith("--master_addr=")), "")
+    record = NodeRecord(
+        str(job_dir), node_rank, this_host(), me.pid, me.create_time(), me.cmdline(), time.time(), master
+    )
+    write_json(paths.record(node_rank), asdict(record))
+    paths.heartbeat(node_rank).touch()
+    terminated = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
+    child = subprocess.Popen(command)
+    stopped, last_beat, returncode = None, 0.0, None
+    while child.poll() is None:
+        if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
+            with contextlib.suppress(OSError):
+                os.utime(paths.heartbeat(node_rank))
+            last_beat = time.monotonic()
+        request = stop_requested(paths) or ({"reason": "SIGTERM on this host"} if terminated else None)
+        if request:
+            stopped = request.get("reason", "stop requested")
+            print(f"stopping node {node_rank}: {stopped}", flush=True)
+            returncode = _terminate_tree(child.pid)
+            break
+        time.sleep(0.5)
+    if returncode is None:
+        returncode = child.wait()
+    _end_session(me.pid)
+    if returncode and not stopped:  # this node failed: the others must not wait for it
+        request_stop(job_dir, f"node {node_rank} failed (msrun exit code {returncode})")
+    write_json(
+        paths.status(node_rank),
+        {"returncode": returncode, "stopped": stopped, "host": record.host, "finished_at": time.time()},
+    )
+    return returncode
+
+
+def start_supervisor(job_dir: Path, node_rank: int, command: list[str], env: dict, timeout: float = 60.0) -> NodeRecord:
+    """Start this node's supervisor detached and wait for its record (the job outlives the caller)."""
+    paths = JobPaths(job_dir)
+    for stale in (paths.status(node_rank), paths.record(node_rank), paths.heartbeat(node_rank)):
+        stale.unlink(missing_ok=True)
+    with open(paths.launcher_log(node_rank), "ab") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distilled_plugins.finetune",
+                "--supervise",
+                str(job_dir),
+                str(node_rank),
+                "--",
+                *command,
+            ],
+            cwd=job_dir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while (record := NodeRecord.read(paths.record(node_rank))) is None or record.pid != process.pid:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"the supervisor of {job_dir} node {node_rank} exited at once ({process.returncode}); "
+                f"see {paths.launcher_log(node_rank)}"
+            )
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the supervisor of {job_dir} node {node_rank} did not start within {timeout:g} s")
+        time.sleep(0.1)
+    return record
+
+
+# ---- state, seen from any host --------------------------------------------------------------------------------
+
+
+def heartbeat_age(paths: JobPaths, rank: int) -> float | None:
+    """Seconds since the node's last heartbeat by this host's clock (None: no heartbeat file)."""
+    try:
+        return time.time() - paths.heartbeat(rank).stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def node_state(job_dir: str | Path, rank: int, dead_after: float) -> str:
+    """``finished`` (status written), ``running`` (heartbeat fresh), ``dead`` (no status and a heartbeat older
+    than ``dead_after`` s), or ``absent`` (this node never started here)."""
+    paths = JobPaths(job_dir)
+    if paths.status(rank).exists():
+        return "finished"
+    age = heartbeat_age(paths, rank)
+    if age is None:
+        return "absent"
+    return "running" if age < dead_after else "dead"
+
+
+def running_node(job_dir: str | Path, rank: int, dead_after: float) -> NodeRecord | None:
+    """The live supervisor of node ``rank`` on any host, to re-attach to instead of starting a second one. A
+    record whose heartbeat stopped is reported and never adopted (nor signalled)."""
+    paths = JobPaths(job_dir)
+    state = node_state(job_dir, rank, dead_after)
+    record = NodeRecord.read(paths.record(rank))
+    if state == "running" and record:
+        return record
+    if state == "dead" and record:
+        logger.warning(
+            "node %d of %s: the supervisor recorded on host %s (pid %d) sent no heartbeat for %.0f s: not "
+            "adopting it (%s); starting a new one",
+            rank,
+            job_dir,
+            record.host,
+            record.pid,
+            heartbeat_age(paths, rank) or 0,
+            is_mine(record)[1],
+        )
+    return None
+
+
+def stop(job_dir: str | Path, reason: str = "stop requested", wait: float = 30.0) -> dict[int, str]:
+    """Stop the whole job from any host: write the stop request; supervisors on this host whose identity
+    :func:`is_mine` confirms also get SIGTERM, and what of them is left after ``wait`` s is killed. Returns each
+    node's outcome (``stopped``, ``finished``, or why it was left alone)."""
+    import psutil
+
+    paths = JobPaths(job_dir)
+    request_stop(job_dir, reason)
+    records = {r.node_rank: r for p in sorted(paths.dir.glob("node-*.json")) if (r := NodeRecord.read(p))}
+    outcome, signalled = {}, set()
+    for rank, record in records.items():
+        if paths.status(rank).exists():
+            outcome[rank] = "finished"
+            continue
+        mine, why = is_mine(record)
+        if mine:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.pid, signal.SIGTERM)
+            signalled.add(rank)
+        outcome[rank] = why
+
+    def settled(rank: int) -> bool:
+        if paths.status(rank).exists():
+            return True
+        if records[rank].host == this_host():
+            return not _own_processes(records[rank])
+        return node_state(job_dir, rank, STOP_GRACE * 3) == "dead"  # another host: its supervisor obeys stop.json
+
+    deadline = time.monotonic() + wait
+    pending = [r for r in records if outcome[r] != "finished" and not settled(r)]
+    while pending and time.monotonic() < deadline:
+        time.sleep(0.5)
+        pending = [r for r in pending if not settled(r)]
+    for rank in records:
+        if outcome[rank] == "finished":
+            continue
+        left = _own_processes(records[rank])
+        for proc in left:  # the supervisor did not stop them in time, or it was killed and left its session behind
+            with contextlib.suppress(Exception):
+                proc.kill()
+        if left:
+            psutil.wait_procs(left, timeout=5)
+            outcome[rank] = f"killed {len(left)} process(es) still running after {wait:g} s"
+        elif paths.status(rank).exists() or rank in signalled:
+            outcome[rank] = "stopped"
+        else:
+            outcome[rank] = f"asked to stop through {paths.stop.name}; not signalled: {outcome[rank]}"
+    for rank, what in outcome.items():
+        logger.info("stop %s node %d (host %s): %s", job_dir, rank, records[rank].host, what)
+    return outcome

@@ -1,0 +1,158 @@
+"""Job identity and control without training: "is this process mine", stale and foreign records, stop requests
+obeyed by a real supervisor, and the fingerprint that names a job's folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import psutil
+import pytest
+
+from distilled_plugins import configs, finetune
+from distilled_plugins.finetune import job as jobs
+from distilled_plugins.finetune.job import JobPaths, NodeRecord
+
+TINY = str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml")
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def sleeper():
+    """A live process that has nothing to do with any job."""
+    proc = subprocess.Popen(["sleep", "300"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def record_for(job_dir: Path, proc: psutil.Process, **changes) -> NodeRecord:
+    record = NodeRecord(str(job_dir), 0, jobs.this_host(), proc.pid, proc.create_time(), proc.cmdline(), time.time())
+    for key, value in changes.items():
+        setattr(record, key, value)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / "node-0.json").write_text(json.dumps(asdict(record)))
+    return record
+
+
+class TestIsMine:
+    def test_the_recorded_process_on_this_host_is_mine(self, sleeper, tmp_path):
+        record = record_for(tmp_path, psutil.Process(sleeper.pid))
+        assert jobs.is_mine(record) == (True, f"pid {sleeper.pid} is the supervisor of node 0")
+
+    def test_a_record_of_another_host_is_never_mine(self, sleeper, tmp_path):
+        record = record_for(tmp_path, psutil.Process(sleeper.pid), host="node-elsewhere")
+        mine, why = jobs.is_mine(record)
+        assert not mine and "runs on host 'node-elsewhere'" in why
+
+    def test_a_reused_pid_is_not_mine(self, sleeper, tmp_path):
+        # the record names a live process, but one started later with another command line: a stale record
+        record = record_for(tmp_path, psutil.Process(sleeper.pid), create_time=1.0, cmdline=["python", "-m", "x"])
+        mine, why = jobs.is_mine(record)
+        assert not mine and "belongs to another process" in why and "stale" in why
+
+    def test_a_gone_pid_is_not_mine(self, tmp_path):
+        gone = subprocess.Popen(["sleep", "300"])
+        record = record_for(tmp_path, psutil.Process(gone.pid))
+        gone.kill()
+        gone.wait()
+        assert jobs.is_mine(record) == (False, f"pid {gone.pid} of node 0 is gone")
+
+
+class TestStaleAndForeignRecords:
+    def test_a_stale_record_naming_a_live_unrelated_process_is_reported_not_adopted(self, sleeper, tmp_path, caplog):
+        caplog.set_level(logging.WARNING)
+        record_for(tmp_path, psutil.Process(sleeper.pid), create_time=1.0)
+        beat = JobPaths(tmp_path).heartbeat(0)
+        beat.touch()
+        os.utime(beat, (time.time() - 600, time.time() - 600))  # its supervisor stopped beating 10 minutes ago
+        assert jobs.running_node(tmp_path, 0, dead_after=60) is None
+        assert f"(pid {sleeper.pid}) sent no heartbeat" in caplog.text and "not adopting it" in caplog.text
+        outcome = jobs.stop(tmp_path, "test", wait=1)
+        assert sleeper.poll() is None  # never signalled
+        assert "belongs to another process" in outcome[0]
+
+    def test_a_live_job_on_another_host_is_re_attached_and_stopped_by_request_only(self, sleeper, tmp_path):
+        record_for(tmp_path, psutil.Process(sleeper.pid), host="node-elsewhere")
+        JobPaths(tmp_path).heartbeat(0).touch()  # fresh heartbeat: it is running over there
+        attached = jobs.running_node(tmp_path, 0, dead_after=60)
+        assert attached is not None and attached.host == "node-elsewhere"  # no second training is started
+        outcome = jobs.stop(tmp_path, "user", wait=1)
+        assert sleeper.poll() is None  # the pid means nothing on this host: not signalled
+        assert json.loads((tmp_path / "stop.json").read_text())["reason"] == "user"
+        assert outcome[0].startswith("asked to stop through stop.json") and "node-elsewhere" in outcome[0]
+
+
+class TestSupervisor:
+    def start(self, tmp_path: Path, command: list[str]) -> NodeRecord:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        return jobs.start_supervisor(tmp_path, 0, command, env)
+
+    def test_heartbeat_and_a_stop_request_from_anywhere(self, tmp_path):
+        record = self.start(tmp_path, ["sleep", "300"])
+        assert jobs.is_mine(record)[0] and record.cmdline[1:4] == ["-m", "distilled_plugins.finetune", "--supervise"]
+        beat = JobPaths(tmp_path).heartbeat(0)
+        first = beat.stat().st_mtime_ns
+        wait_for(lambda: beat.stat().st_mtime_ns != first, 30, "a second heartbeat")
+        assert finetune.node_state(tmp_path, 0, 60) == "running"
+        sleep = [p for p in psutil.Process(record.pid).children() if p.name() == "sleep"]
+        jobs.request_stop(tmp_path, "asked from another host")  # a file, no signal
+        wait_for(lambda: JobPaths(tmp_path).status(0).exists(), 30, "the node's status")
+        status = json.loads(JobPaths(tmp_path).status(0).read_text())
+        assert status["stopped"] == "asked from another host" and status["returncode"] != 0
+        assert sleep and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in sleep)
+
+    def test_a_failing_node_asks_the_others_to_stop(self, tmp_path):
+        self.start(tmp_path, [sys.executable, "-c", "raise SystemExit(3)"])
+        wait_for(lambda: JobPaths(tmp_path).status(0).exists(), 30, "the node's status")
+        assert json.loads((tmp_path / "stop.json").read_text())["reason"] == "node 0 failed (msrun exit code 3)"
+
+    def test_leftovers_of_a_killed_supervisor_are_mine_and_stopped(self, tmp_path):
+        record = self.start(tmp_path, ["sleep", "300"])
+
+        def sleeping():  # the supervised command itself, not a short-lived helper the supervisor starts first
+            return [p for p in psutil.Process(record.pid).children() if p.name() == "sleep"]
+
+        wait_for(sleeping, 30, "the supervised process")
+        orphan = sleeping()[0]
+        psutil.Process(record.pid).kill()
+        wait_for(lambda: not jobs.is_mine(record)[0], 30, "the supervisor to be gone")
+        verdict = jobs.is_mine(record, orphan.pid)
+        assert verdict[0], (verdict[1], os.getsid(orphan.pid), record.pid, orphan.create_time() - record.create_time)
+        outcome = jobs.stop(tmp_path, "dead supervisor", wait=2)
+        assert outcome[0].startswith("killed 1 process")
+        wait_for(lambda: not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE, 30, "the orphan to end")
+
+
+class TestFingerprint:
+    def cfg(self, packed: Path, out: Path, **kw) -> finetune.FinetuneConfig:
+        return finetune.FinetuneConfig(config=TINY, dataset_path=str(packed), output_dir=str(out), **kw)
+
+    def test_same_inputs_same_job_other_inputs_new_job(self, tiny_packed, tmp_path, caplog):
+        import shutil
+
+        packed = Path(shutil.copytree(tiny_packed, tmp_path / "packed"))
+        out = tmp_path / "out"
+        first = finetune.find_job(self.cfg(packed, out))
+        assert finetune.find_job(self.cfg(packed, out, master_port=9999, poll_interval=1)).job_dir == first.job_dir
+        Path(first.job_dir).mkdir(parents=True)
+        changed_config = finetune.find_job(self.cfg(packed, out, overrides={"runner_config.epochs": 2}))
+        stats = packed / "stats.json"
+        stats.write_text(stats.read_text())  # packed again: same bytes, new mtime
+        caplog.set_level(logging.INFO)
+        repacked = finetune.find_job(self.cfg(packed, out))
+        assert len({first.job_dir, changed_config.job_dir, repacked.job_dir}) == 3
+        assert f"the inputs changed since the job(s) {first.job_dir}" in caplog.text
+        assert first.stall_timeout == 600 and first.deferral_timeout == 8 * 60 + 2 * 600  # 8 steps on CPU

@@ -1,9 +1,15 @@
 """Distil DeepSeek-R1 chain-of-thought into Qwen2.5-Math-7B-Instruct with MindSpore Transformers.
 
-generate (mapped over shards) -> merge -> reject_sampling -> handle -> pack -> finetune -> evaluate
+choose_source -> seed -> shard_plan -> generate (mapped over shards) -> merge -> reject_sampling -> handle -> pack
+              -> from_openr1 -----------------------------------------------------------------> handle
+              -> from_packed ------------------------------------------------------------------------------> finetune
+finetune -> evaluate
 
-Runs when triggered from the UI (every setting is a parameter of the trigger form) and whenever the seed data
-asset is updated. Artifacts live under {output_root}/{dag_id}/{run_id}/{task_id}/; XCom carries paths only.
+Runs when triggered from the UI (every setting is a parameter of the trigger form) and by itself whenever the
+seed's content changes (the seed asset's watcher fires; the run reads the seed from that event). The ``source``
+parameter picks the entry point; the stages that do not apply are skipped. Outlets: the filtered and packed
+datasets, the fine-tuned model and the evaluation report, as assets other DAGs can schedule on.
+Artifacts live under {output_root}/{dag_id}/{run_id}/{task_id}/; XCom carries paths only.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import json
 import os
 from datetime import timedelta
 
-from airflow.sdk import DAG, Asset, Param, chain
+from airflow.sdk import DAG, Param, chain
 
 from distilled_plugins.configs import SHARED_DATA
 from operators import (
@@ -24,10 +30,10 @@ from operators import (
     PackDatasetOperator,
     RejectSamplingOperator,
 )
+from operators.assets import EVAL_REPORT, FILTERED, MODEL, PACKED, SEED, SEED_PATH
 from operators.pipeline import log_failure_summary, shard_plan
+from operators.sources import choose_source, from_openr1, from_packed, seed
 
-SEED_PATH = os.environ.get("DISTILL_SEED", str(SHARED_DATA / "math_train" / "math12k_train.parquet"))
-SEED = Asset(name="distill_seed", uri=f"file://{SEED_PATH}")
 OUTPUT_ROOT = os.environ.get("DISTILL_OUTPUT_ROOT", "/opt/airflow/distill")
 RETRY_DELAY = timedelta(seconds=float(os.environ.get("DISTILL_RETRY_DELAY_SECONDS", "60")))
 RUN_DIR = "{{ params.output_root }}/{{ dag.dag_id }}/{{ run_id }}"
@@ -193,6 +199,31 @@ params = {
         minLength=1,
         description="Where artifacts and the shared generation store live",
     ),
+    # ---- entry point (issue 16): which stages run; the others are skipped ----
+    "source": Param(
+        default("source", "generate"),
+        type="string",
+        enum=["generate", "openr1_dataset", "packed_dataset"],
+        title="Entry point",
+        description="generate: from the seed, every stage; openr1_dataset: from OpenR1-Math-220k's distilled "
+        "parquet, handle onwards; packed_dataset: from an already packed dataset, fine-tune and evaluate only",
+    ),
+    "openr1_dataset": Param(
+        default("openr1_dataset", f"{OUTPUT_ROOT}/inputs/openr1_math_220k"),
+        type="string",
+        minLength=1,
+        title="OpenR1 dataset",
+        description="Entry point openr1_dataset: parquet/jsonl file or folder of distilled conversations "
+        "with a 'messages' column (OpenR1-Math-220k's data/*.parquet)",
+    ),
+    "packed_dataset": Param(
+        default("packed_dataset", f"{OUTPUT_ROOT}/inputs/packed"),
+        type="string",
+        minLength=1,
+        title="Packed dataset",
+        description="Entry point packed_dataset: a folder written by python -m distilled_plugins.pack, "
+        "packed at the fine-tune profile's seq_length",
+    ),
 }
 
 default_args = {
@@ -214,10 +245,14 @@ with DAG(
     tags=["distillation", "mindformers"],
     doc_md=__doc__,
 ) as dag:
+    entry = choose_source("{{ params.source }}")
+    seed_info = seed("{{ params.seed_dataset }}")
+    openr1 = from_openr1("{{ params.openr1_dataset }}")
+    prepacked = from_packed("{{ params.packed_dataset }}")
     shards = shard_plan.override(task_id="shard_plan")("{{ params.shards }}")
     generate = GenerateReasoningOperator.partial(
         task_id="generate",
-        dataset_name="{{ params.seed_dataset }}",
+        dataset_name="{{ ti.xcom_pull(task_ids='seed', key='seed') }}",
         model="{{ params.teacher_model }}",
         teacher_conn_id="{{ params.teacher_conn_id }}",
         prompt_column="{{ params.prompt_column }}",
@@ -242,10 +277,13 @@ with DAG(
         dst=RUN_DIR + "/reject_sampling/filtered.jsonl",
         answer_column="{{ params.answer_column }}",
         problem_column="{{ params.prompt_column }}",
+        outlets=[FILTERED],
     )
     handled = HandleDatasetOperator(
         task_id="handle",
-        src=filtered.output["output"],
+        # from whichever entry point ran: rejection sampling's output or the OpenR1-style dataset
+        src="{{ ti.xcom_pull(task_ids='reject_sampling', key='output') or ti.xcom_pull(task_ids='from_openr1') }}",
+        trigger_rule="none_failed_min_one_success",
         dst=RUN_DIR + "/handle",
         tokenizer="{{ params.tokenizer_dir }}",
         max_length="{{ params.max_length }}",
@@ -257,11 +295,14 @@ with DAG(
         dst=RUN_DIR + "/pack",
         finetune_config="{{ params.finetune_config }}",
         overlong="{{ params.overlong }}",
+        outlets=[PACKED],
     )
     finetuned = MsrunFinetuneOperator(
         task_id="finetune",
         config="{{ params.finetune_config }}",
-        dataset_path=packed.output,
+        dataset_path="{{ ti.xcom_pull(task_ids='pack') or ti.xcom_pull(task_ids='from_packed') }}",
+        trigger_rule="none_failed_min_one_success",
+        outlets=[MODEL],
         output_dir=RUN_DIR + "/finetune",
         load_checkpoint="{{ params.base_checkpoint }}",
         worker_num="{{ params.nodes * params.workers_per_node }}",
@@ -281,5 +322,8 @@ with DAG(
         n_samples="{{ params.eval_samples }}",
         limit="{{ params.eval_limit }}",
         max_new_tokens="{{ params.eval_max_new_tokens }}",
+        outlets=[EVAL_REPORT],
     )
-    chain(shards, generate, merged, filtered, handled, packed, finetuned, evaluated)
+    chain(entry, seed_info, shards, generate, merged, filtered, handled, packed, finetuned, evaluated)
+    chain(entry, openr1, handled)
+    chain(entry, prepacked, finetuned)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException
 
 from distilled_plugins import finetune
+from operators.assets import emit
 from operators.triggers import MsrunJobTrigger
 from operators.xcom import with_fields
 
@@ -85,8 +89,18 @@ class MsrunFinetuneOperator(BaseOperator):
             poll_interval=self.poll_interval,
         )
 
-    @staticmethod
-    def _xcom(result: finetune.FinetuneResult) -> dict:
+    def _xcom(self, context: Context, result: finetune.FinetuneResult) -> dict:
+        metrics = json.loads(Path(result.metrics_file).read_text())
+        emit(
+            context,
+            self,
+            {
+                "checkpoint_uri": f"file://{Path(result.checkpoint_dir).resolve()}",
+                "steps": result.steps,
+                "final_loss": metrics.get("final_loss"),
+                "metrics": result.metrics_file,
+            },
+        )
         return {
             "checkpoint_dir": result.checkpoint_dir,
             "metrics": result.metrics_file,
@@ -101,9 +115,9 @@ class MsrunFinetuneOperator(BaseOperator):
             self.log.info(
                 "%s already holds a finished job: returning its checkpoints without training again", cfg.run_dir
             )
-            return with_fields(context, self._xcom(done))
+            return with_fields(context, self._xcom(context, done))
         if not self.deferrable:
-            return with_fields(context, self._xcom(finetune.run(cfg)))
+            return with_fields(context, self._xcom(context, finetune.run(cfg)))
         launched = finetune.running_job(cfg.run_dir)
         if launched:
             self.log.info("re-attaching to the training job still running in %s (pid %d)", cfg.run_dir, launched.pid)
@@ -138,7 +152,7 @@ class MsrunFinetuneOperator(BaseOperator):
                 f"in {cfg.run_dir}/checkpoint."
             ) from None
         self.log.info("training finished after %d steps; checkpoints in %s", result.steps, result.checkpoint_dir)
-        return with_fields(context, self._xcom(result))
+        return with_fields(context, self._xcom(context, result))
 
     def on_kill(self) -> None:
         finetune.stop(self.output_dir)

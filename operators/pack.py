@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from airflow.sdk import BaseOperator, Context
 
 from distilled_plugins import configs, pack
+from operators.assets import emit
 
 
 class PackDatasetOperator(BaseOperator):
@@ -34,7 +38,7 @@ class PackDatasetOperator(BaseOperator):
         self.overlong = overlong
 
     def execute(self, context: Context) -> str:
-        return str(
+        out = Path(
             pack.run(
                 pack.PackConfig(
                     src=self.src,
@@ -45,3 +49,15 @@ class PackDatasetOperator(BaseOperator):
                 )
             )
         )
+        stats = json.loads((out / "stats.json").read_text())
+        emit(
+            context,
+            self,
+            {
+                "path": str(out),
+                "rows": stats["packs"],
+                "seq_length": stats["seq_length"],
+                "efficiency": stats["efficiency"],
+            },
+        )
+        return str(out)

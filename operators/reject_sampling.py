@@ -5,6 +5,7 @@ from __future__ import annotations
 from airflow.sdk import BaseOperator, Context
 
 from distilled_plugins import reject_sampling
+from operators.assets import emit
 from operators.xcom import with_fields
 
 
@@ -58,6 +59,17 @@ class RejectSamplingOperator(BaseOperator):
                 sample_timeout=self.sample_timeout,
                 eval_sets=eval_sets,
             )
+        )
+        stats = result.stats
+        emit(
+            context,
+            self,
+            {
+                "path": str(result.output),
+                "kept": stats["examples_out"],
+                "rejected": stats["examples_in"] - stats["examples_out"],
+                "generations_correct": stats["generations_correct"],
+            },
         )
         return with_fields(
             context, {"output": str(result.output), "verdicts": str(result.verdicts), "stats": str(result.stats_file)}

@@ -34,6 +34,10 @@ def test_dag_imports_fast_and_every_param_is_documented():
     info = json.loads(done.stdout.strip().splitlines()[-1])
     assert info["took"] < 2.0
     assert info["tasks"] == [
+        "choose_source",
+        "seed",
+        "from_openr1",
+        "from_packed",
         "shard_plan",
         "generate",
         "merge",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.parse
 from pathlib import Path
 
 import pyarrow as pa
@@ -56,7 +57,8 @@ class Env:
         }
 
     def events(self, asset: str, run_id: str) -> list[dict]:
-        path = f"/api/v2/assets/events?asset_id={self.asset_id(asset)}&source_run_id={run_id}"
+        query = urllib.parse.urlencode({"asset_id": self.asset_id(asset), "source_run_id": run_id})
+        path = f"/api/v2/assets/events?{query}"
         return self.airflow.api("GET", path)["asset_events"]
 
     def seed_events(self) -> list[dict]:

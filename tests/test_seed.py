@@ -236,3 +236,43 @@ class TestSeedFromEvent:
         assert seed_from_event({"triggering_asset_events": {SEED: [event({})]}}, "/p.jsonl")["seed"] == "/p.jsonl"
         producer = {"triggering_asset_events": {SEED: [event({"path": "/from-producer.jsonl"})]}}
         assert seed_from_event(producer, "/p.jsonl")["seed"] == "/from-producer.jsonl"
+
+
+class TestWatchSeedDag:
+    """The scheduled fallback, in ``dag.test()``: its fingerprint lives in the seed asset's state store."""
+
+    def test_baseline_touch_change(self, airflow_db, tmp_path):
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("watch_seed_dag", REPO / "dags" / "watch_seed.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        path = write_jsonl(tmp_path / "seed.jsonl", ROWS)
+
+        def check():
+            run = module.dag.test(run_conf={"seed_path": str(path)})
+            ti = run.get_task_instance("check_seed")
+            return ti.state, ti.xcom_pull(task_ids="check_seed")
+
+        assert check() == ("skipped", None)  # the baseline
+        touch(path)
+        assert check() == ("skipped", None)
+        write_jsonl(path, [*ROWS, *ROWS[:1]])
+        state, extra = check()
+        assert state == "success" and extra["rows"] == 6 and extra["path"] == str(path)
+        assert check() == ("skipped", None)
+        assert [e for e in self.seed_events() if e.get("path") == str(path)] == [extra]  # one event, one change
+
+    @staticmethod
+    def seed_events() -> list[dict]:
+        from airflow.models.asset import AssetEvent, AssetModel
+        from airflow.utils.session import create_session
+        from sqlalchemy import select
+
+        with create_session() as session:
+            query = (
+                select(AssetEvent.extra)
+                .join(AssetModel, AssetModel.id == AssetEvent.asset_id)
+                .where(AssetModel.name == "distill_seed")
+            )
+            return list(session.scalars(query))

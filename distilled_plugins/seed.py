@@ -88,6 +88,11 @@ def data_files(path: str | Path) -> dict[str, Path]:
     raise SeedNotFound(f"seed {path}: no such file or folder -- create it or fix the seed path")
 
 
+def stat_snapshot(path: str | Path) -> dict[str, tuple[int, int]]:
+    """``(size, mtime_ns)`` of every data file: two equal snapshots a poll apart mean no writer is busy."""
+    return {name: (st.st_size, st.st_mtime_ns) for name, file in data_files(path).items() for st in [file.stat()]}
+
+
 def file_hash(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -59,10 +59,17 @@ class SeedChangeTrigger(BaseEventTrigger):
     async def run(self):
         previous = await self._load()
         missing_reported = False
+        last_snapshot = None
         while True:
             try:
+                # a file still being written is looked at again next poll: only a settled seed is fingerprinted
+                snapshot = await asyncio.to_thread(seed.stat_snapshot, self.path)
+                if snapshot != last_snapshot:
+                    last_snapshot = snapshot
+                    await asyncio.sleep(self.poll_interval)
+                    continue
                 result = await asyncio.to_thread(seed.check, self.path, previous)
-            except seed.SeedNotFound as e:
+            except OSError as e:  # no seed (yet), or a file removed while being looked at
                 if not missing_reported:
                     self.log.warning("seed watcher: %s", e)
                     missing_reported = True

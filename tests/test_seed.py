@@ -84,6 +84,14 @@ class TestCheck:
         removed = seed.check(folder, added.fingerprint)
         assert removed.changed and removed.changed_files == ["data/part-1.jsonl"]
 
+    def test_stat_snapshot_moves_with_every_write(self, tmp_path):
+        path = write_jsonl(tmp_path / "seed.jsonl", ROWS)
+        first = seed.stat_snapshot(path)
+        assert first == {"seed.jsonl": (path.stat().st_size, path.stat().st_mtime_ns)}
+        assert seed.stat_snapshot(path) == first
+        touch(path)
+        assert seed.stat_snapshot(path) != first
+
     def test_fingerprint_round_trips_through_json(self, tmp_path):
         path = write_jsonl(tmp_path / "seed.jsonl", ROWS)
         fp = seed.check(path).fingerprint

@@ -131,11 +131,17 @@ class LocalAirflow:
         request = urllib.request.Request(
             self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
         )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                text = response.read().decode()
-        except urllib.error.HTTPError as e:
-            raise AirflowError(f"{method} {path}: HTTP {e.code}: {e.read().decode()[:2000]}") from None
+        for attempt in range(4):
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    text = response.read().decode()
+                break
+            except urllib.error.HTTPError as e:
+                raise AirflowError(f"{method} {path}: HTTP {e.code}: {e.read().decode()[:2000]}") from None
+            except (TimeoutError, urllib.error.URLError):
+                if method != "GET" or attempt == 3:  # reads are safe to repeat when a loaded machine is slow
+                    raise
+                logger.warning("GET %s timed out; asking again", path)
         return json.loads(text) if text else None
 
     def wait_for_dag(self, dag_id: str, timeout: float = 120) -> dict:

@@ -17,13 +17,15 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 
 install: $(STAMP)
 
+# extra options of the demo through ARGS, e.g. `make demo ARGS=--keep-running` (Airflow stays up for the UI)
+ARGS ?=
 demo: $(STAMP)
-	$(PY) -m distilled_plugins.demo
+	$(PY) -m distilled_plugins.demo $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules distilled_plugins tests
 
 bench: $(STAMP)
 	$(PY) bench/bench_generate.py

@@ -1,15 +1,36 @@
-"""Distil DeepSeek-R1 chain-of-thought into Qwen2.5-Math-7B-Instruct with MindSpore Transformers.
+"""Distil DeepSeek-R1 chain-of-thought into Qwen2.5-Math-7B with MindSpore Transformers.
 
-choose_source -> seed -> shard_plan -> generate (mapped over shards) -> merge -> reject_sampling -> handle -> pack
-              -> from_openr1 -----------------------------------------------------------------> handle
-              -> from_packed ------------------------------------------------------------------------------> finetune
-finetune -> evaluate
+```
+shard_plan -> generate[0..N-1] -> merge -> reject_sampling -> handle -> pack -> finetune -> evaluate
+choose_source -> seed -> shard_plan
+choose_source -> from_openr1 -> handle
+choose_source -> from_packed -> finetune
+```
 
-Runs when triggered from the UI (every setting is a parameter of the trigger form) and by itself whenever the
-seed's content changes (the seed asset's watcher fires; the run reads the seed from that event). The ``source``
-parameter picks the entry point; the stages that do not apply are skipped. Outlets: the filtered and packed
-datasets, the fine-tuned model and the evaluation report, as assets other DAGs can schedule on.
-Artifacts live under {output_root}/{dag_id}/{run_id}/{task_id}/; XCom carries paths only.
+**Entry point** (the *source* field): `generate` runs every stage from the seed; `openr1_dataset` starts at
+`handle` from OpenR1-Math-220k's distilled parquet; `packed_dataset` starts at `finetune` from a packed
+dataset. The stages that do not apply are skipped (grey in the grid).
+
+Artifacts live under `{output_root}/distill_r1/{run_id}/{task_id}/`; XCom carries paths only.
+
+**Start a run**: *Trigger* (top right). Every setting is a field of the form, grouped in sections (Data, Teacher,
+Processing, Fine-tune, Multi-node, Evaluation, Output; click a section to open it); the defaults can be submitted
+as they are.
+
+**Rerun when the seed changes**: nothing to do. The asset `distill_seed` (its page shows the seed file's URI)
+has a watcher: a few seconds after the seed file's content changes (rows appended or replaced; a `touch` alone
+does not count) a new run appears by itself, reading the seed named in the event. A producer can also announce
+it: *Assets* > `distill_seed` > *Create Event*, `POST /api/v2/assets/events`, or a task with the asset as outlet.
+
+A run started by the asset uses the deployment's defaults (`DISTILL_DEFAULTS`). Only new problems go to the
+teacher: finished generations are reused from `{output_root}/generation_store/`.
+
+**Outlets**: `distill_filtered_dataset`, `distill_packed_dataset`, `distill_model`, `distill_eval_report`; their
+events' extra carries the run's figures; `publish_model` is scheduled on `distill_model`.
+
+**When a task fails** its log says, in one line at the top level, what failed and what to do. Errors no retry can
+fix (bad configuration, missing files, bad parameters or data) fail the task at once; the others are retried
+twice with a growing delay, each task resuming its work.
 """
 
 from __future__ import annotations
@@ -18,7 +39,7 @@ import json
 import os
 from datetime import timedelta
 
-from airflow.sdk import DAG, Param, chain
+from airflow.sdk import DAG, chain
 
 from distilled_plugins.configs import SHARED_DATA
 from operators import (
@@ -31,7 +52,7 @@ from operators import (
     RejectSamplingOperator,
 )
 from operators.assets import EVAL_REPORT, FILTERED, MODEL, PACKED, SEED, SEED_PATH
-from operators.pipeline import log_failure_summary, shard_plan
+from operators.pipeline import form_param, log_failure_summary, shard_plan
 from operators.sources import choose_source, from_openr1, from_packed, seed
 
 OUTPUT_ROOT = os.environ.get("DISTILL_OUTPUT_ROOT", "/opt/airflow/distill")
@@ -45,184 +66,317 @@ def default(name: str, value):
     return DEFAULTS.get(name, value)
 
 
+# Every setting is a field of the trigger form: a title, a description and a section (the form's collapsible
+# groups, shown in this order). To add one, copy an entry: form_param(default("name", value), "Title", SECTION,
+# "What it does", **JSON-schema keywords). Optional settings take type=["null", ...] and default None.
+DATA, TEACHER, PROCESSING, FINETUNE, MULTINODE, EVALUATION, OUTPUT = (
+    "Data",
+    "Teacher",
+    "Processing",
+    "Fine-tune",
+    "Multi-node (rarely changed)",
+    "Evaluation",
+    "Output",
+)
+
 params = {
-    "seed_dataset": Param(
+    # ---- Data ----
+    "seed_dataset": form_param(
         default("seed_dataset", SEED_PATH),
+        "Seed dataset",
+        DATA,
+        "Problems to distil: a local jsonl/json/parquet/arrow file or folder, or a Hugging Face dataset name",
         type="string",
         minLength=1,
-        title="Seed dataset",
-        description="Problems to distil: a local jsonl/json/parquet/arrow file or folder, or a "
-        "Hugging Face dataset name",
     ),
-    "prompt_column": Param(
-        default("prompt_column", "problem"), type="string", minLength=1, description="Column holding the problem text"
+    "prompt_column": form_param(
+        default("prompt_column", "problem"),
+        "Problem column",
+        DATA,
+        "Column of the seed holding the problem text sent to the teacher",
+        type="string",
+        minLength=1,
     ),
-    "uuid_column": Param(
+    "uuid_column": form_param(
         default("uuid_column", "problem"),
+        "Problem id column",
+        DATA,
+        "Column identifying a problem: generations are stored and reused by it",
         type="string",
         minLength=1,
-        description="Column identifying a problem (generations are stored and reused by it)",
     ),
-    "answer_column": Param(
-        default("answer_column", "answer"), type="string", minLength=1, description="Column holding the gold answer"
+    "answer_column": form_param(
+        default("answer_column", "answer"),
+        "Gold answer column",
+        DATA,
+        "Column holding the gold answer that completions are graded against",
+        type="string",
+        minLength=1,
     ),
-    "teacher_conn_id": Param(
+    # ---- Data: the entry point (which stages run; the others are skipped) and the inputs each needs ----
+    "source": form_param(
+        default("source", "generate"),
+        "Entry point",
+        DATA,
+        "generate: from the seed, every stage; openr1_dataset: from OpenR1-Math-220k's distilled parquet, handle "
+        "onwards; packed_dataset: from an already packed dataset, fine-tune and evaluate only",
+        type="string",
+        enum=["generate", "openr1_dataset", "packed_dataset"],
+        values_display={
+            "generate": "Generate from the seed (every stage)",
+            "openr1_dataset": "OpenR1-style distilled dataset (handle onwards)",
+            "packed_dataset": "Packed dataset (fine-tune and evaluate)",
+        },
+    ),
+    "openr1_dataset": form_param(
+        default("openr1_dataset", f"{OUTPUT_ROOT}/inputs/openr1_math_220k"),
+        "OpenR1 dataset",
+        DATA,
+        "Entry point openr1_dataset: parquet/jsonl file or folder of distilled conversations with a 'messages' "
+        "column (OpenR1-Math-220k's data/*.parquet)",
+        type="string",
+        minLength=1,
+    ),
+    "packed_dataset": form_param(
+        default("packed_dataset", f"{OUTPUT_ROOT}/inputs/packed"),
+        "Packed dataset",
+        DATA,
+        "Entry point packed_dataset: a folder written by python -m distilled_plugins.pack, packed at the "
+        "fine-tune profile's seq_length",
+        type="string",
+        minLength=1,
+    ),
+    # ---- Teacher ----
+    "teacher_conn_id": form_param(
         default("teacher_conn_id", "teacher_default"),
+        "Teacher connection",
+        TEACHER,
+        "Airflow connection of the OpenAI-compatible teacher endpoint (host, port, schema; password = API key)",
         type="string",
         minLength=1,
-        description="Airflow connection of the OpenAI-compatible teacher endpoint "
-        "(host, port, schema; password = API key)",
     ),
-    "teacher_model": Param(
+    "teacher_model": form_param(
         default("teacher_model", "deepseek-ai/DeepSeek-R1"),
+        "Teacher model",
+        TEACHER,
+        "Model name sent to the teacher endpoint",
         type="string",
         minLength=1,
-        description="Model name sent to the teacher endpoint",
     ),
-    "num_generations": Param(
-        default("num_generations", 4), type="integer", minimum=1, maximum=16, description="Completions per problem"
-    ),
-    "max_tokens": Param(
-        default("max_tokens", 16384),
-        type="integer",
-        minimum=16,
-        maximum=131072,
-        description="Longest teacher completion, in tokens",
-    ),
-    "max_concurrent": Param(
-        default("max_concurrent", 100),
-        type="integer",
-        minimum=1,
-        maximum=2000,
-        description="Teacher requests in flight at once, per shard",
-    ),
-    "request_attempts": Param(
-        default("request_attempts", 12),
-        type="integer",
-        minimum=1,
-        maximum=50,
-        description="Attempts per teacher request before the shard task fails (it resumes on retry)",
-    ),
-    "shards": Param(
-        default("shards", 2), type="integer", minimum=1, maximum=64, description="Generation tasks run side by side"
-    ),
-    "tokenizer_dir": Param(
-        default("tokenizer_dir", str(SHARED_DATA / "tokenizer" / "qwen2.5")),
-        type="string",
-        minLength=1,
-        description="Folder of the Qwen2.5 tokenizer (tokenizer.json with the chat template)",
-    ),
-    "max_length": Param(
-        default("max_length", 20480),
-        type="integer",
-        minimum=16,
-        maximum=131072,
-        description="Longest handled sample; longer ones follow the truncation policy",
-    ),
-    "truncation": Param(
-        default("truncation", "tutorial"),
-        type="string",
-        enum=["tutorial", "drop", "none"],
-        description="Samples over max_length: keep head + closing tokens (tutorial), drop, keep",
-    ),
-    "overlong": Param(
-        default("overlong", "split"),
-        type="string",
-        enum=["split", "truncate", "drop"],
-        description="Packing: samples longer than the model's seq_length are split, truncated or "
-        "dropped (always counted)",
-    ),
-    "finetune_config": Param(
-        default("finetune_config", "finetune_qwen_2_5_7b.yaml"),
-        type="string",
-        enum=["finetune_qwen_2_5_7b.yaml", "finetune_tiny_cpu.yaml"],
-        description="Fine-tune profile in configs/: the 7B recipe (Ascend) or the tiny CPU model",
-    ),
-    "base_checkpoint": Param(
-        default("base_checkpoint", ""),
-        type="string",
-        description="Folder of the base model weights (Qwen2.5-Math-7B-Instruct safetensors); "
-        "empty: the profile's own value",
-    ),
-    "nodes": Param(default("nodes", 1), type="integer", minimum=1, maximum=512, description="Training nodes"),
-    "workers_per_node": Param(
-        default("workers_per_node", 8),
+    "num_generations": form_param(
+        default("num_generations", 4),
+        "Completions per problem",
+        TEACHER,
+        "How many chain-of-thought completions to request for each problem (1 to 16)",
         type="integer",
         minimum=1,
         maximum=16,
-        description="msrun workers (NPUs) per node",
     ),
-    "node_rank": Param(
-        default("node_rank", 0), type="integer", minimum=0, description="This node's rank among the training nodes"
+    "max_tokens": form_param(
+        default("max_tokens", 16384),
+        "Longest completion (tokens)",
+        TEACHER,
+        "Longest teacher completion, in tokens; longer ones end as truncated and are rejected",
+        type="integer",
+        minimum=16,
+        maximum=131072,
     ),
-    "master_addr": Param(
-        default("master_addr", "127.0.0.1"), type="string", minLength=1, description="Address of training node 0"
+    "max_concurrent": form_param(
+        default("max_concurrent", 100),
+        "Requests in flight",
+        TEACHER,
+        "Teacher requests in flight at once, per shard",
+        type="integer",
+        minimum=1,
+        maximum=2000,
     ),
-    "master_port": Param(
-        default("master_port", 8118), type="integer", minimum=1024, maximum=65535, description="msrun's master port"
+    "request_attempts": form_param(
+        default("request_attempts", 12),
+        "Attempts per request",
+        TEACHER,
+        "Attempts per teacher request before the shard task fails (a retry of the task resumes the shard)",
+        type="integer",
+        minimum=1,
+        maximum=50,
     ),
-    "eval_source": Param(
-        default("eval_source", "checkpoint"),
-        type="string",
-        enum=["checkpoint", "endpoint"],
-        description="Evaluate the fine-tuned checkpoint with mindformers, or a model served at an endpoint",
+    "shards": form_param(
+        default("shards", 2),
+        "Generation shards",
+        TEACHER,
+        "Generation tasks run side by side, each on a share of the seed (1 to 64)",
+        type="integer",
+        minimum=1,
+        maximum=64,
     ),
-    "eval_conn_id": Param(
-        default("eval_conn_id", "eval_endpoint"),
+    # ---- Processing ----
+    "tokenizer_dir": form_param(
+        default("tokenizer_dir", str(SHARED_DATA / "tokenizer" / "qwen2.5")),
+        "Tokenizer folder",
+        PROCESSING,
+        "Folder of the Qwen2.5 tokenizer (tokenizer.json with the chat template)",
         type="string",
         minLength=1,
-        description="Connection of the endpoint serving the fine-tuned model (eval_source endpoint)",
     ),
-    "eval_model": Param(
-        default("eval_model", "OpenR1-Qwen-7B"), type="string", minLength=1, description="Model name at that endpoint"
+    "max_length": form_param(
+        default("max_length", 20480),
+        "Longest sample (tokens)",
+        PROCESSING,
+        "Longest handled sample; longer ones follow the truncation policy",
+        type="integer",
+        minimum=16,
+        maximum=131072,
     ),
-    "eval_samples": Param(
-        default("eval_samples", 4), type="integer", minimum=1, maximum=64, description="Samples per MATH-500 problem"
+    "truncation": form_param(
+        default("truncation", "tutorial"),
+        "Samples over the longest length",
+        PROCESSING,
+        "What happens to a handled sample longer than the longest sample length",
+        type="string",
+        enum=["tutorial", "drop", "none"],
+        values_display={
+            "tutorial": "Keep the head and the closing tokens (tutorial)",
+            "drop": "Drop the sample",
+            "none": "Keep it whole",
+        },
     ),
-    "eval_limit": Param(
+    "overlong": form_param(
+        default("overlong", "split"),
+        "Samples over the model's sequence length",
+        PROCESSING,
+        "Packing: what happens to a sample longer than the model's seq_length (always counted)",
+        type="string",
+        enum=["split", "truncate", "drop"],
+        values_display={"split": "Split into pieces", "truncate": "Truncate", "drop": "Drop the sample"},
+    ),
+    # ---- Fine-tune ----
+    "finetune_config": form_param(
+        default("finetune_config", "finetune_qwen_2_5_7b.yaml"),
+        "Fine-tune profile",
+        FINETUNE,
+        "Profile in configs/: the tutorial's 7B recipe on Ascend NPUs, or the tiny CPU model of the demo",
+        type="string",
+        enum=["finetune_qwen_2_5_7b.yaml", "finetune_tiny_cpu.yaml"],
+        values_display={
+            "finetune_qwen_2_5_7b.yaml": "Qwen2.5-Math-7B on Ascend",
+            "finetune_tiny_cpu.yaml": "Tiny CPU model (demo)",
+        },
+    ),
+    "base_checkpoint": form_param(
+        default("base_checkpoint", None),
+        "Base checkpoint",
+        FINETUNE,
+        "Folder of the base model weights (Qwen2.5-Math-7B-Instruct safetensors); leave empty to use the "
+        "profile's own load_checkpoint",
+        type=["null", "string"],
+    ),
+    "nodes": form_param(
+        default("nodes", 1),
+        "Training nodes",
+        FINETUNE,
+        "Machines taking part in fine-tuning (more than 1: set the Multi-node section on each)",
+        type="integer",
+        minimum=1,
+        maximum=512,
+    ),
+    "workers_per_node": form_param(
+        default("workers_per_node", 8),
+        "Workers per node",
+        FINETUNE,
+        "msrun workers (NPUs) per node",
+        type="integer",
+        minimum=1,
+        maximum=16,
+    ),
+    # ---- Multi-node ----
+    "node_rank": form_param(
+        default("node_rank", 0),
+        "Node rank",
+        MULTINODE,
+        "This node's rank among the training nodes (0 on the master node)",
+        type="integer",
+        minimum=0,
+    ),
+    "master_addr": form_param(
+        default("master_addr", "127.0.0.1"),
+        "Master address",
+        MULTINODE,
+        "Address of training node 0, reachable from every node",
+        type="string",
+        minLength=1,
+    ),
+    "master_port": form_param(
+        default("master_port", 8118),
+        "Master port",
+        MULTINODE,
+        "msrun's master port on node 0 (1024 to 65535)",
+        type="integer",
+        minimum=1024,
+        maximum=65535,
+    ),
+    # ---- Evaluation ----
+    "eval_source": form_param(
+        default("eval_source", "checkpoint"),
+        "Evaluate",
+        EVALUATION,
+        "Generate from the fine-tuned checkpoint with mindformers, or ask a model served at an endpoint",
+        type="string",
+        enum=["checkpoint", "endpoint"],
+        values_display={
+            "checkpoint": "The fine-tuned checkpoint (mindformers)",
+            "endpoint": "A model served at an endpoint",
+        },
+    ),
+    "eval_conn_id": form_param(
+        default("eval_conn_id", "eval_endpoint"),
+        "Evaluation endpoint connection",
+        EVALUATION,
+        "Connection of the endpoint serving the fine-tuned model (used when evaluating an endpoint)",
+        type="string",
+        minLength=1,
+    ),
+    "eval_model": form_param(
+        default("eval_model", "OpenR1-Qwen-7B"),
+        "Evaluated model name",
+        EVALUATION,
+        "Model name at the evaluation endpoint (used when evaluating an endpoint)",
+        type="string",
+        minLength=1,
+    ),
+    "eval_samples": form_param(
+        default("eval_samples", 4),
+        "Samples per problem",
+        EVALUATION,
+        "Completions per MATH-500 problem; pass@1 is averaged over them (1 to 64)",
+        type="integer",
+        minimum=1,
+        maximum=64,
+    ),
+    "eval_limit": form_param(
         default("eval_limit", 0),
+        "Problems evaluated",
+        EVALUATION,
+        "Evaluate the first N MATH-500 problems only (0: all 500)",
         type="integer",
         minimum=0,
         maximum=500,
-        description="Evaluate the first N MATH-500 problems only (0: all 500)",
     ),
-    "eval_max_new_tokens": Param(
+    "eval_max_new_tokens": form_param(
         default("eval_max_new_tokens", 32768),
+        "Longest evaluated completion (tokens)",
+        EVALUATION,
+        "Longest completion generated per evaluated sample, in tokens",
         type="integer",
         minimum=1,
         maximum=131072,
-        description="Longest evaluated completion, in tokens",
     ),
-    "output_root": Param(
+    # ---- Output ----
+    "output_root": form_param(
         default("output_root", OUTPUT_ROOT),
+        "Output folder",
+        OUTPUT,
+        "Where artifacts ({output_root}/distill_r1/{run_id}/) and the shared generation store live",
         type="string",
         minLength=1,
-        description="Where artifacts and the shared generation store live",
-    ),
-    # ---- entry point (issue 16): which stages run; the others are skipped ----
-    "source": Param(
-        default("source", "generate"),
-        type="string",
-        enum=["generate", "openr1_dataset", "packed_dataset"],
-        title="Entry point",
-        description="generate: from the seed, every stage; openr1_dataset: from OpenR1-Math-220k's distilled "
-        "parquet, handle onwards; packed_dataset: from an already packed dataset, fine-tune and evaluate only",
-    ),
-    "openr1_dataset": Param(
-        default("openr1_dataset", f"{OUTPUT_ROOT}/inputs/openr1_math_220k"),
-        type="string",
-        minLength=1,
-        title="OpenR1 dataset",
-        description="Entry point openr1_dataset: parquet/jsonl file or folder of distilled conversations "
-        "with a 'messages' column (OpenR1-Math-220k's data/*.parquet)",
-    ),
-    "packed_dataset": Param(
-        default("packed_dataset", f"{OUTPUT_ROOT}/inputs/packed"),
-        type="string",
-        minLength=1,
-        title="Packed dataset",
-        description="Entry point packed_dataset: a folder written by python -m distilled_plugins.pack, "
-        "packed at the fine-tune profile's seq_length",
     ),
 }
 
@@ -304,7 +458,7 @@ with DAG(
         trigger_rule="none_failed_min_one_success",
         outlets=[MODEL],
         output_dir=RUN_DIR + "/finetune",
-        load_checkpoint="{{ params.base_checkpoint }}",
+        load_checkpoint="{{ params.base_checkpoint or '' }}",
         worker_num="{{ params.nodes * params.workers_per_node }}",
         local_worker_num="{{ params.workers_per_node }}",
         node_rank="{{ params.node_rank }}",

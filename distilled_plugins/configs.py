@@ -25,8 +25,14 @@ def load_yaml(path: str | Path) -> dict:
     path = resolve(path)
     if not path.is_file():
         raise FileNotFoundError(f"config {path} not found")
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a YAML mapping at the top, got {type(config).__name__}")
+    return config
 
 
 def seq_length_of(finetune_config: str | Path) -> int:

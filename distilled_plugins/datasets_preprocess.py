@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from distilled_plugins import cli
 from distilled_plugins.configs import load_yaml
 from distilled_plugins.io import atomic_dir
 
@@ -22,19 +23,22 @@ logger = logging.getLogger(__name__)
 
 
 def register(path: str | Path) -> list[str]:
-    """Import every module of ``path`` and expose its data handler classes to mindformers' ``HFDataLoader``."""
+    """Expose the data handler classes of ``path`` (a module file, or every module of a folder, as the tutorial's
+    ``--register_path`` does) to mindformers' ``HFDataLoader``; returns their names."""
     import mindformers.dataset.handler as mindformers_handlers
     from mindformers.dataset.handler.base_handler import BaseInstructDataHandler
 
     path = Path(path).resolve()
-    if not path.is_dir():
-        raise ValueError(f"--register_path {path} is not a folder")
-    package = path.name if (path / "__init__.py").exists() else None
-    sys.path.insert(0, str(path.parent if package else path))
+    if path.is_file() and path.suffix == ".py":
+        folder, sources = path.parent, [path]
+    elif path.is_dir():
+        folder, sources = path, [p for p in sorted(path.glob("*.py")) if not p.stem.startswith("_")]
+    else:
+        raise ValueError(f"--register_path {path}: neither a folder nor a .py file")
+    package = folder.name if (folder / "__init__.py").exists() else None
+    sys.path.insert(0, str(folder.parent if package else folder))
     found = []
-    for source in sorted(path.glob("*.py")):
-        if source.stem.startswith("_"):
-            continue
+    for source in sources:
         module = importlib.import_module(f"{package}.{source.stem}" if package else source.stem)
         for name, obj in inspect.getmembers(module, inspect.isclass):
             if issubclass(obj, BaseInstructDataHandler) and obj.__module__ == module.__name__:
@@ -71,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save_path", default="./handled_data")
     p.add_argument(
         "--register_path",
-        default=str(Path(__file__).resolve().parent),
-        help="folder whose modules define extra data handlers",
+        default=str(Path(__file__).resolve().with_name("data_handler.py")),
+        help="a module, or a folder of modules, defining extra data handlers (default: this project's handler)",
     )
     p.add_argument("--data_files", nargs="+", default=None, help="override data_loader.data_files")
     args = p.parse_args(argv)
@@ -81,10 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("registered data handlers: %s", register(args.register_path))
         preprocess(args.config, args.save_path, args.data_files)
     except (ValueError, FileNotFoundError) as e:
-        logger.error("%s", e)
-        return 1
+        return cli.fail(e)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -15,7 +15,7 @@ _SPACE = re.compile(r"\s+")
 def ngrams(text: str, n: int = NGRAM) -> list[str]:
     """Word n-grams of the lower-cased, whitespace-normalised text, in text order; a shorter text is one gram.
 
-    >>> ngrams("What  is\n1 + 1?", n=3)
+    >>> ngrams("What  is\\n1 + 1?", n=3)
     ['what is 1', 'is 1 +', '1 + 1?']
     """
     words = _SPACE.sub(" ", str(text).lower()).strip().split(" ")

@@ -26,15 +26,15 @@ import math
 import os
 import subprocess
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from distilled_plugins import generate, grader
-from distilled_plugins.client import API_KEY_ENV, RetryPolicy
+from distilled_plugins import cli, generate, grader
+from distilled_plugins.client import API_KEY_ENV, FatalRequestError, RetryPolicy
 from distilled_plugins.configs import SHARED_DATA
 from distilled_plugins.handle import SYSTEM_PROMPT
-from distilled_plugins.io import DataError, dumps_line, iter_jsonl, load_rows, write_json
+from distilled_plugins.io import DataError, dumps_line, iter_jsonl, load_rows, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ class EvalConfig:
     workers: int | None = None
     baseline: str | None = None
     label: str = "fine-tuned model"
+    # completions already in ``out`` made under other settings: refuse (default), or start afresh
+    fresh: bool = False
 
     def __post_init__(self):
         self.protocol = self.protocol or Protocol()
@@ -197,8 +199,11 @@ class Scored:
     verdicts: list[str]
 
 
-def _rows_to_score(cfg: EvalConfig, completions: Path, problems: list[dict] | None) -> list[dict]:
-    """Rows of ``{key, problem, gold, level, subject, completions, finish_reasons}`` in problem order."""
+def _rows_to_score(cfg: EvalConfig, completions: Path, problems: list[dict] | None, excluded: Counter) -> list[dict]:
+    """Rows of ``{key, problem, gold, level, subject, completions, finish_reasons}`` in problem order.
+
+    Problems that cannot be scored (an unusable gold, no completions) are left out and counted in ``excluded``.
+    """
     if cfg.rescore:
         by_problem = {p["problem"]: p for p in load_rows(cfg.dataset)} if Path(cfg.dataset).exists() else {}
         rows = []
@@ -209,7 +214,18 @@ def _rows_to_score(cfg: EvalConfig, completions: Path, problems: list[dict] | No
                         f"{completions}:{lineno}: missing column {column!r}; columns present: {', '.join(row)}"
                     )
             texts = row[cfg.completion_column]
-            texts = [texts] if isinstance(texts, str) else list(texts)
+            texts = [texts] if isinstance(texts, str) else texts
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise DataError(
+                    f"{completions}:{lineno}: {cfg.completion_column!r} must be a string or a list of strings, "
+                    f"got {type(texts).__name__}"
+                )
+            if grader.gold_is_filtered(row[cfg.gold_column]):
+                excluded["gold_filtered"] += 1  # proof / notfound / empty: nothing to check against
+                continue
+            if not texts:
+                excluded["no_completions"] += 1
+                continue
             known = by_problem.get(row[cfg.problem_column], {})
             rows.append(
                 {
@@ -223,7 +239,7 @@ def _rows_to_score(cfg: EvalConfig, completions: Path, problems: list[dict] | No
                 }
             )
         if not rows:
-            raise DataError(f"{completions}: no completions to score")
+            raise DataError(f"{completions}: no completions to score ({dict(excluded) or 'the file is empty'})")
         return rows
     by_key = {str(r["unique_id"]): r for _, r in iter_jsonl(completions)}
     rows = []
@@ -231,6 +247,9 @@ def _rows_to_score(cfg: EvalConfig, completions: Path, problems: list[dict] | No
         got = by_key.get(str(p["unique_id"]))
         if got is None:
             raise DataError(f"{completions}: no completions for problem {p['unique_id']}")
+        if grader.gold_is_filtered(p["answer"]):
+            excluded["gold_filtered"] += 1
+            continue
         rows.append(
             {
                 "key": str(p["unique_id"]),
@@ -280,6 +299,8 @@ def summarize(scored: list[Scored]) -> dict:
     overall = _accuracy(scored)
     per_problem = [sum(v == grader.CORRECT for v in s.verdicts) / len(s.verdicts) for s in scored if s.verdicts]
     n = len(per_problem)
+    if n == 0:
+        raise DataError("no problem has a completion to score")
     mean = sum(per_problem) / n
     std = math.sqrt(sum((x - mean) ** 2 for x in per_problem) / (n - 1)) if n > 1 else 0.0
     half = 1.96 * std / math.sqrt(n) if n else 0.0
@@ -338,7 +359,12 @@ def _markdown(report: dict) -> str:
         f"# MATH-500 evaluation: {report['label']}",
         "",
         f"**pass@1 {report['pass@1']:.1f}%** (95% CI {report['ci95'][0]:.1f}-{report['ci95'][1]:.1f}) over "
-        f"{report['problems']} problems x {p['n_samples']} samples; {report['truncated']} truncated.",
+        f"{report['problems']} problems x {p['n_samples']} samples; {report['truncated']} truncated."
+        + (
+            f" Left out of pass@1: {', '.join(f'{n} ({k})' for k, n in report['excluded'].items())}."
+            if report.get("excluded")
+            else ""
+        ),
         "",
         "## Protocol",
         "",
@@ -377,10 +403,66 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+SETTINGS_FILE = "settings.json"  # what the completions in an output folder were made with
+
+
+def settings_fingerprint(cfg: EvalConfig) -> dict:
+    """What the stored completions depend on: their source, the sampling protocol, the problems."""
+    return {
+        "source": {"endpoint": cfg.api_addr, "model": cfg.model}
+        if cfg.api_addr
+        else {"checkpoint": cfg.checkpoint, "mindformers_config": cfg.mindformers_config, "tokenizer": cfg.tokenizer}
+        if cfg.checkpoint
+        else {"rescore": cfg.rescore},
+        "protocol": asdict(cfg.protocol),
+        "dataset": str(cfg.dataset),
+        "limit": cfg.limit,
+    }
+
+
+def claim_output(cfg: EvalConfig) -> None:
+    """Keep completions only when they were made with these settings: otherwise refuse, or start afresh."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: --out is an existing file; give a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = settings_fingerprint(cfg)
+    recorded_path = out / SETTINGS_FILE
+    stored = [p for p in (out / "completions.jsonl", out / "completions.jsonl.parts") if p.exists()]
+    if stored and recorded_path.exists():
+        recorded = read_json(recorded_path, "evaluation settings file")
+        if recorded != wanted:
+            changed = sorted(k for k in wanted if recorded.get(k) != wanted[k])
+            if not cfg.fresh:
+                raise DataError(
+                    f"{out}: holds completions made with other settings ({', '.join(changed)} differ); "
+                    "give another --out, or --fresh to discard them"
+                )
+            logger.info("settings changed (%s): discarding the completions in %s", ", ".join(changed), out)
+            for path in stored:
+                path.unlink()
+    elif stored and not cfg.fresh:
+        raise DataError(
+            f"{out}: holds completions with no record of their settings; give another --out, or --fresh to discard them"
+        )
+    elif stored:
+        for path in stored:
+            path.unlink()
+    write_json(recorded_path, wanted)
+
+
+def _read_baseline(path: str) -> dict:
+    baseline = read_json(path, "baseline report")
+    if not isinstance(baseline.get("pass@1"), (int, float)):
+        raise DataError(f"{path}: not an evaluation report (no numeric 'pass@1'); give a report.json of this stage")
+    return baseline
+
+
 def run(cfg: EvalConfig) -> Path:
     """Get completions, grade them and write ``report.json``, ``report.md`` and ``accuracy.png`` in ``cfg.out``."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    base = _read_baseline(cfg.baseline) if cfg.baseline else None  # checked before hours of generation
+    claim_output(cfg)
     problems = None
     if cfg.rescore:
         completions = Path(cfg.rescore)
@@ -389,7 +471,8 @@ def run(cfg: EvalConfig) -> Path:
     else:
         problems = load_problems(cfg.dataset, cfg.limit)
         completions = (completions_from_endpoint if cfg.api_addr else completions_from_checkpoint)(cfg, problems)
-    rows = _rows_to_score(cfg, completions, problems)
+    excluded = Counter()
+    rows = _rows_to_score(cfg, completions, problems, excluded)
     logger.info("grading %d completions of %d problems", sum(len(r["completions"]) for r in rows), len(rows))
     scored = score(rows, cfg.workers, out / "scored.jsonl")
     protocol = asdict(cfg.protocol)
@@ -408,10 +491,11 @@ def run(cfg: EvalConfig) -> Path:
         "label": cfg.label,
         "protocol": protocol,
         **summarize(scored),
+        # pass@1's denominator: the problems scored; those left out are counted by reason
+        "excluded": dict(sorted(excluded.items())),
         "reference": [{"model": n, "math500": s} for n, s in REFERENCE],
     }
-    if cfg.baseline:
-        base = json.loads(Path(cfg.baseline).read_text())
+    if base is not None:
         report["baseline"] = {
             "label": base.get("label", cfg.baseline),
             "pass@1": base["pass@1"],
@@ -460,6 +544,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="grading processes")
     p.add_argument("--baseline", default=None, help="report.json of a baseline (e.g. the base model)")
     p.add_argument("--label", default="fine-tuned model")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="discard completions in --out made with other settings (default: refuse to mix them)",
+    )
     return p
 
 
@@ -489,14 +578,14 @@ def main(argv: list[str] | None = None) -> int:
                 workers=args.workers,
                 baseline=args.baseline,
                 label=args.label,
+                fresh=args.fresh,
             )
         )
-    except (ValueError, RuntimeError) as e:
-        logger.error("%s", e)
-        return 1
+    except (ValueError, RuntimeError, FatalRequestError) as e:
+        return cli.fail(e)
     print(report)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from distilled_plugins import configs
+from distilled_plugins import cli, configs
 from distilled_plugins.io import DataError, write_json
 
 logger = logging.getLogger(__name__)
@@ -592,8 +592,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     except (ValueError, FileNotFoundError, FinetuneFailed) as e:
-        logger.error("%s", e)
-        return 1
+        return cli.fail(e)
     logger.info(
         "checkpoints in %s; metrics %s; loss curve %s", result.checkpoint_dir, result.metrics_file, result.loss_curve
     )
@@ -601,4 +600,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distilled_plugins import cli
 from distilled_plugins.client import API_KEY_ENV, ChatClient, Completion, FatalRequestError, RetryableError, RetryPolicy
 from distilled_plugins.io import (
     DataError,
@@ -566,11 +567,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         result = run(cfg)
     except (ValueError, FatalRequestError, GenerationIncomplete) as e:
-        logger.error("%s", e)
-        return 1
+        return cli.fail(e)
     logger.info("wrote %s (stats: %s)", result.output_file, result.stats_file)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

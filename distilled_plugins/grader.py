@@ -12,7 +12,8 @@ is never called in the caller's process; each worker is a process whose main thr
 clock the worker is killed, the sample counted as ``timeout``, and a fresh worker takes its place.
 
 >>> with GradingPool(workers=1) as pool:
-...     [v.verdict for v in pool.grade([Sample(0, "\\\\frac{1}{2}", "so $\\\\boxed{\\\\frac{1}{2}}$")])]
+...     verdicts = [v.verdict for v in pool.grade([Sample(0, "\\\\frac{1}{2}", "so $\\\\boxed{0.5}$")])]
+>>> verdicts
 ['correct']
 """
 

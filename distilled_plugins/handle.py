@@ -24,9 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
-from distilled_plugins.io import DataError, atomic_dir, count_rows, iter_column_batches, save_tables_to_disk, write_json
+from distilled_plugins import cli
+from distilled_plugins.io import (
+    DataError,
+    artifact_kind,
+    atomic_dir,
+    check_output_folder,
+    count_rows,
+    iter_column_batches,
+    save_tables_to_disk,
+    write_json,
+)
 from distilled_plugins.progress import Progress
-from distilled_plugins.schema import HANDLED_COLUMNS, IGNORE_INDEX, features
+from distilled_plugins.schema import HANDLED_COLUMNS, IGNORE_INDEX, STATS_FILE, STATS_PAD_TOKEN_ID, features
+from distilled_plugins.settings import add_arguments, from_args, setting
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +48,23 @@ ASSISTANT_MARKER = "<|im_start|>assistant\n"
 
 @dataclass
 class HandleConfig:
-    src: list[str]
-    tokenizer: str
-    dst: str
-    system_prompt: str = SYSTEM_PROMPT
-    max_length: int = 20480
-    truncation: str = "tutorial"  # tutorial: keep input_ids[:max_length] + input_ids[-2:]
-    messages_column: str = "messages"
-    batch_size: int = 1000
-    num_proc: int | None = None  # tokenizer threads; default: all cores
-    progress_interval: float = 5.0
+    src: list[str] = setting(help="stage 2 JSONL, or parquet files with a messages column", required=True)
+    tokenizer: str = setting(help="local folder of the Qwen2.5 tokenizer (with its chat template)", required=True)
+    dst: str = setting(help="output folder (save_to_disk layout)", required=True)
+    system_prompt: str = setting(SYSTEM_PROMPT, help="system turn prepended to every conversation")
+    max_length: int = setting(
+        20480, help="longest sample in tokens; longer ones follow --truncation", minimum=16, maximum=131072
+    )
+    truncation: str = setting(
+        "tutorial",
+        help="over --max-length: keep head + last 2 tokens (tutorial), drop the sample, or keep it whole",
+        choices=TRUNCATION_POLICIES,
+    )
+    messages_column: str = setting("messages", help="column holding the conversation")
+    batch_size: int = setting(1000, help="rows tokenized per batch", minimum=1)
+    num_proc: int | None = setting(None, help="tokenizer threads (default: all cores)", minimum=1)
+    progress_interval: float = setting(5.0, help="seconds between progress lines", minimum=0)
+    overwrite: bool = setting(False, help="replace a --dst folder that handle did not make")
 
     def __post_init__(self):
         if isinstance(self.src, (str, Path)):
@@ -108,7 +126,9 @@ class ChatEncoder:
         """``(input_ids, labels)`` of each conversation that is kept; reasons for the others are counted."""
         valid = []
         for messages in conversations:
-            if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in messages
+            ):  # a null or list content would fail inside the chat template: count it instead
                 self.counts["dropped_malformed_messages"] += 1
             else:
                 valid.append([self.system, *messages])
@@ -168,9 +188,24 @@ def _histogram(lengths: np.ndarray, path: Path, max_length: int) -> None:
     plt.close(fig)
 
 
+def _check_paths(cfg: HandleConfig) -> None:
+    """Refuse, before any work, inputs of the wrong kind and an output that would destroy something."""
+    dst = Path(cfg.dst).resolve()
+    for src in map(Path, cfg.src):
+        if src.resolve() == dst or dst in src.resolve().parents:
+            raise DataError(f"{src}: --src lies in --dst {cfg.dst}; writing there would destroy the input")
+        if src.is_dir() and artifact_kind(src) is not None:
+            raise DataError(
+                f"{src}: holds a {artifact_kind(src)} dataset; --src expects stage 2's JSONL (or parquet files) "
+                f"with a {cfg.messages_column!r} column"
+            )
+    check_output_folder(cfg.dst, "handled", cfg.overwrite)
+
+
 def run(cfg: HandleConfig) -> Path:
     """Tokenize every conversation of ``cfg.src`` into a ``save_to_disk`` folder at ``cfg.dst``."""
     started = time.monotonic()
+    _check_paths(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.num_proc)
     encoder = ChatEncoder(tokenizer, cfg.system_prompt, cfg.max_length, cfg.truncation)
     lengths: list[int] = []
@@ -190,7 +225,7 @@ def run(cfg: HandleConfig) -> Path:
                 yield _table(pairs)
             progress.maybe_log(rows_in, f"| {sum(lengths)} tokens")
 
-    with atomic_dir(cfg.dst) as tmp:
+    with atomic_dir(cfg.dst, kind="handled", overwrite=cfg.overwrite) as tmp:
         rows = save_tables_to_disk(tables(), tmp, features(HANDLED_COLUMNS))
         if rows == 0:
             raise DataError(f"{', '.join(cfg.src)}: no rows to handle ({rows_in} read; {dict(encoder.counts)})")
@@ -199,7 +234,7 @@ def run(cfg: HandleConfig) -> Path:
         stats = {
             "src": cfg.src,
             "tokenizer": str(cfg.tokenizer),
-            "pad_token_id": tokenizer.pad_token_id,
+            STATS_PAD_TOKEN_ID: tokenizer.pad_token_id,
             "system_prompt": cfg.system_prompt,
             "rows_in": rows_in,
             "rows": rows,
@@ -217,7 +252,7 @@ def run(cfg: HandleConfig) -> Path:
             "processing_seconds": round(processing, 3),
             "tokens_per_s": round(float(length_array.sum()) / processing),
         }
-        write_json(tmp / "stats.json", stats)
+        write_json(tmp / STATS_FILE, stats)
         _histogram(length_array, tmp / "lengths.png", cfg.max_length)
     progress.finish(
         rows_in, f"| {rows} rows, {stats['tokens']} tokens, {stats['truncated']} truncated, dropped {stats['dropped']}"
@@ -226,51 +261,21 @@ def run(cfg: HandleConfig) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m distilled_plugins.handle",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--src", nargs="+", required=True, help="stage 2 JSONL, or parquet files with 'messages'")
-    p.add_argument("--tokenizer", required=True, help="local folder of the Qwen2.5 tokenizer")
-    p.add_argument("--dst", required=True, help="output folder (save_to_disk layout)")
-    p.add_argument("--system-prompt", default=SYSTEM_PROMPT)
-    p.add_argument("--max-length", type=int, default=20480)
-    p.add_argument(
-        "--truncation",
-        choices=TRUNCATION_POLICIES,
-        default="tutorial",
-        help="over --max-length: keep head + last 2 tokens (tutorial), drop the sample, or keep it whole",
-    )
-    p.add_argument("--messages-column", default="messages")
-    p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--num-proc", type=int, default=None, help="tokenizer threads (default: all cores)")
-    return p
+    parser = argparse.ArgumentParser(prog="python -m distilled_plugins.handle", description=__doc__.split("\n")[0])
+    add_arguments(parser, HandleConfig)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        dst = run(
-            HandleConfig(
-                src=args.src,
-                tokenizer=args.tokenizer,
-                dst=args.dst,
-                system_prompt=args.system_prompt,
-                max_length=args.max_length,
-                truncation=args.truncation,
-                messages_column=args.messages_column,
-                batch_size=args.batch_size,
-                num_proc=args.num_proc,
-            )
-        )
+        dst = run(from_args(HandleConfig, args))
     except ValueError as e:
-        logger.error("%s", e)
-        return 1
+        return cli.fail(e)
     logger.info("wrote %s", dst)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -27,11 +28,44 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
                 continue
             try:
                 row = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for binary files
+                if (kind := _binary_format(path)) is not None:
+                    raise DataError(
+                        f"{path}: not a JSON Lines file (one JSON object per line): it looks like {kind}"
+                    ) from None
+                detail = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+                raise DataError(f"{path}:{lineno}: malformed JSON ({detail})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             yield lineno, row
+
+
+def _binary_format(path: str | Path) -> str | None:
+    """What a binary file looks like from its first bytes (for error messages); None for text."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PAR1"):
+        return "a parquet file"
+    if head.startswith((b"ARROW1", b"\xff\xff\xff\xff")):
+        return "an Arrow file"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # not just a character cut at the end of the sample
+            return "a binary file"
+    return None
+
+
+def read_json(path: str | Path, what: str = "JSON document") -> dict:
+    """A small JSON object (stats, markers), failing with the file's name when it is not one."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a valid {what} ({e}); rerun the stage that wrote it") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: not a valid {what} (expected a JSON object)")
+    return value
 
 
 def _read_arrow(path: Path) -> list[dict]:
@@ -106,11 +140,105 @@ def require_columns(rows: list[dict], columns: list[str], source: str | Path) ->
             raise DataError(f"{source}: column {column!r} not found; columns present: {', '.join(present)}")
 
 
+# A folder a stage writes holds this file: what kind of artifact it is and which stage made it. A stage replaces
+# only its own kind of folder, and refuses an input of the wrong kind, naming what it expected.
+ARTIFACT_MARKER = "artifact.json"
+ARTIFACT_KINDS = {"handled": "handle (stage 3)", "packed": "pack (stage 4)"}
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:\.staging\.arrow)?$")
+
+
+def artifact_kind(folder: str | Path) -> str | None:
+    """The kind recorded in ``folder``'s marker, or None when it has none (not made by a stage of this project)."""
+    marker = Path(folder) / ARTIFACT_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("kind")
+    except (ValueError, AttributeError):
+        raise DataError(f"{marker}: not a valid artifact marker (JSON object with 'kind')") from None
+
+
+def require_artifact(folder: str | Path, kind: str, option: str = "--src") -> None:
+    """Fail unless ``folder`` is an existing folder that does not hold another stage's kind of artifact."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"{folder}: no such folder ({option} expects a {kind} dataset made by {ARTIFACT_KINDS[kind]})")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: is a file; {option} expects a {kind} dataset folder made by {ARTIFACT_KINDS[kind]}")
+    found = artifact_kind(folder)
+    if found is not None and found != kind:
+        raise DataError(
+            f"{folder}: holds a {found} dataset (made by {ARTIFACT_KINDS.get(found, found)}); {option} expects a "
+            f"{kind} dataset made by {ARTIFACT_KINDS[kind]}"
+        )
+
+
+def check_output_folder(path: str | Path, kind: str, overwrite: bool = False, option: str = "--dst") -> None:
+    """Refuse to replace a folder this stage did not make: a non-empty folder with no marker of ``kind``."""
+    path = Path(path)
+    if not path.exists() or overwrite:
+        return
+    if not path.is_dir():
+        raise DataError(f"{path}: {option} is an existing file; give a folder path (or --overwrite to replace it)")
+    found = artifact_kind(path)
+    if found == kind:
+        return
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return
+    what = (
+        f"holds a {found} dataset"
+        if found
+        else f"is not empty ({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''})"
+    )
+    raise DataError(
+        f"{path}: {option} {what} and was not made by {ARTIFACT_KINDS[kind]}; choose another {option} or give "
+        "--overwrite to replace it"
+    )
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove temporary siblings of ``path`` left by killed runs of this host (their process is gone)."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for candidate in path.parent.glob(f".{glob_escape(path.name)}.*-*"):
+        match = _TEMP_NAME.match(candidate.name)
+        if not match or match["name"] != path.name or _pid_alive(int(match["pid"])):
+            continue
+        if candidate.is_dir():
+            import shutil
+
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    if removed:
+        logger.info("removed %d temporary file(s) left by an interrupted run: %s", len(removed), removed[0].name)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != 0
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it replaces ``path`` in one rename, on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -126,20 +254,32 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary sibling folder; on success it replaces ``path`` (an old one is removed)."""
+def atomic_dir(path: str | Path, kind: str | None = None, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary sibling folder; on success it replaces ``path`` (an old one is removed).
+
+    With ``kind``, an existing ``path`` is replaced only if it is empty or holds that kind of artifact (or
+    ``overwrite`` is set), and the new folder gets the marker saying what it holds.
+    """
     import shutil
 
     path = Path(path)
+    if kind is not None:
+        check_output_folder(path, kind, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        if kind is not None:
+            (tmp / ARTIFACT_MARKER).write_text(json.dumps({"kind": kind, "made_by": ARTIFACT_KINDS[kind]}) + "\n")
         yield tmp
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         if path.exists():
-            os.replace(path, old)
+            if path.is_dir():
+                os.replace(path, old)
+            else:
+                path.unlink()
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     finally:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import logging
 import math
 import sys
@@ -27,9 +26,27 @@ from typing import NamedTuple
 
 import numpy as np
 
-from distilled_plugins import configs
-from distilled_plugins.io import DataError, atomic_dir, save_tables_to_disk, write_json
-from distilled_plugins.schema import HANDLED_COLUMNS, IGNORE_INDEX, PACKED_COLUMNS, features
+from distilled_plugins import cli, configs
+from distilled_plugins.cli import one_line
+from distilled_plugins.io import (
+    DataError,
+    atomic_dir,
+    check_output_folder,
+    read_json,
+    require_artifact,
+    save_tables_to_disk,
+    write_json,
+)
+from distilled_plugins.schema import (
+    HANDLED_COLUMNS,
+    IGNORE_INDEX,
+    PACKED_COLUMNS,
+    STATS_FILE,
+    STATS_PAD_TOKEN_ID,
+    STATS_SEQ_LENGTH,
+    features,
+)
+from distilled_plugins.settings import add_arguments, from_args, setting
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +55,22 @@ OVERLONG_POLICIES = ("truncate", "split", "drop")
 
 @dataclass
 class PackConfig:
-    src: str
-    dst: str
-    seq_length: int | None = None  # default: from finetune_config
-    finetune_config: str = str(configs.FINETUNE_7B)
-    overlong: str = "split"
-    pad_token_id: int | None = None  # default: the pad id stage 3 recorded in its stats.json
-    rows_per_write: int = 256
+    src: str = setting(help="handled dataset folder (stage 3)", required=True)
+    dst: str = setting(help="output folder (save_to_disk layout)", required=True)
+    seq_length: int | None = setting(
+        None, help="row length (default: model.model_config.seq_length of --finetune-config)", minimum=2
+    )
+    finetune_config: str = setting(
+        str(configs.FINETUNE_7B), help="fine-tune YAML whose model seq_length the rows are packed to"
+    )
+    overlong: str = setting(
+        "split",
+        help="samples longer than seq_length are split, truncated or dropped (each case is counted)",
+        choices=OVERLONG_POLICIES,
+    )
+    pad_token_id: int | None = setting(None, help="pad id (default: the one handle recorded in its stats.json)")
+    rows_per_write: int = setting(256, help="packed rows per Arrow write", minimum=1)
+    overwrite: bool = setting(False, help="replace a --dst folder that pack did not make")
 
     def __post_init__(self):
         if self.overlong not in OVERLONG_POLICIES:
@@ -149,9 +175,9 @@ class _Columns:
 def _pad_id(cfg: PackConfig) -> int:
     if cfg.pad_token_id is not None:
         return cfg.pad_token_id
-    stats = Path(cfg.src) / "stats.json"
-    if stats.exists() and "pad_token_id" in (recorded := json.loads(stats.read_text())):
-        return int(recorded["pad_token_id"])
+    stats = Path(cfg.src) / STATS_FILE
+    if stats.exists() and STATS_PAD_TOKEN_ID in (recorded := read_json(stats, "handle stats file")):
+        return int(recorded[STATS_PAD_TOKEN_ID])
     raise DataError(
         f"{cfg.src}: no stats.json with the tokenizer's pad_token_id (not made by stage 3?); give --pad-token-id"
     )
@@ -164,12 +190,19 @@ def run(cfg: PackConfig) -> Path:
 
     started = time.monotonic()
     src = Path(cfg.src)
-    if not src.is_dir():
-        raise DataError(f"{src}: handled dataset folder not found")
-    handled = datasets.load_from_disk(str(src))
+    require_artifact(src, "handled")
+    if src.resolve() == Path(cfg.dst).resolve():
+        raise DataError(f"{src}: --src and --dst are the same folder; packing in place would destroy the input")
+    check_output_folder(cfg.dst, "packed", cfg.overwrite)
+    try:
+        handled = datasets.load_from_disk(str(src))
+    except (OSError, ValueError) as e:  # a cut-short or foreign folder: pyarrow's message names no file
+        raise DataError(f"{src}: cannot be read as a handled dataset ({one_line(e)}); rerun handle") from None
     for column in HANDLED_COLUMNS:
         if column not in handled.column_names:
             raise DataError(f"{src}: column {column!r} not found; columns present: {', '.join(handled.column_names)}")
+    if "actual_seq_len" in handled.column_names:  # a packed folder from before artifact markers
+        raise DataError(f"{src}: is already packed (it has 'actual_seq_len'); --src expects handle's output")
     if len(handled) == 0:
         raise DataError(f"{src}: the handled dataset is empty")
     ids, labels = _Columns(handled.data, "input_ids"), _Columns(handled.data, "labels")
@@ -219,11 +252,11 @@ def run(cfg: PackConfig) -> Path:
 
     tokens = sum(p.length for p in pieces)
     samples_per_pack = np.array([len(pack) for pack in plan])
-    with atomic_dir(cfg.dst) as tmp:
+    with atomic_dir(cfg.dst, kind="packed", overwrite=cfg.overwrite) as tmp:
         save_tables_to_disk(tables(), tmp, features(PACKED_COLUMNS))
         stats = {
             "src": str(src),
-            "seq_length": cfg.seq_length,
+            STATS_SEQ_LENGTH: cfg.seq_length,
             "overlong_policy": cfg.overlong,
             "pad_token_id": pad,
             "samples_in": len(lengths),
@@ -242,7 +275,7 @@ def run(cfg: PackConfig) -> Path:
             "plan_seconds": round(plan_seconds, 3),
             "wall_seconds": round(time.monotonic() - started, 3),
         }
-        write_json(tmp / "stats.json", stats)
+        write_json(tmp / STATS_FILE, stats)
     logger.info(
         "packed %d samples (%d tokens) into %d rows of %d: efficiency %.4f (lower bound %d rows); overlong: %s",
         stats["samples_in"],
@@ -257,50 +290,21 @@ def run(cfg: PackConfig) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m distilled_plugins.pack",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--src", required=True, help="handled dataset folder (stage 3)")
-    p.add_argument("--dst", required=True, help="output folder (save_to_disk layout)")
-    p.add_argument(
-        "--seq-length",
-        type=int,
-        default=None,
-        help="row length; default: model.model_config.seq_length of --finetune-config",
-    )
-    p.add_argument("--finetune-config", default=str(configs.FINETUNE_7B))
-    p.add_argument(
-        "--overlong",
-        choices=OVERLONG_POLICIES,
-        default="split",
-        help="what happens to samples longer than seq_length (each case is counted)",
-    )
-    p.add_argument("--pad-token-id", type=int, default=None)
-    return p
+    parser = argparse.ArgumentParser(prog="python -m distilled_plugins.pack", description=__doc__.split("\n")[0])
+    add_arguments(parser, PackConfig)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        dst = run(
-            PackConfig(
-                src=args.src,
-                dst=args.dst,
-                seq_length=args.seq_length,
-                finetune_config=args.finetune_config,
-                overlong=args.overlong,
-                pad_token_id=args.pad_token_id,
-            )
-        )
-    except (ValueError, FileNotFoundError) as e:
-        logger.error("%s", e)
-        return 1
+        dst = run(from_args(PackConfig, args))
+    except ValueError as e:
+        return cli.fail(e)
     logger.info("wrote %s", dst)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -13,42 +13,49 @@ Output rows keep input order, and a rerun writes byte-identical files (written t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from distilled_plugins import configs, grader
+from distilled_plugins import cli, configs, grader
 from distilled_plugins.decontaminate import Decontaminator
 from distilled_plugins.io import DataError, atomic_path, count_rows, dumps_line, iter_jsonl, write_json
 from distilled_plugins.progress import Progress
+from distilled_plugins.schema import GENERATION_COLUMNS, MESSAGES_COLUMN, PROMPT_COLUMN, row_key, sibling_path
+from distilled_plugins.settings import add_arguments, from_args, setting
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_EVAL_SETS = [str(configs.SHARED_DATA / "math500" / "test.jsonl")]
-ALIGNED_COLUMNS = ("generations", "finish_reasons", "api_metadata")
 
 
 @dataclass
 class RejectSamplingConfig:
-    src: str
-    dst: str
-    answer_column: str = "answer"
-    problem_column: str = "problem"
-    uuid_column: str | None = None  # defaults to the problem column
-    workers: int | None = None  # default: one per core
-    parse_timeout: int = 5
-    verify_timeout: int = 5
-    sample_timeout: float = 30.0
-    eval_sets: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_SETS))
-    progress_interval: float = 5.0
+    src: str = setting(help="JSONL of stage 1 (generations)", required=True)
+    dst: str = setting(help="JSONL of kept examples", required=True)
+    answer_column: str = setting("answer", help="column holding the gold answer", section="Data")
+    problem_column: str = setting("problem", help="column holding the problem text", section="Data")
+    uuid_column: str | None = setting(None, help="column keying the verdict file (default: the problem column)")
+    workers: int | None = setting(None, help="grading processes (default: one per core)", minimum=1)
+    parse_timeout: int = setting(5, help="math_verify's parse timeout, whole seconds", minimum=1)
+    verify_timeout: int = setting(5, help="math_verify's verify timeout, whole seconds", minimum=1)
+    sample_timeout: float = setting(
+        30.0, help="hard wall-clock limit per generation; past it the grading worker is replaced", minimum=1
+    )
+    eval_sets: list[str] = setting(
+        help="evaluation sets (with a 'problem' column) to decontaminate against; 'none' to skip",
+        factory=lambda: list(DEFAULT_EVAL_SETS),
+    )
+    progress_interval: float = setting(5.0, help="seconds between progress lines", minimum=0)
 
     def __post_init__(self):
         self.uuid_column = self.uuid_column or self.problem_column
+        if [str(s).lower() for s in self.eval_sets] == ["none"]:
+            self.eval_sets = []
         for path in self.eval_sets:
             if not Path(path).exists():
                 raise DataError(f"evaluation set {path} not found (give --eval-sets, or --eval-sets none to skip)")
@@ -60,11 +67,6 @@ class RejectSamplingResult:
     verdicts: Path
     stats_file: Path
     stats: dict
-
-
-def sibling(dst: str | Path, suffix: str) -> Path:
-    dst = Path(dst)
-    return dst.with_name(dst.stem + suffix)
 
 
 class _Example:
@@ -84,6 +86,10 @@ def _check_row(row: dict, cfg: RejectSamplingConfig, where: str) -> None:
     if not isinstance(generations, list) or not all(isinstance(g, str) for g in generations):
         raise DataError(f"{where}: field 'generations' must be a list of strings")
     for column in ("finish_reasons", "api_metadata"):
+        if column in row and row[column] is None:
+            del row[column]  # null means "not recorded", as if the column were absent
+        if column in row and not isinstance(row[column], list):
+            raise DataError(f"{where}: field {column!r} must be a list, got {type(row[column]).__name__}")
         if column in row and len(row[column]) != len(generations):
             raise DataError(f"{where}: {column!r} has {len(row[column])} entries for {len(generations)} generations")
 
@@ -93,11 +99,11 @@ def _kept_row(example: _Example, problem_column: str) -> dict | None:
     if not correct:
         return None
     row = dict(example.row)
-    for column in ALIGNED_COLUMNS:
+    for column in GENERATION_COLUMNS:
         if column in row:
             row[column] = [row[column][i] for i in correct]
-    prompt = row.get("prompt") or row[problem_column]
-    row["messages"] = [
+    prompt = row.get(PROMPT_COLUMN) or row[problem_column]
+    row[MESSAGES_COLUMN] = [
         {"role": "user", "content": prompt},
         {"role": "assistant", "content": example.row["generations"][correct[-1]]},
     ]
@@ -124,7 +130,7 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
         """Read examples lazily, registering each in input order before its samples go to the pool."""
         for index, (lineno, row) in enumerate(iter_jsonl(src)):
             _check_row(row, cfg, f"{src}:{lineno}")
-            key = hashlib.md5(str(row[cfg.uuid_column]).encode()).hexdigest()
+            key = row_key(row[cfg.uuid_column])
             n = len(row["generations"])
             dropped = None
             if grader.gold_is_filtered(row[cfg.answer_column]):
@@ -144,7 +150,7 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
 
     with (
         atomic_path(cfg.dst) as dst_tmp,
-        atomic_path(sibling(cfg.dst, ".verdicts.jsonl")) as verdicts_tmp,
+        atomic_path(sibling_path(cfg.dst, ".verdicts.jsonl")) as verdicts_tmp,
         open(dst_tmp, "wb") as out,
         open(verdicts_tmp, "wb") as audit,
     ):
@@ -213,7 +219,7 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
         "examples_per_s": round(counts["examples_in"] / wall, 2),
         "samples_per_s": round(graded / wall, 2),
     }
-    stats_file = write_json(sibling(cfg.dst, ".stats.json"), stats)
+    stats_file = write_json(sibling_path(cfg.dst, ".stats.json"), stats)
     logger.info(
         "kept %d of %d examples (%d of %d generations correct); rejections: %s",
         stats["examples_out"],
@@ -222,65 +228,27 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
         graded,
         json.dumps({**stats["rejected_generations"], **stats["rejected_examples"]}),
     )
-    return RejectSamplingResult(Path(cfg.dst), sibling(cfg.dst, ".verdicts.jsonl"), stats_file, stats)
+    return RejectSamplingResult(Path(cfg.dst), sibling_path(cfg.dst, ".verdicts.jsonl"), stats_file, stats)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m distilled_plugins.reject_sampling",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = argparse.ArgumentParser(
+        prog="python -m distilled_plugins.reject_sampling", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--src", required=True, help="JSONL of stage 1 (generations)")
-    p.add_argument("--dst", required=True, help="JSONL of kept examples")
-    p.add_argument("--answer-column", default="answer")
-    p.add_argument("--problem-column", default="problem")
-    p.add_argument("--uuid-column", default=None, help="column keying the verdict file (default: problem column)")
-    p.add_argument("--workers", type=int, default=None, help="grading processes (default: one per core)")
-    p.add_argument("--parse-timeout", type=int, default=5, help="math_verify's parse timeout, whole seconds")
-    p.add_argument("--verify-timeout", type=int, default=5, help="math_verify's verify timeout, whole seconds")
-    p.add_argument(
-        "--sample-timeout",
-        type=float,
-        default=30.0,
-        help="hard wall-clock limit per generation; past it the worker is replaced",
-    )
-    p.add_argument(
-        "--eval-sets",
-        nargs="+",
-        default=DEFAULT_EVAL_SETS,
-        help="evaluation sets (with a 'problem' column) to decontaminate against; 'none' to skip",
-    )
-    p.add_argument("--progress-interval", type=float, default=5.0)
-    return p
+    add_arguments(parser, RejectSamplingConfig)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    eval_sets = [] if [s.lower() for s in args.eval_sets] == ["none"] else args.eval_sets
     try:
-        result = run(
-            RejectSamplingConfig(
-                src=args.src,
-                dst=args.dst,
-                answer_column=args.answer_column,
-                problem_column=args.problem_column,
-                uuid_column=args.uuid_column,
-                workers=args.workers,
-                parse_timeout=args.parse_timeout,
-                verify_timeout=args.verify_timeout,
-                sample_timeout=args.sample_timeout,
-                eval_sets=eval_sets,
-                progress_interval=args.progress_interval,
-            )
-        )
+        result = run(from_args(RejectSamplingConfig, args))
     except ValueError as e:
-        logger.error("%s", e)
-        return 1
+        return cli.fail(e)
     logger.info("wrote %s, %s and %s", result.output, result.verdicts, result.stats_file)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -19,9 +19,17 @@ from operators.seed_watcher import SeedChangeTrigger
 SEED_PATH = os.environ.get("DISTILL_SEED", str(SHARED_DATA / "math_train" / "math12k_train.parquet"))
 SEED_POLL_SECONDS = float(os.environ.get("DISTILL_SEED_POLL_SECONDS", "10"))
 
+SEED_URI = f"file://{Path(SEED_PATH).resolve()}"
 SEED = Asset(
     name="distill_seed",
-    uri=f"file://{Path(SEED_PATH).resolve()}",
+    uri=SEED_URI,
+    extra={
+        "description": "Seed problems of distill_r1: an update to this asset starts a distillation run (a watcher "
+        "notices changes of the seed's content by itself)",
+        "uri": SEED_URI,
+        "announce_refresh": "Nothing to do: a watcher notices content changes. To announce one yourself: Create "
+        "Event > Manual on this page, or POST /api/v2/assets/events with this asset_id",
+    },
     watchers=[
         AssetWatcher(
             name="distill_seed_watcher",

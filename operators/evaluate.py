@@ -11,6 +11,7 @@ from airflow.sdk.exceptions import AirflowException
 from distilled_plugins import evaluate
 from operators.assets import emit
 from operators.hooks import TeacherEndpointHook
+from operators.pipeline import fails_clearly
 
 
 class Math500EvalOperator(BaseOperator):
@@ -85,6 +86,7 @@ class Math500EvalOperator(BaseOperator):
     def hook(self) -> TeacherEndpointHook:
         return TeacherEndpointHook(self.endpoint_conn_id)
 
+    @fails_clearly
     def execute(self, context: Context) -> str:
         if self.source not in (None, "", "endpoint", "checkpoint"):
             raise ValueError(f"source must be 'endpoint' or 'checkpoint', got {self.source!r}")

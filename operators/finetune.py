@@ -10,6 +10,7 @@ from airflow.sdk.exceptions import AirflowException
 
 from distilled_plugins import finetune
 from operators.assets import emit
+from operators.pipeline import fails_clearly
 from operators.triggers import MsrunJobTrigger
 from operators.xcom import with_fields
 
@@ -108,6 +109,7 @@ class MsrunFinetuneOperator(BaseOperator):
             "steps": result.steps,
         }
 
+    @fails_clearly
     def execute(self, context: Context) -> dict | None:
         cfg = self._config()
         done = finetune.finished_result(cfg.run_dir)
@@ -136,6 +138,7 @@ class MsrunFinetuneOperator(BaseOperator):
         )
         return None
 
+    @fails_clearly
     def execute_complete(self, context: Context, event: dict, resume_step: int = 0) -> dict:
         cfg = self._config()
         if event["status"] == "stalled":

@@ -9,6 +9,7 @@ from airflow.sdk import BaseOperator, Context
 from distilled_plugins import generate
 from distilled_plugins.client import RetryPolicy
 from operators.hooks import TeacherEndpointHook
+from operators.pipeline import fails_clearly
 from operators.xcom import with_fields
 
 
@@ -81,6 +82,7 @@ class GenerateReasoningOperator(BaseOperator):
     def hook(self) -> TeacherEndpointHook:
         return TeacherEndpointHook(self.teacher_conn_id)
 
+    @fails_clearly
     def execute(self, context: Context) -> dict:
         api_addr, api_key = self.hook.get_endpoint()
         result = generate.run(
@@ -119,6 +121,7 @@ class MergeShardsOperator(BaseOperator):
         self.output_file = output_file
         self.uuid_column = uuid_column
 
+    @fails_clearly
     def execute(self, context: Context) -> str:
         paths = [s["output"] if isinstance(s, dict) else s for s in self.shards]
         return str(generate.merge(paths, self.output_file, self.uuid_column))

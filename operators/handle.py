@@ -2,50 +2,23 @@
 
 from __future__ import annotations
 
-from airflow.sdk import BaseOperator, Context
+from airflow.sdk import Context
 
 from distilled_plugins import handle
+from operators.pipeline import fails_clearly
+from operators.stage import StageOperator
 
 
-class HandleDatasetOperator(BaseOperator):
+class HandleDatasetOperator(StageOperator):
     """Tokenize conversations with the chat template and mask the prompt out of the labels.
 
-    Written to a temporary folder and renamed at the end, so a retry starts clean. Returns the output folder.
+    Takes the fields of :class:`~distilled_plugins.handle.HandleConfig`. Written to a temporary folder and
+    renamed at the end, so a retry starts clean. Returns the output folder.
     """
 
-    template_fields = ("src", "tokenizer", "dst", "max_length", "truncation")
+    config_class = handle.HandleConfig
     ui_color = "#e6f4ea"
 
-    def __init__(
-        self,
-        *,
-        src: str | list[str],
-        tokenizer: str,
-        dst: str,
-        max_length: int = 20480,
-        truncation: str = "tutorial",
-        system_prompt: str = handle.SYSTEM_PROMPT,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.src = src
-        self.tokenizer = tokenizer
-        self.dst = dst
-        self.max_length = max_length
-        self.truncation = truncation
-        self.system_prompt = system_prompt
-
+    @fails_clearly
     def execute(self, context: Context) -> str:
-        src = [self.src] if isinstance(self.src, str) else list(self.src)
-        return str(
-            handle.run(
-                handle.HandleConfig(
-                    src=src,
-                    tokenizer=self.tokenizer,
-                    dst=self.dst,
-                    max_length=int(self.max_length),
-                    truncation=self.truncation,
-                    system_prompt=self.system_prompt,
-                )
-            )
-        )
+        return str(handle.run(self.stage_config()))

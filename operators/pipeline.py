@@ -1,16 +1,45 @@
-"""Small pieces the distillation DAG is built from, kept out of ``dags/`` (which holds definitions only)."""
+"""Small pieces the distillation DAG is built from, kept out of ``dags/`` (which holds definitions only).
+
+- :func:`form_param`: a trigger-form field (title, description, section) from one line per setting.
+- :func:`fails_clearly`: wraps an operator's ``execute``; on an error it logs one line saying what failed and
+  what to do about *that* error, at the top level of the task log (not inside a collapsed group), and turns
+  errors no retry can fix (bad configuration, missing files, bad parameters, bad data) into
+  ``AirflowFailException`` so the task fails at once instead of waiting out its retries.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+from typing import Any
 
-from airflow.sdk import task
+from airflow.sdk import Param, task
+from airflow.sdk.exceptions import (
+    AirflowFailException,
+    AirflowNotFoundException,
+    AirflowRescheduleException,
+    AirflowSkipException,
+    DagRunTriggerException,
+    DownstreamTasksSkipped,
+)
+
+from distilled_plugins.cli import one_line
+from distilled_plugins.client import FatalRequestError
+from distilled_plugins.finetune import FinetuneFailed
+from distilled_plugins.generate import GenerationIncomplete
+from distilled_plugins.io import DataError
 
 logger = logging.getLogger(__name__)
 
-# what to do when a task fails, by task id: the last line of a failed task's log
+
+def form_param(default: Any, title: str, section: str, description: str, **schema) -> Param:
+    """One field of the trigger form: ``title`` is its label, ``section`` the collapsible group it sits in."""
+    return Param(default, title=title, section=section, description=description, **schema)
+
+
+# what to do when a task fails with an error the rules below do not name, by task id
 WHAT_TO_DO = {
-    "shard_plan": "check the 'shards' parameter",
+    "shard_plan": "check the 'Generation shards' parameter",
     "generate": "check the teacher connection and model name; clearing the task resumes its shard, "
     "completions already received are kept",
     "merge": "a shard output is incomplete: clear the generate task of that shard",
@@ -20,22 +49,162 @@ WHAT_TO_DO = {
     "finetune": "read the worker log tail above; clearing the task resumes from the newest checkpoint",
     "evaluate": "check the evaluation source (checkpoint or endpoint); clearing the task keeps the completions",
 }
+DEFAULT_WHAT_TO_DO = "read the error above, fix its cause, then clear the task"
+
+# (error class, task id or None for any, text in the message or None, retry can fix it, what to do): first match
+RULES: list[tuple[type[BaseException], str | None, str | None, bool, str]] = [
+    (
+        AirflowNotFoundException,
+        None,
+        None,
+        False,
+        "define the connection named in the error (Admin > Connections, or an AIRFLOW_CONN_<ID> environment "
+        "variable of the Airflow services), then clear the task",
+    ),
+    (
+        FatalRequestError,
+        None,
+        "cannot reach",
+        False,
+        "start the endpoint or correct host and port of its connection (Admin > Connections), then clear the "
+        "task: completions already received are kept",
+    ),
+    (
+        FatalRequestError,
+        None,
+        None,
+        False,
+        "the endpoint refused the request: correct the API key (the connection's password) or the model name "
+        "as the server's message says, then clear the task",
+    ),
+    (
+        GenerationIncomplete,
+        None,
+        None,
+        True,
+        "some requests still failed after every attempt: clearing the task requests only the missing rows "
+        "(raise 'Attempts per request' if the teacher is overloaded)",
+    ),
+    (
+        DataError,
+        "finetune",
+        "load_checkpoint",
+        False,
+        "set the 'Base checkpoint' parameter to the folder of the base model weights (empty: the profile's own "
+        "load_checkpoint) and trigger a new run",
+    ),
+    (
+        DataError,
+        "finetune",
+        "seq_length",
+        False,
+        "pack with the model's seq_length or change the fine-tune profile as the error says, then trigger a new run",
+    ),
+    (
+        DataError,
+        None,
+        "column",
+        False,
+        "name an existing column in the Data section ('Problem column', 'Problem id column', 'Gold answer "
+        "column') and trigger a new run",
+    ),
+    (
+        DataError,
+        None,
+        None,
+        False,
+        "fix the file or folder named in the error (or the parameter pointing to it), then trigger a new run",
+    ),
+    (
+        FinetuneFailed,
+        None,
+        None,
+        True,
+        "read the worker log tail above; clearing the task resumes from the newest checkpoint",
+    ),
+    (
+        FileNotFoundError,
+        None,
+        None,
+        False,
+        "create the missing file or point the parameter at an existing one, then trigger a new run",
+    ),
+    (
+        ValueError,
+        None,
+        None,
+        False,
+        "a setting is invalid: correct the parameter or configuration value named in the error and trigger a new run",
+    ),
+]
+
+# Airflow's control flow: never a failure
+PASS_THROUGH = (
+    AirflowSkipException,
+    AirflowRescheduleException,
+    DownstreamTasksSkipped,
+    DagRunTriggerException,
+)
+
+
+def classify(task_id: str, error: BaseException) -> tuple[bool, str]:
+    """(whether a retry can fix the error, what to do about it)."""
+    message = str(error)
+    for kind, rule_task, text, retryable, hint in RULES:
+        if isinstance(error, kind) and rule_task in (None, task_id) and (text is None or text in message):
+            return retryable, hint
+    return True, WHAT_TO_DO.get(task_id, DEFAULT_WHAT_TO_DO)
+
+
+def summary_line(task_id: str, ti, error: BaseException, hint: str, retrying: bool) -> str:
+    first = one_line(error)  # the same first line the stage's command line prints
+    where = f"{task_id}" + (f"[{ti.map_index}]" if getattr(ti, "map_index", -1) not in (None, -1) else "")
+    outcome = "Airflow retries it; if every try fails: " if retrying else ""
+    return (
+        f"FAILED {where} (run {getattr(ti, 'run_id', '?')}, try {getattr(ti, 'try_number', '?')}): "
+        f"{first} -- what to do: {outcome}{hint}"
+    )
+
+
+def fails_clearly(method):
+    """Decorate an operator's ``execute`` (or resume method) with the one-line failure summary and fail-fast."""
+
+    @functools.wraps(method)
+    def wrapper(self, context, *args, **kwargs):
+        try:
+            return method(self, context, *args, **kwargs)
+        except PASS_THROUGH:
+            raise
+        except Exception as error:
+            ti = context["ti"]
+            retryable, hint = classify(self.task_id, error)
+            if isinstance(error, AirflowFailException):
+                retryable = False
+            tries_left = retryable and (getattr(ti, "try_number", 1) or 1) <= int(getattr(ti, "max_tries", 0) or 0)
+            line = summary_line(self.task_id, ti, error, hint, tries_left)
+            self.log.error("%s", line)
+            self._failure_summarised = True
+            if not retryable and not isinstance(error, AirflowFailException):
+                raise AirflowFailException(line) from error
+            raise
+
+    return wrapper
 
 
 @task
 def shard_plan(shards: int) -> list[int]:
     """The shard indices to map the generate task over."""
     if int(shards) < 1:
-        raise ValueError(f"shards must be at least 1, got {shards}")
+        raise AirflowFailException(f"shards must be at least 1, got {shards} -- what to do: {WHAT_TO_DO['shard_plan']}")
     return list(range(int(shards)))
 
 
 def log_failure_summary(context) -> None:
-    """``on_failure_callback``: end the task log with one line saying what failed and what to do."""
+    """``on_failure_callback``: the one-line summary for failures :func:`fails_clearly` did not see (it runs in
+    Airflow's collapsed "Post Execute" group, so the operators log it themselves first)."""
+    if getattr(context.get("task"), "_failure_summarised", False):
+        return
     ti = context["ti"]
     error = context.get("exception")
-    first_line = str(error).strip().splitlines()[0] if error else "unknown error"
-    hint = WHAT_TO_DO.get(ti.task_id, "read the error above, fix its cause, then clear the task")
-    logger.error(
-        "FAILED %s (run %s, try %s): %s -- what to do: %s", ti.task_id, ti.run_id, ti.try_number, first_line, hint
-    )
+    hint = classify(ti.task_id, error)[1] if isinstance(error, BaseException) else DEFAULT_WHAT_TO_DO
+    logger.error("%s", summary_line(ti.task_id, ti, error or RuntimeError("unknown error"), hint, False))

@@ -1,0 +1,80 @@
+"""StageOperator: an operator whose arguments are the fields of a stage's config dataclass.
+
+A stage's settings are written once, as fields of its config dataclass (``distilled_plugins.settings``). The
+operator takes exactly those fields as keyword arguments, with the same defaults, templates them all (except
+those named in ``not_templated``), and builds the config from its fields in ``execute``: no default is
+repeated here, no value is cast by hand, and ``execute`` never changes the operator's fields.
+
+    class PackDatasetOperator(StageOperator):
+        config_class = pack.PackConfig
+
+        def execute(self, context):
+            return str(pack.run(self.stage_config()))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, ClassVar
+
+from airflow.sdk import BaseOperator
+
+from distilled_plugins.settings import coerce, default_of
+
+
+class StageOperator(BaseOperator):
+    """Base of the stage operators; subclasses set ``config_class`` (and may set ``not_templated``)."""
+
+    config_class: ClassVar[type]
+    not_templated: ClassVar[tuple[str, ...]] = ()
+    # config fields the operator fills itself in execute (e.g. an endpoint read from a Connection) ...
+    not_arguments: ClassVar[tuple[str, ...]] = ()
+    # ... and arguments of the operator that are not config fields, with their defaults
+    operator_arguments: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "config_class" not in cls.__dict__:
+            return
+        fields = [f for f in dataclasses.fields(cls.config_class) if f.name not in cls.not_arguments]
+        extra = dict(cls.__dict__.get("operator_arguments", {}))
+        names = [f.name for f in fields]
+        cls.template_fields = tuple(
+            name
+            for name in dict.fromkeys([*cls.__dict__.get("template_fields", ()), *names, *extra])
+            if name not in cls.not_templated
+        )
+
+        def __init__(self, **kwargs):
+            settings = {name: kwargs.pop(name) for name in [*names, *extra] if name in kwargs}
+            super(cls, self).__init__(**kwargs)
+            for f in fields:
+                value = settings.get(f.name, default_of(f))
+                setattr(self, f.name, None if value is dataclasses.MISSING else value)
+            for name, default in extra.items():
+                setattr(self, name, settings.get(name, default))
+
+        parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        for f in fields:
+            default = default_of(f)
+            parameters.append(
+                inspect.Parameter(
+                    f.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=inspect.Parameter.empty if default is dataclasses.MISSING else default,
+                )
+            )
+        parameters += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d) for n, d in extra.items()]
+        parameters.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
+        __init__.__signature__ = inspect.Signature(parameters)
+        __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+        __init__.__doc__ = f"Takes the fields of :class:`{cls.config_class.__qualname__}` as keyword arguments."
+        cls.__init__ = __init__
+
+    def stage_config(self, **values: Any):
+        """The stage's config from this operator's (rendered) fields; ``values`` fill or replace fields."""
+        fields = dataclasses.fields(self.config_class)
+        settings = {f.name: getattr(self, f.name) for f in fields if f.name not in self.not_arguments}
+        settings.update(values)
+        return self.config_class(**{name: coerce(self.config_class, name, v) for name, v in settings.items()})

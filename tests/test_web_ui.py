@@ -1,0 +1,216 @@
+"""The trigger form of ``distill_r1`` as a user meets it: headless Chromium (Debian's ``chromium`` and
+``chromium-driver``, driven by selenium) against a real Airflow started here with the demo's deployment defaults.
+
+Screenshots of every step are saved under the test's tmp folder; a failure message lists them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from distilled_plugins.demo import airflow_for_demo, demo_settings, make_seed
+from distilled_plugins.local_airflow import free_port
+from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
+from tests.conftest import MATH_TRAIN_SOLUTIONS
+
+DAG_ID = "distill_r1"
+SECTIONS = ["Data", "Teacher", "Processing", "Fine-tune", "Multi-node (rarely changed)", "Evaluation", "Output"]
+REQUIRED = "This field is required"  # Airflow's message for an emptied field that does not accept null
+WAIT = 120  # seconds: a loaded 2-core machine renders slowly
+
+
+def chromium(shots: Path):
+    """A headless Chromium; a missing browser skips the test, except under CI=true where it fails it."""
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        browser = None
+    if not (browser and driver):
+        message = "headless Chromium is missing: apt-get install -y chromium chromium-driver; pip install selenium"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1100",
+    ):
+        options.add_argument(arg)
+    options.binary_location = browser
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+class Page:
+    """The browser with numbered screenshots; ``fail`` names them all."""
+
+    def __init__(self, driver, shots: Path):
+        self.driver, self.shots, self.taken = driver, shots, []
+        shots.mkdir(parents=True, exist_ok=True)
+
+    def shot(self, name: str) -> Path:
+        path = self.shots / f"{len(self.taken) + 1:02d}-{name}.png"
+        self.driver.save_screenshot(str(path))
+        self.taken.append(path)
+        return path
+
+    def wait(self, condition, what: str, timeout: float = WAIT):
+        from selenium.common.exceptions import TimeoutException
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        try:
+            return WebDriverWait(self.driver, timeout, poll_frequency=0.5).until(lambda _: condition())
+        except TimeoutException:
+            self.shot("timeout")
+            raise AssertionError(f"waited {timeout:g} s for {what}; screenshots: {self.listing()}") from None
+
+    def listing(self) -> str:
+        return ", ".join(str(p) for p in self.taken)
+
+
+def visible_text(elements) -> list[str]:
+    return [e.text.strip() for e in elements if e.is_displayed() and e.text.strip()]
+
+
+def button(form, text: str):
+    from selenium.webdriver.common.by import By
+
+    return next(b for b in form.find_elements(By.TAG_NAME, "button") if b.text.strip() == text)
+
+
+def labels(form) -> set[str]:
+    """The field labels shown (without the '*' Airflow adds to required fields)."""
+    from selenium.webdriver.common.by import By
+
+    return {t.rstrip("*").strip() for t in visible_text(form.find_elements(By.TAG_NAME, "label"))}
+
+
+@pytest.mark.slow
+def test_trigger_form_shows_labelled_sections_refuses_an_empty_field_and_submits_its_defaults(tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    seed = make_seed(tmp_path / "seed" / "seed.jsonl", 4)
+    settings = demo_settings(tmp_path, seed)  # the demo's deployment defaults, through DISTILL_DEFAULTS
+    driver = chromium(tmp_path / "screenshots")
+    page = Page(driver, tmp_path / "screenshots")
+    teacher = ReplayTeacher(replay_answer(load_answers(MATH_TRAIN_SOLUTIONS, "problem", "solution")))
+    try:
+        with ServerThread(teacher.app()) as server, airflow_for_demo(tmp_path, server.url, free_port(), settings) as af:
+            af.wait_for_dag(DAG_ID)
+            params = af.api("GET", f"/api/v2/dags/{DAG_ID}/details")["params"]
+            driver.get(f"{af.url}/dags/{DAG_ID}")
+            trigger = page.wait(
+                lambda: driver.find_elements(By.CSS_SELECTOR, "[data-testid=trigger-dag-button]"), "the Trigger button"
+            )[0]
+            page.shot("dag")
+            trigger.click()
+
+            def dialog():
+                found = [d for d in driver.find_elements(By.CSS_SELECTOR, "[role=dialog]") if "Trigger Dag" in d.text]
+                return found[0] if found else None
+
+            form = page.wait(dialog, "the trigger form")
+            page.wait(lambda: "Data" in visible_text(form.find_elements(By.TAG_NAME, "button")), "the form's sections")
+            page.shot("form")
+            buttons = visible_text(form.find_elements(By.TAG_NAME, "button"))
+            shown = [b for b in buttons if b in SECTIONS]
+            assert shown == SECTIONS, f"sections shown: {buttons}; screenshots: {page.listing()}"
+
+            def submit_button():
+                return [b for b in form.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Trigger"][-1]
+
+            assert submit_button().is_enabled(), f"Trigger is disabled with the defaults; see {page.listing()}"
+
+            # every field, section by section: its title is the label, its description under it, no error
+            for section in SECTIONS:
+                header = button(form, section)
+                if header.get_attribute("aria-expanded") != "true":
+                    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", header)
+                    header.click()
+                wanted = {
+                    p["schema"]["title"]: p["description"] for p in params.values() if p["schema"]["section"] == section
+                }
+                page.wait(
+                    lambda wanted=wanted: set(wanted) <= labels(form),
+                    f"the labels of section {section}: {sorted(wanted)}",
+                )
+                page.shot(f"section-{section.split()[0].lower()}")
+                for title, description in wanted.items():
+                    assert description in form.text, f"{title}: description not shown; see {page.listing()}"
+                assert REQUIRED not in form.text, f"{section}: a field reports an error; see {page.listing()}"
+                if section == "Fine-tune":  # an enum shows its readable choice, not the file name
+                    assert "Tiny CPU model (demo)" in form.text, f"values_display not shown; see {page.listing()}"
+
+            # an invalid value: the seed dataset emptied is refused in the form (error shown, Trigger disabled)
+            data = button(form, "Data")
+            if data.get_attribute("aria-expanded") != "true":
+                data.click()
+            field = page.wait(lambda: driver.find_element(By.ID, "element_seed_dataset"), "the seed dataset field")
+            page.wait(field.is_displayed, "the seed dataset field to show")
+            assert field.get_attribute("value") == str(seed)  # the deployment's default is filled in
+            field.send_keys(Keys.CONTROL, "a")
+            field.send_keys(Keys.DELETE)
+            page.wait(lambda: REQUIRED in form.text, "the form to refuse an empty seed dataset")
+            page.wait(lambda: not submit_button().is_enabled(), "Trigger to be disabled")
+            page.shot("refused")
+            assert af.runs(DAG_ID) == []
+
+            # a fresh form, untouched: submitting the defaults starts a run with them as its conf
+            driver.refresh()
+            trigger = page.wait(
+                lambda: driver.find_elements(By.CSS_SELECTOR, "[data-testid=trigger-dag-button]"), "the Trigger button"
+            )[0]
+            trigger.click()
+            form = page.wait(dialog, "the trigger form again")
+            page.wait(lambda: submit_button().is_enabled(), "the form to accept its defaults")
+            page.shot("fresh-form")
+            submit = submit_button()
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", submit)
+            submit.click()
+            runs = page.wait(lambda: af.runs(DAG_ID), "the run to start (REST API)")
+            page.shot("submitted")
+            assert len(runs) == 1 and runs[0]["run_type"] == "manual", runs
+            conf = runs[0]["conf"]
+            assert conf["seed_dataset"] == str(seed) and conf["finetune_config"] == "finetune_tiny_cpu.yaml", conf
+            assert conf["base_checkpoint"] is None and conf["shards"] == settings["shards"], conf
+            run_id = runs[0]["dag_run_id"]
+            deadline = time.monotonic() + WAIT
+            while not [t for t in af.task_instances(DAG_ID, run_id) if t["state"]]:
+                assert time.monotonic() < deadline, f"run {run_id} started no task; see {page.listing()}"
+                time.sleep(2)
+            af.api("PATCH", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", {"state": "failed"})  # no need to finish it
+
+            # the seed asset's page shows its description and URI; the DAG docs show the chain as code
+            asset = af.api("GET", "/api/v2/assets?name_pattern=distill_seed")["assets"][0]
+            driver.get(f"{af.url}/assets/{asset['id']}")
+            body = lambda: driver.find_element(By.TAG_NAME, "body").text  # noqa: E731
+            page.wait(lambda: asset["uri"] in body() and "an update to this asset starts" in body(), "the asset's URI")
+            page.shot("asset")
+            driver.get(f"{af.url}/dags/{DAG_ID}")
+            docs = page.wait(
+                lambda: driver.find_elements(By.CSS_SELECTOR, "[data-testid=markdown-button]"), "the Dag Docs button"
+            )[0]
+            docs.click()
+            page.wait(
+                lambda: any("shard_plan -> generate" in c.text for c in driver.find_elements(By.TAG_NAME, "code")),
+                "the DAG docs' chain in a code block",
+            )
+            page.wait(lambda: "Create Event" in body(), "the DAG docs saying how to announce a seed refresh")
+            page.shot("docs")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nscreenshots: {page.listing()}") from None
+    except Exception as e:
+        page.shot("error")
+        raise AssertionError(f"{type(e).__name__}: {e}\nscreenshots: {page.listing()}") from e
+    finally:
+        driver.quit()

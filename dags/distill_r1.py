@@ -1,9 +1,15 @@
 """Distil DeepSeek-R1 chain-of-thought into Qwen2.5-Math-7B with MindSpore Transformers.
 
 ```
-shard_plan -> generate[0..N-1] -> merge -> reject_sampling
-    -> handle -> pack -> finetune -> evaluate
+shard_plan -> generate[0..N-1] -> merge -> reject_sampling -> handle -> pack -> finetune -> evaluate
+choose_source -> seed -> shard_plan
+choose_source -> from_openr1 -> handle
+choose_source -> from_packed -> finetune
 ```
+
+**Entry point** (the *source* field): `generate` runs every stage from the seed; `openr1_dataset` starts at
+`handle` from OpenR1-Math-220k's distilled parquet; `packed_dataset` starts at `finetune` from a packed
+dataset. The stages that do not apply are skipped (grey in the grid).
 
 Artifacts live under `{output_root}/distill_r1/{run_id}/{task_id}/`; XCom carries paths only.
 
@@ -11,21 +17,16 @@ Artifacts live under `{output_root}/distill_r1/{run_id}/{task_id}/`; XCom carrie
 Processing, Fine-tune, Multi-node, Evaluation, Output; click a section to open it); the defaults can be submitted
 as they are.
 
-**Rerun when the seed changes**: the DAG is scheduled on the asset `distill_seed` (its page shows the seed file's
-URI). After refreshing the seed file, announce it:
-
-- in the UI: *Assets* > `distill_seed` > *Create Event* > *Manual* > *Create*;
-- through the REST API (add `-H "Authorization: Bearer $TOKEN"` outside the demo):
-
-```bash
-ID=$(curl -s "$AIRFLOW/api/v2/assets?name_pattern=distill_seed" | jq '.assets[0].id')
-curl -X POST "$AIRFLOW/api/v2/assets/events" -H 'Content-Type: application/json' -d "{\"asset_id\": $ID}"
-```
-
-- or from a producer task with `outlets=[Asset(name="distill_seed", uri=...)]`.
+**Rerun when the seed changes**: nothing to do. The asset `distill_seed` (its page shows the seed file's URI)
+has a watcher: a few seconds after the seed file's content changes (rows appended or replaced; a `touch` alone
+does not count) a new run appears by itself, reading the seed named in the event. A producer can also announce
+it: *Assets* > `distill_seed` > *Create Event*, `POST /api/v2/assets/events`, or a task with the asset as outlet.
 
 A run started by the asset uses the deployment's defaults (`DISTILL_DEFAULTS`). Only new problems go to the
 teacher: finished generations are reused from `{output_root}/generation_store/`.
+
+**Outlets**: `distill_filtered_dataset`, `distill_packed_dataset`, `distill_model`, `distill_eval_report`; their
+events' extra carries the run's figures; `publish_model` is scheduled on `distill_model`.
 
 **When a task fails** its log says, in one line at the top level, what failed and what to do. Errors no retry can
 fix (bad configuration, missing files, bad parameters or data) fail the task at once; the others are retried
@@ -38,7 +39,7 @@ import json
 import os
 from datetime import timedelta
 
-from airflow.sdk import DAG, Asset, chain
+from airflow.sdk import DAG, chain
 
 from distilled_plugins.configs import SHARED_DATA
 from operators import (
@@ -50,22 +51,13 @@ from operators import (
     PackDatasetOperator,
     RejectSamplingOperator,
 )
+from operators.assets import EVAL_REPORT, FILTERED, MODEL, PACKED, SEED, SEED_PATH
 from operators.deployment import load as load_deployment
 from operators.deployment import task_kwargs
 from operators.finetune import node_ranks
 from operators.pipeline import form_param, log_failure_summary, shard_plan
+from operators.sources import choose_source, from_openr1, from_packed, seed
 
-SEED_PATH = os.environ.get("DISTILL_SEED", str(SHARED_DATA / "math_train" / "math12k_train.parquet"))
-SEED_URI = f"file://{SEED_PATH}"
-SEED = Asset(
-    name="distill_seed",
-    uri=SEED_URI,
-    extra={
-        "description": "Seed problems of distill_r1: an update to this asset starts a distillation run",
-        "uri": SEED_URI,
-        "announce_refresh": "Create Event > Manual on this page, or POST /api/v2/assets/events with this asset_id",
-    },
-)
 OUTPUT_ROOT = os.environ.get("DISTILL_OUTPUT_ROOT", "/opt/airflow/distill")
 RETRY_DELAY = timedelta(seconds=float(os.environ.get("DISTILL_RETRY_DELAY_SECONDS", "60")))
 RUN_DIR = "{{ params.output_root }}/{{ dag.dag_id }}/{{ run_id }}"
@@ -123,6 +115,39 @@ params = {
         "Gold answer column",
         DATA,
         "Column holding the gold answer that completions are graded against",
+        type="string",
+        minLength=1,
+    ),
+    # ---- Data: the entry point (which stages run; the others are skipped) and the inputs each needs ----
+    "source": form_param(
+        default("source", "generate"),
+        "Entry point",
+        DATA,
+        "generate: from the seed, every stage; openr1_dataset: from OpenR1-Math-220k's distilled parquet, handle "
+        "onwards; packed_dataset: from an already packed dataset, fine-tune and evaluate only",
+        type="string",
+        enum=["generate", "openr1_dataset", "packed_dataset"],
+        values_display={
+            "generate": "Generate from the seed (every stage)",
+            "openr1_dataset": "OpenR1-style distilled dataset (handle onwards)",
+            "packed_dataset": "Packed dataset (fine-tune and evaluate)",
+        },
+    ),
+    "openr1_dataset": form_param(
+        default("openr1_dataset", f"{OUTPUT_ROOT}/inputs/openr1_math_220k"),
+        "OpenR1 dataset",
+        DATA,
+        "Entry point openr1_dataset: parquet/jsonl file or folder of distilled conversations with a 'messages' "
+        "column (OpenR1-Math-220k's data/*.parquet)",
+        type="string",
+        minLength=1,
+    ),
+    "packed_dataset": form_param(
+        default("packed_dataset", f"{OUTPUT_ROOT}/inputs/packed"),
+        "Packed dataset",
+        DATA,
+        "Entry point packed_dataset: a folder written by python -m distilled_plugins.pack, packed at the "
+        "fine-tune profile's seq_length",
         type="string",
         minLength=1,
     ),
@@ -429,11 +454,16 @@ with DAG(
     tags=["distillation", "mindformers"],
     doc_md=__doc__,
 ) as dag:
-    shards = shard_plan.override(task_id="shard_plan", **task_kwargs("cpu", DEPLOYMENT))("{{ params.shards }}")
+    cpu = task_kwargs("cpu", DEPLOYMENT)
+    entry = choose_source.override(**cpu)("{{ params.source }}")
+    seed_info = seed.override(**cpu)("{{ params.seed_dataset }}")
+    openr1 = from_openr1.override(**cpu)("{{ params.openr1_dataset }}")
+    prepacked = from_packed.override(**cpu)("{{ params.packed_dataset }}")
+    shards = shard_plan.override(task_id="shard_plan", **cpu)("{{ params.shards }}")
     generate = GenerateReasoningOperator.partial(
         task_id="generate",
         **task_kwargs("teacher", DEPLOYMENT),
-        dataset_name="{{ params.seed_dataset }}",
+        dataset_name="{{ ti.xcom_pull(task_ids='seed', key='seed') }}",
         model="{{ params.teacher_model }}",
         teacher_conn_id="{{ params.teacher_conn_id }}",
         prompt_column="{{ params.prompt_column }}",
@@ -467,11 +497,14 @@ with DAG(
         dst=RUN_DIR + "/reject_sampling/filtered.jsonl",
         answer_column="{{ params.answer_column }}",
         problem_column="{{ params.prompt_column }}",
+        outlets=[FILTERED],
     )
     handled = HandleDatasetOperator(
         task_id="handle",
         **task_kwargs("cpu", DEPLOYMENT),
-        src=filtered.output["output"],
+        # from whichever entry point ran: rejection sampling's output or the OpenR1-style dataset
+        src="{{ ti.xcom_pull(task_ids='reject_sampling', key='output') or ti.xcom_pull(task_ids='from_openr1') }}",
+        trigger_rule="none_failed_min_one_success",
         dst=RUN_DIR + "/handle",
         tokenizer="{{ params.tokenizer_dir }}",
         max_length="{{ params.max_length }}",
@@ -484,20 +517,23 @@ with DAG(
         dst=RUN_DIR + "/pack",
         finetune_config="{{ params.finetune_config }}",
         overlong="{{ params.overlong }}",
+        outlets=[PACKED],
     )
     # one launcher per training node: the finetune task mapped over the node ranks (README, stage 5)
     finetuned = MsrunFinetuneOperator.partial(
         task_id="finetune",
         **task_kwargs("npu", DEPLOYMENT),
         config="{{ params.finetune_config }}",
-        dataset_path=packed.output,
+        dataset_path="{{ ti.xcom_pull(task_ids='pack') or ti.xcom_pull(task_ids='from_packed') }}",
+        trigger_rule="none_failed_min_one_success",
+        outlets=[MODEL],
         output_dir=RUN_DIR + "/finetune",
         load_checkpoint="{{ params.base_checkpoint or '' }}",
         worker_num="{{ params.nodes * params.workers_per_node }}",
         local_worker_num="{{ params.workers_per_node }}",
         master_addr="{{ params.master_addr }}",
         master_port="{{ params.master_port }}",
-    ).expand(node_rank=node_ranks.override(task_id="node_ranks")("{{ params.nodes }}"))
+    ).expand(node_rank=node_ranks.override(task_id="node_ranks", **cpu)("{{ params.nodes }}"))
     evaluated = Math500EvalOperator(
         task_id="evaluate",
         **task_kwargs("npu_eval", DEPLOYMENT),
@@ -510,5 +546,8 @@ with DAG(
         n_samples="{{ params.eval_samples }}",
         limit="{{ params.eval_limit }}",
         max_new_tokens="{{ params.eval_max_new_tokens }}",
+        outlets=[EVAL_REPORT],
     )
-    chain(shards, generate, merged, filtered, handled, packed, finetuned, evaluated)
+    chain(entry, seed_info, shards, generate, merged, filtered, handled, packed, finetuned, evaluated)
+    chain(entry, openr1, handled)
+    chain(entry, prepacked, finetuned)

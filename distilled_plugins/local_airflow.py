@@ -230,7 +230,7 @@ class LocalAirflow:
                 break
             except urllib.error.HTTPError as e:
                 raise AirflowError(f"{method} {path}: HTTP {e.code}: {e.read().decode()[:2000]}") from None
-            except TimeoutError:
+            except (TimeoutError, urllib.error.URLError):
                 # a loaded machine (training on every core) can stall the API server for a while; reads are safe
                 # to repeat, writes are not
                 if method != "GET" or attempt == 3:

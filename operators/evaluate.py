@@ -8,6 +8,7 @@ from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException
 
 from distilled_plugins import evaluate
+from operators.assets import emit
 from operators.hooks import TeacherEndpointHook
 from operators.pipeline import fails_clearly
 
@@ -126,4 +127,15 @@ class Math500EvalOperator(BaseOperator):
                 f"{report['baseline']['pass@1']:.2f} ({report['baseline']['difference']:+.2f} points); "
                 f"see {report_path.with_suffix('.md')}"
             )
+        emit(
+            context,
+            self,
+            {
+                "report": str(report_path),
+                "pass@1": report["pass@1"],
+                "ci95": report["ci95"],
+                "n": report["problems"],
+                "n_samples": report["protocol"]["n_samples"],
+            },
+        )
         return str(report_path)

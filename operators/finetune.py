@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
+from pathlib import Path
 
 from airflow.sdk import BaseOperator, Context, task
 from airflow.sdk.exceptions import AirflowException
 
 from distilled_plugins import finetune
+from operators.assets import emit
 from operators.pipeline import fails_clearly
 from operators.triggers import MsrunJobTrigger
 from operators.xcom import with_fields
@@ -94,8 +97,18 @@ class MsrunFinetuneOperator(BaseOperator):
             dead_after=self.dead_after,
         )
 
-    @staticmethod
-    def _xcom(result: finetune.FinetuneResult) -> dict:
+    def _xcom(self, context: Context, result: finetune.FinetuneResult) -> dict:
+        metrics = json.loads(Path(result.metrics_file).read_text())
+        emit(
+            context,
+            self,
+            {
+                "checkpoint_uri": f"file://{Path(result.checkpoint_dir).resolve()}",
+                "steps": result.steps,
+                "final_loss": metrics.get("final_loss"),
+                "metrics": result.metrics_file,
+            },
+        )
         return {
             "checkpoint_dir": result.checkpoint_dir,
             "metrics": result.metrics_file,
@@ -110,9 +123,9 @@ class MsrunFinetuneOperator(BaseOperator):
         done = finetune.finished(cfg, job)
         if done:
             self.log.info("%s already finished with these inputs: returning its checkpoints", job.job_dir)
-            return with_fields(context, self._xcom(done))
+            return with_fields(context, self._xcom(context, done))
         if not self.deferrable:
-            return with_fields(context, self._xcom(finetune.run(cfg)))
+            return with_fields(context, self._xcom(context, finetune.run(cfg)))
         launched = finetune.attach(cfg, job) or finetune.launch(cfg, job)
         self.log.info(
             "node %d of %s: supervisor pid %d on host %s; stall timeout %g s, deferral timeout %g s",
@@ -149,7 +162,7 @@ class MsrunFinetuneOperator(BaseOperator):
                 f"in {event['job_dir']}/checkpoint."
             ) from None
         self.log.info("training finished after %d steps; checkpoints in %s", result.steps, result.checkpoint_dir)
-        return with_fields(context, self._xcom(result))
+        return with_fields(context, self._xcom(context, result))
 
     def resume_execution(self, next_method: str, next_kwargs: dict | None, context: Context):
         if next_method == "__fail__":  # the deferral timed out or the trigger crashed: do not leave training behind

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from airflow.sdk import Context
 
 from distilled_plugins import pack
+from operators.assets import emit
 from operators.pipeline import fails_clearly
 from operators.stage import StageOperator
 
@@ -21,4 +25,16 @@ class PackDatasetOperator(StageOperator):
 
     @fails_clearly
     def execute(self, context: Context) -> str:
-        return str(pack.run(self.stage_config()))
+        out = Path(pack.run(self.stage_config()))
+        stats = json.loads((out / "stats.json").read_text())
+        emit(
+            context,
+            self,
+            {
+                "path": str(out),
+                "rows": stats["packs"],
+                "seq_length": stats["seq_length"],
+                "efficiency": stats["efficiency"],
+            },
+        )
+        return str(out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from airflow.sdk import Context
 
 from distilled_plugins import reject_sampling
+from operators.assets import emit
 from operators.pipeline import fails_clearly
 from operators.stage import StageOperator
 from operators.xcom import with_fields
@@ -25,6 +26,17 @@ class RejectSamplingOperator(StageOperator):
     @fails_clearly
     def execute(self, context: Context) -> dict:
         result = reject_sampling.run(self.stage_config())
+        stats = result.stats
+        emit(
+            context,
+            self,
+            {
+                "path": str(result.output),
+                "kept": stats["examples_out"],
+                "rejected": stats["examples_in"] - stats["examples_out"],
+                "generations_correct": stats["generations_correct"],
+            },
+        )
         return with_fields(
             context, {"output": str(result.output), "verdicts": str(result.verdicts), "stats": str(result.stats_file)}
         )

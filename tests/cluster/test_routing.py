@@ -34,6 +34,8 @@ def test_queues_and_pools_come_from_the_deployment_variable():
     deployment = {"cpu_queue": "cpu", "npu_queue": "npu", "teacher_pool": "teacher", "training_pool": "npu_training"}
     routes = parse_dag(json.dumps(deployment))
     assert routes == {
+        **{task: ["cpu", "default_pool"] for task in ("choose_source", "seed", "from_openr1", "from_packed")},
+        "node_ranks": ["cpu", "default_pool"],
         "shard_plan": ["cpu", "default_pool"],
         "generate": ["cpu", "teacher"],
         "merge": ["cpu", "default_pool"],

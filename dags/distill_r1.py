@@ -41,7 +41,12 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, chain
 
+from distilled_plugins.client import RequestSettings
 from distilled_plugins.configs import SHARED_DATA
+from distilled_plugins.generate import GenerateConfig
+from distilled_plugins.handle import HandleConfig
+from distilled_plugins.pack import PackConfig
+from distilled_plugins.reject_sampling import RejectSamplingConfig
 from operators import (
     GenerateReasoningOperator,
     HandleDatasetOperator,
@@ -55,7 +60,7 @@ from operators.assets import EVAL_REPORT, FILTERED, MODEL, PACKED, SEED, SEED_PA
 from operators.deployment import load as load_deployment
 from operators.deployment import task_kwargs
 from operators.finetune import node_ranks
-from operators.pipeline import form_param, log_failure_summary, shard_plan
+from operators.pipeline import field_param, form_param, log_failure_summary, shard_plan
 from operators.sources import choose_source, from_openr1, from_packed, seed
 
 OUTPUT_ROOT = os.environ.get("DISTILL_OUTPUT_ROOT", "/opt/airflow/distill")
@@ -94,13 +99,8 @@ params = {
         type="string",
         minLength=1,
     ),
-    "prompt_column": form_param(
-        default("prompt_column", "problem"),
-        "Problem column",
-        DATA,
-        "Column of the seed holding the problem text sent to the teacher",
-        type="string",
-        minLength=1,
+    "prompt_column": field_param(
+        "prompt_column", GenerateConfig, "prompt_column", "Problem column", DATA, DEFAULTS, minLength=1
     ),
     "uuid_column": form_param(
         default("uuid_column", "problem"),
@@ -110,13 +110,8 @@ params = {
         type="string",
         minLength=1,
     ),
-    "answer_column": form_param(
-        default("answer_column", "answer"),
-        "Gold answer column",
-        DATA,
-        "Column holding the gold answer that completions are graded against",
-        type="string",
-        minLength=1,
+    "answer_column": field_param(
+        "answer_column", RejectSamplingConfig, "answer_column", "Gold answer column", DATA, DEFAULTS, minLength=1
     ),
     # ---- Data: the entry point (which stages run; the others are skipped) and the inputs each needs ----
     "source": form_param(
@@ -168,41 +163,17 @@ params = {
         type="string",
         minLength=1,
     ),
-    "num_generations": form_param(
-        default("num_generations", 4),
-        "Completions per problem",
-        TEACHER,
-        "How many chain-of-thought completions to request for each problem (1 to 16)",
-        type="integer",
-        minimum=1,
-        maximum=16,
+    "num_generations": field_param(
+        "num_generations", GenerateConfig, "num_generations", "Completions per problem", TEACHER, DEFAULTS, maximum=16
     ),
-    "max_tokens": form_param(
-        default("max_tokens", 16384),
-        "Longest completion (tokens)",
-        TEACHER,
-        "Longest teacher completion, in tokens; longer ones end as truncated and are rejected",
-        type="integer",
-        minimum=16,
-        maximum=131072,
+    "max_tokens": field_param(
+        "max_tokens", GenerateConfig, "max_tokens", "Longest completion (tokens)", TEACHER, DEFAULTS, minimum=16
     ),
-    "max_concurrent": form_param(
-        default("max_concurrent", 100),
-        "Requests in flight",
-        TEACHER,
-        "Teacher requests in flight at once, per shard",
-        type="integer",
-        minimum=1,
-        maximum=2000,
+    "max_concurrent": field_param(
+        "max_concurrent", GenerateConfig, "max_concurrent", "Requests in flight", TEACHER, DEFAULTS, maximum=2000
     ),
-    "request_attempts": form_param(
-        default("request_attempts", 12),
-        "Attempts per request",
-        TEACHER,
-        "Attempts per teacher request before the shard task fails (a retry of the task resumes the shard)",
-        type="integer",
-        minimum=1,
-        maximum=50,
+    "request_attempts": field_param(
+        "request_attempts", RequestSettings, "max_attempts", "Attempts per request", TEACHER, DEFAULTS, maximum=50
     ),
     "shards": form_param(
         default("shards", 2),
@@ -279,35 +250,29 @@ params = {
         type="string",
         minLength=1,
     ),
-    "max_length": form_param(
-        default("max_length", 20480),
-        "Longest sample (tokens)",
-        PROCESSING,
-        "Longest handled sample; longer ones follow the truncation policy",
-        type="integer",
-        minimum=16,
-        maximum=131072,
+    "max_length": field_param(
+        "max_length", HandleConfig, "max_length", "Longest sample (tokens)", PROCESSING, DEFAULTS
     ),
-    "truncation": form_param(
-        default("truncation", "tutorial"),
+    "truncation": field_param(
+        "truncation",
+        HandleConfig,
+        "truncation",
         "Samples over the longest length",
         PROCESSING,
-        "What happens to a handled sample longer than the longest sample length",
-        type="string",
-        enum=["tutorial", "drop", "none"],
+        DEFAULTS,
         values_display={
             "tutorial": "Keep the head and the closing tokens (tutorial)",
             "drop": "Drop the sample",
             "none": "Keep it whole",
         },
     ),
-    "overlong": form_param(
-        default("overlong", "split"),
+    "overlong": field_param(
+        "overlong",
+        PackConfig,
+        "overlong",
         "Samples over the model's sequence length",
         PROCESSING,
-        "Packing: what happens to a sample longer than the model's seq_length (always counted)",
-        type="string",
-        enum=["split", "truncate", "drop"],
+        DEFAULTS,
         values_display={"split": "Split into pieces", "truncate": "Truncate", "drop": "Drop the sample"},
     ),
     # ---- Fine-tune ----

@@ -192,16 +192,16 @@ def param_spec(cls, name: str, **overrides) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "default": None if default is _MISSING else default,
         "type": json_type,
-        "title": meta["title"] or name.replace("_", " ").capitalize(),
+        "title": meta.get("title") or name.replace("_", " ").capitalize(),
         "description": meta["help"],
     }
-    if meta["section"]:
+    if meta.get("section"):
         spec["section"] = meta["section"]
-    if meta["choices"]:
+    if meta.get("choices"):
         spec["enum"] = [*meta["choices"], *([None] if nullable else [])]
-    if meta["minimum"] is not None:
+    if meta.get("minimum") is not None:
         spec["minimum"] = meta["minimum"]
-    if meta["maximum"] is not None:
+    if meta.get("maximum") is not None:
         spec["maximum"] = meta["maximum"]
     spec.update(overrides)
     return spec

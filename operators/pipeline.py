@@ -28,6 +28,7 @@ from distilled_plugins.client import FatalRequestError
 from distilled_plugins.finetune import FinetuneFailed
 from distilled_plugins.generate import GenerationIncomplete
 from distilled_plugins.io import DataError
+from distilled_plugins.settings import param_spec
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,21 @@ logger = logging.getLogger(__name__)
 def form_param(default: Any, title: str, section: str, description: str, **schema) -> Param:
     """One field of the trigger form: ``title`` is its label, ``section`` the collapsible group it sits in."""
     return Param(default, title=title, section=section, description=description, **schema)
+
+
+# trigger-form param -> the stage config field it sets (tests check that their defaults agree)
+FORM_FIELDS: dict[str, tuple[type, str]] = {}
+
+
+def field_param(name: str, config: type, field: str, title: str, section: str, defaults: dict, **schema) -> Param:
+    """A form field for a stage setting: its default, description, type, choices and range come from the config
+    dataclass field (``distilled_plugins.settings``); ``defaults`` (a deployment's own) and ``schema`` refine it."""
+    spec = param_spec(config, field)
+    FORM_FIELDS[name] = (config, field)
+    keywords = {k: spec[k] for k in ("type", "enum", "minimum", "maximum") if k in spec}
+    return form_param(
+        defaults.get(name, spec["default"]), title, section, spec["description"], **{**keywords, **schema}
+    )
 
 
 # what to do when a task fails with an error the rules below do not name, by task id

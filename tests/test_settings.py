@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +24,8 @@ STAGES = [
     (generate.GenerateConfig, generate.build_parser, GenerateReasoningOperator),
 ]
 IDS = [config.__name__ for config, _, _ in STAGES]
+REPO = Path(__file__).resolve().parents[1]
+DAG_FILE = REPO / "dags" / "distill_r1.py"
 
 
 def cli_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -79,3 +86,22 @@ def test_operator_rejects_an_unknown_setting():
 def test_operator_requires_the_required_fields():
     with pytest.raises(TypeError, match="missing keyword argument 'dst'"):
         PackDatasetOperator(task_id="p", src="a")
+
+
+def test_form_defaults_are_the_fields_defaults():
+    """Each trigger-form param that sets a stage setting has that setting's default (no deployment defaults)."""
+    code = (
+        "import json, importlib.util as u, dataclasses; "
+        f"s = u.spec_from_file_location('d', {str(DAG_FILE)!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
+        "from operators.pipeline import FORM_FIELDS; from distilled_plugins.settings import default_of; "
+        "fields = {n: next(f for f in dataclasses.fields(c) if f.name == f_) for n, (c, f_) in FORM_FIELDS.items()}; "
+        "print(json.dumps({n: [m.params[n].value, default_of(f), m.params[n].description] for n, f in fields.items()}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DISTILL_DEFAULTS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    form = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(form) >= 9  # the columns, generation, request, handling and packing settings at least
+    for name, (param_default, field_default, description) in form.items():
+        assert param_default == field_default, f"form default of {name}: {param_default!r} != {field_default!r}"
+        assert description, name

@@ -222,10 +222,15 @@ def parts_path(output_file: str | Path) -> Path:
 def _load_done(cfg: GenerateConfig, output: Path) -> set[str]:
     """Keys of the rows already in ``output``, streamed; repairs what an interrupted run left (cut-short, twice)."""
     done, bad, duplicates, unterminated = set(), 0, 0, 0
-    for _, row, intact in scan_appended_jsonl(output):
-        if row is None:
-            bad += 1
+    for number, (line, row, intact) in enumerate(scan_appended_jsonl(output), start=1):
+        if row is None and line.lstrip().startswith(b"{"):
+            bad += 1  # a line cut short by a killed run: repaired below
             continue
+        if row is None or _GENERATED_COLUMNS[0] not in row:  # someone else's file: never rewrite it
+            raise DataError(
+                f"{output}:{number}: not a line written by generate (no {_GENERATED_COLUMNS[0]!r}); the file was "
+                "left as it is: give another --dst"
+            )
         if cfg.uuid_column not in row:
             raise DataError(f"{output}: existing line lacks column {cfg.uuid_column!r}; is it another run's output?")
         key = row_key(row, cfg.uuid_column)
@@ -532,6 +537,12 @@ def _prepare_rows(cfg: GenerateConfig, output: Path, store: GenerationStore | No
         if not info["seed_rows"]:
             require_columns([example], [cfg.prompt_column, cfg.uuid_column], cfg.dataset_name)
         info["seed_rows"] += 1
+        for column in (cfg.prompt_column, cfg.uuid_column):
+            if column not in example:
+                raise DataError(
+                    f"{cfg.dataset_name}: row {info['seed_rows']} has no column {column!r}; "
+                    f"columns present: {', '.join(example)}"
+                )
         key = row_key(example, cfg.uuid_column)
         if key in seen:
             info["duplicate_uuids_skipped"] += 1

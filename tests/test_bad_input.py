@@ -112,6 +112,52 @@ CASES = [
         "notes.txt",
     ),
     Case(
+        "generate refuses to resume into a file it did not write",
+        lambda tmp, s: (
+            "generate",
+            [
+                "--model",
+                "m",
+                "--dataset-name",
+                _seed(tmp / "seed.jsonl"),
+                "--dst",
+                _file(tmp / "notes.txt"),
+                "--api-addr",
+                "127.0.0.1:9",
+                "--max-attempts",
+                "1",
+            ],
+        ),
+        "notes.txt:1: not a line written by generate",
+    ),
+    Case(
+        "generate names a seed row without the prompt column",
+        lambda tmp, s: (
+            "generate",
+            [
+                "--model",
+                "m",
+                "--dataset-name",
+                _seed(tmp / "seed.jsonl"),
+                "--dst",
+                tmp / "out.jsonl",
+                "--api-addr",
+                "127.0.0.1:9",
+                "--max-attempts",
+                "1",
+            ],
+        ),
+        "seed.jsonl: row 2 has no column 'problem'",
+    ),
+    Case(
+        "merge refuses a shard that does not exist",
+        lambda tmp, s: (
+            "generate",
+            ["--merge", write_jsonl(tmp / "shard-0.jsonl", []), tmp / "shard-1.jsonl", "--dst", tmp / "all.jsonl"],
+        ),
+        "shard-1.jsonl",
+    ),
+    Case(
         "pack refuses --src equal to --dst",
         lambda tmp, s: ("pack", ["--src", copy_tree(s[0], tmp / "h"), "--dst", tmp / "h", "--seq-length", 256]),
         "same folder",
@@ -224,6 +270,10 @@ def _folder_with(folder: Path, name: str) -> Path:
 def _file(path: Path) -> Path:
     path.write_text("notes\n")
     return path
+
+
+def _seed(path: Path) -> Path:
+    return write_jsonl(path, [{"problem": "1+1?", "answer": "2"}, {"question": "no problem column"}])
 
 
 def _spoil(path: Path, content: bytes) -> Path:

@@ -1,0 +1,48 @@
+"""The chain teaches a model: a smaller run of bench/learnability.py through the real stages (slow: msrun)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# smaller than the bench (480 / 64 / 2 epochs) to stay within a few minutes; the bar still excludes chance
+TRAIN, HELD_OUT, EPOCHS, AFTER_AT_LEAST = 240, 30, 2, 30.0
+
+
+def learnability():
+    spec = importlib.util.spec_from_file_location("learnability", REPO / "bench" / "learnability.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class TestTask:
+    def test_problem_literal(self):
+        row = learnability().problem("472")
+        assert row["problem"] == "Ada wrote 472. Ben read its digits backwards. What number did Ben read?"
+        assert row["answer"] == "274"
+        assert row["solution"] == (
+            "<think>\nThe digits 4, 7, 2 backwards are 2, 7, 4.\n</think>\nBen read \\boxed{274}."
+        )
+
+    def test_train_and_held_out_are_disjoint(self):
+        train, held_out = learnability().make_task(600, 64)
+        assert len(train) == 600 and len(held_out) == 64
+        assert not {r["problem"] for r in train} & {r["problem"] for r in held_out}
+        with pytest.raises(ValueError, match="at most 729"):
+            learnability().make_task(700, 64)
+
+
+@pytest.mark.slow
+def test_the_chain_teaches_a_small_model(tmp_path):
+    report = learnability().run_check(tmp_path / "check", n_train=TRAIN, n_held_out=HELD_OUT, epochs=EPOCHS)
+    assert report == json.loads((tmp_path / "check" / "report.json").read_text())
+    assert report["held_out"] == HELD_OUT and report["train_kept"] == TRAIN
+    assert report["before"] <= 5.0  # an untrained model does not guess 3-digit answers (chance: 1 in 729)
+    assert report["after"] >= AFTER_AT_LEAST, report  # far above chance: learned, through every stage
+    assert report["final_loss"] < report["first_loss"] / 4
+    assert (tmp_path / "check" / "loss.png").stat().st_size > 0

@@ -34,7 +34,7 @@ from distilled_plugins.generate import row_key
 from distilled_plugins.io import DataError, dumps_line, iter_jsonl, read_appended_jsonl, rewrite_jsonl
 from distilled_plugins.progress import Progress
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("distilled_plugins.mf_generate")  # not __main__: evaluate relays these lines
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 UNTRAINED = "untrained"
@@ -270,8 +270,13 @@ def main(argv: list[str] | None = None) -> int:
                     }
                     os.write(fd, dumps_line(line))
             problems_done = len(todo) - len(results)
-            progress.maybe_log(problems_done, f"{new_tokens / max(time.monotonic() - started, 1e-9):.0f} new tokens/s")
-        progress.finish(problems_done, f"{new_tokens} new tokens")
+            if problems_done < len(todo):
+                progress.maybe_log(
+                    problems_done, f"{new_tokens / max(time.monotonic() - started, 1e-9):.0f} new tokens/s"
+                )
+        progress.finish(
+            problems_done, f"{new_tokens} new tokens, {new_tokens / max(time.monotonic() - started, 1e-9):.1f}/s"
+        )
     finally:
         os.close(fd)
     return 0

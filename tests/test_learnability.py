@@ -1,28 +1,20 @@
-"""The chain teaches a model: a smaller run of bench/learnability.py through the real stages (slow: msrun)."""
+"""The chain teaches a model: a smaller run of the learnability check through the real stages (slow: msrun)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from distilled_plugins import learnability
+
 # smaller than the bench (480 / 64 / 2 epochs) to stay within a few minutes; the bar still excludes chance
 TRAIN, HELD_OUT, EPOCHS, AFTER_AT_LEAST = 240, 30, 2, 30.0
 
 
-def learnability():
-    spec = importlib.util.spec_from_file_location("learnability", REPO / "bench" / "learnability.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class TestTask:
     def test_problem_literal(self):
-        row = learnability().problem("472")
+        row = learnability.problem("472")
         assert row["problem"] == "Ada wrote 472. Ben read its digits backwards. What number did Ben read?"
         assert row["answer"] == "274"
         assert row["solution"] == (
@@ -30,16 +22,16 @@ class TestTask:
         )
 
     def test_train_and_held_out_are_disjoint(self):
-        train, held_out = learnability().make_task(600, 64)
+        train, held_out = learnability.make_task(600, 64)
         assert len(train) == 600 and len(held_out) == 64
         assert not {r["problem"] for r in train} & {r["problem"] for r in held_out}
         with pytest.raises(ValueError, match="at most 729"):
-            learnability().make_task(700, 64)
+            learnability.make_task(700, 64)
 
 
 @pytest.mark.slow
 def test_the_chain_teaches_a_small_model(tmp_path):
-    report = learnability().run_check(tmp_path / "check", n_train=TRAIN, n_held_out=HELD_OUT, epochs=EPOCHS)
+    report = learnability.run_check(tmp_path / "check", n_train=TRAIN, n_held_out=HELD_OUT, epochs=EPOCHS)
     assert report == json.loads((tmp_path / "check" / "report.json").read_text())
     assert report["held_out"] == HELD_OUT and report["train_kept"] == TRAIN
     assert report["before"] <= 5.0  # an untrained model does not guess 3-digit answers (chance: 1 in 729)

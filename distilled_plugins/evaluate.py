@@ -77,6 +77,7 @@ class EvalConfig:
     mindformers_config: str | None = None
     tokenizer: str = str(TOKENIZER)
     batch_size: int = 64  # sequences decoded together
+    prompt_template: str = "{prompt}"  # the user turn around the problem, as in training (stage 1's template)
     # ... or re-scored from a file
     rescore: str | None = None
     problem_column: str = "problem"
@@ -182,6 +183,8 @@ def completions_from_checkpoint(cfg: EvalConfig, problems: list[dict]) -> Path:
         str(protocol.seed),
         "--batch-size",
         str(cfg.batch_size),
+        "--prompt-template",
+        cfg.prompt_template,
     ]
     env_log = Path(cfg.out) / "mindformers"
     env = {**os.environ, "LOG_MF_PATH": str(env_log / "log"), "LOCAL_DEFAULT_PATH": str(env_log)}
@@ -457,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mindformers-config", default=None, help="the fine-tune YAML describing the checkpoint's model")
     p.add_argument("--tokenizer", default=str(TOKENIZER))
     p.add_argument("--batch-size", type=int, default=64, help="checkpoint mode: sequences decoded together")
+    p.add_argument(
+        "--prompt-template",
+        default="{prompt}",
+        help="checkpoint mode: the user turn around the problem, as the model was trained (stage 1's template)",
+    )
     p.add_argument("--rescore", default=None, help="JSONL of existing completions to grade")
     p.add_argument("--problem-column", default="problem")
     p.add_argument("--gold-column", default="answer")
@@ -493,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                 mindformers_config=args.mindformers_config,
                 tokenizer=args.tokenizer,
                 batch_size=args.batch_size,
+                prompt_template=args.prompt_template,
                 rescore=args.rescore,
                 problem_column=args.problem_column,
                 gold_column=args.gold_column,

@@ -176,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True)
     p.add_argument("--key-column", default="unique_id")
     p.add_argument("--system-prompt", required=True)
+    p.add_argument(
+        "--prompt-template",
+        default="{prompt}",
+        help="user turn around the problem, as training saw it (stage 1's --prompt-template when its prompts were "
+        "trained on)",
+    )
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32768)
     p.add_argument("--temperature", type=float, default=0.6, help="0: greedy")
@@ -205,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     if not todo:
         logger.info("all %d problems already have completions in %s", len(problems), output)
         return 0
-    prompts = prompt_ids(tokenizer, args.system_prompt, [row["problem"] for row in todo])
+    prompts = prompt_ids(
+        tokenizer, args.system_prompt, [args.prompt_template.format(prompt=r["problem"]) for r in todo]
+    )
     max_positions = int(load_yaml(args.config)["model"]["model_config"]["max_position_embedding"])
     longest = max(len(ids) for ids in prompts)
     seq_length = min(max_positions, longest + args.max_new_tokens)  # no KV cache: every step costs the sequence

@@ -8,8 +8,8 @@ Usage (normally started by ``python -m distilled_plugins.evaluate --checkpoint .
 
 Prompts are rendered exactly as stage 3 renders training conversations (system prompt, the tokenizer's chat
 template, the Rust tokenizer), up to and including ``<|im_start|>assistant\\n``. A batch of prompts is
-left-padded and decoded together: one forward pass of the whole batch per new token, with an attention mask
-that hides the padding and the future (RoPE makes attention depend only on relative positions, so left padding
+left-padded and decoded together (graph mode, one fixed shape for the run): one forward pass of the whole batch
+per new token, with an attention mask that hides the padding and the future (RoPE makes attention depend only on relative positions, so left padding
 changes nothing for the real tokens). Finished sequences leave the batch. ``--checkpoint untrained`` generates
 from the model as initialised (``--seed``): the "before" of a learnability check.
 
@@ -71,7 +71,7 @@ def build_model(config_path: str, checkpoint: str | Path, seq_length: int):
 
     config = MindFormerConfig(str(resolve(config_path)))
     config.use_parallel = False
-    config.context.mode = 1  # PyNative: the sequence grows by one token a step, nothing to gain from compiling
+    config.context.mode = 0  # graph: every step has the same shapes (one compile, then ~4x faster than PyNative)
     build_context(config)
     settings = {k: v for k, v in config.model.model_config.items() if k != "type"}
     settings.update(use_past=False, seq_length=seq_length, batch_size=1)
@@ -124,17 +124,28 @@ class Sampler:
 
 
 def generate_batch(
-    model, prompts: list[list[int]], budget: int, pad_id: int, stop_ids: set[int], sample, on_step=None
+    model,
+    prompts: list[list[int]],
+    budget: int,
+    pad_id: int,
+    stop_ids: set[int],
+    sample,
+    on_step=None,
+    width: int | None = None,
+    rows: int | None = None,
 ) -> list:
     """New token ids and finish reason of each prompt; one forward pass of the whole batch per new token.
 
-    The batch lives in one fixed ``(batch, longest prompt + budget)`` buffer, prompts left-padded, new tokens
-    written in place: every step has the same shapes (PyNative prepares kernels per shape, which costs far more
-    than the few masked positions computed in vain).
+    The batch lives in one fixed ``(rows, width + budget)`` buffer (``width``: the longest prompt of the run,
+    ``rows``: the batch size; a short last batch is filled with copies), prompts left-padded, new tokens written
+    in place: every step of every batch has the same shapes, so the graph is compiled once; the few masked
+    positions computed in vain cost far less than recompiling.
     """
     import mindspore as ms
 
-    width = max(len(p) for p in prompts)
+    count = len(prompts)
+    width = width or max(len(p) for p in prompts)
+    prompts = prompts + [prompts[0]] * max(0, (rows or count) - count)
     total = width + budget
     tokens = np.full((len(prompts), total), pad_id, dtype=np.int32)
     pad = np.zeros((len(prompts), total), dtype=bool)
@@ -158,11 +169,11 @@ def generate_batch(
             else:
                 new[index].append(token)
         if on_step is not None:
-            on_step(step + 1, budget, int(running.sum()), len(prompts))
-        if not running.any():
+            on_step(step + 1, budget, int(running[:count].sum()), count)
+        if not running[:count].any():
             break
         tokens[:, position + 1] = np.where(running, picked, pad_id)
-    return list(zip(new, reasons, strict=True))
+    return list(zip(new[:count], reasons[:count], strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,10 +267,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for first in range(0, len(sequences), args.batch_size):
             batch = sequences[first : first + args.batch_size]
-            budget = max(0, min(args.max_new_tokens, seq_length - max(len(prompts[i]) for i, _ in batch)))
+            budget = max(0, min(args.max_new_tokens, seq_length - longest))  # the same for every batch: one shape
             batch_started = time.monotonic()
             outcomes = (
-                generate_batch(model, [prompts[i] for i, _ in batch], budget, pad_id, stop_ids, sample, on_step)
+                generate_batch(
+                    model,
+                    [prompts[i] for i, _ in batch],
+                    budget,
+                    pad_id,
+                    stop_ids,
+                    sample,
+                    on_step,
+                    width=longest,
+                    rows=min(args.batch_size, len(sequences)),
+                )
                 if budget
                 else [([], "length")] * len(batch)
             )

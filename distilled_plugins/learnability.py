@@ -4,7 +4,7 @@ Usage:
     .venv/bin/python bench/learnability.py --out /tmp/learnability      # the full check (the benchmark)
     python -m distilled_plugins.learnability --out /tmp/l --train 240 --held-out 30   # a smaller one (the test's)
 
-The task: "Ada wrote 472. Ben read its digits backwards. What number did Ben read?" (three digits
+The task: "Ben reads Ada's number backwards. Ada's number is 472" (three digits
 1-9, so 729 problems; train and held-out problems are disjoint). Each training completion is an R1-style trace,
 ``<think>`` ... ``</think>`` then ``\\boxed{274}``, served by the replay teacher. Then, in order and through the
 stages' own code: generate (the replay teacher over HTTP) -> reject_sampling (math_verify) -> handle (chat
@@ -37,22 +37,23 @@ logger = logging.getLogger("distilled_plugins.learnability")
 
 PROFILE = configs.CONFIG_DIR / "finetune_learnability_cpu.yaml"
 TOKENIZER = configs.SHARED_DATA / "tokenizer" / "qwen2.5"
-# the demo's and the slow test's size: a few minutes; the benchmark's default is 480 / 64 / 3
+# the demo's and the slow test's size: a few minutes; the benchmark's default is 360 / 64 / 2
 DEMO_SIZE = {"n_train": 240, "n_held_out": 30, "epochs": 3}
-MAX_NEW_TOKENS = 48  # a trace is ~30 tokens
+MAX_NEW_TOKENS = 32  # a trace is ~22 tokens
 
 
 def problem(number: str) -> dict:
-    """One problem of the task, with its gold answer and the R1-style trace the teacher replays."""
+    """One problem of the task, with its gold answer and the R1-style trace the teacher replays.
+
+    The number ends the problem, so each digit the trace copies lies a short, fixed distance back: within
+    reach of a 2-layer model trained for minutes.
+    """
     digits = list(number)
     backwards = "".join(reversed(digits))
     return {
-        "problem": f"Ada wrote {number}. Ben read its digits backwards. What number did Ben read?",
+        "problem": f"Ben reads Ada's number backwards. Ada's number is {number}",
         "answer": backwards,
-        "solution": (
-            f"<think>\nThe digits {', '.join(digits)} backwards are {', '.join(reversed(digits))}.\n</think>\n"
-            f"Ben read \\boxed{{{backwards}}}."
-        ),
+        "solution": f"<think>\n{' '.join(digits)} backwards is {' '.join(reversed(digits))}\n</think>\n\\boxed{{{backwards}}}",
         "unique_id": f"reverse/{number}",
         "level": "synthetic",
         "subject": "reverse digits",
@@ -204,9 +205,9 @@ def run_check(out: Path, n_train: int, n_held_out: int, epochs: int, seed: int =
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m distilled_plugins.learnability", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, type=Path, help="work folder (emptied first); report.json goes here")
-    p.add_argument("--train", type=int, default=480, help="training problems")
+    p.add_argument("--train", type=int, default=360, help="training problems")
     p.add_argument("--held-out", type=int, default=64, help="held-out problems (at least 50 for the full check)")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -16,11 +16,9 @@ AFTER_AT_LEAST = 30.0
 class TestTask:
     def test_problem_literal(self):
         row = learnability.problem("472")
-        assert row["problem"] == "Ada wrote 472. Ben read its digits backwards. What number did Ben read?"
+        assert row["problem"] == "Ben reads Ada's number backwards. Ada's number is 472"
         assert row["answer"] == "274"
-        assert row["solution"] == (
-            "<think>\nThe digits 4, 7, 2 backwards are 2, 7, 4.\n</think>\nBen read \\boxed{274}."
-        )
+        assert row["solution"] == "<think>\n4 7 2 backwards is 2 7 4\n</think>\n\\boxed{274}"
 
     def test_train_and_held_out_are_disjoint(self):
         train, held_out = learnability.make_task(600, 64)

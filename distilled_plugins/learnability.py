@@ -188,7 +188,7 @@ def run_check(out: Path, n_train: int, n_held_out: int, epochs: int, seed: int =
         "train_kept": filtered.stats["examples_out"],
         "packed_rows": pack_stats["packs"],
         "epochs": epochs,
-        "steps": trained.steps,
+        "steps": len(metrics["steps"]),  # over all epochs (the result's "steps" counts within the last one)
         "first_loss": metrics["first_loss"],
         "final_loss": metrics["final_loss"],
         "seconds": round(time.monotonic() - started, 1),
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="work folder (emptied first); report.json goes here")
     p.add_argument("--train", type=int, default=360, help="training problems")
     p.add_argument("--held-out", type=int, default=64, help="held-out problems (at least 50 for the full check)")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

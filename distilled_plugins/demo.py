@@ -163,12 +163,13 @@ def _learnability_lines(workdir: Path, skip: bool) -> list[str]:
     except Exception as e:  # the DAG run's result still gets printed
         logger.exception("the learnability check failed")
         return [f"Learnability check FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"]
-    verdict = "the chain taught the model" if report["after"] >= 50 else "NOT LEARNED: a wiring fault somewhere"
     return [
-        f"Learnability ({verdict}): held-out pass@1 {report['before']:.1f}% before -> {report['after']:.1f}% after "
-        f"fine-tuning ({report['held_out']} problems, {report['steps']} steps, loss {report['first_loss']:.2f} -> "
-        f"{report['final_loss']:.2f}, {report['seconds']:.0f} s); {workdir / 'learnability' / 'report.json'}, "
-        f"loss curve {report['loss_curve']}"
+        f"Learnability: a small model trained from scratch through the same stages ({report['steps']} steps, loss "
+        f"{report['first_loss']:.2f} -> {report['final_loss']:.2f}, {report['seconds']:.0f} s), on "
+        f"{report['held_out']} held-out problems: writes the trained <think> trace in "
+        f"{report['trace_format_before']:.0f}% -> {report['trace_format_after']:.0f}% of its answers, reverses the "
+        f"number right in {report['before']:.1f}% -> {report['after']:.1f}% (before -> after fine-tuning; "
+        f"chance: 0.1%). Report {workdir / 'learnability' / 'report.json'}, loss curve {report['loss_curve']}"
     ]
 
 

@@ -24,12 +24,14 @@ import argparse
 import json
 import logging
 import random
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from distilled_plugins import configs, evaluate, finetune, generate, handle, pack, reject_sampling
+from distilled_plugins.io import iter_jsonl
 from distilled_plugins.local_airflow import free_port
 from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 
@@ -58,6 +60,15 @@ def problem(number: str) -> dict:
         "level": "synthetic",
         "subject": "reverse digits",
     }
+
+
+TRACE_FORMAT = re.compile(r"<think>\n\d \d \d backwards is \d \d \d\n</think>\n\\boxed\{\d{3}\}")
+
+
+def format_rate(completions: Path) -> float:
+    """Share (%) of completions shaped exactly like a training trace, whatever their digits."""
+    texts = [text for _, row in iter_jsonl(completions) for text in row["generations"]]
+    return round(100.0 * sum(bool(TRACE_FORMAT.fullmatch(t.strip())) for t in texts) / max(len(texts), 1), 2)
 
 
 def make_task(n_train: int, n_held_out: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -184,6 +195,8 @@ def run_check(out: Path, n_train: int, n_held_out: int, epochs: int, seed: int =
         "before": before["pass@1"],
         "after": after["pass@1"],
         "held_out": after["problems"],
+        "trace_format_before": format_rate(out / "before" / "completions.jsonl"),
+        "trace_format_after": format_rate(out / "after" / "completions.jsonl"),
         "train_problems": n_train,
         "train_kept": filtered.stats["examples_out"],
         "packed_rows": pack_stats["packs"],
@@ -222,7 +235,8 @@ def summary(report: dict) -> str:
         f"learnability: reversing 3-digit numbers, pass@1 {report['before']:.1f}% untrained -> "
         f"{report['after']:.1f}% after fine-tuning through the pipeline's stages, on {report['held_out']} held-out "
         f"problems ({report['steps']} steps, loss {report['first_loss']:.2f} -> {report['final_loss']:.2f}, "
-        f"{report['seconds']:.0f} s; chance: 1 in 729)"
+        f"{report['seconds']:.0f} s; chance: 1 in 729); trace shape {report['trace_format_before']:.0f}% -> "
+        f"{report['trace_format_after']:.0f}%"
     )
 
 

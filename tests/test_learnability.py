@@ -34,6 +34,9 @@ def test_the_chain_teaches_a_small_model(tmp_path):
     assert report == json.loads((tmp_path / "check" / "report.json").read_text())
     assert report["held_out"] == HELD_OUT and report["train_kept"] == TRAIN
     assert report["before"] <= 5.0  # an untrained model does not guess 3-digit answers (chance: 1 in 729)
+    assert report["trace_format_before"] <= 5.0
+    # the trained model writes the trained trace, through the evaluation prompt and the checkpoint it loaded
+    assert report["trace_format_after"] >= 90.0, report
     assert report["after"] >= AFTER_AT_LEAST, report  # far above chance: learned, through every stage
     assert report["final_loss"] < report["first_loss"] / 4
     assert (tmp_path / "check" / "loss.png").stat().st_size > 0

@@ -39,8 +39,8 @@ logger = logging.getLogger("distilled_plugins.learnability")
 
 PROFILE = configs.CONFIG_DIR / "finetune_learnability_cpu.yaml"
 TOKENIZER = configs.SHARED_DATA / "tokenizer" / "qwen2.5"
-# the demo's and the slow test's size: a few minutes; the benchmark's default is 360 / 64 / 2
-DEMO_SIZE = {"n_train": 240, "n_held_out": 30, "epochs": 3}
+# the demo's and the slow test's size: a few minutes; the benchmark's default is 360 / 64 / 3
+DEMO_SIZE = {"n_train": 180, "n_held_out": 30, "epochs": 2}
 MAX_NEW_TOKENS = 32  # a trace is ~22 tokens
 
 

@@ -20,6 +20,7 @@ processes). Completions are kept in ``--out`` and a rerun requests only the miss
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import math
@@ -77,6 +78,8 @@ class EvalConfig:
     checkpoint: str | None = None
     mindformers_config: str | None = None
     tokenizer: str = str(TOKENIZER)
+    batch_size: int = 64  # sequences decoded together
+    prompt_template: str = "{prompt}"  # the user turn around the problem, as in training (stage 1's template)
     # ... or re-scored from a file
     rescore: str | None = None
     problem_column: str = "problem"
@@ -102,6 +105,8 @@ class EvalConfig:
             raise ValueError("an endpoint needs the served model's name (--model)")
         if self.checkpoint and not self.mindformers_config:
             raise ValueError("a checkpoint needs the fine-tune YAML that describes its model (--mindformers-config)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.protocol.n_samples < 1:
             raise ValueError(f"n_samples must be at least 1, got {self.protocol.n_samples}")
 
@@ -181,13 +186,26 @@ def completions_from_checkpoint(cfg: EvalConfig, problems: list[dict]) -> Path:
         str(protocol.top_p),
         "--seed",
         str(protocol.seed),
+        "--batch-size",
+        str(cfg.batch_size),
+        "--prompt-template",
+        cfg.prompt_template,
     ]
     env_log = Path(cfg.out) / "mindformers"
     env = {**os.environ, "LOG_MF_PATH": str(env_log / "log"), "LOCAL_DEFAULT_PATH": str(env_log)}
-    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if done.returncode != 0:
-        tail = "\n".join(done.stdout.splitlines()[-20:])
-        raise RuntimeError(f"mindformers generation from {cfg.checkpoint} failed (exit {done.returncode}):\n{tail}")
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    # the generation's own lines (progress every few seconds) go to this log as they come; mindformers' and
+    # mindspore's chatter stays in the tail kept for an error message
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            if " distilled_plugins." in line:
+                logger.info("mf_generate: %s", line.split(": ", 1)[-1])
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"mindformers generation from {cfg.checkpoint} failed (exit {proc.returncode}):\n" + "\n".join(tail)
+        )
     return output
 
 
@@ -509,13 +527,7 @@ def run(cfg: EvalConfig) -> Path:
     write_json(out / "report.json", report)
     (out / "report.md").write_text(_markdown(report), encoding="utf-8")
     _chart(report, out / "accuracy.png")
-    logger.info(
-        "pass@1 %.2f%% (95%% CI %s) over %d problems; report %s",
-        report["pass@1"],
-        report["ci95"],
-        report["problems"],
-        out / "report.json",
-    )
+    logger.info("wrote %s, %s and %s", out / "report.json", out / "report.md", out / "accuracy.png")
     return out / "report.json"
 
 
@@ -537,12 +549,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="stage 5 checkpoint (file or folder) for mindformers")
     p.add_argument("--mindformers-config", default=None, help="the fine-tune YAML describing the checkpoint's model")
     p.add_argument("--tokenizer", default=str(TOKENIZER))
+    p.add_argument("--batch-size", type=int, default=64, help="checkpoint mode: sequences decoded together")
+    p.add_argument(
+        "--prompt-template",
+        default="{prompt}",
+        help="checkpoint mode: the user turn around the problem, as the model was trained (stage 1's template)",
+    )
     p.add_argument("--rescore", default=None, help="JSONL of existing completions to grade")
     p.add_argument("--problem-column", default="problem")
     p.add_argument("--gold-column", default="answer")
     p.add_argument("--completion-column", default="generations", help="a string or a list of completions")
     p.add_argument("--system-prompt", default=SYSTEM_PROMPT)
-    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--temperature", type=float, default=0.6, help="0: greedy")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=32768)
     p.add_argument("--n-samples", type=int, default=4)
@@ -579,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint=args.checkpoint,
                 mindformers_config=args.mindformers_config,
                 tokenizer=args.tokenizer,
+                batch_size=args.batch_size,
+                prompt_template=args.prompt_template,
                 rescore=args.rescore,
                 problem_column=args.problem_column,
                 gold_column=args.gold_column,
@@ -591,7 +611,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, RuntimeError, FatalRequestError) as e:
         return cli.fail(e)
-    print(report)
+    summary = json.loads(report.read_text())
+    logger.info(  # the one line with the result (the operator logs its own, the engine none)
+        "pass@1 %.2f%% (95%% CI %s) over %d problems x %d samples; report %s",
+        summary["pass@1"],
+        summary["ci95"],
+        summary["problems"],
+        summary["protocol"]["n_samples"],
+        report,
+    )
     return 0
 
 

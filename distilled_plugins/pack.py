@@ -5,7 +5,9 @@ Usage:
     # seq_length defaults to model.model_config.seq_length of configs/finetune_qwen_2_5_7b.yaml
 
 The plan is best-fit-decreasing over the whole dataset (deterministic); samples longer than ``seq_length`` are
-truncated, split into ``seq_length`` pieces, or dropped, and each case is counted. Output rows hold
+truncated, split into ``seq_length`` pieces, or dropped, and each case is counted. A piece that would hold no
+trainable token (a split sample's prompt-only head, a truncated sample cut before its answer) is not emitted:
+it would add a loss step over nothing; such pieces are counted by reason in ``stats.json``. Output rows hold
 ``input_ids`` (int32), ``labels`` (int64, each sample's labels shifted: ``labels[1:] + [pad]``) and
 ``actual_seq_len`` (cumulative end offsets), padded with the pad id / -100: what mindformers' ``HFDataLoader``
 reads with ``create_attention_mask: True``. ``stats.json`` (packs, efficiency, samples per pack, overlong
@@ -108,6 +110,34 @@ def pieces_of(lengths: np.ndarray, seq_length: int, overlong: str) -> tuple[list
         else:
             counts["dropped"] += 1
     return pieces, counts
+
+
+def trainable_tokens(labels: np.ndarray, piece: Piece) -> int:
+    """Positions of ``piece`` that count in the loss once labels are shifted (``labels[1:] + [pad]``).
+
+    >>> trainable_tokens(np.array([-100, -100, -100, 5, 6]), Piece(0, 0, 2))  # prompt only
+    0
+    >>> trainable_tokens(np.array([-100, -100, -100, 5, 6]), Piece(0, 2, 3))  # 5, 6 and the final pad
+    3
+    """
+    end = piece.start + piece.length
+    shifted = labels[piece.start + 1 : end + 1]
+    return int(np.count_nonzero(shifted != IGNORE_INDEX)) + (1 if end >= len(labels) else 0)
+
+
+def drop_untrainable(pieces: list[Piece], labels, row_lengths: np.ndarray) -> tuple[list[Piece], int]:
+    """Remove the pieces without a trainable token; returns the pieces kept and how many were removed.
+
+    Only pieces that stop before their sample's end can be empty (a split sample's head, a truncated sample):
+    a sample's last position always trains, its label being the pad that "+ [pad]" appends.
+    """
+    kept, removed = [], 0
+    for piece in pieces:
+        if piece.start + piece.length >= row_lengths[piece.row] or trainable_tokens(labels.row(piece.row), piece):
+            kept.append(piece)
+        else:
+            removed += 1
+    return kept, removed
 
 
 def plan_bfd(lengths: list[int] | np.ndarray, seq_length: int) -> list[list[int]]:
@@ -238,10 +268,17 @@ def run(cfg: PackConfig) -> Path:
     ids, labels = _Columns(table, "input_ids"), _Columns(table, "labels")
     lengths = ids.lengths()
     pieces, overlong = pieces_of(lengths, cfg.seq_length, cfg.overlong)
+    pieces, untrainable = drop_untrainable(pieces, labels, lengths)
+    # only split and truncated samples have pieces that stop before the sample's end
+    not_packed = {"split_piece_prompt_only": 0, "truncated_prompt_only": 0}
+    not_packed["split_piece_prompt_only" if cfg.overlong == "split" else "truncated_prompt_only"] = untrainable
+    if untrainable:
+        logger.info("%d %s piece(s) hold no trainable token: not packed", untrainable, cfg.overlong)
     if not pieces:
         raise DataError(
-            f"{src}: all {len(lengths)} samples are longer than seq_length {cfg.seq_length} and "
-            f"policy 'drop' left nothing; raise seq_length or use --overlong split/truncate"
+            f"{src}: of {len(lengths)} samples, with seq_length {cfg.seq_length}, policy {cfg.overlong!r} left "
+            f"nothing to train on (overlong: {overlong}, without a trainable token: {not_packed}); "
+            "raise seq_length or use another --overlong policy"
         )
     plan_started = time.monotonic()
     plan = plan_bfd([p.length for p in pieces], cfg.seq_length)
@@ -303,6 +340,7 @@ def run(cfg: PackConfig) -> Path:
                 "max": int(samples_per_pack.max()),
             },
             "overlong": overlong,
+            "pieces_without_trainable_token": not_packed,
             "plan_seconds": round(plan_seconds, 3),
             "wall_seconds": round(time.monotonic() - started, 3),
         }

@@ -20,6 +20,12 @@ CPU accommodations, applied only when ``context.device_target`` is CPU and said 
   the first training step's gradient all-reduce brings the workers together anyway;
 - binding worker threads to cores (meant to keep NPU feeders on their NUMA node) is skipped: mindspore's
   automatic plan divides by the local device count, which is zero for a single CPU worker.
+
+Without flash attention (the tiny CPU profiles, on any device), mindformers adds an explicit attention mask to
+the attention scores as it comes, yet the packed rows' mask (``create_attention_mask: True``) and flash
+attention's convention is uint8 "1 = hidden": the future and the other samples of the row got +1, not -10000,
+so training saw the next token. :func:`apply_explicit_mask_fix` turns such a mask into the adder (-10000 where
+hidden) before the scores; it is applied whenever ``use_flash_attention`` is off, and mf_generate applies it too.
 """
 
 from __future__ import annotations
@@ -64,6 +70,26 @@ def _replace_barriers() -> int:
             module.barrier = _skip_barrier
             replaced += 1
     return replaced
+
+
+def apply_explicit_mask_fix(use_flash_attention: bool) -> bool:
+    """Make mindformers' non-flash attention hide what a uint8 "1 = hidden" mask hides; True when applied."""
+    if use_flash_attention:
+        return False
+    from mindformers.models.llama.llama_transformer import LLamaAttention
+
+    original = LLamaAttention._attn
+    if getattr(original, "_explicit_mask_fix", False):
+        return True
+
+    def _attn(self, query, key, value, mask):
+        if mask is not None and mask.dtype == ms.uint8:  # a given mask (packed rows); the built-in one is an adder
+            mask = ops.cast(mask, query.dtype) * -10000.0
+        return original(self, query, key, value, mask)
+
+    _attn._explicit_mask_fix = True
+    LLamaAttention._attn = _attn
+    return True
 
 
 def apply_cpu_accommodations(device_target: str) -> list[str]:
@@ -139,11 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         config.run_mode = args.run_mode
     set_output_path(config.output_dir)
     patched = apply_cpu_accommodations(config.context.device_target)
+    if apply_explicit_mask_fix(bool(config.model.model_config.get("use_flash_attention", False))):
+        patched.append("explicit attention mask (1 = hidden) made an adder for non-flash attention")
     build_context(config)
     if patched:
         from mindformers.tools.logger import logger as mf_logger
 
-        mf_logger.warning("device_target is CPU: applying CPU accommodations: %s", "; ".join(patched))
+        mf_logger.warning("applying CPU accommodations (and the no-flash-attention mask fix): %s", "; ".join(patched))
     Trainer(config).train()
     return 0
 

@@ -116,6 +116,68 @@ def test_mindformers_generation_from_the_tiny_checkpoint(tiny_checkpoint, tmp_pa
     assert "mindformers checkpoint" in report["protocol"]["completions"]
 
 
+class TestCheckpointGeneration:
+    """mf_generate: the prompt is rendered as training renders it; batched decoding changes no token."""
+
+    def test_prompt_is_the_training_prompt(self, tmp_path):
+        from distilled_plugins import handle
+        from distilled_plugins.handle import SYSTEM_PROMPT, load_tokenizer
+        from distilled_plugins.mf_generate import prompt_ids
+        from tests.conftest import TOKENIZER_DIR, conversation_rows
+
+        rows = conversation_rows(5)
+        src = write_jsonl(tmp_path / "filtered.jsonl", rows)
+        handled = handle.run(handle.HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / "h")))
+        import datasets
+
+        trained = datasets.load_from_disk(str(handled))
+        prompts = prompt_ids(load_tokenizer(TOKENIZER_DIR), SYSTEM_PROMPT, [r["messages"][0]["content"] for r in rows])
+        for ids, labels, prompt in zip(trained["input_ids"], trained["labels"], prompts, strict=True):
+            first_answer = next(i for i, label in enumerate(labels) if label != -100)
+            assert ids[:first_answer] == prompt  # what the model saw before its answer in training
+
+    def test_attention_mask_hides_the_future_and_the_left_padding(self):
+        import numpy as np
+
+        from distilled_plugins.mf_generate import attention_mask
+
+        mask = attention_mask(np.array([[True, True, False, False], [False, False, False, False]]))
+        assert mask.dtype == np.uint8
+        assert mask[0].tolist() == [[0, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 0, 0]]
+        assert mask[1].tolist() == [[0, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]]
+
+    def test_sampler(self):
+        import numpy as np
+
+        from distilled_plugins.mf_generate import Sampler
+
+        logits = np.array([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
+        assert Sampler(0.0, 0.95, 0)(logits).tolist() == [1, 0]  # greedy
+        assert Sampler(1.0, 0.01, 0)(logits).tolist() == [1, 0]  # top_p keeps only the most likely token
+        picks = np.stack([Sampler(1.0, 1.0, seed)(logits) for seed in range(200)])
+        assert set(picks[:, 0].tolist()) == {0, 1, 2}  # sampling reaches every token at top_p 1
+
+    @pytest.mark.slow
+    def test_batched_greedy_equals_one_at_a_time(self, tmp_path):
+        from distilled_plugins import configs, mf_generate
+        from distilled_plugins.handle import SYSTEM_PROMPT
+        from tests.conftest import TOKENIZER_DIR
+
+        problems = write_jsonl(tmp_path / "p.jsonl", evaluate.load_problems(MATH500, 3))  # prompts of 3 lengths
+        outputs = {}
+        for batch in (3, 1):
+            outputs[batch] = tmp_path / f"out{batch}.jsonl"
+            argv = ["--config", str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml"), "--checkpoint", "untrained"]
+            argv += ["--tokenizer", str(TOKENIZER_DIR), "--problems", str(problems), "--output", str(outputs[batch])]
+            argv += ["--system-prompt", SYSTEM_PROMPT, "--num-samples", "1", "--max-new-tokens", "6"]
+            argv += ["--temperature", "0", "--batch-size", str(batch)]
+            assert mf_generate.main(argv) == 0
+        batched, single = read_jsonl(outputs[3]), read_jsonl(outputs[1])
+        assert [r["unique_id"] for r in batched] == [r["unique_id"] for r in single]
+        assert [r["generations"] for r in batched] == [r["generations"] for r in single]
+        assert all(len(r["generations"][0]) > 0 for r in batched)
+
+
 @pytest.mark.parametrize(
     ("model", "stored"), [("Qwen2.5-Math-7B", 52.4), ("Qwen2.5-14B-Instruct", 80.4), ("gemma-2-27b-it", 57.2)]
 )

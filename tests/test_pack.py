@@ -12,7 +12,7 @@ import pytest
 from distilled_plugins import handle, pack
 from distilled_plugins.handle import HandleConfig
 from distilled_plugins.io import DataError
-from distilled_plugins.pack import PackConfig, Piece, pieces_of, plan_bfd
+from distilled_plugins.pack import PackConfig, Piece, pieces_of, plan_bfd, trainable_tokens
 from tests.conftest import TOKENIZER_DIR, conversation_rows, write_jsonl
 
 SEQ = 1024
@@ -131,7 +131,15 @@ def test_never_more_packs_than_mindformers_packing_handler(handled, tmp_path):
 def test_overlong_samples_are_counted_never_silently_lost(handled, tmp_path, policy):
     seq = 256
     lengths = [len(x) for x in datasets.load_from_disk(str(handled))["input_ids"]]
+    all_labels = datasets.load_from_disk(str(handled))["labels"]
     over = sum(n > seq for n in lengths)
+    starts = {"truncate": lambda n: [0], "split": lambda n: range(0, n - seq, seq), "drop": lambda n: []}[policy]
+    prompt_only = sum(  # pieces stopping before their sample's end whose shifted labels are all ignored
+        all(label == -100 for label in labels[start + 1 : start + seq + 1])
+        for labels in all_labels
+        if len(labels) > seq
+        for start in starts(len(labels))
+    )
     assert over > 0
     dst = pack.run(PackConfig(src=str(handled), dst=str(tmp_path / policy), seq_length=seq, overlong=policy))
     stats = json.loads((dst / "stats.json").read_text())
@@ -142,6 +150,8 @@ def test_overlong_samples_are_counted_never_silently_lost(handled, tmp_path, pol
         "split": sum(lengths),
         "drop": sum(n for n in lengths if n <= seq),
     }[policy]
+    assert sum(stats["pieces_without_trainable_token"].values()) == prompt_only
+    expected_tokens -= prompt_only * seq
     assert stats["tokens"] == expected_tokens
     assert (
         sum(sum(1 for t in row if t != 151643) for row in datasets.load_from_disk(str(dst))["input_ids"])
@@ -156,6 +166,64 @@ def test_seq_length_comes_from_the_finetune_config(handled, tmp_path):
     custom = tmp_path / "ft.yaml"
     custom.write_text("model:\n  model_config:\n    seq_length: 2048\n")
     assert PackConfig(src="s", dst="d", finetune_config=str(custom)).seq_length == 2048
+
+
+class TestPiecesWithoutTrainableTokens:
+    """A split sample's prompt-only head would be a loss step over nothing: it is not packed, and it is counted."""
+
+    LABELS = [-100] * 7 + [8, 9, 10]  # 7 prompt tokens, then the answer
+
+    def handmade(self, tmp_path, rows):
+        src = tmp_path / "h"
+        datasets.Dataset.from_dict(
+            {"input_ids": [list(range(1, len(r) + 1)) for r in rows], "labels": rows},
+            features=datasets.Features(
+                {
+                    "input_ids": datasets.Sequence(datasets.Value("int32")),
+                    "labels": datasets.Sequence(datasets.Value("int64")),
+                }
+            ),
+        ).save_to_disk(str(src))
+        return src
+
+    def test_trainable_tokens_literal(self):
+        labels = np.array(self.LABELS)
+        assert trainable_tokens(labels, Piece(0, 0, 4)) == 0  # shifted labels[1:5]: prompt only
+        assert trainable_tokens(labels, Piece(0, 4, 4)) == 2  # labels[5:9] = -100, -100, 8, 9
+        assert trainable_tokens(labels, Piece(0, 8, 2)) == 2  # labels[9:10] = 10, then the final pad
+
+    @pytest.mark.parametrize(
+        ("policy", "reason"), [("split", "split_piece_prompt_only"), ("truncate", "truncated_prompt_only")]
+    )
+    def test_prompt_only_pieces_are_not_packed_and_counted(self, tmp_path, policy, reason):
+        src = self.handmade(tmp_path, [self.LABELS, [-100, 5, 6]])
+        dst = pack.run(PackConfig(src=str(src), dst=str(tmp_path / "p"), seq_length=4, overlong=policy, pad_token_id=0))
+        stats = json.loads((dst / "stats.json").read_text())
+        packed = datasets.load_from_disk(str(dst))
+        other = "truncated_prompt_only" if reason == "split_piece_prompt_only" else "split_piece_prompt_only"
+        assert stats["pieces_without_trainable_token"] == {reason: 1, other: 0}
+        if policy == "split":  # pieces [4, 8) and [8, 10) of the first sample, the whole second one
+            assert stats["pieces_packed"] == 3 and stats["tokens"] == 4 + 2 + 3
+            assert sorted(packed["input_ids"]) == [[1, 2, 3, 0], [5, 6, 7, 8], [9, 10, 0, 0]]
+        else:  # the first sample's only piece [0, 4) is prompt only
+            assert stats["pieces_packed"] == 1 and packed["input_ids"] == [[1, 2, 3, 0]]
+        assert all(any(t != -100 for t in row) for row in packed["labels"])
+
+    def test_real_conversations_no_row_without_a_trainable_token(self, handled, tmp_path):
+        seq = 64  # shorter than most prompts (system prompt + problem): their heads hold no answer token
+        samples = datasets.load_from_disk(str(handled))
+        expected = 0
+        for labels in samples["labels"]:
+            for start in range(0, len(labels) - seq, seq):  # pieces that stop before the sample's end
+                expected += all(label == -100 for label in labels[start + 1 : start + seq + 1])
+        assert expected > 0
+        dst = pack.run(PackConfig(src=str(handled), dst=str(tmp_path / "p"), seq_length=seq))
+        stats = json.loads((dst / "stats.json").read_text())
+        assert stats["pieces_without_trainable_token"]["split_piece_prompt_only"] == expected
+        assert stats["tokens"] == stats["tokens_in"] - expected * seq
+        rows = read_back(dst)
+        assert len(rows) == stats["packs"]
+        assert all(loss_mask.any() for _, _, loss_mask, _, _ in rows)  # no training step over nothing
 
 
 class TestBadInput:

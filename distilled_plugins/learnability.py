@@ -1,0 +1,244 @@
+"""Learnability check: the project's own stages must teach a small model a synthetic task it cannot guess.
+
+Usage:
+    .venv/bin/python bench/learnability.py --out /tmp/learnability      # the full check (the benchmark)
+    python -m distilled_plugins.learnability --out /tmp/l --train 240 --held-out 30   # a smaller one (the test's)
+
+The task: "Ben reads Ada's number backwards. Ada's number is 472" (three digits
+1-9, so 729 problems; train and held-out problems are disjoint). Each training completion is an R1-style trace,
+``<think>`` ... ``</think>`` then ``\\boxed{274}``, served by the replay teacher. Then, in order and through the
+stages' own code: generate (the replay teacher over HTTP) -> reject_sampling (math_verify) -> handle (chat
+template) -> pack -> finetune (msrun, ``configs/finetune_learnability_cpu.yaml``, from scratch) -> evaluate from
+the checkpoint with mindformers (batched greedy decoding, the same chat template as training), once with the
+untrained model ("before") and once with the trained one ("after").
+
+Writes ``--out``/report.json (before and after pass@1 in %, held-out count, steps, seconds, per-stage seconds,
+first and final loss) and ``--out``/loss.png. Target on a 2-core CPU: after >= 90, before <= 5, < 20 minutes.
+Guessing a 3-digit answer succeeds 1 time in 729: an "after" far above that means the chain taught the model;
+one near 0 with a falling loss means a wiring fault (label shift, masks, template, checkpoint, decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from distilled_plugins import configs, evaluate, finetune, generate, handle, pack, reject_sampling
+from distilled_plugins.io import iter_jsonl
+from distilled_plugins.local_airflow import free_port
+from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
+
+logger = logging.getLogger("distilled_plugins.learnability")
+
+PROFILE = configs.CONFIG_DIR / "finetune_learnability_cpu.yaml"
+TOKENIZER = configs.SHARED_DATA / "tokenizer" / "qwen2.5"
+# the demo's and the slow test's size: a few minutes; the benchmark's default is 360 / 64 / 3
+DEMO_SIZE = {"n_train": 180, "n_held_out": 30, "epochs": 2}
+MAX_NEW_TOKENS = 32  # a trace is ~22 tokens
+
+
+def problem(number: str) -> dict:
+    """One problem of the task, with its gold answer and the R1-style trace the teacher replays.
+
+    The number ends the problem, so each digit the trace copies lies a short, fixed distance back: within
+    reach of a 2-layer model trained for minutes.
+    """
+    digits = list(number)
+    backwards = "".join(reversed(digits))
+    return {
+        "problem": f"Ben reads Ada's number backwards. Ada's number is {number}",
+        "answer": backwards,
+        "solution": f"<think>\n{' '.join(digits)} backwards is {' '.join(reversed(digits))}\n</think>\n\\boxed{{{backwards}}}",
+        "unique_id": f"reverse/{number}",
+        "level": "synthetic",
+        "subject": "reverse digits",
+    }
+
+
+TRACE_FORMAT = re.compile(r"<think>\n\d \d \d backwards is \d \d \d\n</think>\n\\boxed\{\d{3}\}")
+
+
+def format_rate(completions: Path) -> float:
+    """Share (%) of completions shaped exactly like a training trace, whatever their digits."""
+    texts = [text for _, row in iter_jsonl(completions) for text in row["generations"]]
+    return round(100.0 * sum(bool(TRACE_FORMAT.fullmatch(t.strip())) for t in texts) / max(len(texts), 1), 2)
+
+
+def make_task(n_train: int, n_held_out: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Disjoint train and held-out problems (three digits 1-9: 729 in all)."""
+    numbers = [f"{a}{b}{c}" for a in range(1, 10) for b in range(1, 10) for c in range(1, 10)]
+    if n_train + n_held_out > len(numbers):
+        raise ValueError(f"train + held-out must be at most {len(numbers)}, got {n_train} + {n_held_out}")
+    random.Random(seed).shuffle(numbers)
+    rows = [problem(n) for n in numbers[: n_train + n_held_out]]
+    return rows[:n_train], rows[n_train:]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _evaluate(out: Path, held_out: Path, checkpoint: str, label: str, baseline: Path | None = None) -> dict:
+    report = evaluate.run(
+        evaluate.EvalConfig(
+            out=str(out),
+            dataset=str(held_out),
+            checkpoint=checkpoint,
+            mindformers_config=str(PROFILE),
+            tokenizer=str(TOKENIZER),
+            protocol=evaluate.Protocol(temperature=0.0, n_samples=1, max_new_tokens=MAX_NEW_TOKENS),
+            baseline=str(baseline) if baseline else None,
+            label=label,
+            workers=1,
+        )
+    )
+    return json.loads(report.read_text())
+
+
+def _finetune(packed: Path, output_dir: Path, epochs: int) -> finetune.FinetuneResult:
+    """Stage 5; once more (resuming from the newest checkpoint) if the job dies, as the DAG's retry would.
+
+    On a heavily loaded machine msrun's scheduler can declare a starved worker timed out.
+    """
+    for attempt in (1, 2):
+        cfg = finetune.FinetuneConfig(
+            config=str(PROFILE),
+            dataset_path=str(packed),
+            output_dir=str(output_dir),
+            master_port=free_port(),
+            overrides={"runner_config.epochs": epochs},
+            poll_interval=1.0,
+        )
+        try:
+            return finetune.run(cfg)
+        except finetune.FinetuneFailed as e:
+            if attempt == 2:
+                raise
+            logger.warning("fine-tuning failed (%s); retrying once, resuming", str(e).splitlines()[0])
+    raise AssertionError("unreachable")
+
+
+def run_check(out: Path, n_train: int, n_held_out: int, epochs: int, seed: int = 0) -> dict:
+    """Run the whole check in ``out``; returns the report (also written to ``out/report.json``)."""
+    started = time.monotonic()
+    seconds: dict[str, float] = {}
+
+    def timed(stage: str, fn, *args):
+        t = time.monotonic()
+        result = fn(*args)
+        seconds[stage] = round(time.monotonic() - t, 1)
+        logger.info("%s done in %.1f s", stage, seconds[stage])
+        return result
+
+    if out.exists():
+        shutil.rmtree(out)
+    train_rows, held_rows = make_task(n_train, n_held_out, seed)
+    train = _write_jsonl(out / "task" / "train.jsonl", train_rows)
+    held_out = _write_jsonl(out / "task" / "held_out.jsonl", held_rows)
+    teacher = ReplayTeacher(replay_answer(load_answers(train, "problem", "solution")), prompt_template="{prompt}")
+    with ServerThread(teacher.app()) as server:
+        generated = timed(
+            "generate",
+            generate.run,
+            generate.GenerateConfig(
+                dataset_name=str(train),
+                output_file=str(out / "generate" / "generations.jsonl"),
+                model="replay-teacher",
+                prompt_column="problem",
+                api_addr=server.url,
+                num_generations=1,
+                max_tokens=MAX_NEW_TOKENS,
+                max_concurrent=32,
+                prompt_template="{prompt}",  # the user turn is the problem itself, as at evaluation
+            ),
+        )
+    filtered = timed(
+        "reject_sampling",
+        reject_sampling.run,
+        reject_sampling.RejectSamplingConfig(
+            src=str(generated.output_file), dst=str(out / "reject_sampling" / "filtered.jsonl"), workers=1
+        ),
+    )
+    handled = timed(
+        "handle",
+        handle.run,
+        handle.HandleConfig(src=[str(filtered.output)], tokenizer=str(TOKENIZER), dst=str(out / "handle")),
+    )
+    packed = timed(
+        "pack", pack.run, pack.PackConfig(src=str(handled), dst=str(out / "pack"), finetune_config=str(PROFILE))
+    )
+    before = timed("evaluate_before", _evaluate, out / "before", held_out, "untrained", "untrained model")
+    trained = timed("finetune", _finetune, packed, out / "finetune", epochs)
+    after = timed(
+        "evaluate_after",
+        _evaluate,
+        out / "after",
+        held_out,
+        trained.checkpoint_dir,
+        "trained model",
+        out / "before" / "report.json",
+    )
+    metrics = json.loads(Path(trained.metrics_file).read_text())
+    shutil.copy(trained.loss_curve, out / "loss.png")
+    pack_stats = json.loads((Path(packed) / "stats.json").read_text())
+    report = {
+        "task": "reverse the digits of a 3-digit number (digits 1-9), as a word problem; R1-style traces",
+        "before": before["pass@1"],
+        "after": after["pass@1"],
+        "held_out": after["problems"],
+        "trace_format_before": format_rate(out / "before" / "completions.jsonl"),
+        "trace_format_after": format_rate(out / "after" / "completions.jsonl"),
+        "train_problems": n_train,
+        "train_kept": filtered.stats["examples_out"],
+        "packed_rows": pack_stats["packs"],
+        "epochs": epochs,
+        "steps": len(metrics["steps"]),  # over all epochs (the result's "steps" counts within the last one)
+        "first_loss": metrics["first_loss"],
+        "final_loss": metrics["final_loss"],
+        "seconds": round(time.monotonic() - started, 1),
+        "stage_seconds": seconds,
+        "decoding": f"greedy, 1 sample, up to {MAX_NEW_TOKENS} new tokens, batched",
+        "profile": str(PROFILE.name),
+        "loss_curve": str(out / "loss.png"),
+        "reports": {"before": str(out / "before" / "report.json"), "after": str(out / "after" / "report.json")},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m distilled_plugins.learnability", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, type=Path, help="work folder (emptied first); report.json goes here")
+    p.add_argument("--train", type=int, default=360, help="training problems")
+    p.add_argument("--held-out", type=int, default=64, help="held-out problems (at least 50 for the full check)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    report = run_check(args.out.resolve(), args.train, args.held_out, args.epochs, args.seed)
+    logger.info("%s; report %s", summary(report), args.out / "report.json")
+    return 0
+
+
+def summary(report: dict) -> str:
+    """One plain line: what was learned."""
+    return (
+        f"learnability: reversing 3-digit numbers, pass@1 {report['before']:.1f}% untrained -> "
+        f"{report['after']:.1f}% after fine-tuning through the pipeline's stages, on {report['held_out']} held-out "
+        f"problems ({report['steps']} steps, loss {report['first_loss']:.2f} -> {report['final_loss']:.2f}, "
+        f"{report['seconds']:.0f} s; chance: 1 in 729); trace shape {report['trace_format_before']:.0f}% -> "
+        f"{report['trace_format_after']:.0f}%"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

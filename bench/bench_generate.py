@@ -22,7 +22,6 @@ import json
 import multiprocessing
 import os
 import resource
-import socket
 import sys
 import tempfile
 import time
@@ -32,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distilled_plugins import generate
 from distilled_plugins.client import RequestSettings, RetryPolicy
+from distilled_plugins.local_airflow import free_port
+from distilled_plugins.teacher_server import wait_for_port
 
 STATS_DIR = tempfile.gettempdir()
 COMPLETION = ("Let me work through this carefully. " * 250)[:9000] + " So the answer is $\\boxed{42}$."
@@ -68,29 +69,12 @@ def serve(port: int, fault_rate: float, rate_limit_rpm: float | None = None, del
     web.run_app(teacher.app(), host="127.0.0.1", port=port, access_log=None, print=None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(port: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("bench server did not start")
-
-
 def run_once(workdir: Path, seed: Path, fault_rate: float, args) -> dict:
     port = free_port()
     server = multiprocessing.Process(target=serve, args=(port, fault_rate), daemon=True)
     server.start()
     try:
-        wait_for(port)
+        wait_for_port(port)
         output = workdir / f"out-{fault_rate}.jsonl"
         cfg = generate.GenerateConfig(
             dataset_name=str(seed),
@@ -126,7 +110,7 @@ def run_once(workdir: Path, seed: Path, fault_rate: float, args) -> dict:
 def start_server(port: int, **kwargs) -> multiprocessing.Process:
     server = multiprocessing.Process(target=serve, args=(port,), kwargs={"fault_rate": 0.0, **kwargs}, daemon=True)
     server.start()
-    wait_for(port)
+    wait_for_port(port)
     return server
 
 

@@ -20,7 +20,6 @@ import json
 import multiprocessing
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from distilled_plugins.configs import SHARED_DATA  # noqa: E402
+from distilled_plugins.local_airflow import free_port  # noqa: E402
+from distilled_plugins.teacher_server import wait_for_port  # noqa: E402
 
 TOKENIZER = SHARED_DATA / "tokenizer" / "qwen2.5"
 SOLUTIONS = SHARED_DATA / "math_train" / "math12k_train_with_solutions.jsonl"
@@ -77,23 +78,6 @@ def serve(port: int) -> None:
 
     teacher = ReplayTeacher(answer, retry_after=None)
     web.run_app(teacher.app(), host="127.0.0.1", port=port, access_log=None, print=None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(port: int) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("bench server did not start")
 
 
 def write_seed(path: Path, start: int, n: int) -> Path:
@@ -288,7 +272,7 @@ def main() -> int:
     server = multiprocessing.Process(target=serve, args=(port,), daemon=True)
     server.start()
     try:
-        wait_for(port)
+        wait_for_port(port)
         url = f"127.0.0.1:{port}"
         results = [
             one_size(root / f"n{rows}", rows, handle_rows, url)

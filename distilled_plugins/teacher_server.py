@@ -314,5 +314,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def wait_for_port(port: int, timeout: float = 60.0) -> None:
+    """Wait until a server started in another process accepts connections on 127.0.0.1:``port``."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"no server answered on 127.0.0.1:{port} within {timeout:g} s")
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

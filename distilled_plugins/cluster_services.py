@@ -55,10 +55,10 @@ class _Server:
         self.log_path = self.dir / f"{self.name}.log"
 
     def _popen(self, cmd: list[str]) -> None:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy
+            self.process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
 
     def _wait(self, ready, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -90,7 +90,11 @@ class _Server:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self):
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # a server that failed to become ready is not left running, nor its folder
+            self.stop()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()

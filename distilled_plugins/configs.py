@@ -10,6 +10,9 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 FINETUNE_7B = CONFIG_DIR / "finetune_qwen_2_5_7b.yaml"
 # the public data beside the checkout (MATH-500, the Qwen2.5 tokenizer, ...); DISTILL_DATA moves it (Docker: /data)
+# the Airflow worker's own settings and secrets (database and broker URLs with passwords, fernet key, connections)
+# are none of the business of the processes a stage starts (msrun, its workers, mindformers generation)
+PRIVATE_ENV_PREFIXES = ("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_")
 SHARED_DATA = Path(os.environ.get("DISTILL_DATA", CONFIG_DIR.parents[1] / "shared" / "data"))
 
 

@@ -201,7 +201,7 @@ def run_check(out: Path, n_train: int, n_held_out: int, epochs: int, seed: int =
         "train_kept": filtered.stats["examples_out"],
         "packed_rows": pack_stats["packs"],
         "epochs": epochs,
-        "steps": len(metrics["steps"]),  # over all epochs (the result's "steps" counts within the last one)
+        "steps": len(metrics["steps"]),  # over all epochs
         "first_loss": metrics["first_loss"],
         "final_loss": metrics["final_loss"],
         "seconds": round(time.monotonic() - started, 1),

@@ -119,15 +119,15 @@ class LocalAirflow:
         (self.home / "logs").mkdir(exist_ok=True)
         self.airflow("db", "migrate")
         for service in SERVICES:
-            log = open(self.home / "logs" / f"{service}.log", "ab")
-            self.processes[service] = subprocess.Popen(
-                [str(Path(sys.executable).parent / "airflow"), service],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            with open(self.home / "logs" / f"{service}.log", "ab") as log:  # the child keeps its own copy
+                self.processes[service] = subprocess.Popen(
+                    [str(Path(sys.executable).parent / "airflow"), service],
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -154,32 +154,33 @@ class LocalAirflow:
             raise AirflowError("start_worker needs the Celery variant (LocalAirflow(..., broker_url=...))")
         name = f"worker-{hostname}"
         log_path = self.home / "logs" / f"{name}.log"
-        log = open(log_path, "ab")
+        log_path.touch()
         offset = log_path.stat().st_size
-        proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "airflow"),
-                "celery",
-                "worker",
-                "--queues",
-                ",".join(queues),
-                "--celery-hostname",
-                hostname,
-                "--concurrency",
-                str(concurrency),
-            ],
-            # each worker serves its task logs on its own port, as on its own host
-            env={
-                **self.env,
-                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-                "AIRFLOW__CORE__HOSTNAME_CALLABLE": "distilled_plugins.local_airflow.worker_hostname",
-                "DISTILL_WORKER_HOSTNAME": hostname,
-            },
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        with open(log_path, "ab") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "airflow"),
+                    "celery",
+                    "worker",
+                    "--queues",
+                    ",".join(queues),
+                    "--celery-hostname",
+                    hostname,
+                    "--concurrency",
+                    str(concurrency),
+                ],
+                # each worker serves its task logs on its own port, as on its own host
+                env={
+                    **self.env,
+                    "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+                    "AIRFLOW__CORE__HOSTNAME_CALLABLE": "distilled_plugins.local_airflow.worker_hostname",
+                    "DISTILL_WORKER_HOSTNAME": hostname,
+                },
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.processes[name] = proc
         deadline = time.monotonic() + timeout
         while True:

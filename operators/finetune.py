@@ -98,17 +98,19 @@ class MsrunFinetuneOperator(BaseOperator):
         )
 
     def _xcom(self, context: Context, result: finetune.FinetuneResult) -> dict:
-        metrics = json.loads(Path(result.metrics_file).read_text())
-        emit(
-            context,
-            self,
-            {
-                "checkpoint_uri": f"file://{Path(result.checkpoint_dir).resolve()}",
-                "steps": result.steps,
-                "final_loss": metrics.get("final_loss"),
-                "metrics": result.metrics_file,
-            },
-        )
+        if int(self.node_rank) == 0:  # one model event per job: node 0 collects the metrics and speaks for all
+            metrics_file = Path(result.metrics_file)
+            metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+            emit(
+                context,
+                self,
+                {
+                    "checkpoint_uri": f"file://{Path(result.checkpoint_dir).resolve()}",
+                    "steps": result.steps,
+                    "final_loss": metrics.get("final_loss"),
+                    "metrics": result.metrics_file,
+                },
+            )
         return {
             "checkpoint_dir": result.checkpoint_dir,
             "metrics": result.metrics_file,

@@ -15,6 +15,8 @@ def record_model_events(context, registry: str | Path) -> list[dict]:
     """Append one JSON line per triggering ``distill_model`` event (its extra, source run and time)."""
     records = []
     for event in (context.get("triggering_asset_events") or {}).get(MODEL, []):
+        if not (event.extra or {}).get("checkpoint_uri"):  # e.g. the plain event of a training node other than 0
+            continue
         records.append(
             {
                 **(event.extra or {}),

@@ -117,6 +117,15 @@ def parse_steps(log: Path) -> list[dict]:
     return steps
 
 
+def global_step(step: dict) -> int:
+    """A step record's number over the whole run (records count steps within their epoch).
+
+    >>> global_step({"epoch": 2, "steps_per_epoch": 10, "step": 3})
+    13
+    """
+    return (step["epoch"] - 1) * step["steps_per_epoch"] + step["step"]
+
+
 def _loss_curve(steps: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -124,7 +133,7 @@ def _loss_curve(steps: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [(s["epoch"] - 1) * s["steps_per_epoch"] + s["step"] for s in steps]
+    xs = [global_step(s) for s in steps]
     ax.plot(xs, [s["loss"] for s in steps], marker=".", color="#4c72b0")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (worker 0)")
@@ -145,7 +154,7 @@ def write_metrics(job_dir: Path, worker_num: int, resume_step: int) -> FinetuneR
             f"{worker0}:\n{log_tail(worker0)}"
         )
     if resume_step < 0:
-        resume_step = (steps[0]["epoch"] - 1) * steps[0]["steps_per_epoch"] + steps[0]["step"] - 1
+        resume_step = global_step(steps[0]) - 1
     run_config = configs.load_yaml(paths.run_config)
     seq_length = int(_get(run_config, "model.model_config.seq_length"))
     batch = int(_get(run_config, "runner_config.batch_size"))
@@ -164,7 +173,9 @@ def write_metrics(job_dir: Path, worker_num: int, resume_step: int) -> FinetuneR
     }
     write_json(paths.metrics, metrics)
     _loss_curve(steps, paths.loss)
-    result = FinetuneResult(str(paths.checkpoint), str(paths.metrics), str(paths.loss), steps[-1]["step"], resume_step)
+    result = FinetuneResult(
+        str(paths.checkpoint), str(paths.metrics), str(paths.loss), global_step(steps[-1]), resume_step
+    )
     write_json(paths.result, asdict(result))
     return result
 

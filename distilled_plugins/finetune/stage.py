@@ -26,6 +26,7 @@ from distilled_plugins.finetune.metrics import (
     FinetuneResult,
     failing_worker,
     finished_result,
+    global_step,
     latest_progress,
     log_size,
     log_tail,
@@ -254,7 +255,7 @@ def collect(cfg: FinetuneConfig, launched: Launch, state: str, why: str = "") ->
             f"node {rank} ended without a single recorded step; last lines of {first}:\n{log_tail(first)}"
         )
     return FinetuneResult(
-        str(paths.checkpoint), str(paths.metrics), str(paths.loss), steps[-1]["step"], steps[0]["step"] - 1
+        str(paths.checkpoint), str(paths.metrics), str(paths.loss), global_step(steps[-1]), global_step(steps[0]) - 1
     )
 
 

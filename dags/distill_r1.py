@@ -506,6 +506,7 @@ with DAG(
         source="{{ params.eval_source }}",
         checkpoint="{{ ti.xcom_pull(task_ids='finetune', map_indexes=0)['checkpoint_dir'] }}",
         mindformers_config="{{ params.finetune_config }}",
+        prompt_template=GenerateConfig.prompt_template,  # the user turn as the training data had it
         endpoint_conn_id="{{ params.eval_conn_id }}",
         model="{{ params.eval_model }}",
         n_samples="{{ params.eval_samples }}",

@@ -56,6 +56,7 @@ class Math500EvalOperator(BaseOperator):
         top_p: float = 0.95,
         seed: int = 0,
         system_prompt: str = evaluate.SYSTEM_PROMPT,
+        prompt_template: str = "{prompt}",
         baseline: str | None = None,
         fail_below_baseline: bool = False,
         report_label: str = "fine-tuned model",
@@ -77,6 +78,9 @@ class Math500EvalOperator(BaseOperator):
         self.top_p = top_p
         self.seed = seed
         self.system_prompt = system_prompt
+        # the user turn around each problem (not templated: its braces are literal); give the generation template
+        # when evaluating a checkpoint trained on it, so the model is asked as it learnt
+        self.prompt_template = prompt_template
         self.baseline = baseline
         self.fail_below_baseline = fail_below_baseline
         self.report_label = report_label
@@ -108,6 +112,7 @@ class Math500EvalOperator(BaseOperator):
                 checkpoint=checkpoint,
                 mindformers_config=self.mindformers_config or None,
                 rescore=self.rescore or None,
+                prompt_template=self.prompt_template,
                 baseline=self.baseline or None,
                 label=self.report_label,
             )

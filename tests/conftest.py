@@ -94,15 +94,22 @@ def conversation_rows(n: int, start: int = 0) -> list[dict]:
     ]
 
 
+# rows of the tiny packed data: one training step each with one worker, half as many per worker with two
+TINY_ROWS = 10
+
+
 @pytest.fixture(scope="session")
 def tiny_packed(tmp_path_factory):
     """Packed rows at the tiny CPU profile's seq_length (256): a few training steps' worth."""
     from distilled_plugins import handle, pack
 
     tmp = tmp_path_factory.mktemp("tiny-packed")
-    src = write_jsonl(tmp / "filtered.jsonl", conversation_rows(6))
+    src = write_jsonl(tmp / "filtered.jsonl", conversation_rows(6, start=2))
     handled = handle.run(handle.HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp / "handled")))
-    return pack.run(pack.PackConfig(src=str(handled), dst=str(tmp / "packed"), seq_length=256))
+    packed = pack.run(pack.PackConfig(src=str(handled), dst=str(tmp / "packed"), seq_length=256))
+    rows = json.loads((packed / "stats.json").read_text())["packs"]
+    assert rows == TINY_ROWS, f"the tiny packed data has {rows} rows; the fine-tune tests count on {TINY_ROWS}"
+    return packed
 
 
 @pytest.fixture(scope="session")

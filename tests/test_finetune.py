@@ -17,7 +17,7 @@ import pytest
 from distilled_plugins import configs, finetune
 from distilled_plugins.finetune import FinetuneConfig, FinetuneFailed
 from distilled_plugins.io import DataError
-from tests.conftest import free_port
+from tests.conftest import TINY_ROWS, free_port
 
 TINY = str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml")
 
@@ -70,7 +70,7 @@ def test_one_worker_stop_resume_and_finished_retry(tiny_packed, tmp_path):
     result = finetune.run(cfg)  # a retry: resumes from the newest checkpoint, not from step 0
     steps = json.loads(Path(result.metrics_file).read_text())["steps"]
     assert result.resumed_from_step >= 4
-    assert steps[0]["step"] == result.resumed_from_step + 1 and steps[-1]["step"] == 8
+    assert steps[0]["step"] == result.resumed_from_step + 1 and steps[-1]["step"] == TINY_ROWS
     assert all(s["loss"] >= 0 for s in steps)  # 0 where a split piece holds prompt tokens only
     assert Path(result.loss_curve).read_bytes()[:4] == b"\x89PNG"
     assert Path(result.checkpoint_dir) == job / "checkpoint" and (job / "checkpoint" / "rank_0").is_dir()
@@ -90,7 +90,7 @@ def test_two_workers_train_data_parallel(tiny_packed, tmp_path):
     result = finetune.run(cfg)
     job = Path(result.checkpoint_dir).parent
     metrics = json.loads(Path(result.metrics_file).read_text())
-    assert metrics["workers"] == 2 and len(metrics["steps"]) == 4  # 8 rows shared by 2 workers
+    assert metrics["workers"] == 2 and len(metrics["steps"]) == TINY_ROWS // 2  # rows shared by 2 workers
     assert metrics["tokens_per_s"] == pytest.approx(2 * metrics["tokens_per_s_per_worker"], abs=0.11)  # both rounded
     norms = [
         [
@@ -215,7 +215,9 @@ def test_two_nodes_on_two_hosts_train_to_the_end(tiny_packed, tmp_path):
         assert list((job / "checkpoint" / f"rank_{rank}").glob("*.safetensors")), f"rank {rank} saved nothing"
         assert json.loads((job / f"node-{rank}.status.json").read_text())["returncode"] == 0
     metrics = json.loads((job / "metrics.json").read_text())
-    assert metrics["workers"] == 2 and metrics["steps"][-1]["step"] == 4  # 8 rows over 2 data-parallel workers
+    assert (
+        metrics["workers"] == 2 and metrics["steps"][-1]["step"] == TINY_ROWS // 2
+    )  # rows over 2 data-parallel workers
     assert "node 1 of 2" in (tmp_path / "node1.log").read_text()
 
 

@@ -18,6 +18,7 @@ import pytest
 from distilled_plugins import configs, finetune
 from distilled_plugins.finetune import job as jobs
 from distilled_plugins.finetune.job import JobPaths, NodeRecord
+from tests.conftest import TINY_ROWS
 
 TINY = str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml")
 
@@ -155,4 +156,6 @@ class TestFingerprint:
         repacked = finetune.find_job(self.cfg(packed, out))
         assert len({first.job_dir, changed_config.job_dir, repacked.job_dir}) == 3
         assert f"the inputs changed since the job(s) {first.job_dir}" in caplog.text
-        assert first.stall_timeout == 600 and first.deferral_timeout == 8 * 60 + 2 * 600  # 8 steps on CPU
+        assert (
+            first.stall_timeout == 600 and first.deferral_timeout == TINY_ROWS * 60 + 2 * 600
+        )  # one step a row on CPU

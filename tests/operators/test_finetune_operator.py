@@ -14,7 +14,7 @@ import pytest
 from distilled_plugins import configs
 from operators import triggers
 from operators.triggers import MsrunJobTrigger
-from tests.conftest import free_port
+from tests.conftest import TINY_ROWS, free_port
 
 
 class TestMsrunJobTrigger:
@@ -107,9 +107,9 @@ def test_operator_defers_and_returns_the_checkpoint(airflow_db, tiny_packed, tmp
     assert "running trigger in line" in caplog.text  # it really deferred
     result = run.get_task_instance("finetune").xcom_pull(task_ids="finetune")
     job_dir = Path(result["checkpoint_dir"]).parent
-    assert job_dir.parent == tmp_path / run.run_id and job_dir.name.startswith("job-") and result["steps"] == 8
+    assert job_dir.parent == tmp_path / run.run_id and job_dir.name.startswith("job-") and result["steps"] == TINY_ROWS
     metrics = json.loads(open(result["metrics"]).read())
-    assert metrics["steps"][-1]["step"] == 8 and metrics["tokens_per_s"] > 0
+    assert metrics["steps"][-1]["step"] == TINY_ROWS and metrics["tokens_per_s"] > 0
 
 
 def test_a_timed_out_deferral_stops_the_job(tiny_packed, tmp_path):

@@ -255,8 +255,18 @@ class LocalAirflow:
                 time.sleep(2)
 
     def trigger(self, dag_id: str, conf: dict) -> str:
-        run = self.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
-        return run["dag_run_id"]
+        for attempt in range(1, 4):
+            try:
+                run = self.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
+                return run["dag_run_id"]
+            except AirflowError as e:
+                # SQLite can be locked for a moment by the scheduler on a loaded machine: the insert was rolled
+                # back, so asking again creates one run, not two
+                if "HTTP 500" not in str(e) or "Database error" not in str(e) or attempt == 3:
+                    raise
+                logger.info("triggering %s hit a locked database; asking again", dag_id)
+                time.sleep(2 * attempt)
+        raise AssertionError("unreachable")
 
     def runs(self, dag_id: str) -> list[dict]:
         return self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns?order_by=-start_date")["dag_runs"]

@@ -579,6 +579,8 @@ def _prepare_rows(cfg: GenerateConfig, output: Path, store: GenerationStore | No
 def run(cfg: GenerateConfig) -> GenerateResult:
     """Generate every missing completion of the configured shard; raise if some rows stay incomplete."""
     output = Path(cfg.output_file)
+    if output.is_dir():
+        raise DataError(f"{output}: --dst is a folder; give the path of a JSONL file")
     output.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     store = _open_store(cfg)

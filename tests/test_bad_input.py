@@ -158,6 +158,40 @@ CASES = [
         "shard-1.jsonl",
     ),
     Case(
+        "finetune refuses a handled folder as packed data",
+        lambda tmp, s: (
+            "finetune",
+            [
+                "--config",
+                "finetune_tiny_cpu.yaml",
+                "--dataset-path",
+                copy_tree(s[0], tmp / "h"),
+                "--output-dir",
+                tmp / "job",
+            ],
+        ),
+        "holds a handled dataset (made by handle (stage 3)); --dataset-path expects a packed dataset",
+    ),
+    Case(
+        "generate refuses a folder as its output file",
+        lambda tmp, s: (
+            "generate",
+            [
+                "--model",
+                "m",
+                "--dataset-name",
+                _seed(tmp / "seed.jsonl"),
+                "--dst",
+                _folder_with(tmp / "out", "x"),
+                "--api-addr",
+                "127.0.0.1:9",
+                "--max-attempts",
+                "1",
+            ],
+        ),
+        "--dst is a folder; give the path of a JSONL file",
+    ),
+    Case(
         "pack refuses --src equal to --dst",
         lambda tmp, s: ("pack", ["--src", copy_tree(s[0], tmp / "h"), "--dst", tmp / "h", "--seq-length", 256]),
         "same folder",

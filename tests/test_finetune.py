@@ -63,7 +63,9 @@ def test_one_worker_stop_resume_and_finished_retry(tiny_packed, tmp_path):
     assert job.parent == tmp_path / "out" and job.name == "job-" + finetune.find_job(cfg).fingerprint[:12]
     wait_for(lambda: finetune.latest_step_checkpoint(job / "checkpoint") >= 4, 240, "a checkpoint at step 4")
     outcome = finetune.stop(job, "test stop")  # what on_kill does: stop.json, and SIGTERM as the host is this one
-    assert outcome == {0: "stopped"} and job_processes(tmp_path) == []
+    # stopped by the supervisor on the request, or (a loaded machine: workers slow to leave) killed after 30 s
+    assert outcome[0] == "stopped" or outcome[0].startswith("killed"), outcome
+    assert job_processes(tmp_path) == []
     status = json.loads((job / "node-0.status.json").read_text())
     assert status["stopped"] == "test stop" and finetune.node_state(job, 0, 60) == "finished"
 

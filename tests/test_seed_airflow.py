@@ -193,14 +193,15 @@ def test_entry_points_run_only_their_stages_and_announce_their_assets(env):
         "from_openr1",
         "handle",
         "pack",
-        "finetune",
+        "node_ranks",
+        "finetune[0]",
         "evaluate",
     }, states
     assert env.teacher.requests == requests
     handle_stats = json.loads((Path(airflow.xcom(DAG_ID, run, "handle")) / "stats.json").read_text())
     assert handle_stats["src"] == [str(openr1.parent)]
     packed_dir = airflow.xcom(DAG_ID, run, "pack")
-    finetuned = airflow.xcom(DAG_ID, run, "finetune")
+    finetuned = airflow.xcom(DAG_ID, run, "finetune", map_index=0)
 
     # the outlet assets' events carry the figures
     (packed_event,) = env.events("distill_packed_dataset", run)
@@ -231,13 +232,19 @@ def test_entry_points_run_only_their_stages_and_announce_their_assets(env):
     run = airflow.trigger(DAG_ID, {**env.settings, "source": "packed_dataset", "packed_dataset": packed_dir})
     assert airflow.wait_for_run(DAG_ID, run, timeout=900) == "success"
     states = env.states(run)
-    assert {t for t, s in states.items() if s == "success"} == {"choose_source", "from_packed", "finetune", "evaluate"}
+    assert {t for t, s in states.items() if s == "success"} == {
+        "choose_source",
+        "from_packed",
+        "node_ranks",
+        "finetune[0]",
+        "evaluate",
+    }
     assert {t for t, s in states.items() if s == "skipped"} == skipped - {"from_packed"} | {
         "from_openr1",
         "handle",
         "pack",
     }, states
-    assert airflow.xcom(DAG_ID, run, "finetune")["checkpoint_dir"].startswith(
+    assert airflow.xcom(DAG_ID, run, "finetune", map_index=0)["checkpoint_dir"].startswith(
         f"{env.settings['output_root']}/{DAG_ID}/{run}/"
     )
     assert env.events("distill_packed_dataset", run) == [] and len(env.events("distill_model", run)) == 1

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distilled_plugins import configs
-from distilled_plugins.io import DataError
+from distilled_plugins.io import DataError, require_artifact
 
 TRAIN_ENTRY = Path(__file__).resolve().parents[1] / "train.py"
 REQUIRED_KEYS = (
@@ -143,6 +143,7 @@ def resolved_config(cfg: FinetuneConfig) -> dict:
             _get(run_config, key)
         except KeyError:
             raise ValueError(f"{cfg.config}: required key {key!r} is missing") from None
+    require_artifact(cfg.dataset_path, "packed", option="--dataset-path")  # not a handled folder, say
     _set(run_config, "train_dataset.data_loader.dataset_path", str(Path(cfg.dataset_path).resolve()))
     if cfg.seq_length:
         _set(run_config, "model.model_config.seq_length", int(cfg.seq_length))

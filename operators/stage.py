@@ -55,6 +55,8 @@ class StageOperator(BaseOperator):
             for name, default in extra.items():
                 setattr(self, name, settings.get(name, default))
 
+        # Airflow reads __init__'s signature: default_args fill the named parameters, and partial()/expand()
+        # accept only argument names found there, so the fields are spelled out as keyword-only parameters
         parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
         for f in fields:
             default = default_of(f)

@@ -17,7 +17,7 @@ from distilled_plugins import generate
 from distilled_plugins.client import RequestSettings
 from distilled_plugins.endpoints import Endpoint
 from distilled_plugins.local_airflow import free_port
-from distilled_plugins.teacher_server import ReplayTeacher, ServerThread
+from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, wait_for_port
 from tests import test_generate
 from tests.conftest import REPO, math_train_rows, read_jsonl, write_jsonl
 from tests.test_generate import answer_with_solution, config, keys_of
@@ -25,19 +25,6 @@ from tests.test_generate import answer_with_solution, config, keys_of
 teacher = test_generate.teacher  # the same fixture: starts replay teachers on 127.0.0.1
 
 POLICY = RequestSettings(max_attempts=6, backoff_base=0.01, backoff_max=0.5, connect_timeout=2, request_timeout=10)
-
-
-def wait_for_port(port: int, deadline_s: float = 60) -> None:
-    import socket
-
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"the teacher on port {port} did not start")
 
 
 def check_complete(output: Path, seed: Path, num_generations: int) -> list[dict]:

@@ -20,7 +20,7 @@ install: $(STAMP)
 # extra options of the demo through ARGS, e.g. `make demo ARGS=--keep-running` (Airflow stays up for the UI)
 ARGS ?=
 demo: $(STAMP)
-	$(PY) -m distilled_plugins.demo $(ARGS)
+	$(PY) -m distilled_plugins.devtools.demo $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distilled_plugins import generate
 from distilled_plugins.client import RequestSettings, RetryPolicy
-from distilled_plugins.local_airflow import free_port
-from distilled_plugins.teacher_server import wait_for_port
+from distilled_plugins.devtools.local_airflow import free_port
+from distilled_plugins.devtools.teacher_server import wait_for_port
 
 STATS_DIR = tempfile.gettempdir()
 COMPLETION = ("Let me work through this carefully. " * 250)[:9000] + " So the answer is $\\boxed{42}$."
@@ -41,7 +41,7 @@ COMPLETION = ("Let me work through this carefully. " * 250)[:9000] + " So the an
 def serve(port: int, fault_rate: float, rate_limit_rpm: float | None = None, delay: float = 0.0) -> None:
     from aiohttp import web
 
-    from distilled_plugins.teacher_server import ReplayTeacher
+    from distilled_plugins.devtools.teacher_server import ReplayTeacher
 
     try:
         import uvloop

@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from distilled_plugins.configs import SHARED_DATA  # noqa: E402
-from distilled_plugins.local_airflow import free_port  # noqa: E402
-from distilled_plugins.teacher_server import wait_for_port  # noqa: E402
+from distilled_plugins.devtools.local_airflow import free_port  # noqa: E402
+from distilled_plugins.devtools.teacher_server import wait_for_port  # noqa: E402
 
 TOKENIZER = SHARED_DATA / "tokenizer" / "qwen2.5"
 SOLUTIONS = SHARED_DATA / "math_train" / "math12k_train_with_solutions.jsonl"
@@ -61,7 +61,7 @@ def filler() -> str:
 def serve(port: int) -> None:
     from aiohttp import web
 
-    from distilled_plugins.teacher_server import ReplayTeacher
+    from distilled_plugins.devtools.teacher_server import ReplayTeacher
 
     try:
         import uvloop

@@ -3,7 +3,7 @@
 Usage:
     .venv/bin/python bench/learnability.py --out /tmp/learnability [--train 480 --held-out 64 --epochs 2]
 
-The check itself is ``distilled_plugins/learnability.py`` (also used by the demo and tests/test_learnability.py).
+The check itself is ``distilled_plugins/devtools/learnability.py`` (also used by the demo and tests/test_learnability.py).
 Writes ``--out``/report.json (``before``, ``after``: pass@1 in %; ``held_out``, ``steps``, ``seconds``) and
 ``--out``/loss.png. Target on this 2-core machine: after >= 90, before <= 5, under 20 minutes.
 """
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distilled_plugins.learnability import main
+from distilled_plugins.devtools.learnability import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from distilled_plugins.configs import SHARED_DATA
-from distilled_plugins.local_airflow import free_port
+from distilled_plugins.devtools.local_airflow import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MATH500 = SHARED_DATA / "math500" / "test.jsonl"

@@ -174,7 +174,7 @@ class TestSettingsOnce:
 
 class TestEvaluationUsesTheSameClient:
     def test_evaluate_cli_streams_from_two_endpoints_with_the_request_flags(self, teacher, tmp_path):
-        from distilled_plugins.teacher_server import load_answers, replay_answer
+        from distilled_plugins.devtools.teacher_server import load_answers, replay_answer
         from tests.conftest import MATH500
 
         answers = replay_answer(load_answers(MATH500, "problem", "solution"))

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from distilled_plugins.demo import airflow_for_demo, demo_settings, make_seed
-from distilled_plugins.local_airflow import AirflowError, LocalAirflow, free_port
-from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
+from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, make_seed
+from distilled_plugins.devtools.local_airflow import AirflowError, LocalAirflow, free_port
+from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 from tests.conftest import MATH_TRAIN_SOLUTIONS, REPO, TOKENIZER_DIR, read_jsonl, write_jsonl
 
 DAG_FILE = REPO / "dags" / "distill_r1.py"

@@ -9,9 +9,9 @@ import pytest
 
 from distilled_plugins import evaluate
 from distilled_plugins.client import FatalRequestError, RetryPolicy
+from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 from distilled_plugins.evaluate import EvalConfig, Protocol
 from distilled_plugins.io import DataError
-from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 from tests.conftest import MATH500, SHARED_DATA, read_jsonl, write_jsonl
 
 SKYTHOUGHT = SHARED_DATA / "eval_outputs" / "skythought"

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from distilled_plugins import configs
-from distilled_plugins.local_airflow import LocalAirflow, free_port
+from distilled_plugins.devtools.local_airflow import LocalAirflow, free_port
 from tests.conftest import REPO
 
 DAG_ID = "test_finetune_control"

@@ -15,9 +15,9 @@ import pytest
 
 from distilled_plugins import generate
 from distilled_plugins.client import RequestSettings
+from distilled_plugins.devtools.local_airflow import free_port
+from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, wait_for_port
 from distilled_plugins.endpoints import Endpoint
-from distilled_plugins.local_airflow import free_port
-from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, wait_for_port
 from tests import test_generate
 from tests.conftest import REPO, math_train_rows, read_jsonl, write_jsonl
 from tests.test_generate import answer_with_solution, config, keys_of
@@ -49,7 +49,7 @@ def test_one_of_three_endpoints_killed_mid_run_loses_and_duplicates_nothing(teac
         [
             sys.executable,
             "-m",
-            "distilled_plugins.teacher_server",
+            "distilled_plugins.devtools.teacher_server",
             "--answers",
             str(answers),
             "--port",

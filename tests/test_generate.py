@@ -16,9 +16,9 @@ import pytest
 
 from distilled_plugins import generate
 from distilled_plugins.client import FatalRequestError, RetryPolicy, base_url
+from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread
 from distilled_plugins.generate import GenerateConfig, GenerationIncomplete
 from distilled_plugins.io import DataError
-from distilled_plugins.teacher_server import ReplayTeacher, ServerThread
 from tests.conftest import REPO, math_train_rows, read_jsonl, write_jsonl
 
 SECRET = "sk-test-7c1d9e0b5a3f4242"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from distilled_plugins import learnability
+from distilled_plugins.devtools import learnability
 
 # the demo's size, smaller than the benchmark's (360 / 64 / 3 epochs): a few minutes
 TRAIN, HELD_OUT, EPOCHS = (learnability.DEMO_SIZE[k] for k in ("n_train", "n_held_out", "epochs"))

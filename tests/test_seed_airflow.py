@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distilled_plugins.demo import airflow_for_demo, demo_settings, make_seed
-from distilled_plugins.local_airflow import free_port
-from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
+from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, make_seed
+from distilled_plugins.devtools.local_airflow import free_port
+from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 from operators.seed_watcher import STATE_KEY
 from tests.conftest import MATH_TRAIN_SOLUTIONS, conversation_rows, read_jsonl
 

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from distilled_plugins import generate
+from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread
 from distilled_plugins.store import STORE_FILE, GenerationStore
-from distilled_plugins.teacher_server import ReplayTeacher, ServerThread
 from tests.conftest import REPO, math_train_rows, read_jsonl, write_jsonl
 from tests.test_generate import FAST_RETRY, answer_with_solution
 

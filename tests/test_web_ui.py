@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from distilled_plugins.demo import airflow_for_demo, demo_settings, make_seed
-from distilled_plugins.local_airflow import free_port
-from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
+from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, make_seed
+from distilled_plugins.devtools.local_airflow import free_port
+from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 from tests.conftest import MATH_TRAIN_SOLUTIONS
 
 DAG_ID = "distill_r1"

@@ -24,12 +24,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distilled_plugins.cluster_services import PostgresServer, RedisServer, ServerUnavailable
-from distilled_plugins.demo import demo_settings, make_seed
+from distilled_plugins.devtools.cluster_services import PostgresServer, RedisServer, ServerUnavailable
+from distilled_plugins.devtools.demo import demo_settings, make_seed
+from distilled_plugins.devtools.local_airflow import AirflowError, LocalAirflow, free_port
+from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 from distilled_plugins.finetune import latest_step_checkpoint
 from distilled_plugins.finetune.job import JobPaths
-from distilled_plugins.local_airflow import AirflowError, LocalAirflow, free_port
-from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 from tests.conftest import MATH_TRAIN_SOLUTIONS, read_jsonl
 
 DAG_ID = "distill_r1"

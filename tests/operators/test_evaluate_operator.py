@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from distilled_plugins import evaluate
-from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
+from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 
 
 def test_operator_reports_and_fails_below_baseline(airflow_db, tmp_path, monkeypatch):

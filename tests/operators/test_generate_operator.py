@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from distilled_plugins.teacher_server import ReplayTeacher, ServerThread
+from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread
 from tests.conftest import math_train_rows, read_jsonl, write_jsonl
 
 SECRET = "sk-operator-secret-5521"

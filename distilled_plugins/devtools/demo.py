@@ -1,14 +1,14 @@
 """The embedded demo: the whole DAG in a private Airflow on this machine, with no network.
 
 Usage:
-    make demo            # or: python -m distilled_plugins.demo [--problems 32] [--keep-running]
+    make demo            # or: python -m distilled_plugins.devtools.demo [--problems 32] [--keep-running]
 
 It starts Airflow 3 (api-server, scheduler, dag-processor, triggerer; SQLite and LocalExecutor under
 ``.demo/airflow``) and a local teacher endpoint that replays each problem's reference solution from the MATH
 training set in ``../shared/data`` as its completion (real text with correct answers, no model). It then
 triggers ``distill_r1`` through the REST API on ~32 MATH training problems with the tiny CPU fine-tune profile
 and a MATH-500 subset, follows the run to its end, and prints the UI address, the run's state and the
-evaluation report. Then it runs the learnability check (``distilled_plugins/learnability.py``, a smaller size
+evaluation report. Then it runs the learnability check (``distilled_plugins/devtools/learnability.py``, a smaller size
 than the benchmark's): the same stages teach a small model from scratch to reverse 3-digit numbers, and the final
 summary says how often it answers held-out problems right before and after (chance: 1 in 729). A tiny model
 trained for seconds scores ~0 on MATH-500 whatever the wiring; the learnability figure is the one that shows the
@@ -25,14 +25,14 @@ import sys
 import time
 from pathlib import Path
 
-from distilled_plugins import learnability
 from distilled_plugins.configs import SHARED_DATA
-from distilled_plugins.local_airflow import LocalAirflow, free_port
-from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
+from distilled_plugins.devtools import learnability
+from distilled_plugins.devtools.local_airflow import LocalAirflow, free_port
+from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 
-logger = logging.getLogger("distilled_plugins.demo")
+logger = logging.getLogger("distilled_plugins.devtools.demo")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MATH_TRAIN = SHARED_DATA / "math_train" / "math12k_train_with_solutions.jsonl"
 DAG_ID = "distill_r1"
 
@@ -87,7 +87,7 @@ def airflow_for_demo(workdir: Path, teacher_url: str, port: int, settings: dict)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m distilled_plugins.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m distilled_plugins.devtools.demo", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", type=Path, default=REPO / ".demo", help="where the demo keeps Airflow and outputs")
     p.add_argument("--problems", type=int, default=32)
     p.add_argument("--port", type=int, default=8080, help="Airflow UI/API port (a free one if taken)")

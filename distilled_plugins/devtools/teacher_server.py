@@ -2,7 +2,7 @@
 benchmarks' server. No model runs: each request's problem is looked up and its stored text is returned.
 
 Usage:
-    python -m distilled_plugins.teacher_server \\
+    python -m distilled_plugins.devtools.teacher_server \\
         --answers ../shared/data/math_train/math12k_train_with_solutions.jsonl \\
         --problem-field problem --answer-field solution --port 39876
 
@@ -287,7 +287,9 @@ def replay_answer(answers: dict[str, str], fallback: str | None = None) -> Calla
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m distilled_plugins.teacher_server", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m distilled_plugins.devtools.teacher_server", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--answers", required=True, help="file with problems and the texts to replay")
     p.add_argument("--problem-field", default="problem")
     p.add_argument("--answer-field", default="solution")

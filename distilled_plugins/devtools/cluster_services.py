@@ -4,7 +4,7 @@ database and Celery result backend) and Redis (Celery broker).
 Each runs from Debian's packages (``apt-get install -y postgresql redis-server``) on a free port of 127.0.0.1,
 with its data in a fresh temporary folder and a generated password, and is removed on ``stop()``. PostgreSQL
 refuses to run as root: as root, its commands run as the ``postgres`` system user (``runuser``).
-Used by the cluster test (tests/cluster/) together with :class:`distilled_plugins.local_airflow.LocalAirflow`.
+Used by the cluster test (tests/cluster/) together with :class:`distilled_plugins.devtools.local_airflow.LocalAirflow`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from distilled_plugins.local_airflow import free_port
+from distilled_plugins.devtools.local_airflow import free_port
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Usage:
     .venv/bin/python bench/learnability.py --out /tmp/learnability      # the full check (the benchmark)
-    python -m distilled_plugins.learnability --out /tmp/l --train 240 --held-out 30   # a smaller one (the test's)
+    python -m distilled_plugins.devtools.learnability --out /tmp/l --train 240 --held-out 30   # a smaller one (the test's)
 
 The task: "Ben reads Ada's number backwards. Ada's number is 472" (three digits
 1-9, so 729 problems; train and held-out problems are disjoint). Each training completion is an R1-style trace,
@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 
 from distilled_plugins import configs, evaluate, finetune, generate, handle, pack, reject_sampling
+from distilled_plugins.devtools.local_airflow import free_port
+from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 from distilled_plugins.io import iter_jsonl
-from distilled_plugins.local_airflow import free_port
-from distilled_plugins.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 
-logger = logging.getLogger("distilled_plugins.learnability")
+logger = logging.getLogger("distilled_plugins.devtools.learnability")
 
 PROFILE = configs.CONFIG_DIR / "finetune_learnability_cpu.yaml"
 TOKENIZER = configs.SHARED_DATA / "tokenizer" / "qwen2.5"
@@ -216,7 +216,9 @@ def run_check(out: Path, n_train: int, n_held_out: int, epochs: int, seed: int =
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m distilled_plugins.learnability", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m distilled_plugins.devtools.learnability", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--out", required=True, type=Path, help="work folder (emptied first); report.json goes here")
     p.add_argument("--train", type=int, default=360, help="training problems")
     p.add_argument("--held-out", type=int, default=64, help="held-out problems (at least 50 for the full check)")

@@ -3,7 +3,7 @@
 Starts ``api-server``, ``scheduler``, ``dag-processor`` and ``triggerer`` as processes of the project's
 environment, with their own ``AIRFLOW_HOME`` and logs, and drives Airflow through its REST API (v2).
 The Celery variant (``database_url`` of a PostgreSQL, ``broker_url`` of a Redis: see
-:mod:`distilled_plugins.cluster_services`) runs CeleryExecutor and Celery workers started with
+:mod:`distilled_plugins.devtools.cluster_services`) runs CeleryExecutor and Celery workers started with
 :meth:`LocalAirflow.start_worker`, each under its own hostname and queues.
 Nothing here imports Airflow: it talks to it the way a user's scripts do.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
 FINAL_STATES = ("success", "failed")
 
@@ -173,7 +173,7 @@ class LocalAirflow:
                 env={
                     **self.env,
                     "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-                    "AIRFLOW__CORE__HOSTNAME_CALLABLE": "distilled_plugins.local_airflow.worker_hostname",
+                    "AIRFLOW__CORE__HOSTNAME_CALLABLE": "distilled_plugins.devtools.local_airflow.worker_hostname",
                     "DISTILL_WORKER_HOSTNAME": hostname,
                 },
                 stdout=log,

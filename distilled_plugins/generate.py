@@ -82,7 +82,9 @@ class GenerateConfig:
     """Settings of one generation run (one shard of the seed)."""
 
     dataset_name: str = setting(
-        help="hub dataset name, or a local jsonl/json/parquet/arrow file or folder", required=True
+        help="hub dataset owner/name[@revision] (loaded at that commit), or a local jsonl/json/parquet/arrow file or "
+        "folder",
+        required=True,
     )
     output_file: str = setting(
         help="JSONL output; resumed if it exists", required=True, flag="--dst", aliases=("--output-file",)

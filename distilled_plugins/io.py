@@ -125,9 +125,15 @@ def load_rows(source: str | Path, split: str = "train") -> list[dict]:
         raise DataError(f"{source}: no such file or folder")
     import datasets
 
-    logger.info("%s is not a local path; loading split %r from the Hugging Face hub", source, split)
+    from distilled_plugins.seed import hub_seed  # here: seed imports this module
+
+    hub = hub_seed(source)
+    repo, revision = (hub.repo, hub.revision) if hub else (str(source), None)
+    logger.info(
+        "%s is not a local path; loading split %r of %s@%s from the hub", source, split, repo, revision or "main"
+    )
     try:
-        return datasets.load_dataset(str(source), split=split).to_list()
+        return datasets.load_dataset(repo, revision=revision, split=split).to_list()
     except Exception as e:  # the hub raises many types; one clear message is what the user needs
         raise DataError(f"{source!r} is neither a local file or folder nor a loadable hub dataset: {e}") from e
 

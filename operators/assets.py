@@ -9,17 +9,17 @@ does, and reads the figures from ``triggering_asset_events``.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from airflow.sdk import Asset, AssetWatcher
 
+from distilled_plugins import seed
 from distilled_plugins.configs import SHARED_DATA
 from operators.seed_watcher import SeedChangeTrigger
 
 SEED_PATH = os.environ.get("DISTILL_SEED", str(SHARED_DATA / "math_train" / "math12k_train.parquet"))
 SEED_POLL_SECONDS = float(os.environ.get("DISTILL_SEED_POLL_SECONDS", "10"))
 
-SEED_URI = f"file://{Path(SEED_PATH).resolve()}"
+SEED_URI = seed.uri(SEED_PATH)  # file://<absolute path>, or hf://datasets/<owner>/<name> for a hub dataset
 SEED = Asset(
     name="distill_seed",
     uri=SEED_URI,
@@ -33,7 +33,7 @@ SEED = Asset(
     watchers=[
         AssetWatcher(
             name="distill_seed_watcher",
-            trigger=SeedChangeTrigger(path=str(Path(SEED_PATH).resolve()), poll_interval=SEED_POLL_SECONDS),
+            trigger=SeedChangeTrigger(path=seed.canonical(SEED_PATH), poll_interval=SEED_POLL_SECONDS),
         )
     ],
 )

@@ -3,7 +3,9 @@
 It runs in the triggerer for as long as a DAG schedules on the watched asset, polls the seed with
 :mod:`distilled_plugins.seed` (stat every file, hash only what moved) and fires one event per real content
 change. Its last fingerprint is kept in the asset's state store (in the metadata database), so a triggerer
-restart neither fires again for an old change nor misses one made while it was down.
+restart neither fires again for an old change nor misses one made while it was down. A hub dataset seed is polled
+by its commit sha (one API call per poll); a hub that cannot be reached is asked again later, with a log line and
+no event.
 """
 
 from __future__ import annotations
@@ -58,24 +60,36 @@ class SeedChangeTrigger(BaseEventTrigger):
 
     async def run(self):
         previous = await self._load()
+        hub = seed.hub_seed(self.path) is not None  # a commit is atomic: nothing to wait for to settle
         missing_reported = False
+        hub_failures = 0
         last_snapshot = None
         while True:
             try:
-                # a file still being written is looked at again next poll: only a settled seed is fingerprinted
-                snapshot = await asyncio.to_thread(seed.stat_snapshot, self.path)
-                if snapshot != last_snapshot:
-                    last_snapshot = snapshot
-                    await asyncio.sleep(self.poll_interval)
-                    continue
+                if not hub:
+                    # a file still being written is looked at again next poll: only a settled seed is fingerprinted
+                    snapshot = await asyncio.to_thread(seed.stat_snapshot, self.path)
+                    if snapshot != last_snapshot:
+                        last_snapshot = snapshot
+                        await asyncio.sleep(self.poll_interval)
+                        continue
                 result = await asyncio.to_thread(seed.check, self.path, previous)
-            except OSError as e:  # no seed (yet), or a file removed while being looked at
+            except seed.HubUnavailable as e:  # transient: ask again later, backing off up to 16 polls
+                hub_failures += 1
+                delay = self.poll_interval * min(2 ** (hub_failures - 1), 16)
+                self.log.warning("seed watcher: %s (failure %d, next try in %g s)", e, hub_failures, delay)
+                await asyncio.sleep(delay)
+                continue
+            except OSError as e:  # no seed (yet), a file removed while being looked at, an unknown hub dataset
                 if not missing_reported:
                     self.log.warning("seed watcher: %s", e)
                     missing_reported = True
                 await asyncio.sleep(self.poll_interval)
                 continue
+            if hub_failures:
+                self.log.info("seed watcher %s: the hub answers again after %d failed tries", self.path, hub_failures)
             missing_reported = False
+            hub_failures = 0
             if previous is None:
                 self.log.info("seed watcher %s: baseline %s recorded", self.path, result.fingerprint.digest)
                 await self._save(result.fingerprint)

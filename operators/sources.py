@@ -14,6 +14,7 @@ from pathlib import Path
 from airflow.sdk import get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from distilled_plugins import seed as seeds
 from operators.assets import seed_from_event
 
 logger = logging.getLogger(__name__)
@@ -32,15 +33,27 @@ def choose_source(source: str) -> str:
 
 @task(multiple_outputs=True)
 def seed(default: str) -> dict:
-    """The seed this run generates from: the newest triggering seed event's path, else ``default``."""
+    """The seed this run generates from: the newest triggering seed event's path, else ``default``.
+
+    A hub dataset is pinned to one commit here (the event's, or the one the hub reports now for a manual run), so
+    every generate shard loads that same commit even if the dataset changes during the run.
+    """
     chosen = seed_from_event(get_current_context(), default)
     if chosen["fingerprint"]:
         logger.info(
             "seed from the triggering event: %s (fingerprint %s, %s rows)",
             *map(chosen.get, ("seed", "fingerprint", "rows")),
         )
-    else:
+        return chosen
+    if seeds.hub_seed(chosen["seed"]) is None:
         logger.info("seed from the run's parameters: %s", chosen["seed"])
+        return chosen
+    try:
+        chosen = seeds.pin(chosen["seed"])
+    except seeds.SeedNotFound as e:
+        raise AirflowFailException(f"{e} (or set the seed_dataset parameter)") from None
+    # seeds.HubUnavailable (no network, hub failing) is transient: raised as is, the task is retried
+    logger.info("seed from the run's parameters, pinned to the hub's current commit: %s", chosen["seed"])
     return chosen
 
 

@@ -28,6 +28,9 @@ def check_seed(path: str) -> dict:
         result = seed.check(path, previous)
     except seed.SeedNotFound as e:
         raise AirflowFailException(str(e)) from None
+    except seed.HubUnavailable as e:  # transient: the next scheduled check asks again
+        logger.warning("%s", e)
+        raise AirflowSkipException(f"seed {path}: the hub could not be asked; the next check tries again") from None
     store.set(STATE_KEY, result.fingerprint.to_json())
     if previous is None:
         raise AirflowSkipException(f"seed {path}: baseline {result.fingerprint.digest} recorded, nothing to announce")

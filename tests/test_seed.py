@@ -4,6 +4,7 @@ fallback CLI."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -99,11 +100,9 @@ class TestCheck:
         assert back == fp and back.digest == fp.digest
         assert seed.Fingerprint.from_json(None) is None
 
-    def test_missing_seed_and_hub_names_fail_clearly(self, tmp_path):
+    def test_missing_seed_fails_clearly(self, tmp_path):
         with pytest.raises(seed.SeedNotFound, match="no such file or folder"):
             seed.check(tmp_path / "nope.jsonl")
-        with pytest.raises(seed.SeedNotFound, match="hub dataset name"):
-            seed.check("AI-MO/NuminaMath-TIR")
 
     def test_event_extra(self, tmp_path):
         path = write_jsonl(tmp_path / "seed.jsonl", ROWS)
@@ -284,3 +283,200 @@ class TestWatchSeedDag:
                 .where(AssetModel.name == "distill_seed")
             )
             return list(session.scalars(query))
+
+
+REPO_ID = "standin/math-seed"
+
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """The hub stand-in on 127.0.0.1, with ``HF_ENDPOINT`` pointing at it (read at call time by seed.py)."""
+    from distilled_plugins.devtools.hub_standin import HubStandin
+    from distilled_plugins.devtools.teacher_server import ServerThread
+
+    standin = HubStandin()
+    with ServerThread(standin.app()) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        standin.url = server.url
+        yield standin
+
+
+class TestHubSeed:
+    """A hub dataset seed, fingerprinted by its commit sha, against the local hub stand-in (never the real hub)."""
+
+    def test_names(self, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "local").mkdir()
+        assert seed.hub_seed("AI-MO/NuminaMath-TIR") == seed.HubSeed("AI-MO/NuminaMath-TIR")
+        assert seed.hub_seed("hf://datasets/AI-MO/NuminaMath-TIR@v2") == seed.HubSeed("AI-MO/NuminaMath-TIR", "v2")
+        assert seed.hub_seed("org/name@0123abc").pinned("fff") == "org/name@fff"
+        for local in ("/data/seed.jsonl", "./a/b", "local/missing.jsonl", "local/sub", "x/y.parquet", "seed.jsonl"):
+            assert seed.hub_seed(local) is None, local
+        assert seed.uri("org/name") == "hf://datasets/org/name" == seed.canonical("org/name")
+        assert seed.uri("local/sub") == f"file://{tmp_path / 'local' / 'sub'}"
+
+    def test_fingerprint_is_the_commit_sha_and_changes_only_with_it(self, hub):
+        first_sha = hub.publish(REPO_ID, {"train.jsonl": jsonl(ROWS), "README.md": "# seed\n"})
+        first = seed.check(REPO_ID)
+        assert first.changed and first.fingerprint.digest == first_sha and first.fingerprint.rows == 5
+        for _ in range(3):  # asked again, same commit: no change
+            again = seed.check(REPO_ID, first.fingerprint)
+            assert not again.changed and not again.stat_changed and again.fingerprint == first.fingerprint
+        back = seed.Fingerprint.from_json(json.loads(json.dumps(first.fingerprint.to_json())))
+        assert back == first.fingerprint and back.digest == first_sha
+
+        second_sha = hub.publish(REPO_ID, {"train.jsonl": jsonl(ROWS + ROWS[:2]), "README.md": "# seed\n"})
+        second = seed.check(f"hf://datasets/{REPO_ID}", back)
+        assert second.changed and second.fingerprint.digest == second_sha != first_sha
+        assert second.changed_files == [f"revision {first_sha} -> {second_sha}"]
+        assert seed.event_extra(REPO_ID, second.fingerprint, second.changed_files) == {
+            "uri": f"hf://datasets/{REPO_ID}@{second_sha}",
+            "path": f"{REPO_ID}@{second_sha}",
+            "fingerprint": second_sha,
+            "revision": second_sha,
+            "rows": 7,
+            "changed_files": second.changed_files,
+        }
+        # a manual run pins the commit the hub reports now
+        assert seed.pin(REPO_ID) == {
+            "seed": f"{REPO_ID}@{second_sha}",
+            "fingerprint": second_sha,
+            "rows": 7,
+            "uri": f"hf://datasets/{REPO_ID}@{second_sha}",
+        }
+        # a branch or an older commit can be watched by name
+        assert seed.check(f"{REPO_ID}@{first_sha}").fingerprint.digest == first_sha
+
+    def test_rows_are_null_when_the_card_declares_no_split(self, hub):
+        sha = hub.publish(REPO_ID, {"data/part-0.parquet": b"PAR1"})
+        fingerprint = seed.check(REPO_ID).fingerprint
+        assert fingerprint.rows is None
+        assert seed.event_extra(REPO_ID, fingerprint, [])["rows"] is None and fingerprint.digest == sha
+
+    def test_errors_are_one_line(self, hub, monkeypatch):
+        hub.publish(REPO_ID, {"train.jsonl": jsonl(ROWS)})
+        with pytest.raises(seed.SeedNotFound, match="no such dataset, or it is private -- check the name") as e:
+            seed.check("standin/unknown")
+        assert "\n" not in str(e.value)
+        with pytest.raises(seed.SeedNotFound, match="no revision 'nope'"):
+            seed.check(f"{REPO_ID}@nope")
+        hub.failing = 500
+        with pytest.raises(seed.HubUnavailable, match="HTTP 500 -- the hub is failing, trying again later"):
+            seed.check(REPO_ID)
+        hub.failing = None
+        from distilled_plugins.devtools.local_airflow import free_port
+
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+        with pytest.raises(seed.HubUnavailable, match="cannot be reached .* check the network or HF_ENDPOINT") as e:
+            seed.check(REPO_ID)
+        assert "\n" not in str(e.value)
+
+    def test_cli(self, hub, tmp_path):
+        hub.publish(REPO_ID, {"train.jsonl": jsonl(ROWS)})
+        state = tmp_path / "state.json"
+
+        def run():
+            env = {**os.environ, "HF_ENDPOINT": hub.url}
+            args = [sys.executable, "-m", "distilled_plugins.seed", REPO_ID, "--state", str(state)]
+            return subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
+
+        assert json.loads(run().stdout)["rows"] == 5
+        assert run().returncode == seed.UNCHANGED
+        sha = hub.publish(REPO_ID, {"train.jsonl": jsonl(ROWS[:3])})
+        changed = run()
+        assert changed.returncode == 0 and json.loads(changed.stdout)["path"] == f"{REPO_ID}@{sha}"
+        hub.failing = 500
+        failed = run()
+        assert (
+            failed.returncode == seed.UNAVAILABLE and "Traceback" not in failed.stderr and "HTTP 500" in failed.stderr
+        )
+
+    def test_generate_loads_exactly_the_pinned_commit(self, hub, tmp_path):
+        """The real ``datasets.load_dataset`` through the stand-in: ``owner/name@<sha>`` reads that commit only."""
+        old = hub.publish(REPO_ID, {"train.jsonl": jsonl(ROWS)})
+        hub.publish(REPO_ID, {"train.jsonl": jsonl(ROWS[:2])})  # a refresh after the run was pinned
+        code = (
+            "import json, sys; from distilled_plugins.io import load_rows; "
+            "print(json.dumps([load_rows(name) for name in sys.argv[1:]]))"
+        )
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
+        done = subprocess.run(
+            [sys.executable, "-c", code, f"{REPO_ID}@{old}", REPO_ID],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        pinned, latest = json.loads(done.stdout.splitlines()[-1])
+        assert pinned == ROWS and latest == ROWS[:2]
+
+
+class TestHubWatcher:
+    def test_fires_once_per_new_commit_and_outlives_a_failing_hub(self, hub):
+        from operators.seed_watcher import STATE_KEY, SeedChangeTrigger
+
+        first_sha = hub.publish(REPO_ID, {"train.jsonl": jsonl(ROWS)})
+        store = FakeStateStore()
+
+        async def scenario():
+            trigger = SeedChangeTrigger(path=seed.canonical(REPO_ID), poll_interval=0.02)
+            trigger.asset_state_store = store
+            events = trigger.run()
+            pending = asyncio.ensure_future(events.__anext__())
+            while STATE_KEY not in store.values:  # the baseline is recorded, nothing fired
+                await asyncio.sleep(0.01)
+            assert store.values[STATE_KEY]["digest"] == first_sha
+            asked = hub.requests
+            while hub.requests < asked + 5:  # the same commit, asked again and again: nothing fires
+                await asyncio.sleep(0.01)
+            assert not pending.done()
+
+            hub.failing = 500  # an outage: the watcher keeps asking, fires nothing and does not die
+            asked = hub.requests
+            while hub.requests < asked + 3:
+                await asyncio.sleep(0.01)
+            assert not pending.done()
+            hub.failing = None
+
+            second_sha = hub.publish(REPO_ID, {"train.jsonl": jsonl(ROWS + ROWS[:1])})
+            fired = await asyncio.wait_for(pending, 30)
+            pending = asyncio.ensure_future(events.__anext__())
+            while store.values[STATE_KEY]["digest"] != second_sha:
+                await asyncio.sleep(0.01)
+            asked = hub.requests
+            while hub.requests < asked + 5:
+                await asyncio.sleep(0.01)
+            assert not pending.done()  # one event per commit
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
+            return second_sha, fired
+
+        second_sha, fired = asyncio.run(scenario())
+        assert fired.payload == {
+            "uri": f"hf://datasets/{REPO_ID}@{second_sha}",
+            "path": f"{REPO_ID}@{second_sha}",
+            "fingerprint": second_sha,
+            "revision": second_sha,
+            "rows": 6,
+            "changed_files": [f"revision {fired.payload['changed_files'][0].split()[1]} -> {second_sha}"],
+        }
+        assert fired.payload["changed_files"][0].split()[1] != second_sha
+
+    def test_seed_task_reads_the_pinned_commit_from_the_event(self):
+        from operators.assets import SEED, seed_from_event
+
+        payload = {"path": f"{REPO_ID}@abc", "fingerprint": "abc", "rows": 6, "uri": f"hf://datasets/{REPO_ID}@abc"}
+        context = {"triggering_asset_events": {SEED: [event({"from_trigger": True, "payload": payload})]}}
+        assert seed_from_event(context, REPO_ID) == {
+            "seed": f"{REPO_ID}@abc",
+            **{k: payload[k] for k in payload if k != "path"},
+        }

@@ -130,7 +130,11 @@ def load_rows(source: str | Path, split: str = "train") -> list[dict]:
     hub = hub_seed(source)
     repo, revision = (hub.repo, hub.revision) if hub else (str(source), None)
     logger.info(
-        "%s is not a local path; loading split %r of %s@%s from the hub", source, split, repo, revision or "main"
+        "%s is not a local path; loading split %r of hub dataset %s at revision %s",
+        source,
+        split,
+        repo,
+        revision or "main",
     )
     try:
         return datasets.load_dataset(repo, revision=revision, split=split).to_list()

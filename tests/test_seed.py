@@ -270,6 +270,36 @@ class TestWatchSeedDag:
         assert check() == ("skipped", None)
         assert [e for e in self.seed_events() if e.get("path") == str(path)] == [extra]  # one event, one change
 
+    def test_hub_seed(self, airflow_db, hub):
+        """The fallback on a hub dataset: a new commit is announced once; a failing hub skips, it does not fail."""
+        module = self.load_dag()
+        sha = hub.publish(REPO_ID, {"train.jsonl": jsonl(ROWS)})
+
+        def check():
+            run = module.dag.test(run_conf={"seed_path": REPO_ID})
+            ti = run.get_task_instance("check_seed")
+            return ti.state, ti.xcom_pull(task_ids="check_seed")
+
+        check()  # the baseline, or a change from another test's seed in the same state store
+        assert check() == ("skipped", None)
+        hub.failing = 500
+        assert check() == ("skipped", None)
+        hub.failing = None
+        sha = hub.publish(REPO_ID, {"train.jsonl": jsonl(ROWS[:2])})
+        state, extra = check()
+        assert state == "success" and extra["path"] == f"{REPO_ID}@{sha}" and extra["rows"] == 2
+        assert check() == ("skipped", None)
+        assert [e for e in self.seed_events() if e.get("fingerprint") == sha] == [extra]
+
+    @staticmethod
+    def load_dag():
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("watch_seed_dag", REPO / "dags" / "watch_seed.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
     @staticmethod
     def seed_events() -> list[dict]:
         from airflow.models.asset import AssetEvent, AssetModel

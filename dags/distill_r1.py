@@ -19,8 +19,10 @@ as they are.
 
 **Rerun when the seed changes**: nothing to do. The asset `distill_seed` (its page shows the seed file's URI)
 has a watcher: a few seconds after the seed file's content changes (rows appended or replaced; a `touch` alone
-does not count) a new run appears by itself, reading the seed named in the event. A producer can also announce
-it: *Assets* > `distill_seed` > *Create Event*, `POST /api/v2/assets/events`, or a task with the asset as outlet.
+does not count) a new run appears by itself, reading the seed named in the event. A hub dataset seed
+(`owner/name`) is watched by its commit sha: a new commit starts a run that loads exactly that commit (the
+triggerer and workers must reach the hub; where only the workers do, unpause `watch_seed`). A producer can also
+announce it: *Assets* > `distill_seed` > *Create Event*, `POST /api/v2/assets/events`, or a task with the asset as outlet.
 
 A run started by the asset uses the deployment's defaults (`DISTILL_DEFAULTS`). Only new problems go to the
 teacher: finished generations are reused from `{output_root}/generation_store/`.

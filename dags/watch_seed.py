@@ -1,7 +1,8 @@
 """Fallback seed watcher: checks the seed on a schedule and announces the ``distill_seed`` asset when it changed.
 
-Only for deployments where the seed asset's ``AssetWatcher`` cannot run (no triggerer, or a seed on a disk the
-triggerer does not see); created paused: unpause it there. A run whose check finds no change is skipped.
+Only for deployments where the seed asset's ``AssetWatcher`` cannot run (no triggerer, a seed on a disk the
+triggerer does not see, or a hub dataset seed the triggerer cannot reach); created paused: unpause it there. A run
+whose check finds no change (or cannot reach the hub) is skipped.
 """
 
 from __future__ import annotations

@@ -209,7 +209,8 @@ def hub_revision(hub: HubSeed) -> tuple[str, int | None]:
             raise SeedNotFound(f"{where}: HTTP {status}, access refused -- set HF_TOKEN to a valid token") from None
         raise HubUnavailable(f"{where}: HTTP {status} -- the hub is failing, trying again later") from None
     except (OSError, ValueError) as e:  # requests' connection errors and timeouts are OSErrors
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        errno = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(e))  # "Connection refused", "Name or service not known"
+        reason = f"{type(e).__name__}: {errno[1]}" if errno else type(e).__name__
         raise HubUnavailable(
             f"{where}: cannot be reached ({reason}) -- check the network or HF_ENDPOINT; trying again later"
         ) from None
@@ -224,7 +225,7 @@ def check_hub(hub: HubSeed, previous: Fingerprint | None = None) -> Check:
     fingerprint = Fingerprint(hub.uri, revision=sha, rows=rows_now)
     before = previous.revision if previous else None
     changed = before != sha
-    return Check(fingerprint, changed, changed, [f"revision {before or '-'} -> {sha}"] if changed else [])
+    return Check(fingerprint, changed, changed, [f"revision {before or 'none'} -> {sha}"] if changed else [])
 
 
 def check(path: str | Path, previous: Fingerprint | None = None) -> Check:

@@ -510,3 +510,37 @@ class TestHubWatcher:
             "seed": f"{REPO_ID}@abc",
             **{k: payload[k] for k in payload if k != "path"},
         }
+
+
+class TestSeedTask:
+    """The ``seed`` task of ``distill_r1`` for a manual run (no triggering event)."""
+
+    def run_task(self, monkeypatch, default):
+        import operators.sources as sources
+
+        monkeypatch.setattr(sources, "get_current_context", lambda: {"triggering_asset_events": {}})
+        return sources.seed.function(default)
+
+    def test_a_hub_seed_is_pinned_to_the_current_commit(self, hub, monkeypatch):
+        sha = hub.publish(REPO_ID, {"train.jsonl": jsonl(ROWS)})
+        assert self.run_task(monkeypatch, REPO_ID) == {
+            "seed": f"{REPO_ID}@{sha}",
+            "fingerprint": sha,
+            "rows": 5,
+            "uri": f"hf://datasets/{REPO_ID}@{sha}",
+        }
+
+    def test_an_unknown_hub_dataset_fails_at_once_in_one_line(self, hub, monkeypatch):
+        from airflow.sdk.exceptions import AirflowFailException
+
+        with pytest.raises(AirflowFailException, match="no such dataset.*set the seed_dataset parameter"):
+            self.run_task(monkeypatch, "standin/unknown")
+
+    def test_a_local_seed_is_used_as_it_is(self, tmp_path, monkeypatch):
+        path = write_jsonl(tmp_path / "seed.jsonl", ROWS)
+        assert self.run_task(monkeypatch, str(path)) == {
+            "seed": str(path),
+            "fingerprint": None,
+            "rows": None,
+            "uri": None,
+        }

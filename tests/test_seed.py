@@ -333,6 +333,7 @@ def hub(monkeypatch, tmp_path):
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
         standin.url = server.url
         yield standin
 
@@ -396,6 +397,14 @@ class TestHubSeed:
         assert "\n" not in str(e.value)
         with pytest.raises(seed.SeedNotFound, match="no revision 'nope'"):
             seed.check(f"{REPO_ID}@nope")
+        hub.tokens[REPO_ID] = "hf_right"  # a private dataset
+        with pytest.raises(seed.SeedNotFound, match="or it is private -- check the name, or set HF_TOKEN"):
+            seed.check(REPO_ID)
+        monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+        with pytest.raises(seed.SeedNotFound, match="HTTP 401, access refused -- set HF_TOKEN to a valid token"):
+            seed.check(REPO_ID)
+        monkeypatch.setenv("HF_TOKEN", "hf_right")
+        assert seed.check(REPO_ID).fingerprint.rows == 5
         hub.failing = 500
         with pytest.raises(seed.HubUnavailable, match="HTTP 500 -- the hub is failing, trying again later"):
             seed.check(REPO_ID)

@@ -15,7 +15,8 @@ stays readable by its sha, as on the hub. Served, with the hub's JSON shapes and
   file listing ``datasets`` resolves data files with;
 - ``HEAD``/``GET /datasets/<repo>/resolve/<rev>/<path>``: a file, with ``ETag`` and ``X-Repo-Commit``.
 
-An unknown repo is a 404 with ``X-Error-Code: RepoNotFound``, an unknown revision ``RevisionNotFound``;
+An unknown repo is a 404 with ``X-Error-Code: RepoNotFound``, an unknown revision ``RevisionNotFound``; a repo
+in ``tokens`` is private: without the token it is not found, with another one the answer is HTTP 401;
 ``failing = 500`` makes every API call answer HTTP 500 (a hub outage) until it is set back to ``None``.
 """
 
@@ -57,6 +58,7 @@ class HubStandin:
     repos: dict[str, list[Commit]] = field(default_factory=dict)
     failing: int | None = None
     requests: int = 0
+    tokens: dict[str, str] = field(default_factory=dict)  # private repos: the bearer token each one needs
 
     def publish(self, repo: str, files: dict[str, bytes | str]) -> str:
         """Commit ``files`` (the repo's whole content) to ``repo``'s ``main``; return the new commit sha."""
@@ -70,6 +72,12 @@ class HubStandin:
     def _commit(self, request: web.Request) -> tuple[str, Commit]:
         repo = f"{request.match_info['owner']}/{request.match_info['name']}"
         commits = self.repos.get(repo)
+        if repo in self.tokens and request.headers.get("Authorization") != f"Bearer {self.tokens[repo]}":
+            if request.headers.get("Authorization"):  # the hub's answer to a wrong token
+                raise web.HTTPUnauthorized(
+                    headers={"X-Error-Message": "Invalid credentials in Authorization header"}, text="{}"
+                )
+            commits = None  # without a token, a private repo looks like no repo at all (as on the hub)
         if not commits:
             raise web.HTTPNotFound(
                 headers={"X-Error-Code": "RepoNotFound"}, text=json.dumps({"error": "Repository not found"})

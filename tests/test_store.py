@@ -58,8 +58,12 @@ class TestKeyedStore:
         assert {key for _, key in stored} == {generate.row_key(r, "problem") for r in read_jsonl(seed)}
         # the file does not grow with reruns (the old store copied every shard file in again)
         assert runs[1].stats["store"]["bytes"] == runs[2].stats["store"]["bytes"]
-        lines = [sorted(read_jsonl(r.output_file), key=lambda row: row["problem"]) for r in runs]
-        assert lines[0] == lines[1] == lines[2]
+        # the reruns generated nothing: their shard files are empty and their reused lists name every row
+        assert [len(read_jsonl(r.output_file)) for r in runs] == [15, 0, 0]
+        assert [len(read_jsonl(r.reused_file)) - 1 for r in runs] == [0, 15, 15]
+        merged = [generate.merge([r.output_file], tmp_path / f"merged{i}.jsonl", "problem") for i, r in enumerate(runs)]
+        assert merged[0].read_bytes() == merged[1].read_bytes() == merged[2].read_bytes()
+        assert len(read_jsonl(merged[0])) == 15
 
     def test_rerun_reads_and_writes_in_proportion_to_the_shard_and_new_rows(self, server, tmp_path):
         replay, url = server
@@ -75,10 +79,14 @@ class TestKeyedStore:
         )
         counts = rerun.stats["store"]
         assert replay.requests - before == 10 * 2
-        assert counts["keys_checked"] == 30 and counts["keys_looked_up"] == 20  # this shard, not the 80 stored
-        assert counts["rows_read"] == 20 and counts["rows_written"] == 10
-        assert rerun.stats["rows_reused_from_store"] == 20 and len(read_jsonl(rerun.output_file)) == 30
+        # this shard's keys, not the 80 stored; no stored row is read (merge reads them)
+        assert counts["keys_checked"] == 30 and counts["keys_looked_up"] == counts["rows_read"] == 0
+        assert counts["rows_written"] == 10
+        assert rerun.stats["rows_reused_from_store"] == 20 and len(read_jsonl(rerun.output_file)) == 10
         assert len(entries(store)) == 90
+        merged = generate.merge([rerun.output_file], tmp_path / "merged.jsonl", "problem")
+        assert len(read_jsonl(merged)) == 30
+        assert json.loads(generate.stats_path(merged).read_text())["rows_from_store"] == 20
 
     def test_a_row_written_by_a_killed_run_is_published_on_resume(self, server, tmp_path):
         _replay, url = server
@@ -160,4 +168,6 @@ class TestConcurrentPublishers:
         assert sum(s["store"].get("rows_already_stored", 0) for s in stats) == 300 - 150 - sum(
             s["rows_reused_from_store"] for s in stats
         )
-        assert all(len(read_jsonl(tmp_path / f"p{i}")) == 150 for i in range(2))
+        for i in range(2):
+            merged = generate.merge([tmp_path / f"p{i}"], tmp_path / f"merged{i}.jsonl", "problem")
+            assert len(read_jsonl(merged)) == 150

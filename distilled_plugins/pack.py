@@ -210,11 +210,29 @@ class _Columns:
             else:
                 self.sources.append((None, values.to_numpy(zero_copy_only=False), dtype))
 
-    def row(self, index: int) -> np.ndarray:
+    def _locate(self, index: int) -> tuple[int, int, int]:
         chunk = int(np.searchsorted(self.first_row, index, side="right")) - 1
         local = index - self.first_row[chunk]
         offsets = self.offsets[chunk]
-        first, last = int(offsets[local]), int(offsets[local + 1])
+        return chunk, int(offsets[local]), int(offsets[local + 1])
+
+    def read_into(self, index: int, start: int, out: np.ndarray) -> None:
+        """Copy ``len(out)`` values of row ``index`` from position ``start`` into ``out`` (a contiguous array)."""
+        chunk, first, last = self._locate(index)
+        if start + len(out) > last - first:
+            raise IndexError(f"row {index} has {last - first} values; asked for {start}:{start + len(out)}")
+        fd, where, dtype = self.sources[chunk]
+        if fd is None:
+            out[:] = where[first + start : first + start + len(out)]
+        elif len(out):
+            size = os.preadv(fd, [memoryview(out).cast("B")], where + (first + start) * dtype.itemsize)
+            if size != out.nbytes:
+                raise DataError(
+                    f"handled dataset file shorter than its Arrow metadata says (row {index}); rerun handle"
+                )
+
+    def row(self, index: int) -> np.ndarray:
+        chunk, first, last = self._locate(index)
         fd, where, dtype = self.sources[chunk]
         if fd is None:
             return where[first:last]
@@ -328,34 +346,36 @@ def _pack(cfg: PackConfig, src: Path, table, maps, files: list[_MappedFile], sta
     plan_seconds = time.monotonic() - plan_started
     pad = _pad_id(cfg)
     seq = cfg.seq_length
-    pad_ids = np.full(seq, pad, dtype=np.int32)
-    pad_labels = np.full(seq, IGNORE_INDEX, dtype=np.int64)
-
-    def piece_arrays(piece: Piece) -> tuple[np.ndarray, np.ndarray]:
-        row_ids, row_labels = ids.row(piece.row), labels.row(piece.row)
-        end = piece.start + piece.length
-        shifted = row_labels[piece.start + 1 : end + 1]  # labels[1:] of the sample, cut to the piece
-        if end >= len(row_labels):
-            shifted = np.append(shifted, pad)  # the sample's last position: "+ [pad]"
-        return row_ids[piece.start : end], shifted
 
     def tables():
+        # each write's pieces are read straight into its output arrays (one preadv each): no per-piece copies, and
+        # the same few allocations of the same size every write, so the heap does not fragment as the input grows
         for first in range(0, len(plan), cfg.rows_per_write):
-            batch_ids, batch_labels, batch_seq_len = [], [], []
-            for pack in plan[first : first + cfg.rows_per_write]:
-                parts = [piece_arrays(pieces[i]) for i in pack]
-                used = sum(len(p[0]) for p in parts)
-                batch_ids.append(np.concatenate([p[0] for p in parts] + [pad_ids[: seq - used]]))
-                batch_labels.append(np.concatenate([p[1] for p in parts] + [pad_labels[: seq - used]]))
-                batch_seq_len.append(np.cumsum([len(p[0]) for p in parts], dtype=np.int32))
-            seq_offsets = pa.array(np.concatenate([[0], np.cumsum([len(s) for s in batch_seq_len])]).astype(np.int32))
-            row_offsets = pa.array(np.arange(len(batch_ids) + 1, dtype=np.int32) * seq)
+            packs = plan[first : first + cfg.rows_per_write]
+            out_ids = np.full(len(packs) * seq, pad, dtype=np.int32)
+            out_labels = np.full(len(packs) * seq, IGNORE_INDEX, dtype=np.int64)
+            ends = []  # per packed row: the cumulative end offset of each piece
+            for number, pack in enumerate(packs):
+                at = number * seq
+                row_ends = []
+                for piece in (pieces[i] for i in pack):
+                    ids.read_into(piece.row, piece.start, out_ids[at : at + piece.length])
+                    # labels[1:] of the sample, cut to the piece; the sample's last position gets "+ [pad]"
+                    shifted = min(piece.start + piece.length + 1, int(lengths[piece.row])) - piece.start - 1
+                    labels.read_into(piece.row, piece.start + 1, out_labels[at : at + shifted])
+                    if shifted < piece.length:
+                        out_labels[at + shifted] = pad
+                    at += piece.length
+                    row_ends.append(at - number * seq)
+                ends.append(row_ends)
+            seq_offsets = pa.array(np.cumsum([0] + [len(e) for e in ends]).astype(np.int32))
+            row_offsets = pa.array(np.arange(len(packs) + 1, dtype=np.int32) * seq)
             yield pa.table(
                 {
-                    "input_ids": pa.ListArray.from_arrays(row_offsets, pa.array(np.concatenate(batch_ids), pa.int32())),
-                    "labels": pa.ListArray.from_arrays(row_offsets, pa.array(np.concatenate(batch_labels), pa.int64())),
+                    "input_ids": pa.ListArray.from_arrays(row_offsets, pa.array(out_ids, pa.int32())),
+                    "labels": pa.ListArray.from_arrays(row_offsets, pa.array(out_labels, pa.int64())),
                     "actual_seq_len": pa.ListArray.from_arrays(
-                        seq_offsets, pa.array(np.concatenate(batch_seq_len), pa.int32())
+                        seq_offsets, pa.array(np.array([e for row in ends for e in row], dtype=np.int32))
                     ),
                 }
             )

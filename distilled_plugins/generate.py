@@ -76,7 +76,7 @@ DEFAULT_PROMPT_TEMPLATE = (
 _GENERATED_COLUMNS = ("generations", "finish_reasons", "api_metadata")
 REUSED_MODES = ("reference", "copy")
 # examples of the rows to generate kept from the first pass over the seed (else the seed is streamed again)
-KEEP_EXAMPLES = 20_000
+KEEP_EXAMPLES = 2_000
 # rows of a shard's reused list that merge takes from the store per lookup (each row is held until written)
 MERGE_LOOKUP_BATCH = 32
 

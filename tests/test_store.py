@@ -288,3 +288,20 @@ class TestReusedRows:
         copied = generate.run(gen_config(seed, tmp_path / "b.jsonl", url, store, reused_rows="copy"))
         assert copied.reused_file is None and not generate.reused_path(copied.output_file).exists()
         assert len(read_jsonl(copied.output_file)) == 8
+
+    def test_many_new_rows_stream_the_seed_again(self, server, tmp_path, monkeypatch):
+        replay, url = server
+        store = tmp_path / "store"
+        rows = math_train_rows(24)
+        generate.run(gen_config(write_jsonl(tmp_path / "old.jsonl", rows[:4]), tmp_path / "a.jsonl", url, store))
+        seed = write_jsonl(tmp_path / "seed.jsonl", rows)
+        monkeypatch.setattr(generate, "KEEP_EXAMPLES", 3)  # 20 new rows: too many to keep, streamed again
+        streamed = generate.run(gen_config(seed, tmp_path / "b.jsonl", url, store))
+        monkeypatch.undo()
+        kept = generate.run(gen_config(seed, tmp_path / "c.jsonl", url, tmp_path / "other-store"))
+        assert streamed.stats["rows_reused_from_store"] == 4 and streamed.stats["rows_written"] == 20
+        assert replay.requests == (4 + 20 + 24) * 2
+        merged = [
+            generate.merge([r.output_file], tmp_path / f"m{i}.jsonl", "problem") for i, r in enumerate((streamed, kept))
+        ]
+        assert merged[0].read_bytes() == merged[1].read_bytes()

@@ -807,6 +807,9 @@ def _reused_rows(
     time in key order, so memory holds one batch of rows.
     """
     header = _reused_header(path)
+    keys, order, offsets, lengths = _index(path, uuid_column, skip=1)
+    if not len(order):  # a run that reused nothing: the store is not needed (nor pyarrow's codec loaded)
+        return
     store_file = Path(header["store_dir"]) / STORE_FILE
     if not store_file.is_file():
         raise DataError(
@@ -817,7 +820,6 @@ def _reused_rows(
     if where not in stores:
         stores[where] = GenerationStore(header["store_dir"], header["settings"])
     store = stores[where]
-    keys, order, offsets, lengths = _index(path, uuid_column, skip=1)
     position = 0
     with open(path, "rb") as f:
         for start in range(0, len(order), MERGE_LOOKUP_BATCH):

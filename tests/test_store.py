@@ -305,3 +305,13 @@ class TestReusedRows:
             generate.merge([r.output_file], tmp_path / f"m{i}.jsonl", "problem") for i, r in enumerate((streamed, kept))
         ]
         assert merged[0].read_bytes() == merged[1].read_bytes()
+
+    def test_a_list_of_nothing_needs_no_store(self, server, tmp_path):
+        _replay, url = server
+        store = tmp_path / "store"
+        first = generate.run(
+            gen_config(write_jsonl(tmp_path / "seed.jsonl", math_train_rows(5)), tmp_path / "a.jsonl", url, store)
+        )
+        assert len(read_jsonl(first.reused_file)) == 1  # the header alone: nothing was reused
+        shutil.rmtree(store)
+        assert len(read_jsonl(generate.merge([first.output_file], tmp_path / "merged.jsonl", "problem"))) == 5

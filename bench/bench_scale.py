@@ -8,9 +8,12 @@ MATH solution text, then the boxed sum: every row passes rejection sampling). An
 process) answers them. Then, each a separate process under ``/usr/bin/time -f %M`` (peak RSS of the largest
 process): generate (2 shards, generation store on), merge, reject_sampling, handle (on the first
 ``--handle-rows`` kept rows: it tokenizes ~10k tokens a row) and pack. For each stage it prints wall time,
-throughput and peak RSS per size, and the ratio of peak RSS between the sizes (target <= 1.2). Last, an
-incremental rerun at the largest size: the seed plus ``--new-rows`` new problems through generate with the
-same store, whose wall time is compared with the first run's (target <= 5%). ``--json`` writes every figure.
+throughput and peak RSS per size, and the ratio of peak RSS between the sizes (target <= 1.2); pack, which runs
+in about a second, is run ``--pack-runs`` times and its median taken. Last, an incremental rerun at the largest
+size: the seed plus ``--new-rows`` new problems through generate with the same store, whose wall time is
+compared with the first run's (target <= 5%), split into its parts (process start, the pass over the seed, the
+store's key checks, generation; from the shards' stats), then the rerun's merge, which fills the reused rows in
+from the store. ``--json`` writes every figure.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import multiprocessing
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,7 +106,19 @@ def timed(cmd: list[str], log: Path) -> tuple[float, int]:
     return wall, int(rss_file.read_text().split()[-1]) // 1024
 
 
-def generate_shards(work: Path, seed: Path, url: str, store: Path, out: Path) -> tuple[float, int, list[Path]]:
+def median_of(runs: int, cmd: list[str], log: Path, before=None) -> tuple[float, int]:
+    """Median wall time and peak RSS of ``runs`` runs of a stage (``before()`` runs before each)."""
+    figures = []
+    for _ in range(runs):
+        if before is not None:
+            before()
+        figures.append(timed(cmd, log))
+    return statistics.median(w for w, _ in figures), int(statistics.median(r for _, r in figures))
+
+
+def generate_shards(
+    work: Path, seed: Path, url: str, store: Path, out: Path, walls: list | None = None
+) -> tuple[float, int, list[Path]]:
     out.mkdir(parents=True, exist_ok=True)
     wall, rss, shards = 0.0, 0, []
     for index in range(2):
@@ -121,10 +137,12 @@ def generate_shards(work: Path, seed: Path, url: str, store: Path, out: Path) ->
         }
         w, r = timed([sys.executable, "-c", _GENERATE, json.dumps(settings)], out / f"generate-{index}.log")
         wall, rss, shards = wall + w, max(rss, r), [*shards, shard]
+        if walls is not None:
+            walls.append(w)
     return wall, rss, shards
 
 
-def one_size(work: Path, rows: int, handle_rows: int, url: str) -> dict:
+def one_size(work: Path, rows: int, handle_rows: int, url: str, pack_runs: int = 3) -> dict:
     work.mkdir(parents=True)
     seed = write_seed(work / "seed.jsonl", 0, rows)
     store = work / "store"
@@ -168,10 +186,13 @@ def one_size(work: Path, rows: int, handle_rows: int, url: str) -> dict:
     )
     tokens = json.loads((handled / "stats.json").read_text())["tokens"]
     figures["handle"] = {"rows": handle_rows, "wall_s": wall, "peak_rss_mb": rss, "tokens": tokens}
-    wall, rss = timed(
-        [py, "-m", "distilled_plugins.pack", "--src", str(handled), "--dst", str(work / "packed")], work / "pack.log"
+    wall, rss = median_of(
+        pack_runs,
+        [py, "-m", "distilled_plugins.pack", "--src", str(handled), "--dst", str(work / "packed")],
+        work / "pack.log",
+        before=lambda: shutil.rmtree(work / "packed", ignore_errors=True),
     )
-    figures["pack"] = {"rows": handle_rows, "wall_s": wall, "peak_rss_mb": rss}
+    figures["pack"] = {"rows": handle_rows, "wall_s": wall, "peak_rss_mb": rss, "runs": pack_runs}
     disk = {
         "generate_shards": sum(p.stat().st_size for p in shards),
         "merge": merged.stat().st_size,
@@ -186,14 +207,49 @@ def one_size(work: Path, rows: int, handle_rows: int, url: str) -> dict:
     return {"rows": rows, "stages": figures, "disk_bytes": disk}
 
 
+def seed_pass_seconds(seed: Path) -> float:
+    """One pass over the seed as generate makes it (stream the rows, hash each key), in this process."""
+    from distilled_plugins.generate import row_key
+    from distilled_plugins.io import iter_rows
+
+    started = time.monotonic()
+    for row in iter_rows(seed):
+        row_key(row, "problem")
+    return time.monotonic() - started
+
+
 def incremental(work: Path, rows: int, new_rows: int, url: str) -> dict:
     seed = work / "seed-refreshed.jsonl"
     shutil.copyfile(work / "seed.jsonl", seed)
     with open(seed, "a") as f, open(write_seed(work / "new.jsonl", rows, new_rows)) as new:
         f.write(new.read())
     out = work / "rerun"
-    wall, rss, _ = generate_shards(work, seed, url, work / "store", out)
+    walls: list[float] = []
+    wall, rss, shards = generate_shards(work, seed, url, work / "store", out, walls)
     stats = [json.loads((out / f"shard-{i}.stats.json").read_text()) for i in range(2)]
+    parts = {
+        # the process's own start (interpreter, imports) and end: its wall time less what run() measured
+        "process_start_s": sum(w - s["wall_seconds"] for w, s in zip(walls, stats, strict=True)),
+        "seed_pass_and_list_s": sum(s["timings"]["prepare_s"] - s["timings"].get("store_check_s", 0) for s in stats),
+        "store_key_checks_s": sum(s["timings"].get("store_check_s", 0) for s in stats),
+        "generate_s": sum(s["timings"]["generate_s"] for s in stats),
+    }
+    merged = out / "merged.jsonl"
+    merge_wall, merge_rss = timed(
+        [
+            sys.executable,
+            "-m",
+            "distilled_plugins.generate",
+            "--merge",
+            *map(str, shards),
+            "--output-file",
+            str(merged),
+        ],
+        out / "merge.log",
+    )
+    merge_stats = json.loads((out / "merged.stats.json").read_text())
+    if merge_stats["rows_written"] != rows + new_rows:
+        raise RuntimeError(f"the rerun's merge wrote {merge_stats['rows_written']} rows, not {rows + new_rows}")
     return {
         "rows": rows + new_rows,
         "new_rows": new_rows,
@@ -204,6 +260,13 @@ def incremental(work: Path, rows: int, new_rows: int, url: str) -> dict:
         "store_rows_written": sum(s["store"]["rows_written"] for s in stats),
         "store_rows_read": sum(s["store"]["rows_read"] for s in stats),
         "store_bytes": stats[-1]["store"]["bytes"],
+        "parts_s": {name: round(seconds, 2) for name, seconds in parts.items()},
+        "seed_pass_here_s": round(seed_pass_seconds(seed), 2),
+        "shard_file_bytes": sum(p.stat().st_size for p in shards),
+        "reused_list_bytes": sum(p.with_name(p.stem + ".reused.jsonl").stat().st_size for p in shards),
+        "merge_wall_s": round(merge_wall, 2),
+        "merge_peak_rss_mb": merge_rss,
+        "merge_rows_from_store": merge_stats["rows_from_store"],
     }
 
 
@@ -256,6 +319,7 @@ def main() -> int:
     p.add_argument("--rows", type=int, nargs=2, default=[5000, 50000], help="two seed sizes (text stages)")
     p.add_argument("--handle-rows", type=int, nargs=2, default=[500, 5000], help="rows handled and packed")
     p.add_argument("--new-rows", type=int, default=500, help="new problems in the incremental rerun")
+    p.add_argument("--pack-runs", type=int, default=3, help="runs of pack per size (the median is reported)")
     p.add_argument("--workdir", default=None, help="keep the artifacts here (default: a removed temp folder)")
     p.add_argument("--json", default=None, help="write every figure to this file")
     p.add_argument("--report", default=None, help="print the tables again from a --json file; run nothing")
@@ -275,7 +339,7 @@ def main() -> int:
         wait_for_port(port)
         url = f"127.0.0.1:{port}"
         results = [
-            one_size(root / f"n{rows}", rows, handle_rows, url)
+            one_size(root / f"n{rows}", rows, handle_rows, url, args.pack_runs)
             for rows, handle_rows in zip(args.rows, args.handle_rows, strict=True)
         ]
         rerun = incremental(root / f"n{args.rows[1]}", args.rows[1], args.new_rows, url)
@@ -306,6 +370,16 @@ def report(results: list[dict], rerun: dict, json_path: str | None) -> None:
         f"first generate ({first} s); {rerun['requests_sent']} requests, store read {rerun['store_rows_read']} / "
         f"wrote {rerun['store_rows_written']} rows, store {rerun['store_bytes'] / 1e6:.0f} MB"
     )
+    if "parts_s" in rerun:
+        print(
+            "  parts (both shards, s): " + ", ".join(f"{k} {v}" for k, v in rerun["parts_s"].items()) + f"; one pass "
+            f"over the seed in this process {rerun['seed_pass_here_s']} s; shard files {rerun['shard_file_bytes'] / 1e6:.1f}"
+            f" MB + reused lists {rerun['reused_list_bytes'] / 1e6:.1f} MB"
+        )
+        print(
+            f"  the rerun's merge: {rerun['merge_wall_s']} s, {rerun['merge_peak_rss_mb']} MB peak RSS, "
+            f"{rerun['merge_rows_from_store']} rows from the store"
+        )
     print("disk (large size, MB): " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in large["disk_bytes"].items()))
     projection = extrapolate(large)
     print(f"extrapolated to {TUTORIAL_PROBLEMS:,} problems x {TUTORIAL_COMPLETIONS} completions of ~40 KB:")

@@ -13,6 +13,11 @@ Each output line is ``{**example, "generations", "finish_reasons", "api_metadata
 row, keyed by ``md5(str(row[uuid_column]))``. Work is never lost: every successful completion whose row is
 not yet complete is journalled in ``<output>.parts``, a resumed run requests only what is missing, and a
 half-written last line left by a killed process is cut off before appending.
+
+With a generation store (``--store-dir``), rows the store already holds are not copied into the output: the
+seed rows of those keys are listed in ``<output stem>.reused.jsonl`` (see ``schema.REUSED_SUFFIX``) and
+``--merge`` fills in their generated columns from the store, so a rerun's shard work is proportional to its new
+rows (``--reused-rows copy`` writes them into the output instead, a complete file without ``--merge``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +62,9 @@ from distilled_plugins.io import (
     write_json,
 )
 from distilled_plugins.progress import Progress
+from distilled_plugins.schema import REUSED_HEADER, REUSED_SUFFIX, sibling_path
 from distilled_plugins.settings import add_arguments, from_args, setting
-from distilled_plugins.store import LOOKUP_BATCH, PUBLISH_BATCH, GenerationStore, batches
+from distilled_plugins.store import LOOKUP_BATCH, PUBLISH_BATCH, STORE_FILE, GenerationStore
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +74,11 @@ DEFAULT_PROMPT_TEMPLATE = (
 
 
 _GENERATED_COLUMNS = ("generations", "finish_reasons", "api_metadata")
+REUSED_MODES = ("reference", "copy")
+# examples of the rows to generate kept from the first pass over the seed (else the seed is streamed again)
+KEEP_EXAMPLES = 2_000
+# rows of a shard's reused list that merge takes from the store per lookup (each row is held until written)
+MERGE_LOOKUP_BATCH = 32
 
 
 class GenerationIncomplete(RuntimeError):
@@ -116,6 +128,12 @@ class GenerateConfig:
     progress_interval: float = setting(5.0, help="seconds between progress lines", minimum=0)
     # shared across runs: rows finished with the same settings are copied from here instead of requested again
     store_dir: str | None = setting(None, help="generation store folder shared across runs (default: none)")
+    reused_rows: str = setting(
+        "reference",
+        help="rows found in the generation store: 'reference' lists them in <dst stem>.reused.jsonl and --merge "
+        "fills them in from the store (a rerun's work follows its new rows); 'copy' writes them into --dst",
+        choices=REUSED_MODES,
+    )
 
     def __post_init__(self):
         self.retry = RequestSettings.of(self.retry)
@@ -139,6 +157,8 @@ class GenerateConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"shard_index must be in [0, {self.num_shards}), got {self.shard_index}")
+        if self.reused_rows not in REUSED_MODES:
+            raise ValueError(f"Invalid reused_rows {self.reused_rows!r}, must be one of {REUSED_MODES}")
 
     @property
     def sampling(self) -> dict:
@@ -153,6 +173,7 @@ class GenerateResult:
     output_file: Path
     stats_file: Path
     stats: dict
+    reused_file: Path | None = None  # the rows taken from the store, for merge (None: none are referenced)
 
 
 def row_key(row: dict, uuid_column: str) -> str:
@@ -205,11 +226,20 @@ def _line(example: dict, generated_json: bytes) -> bytes:
     >>> _line({"a": 1}, b'{"generations": ["x"]}')
     b'{"a": 1, "generations": ["x"]}\\n'
     """
-    if not example:
-        return generated_json + b"\n"
     if any(column in example for column in (*_GENERATED_COLUMNS, "prompt")):
         return dumps_line({**example, **json.loads(generated_json)})  # the generated value replaces the seed's
-    return dumps_line(example)[:-2] + b", " + generated_json[1:] + b"\n"
+    return _splice(dumps_line(example), generated_json)
+
+
+def _splice(example_line: bytes, generated_json: bytes) -> bytes:
+    """``_line`` from the example's line as :func:`dumps_line` wrote it (no generated column in it).
+
+    >>> _splice(b'{"a": 1}\\n', b'{"generations": ["x"]}')
+    b'{"a": 1, "generations": ["x"]}\\n'
+    """
+    if example_line == b"{}\n":
+        return generated_json + b"\n"
+    return example_line[:-2] + b", " + generated_json[1:] + b"\n"
 
 
 def stats_path(output_file: str | Path) -> Path:
@@ -219,6 +249,11 @@ def stats_path(output_file: str | Path) -> Path:
 
 def parts_path(output_file: str | Path) -> Path:
     return Path(str(output_file) + ".parts")
+
+
+def reused_path(output_file: str | Path) -> Path:
+    """The list of a shard's rows taken from the generation store: ``shard-0.jsonl`` -> ``shard-0.reused.jsonl``."""
+    return sibling_path(output_file, REUSED_SUFFIX)
 
 
 def _load_done(cfg: GenerateConfig, output: Path) -> set[str]:
@@ -337,11 +372,12 @@ class _Run:
         output: Path,
         parts: Path,
         store: GenerationStore | None = None,
+        examples: dict[str, dict] | None = None,
     ):
         # the seed is read again as requests are taken: a row becomes a _Row (prompt, messages, completions) when
         # its first request is, and once written it is referenced by nothing and freed: memory holds the rows in
         # flight, not the shard
-        self.cfg, self.keys, self.partial, self.store = cfg, keys, partial, store
+        self.cfg, self.keys, self.partial, self.store, self.examples = cfg, keys, partial, store, examples
         self.to_publish: list[tuple[str, bytes]] = []
         self.output_fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.parts_fd = os.open(parts, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -399,7 +435,9 @@ class _Run:
         sequence = itertools.count()
 
         def fresh():
-            for key, example in _seed_rows(self.cfg, self.keys):
+            # the examples kept by the first pass over the seed, else the seed streamed again
+            rows = self.examples.items() if self.examples is not None else _seed_rows(self.cfg, self.keys)
+            for key, example in rows:
                 known = self.partial.pop(key, {})
                 prompt = self.cfg.prompt_template.format(prompt=prompt_text(example[self.cfg.prompt_column]))
                 row = _Row(example, key, prompt, n, known, self.cfg.system_prompt)
@@ -522,60 +560,98 @@ def _seed_rows(cfg: GenerateConfig, wanted: set[str]) -> Iterator[tuple[str, dic
             yield key, example
 
 
-def _prepare_rows(cfg: GenerateConfig, output: Path, store: GenerationStore | None) -> tuple[set[str], dict, dict]:
-    """Keys of the rows to generate, their journalled completions, and counts; stored rows are copied to ``output``.
+def _prepare_rows(
+    cfg: GenerateConfig, output: Path, store: GenerationStore | None
+) -> tuple[set[str], dict, dict[str, dict] | None, dict]:
+    """Keys of the rows to generate, their journalled completions, their examples (None: too many to keep), counts.
 
-    The seed is streamed (here, for the copy, and once more as requests are sent): memory holds its keys, not
-    its rows, and a stored row passes through one at a time.
+    One pass over the seed: its keys are checked against the store in batches (the key index only), and a
+    stored row is listed in the shard's reused list (``reference``) or copied into ``output`` (``copy``). Memory
+    holds the seed's keys, one batch of rows, and the examples of the rows to generate while there are at most
+    ``KEEP_EXAMPLES`` of them (then they are dropped and the seed is streamed again as requests are sent).
     """
+    started = time.monotonic()
     done = _load_done(cfg, output)
     info = Counter(seed_rows=0)
+    timings = Counter()
     if store is not None and done:
         info["rows_republished_to_store"] = _republish(cfg, output, done, store)
     partial = _load_parts(parts_path(output), cfg.num_generations, done)
-    todo: list[str] = []  # keys of this shard's rows not yet in the output, in seed order
+    reference = store is not None and cfg.reused_rows == "reference"
+    reused_file = reused_path(output)
+    if not reference:
+        reused_file.unlink(missing_ok=True)  # a list left by an earlier run with a store would add rows to merge
+    to_generate: set[str] = set()
+    examples: dict[str, dict] | None = {}  # of the rows to generate, in seed order
     seen = set()
-    for example in iter_rows(cfg.dataset_name, cfg.split):
+    pending: list[tuple[str, dict]] = []  # this shard's rows not yet in the output, checked against the store
+
+    def check(reused_out) -> None:
+        nonlocal examples
+        t0 = time.monotonic()
+        stored = store.present([key for key, _ in pending]) if store is not None else set()
+        timings["store_check_s"] += time.monotonic() - t0
+        if stored and not reference:  # copy: each stored row goes straight to the output, one at a time
+            t0 = time.monotonic()
+            by_key = {key: example for key, example in pending if key in stored}
+            with open(output, "ab") as f:
+                for key, generated in store.lookup(list(by_key)):
+                    f.write(_line(by_key.pop(key), generated))
+                    info["rows_reused_from_store"] += 1
+            timings["store_copy_s"] += time.monotonic() - t0
+        for key, example in pending:
+            if key in stored:
+                if reference:
+                    reused_out.write(dumps_line(example))
+                    info["rows_reused_from_store"] += 1
+                continue
+            prompt_text(example[cfg.prompt_column])  # checked now, before any request; templated when sent
+            to_generate.add(key)
+            if examples is not None:
+                examples[key] = example
+                if len(examples) > KEEP_EXAMPLES:
+                    examples = None
+        pending.clear()
+
+    with ExitStack() as stack:
+        reused_out = None
+        if reference:
+            reused_out = stack.enter_context(open(stack.enter_context(atomic_path(reused_file)), "wb"))
+            header = {"store_dir": str(store.path.parent.resolve()), "settings": store.settings}
+            reused_out.write(dumps_line({REUSED_HEADER: header}))
+        for example in iter_rows(cfg.dataset_name, cfg.split):
+            if not info["seed_rows"]:
+                require_columns([example], [cfg.prompt_column, cfg.uuid_column], cfg.dataset_name)
+            info["seed_rows"] += 1
+            for column in (cfg.prompt_column, cfg.uuid_column):
+                if column not in example:
+                    raise DataError(
+                        f"{cfg.dataset_name}: row {info['seed_rows']} has no column {column!r}; "
+                        f"columns present: {', '.join(example)}"
+                    )
+            key = row_key(example, cfg.uuid_column)
+            if key in seen:
+                info["duplicate_uuids_skipped"] += 1
+                continue
+            seen.add(key)
+            if shard_of(key, cfg.num_shards) != cfg.shard_index:
+                continue
+            info["shard_rows"] += 1
+            if key in done:
+                info["rows_already_done"] += 1
+                continue
+            pending.append((key, example))
+            if len(pending) == LOOKUP_BATCH:
+                check(reused_out)
         if not info["seed_rows"]:
-            require_columns([example], [cfg.prompt_column, cfg.uuid_column], cfg.dataset_name)
-        info["seed_rows"] += 1
-        for column in (cfg.prompt_column, cfg.uuid_column):
-            if column not in example:
-                raise DataError(
-                    f"{cfg.dataset_name}: row {info['seed_rows']} has no column {column!r}; "
-                    f"columns present: {', '.join(example)}"
-                )
-        key = row_key(example, cfg.uuid_column)
-        if key in seen:
-            info["duplicate_uuids_skipped"] += 1
-            continue
-        seen.add(key)
-        if shard_of(key, cfg.num_shards) != cfg.shard_index:
-            continue
-        info["shard_rows"] += 1
-        if key in done:
-            info["rows_already_done"] += 1
-            continue
-        prompt_text(example[cfg.prompt_column])  # checked now, before any request; templated when sent
-        todo.append(key)
-    if not info["seed_rows"]:
-        raise DataError(f"{cfg.dataset_name}: the seed dataset is empty")
-    del seen, done
-    stored = store.present(todo) if store is not None and todo else set()
-    reused = 0
-    if stored:
-        # batched lookups of this shard's stored keys only; each row goes straight to the output, one at a time
-        with open(output, "ab") as f:
-            for batch in batches(_seed_rows(cfg, set(stored)), LOOKUP_BATCH):
-                examples = dict(batch)
-                for key, generated in store.lookup(list(examples)):
-                    f.write(_line(examples.pop(key), generated))
-                    reused += 1
-    to_generate = set(todo) - stored
+            raise DataError(f"{cfg.dataset_name}: the seed dataset is empty")
+        check(reused_out)
     partial = {key: known for key, known in partial.items() if key in to_generate}
     info["generations_resumed"] = sum(map(len, partial.values()))
-    info["rows_reused_from_store"] = reused
-    return to_generate, partial, dict(info)
+    info["rows_reused_from_store"] += 0
+    timings["prepare_s"] = time.monotonic() - started
+    info["timings"] = {name: round(seconds, 3) for name, seconds in timings.items()}
+    return to_generate, partial, examples, dict(info)
 
 
 def run(cfg: GenerateConfig) -> GenerateResult:
@@ -587,7 +663,7 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     started = time.monotonic()
     store = _open_store(cfg)
     try:
-        to_generate, partial, info = _prepare_rows(cfg, output, store)
+        to_generate, partial, examples, info = _prepare_rows(cfg, output, store)
         logger.info(
             "shard %d/%d of %s: %d rows, %d already done, %d reused from the generation store, %d to generate "
             "(%d completions resumed from %s)",
@@ -601,11 +677,14 @@ def run(cfg: GenerateConfig) -> GenerateResult:
             info.get("generations_resumed", 0),
             parts_path(output).name,
         )
-        job = _Run(cfg, to_generate, partial, output, parts_path(output), store)
+        job = _Run(cfg, to_generate, partial, output, parts_path(output), store, examples)
+        del examples
+        generate_started = time.monotonic()
         try:
             _run_loop(job.run())
         finally:
             job.close()
+        info["timings"]["generate_s"] = round(time.monotonic() - generate_started, 3)
         store_stats = None
         if store is not None:
             store_stats = {**dict(store.counts), **store.size()}
@@ -663,7 +742,8 @@ def run(cfg: GenerateConfig) -> GenerateResult:
             f"{parts_path(output).name}: run again to resume"
         )
     parts_path(output).unlink(missing_ok=True)
-    return GenerateResult(output, stats_file, stats)
+    reused = reused_path(output)
+    return GenerateResult(output, stats_file, stats, reused if reused.exists() else None)
 
 
 def _run_loop(coro) -> None:
@@ -675,67 +755,147 @@ def _run_loop(coro) -> None:
         asyncio.run(coro)
 
 
-def _shard_index(path: Path, number: int, uuid_column: str) -> Iterator[tuple[bytes, int, int, int]]:
-    """``(key, shard number, offset, length)`` of each line of a shard, in key order; the index is compact arrays.
+def _index(path: Path, uuid_column: str, skip: int = 0):
+    """Keys (sorted, ``S32``), offsets and lengths of the lines of a JSONL file after its first ``skip`` lines.
 
     Keys (32 ASCII bytes), offsets and lengths take 48 bytes a row in NumPy arrays, not Python tuples, so a
-    shard of 100,000 rows indexes in ~5 MB; the tuples are made one by one as the merge takes them.
+    shard of 100,000 rows indexes in ~5 MB; the merge makes its tuples one by one as it takes them.
     """
     import numpy as np  # here, not at the top: the DAG file imports this module and must load fast
 
     keys, offsets, lengths, offset = bytearray(), array("q"), array("q"), 0
-    for line, row, intact in scan_appended_jsonl(path):
+    for number, (line, row, intact) in enumerate(scan_appended_jsonl(path)):
         if not intact:
             raise DataError(f"{path}: has a cut-short or corrupt line; resume that shard before merging")
-        if uuid_column not in row:
-            raise DataError(f"{path}: a row lacks the uuid column {uuid_column!r}")
-        keys += row_key(row, uuid_column).encode()
-        offsets.append(offset)
-        lengths.append(len(line))
+        if number >= skip:
+            if uuid_column not in row:
+                raise DataError(f"{path}: a row lacks the uuid column {uuid_column!r}")
+            keys += row_key(row, uuid_column).encode()
+            offsets.append(offset)
+            lengths.append(len(line))
         offset += len(line)
     key_array = np.frombuffer(bytes(keys), dtype="S32")
     del keys
-    order = np.argsort(key_array, kind="stable")  # ties (a key twice in one shard) keep file order
-    for i in order.tolist():
-        yield key_array[i].tobytes(), number, offsets[i], lengths[i]
+    order = np.argsort(key_array, kind="stable")  # ties (a key twice in one file) keep file order
+    return key_array, order, offsets, lengths
+
+
+def _shard_rows(path: Path, number: int, uuid_column: str) -> Iterator[tuple[bytes, int, int, tuple[int, int]]]:
+    """``(key, source number, position, (offset, length))`` of each line of a shard, in key order."""
+    keys, order, offsets, lengths = _index(path, uuid_column)
+    for position, i in enumerate(order.tolist()):
+        yield keys[i].tobytes(), number, position, (offsets[i], lengths[i])
+
+
+def _reused_header(path: Path) -> dict:
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        header = json.loads(first)[REUSED_HEADER]
+        return {"store_dir": str(header["store_dir"]), "settings": str(header["settings"])}
+    except (ValueError, KeyError, TypeError):
+        raise DataError(
+            f"{path}: not a reused-rows list written by generate (its first line names no {REUSED_HEADER!r}); "
+            "move it away or rerun that shard"
+        ) from None
+
+
+def _reused_rows(
+    path: Path, number: int, uuid_column: str, stores: dict[tuple[str, str], GenerationStore]
+) -> Iterator[tuple[bytes, int, int, bytes]]:
+    """``(key, source number, position, output line)`` of each row of a shard's reused list, in key order.
+
+    Each seed row is spliced with its generated columns from the store, taken ``MERGE_LOOKUP_BATCH`` keys at a
+    time in key order, so memory holds one batch of rows.
+    """
+    header = _reused_header(path)
+    keys, order, offsets, lengths = _index(path, uuid_column, skip=1)
+    if not len(order):  # a run that reused nothing: the store is not needed (nor pyarrow's codec loaded)
+        return
+    store_file = Path(header["store_dir"]) / STORE_FILE
+    if not store_file.is_file():
+        raise DataError(
+            f"{path}: lists rows of the generation store {store_file}, which does not exist here; merge where "
+            "that store is mounted, or rerun the shard"
+        )
+    where = (header["store_dir"], header["settings"])
+    if where not in stores:
+        stores[where] = GenerationStore(header["store_dir"], header["settings"])
+    store = stores[where]
+    position = 0
+    with open(path, "rb") as f:
+        for start in range(0, len(order), MERGE_LOOKUP_BATCH):
+            batch = order[start : start + MERGE_LOOKUP_BATCH].tolist()
+            wanted = [keys[i].decode() for i in batch]
+            generated = dict(store.lookup(wanted))
+            if len(generated) < len(wanted):
+                missing = [key for key in wanted if key not in generated]
+                raise DataError(
+                    f"{path}: {len(missing)} row(s) it lists (key {missing[0]} first) are not in the generation "
+                    f"store {store_file} (settings {header['settings']}); rerun that shard (clear its generate task)"
+                )
+            for i, key in zip(batch, wanted, strict=True):
+                example_line = os.pread(f.fileno(), lengths[i], offsets[i])
+                example = json.loads(example_line)
+                if any(column in example for column in (*_GENERATED_COLUMNS, "prompt")):
+                    line = _line(example, generated.pop(key))
+                else:
+                    line = _splice(example_line, generated.pop(key))
+                yield keys[i].tobytes(), number, position, line
+                position += 1
 
 
 def merge(inputs: list[str | Path], output_file: str | Path, uuid_column: str) -> Path:
     """Join shard outputs into one file: each key once, rows sorted by key so any sharding gives the same file.
 
-    Streams: each shard is indexed by key (keys and byte offsets only), the sorted indexes are k-way merged
-    (``heapq.merge``) and each row is copied from its shard by offset, so memory holds one row at a time. A key
-    in several shards is kept from the first shard given and counted in the stats as dropped.
+    A shard is its output file plus, when it ran with a generation store, its reused list
+    (``<stem>.reused.jsonl``): the seed rows whose generated columns merge takes from the store.
+    Streams: each file is indexed by key (keys and byte offsets only), the sorted indexes are k-way merged
+    (``heapq.merge``) and each row is copied from its shard by offset (or spliced from the store), so memory
+    holds one row (one lookup batch) at a time. A key in several shards is kept from the first shard given (its
+    reused rows before its own) and counted in the stats as dropped.
     """
     started = time.monotonic()
     paths = [Path(p) for p in inputs]
     for path in paths:
         if not path.is_file():
             raise DataError(f"{path}: no such shard file; check the shard paths (did that generate task run?)")
-    indexes = [_shard_index(path, number, uuid_column) for number, path in enumerate(paths)]
-    stats = Counter(shards=len(paths), rows_in=0, rows_written=0, duplicate_keys_dropped=0)
-    files = [open(path, "rb") for path in paths]
+    stats = Counter(shards=len(paths), rows_in=0, rows_written=0, duplicate_keys_dropped=0, rows_from_store=0)
+    stores: dict[tuple[str, str], GenerationStore] = {}
+    sources = []
+    for number, path in enumerate(paths):
+        if reused_path(path).is_file():
+            sources.append(_reused_rows(reused_path(path), 2 * number, uuid_column, stores))
+        sources.append(_shard_rows(path, 2 * number + 1, uuid_column))
+    files = {2 * number + 1: open(path, "rb") for number, path in enumerate(paths)}
     try:
         with atomic_path(output_file) as tmp, open(tmp, "wb") as out:
             previous = None
-            for key, number, offset, length in heapq.merge(*indexes):
+            for key, number, _, row in heapq.merge(*sources):
                 stats["rows_in"] += 1
                 if key == previous:
                     stats["duplicate_keys_dropped"] += 1
                     continue
                 previous = key
-                out.write(os.pread(files[number].fileno(), length, offset))
+                if isinstance(row, bytes):  # spliced from the store
+                    out.write(row)
+                    stats["rows_from_store"] += 1
+                else:
+                    out.write(os.pread(files[number].fileno(), row[1], row[0]))
                 stats["rows_written"] += 1
     finally:
-        for f in files:
+        for f in files.values():
             f.close()
+        for store in stores.values():
+            store.close()
     stats["wall_seconds"] = round(time.monotonic() - started, 3)
     write_json(stats_path(output_file), dict(stats))
     logger.info(
-        "merged %d shard file(s) into %s: %d rows (%d duplicate keys dropped)",
+        "merged %d shard file(s) into %s: %d rows (%d from the generation store, %d duplicate keys dropped)",
         len(paths),
         output_file,
         stats["rows_written"],
+        stats["rows_from_store"],
         stats["duplicate_keys_dropped"],
     )
     return Path(output_file)

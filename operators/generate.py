@@ -39,7 +39,9 @@ class GenerateReasoningOperator(StageOperator):
     own ``max_rpm``/``max_tpm``/prices/``max_cost`` win over the connection's where given (0 or empty: not given).
     The output file is appended to and resumed, so a retry of the task requests only what the earlier try did not
     finish; reaching ``max_cost`` fails the task without retries (a rerun resumes). Returns
-    ``{"output": <jsonl path>, "stats": <stats json path>}``.
+    ``{"output": <jsonl path>, "stats": <stats json path>, "reused": <reused-rows list path, or "">}``: with a
+    generation store the output holds only the rows this run generated, the list names those taken from the store,
+    and :class:`MergeShardsOperator` joins both (see ``distilled_plugins.schema``).
     """
 
     config_class = generate.GenerateConfig
@@ -78,11 +80,17 @@ class GenerateReasoningOperator(StageOperator):
             result = generate.run(config)
         except generate.BudgetReached as e:
             raise AirflowFailException(f"task {self.task_id}: {e}") from None
-        return with_fields(context, {"output": str(result.output_file), "stats": str(result.stats_file)})
+        reused = str(result.reused_file) if result.reused_file else ""
+        return with_fields(
+            context, {"output": str(result.output_file), "stats": str(result.stats_file), "reused": reused}
+        )
 
 
 class MergeShardsOperator(BaseOperator):
-    """Join the shard outputs of mapped :class:`GenerateReasoningOperator` tasks; returns the merged JSONL path."""
+    """Join the shard outputs of mapped :class:`GenerateReasoningOperator` tasks; returns the merged JSONL path.
+
+    A shard's reused-rows list (beside its output) is found by name and filled in from the generation store.
+    """
 
     template_fields = ("shards", "output_file", "uuid_column")
     ui_color = "#e8f0fe"

@@ -508,7 +508,9 @@ class TestGenerationStore:
         )
         assert replay.requests == 20 + 3 * 2
         assert second.stats["rows_reused_from_store"] == 10
-        assert len(read_jsonl(second.output_file)) == 13 and len(set(keys_of(second.output_file))) == 13
+        assert len(read_jsonl(second.output_file)) == 3  # the new rows; merge adds the 10 reused from the store
+        merged = generate.merge([second.output_file], tmp_path / "merged.jsonl", "problem")
+        assert len(read_jsonl(merged)) == 13 and len(set(keys_of(merged))) == 13
         other = generate.run(
             config(
                 refreshed,

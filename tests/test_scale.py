@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pytest
 from datasets.arrow_writer import ArrowWriter
 
-from distilled_plugins import handle, io
+from distilled_plugins import handle, io, pack
 from distilled_plugins.handle import HandleConfig
 from distilled_plugins.schema import HANDLED_COLUMNS, features
 from tests.conftest import TOKENIZER_DIR, conversation_rows, write_jsonl
@@ -81,3 +82,66 @@ class TestHandleBatches:
         rows = [[{"role": "user", "content": "x" * n}] for n in (5, 5, 20, 1, 1, 1)]
         chunks = list(handle._chunks_by_size(rows, 10))
         assert [[len(r[0]["content"]) for r in c] for c in chunks] == [[5, 5], [20], [1, 1, 1]]
+
+
+def write_handled(dst, rows: int, tokens: int, pad_token_id: int = 151643):
+    """A handled dataset as handle writes it (files, marker, stats): ``rows`` samples of ~``tokens`` tokens."""
+    rng = np.random.default_rng(0)
+
+    def tables():
+        for first in range(0, rows, 10):
+            sizes = rng.integers(tokens // 2, tokens, min(10, rows - first))
+            offsets = pa.array(np.cumsum([0, *sizes]).astype(np.int32))
+            ids = rng.integers(0, 150_000, int(sizes.sum())).astype(np.int32)
+            labels = ids.astype(np.int64)
+            for start in np.cumsum([0, *sizes[:-1]]):
+                labels[start : start + 100] = -100  # the prompt
+            yield pa.table(
+                {
+                    "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids)),
+                    "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
+                }
+            )
+
+    io.save_tables_to_disk(tables(), dst, features(HANDLED_COLUMNS))
+    (dst / io.ARTIFACT_MARKER).write_text(json.dumps({"kind": "handled"}))
+    (dst / "stats.json").write_text(json.dumps({"pad_token_id": pad_token_id}))
+    return dst
+
+
+def resident_mb(paths) -> float:
+    """Resident memory of this process's maps of ``paths`` (from /proc/self/smaps)."""
+    names, total, inside = {str(p) for p in paths}, 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 5 and "-" in fields[0] and not fields[0].endswith(":"):
+                inside = fields[-1] in names
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total / 1024
+
+
+class TestPackMemory:
+    def test_rows_are_read_not_mapped(self, tmp_path, monkeypatch):
+        # pack reads the rows of each write with pread: a fault in a file map makes Linux map the whole page-cache
+        # folio around it, so rows read through the maps made most of the input resident
+        src = write_handled(tmp_path / "handled", rows=80, tokens=24_000)
+        files = sorted(src.glob("data-*.arrow"))
+        size_mb = sum(p.stat().st_size for p in files) / 2**20
+        resident = []
+        release = pack._release
+
+        def measured(maps):
+            resident.append(resident_mb(files))
+            release(maps)
+
+        monkeypatch.setattr(pack, "_release", measured)
+        dst = pack.run(pack.PackConfig(src=str(src), dst=str(tmp_path / "packed"), seq_length=32_768, rows_per_write=8))
+        assert len(resident) >= 3 and size_mb > 10
+        assert max(resident) < 0.2 * size_mb, (resident, size_mb)
+        # the same rows as packing the table in memory (rows as NumPy views of it, no file reads)
+        in_memory = datasets.Dataset(datasets.load_from_disk(str(src)).data.table.combine_chunks())
+        monkeypatch.setattr(pack, "_mapped_table", lambda src, handled: (in_memory.data.table, [], []))
+        ref = pack.run(pack.PackConfig(src=str(src), dst=str(tmp_path / "ref"), seq_length=32_768, rows_per_write=8))
+        assert datasets.load_from_disk(str(dst)).data.table.equals(datasets.load_from_disk(str(ref)).data.table)

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
 from distilled_plugins import generate
 from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread
+from distilled_plugins.io import DataError
 from distilled_plugins.store import STORE_FILE, GenerationStore
 from tests.conftest import REPO, math_train_rows, read_jsonl, write_jsonl
-from tests.test_generate import FAST_RETRY, answer_with_solution
+from tests.test_generate import FAST_RETRY, answer_with_solution, in_memory_merge
 
 
 @pytest.fixture
@@ -58,8 +62,12 @@ class TestKeyedStore:
         assert {key for _, key in stored} == {generate.row_key(r, "problem") for r in read_jsonl(seed)}
         # the file does not grow with reruns (the old store copied every shard file in again)
         assert runs[1].stats["store"]["bytes"] == runs[2].stats["store"]["bytes"]
-        lines = [sorted(read_jsonl(r.output_file), key=lambda row: row["problem"]) for r in runs]
-        assert lines[0] == lines[1] == lines[2]
+        # the reruns generated nothing: their shard files are empty and their reused lists name every row
+        assert [len(read_jsonl(r.output_file)) for r in runs] == [15, 0, 0]
+        assert [len(read_jsonl(r.reused_file)) - 1 for r in runs] == [0, 15, 15]
+        merged = [generate.merge([r.output_file], tmp_path / f"merged{i}.jsonl", "problem") for i, r in enumerate(runs)]
+        assert merged[0].read_bytes() == merged[1].read_bytes() == merged[2].read_bytes()
+        assert len(read_jsonl(merged[0])) == 15
 
     def test_rerun_reads_and_writes_in_proportion_to_the_shard_and_new_rows(self, server, tmp_path):
         replay, url = server
@@ -75,10 +83,14 @@ class TestKeyedStore:
         )
         counts = rerun.stats["store"]
         assert replay.requests - before == 10 * 2
-        assert counts["keys_checked"] == 30 and counts["keys_looked_up"] == 20  # this shard, not the 80 stored
-        assert counts["rows_read"] == 20 and counts["rows_written"] == 10
-        assert rerun.stats["rows_reused_from_store"] == 20 and len(read_jsonl(rerun.output_file)) == 30
+        # this shard's keys, not the 80 stored; no stored row is read (merge reads them)
+        assert counts["keys_checked"] == 30 and counts["keys_looked_up"] == counts["rows_read"] == 0
+        assert counts["rows_written"] == 10
+        assert rerun.stats["rows_reused_from_store"] == 20 and len(read_jsonl(rerun.output_file)) == 10
         assert len(entries(store)) == 90
+        merged = generate.merge([rerun.output_file], tmp_path / "merged.jsonl", "problem")
+        assert len(read_jsonl(merged)) == 30
+        assert json.loads(generate.stats_path(merged).read_text())["rows_from_store"] == 20
 
     def test_a_row_written_by_a_killed_run_is_published_on_resume(self, server, tmp_path):
         _replay, url = server
@@ -160,4 +172,146 @@ class TestConcurrentPublishers:
         assert sum(s["store"].get("rows_already_stored", 0) for s in stats) == 300 - 150 - sum(
             s["rows_reused_from_store"] for s in stats
         )
-        assert all(len(read_jsonl(tmp_path / f"p{i}")) == 150 for i in range(2))
+        for i in range(2):
+            merged = generate.merge([tmp_path / f"p{i}"], tmp_path / f"merged{i}.jsonl", "problem")
+            assert len(read_jsonl(merged)) == 150
+
+
+def shard_runs(seed, out, url, store, shards=2, **overrides) -> list[generate.GenerateResult]:
+    return [
+        generate.run(
+            gen_config(seed, out / f"shard-{i}.jsonl", url, store, shard_index=i, num_shards=shards, **overrides)
+        )
+        for i in range(shards)
+    ]
+
+
+class TestReusedRows:
+    """A rerun's shard writes only its new rows; merge fills in the stored ones and writes what copying wrote."""
+
+    @pytest.mark.parametrize("seed_has_prompt", [False, True])
+    def test_rerun_writes_only_new_rows_and_merges_as_copying_did(self, server, tmp_path, seed_has_prompt):
+        replay, url = server
+        store = tmp_path / "store"
+        rows = math_train_rows(46)
+        if seed_has_prompt:  # a seed column that the generated "prompt" replaces (verl-style seeds)
+            rows = [{**row, "prompt": "seed's own"} for row in rows]
+        shard_runs(write_jsonl(tmp_path / "old.jsonl", rows[:40]), tmp_path / "first", url, store)
+        seed = write_jsonl(tmp_path / "seed.jsonl", rows)  # 6 new problems
+        before = replay.requests
+        rerun = shard_runs(seed, tmp_path / "rerun", url, store)
+        assert replay.requests - before == 6 * 2
+        # the shard files hold the 6 new rows only; the reused lists name the other 40; no stored row was read
+        assert sum(len(read_jsonl(r.output_file)) for r in rerun) == 6
+        assert sum(len(read_jsonl(r.reused_file)) - 1 for r in rerun) == 40
+        assert sum(r.stats["rows_reused_from_store"] for r in rerun) == 40
+        assert all(r.stats["store"]["rows_read"] == 0 for r in rerun)
+        # the behaviour before: every reused row copied into its shard file, then merged
+        copied = shard_runs(seed, tmp_path / "copy", url, store, reused_rows="copy")
+        assert replay.requests - before == 6 * 2
+        assert all(r.reused_file is None for r in copied)
+        assert sum(len(read_jsonl(r.output_file)) for r in copied) == 46
+        # the reused lists carry seed rows only, never a completion
+        listed = [row for r in rerun for row in read_jsonl(r.reused_file)[1:]]
+        assert not any(column in row for row in listed for column in ("generations", "api_metadata"))
+        merged = generate.merge([r.output_file for r in rerun], tmp_path / "merged.jsonl", "problem")
+        old = generate.merge([r.output_file for r in copied], tmp_path / "old-merged.jsonl", "problem")
+        assert merged.read_bytes() == old.read_bytes() == in_memory_merge([r.output_file for r in copied], "problem")
+        merged_rows = read_jsonl(merged)
+        assert len(merged_rows) == 46 and all(len(r["generations"]) == 2 for r in merged_rows)
+        assert all(r["prompt"] != "seed's own" for r in merged_rows)
+        stats = json.loads(generate.stats_path(merged).read_text())
+        assert stats["rows_from_store"] == 40 and stats["rows_written"] == 46
+
+    def test_sigkill_then_resume_keeps_every_row_once(self, tmp_path):
+        replay = ReplayTeacher(answer_with_solution, delay=0.05)
+        store = tmp_path / "store"
+        rows = math_train_rows(60)
+        with ServerThread(replay.app()) as server:
+            generate.run(
+                gen_config(write_jsonl(tmp_path / "old.jsonl", rows[:30]), tmp_path / "a.jsonl", server.url, store)
+            )
+            seed = write_jsonl(tmp_path / "seed.jsonl", rows)
+            output = tmp_path / "gen.jsonl"
+            settings = {
+                "dataset_name": str(seed),
+                "model": "teacher",
+                "api_addr": server.url,
+                "num_generations": 2,
+                "max_concurrent": 2,
+                "store_dir": str(store),
+                "output_file": str(output),
+            }
+            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            proc = subprocess.Popen([sys.executable, "-c", _PUBLISHER, json.dumps(settings)], cwd=REPO, env=env)
+            deadline = time.monotonic() + 120
+            while not output.exists() or output.stat().st_size == 0:  # the reused list is out; new rows arrive
+                assert time.monotonic() < deadline and proc.poll() is None, "the shard never wrote a new row"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            assert generate.reused_path(output).is_file()
+            before = replay.requests
+            resumed = generate.run(gen_config(seed, output, server.url, store, max_concurrent=2))
+            # only what was missing went out again (at most the two requests in flight were lost)
+            assert replay.requests - before <= 30 * 2 - resumed.stats["rows_already_done"] * 2 + 2
+        assert resumed.stats["rows_already_done"] >= 1 and resumed.stats["rows_reused_from_store"] == 30
+        assert len(read_jsonl(output)) == 30
+        merged = read_jsonl(generate.merge([output], tmp_path / "merged.jsonl", "problem"))
+        assert sorted(generate.row_key(r, "problem") for r in merged) == sorted(
+            generate.row_key(r, "problem") for r in rows
+        )
+        assert all(len(r["generations"]) == 2 for r in merged)
+
+    def test_merge_refuses_rows_the_store_lost(self, server, tmp_path):
+        _replay, url = server
+        store = tmp_path / "store"
+        seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(8))
+        generate.run(gen_config(seed, tmp_path / "a.jsonl", url, store))
+        rerun = generate.run(gen_config(seed, tmp_path / "b.jsonl", url, store))
+        with sqlite3.connect(store / STORE_FILE) as db:
+            db.execute("DELETE FROM generations WHERE rowid IN (SELECT rowid FROM generations LIMIT 3)")
+        with pytest.raises(DataError, match=r"b\.reused\.jsonl: 3 row\(s\) it lists .* not in the generation store"):
+            generate.merge([rerun.output_file], tmp_path / "merged.jsonl", "problem")
+        assert not (tmp_path / "merged.jsonl").exists()
+        shutil.rmtree(store)
+        with pytest.raises(DataError, match="which does not exist here"):
+            generate.merge([rerun.output_file], tmp_path / "merged.jsonl", "problem")
+
+    def test_a_run_that_copies_removes_an_earlier_reused_list(self, server, tmp_path):
+        _replay, url = server
+        store = tmp_path / "store"
+        seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(8))
+        generate.run(gen_config(seed, tmp_path / "a.jsonl", url, store))
+        listed = generate.run(gen_config(seed, tmp_path / "b.jsonl", url, store))
+        assert listed.reused_file is not None
+        copied = generate.run(gen_config(seed, tmp_path / "b.jsonl", url, store, reused_rows="copy"))
+        assert copied.reused_file is None and not generate.reused_path(copied.output_file).exists()
+        assert len(read_jsonl(copied.output_file)) == 8
+
+    def test_many_new_rows_stream_the_seed_again(self, server, tmp_path, monkeypatch):
+        replay, url = server
+        store = tmp_path / "store"
+        rows = math_train_rows(24)
+        generate.run(gen_config(write_jsonl(tmp_path / "old.jsonl", rows[:4]), tmp_path / "a.jsonl", url, store))
+        seed = write_jsonl(tmp_path / "seed.jsonl", rows)
+        monkeypatch.setattr(generate, "KEEP_EXAMPLES", 3)  # 20 new rows: too many to keep, streamed again
+        streamed = generate.run(gen_config(seed, tmp_path / "b.jsonl", url, store))
+        monkeypatch.undo()
+        kept = generate.run(gen_config(seed, tmp_path / "c.jsonl", url, tmp_path / "other-store"))
+        assert streamed.stats["rows_reused_from_store"] == 4 and streamed.stats["rows_written"] == 20
+        assert replay.requests == (4 + 20 + 24) * 2
+        merged = [
+            generate.merge([r.output_file], tmp_path / f"m{i}.jsonl", "problem") for i, r in enumerate((streamed, kept))
+        ]
+        assert merged[0].read_bytes() == merged[1].read_bytes()
+
+    def test_a_list_of_nothing_needs_no_store(self, server, tmp_path):
+        _replay, url = server
+        store = tmp_path / "store"
+        first = generate.run(
+            gen_config(write_jsonl(tmp_path / "seed.jsonl", math_train_rows(5)), tmp_path / "a.jsonl", url, store)
+        )
+        assert len(read_jsonl(first.reused_file)) == 1  # the header alone: nothing was reused
+        shutil.rmtree(store)
+        assert len(read_jsonl(generate.merge([first.output_file], tmp_path / "merged.jsonl", "problem"))) == 5

@@ -8,16 +8,21 @@ does, and reads the figures from ``triggering_asset_events``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from airflow.sdk import Asset, AssetWatcher
 
 from distilled_plugins.configs import SHARED_DATA
+from operators import deployment
 from operators.seed_watcher import SeedChangeTrigger
 
-SEED_PATH = os.environ.get("DISTILL_SEED", str(SHARED_DATA / "math_train" / "math12k_train.parquet"))
-SEED_POLL_SECONDS = float(os.environ.get("DISTILL_SEED_POLL_SECONDS", "10"))
+# the seed and its polling interval: the deployment's configuration (the Variable distill_deployment, its
+# defaults.seed_dataset and seed_poll_seconds), read by the dag-processor, whose parse fixes the watcher's kwargs
+_DEPLOYMENT = deployment.load()
+SEED_PATH = str(
+    deployment.defaults(_DEPLOYMENT).get("seed_dataset") or SHARED_DATA / "math_train" / "math12k_train.parquet"
+)
+SEED_POLL_SECONDS = deployment.seconds(_DEPLOYMENT, "seed_poll_seconds")
 
 SEED_URI = f"file://{Path(SEED_PATH).resolve()}"
 SEED = Asset(

@@ -180,6 +180,43 @@ def request_stop(job_dir: str | Path, reason: str) -> None:
         write_json(paths.stop, {"reason": reason, "host": this_host(), "requested_at": time.time()})
 
 
+def settle_stop_request(job_dir: str | Path, node_rank: int, dead_after: float, timeout: float) -> None:
+    """Before node ``node_rank`` starts its part of the job: what to do with a stop request left in the folder.
+
+    A stop request (a user's, or a failed node's) survives the start of any node but node 0: a retry of node 1
+    must not undo a stop aimed at the whole job, so node 1 waits (up to ``timeout`` s) for node 0 to start the
+    job anew, and fails with one line if it does not. Node 0 clears the request only once it was honoured: no
+    node of the job still runs (by its heartbeat, so a node on another host counts too); it waits up to
+    ``timeout`` s for that.
+    """
+    paths = JobPaths(job_dir)
+    request = stop_requested(paths)
+    if request is None:
+        return
+    reason = request.get("reason", "stop requested")
+    deadline = time.monotonic() + timeout
+    if node_rank == 0:
+        ranks = sorted(int(p.stem.split("-")[1]) for p in paths.dir.glob("node-*.json"))
+        while running := [r for r in ranks if node_state(job_dir, r, dead_after) == "running"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"node(s) {', '.join(map(str, running))} of {job_dir} still run {timeout:g} s after the stop "
+                    f"request ({reason}): stop their tasks (or hosts), then clear node 0's task"
+                )
+            time.sleep(0.5)
+        logger.info("node 0 starts the job anew: clearing the stop request every node honoured (%s)", reason)
+        paths.stop.unlink(missing_ok=True)
+        return
+    logger.info("node %d: %s was asked to stop (%s): waiting for node 0 to start it anew", node_rank, job_dir, reason)
+    while stop_requested(paths) is not None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"node {node_rank}: {job_dir} was asked to stop ({reason}) and node 0 did not start it anew within "
+                f"{timeout:g} s; the request stays. To restart the job, clear node 0's task (map index 0) too"
+            )
+        time.sleep(1)
+
+
 def _terminate_tree(root_pid: int, grace: float = STOP_GRACE) -> int | None:
     """SIGTERM a process and its descendants, SIGKILL what is left after ``grace`` s; returns the root's exit
     code (it is reaped here, so its Popen can no longer tell)."""

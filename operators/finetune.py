@@ -157,7 +157,8 @@ class MsrunFinetuneOperator(BaseOperator):
     @fails_clearly
     def execute_complete(self, context: Context, event: dict, resume_step: int = -1, job_dir: str = "") -> dict:
         cfg = self._config()
-        launched = finetune.Launch(event["job_dir"], int(event["node_rank"]), "", 0, resume_step)
+        # the folder this task started in (defer kwargs), which the trigger watched
+        launched = finetune.Launch(job_dir or event["job_dir"], int(event["node_rank"]), "", 0, resume_step)
         try:
             result = finetune.collect(cfg, launched, event["status"], event.get("message", ""))
         except finetune.FinetuneFailed as e:

@@ -132,8 +132,10 @@ def test_celery_deployment_routes_tasks_and_a_lost_npu_node_resumes_on_another(t
         # logins are real: anonymous calls and a wrong password are refused, the generated password works
         password = airflow.password("admin")
         assert len(password) >= 8 and password != "admin"
-        with pytest.raises(AirflowError, match="HTTP 40[13]"):
+        with pytest.raises(AirflowError, match="HTTP 401"):
             airflow.api("GET", f"/api/v2/dags/{DAG_ID}", token="")
+        with pytest.raises(AirflowError, match="HTTP 403.*Invalid JWT token"):  # not signed with the JWT secret
+            airflow.api("GET", f"/api/v2/dags/{DAG_ID}", token="eyJhbGciOiJIUzUxMiJ9.e30.forged")
         with pytest.raises(AirflowError, match="HTTP 401"):
             airflow.login("admin", password + "x")
         token = airflow.login("admin", password)

@@ -137,12 +137,14 @@ def is_mine(record: NodeRecord, pid: int | None = None) -> tuple[bool, str]:
             )
         return True, f"pid {pid} is the supervisor of node {record.node_rank}"
     if session == record.pid and create_time >= record.create_time - 0.05:
+        # msrun or a worker, also one outliving a supervisor that died (the kernel reuses no pid while its session
+        # lives). Only a session leader started at another time than the record says (the pid reused after the
+        # session ended) makes it someone else's; a dying leader (its command line already empty) still counts.
         try:
-            leader_gone = psutil.Process(record.pid).status() == psutil.STATUS_ZOMBIE
+            reused = abs(psutil.Process(record.pid).create_time() - record.create_time) > 0.05
         except psutil.NoSuchProcess:
-            leader_gone = True
-        # msrun or a worker outliving a supervisor that died (the kernel reuses no pid while its session lives)
-        if leader_gone or is_mine(record)[0]:
+            reused = False
+        if not reused:
             return True, f"pid {pid} belongs to the session of node {record.node_rank}'s supervisor"
     return False, f"pid {pid} is not part of node {record.node_rank}'s job"
 

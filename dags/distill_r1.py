@@ -24,8 +24,8 @@ does not count) a new run appears by itself, reading the seed named in the event
 triggerer and workers must reach the hub; where only the workers do, unpause `watch_seed`). A producer can also
 announce it: *Assets* > `distill_seed` > *Create Event*, `POST /api/v2/assets/events`, or a task with the asset as outlet.
 
-A run started by the asset uses the deployment's defaults (`DISTILL_DEFAULTS`). Only new problems go to the
-teacher: finished generations are reused from `{output_root}/generation_store/`.
+A run started by the asset uses the deployment's defaults (the Variable `distill_deployment`). Only new problems
+go to the teacher: finished generations are reused from `{output_root}/generation_store/`.
 
 **Outlets**: `distill_filtered_dataset`, `distill_packed_dataset`, `distill_model`, `distill_eval_report`; their
 events' extra carries the run's figures; `publish_model` is scheduled on `distill_model`.
@@ -37,8 +37,6 @@ twice with a growing delay, each task resuming its work.
 
 from __future__ import annotations
 
-import json
-import os
 from datetime import timedelta
 
 from airflow.sdk import DAG, chain
@@ -59,19 +57,20 @@ from operators import (
     RejectSamplingOperator,
 )
 from operators.assets import EVAL_REPORT, FILTERED, MODEL, PACKED, SEED, SEED_PATH
+from operators.deployment import check_defaults, defaults, output_root, seconds, task_kwargs
 from operators.deployment import load as load_deployment
-from operators.deployment import task_kwargs
 from operators.finetune import node_ranks
 from operators.pipeline import field_param, form_param, log_failure_summary, shard_plan
 from operators.sources import choose_source, from_openr1, from_packed, seed
 
-OUTPUT_ROOT = os.environ.get("DISTILL_OUTPUT_ROOT", "/opt/airflow/distill")
-RETRY_DELAY = timedelta(seconds=float(os.environ.get("DISTILL_RETRY_DELAY_SECONDS", "60")))
-RUN_DIR = "{{ params.output_root }}/{{ dag.dag_id }}/{{ run_id }}"
-# a deployment's own defaults (JSON object of parameter -> value), e.g. for runs started by seed refreshes
-DEFAULTS = json.loads(os.environ.get("DISTILL_DEFAULTS", "{}"))
-# queues and pools per task kind: the Airflow Variable distill_deployment (operators/deployment.py)
+# the deployment's configuration, read from the metadata database by the dag-processor and every worker alike:
+# the Airflow Variable distill_deployment (operators/deployment.py): queues and pools per task kind, the
+# parameters' defaults (also those of runs started without conf, by seed refreshes), the retry delay
 DEPLOYMENT = load_deployment()
+OUTPUT_ROOT = output_root(DEPLOYMENT)
+RETRY_DELAY = timedelta(seconds=seconds(DEPLOYMENT, "retry_delay_seconds"))
+RUN_DIR = "{{ params.output_root }}/{{ dag.dag_id }}/{{ run_id }}"
+DEFAULTS = defaults(DEPLOYMENT)
 
 
 def default(name: str, value):
@@ -401,6 +400,7 @@ params = {
         minLength=1,
     ),
 }
+check_defaults(DEPLOYMENT, params)  # a mistyped name in the Variable is refused
 
 default_args = {
     "retries": 2,

@@ -2,7 +2,8 @@
 
 The ``distill_model`` asset's event carries the checkpoint URI, the training steps and the final loss (see
 ``operators/assets.py``). This DAG only records each announced model in a registry file,
-``{DISTILL_OUTPUT_ROOT}/published/models.jsonl``; a team would copy the checkpoint to its model store or
+``{output_root}/published/models.jsonl`` (the deployment's default ``output_root``, from the Variable
+``distill_deployment``: ``operators/deployment.py``); a team would copy the checkpoint to its model store or
 deploy it to a serving endpoint here instead.
 """
 
@@ -12,9 +13,10 @@ import os
 
 from airflow.sdk import DAG, get_current_context, task
 
+from operators import deployment
 from operators.assets import MODEL
 
-REGISTRY = os.path.join(os.environ.get("DISTILL_OUTPUT_ROOT", "/opt/airflow/distill"), "published", "models.jsonl")
+REGISTRY = os.path.join(deployment.output_root(deployment.load()), "published", "models.jsonl")
 
 
 @task

@@ -7,18 +7,19 @@ whose check finds no change (or cannot reach the hub) is skipped.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 from airflow.sdk import DAG, Param, task
 
+from operators import deployment
 from operators.assets import SEED, SEED_PATH
 from operators.watch import check_seed
 
 with DAG(
     dag_id="watch_seed",
     description="Announce the distill_seed asset when the seed's content changes (fallback for the watcher)",
-    schedule=timedelta(seconds=float(os.environ.get("DISTILL_WATCH_SEED_SECONDS", "300"))),
+    # every watch_seed_seconds of the Variable distill_deployment (operators/deployment.py), 300 by default
+    schedule=timedelta(seconds=deployment.seconds(deployment.load(), "watch_seed_seconds")),
     params={
         "seed_path": Param(SEED_PATH, type="string", minLength=1, description="Seed file or folder to fingerprint"),
     },

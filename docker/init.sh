@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
-# The airflow-init service: checks the secrets, migrates the database, creates the pools the routing Variable
-# names and, when the teacher_api_key secret is given, the teacher connection. Every other Airflow service
-# starts only after it succeeded.
+# The airflow-init service: checks the secrets and docker/deployment.json, migrates the database, stores the
+# deployment's settings as the Variable distill_deployment, creates the pools it names and, when the
+# teacher_api_key secret is given, the teacher connection. Every other Airflow service starts only after it
+# succeeded.
 set -euo pipefail
 bash /opt/distill/docker/check-env.sh
+deployment=/opt/distill/docker/deployment.json
+# the deployment's settings, checked before anything starts (one line naming the problem)
+python -c 'import sys
+from operators.deployment import DeploymentConfigError, parse
+try:
+    parse(open(sys.argv[1]).read())
+except DeploymentConfigError as e:
+    sys.exit(f"{sys.argv[1]}: {e}")' "$deployment"
 airflow db migrate
-# pools named by AIRFLOW_VAR_DISTILL_DEPLOYMENT (operators/deployment.py); sizes from the environment
+# the one place every service and worker reads them: the Variable distill_deployment in the database
+# (operators/deployment.py); the file is the source: an edit made in the UI is replaced at the next start
+airflow variables set distill_deployment "$(cat "$deployment")"
+# pools named by docker/deployment.json (teacher_pool, training_pool); sizes from the environment
 airflow pools set teacher "${TEACHER_POOL_SLOTS:-2}" "generation shards talking to the teacher at once"
 airflow pools set npu_training "${TRAINING_POOL_SLOTS:-1}" "trainings at once on the NPU node group" \
     --include-deferred

@@ -8,35 +8,51 @@ does, and reads the figures from ``triggering_asset_events``.
 
 from __future__ import annotations
 
-import os
-
 from airflow.sdk import Asset, AssetWatcher
 
 from distilled_plugins import seed
 from distilled_plugins.configs import SHARED_DATA
+from operators import deployment
 from operators.seed_watcher import SeedChangeTrigger
 
-SEED_PATH = os.environ.get("DISTILL_SEED", str(SHARED_DATA / "math_train" / "math12k_train.parquet"))
-SEED_POLL_SECONDS = float(os.environ.get("DISTILL_SEED_POLL_SECONDS", "10"))
 
-SEED_URI = seed.uri(SEED_PATH)  # file://<absolute path>, or hf://datasets/<owner>/<name> for a hub dataset
-SEED = Asset(
-    name="distill_seed",
-    uri=SEED_URI,
-    extra={
-        "description": "Seed problems of distill_r1: an update to this asset starts a distillation run (a watcher "
-        "notices changes of the seed's content by itself)",
-        "uri": SEED_URI,
-        "announce_refresh": "Nothing to do: a watcher notices content changes. To announce one yourself: Create "
-        "Event > Manual on this page, or POST /api/v2/assets/events with this asset_id",
-    },
-    watchers=[
-        AssetWatcher(
-            name="distill_seed_watcher",
-            trigger=SeedChangeTrigger(path=seed.canonical(SEED_PATH), poll_interval=SEED_POLL_SECONDS),
-        )
-    ],
-)
+def _seed() -> dict:
+    """The seed asset and its settings, from the deployment's configuration (the Variable distill_deployment: its
+    ``defaults.seed_dataset`` and ``seed_poll_seconds``), read when a DAG file imports them: by the dag-processor,
+    whose parse fixes the watcher's kwargs, and by a worker's parse. Not at the import of this module, which the
+    triggerer and the operators import too."""
+    config = deployment.load()
+    path = str(deployment.defaults(config).get("seed_dataset") or SHARED_DATA / "math_train" / "math12k_train.parquet")
+    poll = deployment.seconds(config, "seed_poll_seconds")
+    uri = seed.uri(path)  # file://<absolute path>, or hf://datasets/<owner>/<name> for a hub dataset
+    asset = Asset(
+        name="distill_seed",
+        uri=uri,
+        extra={
+            "description": "Seed problems of distill_r1: an update to this asset starts a distillation run (a "
+            "watcher notices changes of the seed's content by itself)",
+            "uri": uri,
+            "announce_refresh": "Nothing to do: a watcher notices content changes. To announce one yourself: Create "
+            "Event > Manual on this page, or POST /api/v2/assets/events with this asset_id",
+        },
+        watchers=[
+            AssetWatcher(
+                name="distill_seed_watcher",
+                trigger=SeedChangeTrigger(path=seed.canonical(path), poll_interval=poll),
+            )
+        ],
+    )
+    return {"SEED": asset, "SEED_PATH": path, "SEED_URI": uri, "SEED_POLL_SECONDS": poll}
+
+
+def __getattr__(name: str):
+    """``SEED``, ``SEED_PATH``, ``SEED_URI``, ``SEED_POLL_SECONDS``: computed at each import (never cached, so a
+    process that parses DAG files again sees a changed Variable)."""
+    if name in ("SEED", "SEED_PATH", "SEED_URI", "SEED_POLL_SECONDS"):
+        return _seed()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 FILTERED = Asset(name="distill_filtered_dataset")  # extra: path, kept, rejected, generations_correct
 PACKED = Asset(name="distill_packed_dataset")  # extra: path, rows, seq_length, efficiency
 MODEL = Asset(name="distill_model")  # extra: checkpoint_uri, steps, final_loss, metrics

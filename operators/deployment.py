@@ -1,14 +1,28 @@
-"""Where each task runs: Celery queues and pools come from the deployment's configuration, not from DAG edits.
+"""A deployment's configuration, in one place every component reads: the Airflow Variable ``distill_deployment``.
 
-One place: the Airflow Variable ``distill_deployment`` (a JSON object), which every component reads the same
-way -- from the metadata database, or from ``AIRFLOW_VAR_DISTILL_DEPLOYMENT`` in the services' environment::
+Where each task runs (Celery queues and pools), the defaults of the run settings (the trigger form's defaults, and
+the settings of runs started without ``conf``: seed refreshes, ``publish_model``), the seed the asset watches and
+the output root, the retry delay and the seed polling intervals -- none of it comes from a service's environment.
+The Variable lives in the metadata database (``airflow variables set distill_deployment "$(cat deployment.json)"``,
+Admin > Variables, or ``POST /api/v2/variables``), so the dag-processor (whose parse renders the form and fixes
+the asset's watcher, the queues and pools, which the scheduler and triggerer use) and every worker (whose parse
+of the same file renders the task's ``params``) read the same value, whatever image or host they run on::
 
-    {"cpu_queue": "cpu", "npu_queue": "npu", "teacher_pool": "teacher", "training_pool": "npu_training"}
+    {"cpu_queue": "cpu", "npu_queue": "npu", "teacher_pool": "teacher", "training_pool": "npu_training",
+     "defaults": {"seed_dataset": "/data/seed/seed.parquet", "output_root": "/distill", "num_generations": 4},
+     "retry_delay_seconds": 60, "seed_poll_seconds": 10, "watch_seed_seconds": 300}
 
 Every key is optional. Queues default to ``default`` (a LocalExecutor or a single Celery worker serves all
 tasks); pools default to none (``default_pool``). A pool named here must exist: create it with
 ``airflow pools set teacher 4 "teacher shards" --include-deferred`` (the deferred fine-tune holds its training
-slot while it waits in the triggerer, so the cap holds although the Celery slot is freed).
+slot while it waits in the triggerer, so the cap holds although the Celery slot is freed). ``defaults`` maps
+``distill_r1`` parameter names to values (an unknown name is refused when the DAG is parsed); its
+``seed_dataset`` is also the file the ``distill_seed`` asset watches and its ``output_root`` the root
+``publish_model`` records under.
+
+``AIRFLOW_VAR_DISTILL_DEPLOYMENT`` in one process's environment would override the database for that process
+only (Airflow reads environment variables first): a worker built from another image would then run with other
+defaults than the dag-processor rendered. :func:`load` logs a warning naming the host whenever it sees one.
 
 ``queue`` and ``pool`` are not templated and, on mapped tasks, are partial-only: they are fixed when the DAG is
 parsed, by the dag-processor, which is what the scheduler routes by.
@@ -18,12 +32,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 
 logger = logging.getLogger(__name__)
 
 VARIABLE = "distill_deployment"
+ENV_OVERRIDE = "AIRFLOW_VAR_" + VARIABLE.upper()
 DEFAULT_QUEUE = "default"
-KEYS = {"cpu_queue", "npu_queue", "teacher_pool", "training_pool"}
+DEFAULT_OUTPUT_ROOT = "/opt/airflow/distill"
+ROUTING_KEYS = {"cpu_queue", "npu_queue", "teacher_pool", "training_pool"}
+# key -> (default, minimum): seconds
+SECONDS = {"retry_delay_seconds": (60.0, 0.0), "seed_poll_seconds": (10.0, 0.1), "watch_seed_seconds": (300.0, 1.0)}
+KEYS = ROUTING_KEYS | set(SECONDS) | {"defaults"}
 
 # task kind -> (queue key, pool key)
 KINDS = {
@@ -48,7 +69,7 @@ def parse(text: str | None) -> dict:
     >>> parse('{"npu_qeue": "npu"}')
     Traceback (most recent call last):
     ...
-    operators.deployment.DeploymentConfigError: Variable distill_deployment: unknown key(s) npu_qeue; known: cpu_queue, npu_queue, teacher_pool, training_pool
+    operators.deployment.DeploymentConfigError: Variable distill_deployment: unknown key(s) npu_qeue; known: cpu_queue, defaults, npu_queue, retry_delay_seconds, seed_poll_seconds, teacher_pool, training_pool, watch_seed_seconds
     """
     if not text or not text.strip():
         return {}
@@ -63,17 +84,67 @@ def parse(text: str | None) -> dict:
         raise DeploymentConfigError(
             f"Variable {VARIABLE}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(KEYS))}"
         )
-    for key, value in config.items():
-        if not isinstance(value, str) or not value:
-            raise DeploymentConfigError(f"Variable {VARIABLE}: {key} must be a non-empty string, got {value!r}")
+    for key in ROUTING_KEYS & set(config):
+        if not isinstance(config[key], str) or not config[key]:
+            raise DeploymentConfigError(f"Variable {VARIABLE}: {key} must be a non-empty string, got {config[key]!r}")
+    for key, (_, minimum) in SECONDS.items():
+        value = config.get(key, minimum)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+            raise DeploymentConfigError(f"Variable {VARIABLE}: {key} must be a number >= {minimum:g}, got {value!r}")
+    if not isinstance(config.get("defaults", {}), dict):
+        raise DeploymentConfigError(
+            f"Variable {VARIABLE}: defaults must be an object of distill_r1 parameter -> value, "
+            f"got {config['defaults']!r}"
+        )
     return config
 
 
 def load() -> dict:
-    """Read the Variable (environment first, then the metadata database, as Airflow does)."""
+    """Read the Variable as Airflow does (environment first, then the metadata database); warn when this
+    process's environment overrides the database."""
     from airflow.sdk import Variable
 
+    if ENV_OVERRIDE in os.environ:
+        logger.warning(
+            "%s is set in the environment of this process on host %s: it overrides the Variable %s of the "
+            "metadata database here only, so this host may run with other settings than the dag-processor "
+            "rendered. Remove it and keep the deployment's settings in the database (docker/README.md).",
+            ENV_OVERRIDE,
+            socket.gethostname(),
+            VARIABLE,
+        )
     return parse(Variable.get(VARIABLE, default=None))
+
+
+def defaults(config: dict) -> dict:
+    """The deployment's defaults of ``distill_r1``'s parameters (parameter name -> value)."""
+    return dict(config.get("defaults", {}))
+
+
+def output_root(config: dict) -> str:
+    """Where artifacts and the generation store live: the ``output_root`` default, else /opt/airflow/distill."""
+    return str(defaults(config).get("output_root") or DEFAULT_OUTPUT_ROOT)
+
+
+def seconds(config: dict, key: str) -> float:
+    """One of the intervals (``retry_delay_seconds``, ``seed_poll_seconds``, ``watch_seed_seconds``)."""
+    return float(config.get(key, SECONDS[key][0]))
+
+
+def check_defaults(config: dict, params: dict) -> None:
+    """Refuse a default for a parameter the DAG does not have (a typo would otherwise be ignored).
+
+    >>> check_defaults({"defaults": {"num_generation": 2}}, {"num_generations": 1, "shards": 1})
+    Traceback (most recent call last):
+    ...
+    operators.deployment.DeploymentConfigError: Variable distill_deployment: defaults names unknown parameter(s) num_generation; the parameters are: num_generations, shards
+    """
+    unknown = sorted(set(defaults(config)) - set(params))
+    if unknown:
+        raise DeploymentConfigError(
+            f"Variable {VARIABLE}: defaults names unknown parameter(s) {', '.join(unknown)}; the parameters are: "
+            f"{', '.join(sorted(params))}"
+        )
 
 
 def task_kwargs(kind: str, config: dict) -> dict:

@@ -78,6 +78,7 @@ class MsrunFinetuneOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.stall_timeout = stall_timeout
         self.dead_after = dead_after
+        self.job_dir: str | None = None  # the job folder this task started in (set by execute)
 
     def _config(self) -> finetune.FinetuneConfig:
         return finetune.FinetuneConfig(
@@ -122,6 +123,7 @@ class MsrunFinetuneOperator(BaseOperator):
     def execute(self, context: Context) -> dict | None:
         cfg = self._config()
         job = finetune.find_job(cfg)
+        self._remember_job(context, job.job_dir)
         done = finetune.finished(cfg, job)
         if done:
             self.log.info("%s already finished with these inputs: returning its checkpoints", job.job_dir)
@@ -147,15 +149,16 @@ class MsrunFinetuneOperator(BaseOperator):
                 dead_after=self.dead_after,
             ),
             method_name="execute_complete",
-            kwargs={"resume_step": launched.resume_step},
+            kwargs={"resume_step": launched.resume_step, "job_dir": launched.job_dir},
             timeout=timedelta(seconds=job.deferral_timeout),
         )
         return None
 
     @fails_clearly
-    def execute_complete(self, context: Context, event: dict, resume_step: int = -1) -> dict:
+    def execute_complete(self, context: Context, event: dict, resume_step: int = -1, job_dir: str = "") -> dict:
         cfg = self._config()
-        launched = finetune.Launch(event["job_dir"], int(event["node_rank"]), "", 0, resume_step)
+        # the folder this task started in (defer kwargs), which the trigger watched
+        launched = finetune.Launch(job_dir or event["job_dir"], int(event["node_rank"]), "", 0, resume_step)
         try:
             result = finetune.collect(cfg, launched, event["status"], event.get("message", ""))
         except finetune.FinetuneFailed as e:
@@ -166,15 +169,30 @@ class MsrunFinetuneOperator(BaseOperator):
         self.log.info("training finished after %d steps; checkpoints in %s", result.steps, result.checkpoint_dir)
         return with_fields(context, self._xcom(context, result))
 
+    def _remember_job(self, context: Context, job_dir: str) -> None:
+        """Keep the job folder this task starts in: for :meth:`on_kill` (same process) and, through an XCom of
+        this try (kept while the task is deferred), for a resumption that has no trigger event to read it from.
+        Never derived again from the inputs, which may have changed since (pack cleared and rerun)."""
+        self.job_dir = job_dir
+        context["ti"].xcom_push(key="job_dir", value=job_dir)
+
+    def _started_job(self, context: Context) -> str | None:
+        ti = context["ti"]
+        return self.job_dir or ti.xcom_pull(task_ids=ti.task_id, key="job_dir", map_indexes=ti.map_index)
+
     def resume_execution(self, next_method: str, next_kwargs: dict | None, context: Context):
         if next_method == "__fail__":  # the deferral timed out or the trigger crashed: do not leave training behind
-            job = finetune.find_job(self._config())
-            finetune.stop(job.job_dir, f"task {self.task_id}: {(next_kwargs or {}).get('error', 'trigger failed')}")
+            why = f"task {self.task_id}: {(next_kwargs or {}).get('error', 'trigger failed')}"
+            job_dir = self._started_job(context)  # Airflow replaced next_kwargs: the XCom kept it
+            if job_dir:
+                finetune.stop(job_dir, why)
+            else:
+                self.log.error("%s, but no job folder was recorded for this try: nothing to stop", why)
         return super().resume_execution(next_method, next_kwargs, context)
 
     def on_kill(self) -> None:  # runs only while the task is not deferred (deferrable=False, or before deferring)
-        job = finetune.find_job(self._config())
-        finetune.stop(job.job_dir, f"task {self.task_id} was killed")
+        if self.job_dir:
+            finetune.stop(self.job_dir, f"task {self.task_id} was killed")
 
 
 @task

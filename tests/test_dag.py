@@ -108,8 +108,7 @@ def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(tmp_path):
     answers = load_answers(MATH_TRAIN_SOLUTIONS, "problem", "solution")
     teacher = flaky_teacher(answers, failures=2)
     with ServerThread(teacher.app()) as server:
-        airflow = airflow_for_demo(tmp_path, server.url, free_port(), settings)
-        airflow.env["DISTILL_RETRY_DELAY_SECONDS"] = "1"
+        airflow = airflow_for_demo(tmp_path, server.url, free_port(), settings, retry_delay_seconds=1)
         with airflow:
             airflow.wait_for_dag(DAG_ID)
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 
+from operators.deployment import ROUTING_KEYS, parse
 from tests.cluster.test_celery_cluster import DEPLOYMENT
 from tests.conftest import REPO
 
@@ -37,12 +38,21 @@ def test_compose_file_describes_a_celery_deployment_with_a_cpu_and_an_npu_worker
         assert "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS" not in env  # real logins
         assert any(v.startswith("../dags:") for v in service["volumes"])
         assert "distill-shared:/distill" in service["volumes"]  # artifacts on the one shared volume
-        assert env["DISTILL_OUTPUT_ROOT"] == "/distill"
+        # run settings are not the services' environment: the Variable in the database (docker/deployment.json)
+        assert not [
+            k for k in env if k.startswith("AIRFLOW_VAR_") or (k.startswith("DISTILL_") and k != "DISTILL_DATA")
+        ]
         if name != "airflow-init":
             assert service["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
-    # routing: the Variable the cluster test sets; each queue it names has its own worker service
-    deployment = json.loads(services["api-server"]["environment"]["AIRFLOW_VAR_DISTILL_DEPLOYMENT"])
-    assert deployment == DEPLOYMENT
+    # the deployment's settings: docker/deployment.json, which airflow-init (only) mounts and stores as the
+    # Variable; its routing is the cluster test's, and each queue it names has its own worker service
+    deployment = parse((DOCKER / "deployment.json").read_text())
+    assert {k: v for k, v in deployment.items() if k in ROUTING_KEYS} == DEPLOYMENT
+    assert deployment["defaults"]["output_root"] == "/distill"
+    assert [
+        name for name, service in services.items() if "./deployment.json:" in " ".join(service.get("volumes", []))
+    ] == ["airflow-init"]
+    assert "airflow variables set distill_deployment" in (DOCKER / "init.sh").read_text()
     queues = {}
     for name in ("worker-cpu", "worker-npu"):
         command = services[name]["command"]

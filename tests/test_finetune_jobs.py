@@ -159,3 +159,118 @@ class TestFingerprint:
         assert (
             first.stall_timeout == 600 and first.deferral_timeout == TINY_ROWS * 60 + 2 * 600
         )  # one step a row on CPU
+
+
+class XComTI:
+    """What the operator uses of its task instance: XCom of this try, kept in a dict as the worker's XCom keeps it
+    while the task is deferred (a real task instance needs a running Airflow task)."""
+
+    def __init__(self, task_id: str = "finetune", map_index: int = -1):
+        self.task_id, self.map_index, self.xcom = task_id, map_index, {}
+
+    def xcom_push(self, key: str, value) -> None:
+        self.xcom[(self.task_id, self.map_index, key)] = value
+
+    def xcom_pull(self, task_ids: str, key: str, map_indexes: int):
+        return self.xcom.get((task_ids, map_indexes, key))
+
+
+class TestTheJobATaskStartedIsTheOneItStops:
+    """on_kill and a timed-out deferral stop the job folder the task started in, not the one its inputs name now
+    (pack cleared and rerun meanwhile: another fingerprint, another folder)."""
+
+    def started(self, tiny_packed: Path, tmp_path: Path, map_index: int = -1):
+        import shutil
+
+        from operators.finetune import MsrunFinetuneOperator
+
+        packed = Path(shutil.copytree(tiny_packed, tmp_path / "packed"))
+        op = MsrunFinetuneOperator(task_id="finetune", config=TINY, dataset_path=str(packed), output_dir=str(tmp_path))
+        ti = XComTI(map_index=map_index)
+        job_dir = Path(finetune.find_job(op._config()).job_dir)
+        job_dir.mkdir()
+        op._remember_job({"ti": ti}, str(job_dir))  # what execute does before launching and deferring
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        record = jobs.start_supervisor(job_dir, 0, ["sleep", "300"], env)  # stands in for msrun
+        stats = packed / "stats.json"
+        stats.write_text(stats.read_text())  # the inputs change after the start: packed again, new mtime
+        assert finetune.find_job(op._config()).job_dir != str(job_dir)
+        return op, ti, job_dir, record
+
+    def test_on_kill_stops_the_job_it_started(self, tiny_packed, tmp_path):
+        op, _, job_dir, record = self.started(tiny_packed, tmp_path)
+        op.on_kill()
+        assert json.loads((job_dir / "stop.json").read_text())["reason"] == "task finetune was killed"
+        assert json.loads((job_dir / "node-0.status.json").read_text())["stopped"] == "task finetune was killed"
+        assert not jobs.is_mine(record)[0]  # the supervisor is gone
+        assert [p.name for p in tmp_path.glob("job-*")] == [job_dir.name]  # nothing written where the inputs point
+
+    def test_a_timed_out_deferral_stops_the_job_it_started_from_another_process(self, tiny_packed, tmp_path):
+        from airflow.sdk.exceptions import TaskDeferralTimeout
+
+        from operators.finetune import MsrunFinetuneOperator
+
+        op, ti, job_dir, record = self.started(tiny_packed, tmp_path, map_index=1)
+        # the resumption runs in a new process: a fresh operator, the defer kwargs replaced by Airflow's error
+        resumed = MsrunFinetuneOperator(
+            task_id="finetune", config=TINY, dataset_path=op.dataset_path, output_dir=op.output_dir
+        )
+        with pytest.raises(TaskDeferralTimeout):
+            resumed.resume_execution("__fail__", {"error": "Trigger timeout"}, {"ti": ti})
+        assert json.loads((job_dir / "stop.json").read_text())["reason"] == "task finetune: Trigger timeout"
+        assert json.loads((job_dir / "node-0.status.json").read_text())["stopped"] == "task finetune: Trigger timeout"
+        assert not jobs.is_mine(record)[0]
+
+    def test_without_a_recorded_job_nothing_is_stopped(self, tiny_packed, tmp_path, capsys):
+        from operators.finetune import MsrunFinetuneOperator
+
+        op = MsrunFinetuneOperator(
+            task_id="finetune", config=TINY, dataset_path=str(tiny_packed), output_dir=str(tmp_path)
+        )
+        op.on_kill()  # killed before it found its job
+        with pytest.raises(Exception, match="Trigger failure"):
+            op.resume_execution("__fail__", {"error": "Trigger failure"}, {"ti": XComTI()})
+        assert "no job folder was recorded for this try: nothing to stop" in capsys.readouterr().out
+        assert list(tmp_path.iterdir()) == []
+
+
+class TestAStopRequestOutlivesARetryOfAnotherNode:
+    def test_node_1_starting_again_leaves_a_users_stop_request_and_waits_for_node_0(self, tmp_path):
+        tmp_path.joinpath("node-0.json").write_text("{}")  # node 0 ran here once
+        jobs.request_stop(tmp_path, "stopped by a user")
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"node 1: .* was asked to stop \(stopped by a user\).*clear node 0's"):
+            jobs.settle_stop_request(tmp_path, 1, dead_after=60, timeout=2)
+        assert time.monotonic() - started >= 2  # it waited for node 0 to start the job anew
+        assert json.loads((tmp_path / "stop.json").read_text())["reason"] == "stopped by a user"
+
+    def test_node_1_goes_on_once_node_0_started_the_job_anew(self, tmp_path):
+        import threading
+
+        jobs.request_stop(tmp_path, "node 1 failed (msrun exit code 1)")
+        waiting = threading.Thread(target=jobs.settle_stop_request, args=(tmp_path, 1, 60, 60))
+        waiting.start()
+        time.sleep(1.5)
+        assert waiting.is_alive() and (tmp_path / "stop.json").exists()
+        jobs.settle_stop_request(tmp_path, 0, dead_after=60, timeout=5)  # node 0's fresh start: nothing runs
+        waiting.join(timeout=30)
+        assert not waiting.is_alive() and not (tmp_path / "stop.json").exists()
+
+    def test_node_0_clears_it_only_once_every_node_honoured_it(self, tmp_path):
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        jobs.start_supervisor(tmp_path, 1, ["sleep", "300"], env)  # node 1 still trains, e.g. on another host
+        jobs.request_stop(tmp_path, "stopped by a user")
+        jobs.settle_stop_request(tmp_path, 0, dead_after=60, timeout=60)
+        # node 1 obeyed the request before node 0 cleared it
+        assert json.loads(JobPaths(tmp_path).status(1).read_text())["stopped"] == "stopped by a user"
+        assert not (tmp_path / "stop.json").exists()
+
+    def test_node_0_refuses_to_start_while_a_node_ignores_the_request(self, tmp_path):
+        me = psutil.Process()
+        elsewhere = NodeRecord(str(tmp_path), 1, "node-elsewhere", me.pid, me.create_time(), me.cmdline(), time.time())
+        JobPaths(tmp_path).record(1).write_text(json.dumps(asdict(elsewhere)))
+        JobPaths(tmp_path).heartbeat(1).touch()  # alive over there, and it does not stop
+        jobs.request_stop(tmp_path, "stopped by a user")
+        with pytest.raises(RuntimeError, match="node.s. 1 of .* still run 1 s after the stop request"):
+            jobs.settle_stop_request(tmp_path, 0, dead_after=60, timeout=1)
+        assert (tmp_path / "stop.json").exists()

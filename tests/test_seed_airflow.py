@@ -97,8 +97,7 @@ def env(tmp_path_factory):
     settings = {**demo_settings(tmp, seed), "eval_limit": 1, "eval_max_new_tokens": 8}
     teacher = ReplayTeacher(replay_answer(load_answers(MATH_TRAIN_SOLUTIONS, "problem", "solution")))
     with ServerThread(teacher.app()) as server:
-        airflow = airflow_for_demo(tmp, server.url, free_port(), settings)
-        airflow.env["DISTILL_SEED_POLL_SECONDS"] = "1"
+        airflow = airflow_for_demo(tmp, server.url, free_port(), settings, seed_poll_seconds=1)
         with airflow:
             airflow.wait_for_dag(DAG_ID)
             airflow.wait_for_dag("publish_model")

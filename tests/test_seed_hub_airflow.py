@@ -30,13 +30,12 @@ def test_a_new_hub_commit_starts_a_run_that_reads_exactly_that_commit(tmp_path):
     teacher = ReplayTeacher(replay_answer(load_answers(MATH_TRAIN_SOLUTIONS, "problem", "solution")))
     with ServerThread(hub.app()) as hub_server, ServerThread(teacher.app()) as teacher_server:
         settings = {**demo_settings(tmp_path, tmp_path / "unused"), "seed_dataset": REPO_ID}
-        airflow = airflow_for_demo(tmp_path, teacher_server.url, free_port(), settings)
+        airflow = airflow_for_demo(tmp_path, teacher_server.url, free_port(), settings, seed_poll_seconds=1)
         airflow.env.update(
             HF_ENDPOINT=hub_server.url,
             HF_HOME=str(tmp_path / "hf-home"),
             HF_HUB_OFFLINE="0",
             HF_DATASETS_OFFLINE="0",
-            DISTILL_SEED_POLL_SECONDS="1",
         )
         with airflow:
             airflow.wait_for_dag(DAG_ID)

@@ -97,7 +97,7 @@ def test_form_defaults_are_the_fields_defaults():
         "fields = {n: next(f for f in dataclasses.fields(c) if f.name == f_) for n, (c, f_) in FORM_FIELDS.items()}; "
         "print(json.dumps({n: [m.params[n].value, default_of(f), m.params[n].description] for n, f in fields.items()}))"
     )
-    env = {k: v for k, v in os.environ.items() if k != "DISTILL_DEFAULTS"}
+    env = {k: v for k, v in os.environ.items() if k != "AIRFLOW_VAR_DISTILL_DEPLOYMENT"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     form = json.loads(done.stdout.strip().splitlines()[-1])

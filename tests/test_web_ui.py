@@ -100,7 +100,7 @@ def test_trigger_form_shows_labelled_sections_refuses_an_empty_field_and_submits
     from selenium.webdriver.common.keys import Keys
 
     seed = make_seed(tmp_path / "seed" / "seed.jsonl", 4)
-    settings = demo_settings(tmp_path, seed)  # the demo's deployment defaults, through DISTILL_DEFAULTS
+    settings = demo_settings(tmp_path, seed)  # the demo's deployment defaults (Variable distill_deployment)
     driver = chromium(tmp_path / "screenshots")
     page = Page(driver, tmp_path / "screenshots")
     teacher = ReplayTeacher(replay_answer(load_answers(MATH_TRAIN_SOLUTIONS, "problem", "solution")))

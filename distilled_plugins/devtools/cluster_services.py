@@ -192,7 +192,8 @@ class PostgresServer(_Server):
 
 
 class RedisServer(_Server):
-    """A private Redis (no persistence) with a generated password: the Celery broker."""
+    """A private Redis (no persistence) with a generated password, given in a mode-0600 config file (never on the
+    command line): the Celery broker."""
 
     name = "redis"
 
@@ -201,25 +202,25 @@ class RedisServer(_Server):
         super().__init__(port)
 
     def start(self, timeout: float = 60) -> RedisServer:
-        self._popen(
-            [
-                self.program,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.dir),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--requirepass",
-                self.password,
-            ]
+        # the password goes through a config file only its owner reads: on the command line every user of the
+        # machine would see it in `ps`
+        config = self.dir / "redis.conf"
+        config.touch(mode=0o600)
+        config.write_text(
+            "".join(
+                f"{key} {value}\n"
+                for key, value in (
+                    ("port", self.port),
+                    ("bind", "127.0.0.1"),
+                    ("dir", self.dir),
+                    ("save", '""'),
+                    ("appendonly", "no"),
+                    ("daemonize", "no"),
+                    ("requirepass", self.password),
+                )
+            )
         )
+        self._popen([self.program, str(config)])
         self._wait(self._ping, timeout)
         logger.info("Redis on 127.0.0.1:%d", self.port)
         return self

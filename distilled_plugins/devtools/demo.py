@@ -71,18 +71,18 @@ def demo_settings(workdir: Path, seed: Path) -> dict:
     }
 
 
-def airflow_for_demo(workdir: Path, teacher_url: str, port: int, settings: dict) -> LocalAirflow:
+def airflow_for_demo(workdir: Path, teacher_url: str, port: int, settings: dict, **deployment) -> LocalAirflow:
+    """The demo's private Airflow: ``settings`` are the deployment's defaults (the form's, and those of runs the
+    seed watcher starts), stored with ``deployment`` (e.g. ``retry_delay_seconds=1``) in the Variable
+    ``distill_deployment`` (operators/deployment.py) that every service reads from the database."""
     host, _, teacher_port = teacher_url.removeprefix("http://").partition(":")
     return LocalAirflow(
         workdir / "airflow",
         port=port,
         env={
             "AIRFLOW_CONN_TEACHER_DEFAULT": json.dumps({"conn_type": "http", "host": host, "port": int(teacher_port)}),
-            "DISTILL_SEED": settings["seed_dataset"],
-            "DISTILL_OUTPUT_ROOT": settings["output_root"],
-            "DISTILL_DEFAULTS": json.dumps(settings),
-            "DISTILL_RETRY_DELAY_SECONDS": "5",
         },
+        variables={"distill_deployment": {"defaults": settings, "retry_delay_seconds": 5, **deployment}},
     )
 
 

@@ -5,6 +5,11 @@ environment, with their own ``AIRFLOW_HOME`` and logs, and drives Airflow throug
 The Celery variant (``database_url`` of a PostgreSQL, ``broker_url`` of a Redis: see
 :mod:`distilled_plugins.devtools.cluster_services`) runs CeleryExecutor and Celery workers started with
 :meth:`LocalAirflow.start_worker`, each under its own hostname and queues.
+``variables`` are stored in the metadata database before any service starts (the deployment's configuration,
+the Variable ``distill_deployment``: see ``operators/deployment.py``), never in the services' environment.
+``users`` (``"admin:admin"``) turns on real logins as ``docker/docker-compose.yml`` configures them: the Simple
+auth manager generates each user's password into ``auth/passwords.json`` on the API server's first start, and
+every REST call here sends the token of a login with it.
 Nothing here imports Airflow: it talks to it the way a user's scripts do.
 """
 
@@ -49,6 +54,17 @@ def worker_hostname() -> str:
     return os.environ.get("DISTILL_WORKER_HOSTNAME") or socket.getfqdn()
 
 
+def login_settings(users: str, passwords_file: Path) -> dict:
+    """The auth manager settings of docker/docker-compose.yml: the Simple auth manager, its users, the file its
+    generated passwords go to (created by the API server on its first start), no login-free admin."""
+    return {
+        "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": users,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+    }
+
+
 def celery_settings(database_url: str, broker_url: str) -> dict:
     """Airflow configuration (as environment) shared by every service and worker of a Celery deployment."""
     from cryptography.fernet import Fernet
@@ -71,10 +87,18 @@ class LocalAirflow:
         env: dict | None = None,
         database_url: str | None = None,
         broker_url: str | None = None,
+        variables: dict | None = None,
+        users: str | None = None,
     ):
         """``broker_url`` given: CeleryExecutor with that broker, the database (``database_url``, which must then
-        be PostgreSQL or MySQL) as Celery's result backend, a generated fernet key and JWT secret."""
+        be PostgreSQL or MySQL) as Celery's result backend, a generated fernet key and JWT secret. ``variables``:
+        Airflow Variables (values: JSON-able) written to the database before the services start. ``users``:
+        ``name:role,...`` with generated passwords (the Simple auth manager, as in docker/), instead of no login."""
         self.home, self.port = Path(home).resolve(), port
+        self.variables = dict(variables or {})
+        self.users = users
+        self.passwords_file = self.home / "auth" / "passwords.json"
+        self.token: str | None = None
         self.url = f"http://127.0.0.1:{port}"
         database_url = database_url or f"sqlite:///{self.home}/airflow.db"
         if broker_url and database_url.startswith("sqlite"):
@@ -87,7 +111,11 @@ class LocalAirflow:
             **(celery_settings(database_url, broker_url) if broker_url else {}),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_FOLDER": str(Path(dags_folder).resolve()),
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",  # a private instance: no login
+            **(
+                login_settings(users, self.passwords_file)
+                if users
+                else {"AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True"}
+            ),
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(port),
@@ -117,7 +145,10 @@ class LocalAirflow:
     def start(self, timeout: float = 180) -> LocalAirflow:
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "logs").mkdir(exist_ok=True)
+        self.passwords_file.parent.mkdir(mode=0o700, exist_ok=True)
         self.airflow("db", "migrate")
+        for key, value in self.variables.items():  # in the database, read alike by every service and worker
+            self.airflow("variables", "set", key, value if isinstance(value, str) else json.dumps(value))
         for service in SERVICES:
             with open(self.home / "logs" / f"{service}.log", "ab") as log:  # the child keeps its own copy
                 self.processes[service] = subprocess.Popen(
@@ -133,6 +164,8 @@ class LocalAirflow:
             try:
                 health = self.api("GET", "/api/v2/monitor/health")
                 if health["scheduler"]["status"] == "healthy" and health["triggerer"]["status"] == "healthy":
+                    if self.users:
+                        self.login(self.users.split(":")[0])
                     return self
             except (AirflowError, OSError, KeyError):
                 pass
@@ -146,10 +179,16 @@ class LocalAirflow:
             time.sleep(1)
 
     def start_worker(
-        self, hostname: str, queues: list[str] | tuple[str, ...], concurrency: int = 2, timeout: float = 180
+        self,
+        hostname: str,
+        queues: list[str] | tuple[str, ...],
+        concurrency: int = 2,
+        timeout: float = 180,
+        env: dict | None = None,
     ) -> subprocess.Popen:
         """Start a Celery worker (``airflow celery worker``) under ``hostname`` serving ``queues``; return once
-        Celery says it is ready. Its log is ``logs/worker-<hostname>.log``."""
+        Celery says it is ready. Its log is ``logs/worker-<hostname>.log``. ``env`` adds to (or, with ``None``
+        values, removes from) its environment: a host set up differently."""
         if self.env["AIRFLOW__CORE__EXECUTOR"] != "CeleryExecutor":
             raise AirflowError("start_worker needs the Celery variant (LocalAirflow(..., broker_url=...))")
         name = f"worker-{hostname}"
@@ -171,10 +210,15 @@ class LocalAirflow:
                 ],
                 # each worker serves its task logs on its own port, as on its own host
                 env={
-                    **self.env,
-                    "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-                    "AIRFLOW__CORE__HOSTNAME_CALLABLE": "distilled_plugins.devtools.local_airflow.worker_hostname",
-                    "DISTILL_WORKER_HOSTNAME": hostname,
+                    key: value
+                    for key, value in {
+                        **self.env,
+                        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+                        "AIRFLOW__CORE__HOSTNAME_CALLABLE": "distilled_plugins.devtools.local_airflow.worker_hostname",
+                        "DISTILL_WORKER_HOSTNAME": hostname,
+                        **(env or {}),
+                    }.items()
+                    if value is not None
                 },
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -219,11 +263,25 @@ class LocalAirflow:
         self.stop()
 
     # ---- REST API ----
-    def api(self, method: str, path: str, body: dict | None = None):
+    def password(self, user: str) -> str:
+        """The password the Simple auth manager generated for ``user`` (``users`` given)."""
+        return json.loads(self.passwords_file.read_text())[user]
+
+    def login(self, user: str, password: str | None = None) -> str:
+        """Log in (``POST /auth/token``, as docker/README.md shows) and send the token with every later call."""
+        body = {"username": user, "password": password if password is not None else self.password(user)}
+        self.token = self.api("POST", "/auth/token", body, token="")["access_token"]  # the login goes anonymously
+        return self.token
+
+    def api(self, method: str, path: str, body: dict | None = None, token: str | None = None):
+        """One REST call with this instance's token (``token=""``: anonymously); HTTP errors raise AirflowError
+        with the status code in the message (``HTTP 401: ...``)."""
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
+        headers = {"Content-Type": "application/json"}
+        token = self.token if token is None else token
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         for attempt in range(1, 4):
             try:
                 with urllib.request.urlopen(request, timeout=60) as response:

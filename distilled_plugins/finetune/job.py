@@ -137,12 +137,14 @@ def is_mine(record: NodeRecord, pid: int | None = None) -> tuple[bool, str]:
             )
         return True, f"pid {pid} is the supervisor of node {record.node_rank}"
     if session == record.pid and create_time >= record.create_time - 0.05:
+        # msrun or a worker, also one outliving a supervisor that died (the kernel reuses no pid while its session
+        # lives). Only a session leader started at another time than the record says (the pid reused after the
+        # session ended) makes it someone else's; a dying leader (its command line already empty) still counts.
         try:
-            leader_gone = psutil.Process(record.pid).status() == psutil.STATUS_ZOMBIE
+            reused = abs(psutil.Process(record.pid).create_time() - record.create_time) > 0.05
         except psutil.NoSuchProcess:
-            leader_gone = True
-        # msrun or a worker outliving a supervisor that died (the kernel reuses no pid while its session lives)
-        if leader_gone or is_mine(record)[0]:
+            reused = False
+        if not reused:
             return True, f"pid {pid} belongs to the session of node {record.node_rank}'s supervisor"
     return False, f"pid {pid} is not part of node {record.node_rank}'s job"
 
@@ -178,6 +180,43 @@ def request_stop(job_dir: str | Path, reason: str) -> None:
     paths = JobPaths(job_dir)
     if paths.dir.is_dir() and not paths.stop.exists():
         write_json(paths.stop, {"reason": reason, "host": this_host(), "requested_at": time.time()})
+
+
+def settle_stop_request(job_dir: str | Path, node_rank: int, dead_after: float, timeout: float) -> None:
+    """Before node ``node_rank`` starts its part of the job: what to do with a stop request left in the folder.
+
+    A stop request (a user's, or a failed node's) survives the start of any node but node 0: a retry of node 1
+    must not undo a stop aimed at the whole job, so node 1 waits (up to ``timeout`` s) for node 0 to start the
+    job anew, and fails with one line if it does not. Node 0 clears the request only once it was honoured: no
+    node of the job still runs (by its heartbeat, so a node on another host counts too); it waits up to
+    ``timeout`` s for that.
+    """
+    paths = JobPaths(job_dir)
+    request = stop_requested(paths)
+    if request is None:
+        return
+    reason = request.get("reason", "stop requested")
+    deadline = time.monotonic() + timeout
+    if node_rank == 0:
+        ranks = sorted(int(p.stem.split("-")[1]) for p in paths.dir.glob("node-*.json"))
+        while running := [r for r in ranks if node_state(job_dir, r, dead_after) == "running"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"node(s) {', '.join(map(str, running))} of {job_dir} still run {timeout:g} s after the stop "
+                    f"request ({reason}): stop their tasks (or hosts), then clear node 0's task"
+                )
+            time.sleep(0.5)
+        logger.info("node 0 starts the job anew: clearing the stop request every node honoured (%s)", reason)
+        paths.stop.unlink(missing_ok=True)
+        return
+    logger.info("node %d: %s was asked to stop (%s): waiting for node 0 to start it anew", node_rank, job_dir, reason)
+    while stop_requested(paths) is not None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"node {node_rank}: {job_dir} was asked to stop ({reason}) and node 0 did not start it anew within "
+                f"{timeout:g} s; the request stays. To restart the job, clear node 0's task (map index 0) too"
+            )
+        time.sleep(1)
 
 
 def _terminate_tree(root_pid: int, grace: float = STOP_GRACE) -> int | None:

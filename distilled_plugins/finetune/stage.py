@@ -86,9 +86,8 @@ def launch(cfg: FinetuneConfig, job: Job | None = None) -> Launch:
     if not paths.job.exists():
         _, inputs = fingerprint(cfg, job.run_config)
         write_json(paths.job, {"job_id": job_dir.name, "fingerprint": job.fingerprint, "inputs": inputs})
-    if (request := jobs.stop_requested(paths)) is not None:
-        logger.info("a new attempt: clearing the earlier stop request (%s)", request.get("reason"))
-        paths.stop.unlink(missing_ok=True)
+    # a stop request outlives a retry of another node; node 0 clears it once every node honoured it
+    jobs.settle_stop_request(job_dir, cfg.node_rank, cfg.dead_after, job.stall_timeout)
     tmp = paths.run_config.with_suffix(f".{cfg.node_rank}.tmp")  # every node writes the same YAML
     with open(tmp, "w") as f:
         yaml.safe_dump(run_config, f, sort_keys=False)

@@ -4,10 +4,14 @@ the CPU queue (generation and data stages), one the ``npu`` queue (fine-tuning a
 its training killed); a replacement worker under another hostname runs the retry, which resumes from the newest
 checkpoint.
 
-What docker/docker-compose.yml configures is what this test runs: routing from the Variable distill_deployment,
-the pools (the training pool counts deferred tasks), the teacher key only in an Airflow Connection (created
-through the REST API, not in any service's environment), a generated fernet key, passwords on both servers,
-artifacts on one folder both workers see. Needs Debian's ``postgresql`` and ``redis-server`` (``.ci/run``
+What docker/docker-compose.yml configures is what this test runs: the deployment's configuration in the Variable
+distill_deployment stored in the metadata database (routing and the run settings' defaults: the run is triggered
+with an empty conf, as a seed refresh starts one, and the NPU workers are started with stale ``DISTILL_*``
+variables of another image, which nothing reads), the pools (the training pool counts deferred tasks), logins
+with the Simple auth manager's generated passwords (anonymous and wrong-password calls refused), the teacher
+key only in an Airflow Connection (created through the REST API, in no process's environment or command line),
+a generated fernet key, passwords on both servers (in no command line), artifacts on one folder both workers
+see. Needs Debian's ``postgresql`` and ``redis-server`` (``.ci/run``
 installs them); without them the test is skipped, except under ``CI=true`` where that is a failure.
 """
 
@@ -49,6 +53,11 @@ CPU_TASKS = (
 )
 NPU_TASKS = ("finetune", "evaluate")
 TEACHER_KEY = "sk-cluster-test-key"
+# the environment variables run settings came from before the Variable held them; no component reads them now
+RUN_SETTINGS_ENV = ("DISTILL_DEFAULTS", "DISTILL_OUTPUT_ROOT", "DISTILL_SEED", "DISTILL_RETRY_DELAY_SECONDS")
+RUN_SETTINGS_ENV += ("DISTILL_SEED_POLL_SECONDS", "DISTILL_WATCH_SEED_SECONDS")
+# what an NPU image built with other defaults would carry
+STALE_ENV = {"DISTILL_DEFAULTS": json.dumps({"eval_limit": 5}), "DISTILL_OUTPUT_ROOT": "/nonexistent/distill"}
 
 
 def servers(stack: ExitStack) -> tuple[PostgresServer, RedisServer]:
@@ -76,6 +85,19 @@ def kill_training(job: Path) -> None:
     psutil.wait_procs(members, timeout=60)
 
 
+def exposed(secrets: dict[str, str], environ: bool = False) -> list[str]:
+    """Which secrets some process on this machine shows on its command line (or, ``environ``, in its
+    environment), as ``ps`` (or /proc/PID/environ) would."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            texts = [" ".join(process.cmdline())] + ([json.dumps(process.environ())] if environ else [])
+            found += [
+                f"{name} in pid {process.pid}" for name, secret in secrets.items() if any(secret in t for t in texts)
+            ]
+    return found
+
+
 def when(stamp: str) -> datetime:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
@@ -99,10 +121,25 @@ def test_celery_deployment_routes_tasks_and_a_lost_npu_node_resumes_on_another(t
             port=free_port(),
             database_url=postgres.url,
             broker_url=redis.url,
-            env={"AIRFLOW_VAR_DISTILL_DEPLOYMENT": json.dumps(DEPLOYMENT), "DISTILL_RETRY_DELAY_SECONDS": "1"},
+            # the deployment's one place, in the database: routing and the run settings' defaults
+            variables={"distill_deployment": {**DEPLOYMENT, "defaults": settings, "retry_delay_seconds": 1}},
+            users="admin:admin",  # docker-compose.yml's AIRFLOW_USERS: logins with generated passwords
         )
         assert not any(TEACHER_KEY in v for v in airflow.env.values())
-        stack.enter_context(airflow)
+        assert not [k for k in airflow.env if k in RUN_SETTINGS_ENV or k.startswith("AIRFLOW_VAR_")]
+        stack.enter_context(airflow)  # logged in with the generated password: every call below carries the token
+
+        # logins are real: anonymous calls and a wrong password are refused, the generated password works
+        password = airflow.password("admin")
+        assert len(password) >= 8 and password != "admin"
+        with pytest.raises(AirflowError, match="HTTP 401"):
+            airflow.api("GET", f"/api/v2/dags/{DAG_ID}", token="")
+        with pytest.raises(AirflowError, match="HTTP 403.*Invalid JWT token"):  # not signed with the JWT secret
+            airflow.api("GET", f"/api/v2/dags/{DAG_ID}", token="eyJhbGciOiJIUzUxMiJ9.e30.forged")
+        with pytest.raises(AirflowError, match="HTTP 401"):
+            airflow.login("admin", password + "x")
+        token = airflow.login("admin", password)
+        assert airflow.api("GET", "/api/v2/version", token=token)["version"]
 
         host, _, port = server.url.removeprefix("http://").partition(":")
         airflow.api(
@@ -114,11 +151,18 @@ def test_celery_deployment_routes_tasks_and_a_lost_npu_node_resumes_on_another(t
         airflow.api("POST", "/api/v2/pools", {"name": "teacher", "slots": 1, "include_deferred": False})
         airflow.api("POST", "/api/v2/pools", {"name": "npu_training", "slots": 1, "include_deferred": True})
         airflow.start_worker("cpu-node-1", ["cpu"], concurrency=2)
-        airflow.start_worker("npu-node-1", ["npu"], concurrency=1)
+        airflow.start_worker("npu-node-1", ["npu"], concurrency=1, env=STALE_ENV)
         airflow.wait_for_dag(DAG_ID)
+        # the form the dag-processor rendered shows the Variable's defaults
+        form = airflow.api("GET", f"/api/v2/dags/{DAG_ID}/details")["params"]
+        assert {name: form[name]["value"] for name in settings} == settings
 
-        run_id = airflow.trigger(DAG_ID, settings)
+        # no conf, as a run the seed watcher starts: every setting is the deployment's default, on every worker
+        run_id = airflow.trigger(DAG_ID, {})
         run_dir = shared / "output" / DAG_ID / run_id
+        secrets = {"postgres": postgres.password, "redis": redis.password, "teacher key": TEACHER_KEY}
+        secrets["admin password"] = password
+        secrets_checked = False
         # follow the run; while fine-tuning is deferred (its Celery slot freed), the training pool stays full.
         # Once it has saved a checkpoint, the NPU node is lost: its worker and its training are killed, and a
         # replacement worker under another hostname takes the npu queue over.
@@ -136,14 +180,20 @@ def test_celery_deployment_routes_tasks_and_a_lost_npu_node_resumes_on_another(t
                 pool = airflow.api("GET", "/api/v2/pools/npu_training")
                 deferred_pool_states.append((pool["deferred_slots"], pool["open_slots"]))
                 job = job_dir(run_dir / "finetune")
+                if not secrets_checked and job and JobPaths(job).record(0).exists():
+                    # every process is up (services, workers, msrun and its workers): no password on a command
+                    # line, the teacher key not even in an environment (msrun copies its parent's)
+                    assert exposed(secrets) == [] and exposed({"teacher key": TEACHER_KEY}, environ=True) == []
+                    secrets_checked = True
                 if not killed_at_step and job and (step := latest_step_checkpoint(job / "checkpoint")):
                     airflow.kill_worker("npu-node-1")
                     kill_training(job)
                     killed_at_step = step
-                    airflow.start_worker("npu-node-2", ["npu"], concurrency=1)
+                    airflow.start_worker("npu-node-2", ["npu"], concurrency=1, env=STALE_ENV)
             time.sleep(2)
         assert state == "success", f"run {run_id} {state}; logs under {airflow.home}/logs"
         assert killed_at_step, "fine-tuning finished before it could be interrupted"
+        assert secrets_checked, "the processes' command lines were never checked during training"
 
         tis = {(ti["task_id"], ti["map_index"]): ti for ti in airflow.task_instances(DAG_ID, run_id)}
         for (task_id, map_index), ti in tis.items():
@@ -179,7 +229,8 @@ def test_celery_deployment_routes_tasks_and_a_lost_npu_node_resumes_on_another(t
         finetuned = airflow.xcom(DAG_ID, run_id, "finetune", map_index=0)
         assert Path(finetuned["checkpoint_dir"], "rank_0").is_dir()
         report = json.loads(Path(airflow.xcom(DAG_ID, run_id, "evaluate")).read_text())
-        assert report["problems"] == 2
+        assert report["problems"] == 2  # the Variable's eval_limit, not the stale environment's 5 nor the code's
+        assert not Path(STALE_ENV["DISTILL_OUTPUT_ROOT"]).exists()
         for artifact in ("pack/stats.json", "evaluate/report.md"):
             assert (run_dir / artifact).exists(), artifact
 

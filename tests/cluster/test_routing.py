@@ -1,5 +1,8 @@
-"""Queue and pool routing is deployment configuration: the Variable distill_deployment, read when the DAG is
-parsed, sends each kind of task to its queue and pool, without editing the DAG."""
+"""Queue and pool routing and the run settings' defaults are deployment configuration: the Variable
+distill_deployment, read when the DAG is parsed, sends each kind of task to its queue and pool and gives the
+parameters their defaults, without editing the DAG. (Here the Variable comes from the environment, the cheapest
+way to parse the file alone; a deployment keeps it in the database, as tests/cluster/test_celery_cluster.py
+does.)"""
 
 from __future__ import annotations
 
@@ -15,13 +18,17 @@ from tests.conftest import REPO
 DAG_FILE = REPO / "dags" / "distill_r1.py"
 
 
-def parse_dag(deployment: str | None) -> dict:
+def parse_dag(deployment: str | None, show: str = "{t.task_id: [t.queue, t.pool] for t in m.dag.tasks}") -> dict:
+    """Parse dags/distill_r1.py in a fresh process with this Variable and print ``show`` (an expression of the
+    module ``m``) as JSON."""
     code = (
         "import json, importlib.util as u; "
         f"s = u.spec_from_file_location('d', {str(DAG_FILE)!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
-        "print(json.dumps({t.task_id: [t.queue, t.pool] for t in m.dag.tasks}))"
+        f"print(json.dumps({show}))"
     )
     env = {k: v for k, v in os.environ.items() if k != "AIRFLOW_VAR_DISTILL_DEPLOYMENT"}
+    # what an image built for the old environment-based settings carries: read by nothing any more
+    env.update(DISTILL_DEFAULTS='{"num_generations": 9}', DISTILL_OUTPUT_ROOT="/elsewhere", DISTILL_SEED="/x.jsonl")
     if deployment is not None:
         env["AIRFLOW_VAR_DISTILL_DEPLOYMENT"] = deployment
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
@@ -54,3 +61,26 @@ def test_without_the_variable_every_task_runs_on_the_default_queue_and_pool():
 def test_a_mistyped_deployment_key_is_one_clear_error():
     with pytest.raises(RuntimeError, match="distill_deployment: unknown key.*npu_qeue"):
         parse_dag('{"npu_qeue": "npu"}')
+
+
+def test_the_run_settings_defaults_come_from_the_deployment_variable():
+    """docker/deployment.json's defaults become the form's defaults, the watched seed and the output root; the
+    intervals become the retry delay; no DISTILL_* variable in the environment changes any of it."""
+    deployment = json.loads((REPO / "docker" / "deployment.json").read_text())
+    deployment["defaults"]["num_generations"] = 3
+    deployment["retry_delay_seconds"] = 7
+    show = (
+        "{'params': {n: m.params[n].value for n in m.params}, 'seed_uri': m.SEED.uri, "
+        "'retry_delay': m.dag.default_args['retry_delay'].total_seconds()}"
+    )
+    parsed = parse_dag(json.dumps(deployment), show)
+    for name, value in deployment["defaults"].items():
+        assert parsed["params"][name] == value, name
+    assert parsed["seed_uri"] == "file:///data/seed/seed.parquet"
+    assert parsed["retry_delay"] == 7
+    assert parse_dag(None, show)["params"]["output_root"] == "/opt/airflow/distill"  # no Variable: the code's
+
+
+def test_a_default_for_an_unknown_parameter_is_one_clear_error():
+    with pytest.raises(RuntimeError, match="defaults names unknown parameter.*num_generation;"):
+        parse_dag(json.dumps({"defaults": {"num_generation": 3}}))

@@ -118,6 +118,7 @@ def test_a_timed_out_deferral_stops_the_job(tiny_packed, tmp_path):
     from distilled_plugins import finetune
     from distilled_plugins.finetune import job as jobs
     from operators.finetune import MsrunFinetuneOperator
+    from tests.test_finetune_jobs import XComTI
 
     op = MsrunFinetuneOperator(
         task_id="finetune",
@@ -129,8 +130,10 @@ def test_a_timed_out_deferral_stops_the_job(tiny_packed, tmp_path):
     job_dir.mkdir()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     record = jobs.start_supervisor(job_dir, 0, ["sleep", "300"], env)  # stands in for msrun
+    context = {"ti": XComTI()}
+    op._remember_job(context, str(job_dir))  # as execute does before deferring
     with pytest.raises(TaskDeferralTimeout):
-        op.resume_execution("__fail__", {"error": "Trigger timeout"}, {})
+        op.resume_execution("__fail__", {"error": "Trigger timeout"}, context)
     assert "Trigger timeout" in json.loads((job_dir / "stop.json").read_text())["reason"]
     assert json.loads((job_dir / "node-0.status.json").read_text())["stopped"]
     assert not jobs.is_mine(record)[0]  # the supervisor is gone

@@ -11,7 +11,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from distilled_plugins import generate
 from distilled_plugins.client import RequestSettings
 from distilled_plugins.settings import coerce, default_of
-from operators.hooks import TeacherEndpointHook
+from operators.hooks import CONNECTION_SETTINGS, TeacherEndpointHook
 from operators.pipeline import fails_clearly
 from operators.stage import StageOperator
 from operators.xcom import with_fields
@@ -19,7 +19,7 @@ from operators.xcom import with_fields
 _FIELDS = {f.name: f for f in dataclasses.fields(generate.GenerateConfig)}
 
 # request settings the operator takes besides the config's fields (RequestSettings' fields). None or empty means
-# "not given here": the connection's extra decides, else RequestSettings' default
+# "not given here": the connection's extra decides (CONNECTION_SETTINGS), else RequestSettings' default
 _REQUEST_ARGUMENTS = (
     "max_attempts",
     "request_timeout",
@@ -52,7 +52,12 @@ class GenerateReasoningOperator(StageOperator):
     not_templated = ("prompt_template",)
     operator_arguments: ClassVar[dict[str, Any]] = {
         "teacher_conn_id": "teacher_default",
-        **dict.fromkeys(_REQUEST_ARGUMENTS),
+        # a setting the connection may give is None here ("not given"); the others take RequestSettings' default
+        **{
+            f.name: None if f.name in CONNECTION_SETTINGS else default_of(f)
+            for f in dataclasses.fields(RequestSettings)
+            if f.name in _REQUEST_ARGUMENTS
+        },
     }
     ui_color = "#e8f0fe"
 

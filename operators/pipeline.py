@@ -70,7 +70,8 @@ def field_param(
         UNSET_BY_DEFAULT.add(name)
         kind = keywords["type"]
         keywords["type"] = kind if isinstance(kind, list) else ["null", kind]
-        shown = ("on" if default else "off") if isinstance(default, bool) else f"{default:g}" if default else default
+        shown = ("on" if default else "off") if isinstance(default, bool) else default
+        shown = f"{shown:g}" if isinstance(shown, float) else shown
         description += f" (empty: {unset.format(default=shown)})"
         default = None
     if spec.get("section") is None and section is None:

@@ -94,12 +94,10 @@ params = {
         type="string",
         minLength=1,
     ),
-    "prompt_column": field_param(
-        "prompt_column", GenerateConfig, "prompt_column", "Problem column", DATA, DEFAULTS, minLength=1
-    ),
-    "uuid_column": field_param("uuid_column", GenerateConfig, "uuid_column", "Problem id column", DATA, DEFAULTS),
+    "prompt_column": field_param("prompt_column", GenerateConfig, "prompt_column", defaults=DEFAULTS, minLength=1),
+    "uuid_column": field_param("uuid_column", GenerateConfig, "uuid_column", defaults=DEFAULTS),
     "answer_column": field_param(
-        "answer_column", RejectSamplingConfig, "answer_column", "Gold answer column", DATA, DEFAULTS, minLength=1
+        "answer_column", RejectSamplingConfig, "answer_column", defaults=DEFAULTS, minLength=1
     ),
     # ---- Data: the entry point (which stages run; the others are skipped) and the inputs each needs ----
     "source": form_param(
@@ -151,15 +149,9 @@ params = {
         type="string",
         minLength=1,
     ),
-    "num_generations": field_param(
-        "num_generations", GenerateConfig, "num_generations", "Completions per problem", TEACHER, DEFAULTS, maximum=16
-    ),
-    "max_tokens": field_param(
-        "max_tokens", GenerateConfig, "max_tokens", "Longest completion (tokens)", TEACHER, DEFAULTS, minimum=16
-    ),
-    "max_concurrent": field_param(
-        "max_concurrent", GenerateConfig, "max_concurrent", "Requests in flight", TEACHER, DEFAULTS, maximum=2000
-    ),
+    "num_generations": field_param("num_generations", GenerateConfig, "num_generations", defaults=DEFAULTS, maximum=16),
+    "max_tokens": field_param("max_tokens", GenerateConfig, "max_tokens", defaults=DEFAULTS, minimum=16),
+    "max_concurrent": field_param("max_concurrent", GenerateConfig, "max_concurrent", defaults=DEFAULTS, maximum=2000),
     "request_attempts": field_param("request_attempts", RequestSettings, "max_attempts", defaults=DEFAULTS, maximum=50),
     "shards": form_param(
         default("shards", 2),
@@ -195,16 +187,12 @@ params = {
         type="string",
         minLength=1,
     ),
-    "max_length": field_param(
-        "max_length", HandleConfig, "max_length", "Longest sample (tokens)", PROCESSING, DEFAULTS
-    ),
+    "max_length": field_param("max_length", HandleConfig, "max_length", defaults=DEFAULTS),
     "truncation": field_param(
         "truncation",
         HandleConfig,
         "truncation",
-        "Samples over the longest length",
-        PROCESSING,
-        DEFAULTS,
+        defaults=DEFAULTS,
         values_display={
             "tutorial": "Keep the head and the closing tokens (tutorial)",
             "drop": "Drop the sample",
@@ -215,9 +203,7 @@ params = {
         "overlong",
         PackConfig,
         "overlong",
-        "Samples over the model's sequence length",
-        PROCESSING,
-        DEFAULTS,
+        defaults=DEFAULTS,
         values_display={"split": "Split into pieces", "truncate": "Truncate", "drop": "Drop the sample"},
     ),
     # ---- Fine-tune ----

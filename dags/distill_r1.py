@@ -219,6 +219,8 @@ params = {
         },
     ),
     "base_checkpoint": field_param("base_checkpoint", FinetuneConfig, "load_checkpoint", defaults=DEFAULTS),
+    "epochs": field_param("epochs", FinetuneConfig, "epochs", defaults=DEFAULTS, maximum=100),
+    "learning_rate": field_param("learning_rate", FinetuneConfig, "learning_rate", defaults=DEFAULTS, maximum=1),
     # the layout of the job: one finetune task (msrun launcher) per node, mapped over the node ranks; the
     # engine's worker_num is nodes x workers_per_node, its local_worker_num workers_per_node
     "nodes": form_param(
@@ -380,6 +382,8 @@ with DAG(
         outlets=[MODEL],
         output_dir=RUN_DIR + "/finetune",
         load_checkpoint="{{ params.base_checkpoint }}",
+        epochs="{{ params.epochs }}",
+        learning_rate="{{ params.learning_rate }}",
         worker_num="{{ params.nodes * params.workers_per_node }}",
         local_worker_num="{{ params.workers_per_node }}",
         master_addr="{{ params.master_addr }}",

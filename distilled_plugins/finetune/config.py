@@ -60,6 +60,20 @@ class FinetuneConfig:
         title="Base checkpoint",
         section=FINETUNE,
     )
+    epochs: int | None = setting(
+        None,
+        help="passes over the packed data; empty: the profile's runner_config.epochs",
+        minimum=1,
+        title="Epochs",
+        section=FINETUNE,
+    )
+    learning_rate: float | None = setting(
+        None,
+        help="peak learning rate of the schedule; empty: the profile's lr_schedule.learning_rate",
+        minimum=0,
+        title="Learning rate",
+        section=FINETUNE,
+    )
     seq_length: int | None = setting(None, help="tokens per row; empty: the YAML's model seq_length", minimum=1)
     worker_num: int = setting(1, help="msrun workers over all nodes", minimum=1)
     local_worker_num: int | None = setting(None, help="msrun workers on this node; empty: worker_num (one node)")
@@ -187,7 +201,10 @@ def resolved_config(cfg: FinetuneConfig) -> dict:
         _set(run_config, "model.model_config.seq_length", int(cfg.seq_length))
     if cfg.load_checkpoint is not None:
         _set(run_config, "load_checkpoint", cfg.load_checkpoint)
-    for key, value in cfg.overrides.items():
+    for key, value in (("runner_config.epochs", cfg.epochs), ("lr_schedule.learning_rate", cfg.learning_rate)):
+        if value is not None:
+            _set(run_config, key, value)
+    for key, value in cfg.overrides.items():  # the expert's escape hatch: any key, applied last
         _set(run_config, key, value)
     _fit_parallelism(run_config, cfg.worker_num, cfg.config)
     return run_config

@@ -1,5 +1,8 @@
 """StageOperator: an operator whose arguments are the fields of a stage's config dataclass.
 
+A field that is itself a settings dataclass (evaluation's sampling ``Protocol``) is named in ``nested``: its fields
+are the operator's arguments, and ``stage_config`` builds it from them.
+
 A stage's settings are written once, as fields of its config dataclass (``distilled_plugins.settings``). The
 operator takes exactly those fields as keyword arguments, with the same defaults, templates them all (except
 those named in ``not_templated``), and builds the config from its fields in ``execute``: no default is
@@ -43,8 +46,10 @@ class StageOperator(BaseOperator):
         fields = [f for f in dataclasses.fields(cls.config_class) if f.name not in (*cls.not_arguments, *cls.nested)]
         for klass in cls.nested.values():
             fields += dataclasses.fields(klass)
-        extra = dict(cls.__dict__.get("operator_arguments", {}))
         names = [f.name for f in fields]
+        if len(set(names)) != len(names):
+            raise TypeError(f"{cls.__name__}: a nested setting repeats a field name of {cls.config_class.__name__}")
+        extra = dict(cls.__dict__.get("operator_arguments", {}))
         cls.template_fields = tuple(
             name
             for name in dict.fromkeys([*cls.__dict__.get("template_fields", ()), *names, *extra])

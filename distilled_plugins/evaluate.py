@@ -14,7 +14,8 @@ Protocol (open-r1's values by default, all parameters, all written into the repo
 "Please reason step by step, and put your final answer within \\boxed{}.", temperature 0.6, top_p 0.95, up to
 32,768 new tokens, 4 samples per problem, seed 0. pass@1 is the mean over all samples, with a 95% confidence
 interval over problems; completions are graded by stage 2's grader (same math_verify semantics, same worker
-processes). Completions are kept in ``--dst`` (also ``--out``, ``--output-dir``) and a rerun requests only the missing ones.
+processes). Completions are kept in ``--dst`` (also ``--out``, ``--output-dir``); a rerun requests only the missing
+ones.
 """
 
 from __future__ import annotations
@@ -488,7 +489,7 @@ def claim_output(cfg: EvalConfig) -> None:
     """Keep completions only when they were made with these settings: otherwise refuse, or start afresh."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: --out is an existing file; give a folder")
+        raise DataError(f"{out}: --dst is an existing file; give a folder")
     out.mkdir(parents=True, exist_ok=True)
     wanted = settings_fingerprint(cfg)
     recorded_path = out / SETTINGS_FILE
@@ -500,14 +501,14 @@ def claim_output(cfg: EvalConfig) -> None:
             if not cfg.fresh:
                 raise DataError(
                     f"{out}: holds completions made with other settings ({', '.join(changed)} differ); "
-                    "give another --out, or --fresh to discard them"
+                    "give another --dst, or --fresh to discard them"
                 )
             logger.info("settings changed (%s): discarding the completions in %s", ", ".join(changed), out)
             for path in stored:
                 path.unlink()
     elif stored and not cfg.fresh:
         raise DataError(
-            f"{out}: holds completions with no record of their settings; give another --out, or --fresh to discard them"
+            f"{out}: holds completions with no record of their settings; give another --dst, or --fresh to discard them"
         )
     elif stored:
         for path in stored:

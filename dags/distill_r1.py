@@ -43,10 +43,13 @@ from airflow.sdk import DAG, chain
 
 from distilled_plugins.client import RequestSettings
 from distilled_plugins.configs import SHARED_DATA
+from distilled_plugins.evaluate import EvalConfig, Protocol
+from distilled_plugins.finetune import FinetuneConfig
 from distilled_plugins.generate import GenerateConfig
 from distilled_plugins.handle import HandleConfig
 from distilled_plugins.pack import PackConfig
 from distilled_plugins.reject_sampling import RejectSamplingConfig
+from distilled_plugins.settings import DATA, EVALUATION, FINETUNE, OUTPUT, PROCESSING, TEACHER
 from operators import (
     GenerateReasoningOperator,
     HandleDatasetOperator,
@@ -78,18 +81,10 @@ def default(name: str, value):
 
 
 # Every setting is a field of the trigger form: a title, a description and a section (the form's collapsible
-# groups, shown in this order). To add one, copy an entry: form_param(default("name", value), "Title", SECTION,
-# "What it does", **JSON-schema keywords). Optional settings take type=["null", ...] and default None.
-DATA, TEACHER, PROCESSING, FINETUNE, MULTINODE, EVALUATION, OUTPUT = (
-    "Data",
-    "Teacher",
-    "Processing",
-    "Fine-tune",
-    "Multi-node (rarely changed)",
-    "Evaluation",
-    "Output",
-)
-
+# groups, shown in the order of settings.SECTIONS). A setting of a stage is a field of that stage's config
+# (settings.setting(default, help=..., title=..., section=...)) and its param is field_param("name", Config,
+# "field", defaults=DEFAULTS): the default, description, type and range come from the field. Only settings of no
+# stage (the seed, the entry point, the connections, the output folder) are written here with form_param.
 params = {
     # ---- Data ----
     "seed_dataset": form_param(
@@ -100,19 +95,10 @@ params = {
         type="string",
         minLength=1,
     ),
-    "prompt_column": field_param(
-        "prompt_column", GenerateConfig, "prompt_column", "Problem column", DATA, DEFAULTS, minLength=1
-    ),
-    "uuid_column": form_param(
-        default("uuid_column", "problem"),
-        "Problem id column",
-        DATA,
-        "Column identifying a problem: generations are stored and reused by it",
-        type="string",
-        minLength=1,
-    ),
+    "prompt_column": field_param("prompt_column", GenerateConfig, "prompt_column", defaults=DEFAULTS, minLength=1),
+    "uuid_column": field_param("uuid_column", GenerateConfig, "uuid_column", defaults=DEFAULTS),
     "answer_column": field_param(
-        "answer_column", RejectSamplingConfig, "answer_column", "Gold answer column", DATA, DEFAULTS, minLength=1
+        "answer_column", RejectSamplingConfig, "answer_column", defaults=DEFAULTS, minLength=1
     ),
     # ---- Data: the entry point (which stages run; the others are skipped) and the inputs each needs ----
     "source": form_param(
@@ -164,18 +150,10 @@ params = {
         type="string",
         minLength=1,
     ),
-    "num_generations": field_param(
-        "num_generations", GenerateConfig, "num_generations", "Completions per problem", TEACHER, DEFAULTS, maximum=16
-    ),
-    "max_tokens": field_param(
-        "max_tokens", GenerateConfig, "max_tokens", "Longest completion (tokens)", TEACHER, DEFAULTS, minimum=16
-    ),
-    "max_concurrent": field_param(
-        "max_concurrent", GenerateConfig, "max_concurrent", "Requests in flight", TEACHER, DEFAULTS, maximum=2000
-    ),
-    "request_attempts": field_param(
-        "request_attempts", RequestSettings, "max_attempts", "Attempts per request", TEACHER, DEFAULTS, maximum=50
-    ),
+    "num_generations": field_param("num_generations", GenerateConfig, "num_generations", defaults=DEFAULTS, maximum=16),
+    "max_tokens": field_param("max_tokens", GenerateConfig, "max_tokens", defaults=DEFAULTS, minimum=16),
+    "max_concurrent": field_param("max_concurrent", GenerateConfig, "max_concurrent", defaults=DEFAULTS, maximum=2000),
+    "request_attempts": field_param("request_attempts", RequestSettings, "max_attempts", defaults=DEFAULTS, maximum=50),
     "shards": form_param(
         default("shards", 2),
         "Generation shards",
@@ -185,63 +163,22 @@ params = {
         minimum=1,
         maximum=64,
     ),
-    # requests to the teacher fleet. 0 means "not set here": the teacher connection's extra (endpoints,
-    # max_rpm, max_tpm, prices, max_cost) or the server's x-ratelimit headers decide.
-    "teacher_max_rpm": form_param(
-        default("teacher_max_rpm", 0),
-        "Requests per minute per endpoint",
-        TEACHER,
-        "Rate limit per teacher endpoint (0: from the connection, else learnt from the server)",
-        type="number",
-        minimum=0,
-    ),
-    "teacher_max_tpm": form_param(
-        default("teacher_max_tpm", 0),
-        "Tokens per minute per endpoint",
-        TEACHER,
-        "Token rate limit per teacher endpoint: prompt + max_tokens until the reply's usage (0: from the connection, else learnt from the server)",
-        type="number",
-        minimum=0,
-    ),
-    "teacher_stream": form_param(
-        default("teacher_stream", False),
-        "Stream replies",
-        TEACHER,
-        "Server-sent events: keeps minutes-long replies alive through proxies; a cut stream is retried",
-        type="boolean",
-    ),
-    "teacher_request_timeout": form_param(
-        default("teacher_request_timeout", 1800),
-        "Request timeout (s)",
-        TEACHER,
-        "Seconds for one whole teacher request, reply included",
-        type="number",
-        minimum=1,
-    ),
-    "teacher_price_per_mtok_in": form_param(
-        default("teacher_price_per_mtok_in", 0),
-        "Price per million prompt tokens",
-        TEACHER,
-        "For the running cost estimate (0: from the connection, else no estimate)",
-        type="number",
-        minimum=0,
-    ),
-    "teacher_price_per_mtok_out": form_param(
-        default("teacher_price_per_mtok_out", 0),
-        "Price per million completion tokens",
-        TEACHER,
-        "For the running cost estimate (0: from the connection, else no estimate)",
-        type="number",
-        minimum=0,
-    ),
-    "teacher_max_cost": form_param(
-        default("teacher_max_cost", 0),
-        "Budget per shard task",
-        TEACHER,
-        "Stop a shard's generation cleanly once its estimated cost reaches this; a rerun resumes (0: from the connection, else no budget)",
-        type="number",
-        minimum=0,
-    ),
+    # requests to the teacher fleet, from RequestSettings' fields. Left empty (the default), a setting is not set
+    # here: the teacher connection's extra decides, else the server's x-ratelimit headers or the built-in default
+    **{
+        f"teacher_{field}": field_param(
+            f"teacher_{field}", RequestSettings, field, defaults=DEFAULTS, unset=unset, **schema
+        )
+        for field, unset, schema in (
+            ("max_rpm", "from the connection, else learnt from the server", {}),
+            ("max_tpm", "from the connection, else learnt from the server", {}),
+            ("stream", "from the connection, else {default}", {}),
+            ("request_timeout", "from the connection, else {default}", {}),
+            ("price_per_mtok_in", "from the connection, else no estimate", {}),
+            ("price_per_mtok_out", "from the connection, else no estimate", {}),
+            ("max_cost", "from the connection, else no budget", {"title": "Budget per shard task"}),
+        )
+    },
     # ---- Processing ----
     "tokenizer_dir": form_param(
         default("tokenizer_dir", str(SHARED_DATA / "tokenizer" / "qwen2.5")),
@@ -251,16 +188,12 @@ params = {
         type="string",
         minLength=1,
     ),
-    "max_length": field_param(
-        "max_length", HandleConfig, "max_length", "Longest sample (tokens)", PROCESSING, DEFAULTS
-    ),
+    "max_length": field_param("max_length", HandleConfig, "max_length", defaults=DEFAULTS),
     "truncation": field_param(
         "truncation",
         HandleConfig,
         "truncation",
-        "Samples over the longest length",
-        PROCESSING,
-        DEFAULTS,
+        defaults=DEFAULTS,
         values_display={
             "tutorial": "Keep the head and the closing tokens (tutorial)",
             "drop": "Drop the sample",
@@ -271,32 +204,26 @@ params = {
         "overlong",
         PackConfig,
         "overlong",
-        "Samples over the model's sequence length",
-        PROCESSING,
-        DEFAULTS,
+        defaults=DEFAULTS,
         values_display={"split": "Split into pieces", "truncate": "Truncate", "drop": "Drop the sample"},
     ),
     # ---- Fine-tune ----
-    "finetune_config": form_param(
-        default("finetune_config", "finetune_qwen_2_5_7b.yaml"),
-        "Fine-tune profile",
-        FINETUNE,
-        "Profile in configs/: the tutorial's 7B recipe on Ascend NPUs, or the tiny CPU model of the demo",
-        type="string",
+    "finetune_config": field_param(
+        "finetune_config",
+        FinetuneConfig,
+        "config",
+        defaults=DEFAULTS,
         enum=["finetune_qwen_2_5_7b.yaml", "finetune_tiny_cpu.yaml"],
         values_display={
             "finetune_qwen_2_5_7b.yaml": "Qwen2.5-Math-7B on Ascend",
             "finetune_tiny_cpu.yaml": "Tiny CPU model (demo)",
         },
     ),
-    "base_checkpoint": form_param(
-        default("base_checkpoint", None),
-        "Base checkpoint",
-        FINETUNE,
-        "Folder of the base model weights (Qwen2.5-Math-7B-Instruct safetensors); leave empty to use the "
-        "profile's own load_checkpoint",
-        type=["null", "string"],
-    ),
+    "base_checkpoint": field_param("base_checkpoint", FinetuneConfig, "load_checkpoint", defaults=DEFAULTS),
+    "epochs": field_param("epochs", FinetuneConfig, "epochs", defaults=DEFAULTS, maximum=100),
+    "learning_rate": field_param("learning_rate", FinetuneConfig, "learning_rate", defaults=DEFAULTS, maximum=1),
+    # the layout of the job: one finetune task (msrun launcher) per node, mapped over the node ranks; the
+    # engine's worker_num is nodes x workers_per_node, its local_worker_num workers_per_node
     "nodes": form_param(
         default("nodes", 1),
         "Training nodes",
@@ -316,24 +243,8 @@ params = {
         maximum=16,
     ),
     # ---- Multi-node ----
-    "master_addr": form_param(
-        default("master_addr", "auto"),
-        "Master address",
-        MULTINODE,
-        "Address of training node 0 (msrun's scheduler), reachable from every node; auto: node 0's host "
-        "publishes its own",
-        type="string",
-        minLength=1,
-    ),
-    "master_port": form_param(
-        default("master_port", 8118),
-        "Master port",
-        MULTINODE,
-        "msrun's master port on node 0 (1024 to 65535)",
-        type="integer",
-        minimum=1024,
-        maximum=65535,
-    ),
+    "master_addr": field_param("master_addr", FinetuneConfig, "master_addr", defaults=DEFAULTS, minLength=1),
+    "master_port": field_param("master_port", FinetuneConfig, "master_port", defaults=DEFAULTS),
     # ---- Evaluation ----
     "eval_source": form_param(
         default("eval_source", "checkpoint"),
@@ -363,33 +274,9 @@ params = {
         type="string",
         minLength=1,
     ),
-    "eval_samples": form_param(
-        default("eval_samples", 4),
-        "Samples per problem",
-        EVALUATION,
-        "Completions per MATH-500 problem; pass@1 is averaged over them (1 to 64)",
-        type="integer",
-        minimum=1,
-        maximum=64,
-    ),
-    "eval_limit": form_param(
-        default("eval_limit", 0),
-        "Problems evaluated",
-        EVALUATION,
-        "Evaluate the first N MATH-500 problems only (0: all 500)",
-        type="integer",
-        minimum=0,
-        maximum=500,
-    ),
-    "eval_max_new_tokens": form_param(
-        default("eval_max_new_tokens", 32768),
-        "Longest evaluated completion (tokens)",
-        EVALUATION,
-        "Longest completion generated per evaluated sample, in tokens",
-        type="integer",
-        minimum=1,
-        maximum=131072,
-    ),
+    "eval_samples": field_param("eval_samples", Protocol, "n_samples", defaults=DEFAULTS),
+    "eval_limit": field_param("eval_limit", EvalConfig, "limit", defaults=DEFAULTS, maximum=500),
+    "eval_max_new_tokens": field_param("eval_max_new_tokens", Protocol, "max_new_tokens", defaults=DEFAULTS),
     # ---- Output ----
     "output_root": form_param(
         default("output_root", OUTPUT_ROOT),
@@ -454,6 +341,7 @@ with DAG(
         task_id="merge",
         **task_kwargs("cpu", DEPLOYMENT),
         shards=generate.output,
+        prompt_column="{{ params.prompt_column }}",
         uuid_column="{{ params.uuid_column }}",
         output_file=RUN_DIR + "/merge/generations.jsonl",
     )
@@ -495,7 +383,9 @@ with DAG(
         trigger_rule="none_failed_min_one_success",
         outlets=[MODEL],
         output_dir=RUN_DIR + "/finetune",
-        load_checkpoint="{{ params.base_checkpoint or '' }}",
+        load_checkpoint="{{ params.base_checkpoint }}",
+        epochs="{{ params.epochs }}",
+        learning_rate="{{ params.learning_rate }}",
         worker_num="{{ params.nodes * params.workers_per_node }}",
         local_worker_num="{{ params.workers_per_node }}",
         master_addr="{{ params.master_addr }}",
@@ -504,7 +394,7 @@ with DAG(
     evaluated = Math500EvalOperator(
         task_id="evaluate",
         **task_kwargs("npu_eval", DEPLOYMENT),
-        output_dir=RUN_DIR + "/evaluate",
+        out=RUN_DIR + "/evaluate",
         source="{{ params.eval_source }}",
         checkpoint="{{ ti.xcom_pull(task_ids='finetune', map_indexes=0)['checkpoint_dir'] }}",
         mindformers_config="{{ params.finetune_config }}",

@@ -22,6 +22,7 @@ import aiohttp
 from yarl import URL
 
 from distilled_plugins.endpoints import Endpoint, EndpointState, Fleet, parse_endpoints
+from distilled_plugins.settings import TEACHER, add_arguments, from_args, setting
 
 API_KEY_ENV = "OPENAI_API_KEY"
 _FATAL_HINTS = {
@@ -61,13 +62,21 @@ class FatalRequestError(Exception):
 class RetryPolicy:
     """How failed requests are repeated. Delays grow exponentially with jitter, never below ``Retry-After``."""
 
-    max_attempts: int = field(default=12, metadata={"help": "attempts per request"})
-    backoff_base: float = field(default=0.1, metadata={"help": "first retry delay (s)"})
-    backoff_max: float = field(
-        default=60.0, metadata={"help": "longest retry delay, and longest cool-down of a failing endpoint (s)"}
+    max_attempts: int = setting(
+        12, help="attempts per request", minimum=1, title="Attempts per request", section=TEACHER
     )
-    connect_timeout: float = field(default=10.0, metadata={"help": "seconds to open a connection"})
-    request_timeout: float = field(default=1800.0, metadata={"help": "seconds for one whole request, reply included"})
+    backoff_base: float = setting(0.1, help="first retry delay (s)", minimum=0)
+    backoff_max: float = setting(
+        60.0, help="longest retry delay, and longest cool-down of a failing endpoint (s)", minimum=0
+    )
+    connect_timeout: float = setting(10.0, help="seconds to open a connection", minimum=0.001)
+    request_timeout: float = setting(
+        1800.0,
+        help="seconds for one whole request, reply included",
+        minimum=1,
+        title="Request timeout (s)",
+        section=TEACHER,
+    )
 
     def __post_init__(self):
         if self.max_attempts < 1:
@@ -94,19 +103,43 @@ class RequestSettings(RetryPolicy):
     :class:`RetryPolicy`), rate limits, streaming, prices and budget. :meth:`add_arguments` makes the CLI flags
     of both stages from these fields, so a flag, its default and its help are written once."""
 
-    max_rpm: float | None = field(
-        default=None,
-        metadata={"help": "requests per minute allowed per endpoint; unset: learnt from x-ratelimit headers"},
+    max_rpm: float | None = setting(
+        None,
+        help="requests per minute allowed per endpoint; unset: learnt from x-ratelimit headers",
+        minimum=0,
+        title="Requests per minute per endpoint",
+        section=TEACHER,
     )
-    max_tpm: float | None = field(
-        default=None,
-        metadata={"help": "tokens per minute allowed per endpoint, prompt + max_tokens until the reply's usage"},
+    max_tpm: float | None = setting(
+        None,
+        help="tokens per minute allowed per endpoint, prompt + max_tokens until the reply's usage",
+        minimum=0,
+        title="Tokens per minute per endpoint",
+        section=TEACHER,
     )
-    stream: bool = field(default=False, metadata={"help": "stream replies (server-sent events)"})
-    price_per_mtok_in: float = field(default=0.0, metadata={"help": "price per million prompt tokens"})
-    price_per_mtok_out: float = field(default=0.0, metadata={"help": "price per million completion tokens"})
-    max_cost: float | None = field(
-        default=None, metadata={"help": "stop this run cleanly (resumable) once its estimated cost reaches this"}
+    stream: bool = setting(
+        False,
+        help="stream replies (server-sent events): keeps minutes-long replies alive through proxies; a cut "
+        "stream is retried",
+        title="Stream replies",
+        section=TEACHER,
+    )
+    price_per_mtok_in: float = setting(
+        0.0, help="price per million prompt tokens", minimum=0, title="Price per million prompt tokens", section=TEACHER
+    )
+    price_per_mtok_out: float = setting(
+        0.0,
+        help="price per million completion tokens",
+        minimum=0,
+        title="Price per million completion tokens",
+        section=TEACHER,
+    )
+    max_cost: float | None = setting(
+        None,
+        help="stop this run cleanly (resumable) once its estimated cost reaches this",
+        minimum=0,
+        title="Budget per run",
+        section=TEACHER,
     )
 
     def __post_init__(self):
@@ -133,18 +166,11 @@ class RequestSettings(RetryPolicy):
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """Add ``--max-attempts``, ``--request-timeout``, ``--max-rpm``, ``--stream``, ... to ``parser``."""
-        group = parser.add_argument_group("teacher requests")
-        for f in fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            if f.type in ("bool", bool):
-                group.add_argument(flag, action="store_true", help=f.metadata["help"])
-            else:
-                kind = int if f.type in ("int", int) else float
-                group.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+        add_arguments(parser.add_argument_group("teacher requests"), cls)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RequestSettings:
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        return from_args(cls, args)
 
     @property
     def priced(self) -> bool:

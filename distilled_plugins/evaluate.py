@@ -2,19 +2,20 @@
 
 Usage:
     # an OpenAI-compatible endpoint serving the fine-tuned model (vLLM, vLLM-MindSpore, MindIE):
-    python -m distilled_plugins.evaluate --api-addr localhost:8000 --model OpenR1-Qwen-7B --out eval/
+    python -m distilled_plugins.evaluate --api-addr localhost:8000 --model OpenR1-Qwen-7B --dst eval/
     # mindformers' own generation from the stage 5 checkpoint (the tutorial's way):
     python -m distilled_plugins.evaluate --checkpoint finetune/checkpoint \\
-        --mindformers-config configs/finetune_tiny_cpu.yaml --limit 20 --max-new-tokens 64 --out eval/
+        --mindformers-config configs/finetune_tiny_cpu.yaml --limit 20 --max-new-tokens 64 --dst eval/
     # re-score completions made elsewhere:
     python -m distilled_plugins.evaluate --rescore outputs.jsonl --problem-column question \\
-        --gold-column answer --completion-column code --out eval/
+        --gold-column answer --completion-column code --dst eval/
 
 Protocol (open-r1's values by default, all parameters, all written into the report): the system prompt
 "Please reason step by step, and put your final answer within \\boxed{}.", temperature 0.6, top_p 0.95, up to
 32,768 new tokens, 4 samples per problem, seed 0. pass@1 is the mean over all samples, with a 95% confidence
 interval over problems; completions are graded by stage 2's grader (same math_verify semantics, same worker
-processes). Completions are kept in ``--out`` and a rerun requests only the missing ones.
+processes). Completions are kept in ``--dst`` (also ``--out``, ``--output-dir``); a rerun requests only the missing
+ones.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from distilled_plugins.configs import PRIVATE_ENV_PREFIXES, SHARED_DATA
 from distilled_plugins.endpoints import Endpoint
 from distilled_plugins.handle import SYSTEM_PROMPT
 from distilled_plugins.io import DataError, dumps_line, iter_jsonl, load_rows, read_json, write_json
+from distilled_plugins.settings import EVALUATION, add_arguments, from_args, setting
 
 logger = logging.getLogger(__name__)
 
@@ -53,44 +55,85 @@ REFERENCE = [  # the tutorial's table (MATH-500)
 
 @dataclass
 class Protocol:
-    system_prompt: str = SYSTEM_PROMPT
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 32768
-    n_samples: int = 4
-    seed: int = 0
+    """How completions are sampled (open-r1's values); every field is written into the report."""
+
+    system_prompt: str = setting(SYSTEM_PROMPT, help="system message before each problem")
+    temperature: float = setting(0.6, help="sampling temperature (0: greedy)", minimum=0)
+    top_p: float = setting(0.95, help="nucleus sampling top_p", minimum=0, maximum=1)
+    max_new_tokens: int = setting(
+        32768,
+        help="longest completion generated per evaluated sample, in tokens",
+        minimum=1,
+        maximum=131072,
+        title="Longest evaluated completion (tokens)",
+        section=EVALUATION,
+    )
+    n_samples: int = setting(
+        4,
+        help="completions per problem; pass@1 is averaged over them",
+        minimum=1,
+        maximum=64,
+        title="Samples per problem",
+        section=EVALUATION,
+    )
+    seed: int = setting(0, help="sampling seed")
 
 
 @dataclass
 class EvalConfig:
-    out: str
-    dataset: str = str(MATH500)
-    limit: int | None = None  # the first N problems (a subset for quick runs)
-    protocol: Protocol = None
+    """Settings of one evaluation: where the problems and completions come from, and where the report goes."""
+
+    out: str = setting(
+        help="folder for completions, scores and the report",
+        required=True,
+        flag="--dst",
+        aliases=("--out", "--output-dir"),
+    )
+    dataset: str = setting(str(MATH500), help="problems with problem/answer/subject/level/unique_id")
+    limit: int | None = setting(
+        None,
+        help="evaluate the first N problems only (empty: all)",
+        minimum=1,
+        title="Problems evaluated",
+        section=EVALUATION,
+    )
+    protocol: Protocol = setting(factory=Protocol, help="the sampling protocol (its own flags)", cli=False)
     # completions from an endpoint ...
-    api_addr: str | None = None
-    model: str | None = None
-    api_key: str | None = None
-    endpoints: list[Endpoint] | None = None  # instead of api_addr: endpoints with their own keys, weights, limits
-    max_concurrent: int = 64
-    retry: RetryPolicy = None  # a RequestSettings (timeouts, attempts, rate limits, stream, prices), as generate's
+    api_addr: str | None = setting(
+        None, help="endpoint serving the model (host:port or URL; several separated by commas)"
+    )
+    model: str | None = setting(None, help="model name at the endpoint")
+    api_key: str | None = setting(None, help="the endpoint's API key (CLI: from --api-key-env)", cli=False, repr=False)
+    endpoints: list[Endpoint] | None = setting(
+        None, help="instead of api_addr: endpoints with their own keys, weights and limits", cli=False
+    )
+    max_concurrent: int = setting(64, help="requests in flight at once (endpoint mode)", minimum=1)
+    retry: RetryPolicy = setting(
+        None,
+        help="a RequestSettings (timeouts, attempts, rate limits, stream, prices), as generate's (its own flags)",
+        cli=False,
+    )
     # ... or from a checkpoint with mindformers ...
-    checkpoint: str | None = None
-    mindformers_config: str | None = None
-    tokenizer: str = str(TOKENIZER)
-    batch_size: int = 64  # sequences decoded together
-    prompt_template: str = "{prompt}"  # the user turn around the problem, as in training (stage 1's template)
+    checkpoint: str | None = setting(None, help="stage 5 checkpoint (file or folder) for mindformers")
+    mindformers_config: str | None = setting(None, help="the fine-tune YAML describing the checkpoint's model")
+    tokenizer: str = setting(str(TOKENIZER), help="tokenizer folder (checkpoint mode)")
+    batch_size: int = setting(64, help="checkpoint mode: sequences decoded together", minimum=1)
+    prompt_template: str = setting(
+        "{prompt}",
+        help="checkpoint mode: the user turn around the problem, as the model was trained (stage 1's template)",
+    )
     # ... or re-scored from a file
-    rescore: str | None = None
-    problem_column: str = "problem"
-    gold_column: str = "answer"
-    completion_column: str = "generations"
+    rescore: str | None = setting(None, help="JSONL of existing completions to grade")
+    problem_column: str = setting("problem", help="rescore: column of the problem text")
+    gold_column: str = setting("answer", help="rescore: column of the gold answer")
+    completion_column: str = setting("generations", help="rescore: a string or a list of completions")
     # scoring and report
-    workers: int | None = None
-    baseline: str | None = None
-    label: str = "fine-tuned model"
-    # completions already in ``out`` made under other settings: refuse (default), or start afresh
-    fresh: bool = False
+    workers: int | None = setting(None, help="grading processes (default: one per core)", minimum=1)
+    baseline: str | None = setting(None, help="report.json of a baseline (e.g. the base model)")
+    report_label: str = setting("fine-tuned model", help="the evaluated model's name in the report", flag="--label")
+    fresh: bool = setting(
+        False, help="discard completions in the output folder made with other settings (default: refuse to mix them)"
+    )
 
     def __post_init__(self):
         self.protocol = self.protocol or Protocol()
@@ -446,7 +489,7 @@ def claim_output(cfg: EvalConfig) -> None:
     """Keep completions only when they were made with these settings: otherwise refuse, or start afresh."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: --out is an existing file; give a folder")
+        raise DataError(f"{out}: --dst is an existing file; give a folder")
     out.mkdir(parents=True, exist_ok=True)
     wanted = settings_fingerprint(cfg)
     recorded_path = out / SETTINGS_FILE
@@ -458,14 +501,14 @@ def claim_output(cfg: EvalConfig) -> None:
             if not cfg.fresh:
                 raise DataError(
                     f"{out}: holds completions made with other settings ({', '.join(changed)} differ); "
-                    "give another --out, or --fresh to discard them"
+                    "give another --dst, or --fresh to discard them"
                 )
             logger.info("settings changed (%s): discarding the completions in %s", ", ".join(changed), out)
             for path in stored:
                 path.unlink()
     elif stored and not cfg.fresh:
         raise DataError(
-            f"{out}: holds completions with no record of their settings; give another --out, or --fresh to discard them"
+            f"{out}: holds completions with no record of their settings; give another --dst, or --fresh to discard them"
         )
     elif stored:
         for path in stored:
@@ -511,7 +554,7 @@ def run(cfg: EvalConfig) -> Path:
         protocol["n_samples"] = max(len(r["completions"]) for r in rows)
         protocol["note"] = "completions made elsewhere: sampling settings are those of their producer"
     report = {
-        "label": cfg.label,
+        "label": cfg.report_label,
         "protocol": protocol,
         **summarize(scored),
         # pass@1's denominator: the problems scored; those left out are counted by reason
@@ -533,47 +576,10 @@ def run(cfg: EvalConfig) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m distilled_plugins.evaluate",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--out", required=True, help="folder for completions, scores and the report")
-    p.add_argument("--dataset", default=str(MATH500), help="problems with problem/answer/subject/level/unique_id")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
-    p.add_argument(
-        "--api-addr", default=None, help="endpoint serving the model (host:port or URL; several separated by commas)"
-    )
-    p.add_argument("--model", default=None, help="model name at the endpoint")
-    p.add_argument("--api-key-env", default=API_KEY_ENV)
-    p.add_argument("--max-concurrent", type=int, default=64)
-    p.add_argument("--checkpoint", default=None, help="stage 5 checkpoint (file or folder) for mindformers")
-    p.add_argument("--mindformers-config", default=None, help="the fine-tune YAML describing the checkpoint's model")
-    p.add_argument("--tokenizer", default=str(TOKENIZER))
-    p.add_argument("--batch-size", type=int, default=64, help="checkpoint mode: sequences decoded together")
-    p.add_argument(
-        "--prompt-template",
-        default="{prompt}",
-        help="checkpoint mode: the user turn around the problem, as the model was trained (stage 1's template)",
-    )
-    p.add_argument("--rescore", default=None, help="JSONL of existing completions to grade")
-    p.add_argument("--problem-column", default="problem")
-    p.add_argument("--gold-column", default="answer")
-    p.add_argument("--completion-column", default="generations", help="a string or a list of completions")
-    p.add_argument("--system-prompt", default=SYSTEM_PROMPT)
-    p.add_argument("--temperature", type=float, default=0.6, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=32768)
-    p.add_argument("--n-samples", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None, help="grading processes")
-    p.add_argument("--baseline", default=None, help="report.json of a baseline (e.g. the base model)")
-    p.add_argument("--label", default="fine-tuned model")
-    p.add_argument(
-        "--fresh",
-        action="store_true",
-        help="discard completions in --out made with other settings (default: refuse to mix them)",
-    )
+    p = argparse.ArgumentParser(prog="python -m distilled_plugins.evaluate", description=__doc__.split("\n")[0])
+    add_arguments(p, EvalConfig)
+    p.add_argument("--api-key-env", default=API_KEY_ENV, help="environment variable holding the API key")
+    add_arguments(p.add_argument_group("sampling protocol"), Protocol)
     RequestSettings.add_arguments(p)  # the same request flags as generate: one definition
     return p
 
@@ -583,31 +589,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         report = run(
-            EvalConfig(
-                out=args.out,
-                dataset=args.dataset,
-                limit=args.limit,
-                protocol=Protocol(
-                    args.system_prompt, args.temperature, args.top_p, args.max_new_tokens, args.n_samples, args.seed
-                ),
-                api_addr=args.api_addr,
-                model=args.model,
+            from_args(
+                EvalConfig,
+                args,
+                protocol=from_args(Protocol, args),
                 api_key=os.environ.get(args.api_key_env),
-                max_concurrent=args.max_concurrent,
                 retry=RequestSettings.from_args(args),
-                checkpoint=args.checkpoint,
-                mindformers_config=args.mindformers_config,
-                tokenizer=args.tokenizer,
-                batch_size=args.batch_size,
-                prompt_template=args.prompt_template,
-                rescore=args.rescore,
-                problem_column=args.problem_column,
-                gold_column=args.gold_column,
-                completion_column=args.completion_column,
-                workers=args.workers,
-                baseline=args.baseline,
-                label=args.label,
-                fresh=args.fresh,
             )
         )
     except (ValueError, RuntimeError, FatalRequestError) as e:

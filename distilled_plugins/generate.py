@@ -63,7 +63,7 @@ from distilled_plugins.io import (
 )
 from distilled_plugins.progress import Progress
 from distilled_plugins.schema import REUSED_HEADER, REUSED_SUFFIX, sibling_path
-from distilled_plugins.settings import add_arguments, from_args, setting
+from distilled_plugins.settings import DATA, TEACHER, add_arguments, from_args, setting
 from distilled_plugins.store import LOOKUP_BATCH, PUBLISH_BATCH, STORE_FILE, GenerationStore
 
 logger = logging.getLogger(__name__)
@@ -102,8 +102,18 @@ class GenerateConfig:
         help="JSONL output; resumed if it exists", required=True, flag="--dst", aliases=("--output-file",)
     )
     model: str = setting(help="model name sent to the endpoint", required=True)
-    prompt_column: str = setting("problem", help="column holding the problem text (a string or chat messages)")
-    uuid_column: str | None = setting(None, help="column identifying a row (default: the prompt column)")
+    prompt_column: str = setting(
+        "problem",
+        help="column holding the problem text (a string or chat messages)",
+        title="Problem column",
+        section=DATA,
+    )
+    uuid_column: str | None = setting(
+        None,
+        help="column identifying a row: generations are stored and reused by it (default: the prompt column)",
+        title="Problem id column",
+        section=DATA,
+    )
     api_addr: str = setting(
         "localhost:39876", help="host:port or http(s):// base URL; several separated by commas share the requests"
     )
@@ -111,9 +121,20 @@ class GenerateConfig:
     endpoints: list[Endpoint] | None = setting(
         None, help="instead of api_addr: endpoints with their own keys, weights and limits", cli=False
     )
-    num_generations: int = setting(4, help="completions per problem", minimum=1, maximum=64)
-    max_tokens: int = setting(16384, help="longest completion, in tokens", minimum=1, maximum=131072)
-    max_concurrent: int = setting(100, help="requests in flight at once", minimum=1, maximum=10000)
+    num_generations: int = setting(
+        4, help="completions per problem", minimum=1, maximum=64, title="Completions per problem", section=TEACHER
+    )
+    max_tokens: int = setting(
+        16384,
+        help="longest completion, in tokens",
+        minimum=1,
+        maximum=131072,
+        title="Longest completion (tokens)",
+        section=TEACHER,
+    )
+    max_concurrent: int = setting(
+        100, help="requests in flight at once", minimum=1, maximum=10000, title="Requests in flight", section=TEACHER
+    )
     temperature: float = setting(0.6, help="sampling temperature", minimum=0)
     top_p: float = setting(0.95, help="nucleus sampling top_p", minimum=0, maximum=1)
     prompt_template: str = setting(DEFAULT_PROMPT_TEMPLATE, help="user turn; {prompt} is the problem")

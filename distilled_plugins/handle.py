@@ -38,7 +38,7 @@ from distilled_plugins.io import (
 )
 from distilled_plugins.progress import Progress
 from distilled_plugins.schema import HANDLED_COLUMNS, IGNORE_INDEX, STATS_FILE, STATS_PAD_TOKEN_ID, features
-from distilled_plugins.settings import add_arguments, from_args, setting
+from distilled_plugins.settings import PROCESSING, add_arguments, from_args, setting
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +54,19 @@ class HandleConfig:
     dst: str = setting(help="output folder (save_to_disk layout)", required=True)
     system_prompt: str = setting(SYSTEM_PROMPT, help="system turn prepended to every conversation")
     max_length: int = setting(
-        20480, help="longest sample in tokens; longer ones follow --truncation", minimum=16, maximum=131072
+        20480,
+        help="longest sample in tokens; longer ones follow --truncation",
+        minimum=16,
+        maximum=131072,
+        title="Longest sample (tokens)",
+        section=PROCESSING,
     )
     truncation: str = setting(
         "tutorial",
         help="over --max-length: keep head + last 2 tokens (tutorial), drop the sample, or keep it whole",
         choices=TRUNCATION_POLICIES,
+        title="Samples over the longest length",
+        section=PROCESSING,
     )
     messages_column: str = setting("messages", help="column holding the conversation")
     batch_size: int = setting(1000, help="rows tokenized per batch", minimum=1)

@@ -49,7 +49,7 @@ from distilled_plugins.schema import (
     STATS_SEQ_LENGTH,
     features,
 )
-from distilled_plugins.settings import add_arguments, from_args, setting
+from distilled_plugins.settings import PROCESSING, add_arguments, from_args, setting
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ class PackConfig:
         "split",
         help="samples longer than seq_length are split, truncated or dropped (each case is counted)",
         choices=OVERLONG_POLICIES,
+        title="Samples over the model's sequence length",
+        section=PROCESSING,
     )
     pad_token_id: int | None = setting(None, help="pad id (default: the one handle recorded in its stats.json)")
     # packed rows built per Arrow write: each takes ~3 x seq_length x 12 bytes while built (32 x 32,768: ~40 MB)

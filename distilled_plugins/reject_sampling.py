@@ -26,7 +26,7 @@ from distilled_plugins.decontaminate import Decontaminator
 from distilled_plugins.io import DataError, atomic_path, count_rows, dumps_line, iter_jsonl, write_json
 from distilled_plugins.progress import Progress
 from distilled_plugins.schema import GENERATION_COLUMNS, MESSAGES_COLUMN, PROMPT_COLUMN, row_key, sibling_path
-from distilled_plugins.settings import add_arguments, from_args, setting
+from distilled_plugins.settings import DATA, add_arguments, from_args, setting
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,10 @@ DEFAULT_EVAL_SETS = [str(configs.SHARED_DATA / "math500" / "test.jsonl")]
 class RejectSamplingConfig:
     src: str = setting(help="JSONL of stage 1 (generations)", required=True)
     dst: str = setting(help="JSONL of kept examples", required=True)
-    answer_column: str = setting("answer", help="column holding the gold answer", section="Data")
-    problem_column: str = setting("problem", help="column holding the problem text", section="Data")
+    answer_column: str = setting(
+        "answer", help="column holding the gold answer", title="Gold answer column", section=DATA
+    )
+    problem_column: str = setting("problem", help="column holding the problem text", section=DATA)
     uuid_column: str | None = setting(None, help="column keying the verdict file (default: the problem column)")
     workers: int | None = setting(None, help="grading processes (default: one per core)", minimum=1)
     parse_timeout: int = setting(5, help="math_verify's parse timeout, whole seconds", minimum=1)

@@ -39,6 +39,17 @@ from typing import Any
 
 _MISSING = dataclasses.MISSING
 
+# the trigger form's sections (its collapsible groups, shown in this order); a field names its own
+DATA, TEACHER, PROCESSING, FINETUNE, MULTINODE, EVALUATION, OUTPUT = SECTIONS = (
+    "Data",
+    "Teacher",
+    "Processing",
+    "Fine-tune",
+    "Multi-node (rarely changed)",
+    "Evaluation",
+    "Output",
+)
+
 
 def setting(
     default: Any = _MISSING,

@@ -5,19 +5,24 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, ClassVar
 
-from airflow.sdk import BaseOperator, Context, task
+from airflow.sdk import Context, task
 from airflow.sdk.exceptions import AirflowException
 
 from distilled_plugins import finetune
 from operators.assets import emit
 from operators.pipeline import fails_clearly
+from operators.stage import StageOperator
 from operators.triggers import MsrunJobTrigger
 from operators.xcom import with_fields
 
 
-class MsrunFinetuneOperator(BaseOperator):
+class MsrunFinetuneOperator(StageOperator):
     """Fine-tune with mindformers through msrun; returns the checkpoint folder, metrics and loss curve.
+
+    Takes the fields of :class:`~distilled_plugins.finetune.FinetuneConfig` as keyword arguments (with their
+    defaults), plus ``deferrable``.
 
     One task instance drives one node (``node_rank``); several nodes are this operator mapped over the node
     ranks, all with the same ``output_dir`` on shared storage and ``master_addr``. Deferrable (default): the
@@ -28,78 +33,17 @@ class MsrunFinetuneOperator(BaseOperator):
     checkpoint, or returns its finished result; changed inputs (packed data, config, base checkpoint) train anew.
     """
 
-    template_fields = (
-        "config",
-        "dataset_path",
-        "output_dir",
-        "load_checkpoint",
-        "seq_length",
-        "worker_num",
-        "local_worker_num",
-        "node_rank",
-        "master_addr",
-        "master_port",
-    )
+    config_class = finetune.FinetuneConfig
+    not_templated = ("overrides", "deferrable")
+    operator_arguments: ClassVar[dict[str, Any]] = {"deferrable": True}  # False: wait in the task instead
     ui_color = "#fce8e6"
-
-    def __init__(
-        self,
-        *,
-        config: str,
-        dataset_path: str,
-        output_dir: str,
-        load_checkpoint: str | None = None,
-        seq_length: int | None = None,
-        worker_num: int = 1,
-        local_worker_num: int | None = None,
-        node_rank: int = 0,
-        master_addr: str = "127.0.0.1",
-        master_port: int = 8118,
-        overrides: dict | None = None,
-        deferrable: bool = True,
-        poll_interval: float = 10.0,
-        stall_timeout: float | None = None,
-        dead_after: float = 60.0,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.config = config
-        self.dataset_path = dataset_path
-        self.output_dir = output_dir
-        self.load_checkpoint = load_checkpoint
-        self.seq_length = seq_length
-        self.worker_num = worker_num
-        self.local_worker_num = local_worker_num
-        self.node_rank = node_rank
-        self.master_addr = master_addr
-        self.master_port = master_port
-        self.overrides = overrides or {}
-        self.deferrable = deferrable
-        self.poll_interval = poll_interval
-        self.stall_timeout = stall_timeout
-        self.dead_after = dead_after
-        self.job_dir: str | None = None  # the job folder this task started in (set by execute)
+    job_dir: str | None = None  # the job folder this task started in (set by execute, read by on_kill)
 
     def _config(self) -> finetune.FinetuneConfig:
-        return finetune.FinetuneConfig(
-            config=self.config,
-            dataset_path=self.dataset_path,
-            output_dir=self.output_dir,
-            load_checkpoint=self.load_checkpoint or None,
-            seq_length=int(self.seq_length) if self.seq_length else None,
-            worker_num=int(self.worker_num),
-            local_worker_num=int(self.local_worker_num or self.worker_num),
-            node_rank=int(self.node_rank),
-            master_addr=self.master_addr,
-            master_port=int(self.master_port),
-            overrides=self.overrides,
-            poll_interval=self.poll_interval,
-            stall_timeout=self.stall_timeout,
-            dead_after=self.dead_after,
-        )
+        return self.stage_config()
 
-    def _xcom(self, context: Context, result: finetune.FinetuneResult) -> dict:
-        if int(self.node_rank) == 0:  # one model event per job: node 0 collects the metrics and speaks for all
+    def _xcom(self, context: Context, cfg: finetune.FinetuneConfig, result: finetune.FinetuneResult) -> dict:
+        if cfg.node_rank == 0:  # one model event per job: node 0 collects the metrics and speaks for all
             metrics_file = Path(result.metrics_file)
             metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
             emit(
@@ -127,9 +71,9 @@ class MsrunFinetuneOperator(BaseOperator):
         done = finetune.finished(cfg, job)
         if done:
             self.log.info("%s already finished with these inputs: returning its checkpoints", job.job_dir)
-            return with_fields(context, self._xcom(context, done))
+            return with_fields(context, self._xcom(context, cfg, done))
         if not self.deferrable:
-            return with_fields(context, self._xcom(context, finetune.run(cfg)))
+            return with_fields(context, self._xcom(context, cfg, finetune.run(cfg)))
         launched = finetune.attach(cfg, job) or finetune.launch(cfg, job)
         self.log.info(
             "node %d of %s: supervisor pid %d on host %s; stall timeout %g s, deferral timeout %g s",
@@ -144,9 +88,9 @@ class MsrunFinetuneOperator(BaseOperator):
             trigger=MsrunJobTrigger(
                 job_dir=launched.job_dir,
                 node_rank=cfg.node_rank,
-                poll_interval=self.poll_interval,
+                poll_interval=cfg.poll_interval,
                 stall_timeout=job.stall_timeout,
-                dead_after=self.dead_after,
+                dead_after=cfg.dead_after,
             ),
             method_name="execute_complete",
             kwargs={"resume_step": launched.resume_step, "job_dir": launched.job_dir},
@@ -167,7 +111,7 @@ class MsrunFinetuneOperator(BaseOperator):
                 f"in {event['job_dir']}/checkpoint."
             ) from None
         self.log.info("training finished after %d steps; checkpoints in %s", result.steps, result.checkpoint_dir)
-        return with_fields(context, self._xcom(context, result))
+        return with_fields(context, self._xcom(context, cfg, result))
 
     def _remember_job(self, context: Context, job_dir: str) -> None:
         """Keep the job folder this task starts in: for :meth:`on_kill` (same process) and, through an XCom of

@@ -10,14 +10,16 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from distilled_plugins import generate
 from distilled_plugins.client import RequestSettings
-from distilled_plugins.settings import coerce
-from operators.hooks import TeacherEndpointHook
+from distilled_plugins.settings import coerce, default_of
+from operators.hooks import CONNECTION_SETTINGS, TeacherEndpointHook
 from operators.pipeline import fails_clearly
 from operators.stage import StageOperator
 from operators.xcom import with_fields
 
-# request settings the operator takes besides the config's fields: 0 or empty means "not given here", so the
-# connection's extra (then the server's headers, or the default) decides
+_FIELDS = {f.name: f for f in dataclasses.fields(generate.GenerateConfig)}
+
+# request settings the operator takes besides the config's fields (RequestSettings' fields). None or empty means
+# "not given here": the connection's extra decides (CONNECTION_SETTINGS), else RequestSettings' default
 _REQUEST_ARGUMENTS = (
     "max_attempts",
     "request_timeout",
@@ -28,6 +30,8 @@ _REQUEST_ARGUMENTS = (
     "price_per_mtok_out",
     "max_cost",
 )
+# ... and for these, 0 too (no limit, price or budget can be 0)
+_ZERO_IS_UNSET = ("max_rpm", "max_tpm", "price_per_mtok_in", "price_per_mtok_out", "max_cost")
 
 
 class GenerateReasoningOperator(StageOperator):
@@ -50,27 +54,27 @@ class GenerateReasoningOperator(StageOperator):
     not_templated = ("prompt_template",)
     operator_arguments: ClassVar[dict[str, Any]] = {
         "teacher_conn_id": "teacher_default",
-        **{f.name: f.default for f in dataclasses.fields(RequestSettings) if f.name in _REQUEST_ARGUMENTS},
+        # a setting the connection may give is None here ("not given"); the others take RequestSettings' default
+        **{
+            f.name: None if f.name in CONNECTION_SETTINGS else default_of(f)
+            for f in dataclasses.fields(RequestSettings)
+            if f.name in _REQUEST_ARGUMENTS
+        },
     }
     ui_color = "#e8f0fe"
 
     def request_settings(self, from_connection: dict) -> RequestSettings:
-        """The operator's values, else the connection's, else the defaults."""
-
-        def given(name: str) -> float | None:
-            value = coerce(RequestSettings, name, getattr(self, name))
-            return from_connection.get(name) if value in (None, 0) else float(value)
-
-        return RequestSettings(
-            max_attempts=coerce(RequestSettings, "max_attempts", self.max_attempts),
-            request_timeout=coerce(RequestSettings, "request_timeout", self.request_timeout),
-            max_rpm=given("max_rpm"),
-            max_tpm=given("max_tpm"),
-            stream=coerce(RequestSettings, "stream", self.stream),
-            price_per_mtok_in=given("price_per_mtok_in") or 0.0,
-            price_per_mtok_out=given("price_per_mtok_out") or 0.0,
-            max_cost=given("max_cost"),
-        )
+        """Each request setting: the operator's value where given, else the connection's extra, else the default."""
+        values = {}
+        for name in _REQUEST_ARGUMENTS:
+            value = getattr(self, name)
+            value = None if isinstance(value, str) and value.strip() in ("", "None", "null") else value
+            value = coerce(RequestSettings, name, value)
+            if value is None or (value == 0 and name in _ZERO_IS_UNSET):
+                value = from_connection.get(name)
+            if value is not None:
+                values[name] = value
+        return RequestSettings(**values)
 
     @fails_clearly
     def execute(self, context: Context) -> dict:
@@ -90,18 +94,29 @@ class MergeShardsOperator(BaseOperator):
     """Join the shard outputs of mapped :class:`GenerateReasoningOperator` tasks; returns the merged JSONL path.
 
     A shard's reused-rows list (beside its output) is found by name and filled in from the generation store.
+    Rows are keyed as generation keyed them: by ``uuid_column``, or (None, the default) by ``prompt_column``.
     """
 
-    template_fields = ("shards", "output_file", "uuid_column")
+    template_fields = ("shards", "output_file", "prompt_column", "uuid_column")
     ui_color = "#e8f0fe"
 
-    def __init__(self, *, shards, output_file: str, uuid_column: str = "problem", **kwargs):
+    def __init__(
+        self,
+        *,
+        shards,
+        output_file: str,
+        prompt_column: str = default_of(_FIELDS["prompt_column"]),
+        uuid_column: str | None = default_of(_FIELDS["uuid_column"]),
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.shards = shards  # the mapped tasks' return values (dicts with "output"), or paths
         self.output_file = output_file
+        self.prompt_column = prompt_column
         self.uuid_column = uuid_column
 
     @fails_clearly
     def execute(self, context: Context) -> str:
         paths = [s["output"] if isinstance(s, dict) else s for s in self.shards]
-        return str(generate.merge(paths, self.output_file, self.uuid_column))
+        key_column = coerce(generate.GenerateConfig, "uuid_column", self.uuid_column) or self.prompt_column
+        return str(generate.merge(paths, self.output_file, key_column))

@@ -6,10 +6,21 @@ from typing import NamedTuple
 
 from airflow.sdk import BaseHook
 
+from distilled_plugins.client import RequestSettings
 from distilled_plugins.endpoints import Endpoint, parse_endpoints
+from distilled_plugins.settings import coerce
 
-# request settings a connection's extra may give for all its endpoints (the operator's own values win)
-CONNECTION_SETTINGS = ("max_rpm", "max_tpm", "price_per_mtok_in", "price_per_mtok_out", "max_cost")
+# request settings (RequestSettings' fields) a connection's extra may give for all its endpoints; the operator's
+# own values win where given, and the built-in defaults apply where neither gives one
+CONNECTION_SETTINGS = (
+    "max_rpm",
+    "max_tpm",
+    "price_per_mtok_in",
+    "price_per_mtok_out",
+    "max_cost",
+    "request_timeout",
+    "stream",
+)
 
 
 class TeacherFleet(NamedTuple):
@@ -26,7 +37,8 @@ class TeacherEndpointHook(BaseHook):
 
         {"endpoints": [{"addr": "10.0.0.2:8000", "weight": 2},
                        {"addr": "https://api.provider.example/v1", "api_key": "sk-...", "max_rpm": 1200}],
-         "max_rpm": 600, "max_tpm": 2000000, "price_per_mtok_in": 0.55, "price_per_mtok_out": 2.19}
+         "max_rpm": 600, "max_tpm": 2000000, "price_per_mtok_in": 0.55, "price_per_mtok_out": 2.19,
+         "request_timeout": 3600, "stream": true}
 
     An endpoint without its own key uses the password; ``max_rpm``/``max_tpm`` at the top are every endpoint's
     default limits.
@@ -66,5 +78,13 @@ class TeacherEndpointHook(BaseHook):
             endpoints = parse_endpoints(api_addr, conn.password or None, listed)
         except ValueError as e:
             raise ValueError(f"connection {self.teacher_conn_id!r}: {e}") from None
-        settings = {k: float(extra[k]) for k in CONNECTION_SETTINGS if extra.get(k) is not None}
+        settings = {}
+        for name in CONNECTION_SETTINGS:
+            if extra.get(name) is None:
+                continue
+            value = extra[name]
+            try:
+                settings[name] = coerce(RequestSettings, name, value if isinstance(value, str) else str(value))
+            except ValueError as e:
+                raise ValueError(f"connection {self.teacher_conn_id!r}: extra {e}") from None
         return TeacherFleet(endpoints, settings)

@@ -38,18 +38,50 @@ def form_param(default: Any, title: str, section: str, description: str, **schem
     return Param(default, title=title, section=section, description=description, **schema)
 
 
-# trigger-form param -> the stage config field it sets (tests check that their defaults agree)
+# trigger-form param -> the stage config field it sets (tests check that their defaults agree) ...
 FORM_FIELDS: dict[str, tuple[type, str]] = {}
+# ... and those left empty by default, meaning "not set here" (the operator's default is None too)
+UNSET_BY_DEFAULT: set[str] = set()
 
 
-def field_param(name: str, config: type, field: str, title: str, section: str, defaults: dict, **schema) -> Param:
-    """A form field for a stage setting: its default, description, type, choices and range come from the config
-    dataclass field (``distilled_plugins.settings``); ``defaults`` (a deployment's own) and ``schema`` refine it."""
+def field_param(
+    name: str,
+    config: type,
+    field: str,
+    title: str | None = None,
+    section: str | None = None,
+    defaults: dict | None = None,
+    *,
+    unset: str | None = None,
+    **schema,
+) -> Param:
+    """A form field for a stage setting: its default, title, section, description, type, choices and range come
+    from the config dataclass field (``distilled_plugins.settings``); ``title``/``section`` given here replace the
+    field's, ``defaults`` (a deployment's own) and ``schema`` refine it.
+
+    ``unset`` makes the field empty by default, meaning "not set here", and says what decides then (``{default}``
+    is the field's default), e.g. ``unset="the connection's extra, else {default}"``.
+    """
     spec = param_spec(config, field)
     FORM_FIELDS[name] = (config, field)
     keywords = {k: spec[k] for k in ("type", "enum", "minimum", "maximum") if k in spec}
+    description, default = spec["description"], spec["default"]
+    if unset is not None:
+        UNSET_BY_DEFAULT.add(name)
+        kind = keywords["type"]
+        keywords["type"] = kind if isinstance(kind, list) else ["null", kind]
+        shown = ("on" if default else "off") if isinstance(default, bool) else default
+        shown = f"{shown:g}" if isinstance(shown, float) else shown
+        description += f" (empty: {unset.format(default=shown)})"
+        default = None
+    if spec.get("section") is None and section is None:
+        raise ValueError(f"{config.__name__}.{field}: no form section; give one in setting(section=...)")
     return form_param(
-        defaults.get(name, spec["default"]), title, section, spec["description"], **{**keywords, **schema}
+        (defaults or {}).get(name, default),
+        title or spec["title"],
+        section or spec["section"],
+        description,
+        **{**keywords, **schema},
     )
 
 

@@ -1,5 +1,8 @@
 """StageOperator: an operator whose arguments are the fields of a stage's config dataclass.
 
+A field that is itself a settings dataclass (evaluation's sampling ``Protocol``) is named in ``nested``: its fields
+are the operator's arguments, and ``stage_config`` builds it from them.
+
 A stage's settings are written once, as fields of its config dataclass (``distilled_plugins.settings``). The
 operator takes exactly those fields as keyword arguments, with the same defaults, templates them all (except
 those named in ``not_templated``), and builds the config from its fields in ``execute``: no default is
@@ -32,14 +35,21 @@ class StageOperator(BaseOperator):
     not_arguments: ClassVar[tuple[str, ...]] = ()
     # ... and arguments of the operator that are not config fields, with their defaults
     operator_arguments: ClassVar[dict[str, Any]] = {}
+    # config fields that are themselves settings dataclasses (evaluation's sampling protocol): their fields are
+    # the operator's arguments, and stage_config builds the nested object from them
+    nested: ClassVar[dict[str, type]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if "config_class" not in cls.__dict__:
             return
-        fields = [f for f in dataclasses.fields(cls.config_class) if f.name not in cls.not_arguments]
-        extra = dict(cls.__dict__.get("operator_arguments", {}))
+        fields = [f for f in dataclasses.fields(cls.config_class) if f.name not in (*cls.not_arguments, *cls.nested)]
+        for klass in cls.nested.values():
+            fields += dataclasses.fields(klass)
         names = [f.name for f in fields]
+        if len(set(names)) != len(names):
+            raise TypeError(f"{cls.__name__}: a nested setting repeats a field name of {cls.config_class.__name__}")
+        extra = dict(cls.__dict__.get("operator_arguments", {}))
         cls.template_fields = tuple(
             name
             for name in dict.fromkeys([*cls.__dict__.get("template_fields", ()), *names, *extra])
@@ -77,6 +87,13 @@ class StageOperator(BaseOperator):
     def stage_config(self, **values: Any):
         """The stage's config from this operator's (rendered) fields; ``values`` fill or replace fields."""
         fields = dataclasses.fields(self.config_class)
-        settings = {f.name: getattr(self, f.name) for f in fields if f.name not in self.not_arguments}
+        skipped = (*self.not_arguments, *self.nested)
+        settings = {f.name: getattr(self, f.name) for f in fields if f.name not in skipped}
         settings.update(values)
-        return self.config_class(**{name: coerce(self.config_class, name, v) for name, v in settings.items()})
+        config = {name: coerce(self.config_class, name, v) for name, v in settings.items()}
+        for name, klass in self.nested.items():
+            if name not in config:
+                config[name] = klass(
+                    **{f.name: coerce(klass, f.name, getattr(self, f.name)) for f in dataclasses.fields(klass)}
+                )
+        return self.config_class(**config)

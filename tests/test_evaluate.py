@@ -76,7 +76,7 @@ def test_baseline_difference(reference_answers, tmp_path):
                 model="base",
                 limit=40,
                 protocol=Protocol(n_samples=1),
-                label="base model",
+                report_label="base model",
             )
         )
     with endpoint(replay_answer(reference_answers)) as server:

@@ -180,6 +180,28 @@ class TestPreflight:
         assert not list((tmp_path / "job").glob("job-*/node-0.json"))  # nothing was launched
 
 
+class TestRunSettings:
+    def test_epochs_and_learning_rate_replace_the_profiles_and_left_empty_keep_them(self, tiny_packed, tmp_path):
+        from distilled_plugins.finetune.config import resolved_config
+
+        profile = configs.load_yaml(TINY)
+        kept = resolved_config(tiny(tiny_packed, tmp_path))
+        assert kept["runner_config"]["epochs"] == profile["runner_config"]["epochs"]
+        assert kept["lr_schedule"]["learning_rate"] == profile["lr_schedule"]["learning_rate"]
+        changed = resolved_config(tiny(tiny_packed, tmp_path, epochs=3, learning_rate=0.02))
+        assert changed["runner_config"]["epochs"] == 3 and changed["lr_schedule"]["learning_rate"] == 0.02
+        # a different run: a different job folder (the fingerprint covers the resolved YAML)
+        assert job_dir_of(tiny(tiny_packed, tmp_path, epochs=3)) != job_dir_of(tiny(tiny_packed, tmp_path))
+
+    def test_the_cli_takes_them_and_dst_names_the_output(self):
+        from distilled_plugins.finetune.__main__ import build_parser
+
+        args = build_parser().parse_args(
+            ["--dataset-path", "p", "--dst", "o", "--epochs", "2", "--learning-rate", "1e-4"]
+        )
+        assert (args.output_dir, args.epochs, args.learning_rate, args.master_addr) == ("o", 2, 1e-4, "auto")
+
+
 def start_node(cfg: FinetuneConfig, rank: int, hostname: str, log: Path) -> subprocess.Popen:
     """One "node": the stage's CLI in its own UTS namespace, so it sees its own hostname (root only)."""
     cli = [

@@ -13,8 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from distilled_plugins import generate, handle, pack, reject_sampling, settings
-from operators import GenerateReasoningOperator, HandleDatasetOperator, PackDatasetOperator, RejectSamplingOperator
+from distilled_plugins import client, evaluate, generate, handle, pack, reject_sampling, settings
+from distilled_plugins.finetune import FinetuneConfig
+from distilled_plugins.finetune.__main__ import build_parser as finetune_parser
+from operators import (
+    GenerateReasoningOperator,
+    HandleDatasetOperator,
+    Math500EvalOperator,
+    MsrunFinetuneOperator,
+    PackDatasetOperator,
+    RejectSamplingOperator,
+)
+from operators.stage import StageOperator
 
 # (config class, its CLI's parser, its operator)
 STAGES = [
@@ -22,7 +32,15 @@ STAGES = [
     (handle.HandleConfig, handle.build_parser, HandleDatasetOperator),
     (pack.PackConfig, pack.build_parser, PackDatasetOperator),
     (generate.GenerateConfig, generate.build_parser, GenerateReasoningOperator),
+    (evaluate.EvalConfig, evaluate.build_parser, Math500EvalOperator),
+    (FinetuneConfig, finetune_parser, MsrunFinetuneOperator),
 ]
+# each settings class whose fields the trigger form sets -> (its CLI's parser, the operator taking them)
+OWNERS = {
+    **{config: (build_parser, operator) for config, build_parser, operator in STAGES},
+    evaluate.Protocol: (evaluate.build_parser, Math500EvalOperator),
+    client.RequestSettings: (generate.build_parser, GenerateReasoningOperator),
+}
 IDS = [config.__name__ for config, _, _ in STAGES]
 REPO = Path(__file__).resolve().parents[1]
 DAG_FILE = REPO / "dags" / "distill_r1.py"
@@ -32,13 +50,20 @@ def cli_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions if a.dest != "help"}
 
 
+def operator_fields(config, operator) -> list[tuple[type, dataclasses.Field]]:
+    """(settings class, field) of every field the operator takes: the config's, with nested settings flattened."""
+    nested = getattr(operator, "nested", {})
+    top = [(config, f) for f in dataclasses.fields(config) if f.name not in nested]
+    return top + [(klass, f) for klass in nested.values() for f in dataclasses.fields(klass)]
+
+
 @pytest.mark.parametrize(("config", "build_parser", "operator"), STAGES, ids=IDS)
 def test_every_field_has_help_and_one_default_everywhere(config, build_parser, operator):
-    fields = dataclasses.fields(config)
-    assert [f.name for f in fields if not f.metadata.get("help")] == []  # every field is described
+    fields = operator_fields(config, operator)
+    assert [f.name for _, f in fields if not f.metadata.get("help")] == []  # every field is described
     actions = cli_actions(build_parser())
     signature = inspect.signature(operator.__init__).parameters
-    for f in fields:
+    for _, f in fields:
         default = settings.default_of(f)
         if f.metadata["cli"]:
             action = actions[f.name]
@@ -60,8 +85,8 @@ def test_every_field_has_help_and_one_default_everywhere(config, build_parser, o
 
 @pytest.mark.parametrize(("config", "build_parser", "operator"), STAGES, ids=IDS)
 def test_form_params_follow_the_fields(config, build_parser, operator):
-    for f in settings.described_fields(config):
-        spec = settings.param_spec(config, f.name)
+    for klass, f in operator_fields(config, operator):
+        spec = settings.param_spec(klass, f.name)
         default = settings.default_of(f)
         assert spec["default"] == (None if default is dataclasses.MISSING else default)
         assert spec["description"] == f.metadata["help"]
@@ -88,20 +113,110 @@ def test_operator_requires_the_required_fields():
         PackDatasetOperator(task_id="p", src="a")
 
 
-def test_form_defaults_are_the_fields_defaults():
-    """Each trigger-form param that sets a stage setting has that setting's default (no deployment defaults)."""
+def test_form_cli_and_operator_defaults_agree():
+    """Each trigger-form param that sets a stage setting has one default: the field's, which is also the CLI's and
+    the operator's; a param left empty by default ("not set here") has the operator's default, None, and says in
+    its description what decides then. Run without a deployment's own defaults."""
     code = (
-        "import json, importlib.util as u, dataclasses; "
+        "import json, importlib.util as u; "
         f"s = u.spec_from_file_location('d', {str(DAG_FILE)!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
-        "from operators.pipeline import FORM_FIELDS; from distilled_plugins.settings import default_of; "
-        "fields = {n: next(f for f in dataclasses.fields(c) if f.name == f_) for n, (c, f_) in FORM_FIELDS.items()}; "
-        "print(json.dumps({n: [m.params[n].value, default_of(f), m.params[n].description] for n, f in fields.items()}))"
+        "from operators.pipeline import FORM_FIELDS, UNSET_BY_DEFAULT; "
+        "print(json.dumps({n: [c.__module__ + ':' + c.__qualname__, f, m.params[n].value, m.params[n].description,"
+        " m.params[n].schema, n in UNSET_BY_DEFAULT] for n, (c, f) in FORM_FIELDS.items()}))"
     )
     env = {k: v for k, v in os.environ.items() if k != "AIRFLOW_VAR_DISTILL_DEPLOYMENT"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     form = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(form) >= 9  # the columns, generation, request, handling and packing settings at least
-    for name, (param_default, field_default, description) in form.items():
-        assert param_default == field_default, f"form default of {name}: {param_default!r} != {field_default!r}"
-        assert description, name
+    classes = {f"{c.__module__}:{c.__qualname__}": c for c in OWNERS}
+    # every evaluation, fine-tune and teacher request param the form has comes from a field
+    expected = {"eval_samples", "eval_limit", "eval_max_new_tokens", "master_addr", "master_port", "finetune_config"}
+    expected |= {"base_checkpoint", "request_attempts", "teacher_stream", "teacher_request_timeout", "uuid_column"}
+    assert expected <= set(form)
+    for name, (owner, field, param_default, description, schema, unset) in form.items():
+        config = classes[owner]
+        f = next(f for f in dataclasses.fields(config) if f.name == field)
+        field_default = settings.default_of(f)
+        build_parser, operator = OWNERS[config]
+        cli_default = cli_actions(build_parser())[field].default
+        operator_default = inspect.signature(operator.__init__).parameters[field].default
+        assert cli_default == field_default, f"CLI default of {name}: {cli_default!r} != {field_default!r}"
+        assert description.startswith(f.metadata["help"]), name
+        if unset:  # empty: not set here; the connection, then the field's default decide
+            assert param_default is None and operator_default is None, name
+            assert "null" in schema["type"] and "(empty: " in description, name
+        else:
+            assert param_default == field_default, f"form default of {name}: {param_default!r} != {field_default!r}"
+            assert operator_default == field_default, f"operator default of {name}: {operator_default!r}"
+        if f.metadata["minimum"] is not None:  # the form may narrow the field's range, never widen it
+            assert schema["minimum"] >= f.metadata["minimum"], name
+        if f.metadata["maximum"] is not None:
+            assert schema["maximum"] <= f.metadata["maximum"], name
+
+
+# ---- a new setting is one field ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ThrowawayConfig:
+    dst: str = settings.setting(help="output file", required=True)
+    beams: int = settings.setting(
+        3, help="beams searched per problem", minimum=1, maximum=8, title="Beams", section=settings.PROCESSING
+    )
+
+
+class ThrowawayOperator(StageOperator):
+    config_class = ThrowawayConfig
+
+    def execute(self, context):
+        return self.stage_config()
+
+
+def test_a_new_setting_is_one_field():
+    """The field ``beams`` written once reaches the command line, the operator and the trigger form."""
+    from operators.pipeline import FORM_FIELDS, field_param
+
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser, ThrowawayConfig)
+    beams = cli_actions(parser)["beams"]
+    assert beams.option_strings == ["--beams"] and beams.default == 3 and beams.type is int
+    assert beams.help == "beams searched per problem (default: 3)"
+    assert settings.from_args(ThrowawayConfig, parser.parse_args(["--dst", "o", "--beams", "5"])).beams == 5
+
+    assert inspect.signature(ThrowawayOperator.__init__).parameters["beams"].default == 3
+    assert "beams" in ThrowawayOperator.template_fields
+    assert ThrowawayOperator(task_id="t", dst="o").beams == 3
+    rendered = ThrowawayOperator(task_id="t", dst="o", beams="6")  # as a template renders it: text
+    assert rendered.stage_config() == ThrowawayConfig(dst="o", beams=6) and rendered.beams == "6"
+
+    try:
+        param = field_param("beams", ThrowawayConfig, "beams", defaults={})
+        assert param.value == 3 and param.description == "beams searched per problem"
+        assert param.schema["title"] == "Beams" and param.schema["section"] == settings.PROCESSING
+        assert (param.schema["type"], param.schema["minimum"], param.schema["maximum"]) == ("integer", 1, 8)
+        assert field_param("beams", ThrowawayConfig, "beams", defaults={"beams": 4}).value == 4  # a deployment's
+    finally:
+        FORM_FIELDS.pop("beams", None)
+
+
+# ---- output flags ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build_parser", "required", "aliases"),
+    [
+        (reject_sampling.build_parser, ["--src", "in.jsonl"], []),
+        (handle.build_parser, ["--src", "in.jsonl", "--tokenizer", "t"], []),
+        (pack.build_parser, ["--src", "in"], []),
+        (generate.build_parser, ["--model", "m", "--dataset-name", "d"], ["--output-file"]),
+        (evaluate.build_parser, ["--rescore", "c.jsonl"], ["--out", "--output-dir"]),
+        (finetune_parser, ["--dataset-path", "p"], ["--output-dir"]),
+    ],
+    ids=["reject_sampling", "handle", "pack", "generate", "evaluate", "finetune"],
+)
+def test_every_stage_writes_where_dst_says(build_parser, required, aliases):
+    """``--dst`` names every stage's output; the names the tutorial (or an older version) used still work."""
+    for flag in ["--dst", *aliases]:
+        args = build_parser().parse_args([*required, flag, "target"])
+        dest = next(a.dest for a in build_parser()._actions if "--dst" in a.option_strings)
+        assert getattr(args, dest) == "target", flag

@@ -97,7 +97,7 @@ def _evaluate(out: Path, held_out: Path, checkpoint: str, label: str, baseline: 
             tokenizer=str(TOKENIZER),
             protocol=evaluate.Protocol(temperature=0.0, n_samples=1, max_new_tokens=MAX_NEW_TOKENS),
             baseline=str(baseline) if baseline else None,
-            label=label,
+            report_label=label,
             workers=1,
         )
     )

@@ -8,11 +8,12 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from distilled_plugins import configs
 from distilled_plugins.io import DataError, require_artifact
+from distilled_plugins.settings import FINETUNE, MULTINODE, setting
 
 TRAIN_ENTRY = Path(__file__).resolve().parents[1] / "train.py"
 REQUIRED_KEYS = (
@@ -36,20 +37,71 @@ MAX_STEP_SECONDS = {"ascend": 300.0, "cpu": 60.0}
 
 @dataclass
 class FinetuneConfig:
-    config: str  # base YAML: finetune_qwen_2_5_7b.yaml or finetune_tiny_cpu.yaml
-    dataset_path: str  # packed data (stage 4)
-    output_dir: str  # the task's folder (shared storage): each job lives in output_dir/job-<id>/
-    load_checkpoint: str | None = None  # None: keep the YAML's value
-    seq_length: int | None = None  # None: the YAML's model.model_config.seq_length
-    worker_num: int = 1
-    local_worker_num: int | None = None  # None: worker_num (one node)
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"  # "auto": node 0's own address, published to the other nodes in its record
-    master_port: int = 8118
-    overrides: dict = field(default_factory=dict)  # dotted keys, e.g. {"runner_config.epochs": 1}
-    poll_interval: float = 5.0
-    stall_timeout: float | None = None  # None: by device (STALL_TIMEOUT)
-    dead_after: float = 60.0  # seconds without a supervisor heartbeat before a node counts as dead
+    """Settings of one node's part of a fine-tune job (one msrun launcher)."""
+
+    dataset_path: str = setting(help="packed data folder (stage 4)", required=True)
+    output_dir: str = setting(
+        help="the task's folder on shared storage: one job-<id>/ per job",
+        required=True,
+        flag="--dst",
+        aliases=("--output-dir",),
+    )
+    config: str = setting(
+        configs.FINETUNE_7B.name,
+        help="base fine-tune YAML: a path, or a profile in configs/ (finetune_qwen_2_5_7b.yaml: the tutorial's 7B "
+        "recipe on Ascend NPUs; finetune_tiny_cpu.yaml: the tiny CPU model of the demo)",
+        title="Fine-tune profile",
+        section=FINETUNE,
+    )
+    load_checkpoint: str | None = setting(
+        None,
+        help="folder of the base model weights (Qwen2.5-Math-7B-Instruct safetensors); empty: the profile's own "
+        "load_checkpoint",
+        title="Base checkpoint",
+        section=FINETUNE,
+    )
+    epochs: int | None = setting(
+        None,
+        help="passes over the packed data; empty: the profile's runner_config.epochs",
+        minimum=1,
+        title="Epochs",
+        section=FINETUNE,
+    )
+    learning_rate: float | None = setting(
+        None,
+        help="peak learning rate of the schedule; empty: the profile's lr_schedule.learning_rate",
+        minimum=0,
+        title="Learning rate",
+        section=FINETUNE,
+    )
+    seq_length: int | None = setting(None, help="tokens per row; empty: the YAML's model seq_length", minimum=1)
+    worker_num: int = setting(1, help="msrun workers over all nodes", minimum=1)
+    local_worker_num: int | None = setting(None, help="msrun workers on this node; empty: worker_num (one node)")
+    node_rank: int = setting(0, help="this node's rank (0: the node hosting msrun's scheduler)", minimum=0)
+    master_addr: str = setting(
+        "auto",
+        help="address of training node 0 (msrun's scheduler), reachable from every node; auto: 127.0.0.1 on one "
+        "node, else node 0 publishes its own address in its record",
+        title="Master address",
+        section=MULTINODE,
+    )
+    master_port: int = setting(
+        8118, help="msrun's master port on node 0", minimum=1024, maximum=65535, title="Master port", section=MULTINODE
+    )
+    overrides: dict = setting(
+        help="YAML overrides by dotted key, e.g. {'runner_config.epochs': 1} (CLI: --set KEY=VALUE ...)",
+        factory=dict,
+        cli=False,
+    )
+    poll_interval: float = setting(5.0, help="seconds between looks at the job's status", minimum=0.1)
+    stall_timeout: float | None = setting(
+        None,
+        help="seconds without a worker log line before the job counts as stalled; empty: 600 on CPU, 1800 on Ascend",
+        minimum=1,
+    )
+    dead_after: float = setting(
+        60.0, help="seconds without a supervisor heartbeat before a node counts as dead", minimum=1
+    )
 
     def __post_init__(self):
         self.config = str(configs.resolve(self.config))
@@ -149,7 +201,10 @@ def resolved_config(cfg: FinetuneConfig) -> dict:
         _set(run_config, "model.model_config.seq_length", int(cfg.seq_length))
     if cfg.load_checkpoint is not None:
         _set(run_config, "load_checkpoint", cfg.load_checkpoint)
-    for key, value in cfg.overrides.items():
+    for key, value in (("runner_config.epochs", cfg.epochs), ("lr_schedule.learning_rate", cfg.learning_rate)):
+        if value is not None:
+            _set(run_config, key, value)
+    for key, value in cfg.overrides.items():  # the expert's escape hatch: any key, applied last
         _set(run_config, key, value)
     _fit_parallelism(run_config, cfg.worker_num, cfg.config)
     return run_config

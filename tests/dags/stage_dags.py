@@ -62,7 +62,7 @@ with DAG(
 with DAG("test_evaluate_operator", schedule=None, params={"out": "", "baseline": ""}) as evaluate_dag:
     Math500EvalOperator(
         task_id="evaluate",
-        output_dir="{{ params.out }}/{{ run_id }}",
+        out="{{ params.out }}/{{ run_id }}",
         endpoint_conn_id="model_endpoint",
         model="reference",
         limit=10,

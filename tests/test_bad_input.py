@@ -378,8 +378,8 @@ def test_null_message_content_is_counted_not_a_crash(tmp_path):
     src = write_jsonl(tmp_path / "f.jsonl", good + bad)
     dst = handle.run(handle.HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / "h")))
     stats = json.loads((dst / "stats.json").read_text())
-    assert stats["rows"] == 1
-    assert stats["dropped"] == {"malformed_messages": 2}
+    assert stats["rows"] == stats["rows_out"] == 1 and stats["rows_in"] == 3
+    assert stats["dropped"] == {"malformed_messages": 2, "no_assistant_turn": 0, "too_long": 0}
 
 
 def test_temp_files_of_a_killed_run_are_removed(tmp_path, handled_and_packed):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 import subprocess
@@ -187,7 +188,8 @@ def run_stage(tmp_path, rows, **overrides):
 
 
 class TestStage:
-    def test_output_schema_alignment_and_stats(self, tmp_path):
+    def test_output_schema_alignment_and_stats(self, tmp_path, caplog):
+        caplog.set_level(logging.INFO, logger="distilled_plugins.reject_sampling")
         result = run_stage(tmp_path, [*generation_rows(), contaminated_row()])
         kept = read_jsonl(result.output)
         assert [r["problem"] for r in kept] == ["Compute 1/2 + 1/2 - 1/2.", "Solve x^2 = 4 for positive x."]
@@ -201,7 +203,7 @@ class TestStage:
         ]
         assert kept[1]["messages"][0]["content"] == "Solve x^2 = 4 for positive x."  # no prompt: the problem
         stats = result.stats
-        assert stats["examples_in"] == 8 and stats["examples_out"] == 2
+        assert stats["rows_in"] == 8 and stats["rows_out"] == 2
         assert stats["generations_correct"] == 3
         assert stats["rejected_generations"] == {
             "wrong": 2,
@@ -211,7 +213,7 @@ class TestStage:
             "gold_unparseable": 1,
             "error": 0,
         }
-        assert stats["rejected_examples"] == {
+        assert stats["dropped"] == {
             "gold_filtered": 3,
             "contaminated": 1,
             "gold_unparseable": 1,
@@ -222,7 +224,12 @@ class TestStage:
         verdicts = read_jsonl(result.verdicts)
         assert len(verdicts) == 4 + 1 + 1 + 2 + 1 + 1 + 1 + 1
         assert [v["verdict"] for v in verdicts[:4]] == ["wrong", "correct", "correct", "truncated"]
-        assert json.loads(result.stats_file.read_text())["examples_out"] == 2
+        assert json.loads(result.stats_file.read_text())["rows_out"] == 2
+        final = [r.getMessage() for r in caplog.records if r.name == "distilled_plugins.reject_sampling"][-1]
+        assert final.startswith(
+            "kept 2 of 8 examples; dropped 6: gold_filtered 3, contaminated 1, gold_unparseable 1, "
+            "no_correct_generation 1 (3 of 8 generations correct"
+        )
 
     def test_rerun_is_byte_identical_and_keeps_input_order(self, tmp_path):
         rows = [
@@ -248,8 +255,8 @@ class TestStage:
 
     def test_decontamination_catches_case_and_spacing(self, tmp_path):
         result = run_stage(tmp_path, [contaminated_row()] * 1 + generation_rows()[4:5])
-        assert result.stats["rejected_examples"]["contaminated"] == 1
-        assert result.stats["examples_out"] == 1
+        assert result.stats["dropped"]["contaminated"] == 1
+        assert result.stats["rows_out"] == 1
 
 
 class TestBadInput:

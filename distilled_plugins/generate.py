@@ -57,6 +57,7 @@ from distilled_plugins.io import (
 )
 from distilled_plugins.progress import Progress
 from distilled_plugins.settings import add_arguments, from_args, setting
+from distilled_plugins.stats import Stats
 from distilled_plugins.store import LOOKUP_BATCH, PUBLISH_BATCH, GenerationStore, batches
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,10 @@ DEFAULT_PROMPT_TEMPLATE = (
 
 
 _GENERATED_COLUMNS = ("generations", "finish_reasons", "api_metadata")
+# why a seed row of the shard is not in its output: a repeated uuid, requests that failed for good, or a run that
+# stopped early (budget, fatal error: what was received waits in .parts); and why merge leaves a row out
+SHARD_DROP_REASONS = ("duplicate_uuid", "failed", "unfinished")
+MERGE_DROP_REASONS = ("duplicate_key",)
 
 
 class GenerationIncomplete(RuntimeError):
@@ -544,12 +549,12 @@ def _prepare_rows(cfg: GenerateConfig, output: Path, store: GenerationStore | No
                     f"columns present: {', '.join(example)}"
                 )
         key = row_key(example, cfg.uuid_column)
-        if key in seen:
+        if shard_of(key, cfg.num_shards) != cfg.shard_index:
+            continue
+        if key in seen:  # a duplicate falls in its key's shard: each shard counts its own
             info["duplicate_uuids_skipped"] += 1
             continue
         seen.add(key)
-        if shard_of(key, cfg.num_shards) != cfg.shard_index:
-            continue
         info["shard_rows"] += 1
         if key in done:
             info["rows_already_done"] += 1
@@ -586,6 +591,7 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     store = _open_store(cfg)
     try:
         to_generate, partial, info = _prepare_rows(cfg, output, store)
+        rows_to_generate = len(to_generate)  # the job takes keys out of the set as rows finish
         logger.info(
             "shard %d/%d of %s: %d rows, %d already done, %d reused from the generation store, %d to generate "
             "(%d completions resumed from %s)",
@@ -611,7 +617,15 @@ def run(cfg: GenerateConfig) -> GenerateResult:
         if store is not None:
             store.close()
     rows_failed = job.counts["rows_failed"]
+    rows = Stats("rows", reasons=SHARD_DROP_REASONS)  # the shard's seed rows
+    rows.read(info.get("shard_rows", 0) + info.get("duplicate_uuids_skipped", 0))
+    rows.drop("duplicate_uuid", info.get("duplicate_uuids_skipped", 0))
+    rows.keep(info.get("rows_already_done", 0) + info["rows_reused_from_store"] + job.counts["rows_written"])
+    rows.drop("failed", rows_failed)
+    # stopped by the budget or a fatal error: the completions received are in .parts for the next run
+    rows.drop("unfinished", rows_to_generate - job.counts["rows_written"] - rows_failed)
     stats = {
+        **rows.as_dict(),
         **info,
         "model": cfg.model,
         "num_generations": cfg.num_generations,
@@ -645,6 +659,7 @@ def run(cfg: GenerateConfig) -> GenerateResult:
             store_stats["wal_bytes"],
         )
     stats_file = write_json(stats_path(output), stats)
+    logger.info("shard %d/%d: %s", cfg.shard_index, cfg.num_shards, rows.summary())
     if job.fatal is not None:
         raise job.fatal
     if stats["budget_reached"]:
@@ -711,31 +726,25 @@ def merge(inputs: list[str | Path], output_file: str | Path, uuid_column: str) -
         if not path.is_file():
             raise DataError(f"{path}: no such shard file; check the shard paths (did that generate task run?)")
     indexes = [_shard_index(path, number, uuid_column) for number, path in enumerate(paths)]
-    stats = Counter(shards=len(paths), rows_in=0, rows_written=0, duplicate_keys_dropped=0)
+    rows = Stats("rows", reasons=MERGE_DROP_REASONS)
     files = [open(path, "rb") for path in paths]
     try:
         with atomic_path(output_file) as tmp, open(tmp, "wb") as out:
             previous = None
             for key, number, offset, length in heapq.merge(*indexes):
-                stats["rows_in"] += 1
+                rows.read()
                 if key == previous:
-                    stats["duplicate_keys_dropped"] += 1
+                    rows.drop("duplicate_key")
                     continue
                 previous = key
                 out.write(os.pread(files[number].fileno(), length, offset))
-                stats["rows_written"] += 1
+                rows.keep()
     finally:
         for f in files:
             f.close()
-    stats["wall_seconds"] = round(time.monotonic() - started, 3)
-    write_json(stats_path(output_file), dict(stats))
-    logger.info(
-        "merged %d shard file(s) into %s: %d rows (%d duplicate keys dropped)",
-        len(paths),
-        output_file,
-        stats["rows_written"],
-        stats["duplicate_keys_dropped"],
-    )
+    stats = {**rows.as_dict(), "shards": len(paths), "wall_seconds": round(time.monotonic() - started, 3)}
+    write_json(stats_path(output_file), stats)
+    logger.info("merged %d shard file(s) into %s: %s", len(paths), output_file, rows.summary())
     return Path(output_file)
 
 

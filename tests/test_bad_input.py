@@ -415,4 +415,8 @@ def test_rescore_counts_unusable_golds_and_states_the_denominator(tmp_path):
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert report["problems"] == 1 and report["pass@1"] == 100.0
     assert report["excluded"] == {"gold_filtered": 3, "no_completions": 1}
+    stats = json.loads((tmp_path / "e" / "stats.json").read_text())
+    assert stats["rows_in"] == 5 and stats["rows_out"] == 1
+    assert stats["dropped"] == {"gold_filtered": 3, "no_completions": 1}
+    assert "kept 1 of 5 problems; dropped 4: gold_filtered 3, no_completions 1" in done.stderr
     assert "Left out of pass@1: 3 (gold_filtered), 1 (no_completions)" in (tmp_path / "e" / "report.md").read_text()

@@ -38,6 +38,7 @@ class TestBadReplies:
             generate.run(config(seed, tmp_path, url, num_generations=1))
         stats = json.loads(generate.stats_path(tmp_path / "out" / "gen.jsonl").read_text())
         assert stats["failed_requests"] == {"null_content": 12} and stats["completions_ok"] == 0
+        assert stats["rows_out"] == 0 and stats["dropped"] == {"duplicate_uuid": 0, "failed": 12, "unfinished": 0}
         assert read_jsonl(tmp_path / "out" / "gen.jsonl") == []
 
 
@@ -132,6 +133,8 @@ class TestCostAndBudget:
         assert stats["rows_failed"] == 0 and stats["requests_not_sent_budget"] > 0
         written = len(read_jsonl(cfg.output_file))
         assert written < 12
+        assert stats["rows_in"] == 12 and stats["rows_out"] == written
+        assert stats["dropped"] == {"duplicate_uuid": 0, "failed": 0, "unfinished": 12 - written}
 
         resumed = generate.run(config(seed, tmp_path, url, max_concurrent=1, retry=fast(price_per_mtok_out=price)))
         rows = read_jsonl(resumed.output_file)

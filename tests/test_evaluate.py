@@ -39,6 +39,9 @@ def test_reference_solutions_score_100_and_figures_add_up(reference_answers, tmp
     report = json.loads(path.read_text())
     assert report["pass@1"] == 100.0 and report["ci95"] == [100.0, 100.0]
     assert report["problems"] == 500 and report["samples"] == 1000
+    stats = json.loads((tmp_path / "stats.json").read_text())  # every MATH-500 gold is usable: none left out
+    assert stats["rows_in"] == stats["rows_out"] == 500 and report["excluded"] == {}
+    assert stats["dropped"] == {"gold_filtered": 0, "no_completions": 0}
     assert sum(v["samples"] for v in report["by_level"].values()) == 500 * 2
     assert sum(v["samples"] for v in report["by_subject"].values()) == 500 * 2
     assert {k: v["problems"] for k, v in report["by_level"].items()} == {"1": 43, "2": 90, "3": 105, "4": 128, "5": 134}

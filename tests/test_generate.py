@@ -117,6 +117,25 @@ class TestOutput:
         assert len(read_jsonl(result.output_file)) == 5
         assert replay.requests == 5
         assert result.stats["duplicate_uuids_skipped"] == 3
+        assert result.stats["rows_in"] == 8 and result.stats["rows_out"] == 5
+        assert result.stats["dropped"] == {"duplicate_uuid": 3, "failed": 0, "unfinished": 0}
+        # sharded, each shard counts the repeats of its own keys: together, the same 3
+        shards = [
+            generate.run(
+                config(
+                    seed,
+                    tmp_path,
+                    url,
+                    num_generations=1,
+                    num_shards=2,
+                    shard_index=i,
+                    output_file=str(tmp_path / f"shard-{i}.jsonl"),
+                )
+            ).stats
+            for i in (0, 1)
+        ]
+        assert sum(s["dropped"]["duplicate_uuid"] for s in shards) == 3 and replay.requests == 5 + 5
+        assert sum(s["rows_in"] for s in shards) == 8 and sum(s["rows_out"] for s in shards) == 5
 
     def test_api_addr_forms(self):
         assert base_url("localhost:8000") == "http://localhost:8000"
@@ -242,6 +261,8 @@ class TestNothingLost:
         assert [p["i"] for p in parts if p["key"] == failed_key] == [0]
         stats = json.loads(generate.stats_path(cfg.output_file).read_text())
         assert stats["rows_failed"] == 1 and stats["failed_requests"] == {"http_500": 1}
+        assert stats["rows_in"] == 12 and stats["rows_out"] == 11
+        assert stats["dropped"] == {"duplicate_uuid": 0, "failed": 1, "unfinished": 0}
 
         before = replay.requests
         result = generate.run(cfg)
@@ -250,6 +271,7 @@ class TestNothingLost:
         assert len(rows) == 12 and len(set(keys_of(result.output_file))) == 12
         assert all(len(r["generations"]) == 2 for r in rows)
         assert result.stats["generations_resumed"] == 1 and result.stats["rows_already_done"] == 11
+        assert result.stats["rows_in"] == result.stats["rows_out"] == 12  # 11 already done + 1 written
 
     def test_half_written_last_line_is_repaired_not_appended_onto(self, teacher, seed, tmp_path):
         replay, url = teacher()
@@ -350,8 +372,8 @@ class TestShards:
         assert merged.read_bytes() == in_memory_merge(shards, "problem")
         assert len(read_jsonl(merged)) == 40
         stats = json.loads(generate.stats_path(merged).read_text())
-        assert stats["rows_in"] == 40 + overlap and stats["rows_written"] == 40
-        assert stats["duplicate_keys_dropped"] == overlap
+        assert stats["rows_in"] == 40 + overlap and stats["rows_out"] == 40
+        assert stats["dropped"] == {"duplicate_key": overlap} and stats["shards"] == 4
         # the first shard given wins a duplicated key, as in the old merge: reorder and compare again
         reordered = generate.merge(shards[::-1], tmp_path / "reordered.jsonl", "problem")
         assert reordered.read_bytes() == in_memory_merge(shards[::-1], "problem")

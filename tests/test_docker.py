@@ -14,7 +14,7 @@ import yaml
 from cryptography.fernet import Fernet
 
 from tests.cluster.test_celery_cluster import DEPLOYMENT
-from tests.conftest import REPO
+from tests.support import REPO
 
 DOCKER = REPO / "docker"
 AIRFLOW_SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer", "worker-cpu", "worker-npu")

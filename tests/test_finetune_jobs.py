@@ -3,6 +3,7 @@ obeyed by a real supervisor, and the fingerprint that names a job's folder."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -18,16 +19,12 @@ import pytest
 from distilled_plugins import configs, finetune
 from distilled_plugins.finetune import job as jobs
 from distilled_plugins.finetune.job import JobPaths, NodeRecord
-from tests.conftest import TINY_ROWS
+from tests.support import TINY_ROWS, wait_until
 
 TINY = str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml")
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+wait_for = functools.partial(wait_until, interval=0.1)  # polls every 0.1 s
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 from distilled_plugins import handle
 from distilled_plugins.handle import SYSTEM_PROMPT, HandleConfig
 from distilled_plugins.io import DataError
-from tests.conftest import TOKENIZER_DIR, conversation_rows, write_jsonl
+from tests.support import TOKENIZER_DIR, conversation_rows, write_jsonl
 
 ROWS = 40
 

@@ -13,7 +13,7 @@ from distilled_plugins import handle, pack
 from distilled_plugins.handle import HandleConfig
 from distilled_plugins.io import DataError
 from distilled_plugins.pack import PackConfig, Piece, pieces_of, plan_bfd, trainable_tokens
-from tests.conftest import TOKENIZER_DIR, conversation_rows, write_jsonl
+from tests.support import TOKENIZER_DIR, conversation_rows, write_jsonl
 
 SEQ = 1024
 

@@ -6,8 +6,6 @@ import json
 import logging
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -16,7 +14,7 @@ from distilled_plugins import reject_sampling
 from distilled_plugins.grader import GradingPool, Sample
 from distilled_plugins.io import DataError
 from distilled_plugins.reject_sampling import RejectSamplingConfig
-from tests.conftest import MATH500, REPO, read_jsonl, write_jsonl
+from tests.support import contaminated_row, generation_rows, read_jsonl, run_cli, write_jsonl
 
 # (gold, completion, expected verdict): each answer kind the issue lists
 CASES = [
@@ -136,51 +134,6 @@ class TestGrader:
         assert 90 <= remaining <= 100
 
 
-def generation_rows():
-    return [
-        {
-            "problem": "Compute 1/2 + 1/2 - 1/2.",
-            "answer": "\\frac{1}{2}",
-            "prompt": "P1",
-            "generations": [
-                "so $\\boxed{\\frac{1}{3}}$",
-                "so $\\boxed{\\frac{1}{2}}$",
-                "so $\\boxed{0.5}$",
-                "so $\\boxed{\\frac{1}{2}}$",
-            ],
-            "finish_reasons": ["stop", "stop", "stop", "length"],
-            "api_metadata": [{"n": 0}, {"n": 1}, {"n": 2}, {"n": 3}],
-        },
-        {
-            "problem": "Prove that there are infinitely many primes.",
-            "answer": "proof",
-            "generations": ["..."],
-            "finish_reasons": ["stop"],
-        },
-        {"problem": "Find x.", "answer": "notfound", "generations": ["x"], "finish_reasons": ["stop"]},
-        {
-            "problem": "What is 2+2?",
-            "answer": "4",
-            "generations": ["It is $\\boxed{5}$", "no idea"],
-            "finish_reasons": ["stop", "stop"],
-        },
-        {
-            "problem": "Solve x^2 = 4 for positive x.",
-            "answer": "2",
-            "generations": ["$\\boxed{2}$"],
-            "finish_reasons": ["stop"],
-        },
-        {"problem": "Odd gold.", "answer": "\\text{}", "generations": ["$\\boxed{1}$"], "finish_reasons": ["stop"]},
-        {"problem": "Empty gold.", "answer": " ", "generations": ["$\\boxed{1}$"], "finish_reasons": ["stop"]},
-    ]
-
-
-def contaminated_row():
-    first = read_jsonl(MATH500)[0]["problem"]
-    changed = "  ".join(first.upper().split())  # other case and spacing
-    return {"problem": changed, "answer": "1", "generations": ["$\\boxed{1}$"], "finish_reasons": ["stop"]}
-
-
 def run_stage(tmp_path, rows, **overrides):
     src = write_jsonl(tmp_path / "gen.jsonl", rows)
     cfg = RejectSamplingConfig(src=str(src), dst=str(tmp_path / "out" / "filtered.jsonl"), workers=2, **overrides)
@@ -284,22 +237,6 @@ class TestBadInput:
 
     def test_cli_error_is_one_line(self, tmp_path):
         src = write_jsonl(tmp_path / "gen.jsonl", [{"problem": "p", "generations": []}])
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "distilled_plugins.reject_sampling",
-                "--src",
-                str(src),
-                "--dst",
-                str(tmp_path / "o.jsonl"),
-                "--eval-sets",
-                "none",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=120,
-        )
+        done = run_cli("reject_sampling", "--src", src, "--dst", tmp_path / "o.jsonl", "--eval-sets", "none")
         assert done.returncode == 1
         assert "missing field 'answer'" in done.stderr and "Traceback" not in done.stderr

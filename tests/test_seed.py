@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
@@ -16,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distilled_plugins import seed
-from tests.conftest import REPO, write_jsonl
+from tests.support import REPO, run_cli, write_jsonl
 
 ROWS = [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(5)]
 
@@ -120,13 +118,7 @@ class TestCheck:
 
 class TestCli:
     def run(self, *args):
-        return subprocess.run(
-            [sys.executable, "-m", "distilled_plugins.seed", *map(str, args)],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=60,
-        )
+        return run_cli("seed", *args, timeout=60)
 
     def test_changed_then_unchanged_then_changed(self, tmp_path):
         path = write_jsonl(tmp_path / "seed.jsonl", ROWS)

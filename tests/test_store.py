@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -11,17 +10,8 @@ import sys
 import pytest
 
 from distilled_plugins import generate
-from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread
 from distilled_plugins.store import STORE_FILE, GenerationStore
-from tests.conftest import REPO, math_train_rows, read_jsonl, write_jsonl
-from tests.test_generate import FAST_RETRY, answer_with_solution
-
-
-@pytest.fixture
-def server():
-    replay = ReplayTeacher(answer_with_solution)
-    with ServerThread(replay.app()) as thread:
-        yield replay, thread.url
+from tests.support import FAST_RETRY, REPO, cli_env, math_train_rows, read_jsonl, write_jsonl
 
 
 def gen_config(seed, output, url, store, **overrides) -> generate.GenerateConfig:
@@ -45,8 +35,8 @@ def entries(store_dir) -> list[tuple[str, str]]:
 
 
 class TestKeyedStore:
-    def test_one_copy_per_key_after_three_reruns(self, server, tmp_path):
-        replay, url = server
+    def test_one_copy_per_key_after_three_reruns(self, replay_teacher, tmp_path):
+        replay, url = replay_teacher()
         store = tmp_path / "store"
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(15))
         runs = [generate.run(gen_config(seed, tmp_path / f"run{i}" / "gen.jsonl", url, store)) for i in range(3)]
@@ -61,8 +51,8 @@ class TestKeyedStore:
         lines = [sorted(read_jsonl(r.output_file), key=lambda row: row["problem"]) for r in runs]
         assert lines[0] == lines[1] == lines[2]
 
-    def test_rerun_reads_and_writes_in_proportion_to_the_shard_and_new_rows(self, server, tmp_path):
-        replay, url = server
+    def test_rerun_reads_and_writes_in_proportion_to_the_shard_and_new_rows(self, replay_teacher, tmp_path):
+        replay, url = replay_teacher()
         store = tmp_path / "store"
         rows = math_train_rows(90)
         # the store already holds 60 rows of another seed and 20 of this one
@@ -80,8 +70,8 @@ class TestKeyedStore:
         assert rerun.stats["rows_reused_from_store"] == 20 and len(read_jsonl(rerun.output_file)) == 30
         assert len(entries(store)) == 90
 
-    def test_a_row_written_by_a_killed_run_is_published_on_resume(self, server, tmp_path):
-        _replay, url = server
+    def test_a_row_written_by_a_killed_run_is_published_on_resume(self, replay_teacher, tmp_path):
+        _replay, url = replay_teacher()
         store = tmp_path / "store"
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(5))
         first = generate.run(gen_config(seed, tmp_path / "gen.jsonl", url, tmp_path / "elsewhere"))
@@ -119,38 +109,37 @@ generate.run(generate.GenerateConfig(**settings))
 
 class TestConcurrentPublishers:
     @pytest.mark.parametrize("journal", ["wal", "delete"])
-    def test_two_processes_publish_the_same_rows_at_once(self, tmp_path, journal):
-        replay = ReplayTeacher(answer_with_solution, delay=0.01)  # both runs stay in flight together
+    def test_two_processes_publish_the_same_rows_at_once(self, replay_teacher, tmp_path, journal):
+        _replay, url = replay_teacher(delay=0.01)  # both runs stay in flight together
         store = tmp_path / "store"
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(150))
-        with ServerThread(replay.app()) as server:
-            settings = {
-                "dataset_name": str(seed),
-                "model": "teacher",
-                "api_addr": server.url,
-                "num_generations": 1,
-                "max_concurrent": 8,
-                "store_dir": str(store),
-            }
-            env = {**os.environ, "PYTHONPATH": str(REPO), "DISTILL_STORE_JOURNAL": journal}
-            procs = [
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-c",
-                        _PUBLISHER,
-                        json.dumps({**settings, "output_file": str(tmp_path / f"p{i}")}),
-                    ],
-                    cwd=REPO,
-                    env=env,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                for i in range(2)
-            ]
-            for proc in procs:
-                _, err = proc.communicate(timeout=300)
-                assert proc.returncode == 0, err
+        settings = {
+            "dataset_name": str(seed),
+            "model": "teacher",
+            "api_addr": url,
+            "num_generations": 1,
+            "max_concurrent": 8,
+            "store_dir": str(store),
+        }
+        env = cli_env(DISTILL_STORE_JOURNAL=journal)
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    _PUBLISHER,
+                    json.dumps({**settings, "output_file": str(tmp_path / f"p{i}")}),
+                ],
+                cwd=REPO,
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        for proc in procs:
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err
         stats = [json.loads(generate.stats_path(tmp_path / f"p{i}").read_text()) for i in range(2)]
         written = [s["store"]["rows_written"] for s in stats]
         stored = entries(store)

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from distilled_plugins import configs
+from distilled_plugins.devtools.local_airflow import free_port
 from operators import triggers
 from operators.triggers import MsrunJobTrigger
-from tests.conftest import TINY_ROWS, free_port
+from tests.support import TINY_ROWS
 
 
 class TestMsrunJobTrigger:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import read_jsonl, write_jsonl
-from tests.test_reject_sampling import contaminated_row, generation_rows
+from tests.support import contaminated_row, generation_rows, read_jsonl, write_jsonl
 
 
 def test_operator_filters_and_returns_paths(airflow_db, tmp_path):

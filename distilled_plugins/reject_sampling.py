@@ -63,7 +63,7 @@ class RejectSamplingConfig:
 
 
 # why an example is left out (an example is kept when one of its generations is correct)
-EXAMPLE_DROP_REASONS = ("gold_filtered", "contaminated", "gold_unparseable", "no_generations", "no_correct_generation")
+DROP_REASONS = ("gold_filtered", "contaminated", "gold_unparseable", "no_generations", "no_correct_generation")
 
 
 @dataclass
@@ -127,7 +127,7 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
         raise DataError(f"{src}: no examples (the file is empty)")
     examples: OrderedDict[int, _Example] = OrderedDict()
     per_generation = Counter()
-    kept = Stats("examples", reasons=EXAMPLE_DROP_REASONS)
+    kept = Stats("examples", reasons=DROP_REASONS)
     contaminated: list[dict] = []
     progress = Progress(logger, "examples", total, cfg.progress_interval)
 

@@ -248,8 +248,8 @@ def incremental(work: Path, rows: int, new_rows: int, url: str) -> dict:
         out / "merge.log",
     )
     merge_stats = json.loads((out / "merged.stats.json").read_text())
-    if merge_stats["rows_written"] != rows + new_rows:
-        raise RuntimeError(f"the rerun's merge wrote {merge_stats['rows_written']} rows, not {rows + new_rows}")
+    if merge_stats["rows_out"] != rows + new_rows:
+        raise RuntimeError(f"the rerun's merge wrote {merge_stats['rows_out']} rows, not {rows + new_rows}")
     return {
         "rows": rows + new_rows,
         "new_rows": new_rows,

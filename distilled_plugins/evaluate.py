@@ -28,7 +28,7 @@ import math
 import os
 import subprocess
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,13 +38,17 @@ from distilled_plugins.configs import PRIVATE_ENV_PREFIXES, SHARED_DATA
 from distilled_plugins.endpoints import Endpoint
 from distilled_plugins.handle import SYSTEM_PROMPT
 from distilled_plugins.io import DataError, dumps_line, iter_jsonl, load_rows, read_json, write_json
+from distilled_plugins.schema import STATS_DROPPED, STATS_FILE
 from distilled_plugins.settings import EVALUATION, add_arguments, from_args, setting
+from distilled_plugins.stats import Stats
 
 logger = logging.getLogger(__name__)
 
 MATH500 = SHARED_DATA / "math500" / "test.jsonl"
 TOKENIZER = SHARED_DATA / "tokenizer" / "qwen2.5"
 PROBLEM_COLUMNS = ("problem", "answer", "subject", "level", "unique_id")
+# why a problem is left out of pass@1 (its denominator is the problems scored)
+DROP_REASONS = ("gold_filtered", "no_completions")
 REFERENCE = [  # the tutorial's table (MATH-500)
     ("DeepSeek-Distill-Qwen-7B", 91.6),
     ("OpenR1-Qwen-7B (Hugging Face)", 90.6),
@@ -264,7 +268,7 @@ class Scored:
     verdicts: list[str]
 
 
-def _rows_to_score(cfg: EvalConfig, completions: Path, problems: list[dict] | None, excluded: Counter) -> list[dict]:
+def _rows_to_score(cfg: EvalConfig, completions: Path, problems: list[dict] | None, excluded: Stats) -> list[dict]:
     """Rows of ``{key, problem, gold, level, subject, completions, finish_reasons}`` in problem order.
 
     Problems that cannot be scored (an unusable gold, no completions) are left out and counted in ``excluded``.
@@ -273,6 +277,7 @@ def _rows_to_score(cfg: EvalConfig, completions: Path, problems: list[dict] | No
         by_problem = {p["problem"]: p for p in load_rows(cfg.dataset)} if Path(cfg.dataset).exists() else {}
         rows = []
         for lineno, row in iter_jsonl(completions):
+            excluded.read()
             for column in (cfg.problem_column, cfg.gold_column, cfg.completion_column):
                 if column not in row:
                     raise DataError(
@@ -286,11 +291,12 @@ def _rows_to_score(cfg: EvalConfig, completions: Path, problems: list[dict] | No
                     f"got {type(texts).__name__}"
                 )
             if grader.gold_is_filtered(row[cfg.gold_column]):
-                excluded["gold_filtered"] += 1  # proof / notfound / empty: nothing to check against
+                excluded.drop("gold_filtered")  # proof / notfound / empty: nothing to check against
                 continue
             if not texts:
-                excluded["no_completions"] += 1
+                excluded.drop("no_completions")
                 continue
+            excluded.keep()
             known = by_problem.get(row[cfg.problem_column], {})
             rows.append(
                 {
@@ -304,17 +310,19 @@ def _rows_to_score(cfg: EvalConfig, completions: Path, problems: list[dict] | No
                 }
             )
         if not rows:
-            raise DataError(f"{completions}: no completions to score ({dict(excluded) or 'the file is empty'})")
+            raise DataError(f"{completions}: no completions to score ({excluded.summary()})")
         return rows
     by_key = {str(r["unique_id"]): r for _, r in iter_jsonl(completions)}
     rows = []
     for p in problems:
+        excluded.read()
         got = by_key.get(str(p["unique_id"]))
         if got is None:
             raise DataError(f"{completions}: no completions for problem {p['unique_id']}")
         if grader.gold_is_filtered(p["answer"]):
-            excluded["gold_filtered"] += 1
+            excluded.drop("gold_filtered")
             continue
+        excluded.keep()
         rows.append(
             {
                 "key": str(p["unique_id"]),
@@ -537,8 +545,9 @@ def run(cfg: EvalConfig) -> Path:
         problems = load_problems(cfg.dataset, cfg.limit)
         from_endpoint = cfg.api_addr or cfg.endpoints
         completions = (completions_from_endpoint if from_endpoint else completions_from_checkpoint)(cfg, problems)
-    excluded = Counter()
+    excluded = Stats("problems", reasons=DROP_REASONS)
     rows = _rows_to_score(cfg, completions, problems, excluded)
+    write_json(out / STATS_FILE, {**excluded.as_dict(), "completions": str(completions)})
     logger.info("grading %d completions of %d problems", sum(len(r["completions"]) for r in rows), len(rows))
     scored = score(rows, cfg.workers, out / "scored.jsonl")
     protocol = asdict(cfg.protocol)
@@ -558,7 +567,7 @@ def run(cfg: EvalConfig) -> Path:
         "protocol": protocol,
         **summarize(scored),
         # pass@1's denominator: the problems scored; those left out are counted by reason
-        "excluded": dict(sorted(excluded.items())),
+        "excluded": {reason: n for reason, n in excluded.as_dict()[STATS_DROPPED].items() if n},
         "reference": [{"model": n, "math500": s} for n, s in REFERENCE],
     }
     if base is not None:
@@ -572,6 +581,7 @@ def run(cfg: EvalConfig) -> Path:
     (out / "report.md").write_text(_markdown(report), encoding="utf-8")
     _chart(report, out / "accuracy.png")
     logger.info("wrote %s, %s and %s", out / "report.json", out / "report.md", out / "accuracy.png")
+    logger.info("pass@1 %.2f over the problems scored: %s", report["pass@1"], excluded.summary())
     return out / "report.json"
 
 

@@ -64,6 +64,7 @@ from distilled_plugins.io import (
 from distilled_plugins.progress import Progress
 from distilled_plugins.schema import REUSED_HEADER, REUSED_SUFFIX, sibling_path
 from distilled_plugins.settings import DATA, TEACHER, add_arguments, from_args, setting
+from distilled_plugins.stats import Stats
 from distilled_plugins.store import LOOKUP_BATCH, PUBLISH_BATCH, STORE_FILE, GenerationStore
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ REUSED_MODES = ("reference", "copy")
 KEEP_EXAMPLES = 2_000
 # rows of a shard's reused list that merge takes from the store per lookup (each row is held until written)
 MERGE_LOOKUP_BATCH = 32
+# why a seed row of the shard is not in its output: a repeated uuid, requests that failed for good, or a run that
+# stopped early (budget, fatal error: what was received waits in .parts); and why merge leaves a row out
+SHARD_DROP_REASONS = ("duplicate_uuid", "failed", "unfinished")
+MERGE_DROP_REASONS = ("duplicate_key",)
 
 
 class GenerationIncomplete(RuntimeError):
@@ -651,12 +656,12 @@ def _prepare_rows(
                         f"columns present: {', '.join(example)}"
                     )
             key = row_key(example, cfg.uuid_column)
-            if key in seen:
+            if shard_of(key, cfg.num_shards) != cfg.shard_index:
+                continue
+            if key in seen:  # a duplicate falls in its key's shard: each shard counts its own
                 info["duplicate_uuids_skipped"] += 1
                 continue
             seen.add(key)
-            if shard_of(key, cfg.num_shards) != cfg.shard_index:
-                continue
             info["shard_rows"] += 1
             if key in done:
                 info["rows_already_done"] += 1
@@ -685,6 +690,7 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     store = _open_store(cfg)
     try:
         to_generate, partial, examples, info = _prepare_rows(cfg, output, store)
+        rows_to_generate = len(to_generate)  # the job takes keys out of the set as rows finish
         logger.info(
             "shard %d/%d of %s: %d rows, %d already done, %d reused from the generation store, %d to generate "
             "(%d completions resumed from %s)",
@@ -713,7 +719,15 @@ def run(cfg: GenerateConfig) -> GenerateResult:
         if store is not None:
             store.close()
     rows_failed = job.counts["rows_failed"]
+    rows = Stats("rows", reasons=SHARD_DROP_REASONS)  # the shard's seed rows
+    rows.read(info.get("shard_rows", 0) + info.get("duplicate_uuids_skipped", 0))
+    rows.drop("duplicate_uuid", info.get("duplicate_uuids_skipped", 0))
+    rows.keep(info.get("rows_already_done", 0) + info["rows_reused_from_store"] + job.counts["rows_written"])
+    rows.drop("failed", rows_failed)
+    # stopped by the budget or a fatal error: the completions received are in .parts for the next run
+    rows.drop("unfinished", rows_to_generate - job.counts["rows_written"] - rows_failed)
     stats = {
+        **rows.as_dict(),
         **info,
         "model": cfg.model,
         "num_generations": cfg.num_generations,
@@ -747,6 +761,7 @@ def run(cfg: GenerateConfig) -> GenerateResult:
             store_stats["wal_bytes"],
         )
     stats_file = write_json(stats_path(output), stats)
+    logger.info("shard %d/%d: %s", cfg.shard_index, cfg.num_shards, rows.summary())
     if job.fatal is not None:
         raise job.fatal
     if stats["budget_reached"]:
@@ -881,7 +896,7 @@ def merge(inputs: list[str | Path], output_file: str | Path, uuid_column: str) -
     for path in paths:
         if not path.is_file():
             raise DataError(f"{path}: no such shard file; check the shard paths (did that generate task run?)")
-    stats = Counter(shards=len(paths), rows_in=0, rows_written=0, duplicate_keys_dropped=0, rows_from_store=0)
+    rows = Stats("rows", reasons=MERGE_DROP_REASONS)
     stores: dict[tuple[str, str], GenerationStore] = {}
     sources = []
     for number, path in enumerate(paths):
@@ -889,35 +904,40 @@ def merge(inputs: list[str | Path], output_file: str | Path, uuid_column: str) -
             sources.append(_reused_rows(reused_path(path), 2 * number, uuid_column, stores))
         sources.append(_shard_rows(path, 2 * number + 1, uuid_column))
     files = {2 * number + 1: open(path, "rb") for number, path in enumerate(paths)}
+    rows_from_store = 0
     try:
         with atomic_path(output_file) as tmp, open(tmp, "wb") as out:
             previous = None
             for key, number, _, row in heapq.merge(*sources):
-                stats["rows_in"] += 1
+                rows.read()
                 if key == previous:
-                    stats["duplicate_keys_dropped"] += 1
+                    rows.drop("duplicate_key")
                     continue
                 previous = key
                 if isinstance(row, bytes):  # spliced from the store
                     out.write(row)
-                    stats["rows_from_store"] += 1
+                    rows_from_store += 1
                 else:
                     out.write(os.pread(files[number].fileno(), row[1], row[0]))
-                stats["rows_written"] += 1
+                rows.keep()
     finally:
         for f in files.values():
             f.close()
         for store in stores.values():
             store.close()
-    stats["wall_seconds"] = round(time.monotonic() - started, 3)
-    write_json(stats_path(output_file), dict(stats))
+    stats = {
+        **rows.as_dict(),
+        "shards": len(paths),
+        "rows_from_store": rows_from_store,
+        "wall_seconds": round(time.monotonic() - started, 3),
+    }
+    write_json(stats_path(output_file), stats)
     logger.info(
-        "merged %d shard file(s) into %s: %d rows (%d from the generation store, %d duplicate keys dropped)",
+        "merged %d shard file(s) into %s: %s (%d from the generation store)",
         len(paths),
         output_file,
-        stats["rows_written"],
-        stats["rows_from_store"],
-        stats["duplicate_keys_dropped"],
+        rows.summary(),
+        rows_from_store,
     )
     return Path(output_file)
 

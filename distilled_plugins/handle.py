@@ -19,7 +19,6 @@ import os
 import sys
 import time
 from array import array
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from distilled_plugins.io import (
 from distilled_plugins.progress import Progress
 from distilled_plugins.schema import HANDLED_COLUMNS, IGNORE_INDEX, STATS_FILE, STATS_PAD_TOKEN_ID, features
 from distilled_plugins.settings import PROCESSING, add_arguments, from_args, setting
+from distilled_plugins.stats import Stats
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,10 @@ def load_tokenizer(path: str | Path, num_threads: int | None = None):
     return tokenizer
 
 
+# why a conversation is left out (one cut to max_length is kept and counted as truncated)
+DROP_REASONS = ("malformed_messages", "no_assistant_turn", "too_long")
+
+
 class ChatEncoder:
     """Chat template + tokenizer + label mask: the logic shared by the stage and the mindformers handler."""
 
@@ -123,7 +127,8 @@ class ChatEncoder:
         self.system = {"role": "system", "content": system_prompt}
         self.max_length, self.truncation = max_length, truncation
         self.marker = np.array(tokenizer.encode(ASSISTANT_MARKER, add_special_tokens=False), dtype=np.int64)
-        self.counts = Counter()
+        self.stats = Stats("conversations", reasons=DROP_REASONS)
+        self.truncated = 0  # kept, cut to max_length
 
     def _target_start(self, ids: np.ndarray) -> int | None:
         """Index of the first answer token: just past the first ``<|im_start|>assistant\\n``."""
@@ -136,11 +141,12 @@ class ChatEncoder:
     def encode_batch(self, conversations: list) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(input_ids, labels)`` of each conversation that is kept; reasons for the others are counted."""
         valid = []
+        self.stats.read(len(conversations))
         for messages in conversations:
             if not isinstance(messages, list) or not all(
                 isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in messages
             ):  # a null or list content would fail inside the chat template: count it instead
-                self.counts["dropped_malformed_messages"] += 1
+                self.stats.drop("malformed_messages")
             else:
                 valid.append([self.system, *messages])
         if not valid:
@@ -153,19 +159,20 @@ class ChatEncoder:
             ids = np.asarray(encoding.ids, dtype=np.int32)
             target = self._target_start(ids)
             if target is None or target >= len(ids):
-                self.counts["dropped_no_assistant_turn"] += 1
+                self.stats.drop("no_assistant_turn")
                 continue
             if len(ids) > self.max_length:
                 if self.truncation == "drop":
-                    self.counts["dropped_too_long"] += 1
+                    self.stats.drop("too_long")
                     continue
                 if self.truncation == "tutorial":
                     # keep the head and the closing "<|im_end|>\n", as the tutorial's handler does
                     ids = np.concatenate([ids[: self.max_length], ids[-2:]])
-                    self.counts["truncated"] += 1
+                    self.truncated += 1
             labels = ids.astype(np.int64)
             labels[:target] = IGNORE_INDEX
             out.append((ids, labels))
+        self.stats.keep(len(out))
         return out
 
 
@@ -240,44 +247,39 @@ def run(cfg: HandleConfig) -> Path:
     lengths = array("q")  # 8 bytes a row: kept for the stats and the histogram
     tokens = 0
     answer_tokens = 0
-    rows_in = 0
     progress = Progress(logger, "rows", count_rows(cfg.src), cfg.progress_interval)
     processing_started = time.monotonic()  # tokens/s counts the work, not loading the tokenizer
 
     def tables():
-        nonlocal rows_in, answer_tokens, tokens
+        nonlocal answer_tokens, tokens
         for batch in iter_column_batches(cfg.src, cfg.messages_column, cfg.batch_size):
             for chunk in _chunks_by_size(batch, cfg.batch_chars):
-                rows_in += len(chunk)
                 pairs = encoder.encode_batch(chunk)
                 if pairs:
                     lengths.extend(len(ids) for ids, _ in pairs)
                     tokens += sum(len(ids) for ids, _ in pairs)
                     answer_tokens += sum(int((labels != IGNORE_INDEX).sum()) for _, labels in pairs)
                     yield _table(pairs)
-                progress.maybe_log(rows_in, f"| {tokens} tokens")
+                progress.maybe_log(encoder.stats.rows_in, f"| {tokens} tokens")
 
     with atomic_dir(cfg.dst, kind="handled", overwrite=cfg.overwrite) as tmp:
         rows = save_tables_to_disk(tables(), tmp, features(HANDLED_COLUMNS))
         if rows == 0:
-            raise DataError(f"{', '.join(cfg.src)}: no rows to handle ({rows_in} read; {dict(encoder.counts)})")
+            raise DataError(f"{', '.join(cfg.src)}: no rows to handle ({encoder.stats.summary()})")
         length_array = np.asarray(lengths)
         processing = time.monotonic() - processing_started
         stats = {
+            **encoder.stats.as_dict(),  # rows are conversations
             "src": cfg.src,
             "tokenizer": str(cfg.tokenizer),
             STATS_PAD_TOKEN_ID: tokenizer.pad_token_id,
             "system_prompt": cfg.system_prompt,
-            "rows_in": rows_in,
             "rows": rows,
             "tokens": int(length_array.sum()),
             "answer_tokens": answer_tokens,
             "max_length": cfg.max_length,
             "truncation": cfg.truncation,
-            "truncated": encoder.counts["truncated"],
-            "dropped": {
-                k.removeprefix("dropped_"): v for k, v in sorted(encoder.counts.items()) if k.startswith("dropped_")
-            },
+            "truncated": encoder.truncated,
             "length_percentiles": {f"p{q}": int(np.percentile(length_array, q)) for q in (50, 90, 99)}
             | {"max": int(length_array.max()), "min": int(length_array.min())},
             "wall_seconds": round(time.monotonic() - started, 3),
@@ -286,9 +288,8 @@ def run(cfg: HandleConfig) -> Path:
         }
         write_json(tmp / STATS_FILE, stats)
         _histogram(length_array, tmp / "lengths.png", cfg.max_length)
-    progress.finish(
-        rows_in, f"| {rows} rows, {stats['tokens']} tokens, {stats['truncated']} truncated, dropped {stats['dropped']}"
-    )
+    progress.finish(encoder.stats.rows_in, f"| {stats['tokens']} tokens, {stats['truncated']} truncated")
+    logger.info("%s", encoder.stats.summary())
     return Path(cfg.dst)
 
 

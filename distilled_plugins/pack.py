@@ -50,6 +50,7 @@ from distilled_plugins.schema import (
     features,
 )
 from distilled_plugins.settings import PROCESSING, add_arguments, from_args, setting
+from distilled_plugins.stats import Stats
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,10 @@ class PackConfig:
             self.seq_length = configs.seq_length_of(self.finetune_config)
         if self.seq_length < 2:
             raise ValueError(f"seq_length must be at least 2, got {self.seq_length}")
+
+
+# why a handled sample is not packed at all (a split sample that loses only its prompt-only head is packed)
+DROP_REASONS = ("too_long", "no_trainable_token")
 
 
 class Piece(NamedTuple):
@@ -331,7 +336,13 @@ def _pack(cfg: PackConfig, src: Path, table, maps, files: list[_MappedFile], sta
     lengths = ids.lengths()
     _release(maps)  # the offsets' pages: only the rows of a write are read from here on
     pieces, overlong = pieces_of(lengths, cfg.seq_length, cfg.overlong)
+    samples = Stats("samples", reasons=DROP_REASONS)
+    samples.read(len(lengths))
+    samples.drop("too_long", overlong["dropped"])
+    with_pieces = len({p.row for p in pieces})
     pieces, untrainable = drop_untrainable(pieces, labels, lengths)
+    samples.keep(len({p.row for p in pieces}))
+    samples.drop("no_trainable_token", with_pieces - samples.rows_out)  # every piece of the sample removed
     # only split and truncated samples have pieces that stop before the sample's end
     not_packed = {"split_piece_prompt_only": 0, "truncated_prompt_only": 0}
     not_packed["split_piece_prompt_only" if cfg.overlong == "split" else "truncated_prompt_only"] = untrainable
@@ -388,6 +399,7 @@ def _pack(cfg: PackConfig, src: Path, table, maps, files: list[_MappedFile], sta
     with atomic_dir(cfg.dst, kind="packed", overwrite=cfg.overwrite) as tmp:
         save_tables_to_disk(tables(), tmp, features(PACKED_COLUMNS))
         stats = {
+            **samples.as_dict(),  # rows are handled samples
             "src": str(src),
             STATS_SEQ_LENGTH: cfg.seq_length,
             "overlong_policy": cfg.overlong,
@@ -411,7 +423,7 @@ def _pack(cfg: PackConfig, src: Path, table, maps, files: list[_MappedFile], sta
         }
         write_json(tmp / STATS_FILE, stats)
     logger.info(
-        "packed %d samples (%d tokens) into %d rows of %d: efficiency %.4f (lower bound %d rows); overlong: %s",
+        "packed %d samples (%d tokens) into %d rows of %d: efficiency %.4f (lower bound %d rows); overlong: %s; %s",
         stats["samples_in"],
         tokens,
         len(plan),
@@ -419,6 +431,7 @@ def _pack(cfg: PackConfig, src: Path, table, maps, files: list[_MappedFile], sta
         stats["efficiency"],
         stats["packs_lower_bound"],
         overlong,
+        samples.summary(),
     )
     return Path(cfg.dst)
 

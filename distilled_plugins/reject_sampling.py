@@ -27,6 +27,7 @@ from distilled_plugins.io import DataError, atomic_path, count_rows, dumps_line,
 from distilled_plugins.progress import Progress
 from distilled_plugins.schema import GENERATION_COLUMNS, MESSAGES_COLUMN, PROMPT_COLUMN, row_key, sibling_path
 from distilled_plugins.settings import DATA, add_arguments, from_args, setting
+from distilled_plugins.stats import Stats
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class RejectSamplingConfig:
         for path in self.eval_sets:
             if not Path(path).exists():
                 raise DataError(f"evaluation set {path} not found (give --eval-sets, or --eval-sets none to skip)")
+
+
+# why an example is left out (an example is kept when one of its generations is correct)
+DROP_REASONS = ("gold_filtered", "contaminated", "gold_unparseable", "no_generations", "no_correct_generation")
 
 
 @dataclass
@@ -123,8 +128,8 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
     if total == 0:
         raise DataError(f"{src}: no examples (the file is empty)")
     examples: OrderedDict[int, _Example] = OrderedDict()
-    per_generation, per_example = Counter(), Counter()
-    counts = Counter()
+    per_generation = Counter()
+    kept = Stats("examples", reasons=DROP_REASONS)
     contaminated: list[dict] = []
     progress = Progress(logger, "examples", total, cfg.progress_interval)
 
@@ -161,9 +166,9 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
             """Write finished examples at the head of the input order."""
             while examples and next(iter(examples.values())).remaining == 0:
                 _, example = examples.popitem(last=False)
-                counts["examples_in"] += 1
+                kept.read()
                 if example.dropped:
-                    per_example[example.dropped] += 1
+                    kept.drop(example.dropped)
                     for i in range(len(example.row["generations"])):
                         audit.write(
                             dumps_line(
@@ -179,14 +184,14 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
                 for i, v in enumerate(example.verdicts):
                     per_generation[v.verdict] += 1
                     audit.write(dumps_line({"key": example.key, "index": i, "verdict": v.verdict, "reason": v.reason}))
-                kept = _kept_row(example, cfg.problem_column)
-                if kept is None:
+                row = _kept_row(example, cfg.problem_column)
+                if row is None:
                     unparseable = all(v.verdict == grader.GOLD_UNPARSEABLE for v in example.verdicts)
-                    per_example["gold_unparseable" if unparseable else "no_correct_generation"] += 1
+                    kept.drop("gold_unparseable" if unparseable else "no_correct_generation")
                     continue
-                out.write(dumps_line(kept))
-                counts["examples_out"] += 1
-            progress.maybe_log(counts["examples_in"], f"| {counts['examples_out']} kept")
+                out.write(dumps_line(row))
+                kept.keep()
+            progress.maybe_log(kept.rows_in, f"| {kept.rows_out} kept")
 
         with grader.GradingPool(cfg.workers, cfg.parse_timeout, cfg.verify_timeout, cfg.sample_timeout) as pool:
             logger.info("grading %d examples of %s with %d worker processes", total, src, pool.size)
@@ -199,36 +204,30 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
             flush()  # examples dropped at the end of the input
             workers, replaced = pool.size, pool.replaced
     wall = time.monotonic() - started
-    progress.finish(counts["examples_in"], f"| {counts['examples_out']} kept")
+    progress.finish(kept.rows_in, f"| {kept.rows_out} kept")
     graded = sum(per_generation.values())
     stats = {
+        **kept.as_dict(),  # rows are examples; dropped: the examples left out, by reason
         "src": str(src),
         "dst": str(cfg.dst),
-        "examples_in": counts["examples_in"],
-        "examples_out": counts["examples_out"],
         "generations_graded": graded,
         "generations_correct": per_generation[grader.CORRECT],
         "rejected_generations": {k: per_generation[k] for k in grader.VERDICTS if k != grader.CORRECT},
-        "rejected_examples": {
-            k: per_example[k]
-            for k in ("gold_filtered", "contaminated", "gold_unparseable", "no_generations", "no_correct_generation")
-        },
         "contaminated": contaminated,
         "eval_sets": cfg.eval_sets,
         "workers": workers,
         "workers_replaced": replaced,
         "wall_seconds": round(wall, 3),
-        "examples_per_s": round(counts["examples_in"] / wall, 2),
+        "examples_per_s": round(kept.rows_in / wall, 2),
         "samples_per_s": round(graded / wall, 2),
     }
     stats_file = write_json(sibling_path(cfg.dst, ".stats.json"), stats)
     logger.info(
-        "kept %d of %d examples (%d of %d generations correct); rejections: %s",
-        stats["examples_out"],
-        stats["examples_in"],
+        "%s (%d of %d generations correct; generations rejected: %s)",
+        kept.summary(),
         stats["generations_correct"],
         graded,
-        json.dumps({**stats["rejected_generations"], **stats["rejected_examples"]}),
+        json.dumps(stats["rejected_generations"]),
     )
     return RejectSamplingResult(Path(cfg.dst), sibling_path(cfg.dst, ".verdicts.jsonl"), stats_file, stats)
 

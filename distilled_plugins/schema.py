@@ -35,6 +35,10 @@ MESSAGES_COLUMN = "messages"
 STATS_FILE = "stats.json"  # inside a folder artifact
 STATS_PAD_TOKEN_ID = "pad_token_id"  # handle's stats, read by pack
 STATS_SEQ_LENGTH = "seq_length"  # pack's stats, read by finetune
+# every stage's stats begin with these (written by stats.Stats): rows_in == rows_out + sum(dropped.values())
+STATS_ROWS_IN = "rows_in"
+STATS_ROWS_OUT = "rows_out"
+STATS_DROPPED = "dropped"  # {reason: count}
 
 
 def row_key(uuid) -> str:

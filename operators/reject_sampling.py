@@ -5,6 +5,7 @@ from __future__ import annotations
 from airflow.sdk import Context
 
 from distilled_plugins import reject_sampling
+from distilled_plugins.schema import STATS_ROWS_IN, STATS_ROWS_OUT
 from operators.assets import emit
 from operators.pipeline import fails_clearly
 from operators.stage import StageOperator
@@ -32,8 +33,8 @@ class RejectSamplingOperator(StageOperator):
             self,
             {
                 "path": str(result.output),
-                "kept": stats["examples_out"],
-                "rejected": stats["examples_in"] - stats["examples_out"],
+                "kept": stats[STATS_ROWS_OUT],
+                "rejected": stats[STATS_ROWS_IN] - stats[STATS_ROWS_OUT],
                 "generations_correct": stats["generations_correct"],
             },
         )

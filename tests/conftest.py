@@ -1,25 +1,44 @@
-"""Test set-up: a private Airflow home with its own SQLite database, and shared data paths.
+"""Test set-up: a private Airflow home with its own SQLite database, and the shared fixtures.
 
 Airflow reads its configuration when first imported, so the environment is set here, before any test module
-imports it.
+imports it. Plain helpers (data paths, rows, the stage CLIs, ``wait_until``) are in ``tests/support.py``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import subprocess
+import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
-from distilled_plugins.configs import SHARED_DATA
 from distilled_plugins.devtools.local_airflow import free_port
-
-REPO = Path(__file__).resolve().parents[1]
-MATH500 = SHARED_DATA / "math500" / "test.jsonl"
-MATH_TRAIN_SOLUTIONS = SHARED_DATA / "math_train" / "math12k_train_with_solutions.jsonl"
-TOKENIZER_DIR = SHARED_DATA / "tokenizer" / "qwen2.5"
+from distilled_plugins.devtools.teacher_server import (
+    ReplayTeacher,
+    ServerThread,
+    load_answers,
+    replay_answer,
+    wait_for_port,
+)
+from tests.support import (  # MATH_TRAIN_SOLUTIONS, read_jsonl: still imported from here by tests/cluster/
+    MATH_TRAIN_SOLUTIONS,  # noqa: F401
+    REPO,
+    TINY_ROWS,
+    TOKENIZER_DIR,
+    answer_with_solution,
+    cli_env,
+    conversation_rows,
+    failing_first,
+    math_train_rows,
+    read_jsonl,  # noqa: F401
+    write_jsonl,
+)
 
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="distilled-airflow-"))
 os.environ["AIRFLOW_HOME"] = str(_AIRFLOW_HOME)
@@ -55,47 +74,112 @@ def airflow_db():
     return _AIRFLOW_HOME
 
 
-def read_jsonl(path) -> list[dict]:
-    import json
+@dataclass
+class Teacher:
+    """A running replay teacher: ``url`` is its base URL; ``replay`` (in this process) counts and records the
+    requests; ``process`` is the teacher's own process when started with ``process=True``. Unpacks as
+    ``replay, url``."""
 
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+    replay: ReplayTeacher | None
+    url: str
+    process: subprocess.Popen | None = None
 
+    def __iter__(self):
+        return iter((self.replay, self.url))
 
-def write_jsonl(path, rows) -> Path:
-    import json
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname
 
-    path = Path(path)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def math_train_rows(n: int, start: int = 0) -> list[dict]:
-    """The first ``n`` MATH training problems that have a reference solution."""
-    import json
-
-    rows = []
-    with open(MATH_TRAIN_SOLUTIONS) as f:
-        for i, line in enumerate(f):
-            if i < start:
-                continue
-            row = json.loads(line)
-            if row.get("solution"):
-                rows.append(row)
-            if len(rows) == n:
-                break
-    return rows
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port
 
 
-def conversation_rows(n: int, start: int = 0) -> list[dict]:
-    """MATH training problems with their reference solutions as user/assistant conversations."""
-    return [
-        {"messages": [{"role": "user", "content": r["problem"]}, {"role": "assistant", "content": r["solution"]}]}
-        for r in math_train_rows(n, start)
-    ]
+class _Teachers:
+    """The replay teachers a fixture started, stopped together by ``close()``."""
+
+    def __init__(self, tmp_path_factory):
+        self.tmp_path_factory = tmp_path_factory
+        self.servers: list[ServerThread] = []
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, answer=None, *, solutions=None, problems=(), fail_first=0, process=False, **options) -> Teacher:
+        if process:
+            return self._process(answer, solutions, problems, options)
+        if solutions is not None:
+            answer = replay_answer(_solutions(str(solutions)))
+        answer = answer or answer_with_solution
+        if fail_first:
+            answer = failing_first(answer, fail_first)
+        replay = ReplayTeacher(answer, **options)
+        server = ServerThread(replay.app()).__enter__()
+        self.servers.append(server)
+        return Teacher(replay, server.url)
+
+    def _process(self, answer, solutions, problems, options) -> Teacher:
+        if set(options) - {"delay"}:
+            raise TypeError(f"a teacher process takes only the delay option, not {sorted(set(options) - {'delay'})}")
+        if solutions is None:  # the CLI replays a file: write answer(problem) for each problem
+            answer = answer or answer_with_solution
+            solutions = self.tmp_path_factory.mktemp("teacher") / "answers.jsonl"
+            write_jsonl(solutions, [{"problem": p, "solution": answer(p)} for p in problems])
+        port = free_port()
+        command = [sys.executable, "-m", "distilled_plugins.devtools.teacher_server", "--answers", str(solutions)]
+        command += ["--port", str(port), "--delay", str(options.get("delay", 0.0))]
+        proc = subprocess.Popen(command, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.processes.append(proc)
+        wait_for_port(port)
+        return Teacher(None, f"http://127.0.0.1:{port}", proc)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.__exit__(None, None, None)
+        for proc in self.processes:
+            proc.kill()
+            proc.wait()
 
 
-# rows of the tiny packed data: one training step each with one worker, half as many per worker with two
-TINY_ROWS = 10
+@pytest.fixture
+def replay_teacher(tmp_path_factory):
+    """Start replay teachers (OpenAI-compatible endpoints on 127.0.0.1) for one test; each stops when it ends.
+
+    ``replay_teacher(answer=None, *, solutions=None, problems=(), fail_first=0, process=False, **options)``:
+
+    - the completion of a problem is ``answer(problem)`` (default ``support.answer_with_solution``), or, with
+      ``solutions=<file>``, the problem's reference solution from that file (``MATH_TRAIN_SOLUTIONS``,
+      ``MATH500``: real text with correct final answers);
+    - ``fail_first=N``: the first N requests get HTTP 500;
+    - ``options``: the rest of :class:`ReplayTeacher` (``faults``, ``fault_rate``, ``delay``, ``api_key``,
+      ``rate_limit_rpm``, ``retry_after``, ``stream_chunks``, ...);
+    - ``process=True``: the teacher runs in its own process (its CLI), so a test can SIGKILL it
+      (``teacher.process``); then it replays ``solutions`` (or ``answer`` over ``problems``), and of the
+      options only ``delay``.
+
+    Call it again for more endpoints; ``replay, url = replay_teacher()`` unpacks.
+    """
+    teachers = _Teachers(tmp_path_factory)
+    yield teachers.start
+    teachers.close()
+
+
+@pytest.fixture(scope="module")
+def module_replay_teacher(tmp_path_factory):
+    """``replay_teacher`` for a module-scoped fixture (a private Airflow shared by a module's tests)."""
+    teachers = _Teachers(tmp_path_factory)
+    yield teachers.start
+    teachers.close()
+
+
+@pytest.fixture
+def seed(tmp_path):
+    """A seed file of the first 12 MATH training problems (with reference solutions)."""
+    return write_jsonl(tmp_path / "seed.jsonl", math_train_rows(12))
+
+
+@functools.lru_cache(maxsize=4)
+def _solutions(path: str) -> dict[str, str]:
+    return load_answers(path, "problem", "solution")
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distilled_plugins import handle, pack
-from tests.conftest import REPO, TOKENIZER_DIR, conversation_rows, write_jsonl
+from tests.support import TOKENIZER_DIR, conversation_rows, run_cli, write_jsonl
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -29,17 +27,6 @@ def snapshot(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
-
-
-def cli(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", f"distilled_plugins.{module}", *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +320,7 @@ def _completions(path: Path) -> Path:
 def _evaluated(tmp: Path) -> Path:
     """An evaluation folder whose completions came from another source (a stored completions.jsonl and its record)."""
     out = tmp / "e"
-    done = cli("evaluate", "--rescore", _completions(tmp / "first.jsonl"), "--out", out, "--workers", 1)
+    done = run_cli("evaluate", "--rescore", _completions(tmp / "first.jsonl"), "--out", out, "--workers", 1)
     assert done.returncode == 0, done.stderr
     (out / "completions.jsonl").write_text(json.dumps({"unique_id": "x", "generations": ["$2$"]}) + "\n")
     return out
@@ -343,7 +330,7 @@ def _evaluated(tmp: Path) -> Path:
 def test_misuse_gives_one_line_and_destroys_nothing(case, tmp_path, handled_and_packed):
     module, args = case.setup(tmp_path, handled_and_packed)
     before = snapshot(tmp_path)
-    done = cli(module, *args)
+    done = run_cli(module, *args)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1, f"exit {done.returncode}\n{done.stderr[-3000:]}"
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
@@ -357,13 +344,15 @@ def test_misuse_gives_one_line_and_destroys_nothing(case, tmp_path, handled_and_
 
 def test_debug_shows_the_traceback(tmp_path):
     src = _parquet(tmp_path / "gen.jsonl")
-    done = cli("reject_sampling", "--src", src, "--dst", tmp_path / "out.jsonl", "--debug")
+    done = run_cli("reject_sampling", "--src", src, "--dst", tmp_path / "out.jsonl", "--debug")
     assert done.returncode == 1 and "Traceback" in done.stderr and "DataError" in done.stderr
 
 
 def test_null_finish_reasons_are_treated_as_absent(tmp_path):
     src = write_jsonl(tmp_path / "gen.jsonl", _reject_sampling_rows())
-    done = cli("reject_sampling", "--src", src, "--dst", tmp_path / "out.jsonl", "--eval-sets", "none", "--workers", 1)
+    done = run_cli(
+        "reject_sampling", "--src", src, "--dst", tmp_path / "out.jsonl", "--eval-sets", "none", "--workers", 1
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     kept = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["generations"] for r in kept] == [["$\\boxed{2}$"]]
@@ -378,8 +367,8 @@ def test_null_message_content_is_counted_not_a_crash(tmp_path):
     src = write_jsonl(tmp_path / "f.jsonl", good + bad)
     dst = handle.run(handle.HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / "h")))
     stats = json.loads((dst / "stats.json").read_text())
-    assert stats["rows"] == 1
-    assert stats["dropped"] == {"malformed_messages": 2}
+    assert stats["rows"] == stats["rows_out"] == 1 and stats["rows_in"] == 3
+    assert stats["dropped"] == {"malformed_messages": 2, "no_assistant_turn": 0, "too_long": 0}
 
 
 def test_temp_files_of_a_killed_run_are_removed(tmp_path, handled_and_packed):
@@ -396,7 +385,7 @@ def test_temp_files_of_a_killed_run_are_removed(tmp_path, handled_and_packed):
 
 def test_overwrite_replaces_a_foreign_folder(tmp_path, handled_and_packed):
     dst = _folder_with(tmp_path / "packed", "old.txt")
-    done = cli("pack", "--src", handled_and_packed[0], "--dst", dst, "--seq-length", 256, "--overwrite")
+    done = run_cli("pack", "--src", handled_and_packed[0], "--dst", dst, "--seq-length", 256, "--overwrite")
     assert done.returncode == 0, done.stderr[-2000:]
     assert not (dst / "old.txt").exists() and json.loads((dst / "artifact.json").read_text())["kind"] == "packed"
 
@@ -410,9 +399,13 @@ def test_rescore_counts_unusable_golds_and_states_the_denominator(tmp_path):
         {"problem": "e", "answer": "3", "generations": []},
     ]
     src = write_jsonl(tmp_path / "c.jsonl", rows)
-    done = cli("evaluate", "--rescore", src, "--out", tmp_path / "e", "--workers", 1)
+    done = run_cli("evaluate", "--rescore", src, "--out", tmp_path / "e", "--workers", 1)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "e" / "report.json").read_text())
     assert report["problems"] == 1 and report["pass@1"] == 100.0
     assert report["excluded"] == {"gold_filtered": 3, "no_completions": 1}
+    stats = json.loads((tmp_path / "e" / "stats.json").read_text())
+    assert stats["rows_in"] == 5 and stats["rows_out"] == 1
+    assert stats["dropped"] == {"gold_filtered": 3, "no_completions": 1}
+    assert "kept 1 of 5 problems; dropped 4: gold_filtered 3, no_completions 1" in done.stderr
     assert "Left out of pass@1: 3 (gold_filtered), 1 (no_completions)" in (tmp_path / "e" / "report.md").read_text()

@@ -11,11 +11,8 @@ from distilled_plugins import evaluate, generate
 from distilled_plugins.client import RequestSettings
 from distilled_plugins.endpoints import Endpoint, TokenBucket, parse_duration, parse_endpoints
 from distilled_plugins.generate import BudgetReached
-from tests import test_generate
-from tests.conftest import read_jsonl
-from tests.test_generate import FAST_RETRY, answer_with_solution, config, keys_of
-
-teacher, seed = test_generate.teacher, test_generate.seed  # the same fixtures: a replay teacher, 12 MATH rows
+from tests.support import FAST_RETRY, MATH500, answer_with_solution, keys_of, math_train_rows, read_jsonl, write_jsonl
+from tests.support import generate_config as config
 
 
 def fast(**overrides) -> RequestSettings:
@@ -23,8 +20,8 @@ def fast(**overrides) -> RequestSettings:
 
 
 class TestBadReplies:
-    def test_null_content_and_missing_choices_are_failed_requests(self, teacher, seed, tmp_path):
-        replay, url = teacher(faults=["null_content", "no_choices", "null_content"])
+    def test_null_content_and_missing_choices_are_failed_requests(self, replay_teacher, seed, tmp_path):
+        replay, url = replay_teacher(faults=["null_content", "no_choices", "null_content"])
         result = generate.run(config(seed, tmp_path, url, max_concurrent=1))
         assert result.stats["retries"] == {"null_content": 2, "no_choices": 1}
         rows = read_jsonl(result.output_file)
@@ -32,18 +29,19 @@ class TestBadReplies:
         assert all(g == answer_with_solution(r["problem"]) for r in rows for g in r["generations"])
         assert replay.requests == 24 + 3
 
-    def test_null_content_on_every_attempt_fails_the_row_not_an_empty_completion(self, teacher, seed, tmp_path):
-        _replay, url = teacher(faults=["null_content"] * 1000)
+    def test_null_content_on_every_attempt_fails_the_row_not_an_empty_completion(self, replay_teacher, seed, tmp_path):
+        _replay, url = replay_teacher(faults=["null_content"] * 1000)
         with pytest.raises(generate.GenerationIncomplete, match="12 of 12 rows"):
             generate.run(config(seed, tmp_path, url, num_generations=1))
         stats = json.loads(generate.stats_path(tmp_path / "out" / "gen.jsonl").read_text())
         assert stats["failed_requests"] == {"null_content": 12} and stats["completions_ok"] == 0
+        assert stats["rows_out"] == 0 and stats["dropped"] == {"duplicate_uuid": 0, "failed": 12, "unfinished": 0}
         assert read_jsonl(tmp_path / "out" / "gen.jsonl") == []
 
 
 class TestStreaming:
-    def test_stream_merges_reasoning_and_content(self, teacher, seed, tmp_path):
-        replay, url = teacher(faults=["reasoning"] * 24, stream_chunks=5)
+    def test_stream_merges_reasoning_and_content(self, replay_teacher, seed, tmp_path):
+        replay, url = replay_teacher(faults=["reasoning"] * 24, stream_chunks=5)
         result = generate.run(config(seed, tmp_path, url, retry=fast(stream=True)))
         rows = read_jsonl(result.output_file)
         assert len(rows) == 12
@@ -55,8 +53,8 @@ class TestStreaming:
         assert replay.seen_payloads[0]["stream_options"] == {"include_usage": True}
         assert result.stats["completion_tokens"] > 0
 
-    def test_stream_cut_midway_is_retried_and_the_partial_text_dropped(self, teacher, seed, tmp_path):
-        replay, url = teacher(faults=["cut_stream", "cut_stream"])
+    def test_stream_cut_midway_is_retried_and_the_partial_text_dropped(self, replay_teacher, seed, tmp_path):
+        replay, url = replay_teacher(faults=["cut_stream", "cut_stream"])
         result = generate.run(config(seed, tmp_path, url, max_concurrent=1, retry=fast(stream=True)))
         assert result.stats["retries"] == {"stream_cut": 2}
         rows = read_jsonl(result.output_file)
@@ -66,10 +64,10 @@ class TestStreaming:
 
 
 class TestRateLimits:
-    def test_429_with_nothing_remaining_pauses_the_whole_endpoint(self, teacher, seed, tmp_path):
+    def test_429_with_nothing_remaining_pauses_the_whole_endpoint(self, replay_teacher, seed, tmp_path):
         # one 429 saying x-ratelimit-remaining-requests: 0 and no Retry-After; the request's own backoff is
         # 0.05 s at most, so only an endpoint-wide pause (1 s by default) keeps the other requests away
-        replay, url = teacher(faults=["ok"] * 6 + ["429_exhausted"], retry_after=None)
+        replay, url = replay_teacher(faults=["ok"] * 6 + ["429_exhausted"], retry_after=None)
         result = generate.run(config(seed, tmp_path, url, max_concurrent=4))
         assert len(read_jsonl(result.output_file)) == 12
         refused_at = replay.request_times[6]
@@ -80,22 +78,18 @@ class TestRateLimits:
         assert result.stats["rate_limit_pauses"] >= 1
         assert result.stats["retries"] == {"http_429": 1}
 
-    def test_limit_learnt_from_headers_keeps_refusals_rare(self, teacher, tmp_path):
-        from tests.conftest import math_train_rows, write_jsonl
-
+    def test_limit_learnt_from_headers_keeps_refusals_rare(self, replay_teacher, tmp_path):
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(40))
-        replay, url = teacher(rate_limit_rpm=600, retry_after="1")  # 10 requests/s, bursts of 10
+        replay, url = replay_teacher(rate_limit_rpm=600, retry_after="1")  # 10 requests/s, bursts of 10
         result = generate.run(config(seed, tmp_path, url, num_generations=1, max_concurrent=16))
         assert len(read_jsonl(result.output_file)) == 40
         # without the adaptation 16 workers against an instant server are refused most of the time
         assert replay.refused <= 2, replay.refused
         assert result.stats["endpoints"][url]["requests"] == 40 + replay.refused
 
-    def test_max_rpm_paces_requests(self, teacher, tmp_path):
-        from tests.conftest import math_train_rows, write_jsonl
-
+    def test_max_rpm_paces_requests(self, replay_teacher, tmp_path):
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(25))
-        replay, url = teacher()
+        replay, url = replay_teacher()
         generate.run(config(seed, tmp_path, url, num_generations=1, max_concurrent=8, retry=fast(max_rpm=600)))
         times = sorted(replay.request_times)
         # a burst of 10 (one second's worth), then 10 a second: 25 requests need at least 1.5 s
@@ -112,11 +106,11 @@ class TestRateLimits:
 
 
 class TestCostAndBudget:
-    def test_budget_stops_cleanly_and_a_rerun_resumes(self, teacher, seed, tmp_path, caplog):
+    def test_budget_stops_cleanly_and_a_rerun_resumes(self, replay_teacher, seed, tmp_path, caplog):
         import logging
 
         caplog.set_level(logging.INFO)
-        replay, url = teacher()
+        replay, url = replay_teacher()
         completion_tokens = len(answer_with_solution(read_jsonl(seed)[0]["problem"])) // 4
         # a price making each completion cost about 1.0: the budget of 5.5 allows 6 completions
         price = 1e6 / completion_tokens
@@ -132,6 +126,8 @@ class TestCostAndBudget:
         assert stats["rows_failed"] == 0 and stats["requests_not_sent_budget"] > 0
         written = len(read_jsonl(cfg.output_file))
         assert written < 12
+        assert stats["rows_in"] == 12 and stats["rows_out"] == written
+        assert stats["dropped"] == {"duplicate_uuid": 0, "failed": 0, "unfinished": 12 - written}
 
         resumed = generate.run(config(seed, tmp_path, url, max_concurrent=1, retry=fast(price_per_mtok_out=price)))
         rows = read_jsonl(resumed.output_file)
@@ -173,13 +169,9 @@ class TestSettingsOnce:
 
 
 class TestEvaluationUsesTheSameClient:
-    def test_evaluate_cli_streams_from_two_endpoints_with_the_request_flags(self, teacher, tmp_path):
-        from distilled_plugins.devtools.teacher_server import load_answers, replay_answer
-        from tests.conftest import MATH500
-
-        answers = replay_answer(load_answers(MATH500, "problem", "solution"))
-        first, url1 = teacher(answer=answers, faults=["cut_stream"])
-        second, url2 = teacher(answer=answers)
+    def test_evaluate_cli_streams_from_two_endpoints_with_the_request_flags(self, replay_teacher, tmp_path):
+        first, url1 = replay_teacher(solutions=MATH500, faults=["cut_stream"])
+        second, url2 = replay_teacher(solutions=MATH500)
         argv = ["--out", str(tmp_path / "eval"), "--api-addr", f"{url1},{url2}", "--model", "m", "--limit", "6"]
         argv += ["--n-samples", "2", "--workers", "1", "--stream", "--request-timeout", "30", "--max-attempts", "3"]
         assert evaluate.main(argv) == 0

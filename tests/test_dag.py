@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, make_seed
 from distilled_plugins.devtools.local_airflow import AirflowError, LocalAirflow, free_port
-from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
-from tests.conftest import MATH_TRAIN_SOLUTIONS, REPO, TOKENIZER_DIR, read_jsonl, write_jsonl
+from tests.support import MATH_TRAIN_SOLUTIONS, REPO, TOKENIZER_DIR, read_jsonl, wait_until, write_jsonl
 
 DAG_FILE = REPO / "dags" / "distill_r1.py"
 DAG_ID = "distill_r1"
@@ -83,21 +80,8 @@ def test_dag_parses_light_and_every_param_is_a_labelled_form_field():
     assert "description" in info["asset"]["extra"]
 
 
-def flaky_teacher(answers: dict[str, str], failures: int) -> ReplayTeacher:
-    """Replays reference solutions; its first ``failures`` requests get HTTP 500."""
-    calls = []
-
-    def answer(problem: str) -> str:
-        calls.append(problem)
-        if len(calls) <= failures:
-            raise web.HTTPInternalServerError(text='{"error": "teacher overloaded"}', content_type="application/json")
-        return replay_answer(answers)(problem)
-
-    return ReplayTeacher(answer)
-
-
 @pytest.mark.slow
-def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(tmp_path):
+def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(replay_teacher, tmp_path):
     seed = make_seed(tmp_path / "seed" / "seed.jsonl", 16)
     settings = {
         **demo_settings(tmp_path, seed),
@@ -105,59 +89,58 @@ def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(tmp_path):
         "eval_max_new_tokens": 8,
         "request_attempts": 1,
     }  # one attempt per request: a teacher error fails the task, the retry resumes
-    answers = load_answers(MATH_TRAIN_SOLUTIONS, "problem", "solution")
-    teacher = flaky_teacher(answers, failures=2)
-    with ServerThread(teacher.app()) as server:
-        airflow = airflow_for_demo(tmp_path, server.url, free_port(), settings, retry_delay_seconds=1)
-        with airflow:
-            airflow.wait_for_dag(DAG_ID)
+    # replays reference solutions; its first 2 requests get HTTP 500
+    teacher, url = replay_teacher(solutions=MATH_TRAIN_SOLUTIONS, fail_first=2)
+    airflow = airflow_for_demo(tmp_path, url, free_port(), settings, retry_delay_seconds=1)
+    with airflow:
+        airflow.wait_for_dag(DAG_ID)
 
-            with pytest.raises(AirflowError, match="HTTP 400.*shards"):  # refused before any task runs
-                airflow.trigger(DAG_ID, {**settings, "shards": 0})
-            assert airflow.runs(DAG_ID) == []
+        with pytest.raises(AirflowError, match="HTTP 400.*shards"):  # refused before any task runs
+            airflow.trigger(DAG_ID, {**settings, "shards": 0})
+        assert airflow.runs(DAG_ID) == []
 
-            run_id = airflow.trigger(DAG_ID, settings)
-            assert airflow.wait_for_run(DAG_ID, run_id, timeout=900) == "success"
-            tries = {
-                (ti["task_id"], ti["map_index"]): ti["try_number"] for ti in airflow.task_instances(DAG_ID, run_id)
-            }
-            assert max(tries[("generate", 0)], tries[("generate", 1)]) == 2  # failed once, then resumed
-            assert teacher.requests == 16 * 2 + 2  # only the two failed requests were sent again
-            merged = airflow.xcom(DAG_ID, run_id, "merge")
-            assert merged == f"{tmp_path}/output/{DAG_ID}/{run_id}/merge/generations.jsonl"
-            rows = read_jsonl(merged)
-            assert len(rows) == 16 and len({r["problem"] for r in rows}) == 16  # nothing lost, nothing twice
-            finetuned = airflow.xcom(DAG_ID, run_id, "finetune", map_index=0)  # mapped over node ranks
-            assert Path(finetuned["checkpoint_dir"], "rank_0").is_dir() and Path(finetuned["metrics"]).exists()
-            report = json.loads(Path(airflow.xcom(DAG_ID, run_id, "evaluate")).read_text())
-            assert report["problems"] == 2 and report["protocol"]["n_samples"] == 1
-            for task in (
-                "reject_sampling/filtered.jsonl",
-                "handle/stats.json",
-                "pack/stats.json",
-                "evaluate/report.md",
-                "evaluate/accuracy.png",
-            ):
-                assert (tmp_path / "output" / DAG_ID / run_id / task).exists(), task
+        run_id = airflow.trigger(DAG_ID, settings)
+        assert airflow.wait_for_run(DAG_ID, run_id, timeout=900) == "success"
+        tries = {(ti["task_id"], ti["map_index"]): ti["try_number"] for ti in airflow.task_instances(DAG_ID, run_id)}
+        assert max(tries[("generate", 0)], tries[("generate", 1)]) == 2  # failed once, then resumed
+        assert teacher.requests == 16 * 2 + 2  # only the two failed requests were sent again
+        merged = airflow.xcom(DAG_ID, run_id, "merge")
+        assert merged == f"{tmp_path}/output/{DAG_ID}/{run_id}/merge/generations.jsonl"
+        rows = read_jsonl(merged)
+        assert len(rows) == 16 and len({r["problem"] for r in rows}) == 16  # nothing lost, nothing twice
+        finetuned = airflow.xcom(DAG_ID, run_id, "finetune", map_index=0)  # mapped over node ranks
+        assert Path(finetuned["checkpoint_dir"], "rank_0").is_dir() and Path(finetuned["metrics"]).exists()
+        report = json.loads(Path(airflow.xcom(DAG_ID, run_id, "evaluate")).read_text())
+        assert report["problems"] == 2 and report["protocol"]["n_samples"] == 1
+        for task in (
+            "reject_sampling/filtered.jsonl",
+            "handle/stats.json",
+            "pack/stats.json",
+            "evaluate/report.md",
+            "evaluate/accuracy.png",
+        ):
+            assert (tmp_path / "output" / DAG_ID / run_id / task).exists(), task
 
-            # the seed refreshes with 3 new problems; the seed watcher notices and starts a run (no REST call)
-            before = teacher.requests
-            extra = [json.loads(line) for line in open(MATH_TRAIN_SOLUTIONS)][200:203]
-            write_jsonl(seed, read_jsonl(seed) + [{"problem": r["problem"], "answer": r["answer"]} for r in extra])
-            deadline = time.monotonic() + 120
-            while not (new := [r for r in airflow.runs(DAG_ID) if r["run_type"] == "asset_triggered"]):
-                assert time.monotonic() < deadline, "the asset event started no run"
-                time.sleep(2)
-            second = new[0]["dag_run_id"]
-            assert airflow.wait_for_run(DAG_ID, second, timeout=900) == "success"
-            assert teacher.requests - before == 3 * 2  # only the new problems went to the teacher
-            reused = sum(
-                json.loads(Path(airflow.xcom(DAG_ID, second, "generate", map_index=i)["stats"]).read_text())[
-                    "rows_reused_from_store"
-                ]
-                for i in range(2)
-            )
-            assert reused == 16
+        # the seed refreshes with 3 new problems; the seed watcher notices and starts a run (no REST call)
+        before = teacher.requests
+        extra = [json.loads(line) for line in open(MATH_TRAIN_SOLUTIONS)][200:203]
+        write_jsonl(seed, read_jsonl(seed) + [{"problem": r["problem"], "answer": r["answer"]} for r in extra])
+        new = wait_until(
+            lambda: [r for r in airflow.runs(DAG_ID) if r["run_type"] == "asset_triggered"],
+            120,
+            "the asset event to start a run",
+            interval=2,
+        )
+        second = new[0]["dag_run_id"]
+        assert airflow.wait_for_run(DAG_ID, second, timeout=900) == "success"
+        assert teacher.requests - before == 3 * 2  # only the new problems went to the teacher
+        reused = sum(
+            json.loads(Path(airflow.xcom(DAG_ID, second, "generate", map_index=i)["stats"]).read_text())[
+                "rows_reused_from_store"
+            ]
+            for i in range(2)
+        )
+        assert reused == 16
 
 
 class _TaskInstance:

@@ -14,8 +14,7 @@ import yaml
 from cryptography.fernet import Fernet
 
 from operators.deployment import ROUTING_KEYS, parse
-from tests.cluster.test_celery_cluster import DEPLOYMENT
-from tests.conftest import REPO
+from tests.support import DEPLOYMENT, REPO
 
 DOCKER = REPO / "docker"
 AIRFLOW_SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer", "worker-cpu", "worker-npu")

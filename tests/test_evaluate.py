@@ -9,10 +9,11 @@ import pytest
 
 from distilled_plugins import evaluate
 from distilled_plugins.client import FatalRequestError, RetryPolicy
-from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
+from distilled_plugins.configs import SHARED_DATA
+from distilled_plugins.devtools.teacher_server import load_answers, replay_answer
 from distilled_plugins.evaluate import EvalConfig, Protocol
 from distilled_plugins.io import DataError
-from tests.conftest import MATH500, SHARED_DATA, read_jsonl, write_jsonl
+from tests.support import MATH500, read_jsonl, write_jsonl
 
 SKYTHOUGHT = SHARED_DATA / "eval_outputs" / "skythought"
 
@@ -22,23 +23,22 @@ def reference_answers():
     return load_answers(MATH500, "problem", "solution")
 
 
-def endpoint(answer, **kwargs):
-    return ServerThread(ReplayTeacher(answer, **kwargs).app())
-
-
-def test_reference_solutions_score_100_and_figures_add_up(reference_answers, tmp_path):
-    with endpoint(replay_answer(reference_answers)) as server:
-        path = evaluate.run(
-            EvalConfig(
-                out=str(tmp_path),
-                api_addr=server.url,
-                model="reference",
-                protocol=Protocol(n_samples=2, max_new_tokens=2048),
-            )
+def test_reference_solutions_score_100_and_figures_add_up(replay_teacher, tmp_path):
+    _replay, url = replay_teacher(solutions=MATH500)
+    path = evaluate.run(
+        EvalConfig(
+            out=str(tmp_path),
+            api_addr=url,
+            model="reference",
+            protocol=Protocol(n_samples=2, max_new_tokens=2048),
         )
+    )
     report = json.loads(path.read_text())
     assert report["pass@1"] == 100.0 and report["ci95"] == [100.0, 100.0]
     assert report["problems"] == 500 and report["samples"] == 1000
+    stats = json.loads((tmp_path / "stats.json").read_text())  # every MATH-500 gold is usable: none left out
+    assert stats["rows_in"] == stats["rows_out"] == 500 and report["excluded"] == {}
+    assert stats["dropped"] == {"gold_filtered": 0, "no_completions": 0}
     assert sum(v["samples"] for v in report["by_level"].values()) == 500 * 2
     assert sum(v["samples"] for v in report["by_subject"].values()) == 500 * 2
     assert {k: v["problems"] for k, v in report["by_level"].items()} == {"1": 43, "2": 90, "3": 105, "4": 128, "5": 134}
@@ -49,47 +49,44 @@ def test_reference_solutions_score_100_and_figures_add_up(reference_answers, tmp
     assert "OpenR1-Qwen-7B (MindSpore Transformers, tutorial) | 90.0" in markdown and "**100.0**" in markdown
 
 
-def test_wrong_answers_score_0_truncations_counted_and_resume(tmp_path):
-    teacher = ReplayTeacher(lambda problem: "After some work: $\\boxed{123456789}$.", faults=["length"] * 3)
-    with ServerThread(teacher.app()) as server:
-        cfg = EvalConfig(
-            out=str(tmp_path), api_addr=server.url, model="wrong", limit=20, protocol=Protocol(n_samples=2, seed=7)
-        )
-        report = json.loads(evaluate.run(cfg).read_text())
-        assert report["pass@1"] == 0.0 and report["truncated"] == 3
-        assert report["verdicts"] == {"truncated": 3, "wrong": 37}
-        payload = teacher.seen_payloads[0]
-        assert payload["messages"][0] == {"role": "system", "content": evaluate.SYSTEM_PROMPT}
-        assert payload["seed"] == 7 and payload["max_tokens"] == 32768
-        before = teacher.requests
-        evaluate.run(cfg)  # a rerun keeps the completions: no request is sent again
-        assert teacher.requests == before
+def test_wrong_answers_score_0_truncations_counted_and_resume(replay_teacher, tmp_path):
+    teacher, url = replay_teacher(lambda problem: "After some work: $\\boxed{123456789}$.", faults=["length"] * 3)
+    cfg = EvalConfig(out=str(tmp_path), api_addr=url, model="wrong", limit=20, protocol=Protocol(n_samples=2, seed=7))
+    report = json.loads(evaluate.run(cfg).read_text())
+    assert report["pass@1"] == 0.0 and report["truncated"] == 3
+    assert report["verdicts"] == {"truncated": 3, "wrong": 37}
+    payload = teacher.seen_payloads[0]
+    assert payload["messages"][0] == {"role": "system", "content": evaluate.SYSTEM_PROMPT}
+    assert payload["seed"] == 7 and payload["max_tokens"] == 32768
+    before = teacher.requests
+    evaluate.run(cfg)  # a rerun keeps the completions: no request is sent again
+    assert teacher.requests == before
 
 
-def test_baseline_difference(reference_answers, tmp_path):
+def test_baseline_difference(replay_teacher, reference_answers, tmp_path):
     half = {p: (s if i % 2 else "no idea") for i, (p, s) in enumerate(reference_answers.items())}
-    with endpoint(replay_answer(half)) as server:
-        base = evaluate.run(
-            EvalConfig(
-                out=str(tmp_path / "base"),
-                api_addr=server.url,
-                model="base",
-                limit=40,
-                protocol=Protocol(n_samples=1),
-                report_label="base model",
-            )
+    _replay, half_url = replay_teacher(replay_answer(half))
+    _replay, reference_url = replay_teacher(solutions=MATH500)
+    base = evaluate.run(
+        EvalConfig(
+            out=str(tmp_path / "base"),
+            api_addr=half_url,
+            model="base",
+            limit=40,
+            protocol=Protocol(n_samples=1),
+            report_label="base model",
         )
-    with endpoint(replay_answer(reference_answers)) as server:
-        tuned = evaluate.run(
-            EvalConfig(
-                out=str(tmp_path / "tuned"),
-                api_addr=server.url,
-                model="tuned",
-                limit=40,
-                protocol=Protocol(n_samples=1),
-                baseline=str(base),
-            )
+    )
+    tuned = evaluate.run(
+        EvalConfig(
+            out=str(tmp_path / "tuned"),
+            api_addr=reference_url,
+            model="tuned",
+            limit=40,
+            protocol=Protocol(n_samples=1),
+            baseline=str(base),
         )
+    )
     report = json.loads(tuned.read_text())
     assert report["baseline"]["label"] == "base model"
     assert report["baseline"]["difference"] == pytest.approx(100.0 - json.loads(base.read_text())["pass@1"])
@@ -123,7 +120,7 @@ class TestCheckpointGeneration:
         from distilled_plugins import handle
         from distilled_plugins.handle import SYSTEM_PROMPT, load_tokenizer
         from distilled_plugins.mf_generate import prompt_ids
-        from tests.conftest import TOKENIZER_DIR, conversation_rows
+        from tests.support import TOKENIZER_DIR, conversation_rows
 
         rows = conversation_rows(5)
         src = write_jsonl(tmp_path / "filtered.jsonl", rows)
@@ -161,7 +158,7 @@ class TestCheckpointGeneration:
     def test_batched_greedy_equals_one_at_a_time(self, tmp_path):
         from distilled_plugins import configs, mf_generate
         from distilled_plugins.handle import SYSTEM_PROMPT
-        from tests.conftest import TOKENIZER_DIR
+        from tests.support import TOKENIZER_DIR
 
         problems = write_jsonl(tmp_path / "p.jsonl", evaluate.load_problems(MATH500, 3))  # prompts of 3 lengths
         outputs = {}
@@ -218,7 +215,7 @@ class TestBadInput:
             )
 
     def test_unreachable_endpoint(self, tmp_path):
-        from tests.conftest import free_port
+        from distilled_plugins.devtools.local_airflow import free_port
 
         port = free_port()
         with pytest.raises(

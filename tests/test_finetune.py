@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -15,9 +16,10 @@ import psutil
 import pytest
 
 from distilled_plugins import configs, finetune
+from distilled_plugins.devtools.local_airflow import free_port
 from distilled_plugins.finetune import FinetuneConfig, FinetuneFailed
 from distilled_plugins.io import DataError
-from tests.conftest import TINY_ROWS, free_port
+from tests.support import TINY_ROWS, wait_until
 
 TINY = str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml")
 
@@ -44,11 +46,7 @@ def job_processes(run_dir: Path) -> list[psutil.Process]:
     return found
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
+wait_for = functools.partial(wait_until, interval=0.5)  # polls every 0.5 s
 
 
 def job_dir_of(cfg: FinetuneConfig) -> Path:

@@ -3,6 +3,7 @@ marking the deferred task failed stops training; killing the job's supervisor fa
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from distilled_plugins import configs
 from distilled_plugins.devtools.local_airflow import LocalAirflow, free_port
-from tests.conftest import REPO
+from tests.support import REPO, wait_until
 
 DAG_ID = "test_finetune_control"
 
@@ -26,12 +27,7 @@ def job_processes(folder: Path) -> list[psutil.Process]:
     return found
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for {what}"
-        time.sleep(1)
-    return value
+wait_for = functools.partial(wait_until, interval=1)  # polls every 1 s
 
 
 @pytest.fixture(scope="module")

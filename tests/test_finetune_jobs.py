@@ -3,6 +3,7 @@ obeyed by a real supervisor, and the fingerprint that names a job's folder."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -18,16 +19,12 @@ import pytest
 from distilled_plugins import configs, finetune
 from distilled_plugins.finetune import job as jobs
 from distilled_plugins.finetune.job import JobPaths, NodeRecord
-from tests.conftest import TINY_ROWS
+from tests.support import TINY_ROWS, XComTI, wait_until
 
 TINY = str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml")
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+wait_for = functools.partial(wait_until, interval=0.1)  # polls every 0.1 s
 
 
 @pytest.fixture
@@ -159,20 +156,6 @@ class TestFingerprint:
         assert (
             first.stall_timeout == 600 and first.deferral_timeout == TINY_ROWS * 60 + 2 * 600
         )  # one step a row on CPU
-
-
-class XComTI:
-    """What the operator uses of its task instance: XCom of this try, kept in a dict as the worker's XCom keeps it
-    while the task is deferred (a real task instance needs a running Airflow task)."""
-
-    def __init__(self, task_id: str = "finetune", map_index: int = -1):
-        self.task_id, self.map_index, self.xcom = task_id, map_index, {}
-
-    def xcom_push(self, key: str, value) -> None:
-        self.xcom[(self.task_id, self.map_index, key)] = value
-
-    def xcom_pull(self, task_ids: str, key: str, map_indexes: int):
-        return self.xcom.get((task_ids, map_indexes, key))
 
 
 class TestTheJobATaskStartedIsTheOneItStops:

@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from distilled_plugins import generate
 from distilled_plugins.client import RequestSettings
-from distilled_plugins.devtools.local_airflow import free_port
-from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, wait_for_port
 from distilled_plugins.endpoints import Endpoint
-from tests import test_generate
-from tests.conftest import REPO, math_train_rows, read_jsonl, write_jsonl
-from tests.test_generate import answer_with_solution, config, keys_of
-
-teacher = test_generate.teacher  # the same fixture: starts replay teachers on 127.0.0.1
+from tests.support import (
+    answer_with_solution,
+    keys_of,
+    line_count,
+    math_train_rows,
+    read_jsonl,
+    run_cli,
+    wait_until,
+    write_jsonl,
+)
+from tests.support import generate_config as config
 
 POLICY = RequestSettings(max_attempts=6, backoff_base=0.01, backoff_max=0.5, connect_timeout=2, request_timeout=10)
 
@@ -37,57 +37,33 @@ def check_complete(output: Path, seed: Path, num_generations: int) -> list[dict]
     return rows
 
 
-def test_one_of_three_endpoints_killed_mid_run_loses_and_duplicates_nothing(teacher, tmp_path):
+def test_one_of_three_endpoints_killed_mid_run_loses_and_duplicates_nothing(replay_teacher, tmp_path):
     rows = math_train_rows(90)
     seed = write_jsonl(tmp_path / "seed.jsonl", rows)
-    answers = write_jsonl(
-        tmp_path / "answers.jsonl",
-        [{"problem": r["problem"], "solution": answer_with_solution(r["problem"])} for r in rows],
-    )
-    port = free_port()
-    doomed = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distilled_plugins.devtools.teacher_server",
-            "--answers",
-            str(answers),
-            "--port",
-            str(port),
-            "--delay",
-            "0.1",
-        ],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port)
-        first, url1 = teacher(delay=0.1)
-        second, url2 = teacher(delay=0.1)
-        doomed_url = f"http://127.0.0.1:{port}"
-        output = tmp_path / "gen.jsonl"
-        at_kill = {}
+    doomed = replay_teacher(problems=[r["problem"] for r in rows], process=True, delay=0.1)  # SIGKILLed midway
+    first, url1 = replay_teacher(delay=0.1)
+    second, url2 = replay_teacher(delay=0.1)
+    doomed_url = doomed.url
+    output = tmp_path / "gen.jsonl"
+    at_kill, doomed_was_alive = {}, []
 
-        def kill_when_a_third_is_written():
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                if output.exists() and output.read_bytes().count(b"\n") >= 30:
-                    break
-                time.sleep(0.02)
+    def kill_when_a_third_is_written():
+        try:
+            wait_until(lambda: line_count(output) >= 30, 120, "a third of the rows written")
             at_kill.update(first=first.requests, second=second.requests)
-            doomed.send_signal(signal.SIGKILL)
+            doomed_was_alive.append(doomed.process.poll() is None)
+        finally:
+            doomed.process.send_signal(signal.SIGKILL)
 
-        killer = threading.Thread(target=kill_when_a_third_is_written)
-        killer.start()
-        cfg = config(
-            seed, tmp_path, ",".join([url1, url2, doomed_url]), output_file=str(output), max_concurrent=6, retry=POLICY
-        )
-        result = generate.run(cfg)
-        killer.join()
-    finally:
-        doomed.kill()
-        doomed.wait()
+    killer = threading.Thread(target=kill_when_a_third_is_written)
+    killer.start()
+    cfg = config(
+        seed, tmp_path, ",".join([url1, url2, doomed_url]), output_file=str(output), max_concurrent=6, retry=POLICY
+    )
+    result = generate.run(cfg)
+    killer.join()
+    assert at_kill, "the run never wrote a third of its rows"
+    assert doomed_was_alive == [True], "the doomed teacher had already stopped when it was to be killed"
     check_complete(output, seed, 2)
     per = result.stats["endpoints"]
     assert set(per) == {url1, url2, doomed_url}
@@ -106,10 +82,10 @@ def test_one_of_three_endpoints_killed_mid_run_loses_and_duplicates_nothing(teac
     assert result.stats["rows_failed"] == 0
 
 
-def test_failing_endpoint_is_taken_out_then_probed_back_in(teacher, tmp_path):
+def test_failing_endpoint_is_taken_out_then_probed_back_in(replay_teacher, tmp_path):
     seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(60))
-    flaky, flaky_url = teacher(faults=["500"] * 5, delay=0.05)
-    steady, steady_url = teacher(delay=0.05)
+    flaky, flaky_url = replay_teacher(faults=["500"] * 5, delay=0.05)
+    steady, steady_url = replay_teacher(delay=0.05)
     policy = RequestSettings(max_attempts=6, backoff_base=0.02, backoff_max=1.0)  # cool-down 0.2 s
     result = generate.run(config(seed, tmp_path, f"{flaky_url},{steady_url}", num_generations=1, retry=policy))
     check_complete(result.output_file, seed, 1)
@@ -120,10 +96,10 @@ def test_failing_endpoint_is_taken_out_then_probed_back_in(teacher, tmp_path):
     assert per[flaky_url]["ok"] + per[steady_url]["ok"] == 60 == flaky.requests - 5 + steady.requests
 
 
-def test_weights_share_the_load(teacher, tmp_path):
+def test_weights_share_the_load(replay_teacher, tmp_path):
     seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(40))
-    big, big_url = teacher(delay=0.05)
-    small, small_url = teacher(delay=0.05)
+    big, big_url = replay_teacher(delay=0.05)
+    small, small_url = replay_teacher(delay=0.05)
     endpoints = [Endpoint(big_url, weight=3), Endpoint(small_url, weight=1)]
     result = generate.run(config(seed, tmp_path, None, endpoints=endpoints, num_generations=2, max_concurrent=8))
     check_complete(result.output_file, seed, 2)
@@ -132,36 +108,29 @@ def test_weights_share_the_load(teacher, tmp_path):
     assert small.requests >= 10
 
 
-def test_cli_takes_a_comma_separated_list_and_writes_per_endpoint_stats(teacher, tmp_path):
+def test_cli_takes_a_comma_separated_list_and_writes_per_endpoint_stats(replay_teacher, tmp_path):
     seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(10))
-    a, url_a = teacher()
-    b, url_b = teacher()
+    a, url_a = replay_teacher()
+    b, url_b = replay_teacher()
     output = tmp_path / "o.jsonl"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distilled_plugins.generate",
-            "--model",
-            "m",
-            "--dataset-name",
-            str(seed),
-            "--output-file",
-            str(output),
-            "--api-addr",
-            f"{url_a}, {url_b}",
-            "--num-generations",
-            "2",
-            "--max-concurrent",
-            "4",
-            "--price-per-mtok-out",
-            "2.5",
-            "--progress-interval",
-            "0.01",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    done = run_cli(
+        "generate",
+        "--model",
+        "m",
+        "--dataset-name",
+        seed,
+        "--output-file",
+        output,
+        "--api-addr",
+        f"{url_a}, {url_b}",
+        "--num-generations",
+        2,
+        "--max-concurrent",
+        4,
+        "--price-per-mtok-out",
+        2.5,
+        "--progress-interval",
+        0.01,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
@@ -172,26 +141,27 @@ def test_cli_takes_a_comma_separated_list_and_writes_per_endpoint_stats(teacher,
 
 
 @pytest.mark.slow  # dag.test() in a real Airflow database
-def test_operator_reads_endpoints_keys_and_price_from_the_connection(airflow_db, monkeypatch, tmp_path, caplog):
+def test_operator_reads_endpoints_keys_and_price_from_the_connection(
+    airflow_db, replay_teacher, monkeypatch, tmp_path, caplog
+):
     import logging
 
     from tests.dags.stage_dags import generate_dag
 
     key_a, key_b = "sk-fleet-a-8812", "sk-fleet-b-2290"
-    first = ReplayTeacher(answer_with_solution, api_key=key_a)
-    second = ReplayTeacher(answer_with_solution, api_key=key_b)
-    with ServerThread(first.app()) as a, ServerThread(second.app()) as b:
-        conn = {
-            "conn_type": "http",
-            "host": a.host,
-            "port": a.port,
-            "password": key_a,
-            "extra": {"endpoints": [{"addr": b.url, "api_key": key_b}], "price_per_mtok_out": 2.0, "max_rpm": 6000},
-        }
-        monkeypatch.setenv("AIRFLOW_CONN_TEACHER_TEST", json.dumps(conn))
-        seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(8))
-        caplog.set_level(logging.INFO)
-        run = generate_dag.test(run_conf={"seed": str(seed), "out": str(tmp_path), "n": 2})
+    a, b = replay_teacher(api_key=key_a), replay_teacher(api_key=key_b)
+    first, second = a.replay, b.replay
+    conn = {
+        "conn_type": "http",
+        "host": a.host,
+        "port": a.port,
+        "password": key_a,
+        "extra": {"endpoints": [{"addr": b.url, "api_key": key_b}], "price_per_mtok_out": 2.0, "max_rpm": 6000},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_TEACHER_TEST", json.dumps(conn))
+    seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(8))
+    caplog.set_level(logging.INFO)
+    run = generate_dag.test(run_conf={"seed": str(seed), "out": str(tmp_path), "n": 2})
     assert run.state == "success"
     result = run.get_task_instance("generate").xcom_pull(task_ids="generate")
     check_complete(Path(result["output"]), seed, 2)

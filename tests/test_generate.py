@@ -5,10 +5,8 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,71 +14,29 @@ import pytest
 
 from distilled_plugins import generate
 from distilled_plugins.client import FatalRequestError, RetryPolicy, base_url
-from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread
-from distilled_plugins.generate import GenerateConfig, GenerationIncomplete
+from distilled_plugins.generate import GenerationIncomplete
 from distilled_plugins.io import DataError
-from tests.conftest import REPO, math_train_rows, read_jsonl, write_jsonl
-
-SECRET = "sk-test-7c1d9e0b5a3f4242"
-FAST_RETRY = RetryPolicy(max_attempts=4, backoff_base=0.01, backoff_max=0.05, connect_timeout=2, request_timeout=5)
-
-
-def answer_with_solution(problem: str) -> str:
-    return f"Solving: {problem[:40]} ... so the answer is $\\boxed{{42}}$."
-
-
-@pytest.fixture
-def teacher():
-    """Start a replay teacher; ``teacher(faults=[...], ...)`` returns ``(ReplayTeacher, base_url)``."""
-    servers = []
-
-    def start(**kwargs):
-        replay = ReplayTeacher(kwargs.pop("answer", answer_with_solution), **kwargs)
-        server = ServerThread(replay.app()).__enter__()
-        servers.append(server)
-        return replay, server.url
-
-    yield start
-    for server in servers:
-        server.__exit__(None, None, None)
-
-
-@pytest.fixture
-def seed(tmp_path):
-    return write_jsonl(tmp_path / "seed.jsonl", math_train_rows(12))
-
-
-def config(seed, tmp_path, url, **overrides) -> GenerateConfig:
-    settings = {
-        "dataset_name": str(seed),
-        "output_file": str(tmp_path / "out" / "gen.jsonl"),
-        "model": "teacher",
-        "api_addr": url,
-        "num_generations": 2,
-        "max_concurrent": 4,
-        "retry": FAST_RETRY,
-        "progress_interval": 0.2,
-    }
-    settings.update(overrides)
-    return GenerateConfig(**settings)
-
-
-def keys_of(path, column="problem") -> list[str]:
-    return [generate.row_key(row, column) for row in read_jsonl(path)]
-
-
-def in_memory_merge(paths, uuid_column: str) -> bytes:
-    """The merge as it was before it streamed: every row in a dict, first shard wins, sorted by key."""
-    by_key = {}
-    for path in paths:
-        for row in read_jsonl(path):
-            by_key.setdefault(generate.row_key(row, uuid_column), row)
-    return b"".join(json.dumps(by_key[key], ensure_ascii=False).encode() + b"\n" for key in sorted(by_key))
+from tests.support import (
+    FAST_RETRY,
+    SECRET,
+    answer_with_solution,
+    cli_command,
+    cli_env,
+    in_memory_merge,
+    keys_of,
+    line_count,
+    math_train_rows,
+    read_jsonl,
+    run_cli,
+    wait_until,
+    write_jsonl,
+)
+from tests.support import generate_config as config
 
 
 class TestOutput:
-    def test_schema_prompt_and_request(self, teacher, seed, tmp_path):
-        replay, url = teacher()
+    def test_schema_prompt_and_request(self, replay_teacher, seed, tmp_path):
+        replay, url = replay_teacher()
         result = generate.run(config(seed, tmp_path, url, max_tokens=123))
         rows = read_jsonl(result.output_file)
         seed_rows = read_jsonl(seed)
@@ -102,21 +58,40 @@ class TestOutput:
         assert stats["completion_tokens"] > 0
         assert not Path(str(result.output_file) + ".parts").exists()
 
-    def test_reasoning_content_becomes_think_block(self, teacher, seed, tmp_path):
-        _replay, url = teacher(faults=["reasoning"] * 100)
+    def test_reasoning_content_becomes_think_block(self, replay_teacher, seed, tmp_path):
+        _replay, url = replay_teacher(faults=["reasoning"] * 100)
         rows = read_jsonl(generate.run(config(seed, tmp_path, url, num_generations=1)).output_file)
         text = rows[0]["generations"][0]
         assert text.startswith("<think>\nLet me think.\n</think>\n")
         assert text.endswith("\\boxed{42}$.")
 
-    def test_duplicate_uuids_are_generated_once(self, teacher, tmp_path):
+    def test_duplicate_uuids_are_generated_once(self, replay_teacher, tmp_path):
         rows = math_train_rows(5)
         seed = write_jsonl(tmp_path / "seed.jsonl", rows + rows[:3])
-        replay, url = teacher()
+        replay, url = replay_teacher()
         result = generate.run(config(seed, tmp_path, url, num_generations=1))
         assert len(read_jsonl(result.output_file)) == 5
         assert replay.requests == 5
         assert result.stats["duplicate_uuids_skipped"] == 3
+        assert result.stats["rows_in"] == 8 and result.stats["rows_out"] == 5
+        assert result.stats["dropped"] == {"duplicate_uuid": 3, "failed": 0, "unfinished": 0}
+        # sharded, each shard counts the repeats of its own keys: together, the same 3
+        shards = [
+            generate.run(
+                config(
+                    seed,
+                    tmp_path,
+                    url,
+                    num_generations=1,
+                    num_shards=2,
+                    shard_index=i,
+                    output_file=str(tmp_path / f"shard-{i}.jsonl"),
+                )
+            ).stats
+            for i in (0, 1)
+        ]
+        assert sum(s["dropped"]["duplicate_uuid"] for s in shards) == 3 and replay.requests == 5 + 5
+        assert sum(s["rows_in"] for s in shards) == 8 and sum(s["rows_out"] for s in shards) == 5
 
     def test_api_addr_forms(self):
         assert base_url("localhost:8000") == "http://localhost:8000"
@@ -125,18 +100,18 @@ class TestOutput:
         with pytest.raises(ValueError, match="invalid API address"):
             base_url("ftp://host:1")
 
-    def test_verl_chat_prompt_column(self, teacher, tmp_path):
+    def test_verl_chat_prompt_column(self, replay_teacher, tmp_path):
         rows = [
             {"prompt": [{"role": "user", "content": r["problem"]}], "uid": i} for i, r in enumerate(math_train_rows(3))
         ]
         seed = write_jsonl(tmp_path / "seed.jsonl", rows)
-        replay, url = teacher()
+        replay, url = replay_teacher()
         generate.run(config(seed, tmp_path, url, num_generations=1, prompt_column="prompt", uuid_column="uid"))
         assert sorted(replay.seen_problems) == sorted(r["prompt"][0]["content"] for r in rows)
 
 
 class TestMemory:
-    def test_a_row_holds_no_completions_once_written(self, tmp_path):
+    def test_a_row_holds_no_completions_once_written(self, replay_teacher, tmp_path):
         """Observed from the teacher's side: while the run goes on, rows holding completions stay in flight."""
         rows = math_train_rows(60)
         holding = []  # per request: live _Row objects that still hold a completion
@@ -151,10 +126,9 @@ class TestMemory:
                 holding.append(sum(1 for row in live if row.results and any(r is not None for r in row.results)))
             return answer_with_solution(problem)
 
-        replay = ReplayTeacher(answer)
-        with ServerThread(replay.app()) as server:
-            seed = write_jsonl(tmp_path / "seed.jsonl", rows)
-            result = generate.run(config(seed, tmp_path, server.url, num_generations=3, max_concurrent=3))
+        replay, url = replay_teacher(answer)
+        seed = write_jsonl(tmp_path / "seed.jsonl", rows)
+        result = generate.run(config(seed, tmp_path, url, num_generations=3, max_concurrent=3))
         assert result.stats["rows_written"] == 60 and len(holding) == 180 // 5
         # without the release every written row would still hold its 3 completions: up to 59 by the last request
         assert max(holding) <= 3, max(holding)
@@ -164,24 +138,24 @@ class TestMemory:
 
 class TestRetries:
     @pytest.mark.parametrize("fault", ["500", "503", "bad_json", "truncated"])
-    def test_transient_fault_is_retried(self, teacher, seed, tmp_path, fault):
-        replay, url = teacher(faults=[fault, fault])
+    def test_transient_fault_is_retried(self, replay_teacher, seed, tmp_path, fault):
+        replay, url = replay_teacher(faults=[fault, fault])
         result = generate.run(config(seed, tmp_path, url, max_concurrent=1))
         assert len(read_jsonl(result.output_file)) == 12
         cause = {"500": "http_500", "503": "http_503", "bad_json": "bad_json", "truncated": "truncated_body"}[fault]
         assert result.stats["retries"] == {cause: 2}
         assert replay.requests == 24 + 2
 
-    def test_429_honours_retry_after(self, teacher, seed, tmp_path):
-        _replay, url = teacher(faults=["429"], retry_after="1")
+    def test_429_honours_retry_after(self, replay_teacher, seed, tmp_path):
+        _replay, url = replay_teacher(faults=["429"], retry_after="1")
         started = time.monotonic()
         result = generate.run(config(seed, tmp_path, url, max_concurrent=1, num_generations=1))
         assert time.monotonic() - started >= 1.0  # backoff alone would have waited at most 0.05 s
         assert result.stats["retries"] == {"http_429": 1}
         assert len(read_jsonl(result.output_file)) == 12
 
-    def test_slow_reply_times_out_and_is_retried(self, teacher, seed, tmp_path):
-        _replay, url = teacher(faults=["slow"])
+    def test_slow_reply_times_out_and_is_retried(self, replay_teacher, seed, tmp_path):
+        _replay, url = replay_teacher(faults=["slow"])
         policy = RetryPolicy(max_attempts=3, backoff_base=0.01, backoff_max=0.05, request_timeout=0.5)
         result = generate.run(config(seed, tmp_path, url, max_concurrent=1, num_generations=1, retry=policy))
         assert result.stats["retries"] == {"timeout": 1}
@@ -199,8 +173,8 @@ class TestRetries:
         ("status", "hint"),
         [("400", "rejected the request"), ("401", "OPENAI_API_KEY"), ("404", "no such endpoint or model")],
     )
-    def test_client_errors_fail_at_once(self, teacher, seed, tmp_path, status, hint):
-        replay, url = teacher(faults=[status])
+    def test_client_errors_fail_at_once(self, replay_teacher, seed, tmp_path, status, hint):
+        replay, url = replay_teacher(faults=[status])
         with pytest.raises(FatalRequestError, match=hint) as info:
             generate.run(config(seed, tmp_path, url, max_concurrent=1))
         assert f"HTTP {status}" in str(info.value)
@@ -217,7 +191,7 @@ class TestRetries:
 
 
 class TestNothingLost:
-    def test_sibling_success_is_kept_and_resume_requests_only_missing(self, teacher, seed, tmp_path):
+    def test_sibling_success_is_kept_and_resume_requests_only_missing(self, replay_teacher, seed, tmp_path):
         # the first problem's second generation fails on every attempt: its row stays incomplete, its sibling is kept
         from aiohttp import web
 
@@ -231,7 +205,7 @@ class TestNothingLost:
                     raise web.HTTPInternalServerError(text='{"error": "boom"}', content_type="application/json")
             return answer_with_solution(problem)
 
-        replay, url = teacher(answer=flaky)
+        replay, url = replay_teacher(answer=flaky)
         cfg = config(seed, tmp_path, url, max_concurrent=1)
         with pytest.raises(GenerationIncomplete, match="1 of 12 rows still miss completions") as info:
             generate.run(cfg)
@@ -242,6 +216,8 @@ class TestNothingLost:
         assert [p["i"] for p in parts if p["key"] == failed_key] == [0]
         stats = json.loads(generate.stats_path(cfg.output_file).read_text())
         assert stats["rows_failed"] == 1 and stats["failed_requests"] == {"http_500": 1}
+        assert stats["rows_in"] == 12 and stats["rows_out"] == 11
+        assert stats["dropped"] == {"duplicate_uuid": 0, "failed": 1, "unfinished": 0}
 
         before = replay.requests
         result = generate.run(cfg)
@@ -250,9 +226,10 @@ class TestNothingLost:
         assert len(rows) == 12 and len(set(keys_of(result.output_file))) == 12
         assert all(len(r["generations"]) == 2 for r in rows)
         assert result.stats["generations_resumed"] == 1 and result.stats["rows_already_done"] == 11
+        assert result.stats["rows_in"] == result.stats["rows_out"] == 12  # 11 already done + 1 written
 
-    def test_half_written_last_line_is_repaired_not_appended_onto(self, teacher, seed, tmp_path):
-        replay, url = teacher()
+    def test_half_written_last_line_is_repaired_not_appended_onto(self, replay_teacher, seed, tmp_path):
+        replay, url = replay_teacher()
         cfg = config(seed, tmp_path, url)
         generate.run(cfg)
         lines = Path(cfg.output_file).read_bytes().splitlines(keepends=True)
@@ -265,14 +242,12 @@ class TestNothingLost:
         assert len(rows) == 12 and all(len(r["generations"]) == 2 for r in rows)
         assert sorted(keys_of(cfg.output_file)) == sorted(generate.row_key(r, "problem") for r in read_jsonl(seed))
 
-    def test_sigkill_at_any_moment_then_resume(self, teacher, tmp_path):
+    def test_sigkill_at_any_moment_then_resume(self, replay_teacher, tmp_path):
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(60))
-        replay, url = teacher(delay=0.02)
+        replay, url = replay_teacher(delay=0.05)
         output = tmp_path / "gen.jsonl"
-        cmd = [
-            sys.executable,
-            "-m",
-            "distilled_plugins.generate",
+        cmd = cli_command(
+            "generate",
             "--model",
             "teacher",
             "--dataset-name",
@@ -287,18 +262,18 @@ class TestNothingLost:
             "4",
             "--backoff-base",
             "0.01",
-        ]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        for delay in (0.8, 1.1, 0.9):
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + 30
-            while not output.exists() or output.stat().st_size == 0:  # wait until it is writing
-                assert time.monotonic() < deadline, "the CLI never started writing"
-                time.sleep(0.02)
-            time.sleep(delay)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        )
+        for rows in (8, 25, 42):  # killed at three points of the run, each while it is writing
+            proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_until(lambda rows=rows: line_count(output) >= rows, 60, f"the CLI writing its row {rows}")
+                assert proc.poll() is None, f"the CLI ended (status {proc.returncode}) before it could be killed"
+                proc.send_signal(signal.SIGKILL)
+            finally:
+                proc.kill()
+                proc.wait()
+            assert proc.returncode == -signal.SIGKILL
+        done = run_cli("generate", *cmd[3:], timeout=120)
         assert done.returncode == 0, done.stderr
         rows = read_jsonl(output)
         keys = keys_of(output)
@@ -309,9 +284,9 @@ class TestNothingLost:
 
 
 class TestShards:
-    def test_shards_partition_and_merge_equals_unsharded(self, teacher, tmp_path):
+    def test_shards_partition_and_merge_equals_unsharded(self, replay_teacher, tmp_path):
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(30))
-        replay, url = teacher()
+        replay, url = replay_teacher()
         shards = [
             generate.run(
                 config(
@@ -335,9 +310,9 @@ class TestShards:
         assert merged.read_bytes() == (tmp_path / "one-merged.jsonl").read_bytes()
         assert replay.requests == 60
 
-    def test_streaming_merge_equals_the_in_memory_merge(self, teacher, tmp_path):
+    def test_streaming_merge_equals_the_in_memory_merge(self, replay_teacher, tmp_path):
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(40))
-        _replay, url = teacher()
+        _replay, url = replay_teacher()
         shards = [
             generate.run(
                 config(seed, tmp_path, url, num_shards=n, shard_index=i, output_file=str(tmp_path / f"s{n}-{i}.jsonl"))
@@ -350,8 +325,8 @@ class TestShards:
         assert merged.read_bytes() == in_memory_merge(shards, "problem")
         assert len(read_jsonl(merged)) == 40
         stats = json.loads(generate.stats_path(merged).read_text())
-        assert stats["rows_in"] == 40 + overlap and stats["rows_written"] == 40
-        assert stats["duplicate_keys_dropped"] == overlap
+        assert stats["rows_in"] == 40 + overlap and stats["rows_out"] == 40
+        assert stats["dropped"] == {"duplicate_key": overlap} and stats["shards"] == 4
         # the first shard given wins a duplicated key, as in the old merge: reorder and compare again
         reordered = generate.merge(shards[::-1], tmp_path / "reordered.jsonl", "problem")
         assert reordered.read_bytes() == in_memory_merge(shards[::-1], "problem")
@@ -361,21 +336,8 @@ class TestShards:
         with pytest.raises(DataError, match="shard-1.jsonl: no such shard file"):
             generate.merge([shard, tmp_path / "shard-1.jsonl"], tmp_path / "merged.jsonl", "problem")
         assert not (tmp_path / "merged.jsonl").exists()
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "distilled_plugins.generate",
-                "--merge",
-                str(shard),
-                str(tmp_path / "shard-1.jsonl"),
-                "--output-file",
-                str(tmp_path / "merged.jsonl"),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=60,
+        done = run_cli(
+            "generate", "--merge", shard, tmp_path / "shard-1.jsonl", "--output-file", tmp_path / "merged.jsonl"
         )
         assert done.returncode == 1
         assert "no such shard file" in done.stderr and "Traceback" not in done.stderr
@@ -389,7 +351,7 @@ class TestShards:
 
 
 class TestBadInput:
-    def test_missing_column_names_it_and_lists_present(self, teacher, seed, tmp_path):
+    def test_missing_column_names_it_and_lists_present(self, replay_teacher, seed, tmp_path):
         with pytest.raises(DataError, match=r"column 'question' not found; columns present: problem, answer"):
             generate.run(config(seed, tmp_path, "127.0.0.1:9", prompt_column="question"))
 
@@ -407,45 +369,37 @@ class TestBadInput:
         with pytest.raises(ValueError, match=message):
             config(seed, tmp_path, "127.0.0.1:9", prompt_template=template)
 
-    def test_parquet_seed_and_missing_file(self, teacher, tmp_path):
+    def test_parquet_seed_and_missing_file(self, replay_teacher, tmp_path):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         rows = math_train_rows(4)
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "seed.parquet")
-        _replay, url = teacher()
+        _replay, url = replay_teacher()
         result = generate.run(config(tmp_path / "seed.parquet", tmp_path, url, num_generations=1))
         assert len(read_jsonl(result.output_file)) == 4
         with pytest.raises(DataError, match="no such file"):
             generate.run(config(tmp_path / "nope.parquet", tmp_path, url))
 
     def test_cli_bad_template_is_one_clear_line(self, tmp_path, seed):
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "distilled_plugins.generate",
-                "--model",
-                "m",
-                "--dataset-name",
-                str(seed),
-                "--output-file",
-                str(tmp_path / "o.jsonl"),
-                "--prompt-template",
-                "nothing",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=60,
+        done = run_cli(
+            "generate",
+            "--model",
+            "m",
+            "--dataset-name",
+            seed,
+            "--output-file",
+            tmp_path / "o.jsonl",
+            "--prompt-template",
+            "nothing",
         )
         assert done.returncode == 1
         assert "must contain {prompt}" in done.stderr and "Traceback" not in done.stderr
 
 
 class TestSecrets:
-    def test_key_is_sent_but_never_logged_or_written(self, teacher, seed, tmp_path, caplog):
-        replay, url = teacher(api_key=SECRET, faults=["500", "bad_json"])
+    def test_key_is_sent_but_never_logged_or_written(self, replay_teacher, seed, tmp_path, caplog):
+        replay, url = replay_teacher(api_key=SECRET, faults=["500", "bad_json"])
         caplog.set_level(logging.DEBUG)
         cfg = config(seed, tmp_path, url, api_key=SECRET, progress_interval=0.01)
         generate.run(cfg)
@@ -456,37 +410,29 @@ class TestSecrets:
             if path.is_file():
                 assert SECRET.encode() not in path.read_bytes(), path
 
-    def test_key_refused_error_does_not_echo_it(self, teacher, seed, tmp_path):
-        _replay, url = teacher(api_key="sk-the-right-one")
+    def test_key_refused_error_does_not_echo_it(self, replay_teacher, seed, tmp_path):
+        _replay, url = replay_teacher(api_key="sk-the-right-one")
         with pytest.raises(FatalRequestError, match="API key was refused") as info:
             generate.run(config(seed, tmp_path, url, api_key=SECRET))
         assert SECRET not in str(info.value)
 
-    def test_cli_reads_key_from_environment(self, teacher, seed, tmp_path):
-        _replay, url = teacher(api_key=SECRET)
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "distilled_plugins.generate",
-                "--model",
-                "m",
-                "--dataset-name",
-                str(seed),
-                "--output-file",
-                str(tmp_path / "o.jsonl"),
-                "--api-addr",
-                url,
-                "--num-generations",
-                "1",
-                "--api-key-env",
-                "TEACHER_KEY",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=60,
-            env={**os.environ, "TEACHER_KEY": SECRET},
+    def test_cli_reads_key_from_environment(self, replay_teacher, seed, tmp_path):
+        _replay, url = replay_teacher(api_key=SECRET)
+        done = run_cli(
+            "generate",
+            "--model",
+            "m",
+            "--dataset-name",
+            seed,
+            "--output-file",
+            tmp_path / "o.jsonl",
+            "--api-addr",
+            url,
+            "--num-generations",
+            1,
+            "--api-key-env",
+            "TEACHER_KEY",
+            env=cli_env(TEACHER_KEY=SECRET),
         )
         assert done.returncode == 0, done.stderr
         assert SECRET not in done.stderr + done.stdout
@@ -494,8 +440,8 @@ class TestSecrets:
 
 
 class TestGenerationStore:
-    def test_a_second_run_generates_only_new_rows(self, teacher, tmp_path):
-        replay, url = teacher()
+    def test_a_second_run_generates_only_new_rows(self, replay_teacher, tmp_path):
+        replay, url = replay_teacher()
         store = tmp_path / "store"
         first_seed = write_jsonl(tmp_path / "seed1.jsonl", math_train_rows(10))
         generate.run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import datasets
@@ -11,7 +12,7 @@ import pytest
 from distilled_plugins import handle
 from distilled_plugins.handle import SYSTEM_PROMPT, HandleConfig
 from distilled_plugins.io import DataError
-from tests.conftest import TOKENIZER_DIR, conversation_rows, write_jsonl
+from tests.support import TOKENIZER_DIR, conversation_rows, write_jsonl
 
 ROWS = 40
 
@@ -58,6 +59,7 @@ def test_stats_and_histogram(handled):
     _src, dst, ds = handled
     stats = json.loads((dst / "stats.json").read_text())
     assert stats["rows"] == ROWS and stats["tokens"] == sum(len(x) for x in ds["input_ids"])
+    assert stats["rows_in"] == stats["rows_out"] == ROWS and sum(stats["dropped"].values()) == 0
     assert stats["answer_tokens"] == sum(sum(1 for v in x if v != -100) for x in ds["labels"])
     assert stats["length_percentiles"]["max"] == max(len(x) for x in ds["input_ids"])
     assert stats["pad_token_id"] == 151643 and stats["truncated"] == 0
@@ -113,7 +115,9 @@ def test_truncation_policies(tmp_path, policy, length, counted, tokenizer):
         assert {len(x) for x in long} == {length} and stats["truncated"] == over
         assert all(tokenizer.decode(x[-2:]) == "<|im_end|>\n" for x in long)
     elif policy == "drop":
-        assert len(ds) == len(full) - over and stats["dropped"] == {"too_long": over}
+        assert len(ds) == len(full) - over
+        assert stats["dropped"] == {"malformed_messages": 0, "no_assistant_turn": 0, "too_long": over}
+        assert stats["rows_in"] == len(full) and stats["rows_out"] == len(ds) == len(full) - over
     else:
         assert [len(x) for x in ds["input_ids"]] == full and stats["truncated"] == 0
 
@@ -164,3 +168,28 @@ class TestBadInput:
     def test_bad_policy(self):
         with pytest.raises(ValueError, match="must be one of \\('tutorial', 'drop', 'none'\\)"):
             HandleConfig(src=["x"], tokenizer="t", dst="d", truncation="cut")
+
+
+def test_stats_count_every_dropped_conversation_by_reason(tmp_path, caplog):
+    """Each reason from real rows: rows in == rows out + dropped, and the last log line says so."""
+    caplog.set_level(logging.INFO, logger="distilled_plugins.handle")
+    good = conversation_rows(4)
+    rows = [
+        *good,
+        {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]},  # malformed
+        {"messages": [{"role": "user", "content": "a question and no answer"}]},  # no assistant turn
+        {"messages": [*good[0]["messages"][:1], {"role": "assistant", "content": "word " * 5000}]},  # too long
+    ]
+    src = write_jsonl(tmp_path / "f.jsonl", rows)
+    dst = handle.run(
+        HandleConfig(
+            src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / "h"), max_length=4096, truncation="drop"
+        )
+    )
+    stats = json.loads((dst / "stats.json").read_text())
+    kept = datasets.load_from_disk(str(dst))
+    assert stats["rows_in"] == 7 and stats["rows_out"] == stats["rows"] == len(kept) == 4
+    assert max(len(x) for x in kept["input_ids"]) <= 4096
+    assert stats["dropped"] == {"malformed_messages": 1, "no_assistant_turn": 1, "too_long": 1}
+    final = [r.getMessage() for r in caplog.records if r.name == "distilled_plugins.handle"][-1]
+    assert final == "kept 4 of 7 conversations; dropped 3: malformed_messages 1, no_assistant_turn 1, too_long 1"

@@ -13,7 +13,7 @@ from distilled_plugins import handle, pack
 from distilled_plugins.handle import HandleConfig
 from distilled_plugins.io import DataError
 from distilled_plugins.pack import PackConfig, Piece, pieces_of, plan_bfd, trainable_tokens
-from tests.conftest import TOKENIZER_DIR, conversation_rows, write_jsonl
+from tests.support import TOKENIZER_DIR, conversation_rows, write_jsonl
 
 SEQ = 1024
 
@@ -114,6 +114,8 @@ def test_mindformers_loader_reads_what_was_handled(handled, tmp_path):
     assert sorted(seen) == list(range(len(samples)))  # every handled sample once, nothing lost
     stats = json.loads((dst / "stats.json").read_text())
     assert stats["packs"] == len(rows) and stats["samples_in"] == len(samples)
+    assert stats["rows_in"] == stats["rows_out"] == len(samples)
+    assert stats["dropped"] == {"too_long": 0, "no_trainable_token": 0}
     assert stats["efficiency"] == round(stats["tokens"] / (len(rows) * SEQ), 6)
 
 
@@ -153,6 +155,10 @@ def test_overlong_samples_are_counted_never_silently_lost(handled, tmp_path, pol
     assert sum(stats["pieces_without_trainable_token"].values()) == prompt_only
     expected_tokens -= prompt_only * seq
     assert stats["tokens"] == expected_tokens
+    # samples: in == out + dropped; a split sample loses at most its head, a truncated one all it had
+    dropped = {"too_long": over if policy == "drop" else 0, "no_trainable_token": prompt_only * (policy == "truncate")}
+    assert stats["dropped"] == dropped
+    assert stats["rows_in"] == len(lengths) and stats["rows_out"] == len(lengths) - sum(dropped.values())
     assert (
         sum(sum(1 for t in row if t != 151643) for row in datasets.load_from_disk(str(dst))["input_ids"])
         <= expected_tokens
@@ -204,9 +210,12 @@ class TestPiecesWithoutTrainableTokens:
         assert stats["pieces_without_trainable_token"] == {reason: 1, other: 0}
         if policy == "split":  # pieces [4, 8) and [8, 10) of the first sample, the whole second one
             assert stats["pieces_packed"] == 3 and stats["tokens"] == 4 + 2 + 3
+            assert stats["rows_in"] == stats["rows_out"] == 2 and sum(stats["dropped"].values()) == 0
             assert sorted(packed["input_ids"]) == [[1, 2, 3, 0], [5, 6, 7, 8], [9, 10, 0, 0]]
         else:  # the first sample's only piece [0, 4) is prompt only
             assert stats["pieces_packed"] == 1 and packed["input_ids"] == [[1, 2, 3, 0]]
+            assert stats["rows_in"] == 2 and stats["rows_out"] == 1
+            assert stats["dropped"] == {"too_long": 0, "no_trainable_token": 1}
         assert all(any(t != -100 for t in row) for row in packed["labels"])
 
     def test_real_conversations_no_row_without_a_trainable_token(self, handled, tmp_path):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +14,7 @@ from distilled_plugins import reject_sampling
 from distilled_plugins.grader import GradingPool, Sample
 from distilled_plugins.io import DataError
 from distilled_plugins.reject_sampling import RejectSamplingConfig
-from tests.conftest import MATH500, REPO, read_jsonl, write_jsonl
+from tests.support import contaminated_row, generation_rows, read_jsonl, run_cli, write_jsonl
 
 # (gold, completion, expected verdict): each answer kind the issue lists
 CASES = [
@@ -135,51 +134,6 @@ class TestGrader:
         assert 90 <= remaining <= 100
 
 
-def generation_rows():
-    return [
-        {
-            "problem": "Compute 1/2 + 1/2 - 1/2.",
-            "answer": "\\frac{1}{2}",
-            "prompt": "P1",
-            "generations": [
-                "so $\\boxed{\\frac{1}{3}}$",
-                "so $\\boxed{\\frac{1}{2}}$",
-                "so $\\boxed{0.5}$",
-                "so $\\boxed{\\frac{1}{2}}$",
-            ],
-            "finish_reasons": ["stop", "stop", "stop", "length"],
-            "api_metadata": [{"n": 0}, {"n": 1}, {"n": 2}, {"n": 3}],
-        },
-        {
-            "problem": "Prove that there are infinitely many primes.",
-            "answer": "proof",
-            "generations": ["..."],
-            "finish_reasons": ["stop"],
-        },
-        {"problem": "Find x.", "answer": "notfound", "generations": ["x"], "finish_reasons": ["stop"]},
-        {
-            "problem": "What is 2+2?",
-            "answer": "4",
-            "generations": ["It is $\\boxed{5}$", "no idea"],
-            "finish_reasons": ["stop", "stop"],
-        },
-        {
-            "problem": "Solve x^2 = 4 for positive x.",
-            "answer": "2",
-            "generations": ["$\\boxed{2}$"],
-            "finish_reasons": ["stop"],
-        },
-        {"problem": "Odd gold.", "answer": "\\text{}", "generations": ["$\\boxed{1}$"], "finish_reasons": ["stop"]},
-        {"problem": "Empty gold.", "answer": " ", "generations": ["$\\boxed{1}$"], "finish_reasons": ["stop"]},
-    ]
-
-
-def contaminated_row():
-    first = read_jsonl(MATH500)[0]["problem"]
-    changed = "  ".join(first.upper().split())  # other case and spacing
-    return {"problem": changed, "answer": "1", "generations": ["$\\boxed{1}$"], "finish_reasons": ["stop"]}
-
-
 def run_stage(tmp_path, rows, **overrides):
     src = write_jsonl(tmp_path / "gen.jsonl", rows)
     cfg = RejectSamplingConfig(src=str(src), dst=str(tmp_path / "out" / "filtered.jsonl"), workers=2, **overrides)
@@ -187,7 +141,8 @@ def run_stage(tmp_path, rows, **overrides):
 
 
 class TestStage:
-    def test_output_schema_alignment_and_stats(self, tmp_path):
+    def test_output_schema_alignment_and_stats(self, tmp_path, caplog):
+        caplog.set_level(logging.INFO, logger="distilled_plugins.reject_sampling")
         result = run_stage(tmp_path, [*generation_rows(), contaminated_row()])
         kept = read_jsonl(result.output)
         assert [r["problem"] for r in kept] == ["Compute 1/2 + 1/2 - 1/2.", "Solve x^2 = 4 for positive x."]
@@ -201,7 +156,7 @@ class TestStage:
         ]
         assert kept[1]["messages"][0]["content"] == "Solve x^2 = 4 for positive x."  # no prompt: the problem
         stats = result.stats
-        assert stats["examples_in"] == 8 and stats["examples_out"] == 2
+        assert stats["rows_in"] == 8 and stats["rows_out"] == 2
         assert stats["generations_correct"] == 3
         assert stats["rejected_generations"] == {
             "wrong": 2,
@@ -211,7 +166,7 @@ class TestStage:
             "gold_unparseable": 1,
             "error": 0,
         }
-        assert stats["rejected_examples"] == {
+        assert stats["dropped"] == {
             "gold_filtered": 3,
             "contaminated": 1,
             "gold_unparseable": 1,
@@ -222,7 +177,12 @@ class TestStage:
         verdicts = read_jsonl(result.verdicts)
         assert len(verdicts) == 4 + 1 + 1 + 2 + 1 + 1 + 1 + 1
         assert [v["verdict"] for v in verdicts[:4]] == ["wrong", "correct", "correct", "truncated"]
-        assert json.loads(result.stats_file.read_text())["examples_out"] == 2
+        assert json.loads(result.stats_file.read_text())["rows_out"] == 2
+        final = [r.getMessage() for r in caplog.records if r.name == "distilled_plugins.reject_sampling"][-1]
+        assert final.startswith(
+            "kept 2 of 8 examples; dropped 6: gold_filtered 3, contaminated 1, gold_unparseable 1, "
+            "no_correct_generation 1 (3 of 8 generations correct"
+        )
 
     def test_rerun_is_byte_identical_and_keeps_input_order(self, tmp_path):
         rows = [
@@ -248,8 +208,8 @@ class TestStage:
 
     def test_decontamination_catches_case_and_spacing(self, tmp_path):
         result = run_stage(tmp_path, [contaminated_row()] * 1 + generation_rows()[4:5])
-        assert result.stats["rejected_examples"]["contaminated"] == 1
-        assert result.stats["examples_out"] == 1
+        assert result.stats["dropped"]["contaminated"] == 1
+        assert result.stats["rows_out"] == 1
 
 
 class TestBadInput:
@@ -277,22 +237,6 @@ class TestBadInput:
 
     def test_cli_error_is_one_line(self, tmp_path):
         src = write_jsonl(tmp_path / "gen.jsonl", [{"problem": "p", "generations": []}])
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "distilled_plugins.reject_sampling",
-                "--src",
-                str(src),
-                "--dst",
-                str(tmp_path / "o.jsonl"),
-                "--eval-sets",
-                "none",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=120,
-        )
+        done = run_cli("reject_sampling", "--src", src, "--dst", tmp_path / "o.jsonl", "--eval-sets", "none")
         assert done.returncode == 1
         assert "missing field 'answer'" in done.stderr and "Traceback" not in done.stderr

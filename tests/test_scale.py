@@ -13,7 +13,7 @@ from datasets.arrow_writer import ArrowWriter
 from distilled_plugins import handle, io, pack
 from distilled_plugins.handle import HandleConfig
 from distilled_plugins.schema import HANDLED_COLUMNS, features
-from tests.conftest import TOKENIZER_DIR, conversation_rows, write_jsonl
+from tests.support import TOKENIZER_DIR, conversation_rows, write_jsonl
 
 
 def handled_tables(sizes: list[int]) -> list[pa.Table]:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distilled_plugins import seed
-from tests.conftest import REPO, write_jsonl
+from tests.support import REPO, cli_env, run_cli, write_jsonl
 
 ROWS = [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(5)]
 
@@ -119,13 +119,7 @@ class TestCheck:
 
 class TestCli:
     def run(self, *args):
-        return subprocess.run(
-            [sys.executable, "-m", "distilled_plugins.seed", *map(str, args)],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=60,
-        )
+        return run_cli("seed", *args, timeout=60)
 
     def test_changed_then_unchanged_then_changed(self, tmp_path):
         path = write_jsonl(tmp_path / "seed.jsonl", ROWS)
@@ -421,9 +415,7 @@ class TestHubSeed:
         state = tmp_path / "state.json"
 
         def run():
-            env = {**os.environ, "HF_ENDPOINT": hub.url}
-            args = [sys.executable, "-m", "distilled_plugins.seed", REPO_ID, "--state", str(state)]
-            return subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=60, env=env)
+            return run_cli("seed", REPO_ID, "--state", state, env=cli_env(HF_ENDPOINT=hub.url), timeout=60)
 
         assert json.loads(run().stdout)["rows"] == 5
         assert run().returncode == seed.UNCHANGED
@@ -444,7 +436,7 @@ class TestHubSeed:
             "import json, sys; from distilled_plugins.io import load_rows; "
             "print(json.dumps([load_rows(name) for name in sys.argv[1:]]))"
         )
-        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
+        env = cli_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"))
         done = subprocess.run(
             [sys.executable, "-c", code, f"{REPO_ID}@{old}", REPO_ID],
             capture_output=True,

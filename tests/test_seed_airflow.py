@@ -6,6 +6,7 @@ One Airflow serves both tests (starting one takes a minute on this machine); the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -18,21 +19,14 @@ import pytest
 
 from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, make_seed
 from distilled_plugins.devtools.local_airflow import free_port
-from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 from operators.seed_watcher import STATE_KEY
-from tests.conftest import MATH_TRAIN_SOLUTIONS, conversation_rows, read_jsonl
+from tests.support import MATH_TRAIN_SOLUTIONS, conversation_rows, read_jsonl, wait_until
 
 DAG_ID = "distill_r1"
 pytestmark = pytest.mark.slow
 
 
-def wait_until(condition, timeout: float, what: str, interval: float = 1.0):
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
-        time.sleep(interval)
-    return value
+wait_until = functools.partial(wait_until, interval=1.0)  # the REST API polled once a second
 
 
 class Env:
@@ -91,22 +85,21 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, module_replay_teacher):
     tmp = tmp_path_factory.mktemp("seed-airflow")
     seed = make_seed(tmp / "seed" / "seed.jsonl", 8)
     settings = {**demo_settings(tmp, seed), "eval_limit": 1, "eval_max_new_tokens": 8}
-    teacher = ReplayTeacher(replay_answer(load_answers(MATH_TRAIN_SOLUTIONS, "problem", "solution")))
-    with ServerThread(teacher.app()) as server:
-        airflow = airflow_for_demo(tmp, server.url, free_port(), settings, seed_poll_seconds=1)
-        with airflow:
-            airflow.wait_for_dag(DAG_ID)
-            airflow.wait_for_dag("publish_model")
-            yield Env(airflow, teacher, seed, settings, tmp)
+    teacher, url = module_replay_teacher(solutions=MATH_TRAIN_SOLUTIONS)
+    airflow = airflow_for_demo(tmp, url, free_port(), settings, seed_poll_seconds=1)
+    with airflow:
+        airflow.wait_for_dag(DAG_ID)
+        airflow.wait_for_dag("publish_model")
+        yield Env(airflow, teacher, seed, settings, tmp)
 
 
 def test_seed_refresh_starts_a_run_by_itself_with_only_new_problems(env):
     airflow, seed = env.airflow, env.seed
-    baseline = wait_until(env.fingerprint, 120, "the seed watcher recorded no baseline fingerprint")
+    baseline = wait_until(env.fingerprint, 120, "the seed watcher to record a baseline fingerprint")
 
     # touch alone: the watcher sees the new mtime, finds the same content and fires nothing
     st = os.stat(seed)
@@ -114,7 +107,7 @@ def test_seed_refresh_starts_a_run_by_itself_with_only_new_problems(env):
     touched = wait_until(
         lambda: (fp := env.fingerprint())["files"]["seed.jsonl"][1] == os.stat(seed).st_mtime_ns and fp,
         60,
-        "the seed watcher did not look at the touched seed",
+        "the seed watcher to look at the touched seed",
     )
     assert touched["digest"] == baseline["digest"]
     assert airflow.runs(DAG_ID) == []
@@ -122,17 +115,17 @@ def test_seed_refresh_starts_a_run_by_itself_with_only_new_problems(env):
 
     # a manual run generates the 8 problems into the store (the rest of it is not needed here)
     manual = airflow.trigger(DAG_ID, env.settings)
-    wait_until(lambda: env.generated(manual), 300, "the manual run's generation did not finish", interval=2)
+    wait_until(lambda: env.generated(manual), 300, "the manual run's generation to finish", interval=2)
     env.stop(manual)
-    wait_until(lambda: env.run_state(manual) == "failed", 60, "the manual run did not stop")
+    wait_until(lambda: env.run_state(manual) == "failed", 60, "the manual run to stop")
 
     # the seed grows by 2 problems: a run starts by itself, and asks the teacher only for those 2
     before = env.teacher.requests
     env.append(300, 2)
     appended = time.monotonic()
-    refresh = wait_until(lambda: env.refresh_runs(), 60, "appending to the seed started no run")[0]
+    refresh = wait_until(lambda: env.refresh_runs(), 60, "appending to the seed to start a run")[0]
     assert time.monotonic() - appended < 60  # no REST call, no UI action
-    wait_until(lambda: env.generated(refresh), 300, "the refresh run's generation did not finish", interval=2)
+    wait_until(lambda: env.generated(refresh), 300, "the refresh run's generation to finish", interval=2)
     assert env.teacher.requests - before == 2 * 2  # 2 new problems x 2 generations; 8 came from the store
     stats = [
         json.loads(Path(airflow.xcom(DAG_ID, refresh, "generate", map_index=i)["stats"]).read_text()) for i in range(2)
@@ -147,12 +140,12 @@ def test_seed_refresh_starts_a_run_by_itself_with_only_new_problems(env):
 
     # a refresh while that run is active is not lost: it is queued and starts the next run
     env.append(310, 1)
-    wait_until(lambda: len(env.seed_events()) == 2, 60, "the second refresh fired no event")
+    wait_until(lambda: len(env.seed_events()) == 2, 60, "the second refresh to fire an event")
     assert env.run_state(refresh) == "running"
     wait_until(
         lambda: env.states(refresh).get("reject_sampling") in ("success", "failed"),
         300,
-        "the refresh run did not get through rejection sampling",
+        "the refresh run to get through rejection sampling",
         interval=2,
     )
     states = env.states(refresh)
@@ -164,18 +157,20 @@ def test_seed_refresh_starts_a_run_by_itself_with_only_new_problems(env):
     assert filtered["extra"]["path"] == airflow.xcom(DAG_ID, refresh, "reject_sampling", key="output")
     before = env.teacher.requests
     env.stop(refresh)  # the rest of the pipeline is the entry-point test's business
-    queued = wait_until(lambda: [r for r in env.refresh_runs() if r != refresh], 120, "the queued refresh was lost")[0]
-    wait_until(lambda: env.generated(queued), 300, "the queued run's generation did not finish", interval=2)
+    queued = wait_until(
+        lambda: [r for r in env.refresh_runs() if r != refresh], 120, "the queued refresh to start its run"
+    )[0]
+    wait_until(lambda: env.generated(queued), 300, "the queued run's generation to finish", interval=2)
     assert airflow.xcom(DAG_ID, queued, "seed")["rows"] == 11
     assert env.teacher.requests - before == 1 * 2
     env.stop(queued)
-    wait_until(lambda: env.run_state(queued) == "failed", 60, "the queued run did not stop")
+    wait_until(lambda: env.run_state(queued) == "failed", 60, "the queued run to stop")
 
 
 def test_entry_points_run_only_their_stages_and_announce_their_assets(env):
     airflow = env.airflow
     wait_until(
-        lambda: all(r["state"] in ("success", "failed") for r in airflow.runs(DAG_ID)), 120, "earlier runs ended"
+        lambda: all(r["state"] in ("success", "failed") for r in airflow.runs(DAG_ID)), 120, "earlier runs to end"
     )
 
     openr1 = env.tmp / "openr1" / "data" / "train-00000-of-00001.parquet"
@@ -220,7 +215,7 @@ def test_entry_points_run_only_their_stages_and_announce_their_assets(env):
     published = wait_until(
         lambda: [r for r in airflow.runs("publish_model") if r["state"] in ("success", "failed")],
         120,
-        "the model event started no publish_model run",
+        "the model event to start a publish_model run",
     )
     assert published[0]["state"] == "success"
     registry = read_jsonl(Path(env.settings["output_root"]) / "published" / "models.jsonl")

@@ -13,24 +13,23 @@ import pytest
 from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, make_seed
 from distilled_plugins.devtools.hub_standin import HubStandin
 from distilled_plugins.devtools.local_airflow import free_port
-from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
+from distilled_plugins.devtools.teacher_server import ServerThread
 from operators.seed_watcher import STATE_KEY
-from tests.conftest import MATH_TRAIN_SOLUTIONS, read_jsonl
-from tests.test_seed_airflow import wait_until
+from tests.support import MATH_TRAIN_SOLUTIONS, read_jsonl, wait_until
 
 DAG_ID = "distill_r1"
 REPO_ID = "standin/math-seed"
 pytestmark = pytest.mark.slow
 
 
-def test_a_new_hub_commit_starts_a_run_that_reads_exactly_that_commit(tmp_path):
+def test_a_new_hub_commit_starts_a_run_that_reads_exactly_that_commit(replay_teacher, tmp_path):
     problems = make_seed(tmp_path / "problems.jsonl", 7).read_text().splitlines(keepends=True)
     hub = HubStandin()
     first_sha = hub.publish(REPO_ID, {"train.jsonl": "".join(problems[:4])})
-    teacher = ReplayTeacher(replay_answer(load_answers(MATH_TRAIN_SOLUTIONS, "problem", "solution")))
-    with ServerThread(hub.app()) as hub_server, ServerThread(teacher.app()) as teacher_server:
+    teacher, teacher_url = replay_teacher(solutions=MATH_TRAIN_SOLUTIONS)
+    with ServerThread(hub.app()) as hub_server:
         settings = {**demo_settings(tmp_path, tmp_path / "unused"), "seed_dataset": REPO_ID}
-        airflow = airflow_for_demo(tmp_path, teacher_server.url, free_port(), settings, seed_poll_seconds=1)
+        airflow = airflow_for_demo(tmp_path, teacher_url, free_port(), settings, seed_poll_seconds=1)
         airflow.env.update(
             HF_ENDPOINT=hub_server.url,
             HF_HOME=str(tmp_path / "hf-home"),

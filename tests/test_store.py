@@ -3,29 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
 
 import pytest
 
 from distilled_plugins import generate
-from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread
 from distilled_plugins.io import DataError
 from distilled_plugins.store import STORE_FILE, GenerationStore
-from tests.conftest import REPO, math_train_rows, read_jsonl, write_jsonl
-from tests.test_generate import FAST_RETRY, answer_with_solution, in_memory_merge
-
-
-@pytest.fixture
-def server():
-    replay = ReplayTeacher(answer_with_solution)
-    with ServerThread(replay.app()) as thread:
-        yield replay, thread.url
+from tests.support import (
+    FAST_RETRY,
+    REPO,
+    cli_env,
+    in_memory_merge,
+    math_train_rows,
+    read_jsonl,
+    wait_until,
+    write_jsonl,
+)
 
 
 def gen_config(seed, output, url, store, **overrides) -> generate.GenerateConfig:
@@ -49,8 +47,8 @@ def entries(store_dir) -> list[tuple[str, str]]:
 
 
 class TestKeyedStore:
-    def test_one_copy_per_key_after_three_reruns(self, server, tmp_path):
-        replay, url = server
+    def test_one_copy_per_key_after_three_reruns(self, replay_teacher, tmp_path):
+        replay, url = replay_teacher()
         store = tmp_path / "store"
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(15))
         runs = [generate.run(gen_config(seed, tmp_path / f"run{i}" / "gen.jsonl", url, store)) for i in range(3)]
@@ -69,8 +67,8 @@ class TestKeyedStore:
         assert merged[0].read_bytes() == merged[1].read_bytes() == merged[2].read_bytes()
         assert len(read_jsonl(merged[0])) == 15
 
-    def test_rerun_reads_and_writes_in_proportion_to_the_shard_and_new_rows(self, server, tmp_path):
-        replay, url = server
+    def test_rerun_reads_and_writes_in_proportion_to_the_shard_and_new_rows(self, replay_teacher, tmp_path):
+        replay, url = replay_teacher()
         store = tmp_path / "store"
         rows = math_train_rows(90)
         # the store already holds 60 rows of another seed and 20 of this one
@@ -92,8 +90,8 @@ class TestKeyedStore:
         assert len(read_jsonl(merged)) == 30
         assert json.loads(generate.stats_path(merged).read_text())["rows_from_store"] == 20
 
-    def test_a_row_written_by_a_killed_run_is_published_on_resume(self, server, tmp_path):
-        _replay, url = server
+    def test_a_row_written_by_a_killed_run_is_published_on_resume(self, replay_teacher, tmp_path):
+        _replay, url = replay_teacher()
         store = tmp_path / "store"
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(5))
         first = generate.run(gen_config(seed, tmp_path / "gen.jsonl", url, tmp_path / "elsewhere"))
@@ -131,38 +129,37 @@ generate.run(generate.GenerateConfig(**settings))
 
 class TestConcurrentPublishers:
     @pytest.mark.parametrize("journal", ["wal", "delete"])
-    def test_two_processes_publish_the_same_rows_at_once(self, tmp_path, journal):
-        replay = ReplayTeacher(answer_with_solution, delay=0.01)  # both runs stay in flight together
+    def test_two_processes_publish_the_same_rows_at_once(self, replay_teacher, tmp_path, journal):
+        _replay, url = replay_teacher(delay=0.01)  # both runs stay in flight together
         store = tmp_path / "store"
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(150))
-        with ServerThread(replay.app()) as server:
-            settings = {
-                "dataset_name": str(seed),
-                "model": "teacher",
-                "api_addr": server.url,
-                "num_generations": 1,
-                "max_concurrent": 8,
-                "store_dir": str(store),
-            }
-            env = {**os.environ, "PYTHONPATH": str(REPO), "DISTILL_STORE_JOURNAL": journal}
-            procs = [
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-c",
-                        _PUBLISHER,
-                        json.dumps({**settings, "output_file": str(tmp_path / f"p{i}")}),
-                    ],
-                    cwd=REPO,
-                    env=env,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                for i in range(2)
-            ]
-            for proc in procs:
-                _, err = proc.communicate(timeout=300)
-                assert proc.returncode == 0, err
+        settings = {
+            "dataset_name": str(seed),
+            "model": "teacher",
+            "api_addr": url,
+            "num_generations": 1,
+            "max_concurrent": 8,
+            "store_dir": str(store),
+        }
+        env = cli_env(DISTILL_STORE_JOURNAL=journal)
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    _PUBLISHER,
+                    json.dumps({**settings, "output_file": str(tmp_path / f"p{i}")}),
+                ],
+                cwd=REPO,
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        for proc in procs:
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err
         stats = [json.loads(generate.stats_path(tmp_path / f"p{i}").read_text()) for i in range(2)]
         written = [s["store"]["rows_written"] for s in stats]
         stored = entries(store)
@@ -190,8 +187,8 @@ class TestReusedRows:
     """A rerun's shard writes only its new rows; merge fills in the stored ones and writes what copying wrote."""
 
     @pytest.mark.parametrize("seed_has_prompt", [False, True])
-    def test_rerun_writes_only_new_rows_and_merges_as_copying_did(self, server, tmp_path, seed_has_prompt):
-        replay, url = server
+    def test_rerun_writes_only_new_rows_and_merges_as_copying_did(self, replay_teacher, tmp_path, seed_has_prompt):
+        replay, url = replay_teacher()
         store = tmp_path / "store"
         rows = math_train_rows(46)
         if seed_has_prompt:  # a seed column that the generated "prompt" replaces (verl-style seeds)
@@ -221,40 +218,39 @@ class TestReusedRows:
         assert len(merged_rows) == 46 and all(len(r["generations"]) == 2 for r in merged_rows)
         assert all(r["prompt"] != "seed's own" for r in merged_rows)
         stats = json.loads(generate.stats_path(merged).read_text())
-        assert stats["rows_from_store"] == 40 and stats["rows_written"] == 46
+        assert stats["rows_from_store"] == 40 and stats["rows_out"] == 46
 
-    def test_sigkill_then_resume_keeps_every_row_once(self, tmp_path):
-        replay = ReplayTeacher(answer_with_solution, delay=0.05)
+    def test_sigkill_then_resume_keeps_every_row_once(self, replay_teacher, tmp_path):
+        replay, url = replay_teacher(delay=0.05)
         store = tmp_path / "store"
         rows = math_train_rows(60)
-        with ServerThread(replay.app()) as server:
-            generate.run(
-                gen_config(write_jsonl(tmp_path / "old.jsonl", rows[:30]), tmp_path / "a.jsonl", server.url, store)
-            )
-            seed = write_jsonl(tmp_path / "seed.jsonl", rows)
-            output = tmp_path / "gen.jsonl"
-            settings = {
-                "dataset_name": str(seed),
-                "model": "teacher",
-                "api_addr": server.url,
-                "num_generations": 2,
-                "max_concurrent": 2,
-                "store_dir": str(store),
-                "output_file": str(output),
-            }
-            env = {**os.environ, "PYTHONPATH": str(REPO)}
-            proc = subprocess.Popen([sys.executable, "-c", _PUBLISHER, json.dumps(settings)], cwd=REPO, env=env)
-            deadline = time.monotonic() + 120
-            while not output.exists() or output.stat().st_size == 0:  # the reused list is out; new rows arrive
-                assert time.monotonic() < deadline and proc.poll() is None, "the shard never wrote a new row"
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            assert generate.reused_path(output).is_file()
-            before = replay.requests
-            resumed = generate.run(gen_config(seed, output, server.url, store, max_concurrent=2))
-            # only what was missing went out again (at most the two requests in flight were lost)
-            assert replay.requests - before <= 30 * 2 - resumed.stats["rows_already_done"] * 2 + 2
+        generate.run(gen_config(write_jsonl(tmp_path / "old.jsonl", rows[:30]), tmp_path / "a.jsonl", url, store))
+        seed = write_jsonl(tmp_path / "seed.jsonl", rows)
+        output = tmp_path / "gen.jsonl"
+        settings = {
+            "dataset_name": str(seed),
+            "model": "teacher",
+            "api_addr": url,
+            "num_generations": 2,
+            "max_concurrent": 2,
+            "store_dir": str(store),
+            "output_file": str(output),
+        }
+        proc = subprocess.Popen([sys.executable, "-c", _PUBLISHER, json.dumps(settings)], cwd=REPO, env=cli_env())
+        # the reused list is out and new rows arrive: kill the shard while it is alive and writing
+        wait_until(
+            lambda: proc.poll() is not None or (output.exists() and output.stat().st_size > 0),
+            120,
+            "the shard's first new row",
+        )
+        assert proc.poll() is None, "the shard ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert generate.reused_path(output).is_file()
+        before = replay.requests
+        resumed = generate.run(gen_config(seed, output, url, store, max_concurrent=2))
+        # only what was missing went out again (at most the two requests in flight were lost)
+        assert replay.requests - before <= 30 * 2 - resumed.stats["rows_already_done"] * 2 + 2
         assert resumed.stats["rows_already_done"] >= 1 and resumed.stats["rows_reused_from_store"] == 30
         assert len(read_jsonl(output)) == 30
         merged = read_jsonl(generate.merge([output], tmp_path / "merged.jsonl", "problem"))
@@ -263,8 +259,8 @@ class TestReusedRows:
         )
         assert all(len(r["generations"]) == 2 for r in merged)
 
-    def test_merge_refuses_rows_the_store_lost(self, server, tmp_path):
-        _replay, url = server
+    def test_merge_refuses_rows_the_store_lost(self, replay_teacher, tmp_path):
+        _replay, url = replay_teacher()
         store = tmp_path / "store"
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(8))
         generate.run(gen_config(seed, tmp_path / "a.jsonl", url, store))
@@ -278,8 +274,8 @@ class TestReusedRows:
         with pytest.raises(DataError, match="which does not exist here"):
             generate.merge([rerun.output_file], tmp_path / "merged.jsonl", "problem")
 
-    def test_a_run_that_copies_removes_an_earlier_reused_list(self, server, tmp_path):
-        _replay, url = server
+    def test_a_run_that_copies_removes_an_earlier_reused_list(self, replay_teacher, tmp_path):
+        _replay, url = replay_teacher()
         store = tmp_path / "store"
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(8))
         generate.run(gen_config(seed, tmp_path / "a.jsonl", url, store))
@@ -289,8 +285,8 @@ class TestReusedRows:
         assert copied.reused_file is None and not generate.reused_path(copied.output_file).exists()
         assert len(read_jsonl(copied.output_file)) == 8
 
-    def test_many_new_rows_stream_the_seed_again(self, server, tmp_path, monkeypatch):
-        replay, url = server
+    def test_many_new_rows_stream_the_seed_again(self, replay_teacher, tmp_path, monkeypatch):
+        replay, url = replay_teacher()
         store = tmp_path / "store"
         rows = math_train_rows(24)
         generate.run(gen_config(write_jsonl(tmp_path / "old.jsonl", rows[:4]), tmp_path / "a.jsonl", url, store))
@@ -306,8 +302,8 @@ class TestReusedRows:
         ]
         assert merged[0].read_bytes() == merged[1].read_bytes()
 
-    def test_a_list_of_nothing_needs_no_store(self, server, tmp_path):
-        _replay, url = server
+    def test_a_list_of_nothing_needs_no_store(self, replay_teacher, tmp_path):
+        _replay, url = replay_teacher()
         store = tmp_path / "store"
         first = generate.run(
             gen_config(write_jsonl(tmp_path / "seed.jsonl", math_train_rows(5)), tmp_path / "a.jsonl", url, store)

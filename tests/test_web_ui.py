@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 
 from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, make_seed
 from distilled_plugins.devtools.local_airflow import free_port
-from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
-from tests.conftest import MATH_TRAIN_SOLUTIONS
+from tests.support import MATH_TRAIN_SOLUTIONS
 
 DAG_ID = "distill_r1"
 SECTIONS = ["Data", "Teacher", "Processing", "Fine-tune", "Multi-node (rarely changed)", "Evaluation", "Output"]
@@ -95,7 +93,7 @@ def labels(form) -> set[str]:
 
 
 @pytest.mark.slow
-def test_trigger_form_shows_labelled_sections_refuses_an_empty_field_and_submits_its_defaults(tmp_path):
+def test_trigger_form_shows_labelled_sections_refuses_an_empty_field_and_submits_its_defaults(replay_teacher, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -103,9 +101,9 @@ def test_trigger_form_shows_labelled_sections_refuses_an_empty_field_and_submits
     settings = demo_settings(tmp_path, seed)  # the demo's deployment defaults (Variable distill_deployment)
     driver = chromium(tmp_path / "screenshots")
     page = Page(driver, tmp_path / "screenshots")
-    teacher = ReplayTeacher(replay_answer(load_answers(MATH_TRAIN_SOLUTIONS, "problem", "solution")))
+    _teacher, url = replay_teacher(solutions=MATH_TRAIN_SOLUTIONS)
     try:
-        with ServerThread(teacher.app()) as server, airflow_for_demo(tmp_path, server.url, free_port(), settings) as af:
+        with airflow_for_demo(tmp_path, url, free_port(), settings) as af:
             af.wait_for_dag(DAG_ID)
             params = af.api("GET", f"/api/v2/dags/{DAG_ID}/details")["params"]
             driver.get(f"{af.url}/dags/{DAG_ID}")
@@ -184,10 +182,9 @@ def test_trigger_form_shows_labelled_sections_refuses_an_empty_field_and_submits
             assert conf["seed_dataset"] == str(seed) and conf["finetune_config"] == "finetune_tiny_cpu.yaml", conf
             assert conf["base_checkpoint"] is None and conf["shards"] == settings["shards"], conf
             run_id = runs[0]["dag_run_id"]
-            deadline = time.monotonic() + WAIT
-            while not [t for t in af.task_instances(DAG_ID, run_id) if t["state"]]:
-                assert time.monotonic() < deadline, f"run {run_id} started no task; see {page.listing()}"
-                time.sleep(2)
+            page.wait(
+                lambda: [t for t in af.task_instances(DAG_ID, run_id) if t["state"]], f"run {run_id} to start a task"
+            )
             af.api("PATCH", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", {"state": "failed"})  # no need to finish it
 
             # the seed asset's page shows its description and URI; the DAG docs show the chain as code

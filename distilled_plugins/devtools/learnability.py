@@ -34,6 +34,7 @@ from distilled_plugins import configs, evaluate, finetune, generate, handle, pac
 from distilled_plugins.devtools.local_airflow import free_port
 from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 from distilled_plugins.io import iter_jsonl
+from distilled_plugins.schema import STATS_ROWS_OUT
 
 logger = logging.getLogger("distilled_plugins.devtools.learnability")
 
@@ -198,7 +199,7 @@ def run_check(out: Path, n_train: int, n_held_out: int, epochs: int, seed: int =
         "trace_format_before": format_rate(out / "before" / "completions.jsonl"),
         "trace_format_after": format_rate(out / "after" / "completions.jsonl"),
         "train_problems": n_train,
-        "train_kept": filtered.stats["examples_out"],
+        "train_kept": filtered.stats[STATS_ROWS_OUT],
         "packed_rows": pack_stats["packs"],
         "epochs": epochs,
         "steps": len(metrics["steps"]),  # over all epochs

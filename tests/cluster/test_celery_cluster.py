@@ -31,13 +31,11 @@ import pytest
 from distilled_plugins.devtools.cluster_services import PostgresServer, RedisServer, ServerUnavailable
 from distilled_plugins.devtools.demo import demo_settings, make_seed
 from distilled_plugins.devtools.local_airflow import AirflowError, LocalAirflow, free_port
-from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 from distilled_plugins.finetune import latest_step_checkpoint
 from distilled_plugins.finetune.job import JobPaths
-from tests.conftest import MATH_TRAIN_SOLUTIONS, read_jsonl
+from tests.support import DEPLOYMENT, MATH_TRAIN_SOLUTIONS, read_jsonl
 
 DAG_ID = "distill_r1"
-DEPLOYMENT = {"cpu_queue": "cpu", "npu_queue": "npu", "teacher_pool": "teacher", "training_pool": "npu_training"}
 CPU_TASKS = (
     "choose_source",
     "seed",
@@ -104,18 +102,15 @@ def when(stamp: str) -> datetime:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_celery_deployment_routes_tasks_and_a_lost_npu_node_resumes_on_another(tmp_path):
+def test_celery_deployment_routes_tasks_and_a_lost_npu_node_resumes_on_another(replay_teacher, tmp_path):
     shared = tmp_path / "shared"  # the shared filesystem (NFS, SFS, Lustre) every worker mounts
     seed = make_seed(shared / "seed" / "seed.jsonl", 12)
     settings = {**demo_settings(shared, seed), "eval_limit": 2, "eval_max_new_tokens": 8}
     # the teacher refuses requests without the key (401): the workers must read it from the Connection
-    teacher = ReplayTeacher(
-        replay_answer(load_answers(MATH_TRAIN_SOLUTIONS, "problem", "solution")), api_key=TEACHER_KEY
-    )
+    teacher, teacher_url = replay_teacher(solutions=MATH_TRAIN_SOLUTIONS, api_key=TEACHER_KEY)
 
     with ExitStack() as stack:
         postgres, redis = servers(stack)
-        server = stack.enter_context(ServerThread(teacher.app()))
         airflow = LocalAirflow(
             tmp_path / "airflow",
             port=free_port(),
@@ -141,7 +136,7 @@ def test_celery_deployment_routes_tasks_and_a_lost_npu_node_resumes_on_another(t
         token = airflow.login("admin", password)
         assert airflow.api("GET", "/api/v2/version", token=token)["version"]
 
-        host, _, port = server.url.removeprefix("http://").partition(":")
+        host, _, port = teacher_url.removeprefix("http://").partition(":")
         airflow.api(
             "POST",
             "/api/v2/connections",

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support import REPO
 
 DAG_FILE = REPO / "dags" / "distill_r1.py"
 

@@ -5,25 +5,23 @@ from __future__ import annotations
 import json
 
 from distilled_plugins import evaluate
-from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 
 
-def test_operator_reports_and_fails_below_baseline(airflow_db, tmp_path, monkeypatch):
+def test_operator_reports_and_fails_below_baseline(airflow_db, replay_teacher, tmp_path, monkeypatch):
     from tests.dags.stage_dags import evaluate_dag
 
-    answers = load_answers(evaluate.MATH500, "problem", "solution")
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps({"label": "base", "pass@1": 50.0}))
-    with ServerThread(ReplayTeacher(replay_answer(answers)).app()) as server:
-        monkeypatch.setenv(
-            "AIRFLOW_CONN_MODEL_ENDPOINT", json.dumps({"conn_type": "http", "host": server.host, "port": server.port})
-        )
-        run = evaluate_dag.test(run_conf={"out": str(tmp_path), "baseline": str(baseline)})
-        assert run.state == "success"
-        report_path = run.get_task_instance("evaluate").xcom_pull(task_ids="evaluate")
-        report = json.loads(open(report_path).read())
-        assert report["pass@1"] == 100.0 and report["baseline"]["difference"] == 50.0
+    server = replay_teacher(solutions=evaluate.MATH500)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MODEL_ENDPOINT", json.dumps({"conn_type": "http", "host": server.host, "port": server.port})
+    )
+    run = evaluate_dag.test(run_conf={"out": str(tmp_path), "baseline": str(baseline)})
+    assert run.state == "success"
+    report_path = run.get_task_instance("evaluate").xcom_pull(task_ids="evaluate")
+    report = json.loads(open(report_path).read())
+    assert report["pass@1"] == 100.0 and report["baseline"]["difference"] == 50.0
 
-        baseline.write_text(json.dumps({"label": "better", "pass@1": 100.5}))
-        failed = evaluate_dag.test(run_conf={"out": str(tmp_path / "again"), "baseline": str(baseline)})
-        assert failed.state == "failed"
+    baseline.write_text(json.dumps({"label": "better", "pass@1": 100.5}))
+    failed = evaluate_dag.test(run_conf={"out": str(tmp_path / "again"), "baseline": str(baseline)})
+    assert failed.state == "failed"

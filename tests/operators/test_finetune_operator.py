@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from distilled_plugins import configs
+from distilled_plugins.devtools.local_airflow import free_port
 from operators import triggers
 from operators.triggers import MsrunJobTrigger
-from tests.conftest import TINY_ROWS, free_port
+from tests.support import TINY_ROWS
 
 
 class TestMsrunJobTrigger:
@@ -118,7 +119,7 @@ def test_a_timed_out_deferral_stops_the_job(tiny_packed, tmp_path):
     from distilled_plugins import finetune
     from distilled_plugins.finetune import job as jobs
     from operators.finetune import MsrunFinetuneOperator
-    from tests.test_finetune_jobs import XComTI
+    from tests.support import XComTI
 
     op = MsrunFinetuneOperator(
         task_id="finetune",

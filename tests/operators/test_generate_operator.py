@@ -7,19 +7,17 @@ import logging
 
 import pytest
 
-from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread
-from tests.conftest import math_train_rows, read_jsonl, write_jsonl
+from tests.support import math_train_rows, read_jsonl, write_jsonl
 
 SECRET = "sk-operator-secret-5521"
 
 
 @pytest.fixture
-def teacher_conn(monkeypatch):
-    replay = ReplayTeacher(lambda problem: "so $\\boxed{1}$", api_key=SECRET)
-    with ServerThread(replay.app()) as server:
-        conn = {"conn_type": "http", "host": server.host, "port": server.port, "schema": "http", "password": SECRET}
-        monkeypatch.setenv("AIRFLOW_CONN_TEACHER_TEST", json.dumps(conn))
-        yield replay
+def teacher_conn(replay_teacher, monkeypatch):
+    server = replay_teacher(lambda problem: "so $\\boxed{1}$", api_key=SECRET)
+    conn = {"conn_type": "http", "host": server.host, "port": server.port, "schema": "http", "password": SECRET}
+    monkeypatch.setenv("AIRFLOW_CONN_TEACHER_TEST", json.dumps(conn))
+    return server.replay
 
 
 def test_operator_generates_and_returns_paths(airflow_db, teacher_conn, tmp_path, caplog):
@@ -33,7 +31,8 @@ def test_operator_generates_and_returns_paths(airflow_db, teacher_conn, tmp_path
     assert result["output"] == f"{tmp_path}/test_generate_operator/{run.run_id}/gen.jsonl"
     rows = read_jsonl(result["output"])
     assert len(rows) == 6 and all(len(r["generations"]) == 2 for r in rows)
-    assert json.loads(open(result["stats"]).read())["rows_written"] == 6
+    stats = json.loads(open(result["stats"]).read())
+    assert stats["rows_written"] == 6 and stats["rows_in"] == stats["rows_out"] == 6
     assert teacher_conn.seen_authorization[0] == f"Bearer {SECRET}"
     assert SECRET not in caplog.text
     assert SECRET not in json.dumps(result)
@@ -79,15 +78,15 @@ class TestRequestSettingsPrecedence:
             self.fleet_settings(monkeypatch, {"stream": "sometimes"})
 
 
-def test_the_connections_extra_stream_reaches_the_requests(airflow_db, tmp_path, monkeypatch):
+def test_the_connections_extra_stream_reaches_the_requests(airflow_db, replay_teacher, tmp_path, monkeypatch):
     """The stage DAG sets no request settings: the connection's ``"stream": true`` makes every request stream."""
     from tests.dags.stage_dags import generate_dag
 
-    replay = ReplayTeacher(lambda problem: "so $\\boxed{1}$")
-    with ServerThread(replay.app()) as server:
-        conn = {"conn_type": "http", "host": server.host, "port": server.port, "extra": {"stream": True}}
-        monkeypatch.setenv("AIRFLOW_CONN_TEACHER_TEST", json.dumps(conn))
-        seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(3))
-        run = generate_dag.test(run_conf={"seed": str(seed), "out": str(tmp_path), "n": 1})
+    teacher = replay_teacher(lambda problem: "so $\\boxed{1}$")
+    replay = teacher.replay
+    conn = {"conn_type": "http", "host": teacher.host, "port": teacher.port, "extra": {"stream": True}}
+    monkeypatch.setenv("AIRFLOW_CONN_TEACHER_TEST", json.dumps(conn))
+    seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(3))
+    run = generate_dag.test(run_conf={"seed": str(seed), "out": str(tmp_path), "n": 1})
     assert run.state == "success"
     assert len(replay.seen_payloads) == 3 and all(p.get("stream") is True for p in replay.seen_payloads)

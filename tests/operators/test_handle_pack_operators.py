@@ -6,7 +6,7 @@ import json
 
 import datasets
 
-from tests.conftest import TOKENIZER_DIR, conversation_rows, write_jsonl
+from tests.support import TOKENIZER_DIR, conversation_rows, write_jsonl
 
 
 def test_handle_then_pack(airflow_db, tmp_path):

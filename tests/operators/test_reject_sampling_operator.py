@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import read_jsonl, write_jsonl
-from tests.test_reject_sampling import contaminated_row, generation_rows
+from tests.support import contaminated_row, generation_rows, read_jsonl, write_jsonl
 
 
 def test_operator_filters_and_returns_paths(airflow_db, tmp_path):
@@ -18,5 +17,7 @@ def test_operator_filters_and_returns_paths(airflow_db, tmp_path):
     assert result["output"] == f"{tmp_path}/{run.run_id}/filtered.jsonl"
     assert len(read_jsonl(result["output"])) == 2
     stats = json.loads(open(result["stats"]).read())
-    assert stats["rejected_examples"]["contaminated"] == 1  # MATH-500 is the default evaluation set
+    assert (
+        stats["dropped"]["contaminated"] == 1 and stats["rows_in"] == 8 and stats["rows_out"] == 2
+    )  # MATH-500 is the default evaluation set
     assert len(read_jsonl(result["verdicts"])) == 12

@@ -2,20 +2,23 @@
 
 Usage:
     .venv/bin/python bench/learnability.py --out /tmp/learnability      # the full check (the benchmark)
-    python -m distilled_plugins.devtools.learnability --out /tmp/l --train 240 --held-out 30   # a smaller one (the test's)
+    python -m distilled_plugins.devtools.learnability --out /tmp/l --train 1080 --held-out 32   # the test's size
 
-The task: "Ben reads Ada's number backwards. Ada's number is 472" (three digits
-1-9, so 729 problems; train and held-out problems are disjoint). Each training completion is an R1-style trace,
-``<think>`` ... ``</think>`` then ``\\boxed{274}``, served by the replay teacher. Then, in order and through the
-stages' own code: generate (the replay teacher over HTTP) -> reject_sampling (math_verify) -> handle (chat
-template) -> pack -> finetune (msrun, ``configs/finetune_learnability_cpu.yaml``, from scratch) -> evaluate from
-the checkpoint with mindformers (batched greedy decoding, the same chat template as training), once with the
-untrained model ("before") and once with the trained one ("after").
+The task: "Ben has fifty cats and seven dogs. How many pets does Ben have?" (a tens word twenty..ninety, a units
+word one..nine, the two digits different: 64 answers; names and objects vary). The 14 answers of
+``held_out_answer`` are never trained on: held-out problems ask sums the model has not seen, so it must read the
+two number words. Each training completion is an R1-style trace, ``<think>\\nWe add fifty and seven.\\n</think>``
+then ``\\boxed{57}``, served by the replay teacher. Then, in order and through the stages' own code: generate
+(the replay teacher over HTTP) -> reject_sampling (math_verify) -> handle (chat template) -> pack -> finetune
+(msrun, ``configs/finetune_learnability_cpu.yaml``, from scratch) -> evaluate from the checkpoint with
+mindformers (batched greedy decoding, the same chat template as training), once with the untrained model
+("before") and once with the trained one ("after").
 
 Writes ``--out``/report.json (before and after pass@1 in %, held-out count, steps, seconds, per-stage seconds,
 first and final loss) and ``--out``/loss.png. Target on a 2-core CPU: after >= 90, before <= 5, < 20 minutes.
-Guessing a 3-digit answer succeeds 1 time in 729: an "after" far above that means the chain taught the model;
-one near 0 with a falling loss means a wiring fault (label shift, masks, template, checkpoint, decoding).
+A model that writes the trace without reading the problem answers 1 time in 64: an "after" far above that means
+content flowed from the prompt to the answer through every stage; one near that with the trace's shape learnt
+means a wiring fault (masks, positions, label shift, template, checkpoint, decoding).
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ logger = logging.getLogger("distilled_plugins.devtools.learnability")
 
 PROFILE = configs.CONFIG_DIR / "finetune_learnability_cpu.yaml"
 TOKENIZER = configs.SHARED_DATA / "tokenizer" / "qwen2.5"
-# the demo's and the slow test's size: a few minutes; the benchmark's default is 360 / 64 / 3
-DEMO_SIZE = {"n_train": 180, "n_held_out": 30, "epochs": 2}
+# the demo's and the slow test's size (~600 steps); the benchmark's default is 1440 / 64 / 2 (~800 steps)
+DEMO_SIZE = {"n_train": 1080, "n_held_out": 32, "epochs": 2}
 MAX_NEW_TOKENS = 32  # a trace is ~22 tokens
 
 
@@ -252,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m distilled_plugins.devtools.learnability", description=__doc__.split("\n")[0]
     )
     p.add_argument("--out", required=True, type=Path, help="work folder (emptied first); report.json goes here")
-    p.add_argument("--train", type=int, default=360, help="training problems")
+    p.add_argument("--train", type=int, default=1440, help="training problems")
     p.add_argument("--held-out", type=int, default=64, help="held-out problems (at least 50 for the full check)")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

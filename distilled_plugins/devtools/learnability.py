@@ -2,20 +2,23 @@
 
 Usage:
     .venv/bin/python bench/learnability.py --out /tmp/learnability      # the full check (the benchmark)
-    python -m distilled_plugins.devtools.learnability --out /tmp/l --train 240 --held-out 30   # a smaller one (the test's)
+    python -m distilled_plugins.devtools.learnability --out /tmp/l --train 1080 --held-out 32   # the test's size
 
-The task: "Ben reads Ada's number backwards. Ada's number is 472" (three digits
-1-9, so 729 problems; train and held-out problems are disjoint). Each training completion is an R1-style trace,
-``<think>`` ... ``</think>`` then ``\\boxed{274}``, served by the replay teacher. Then, in order and through the
-stages' own code: generate (the replay teacher over HTTP) -> reject_sampling (math_verify) -> handle (chat
-template) -> pack -> finetune (msrun, ``configs/finetune_learnability_cpu.yaml``, from scratch) -> evaluate from
-the checkpoint with mindformers (batched greedy decoding, the same chat template as training), once with the
-untrained model ("before") and once with the trained one ("after").
+The task: "Ben has fifty cats and seven dogs. How many pets does Ben have?" (a tens word twenty..ninety, a units
+word one..nine, the two digits different: 64 answers; names and objects vary). The 14 answers of
+``held_out_answer`` are never trained on: held-out problems ask sums the model has not seen, so it must read the
+two number words. Each training completion is an R1-style trace, ``<think>\\nWe add fifty and seven.\\n</think>``
+then ``\\boxed{57}``, served by the replay teacher. Then, in order and through the stages' own code: generate
+(the replay teacher over HTTP) -> reject_sampling (math_verify) -> handle (chat template) -> pack -> finetune
+(msrun, ``configs/finetune_learnability_cpu.yaml``, from scratch) -> evaluate from the checkpoint with
+mindformers (batched greedy decoding, the same chat template as training), once with the untrained model
+("before") and once with the trained one ("after").
 
 Writes ``--out``/report.json (before and after pass@1 in %, held-out count, steps, seconds, per-stage seconds,
 first and final loss) and ``--out``/loss.png. Target on a 2-core CPU: after >= 90, before <= 5, < 20 minutes.
-Guessing a 3-digit answer succeeds 1 time in 729: an "after" far above that means the chain taught the model;
-one near 0 with a falling loss means a wiring fault (label shift, masks, template, checkpoint, decoding).
+A model that writes the trace without reading the problem answers 1 time in 64: an "after" far above that means
+content flowed from the prompt to the answer through every stage; one near that with the trace's shape learnt
+means a wiring fault (masks, positions, label shift, template, checkpoint, decoding).
 """
 
 from __future__ import annotations
@@ -40,46 +43,71 @@ logger = logging.getLogger("distilled_plugins.devtools.learnability")
 
 PROFILE = configs.CONFIG_DIR / "finetune_learnability_cpu.yaml"
 TOKENIZER = configs.SHARED_DATA / "tokenizer" / "qwen2.5"
-# the demo's and the slow test's size: a few minutes; the benchmark's default is 360 / 64 / 3
-DEMO_SIZE = {"n_train": 180, "n_held_out": 30, "epochs": 2}
+# the demo's and the slow test's size (~600 steps); the benchmark's default is 1440 / 64 / 2 (~800 steps)
+DEMO_SIZE = {"n_train": 1080, "n_held_out": 32, "epochs": 2}
 MAX_NEW_TOKENS = 32  # a trace is ~22 tokens
 
 
-def problem(number: str) -> dict:
+TENS = ("twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")  # 2..9
+UNITS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")  # 1..9
+NAMES = ("Ada", "Ben", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kai", "Lea")
+STORIES = (
+    ("apples", "pears", "fruits"),
+    ("cats", "dogs", "pets"),
+    ("books", "pens", "things"),
+    ("cars", "bikes", "toys"),
+)
+TASK = "add a number of tens and a number of units written in words (64 answers, 14 held out); R1-style traces"
+ANSWERS = tuple((t, u) for t in range(2, 10) for u in range(1, 10) if t != u)  # 64: chance is 1 in 64
+
+
+def held_out_answer(tens: int, units: int) -> bool:
+    """14 of the 64 answers are never trained on; every tens and units word still is, in other answers."""
+    return (tens + units) % 4 == 0
+
+
+def problem(tens: int, units: int, name: str = "Ada", story: tuple[str, str, str] = STORIES[0]) -> dict:
     """One problem of the task, with its gold answer and the R1-style trace the teacher replays.
 
-    The number ends the problem, so each digit the trace copies lies a short, fixed distance back: within
-    reach of a 2-layer model trained for minutes.
+    Each number word is found by what it is, not by where it is: the tens word (twenty..ninety) gives the
+    answer's first digit, the units word (one..nine) its second. The two digits differ, so "the digit just
+    written" tells the model which one comes next: a 2-layer model learns this within minutes, while copying
+    digits by position (reversing a number) needs far longer training (README).
     """
-    digits = list(number)
-    backwards = "".join(reversed(digits))
+    big, small, total = story
+    tens_word, units_word = TENS[tens - 2], UNITS[units - 1]
+    answer = f"{tens}{units}"
     return {
-        "problem": f"Ben reads Ada's number backwards. Ada's number is {number}",
-        "answer": backwards,
-        "solution": f"<think>\n{' '.join(digits)} backwards is {' '.join(reversed(digits))}\n</think>\n\\boxed{{{backwards}}}",
-        "unique_id": f"reverse/{number}",
+        "problem": f"{name} has {tens_word} {big} and {units_word} {small}. How many {total} does {name} have?",
+        "answer": answer,
+        "solution": f"<think>\nWe add {tens_word} and {units_word}.\n</think>\n\\boxed{{{answer}}}",
+        "unique_id": f"add/{answer}/{name}/{total}",
         "level": "synthetic",
-        "subject": "reverse digits",
+        "subject": "adding tens and units",
     }
 
 
-TRACE_FORMAT = re.compile(r"<think>\n\d \d \d backwards is \d \d \d\n</think>\n\\boxed\{\d{3}\}")
+TRACE_FORMAT = re.compile(r"<think>\nWe add [a-z]+ and [a-z]+\.\n</think>\n\\boxed\{\d{2}\}")
 
 
 def format_rate(completions: Path) -> float:
-    """Share (%) of completions shaped exactly like a training trace, whatever their digits."""
+    """Share (%) of completions shaped exactly like a training trace, whatever their numbers."""
     texts = [text for _, row in iter_jsonl(completions) for text in row["generations"]]
     return round(100.0 * sum(bool(TRACE_FORMAT.fullmatch(t.strip())) for t in texts) / max(len(texts), 1), 2)
 
 
 def make_task(n_train: int, n_held_out: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Disjoint train and held-out problems (three digits 1-9: 729 in all)."""
-    numbers = [f"{a}{b}{c}" for a in range(1, 10) for b in range(1, 10) for c in range(1, 10)]
-    if n_train + n_held_out > len(numbers):
-        raise ValueError(f"train + held-out must be at most {len(numbers)}, got {n_train} + {n_held_out}")
-    random.Random(seed).shuffle(numbers)
-    rows = [problem(n) for n in numbers[: n_train + n_held_out]]
-    return rows[:n_train], rows[n_train:]
+    """Training problems and held-out problems whose answers no training problem has."""
+    stories = [(name, story) for name in NAMES for story in STORIES]
+    train = [(a, s) for a in ANSWERS if not held_out_answer(*a) for s in stories]
+    held = [(a, s) for a in ANSWERS if held_out_answer(*a) for s in stories]
+    if n_train > len(train) or n_held_out > len(held):
+        raise ValueError(
+            f"at most {len(train)} training and {len(held)} held-out problems, got {n_train} and {n_held_out}"
+        )
+    rng = random.Random(seed)
+    pick = rng.sample(train, n_train), rng.sample(held, n_held_out)
+    return tuple([problem(*answer, *story) for answer, story in rows] for rows in pick)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -128,23 +156,9 @@ def _finetune(packed: Path, output_dir: Path, epochs: int) -> finetune.FinetuneR
     raise AssertionError("unreachable")
 
 
-def run_check(out: Path, n_train: int, n_held_out: int, epochs: int, seed: int = 0) -> dict:
-    """Run the whole check in ``out``; returns the report (also written to ``out/report.json``)."""
-    started = time.monotonic()
-    seconds: dict[str, float] = {}
-
-    def timed(stage: str, fn, *args):
-        t = time.monotonic()
-        result = fn(*args)
-        seconds[stage] = round(time.monotonic() - t, 1)
-        logger.info("%s done in %.1f s", stage, seconds[stage])
-        return result
-
-    if out.exists():
-        shutil.rmtree(out)
-    train_rows, held_rows = make_task(n_train, n_held_out, seed)
-    train = _write_jsonl(out / "task" / "train.jsonl", train_rows)
-    held_out = _write_jsonl(out / "task" / "held_out.jsonl", held_rows)
+def data_stages(out: Path, train: Path, timed=lambda stage, fn, *args: fn(*args)) -> tuple[Path, int]:
+    """generate (the replay teacher over HTTP) -> reject_sampling -> handle -> pack; the packed folder and the
+    number of training completions kept."""
     teacher = ReplayTeacher(replay_answer(load_answers(train, "problem", "solution")), prompt_template="{prompt}")
     with ServerThread(teacher.app()) as server:
         generated = timed(
@@ -177,6 +191,27 @@ def run_check(out: Path, n_train: int, n_held_out: int, epochs: int, seed: int =
     packed = timed(
         "pack", pack.run, pack.PackConfig(src=str(handled), dst=str(out / "pack"), finetune_config=str(PROFILE))
     )
+    return packed, filtered.stats[STATS_ROWS_OUT]
+
+
+def run_check(out: Path, n_train: int, n_held_out: int, epochs: int, seed: int = 0) -> dict:
+    """Run the whole check in ``out``; returns the report (also written to ``out/report.json``)."""
+    started = time.monotonic()
+    seconds: dict[str, float] = {}
+
+    def timed(stage: str, fn, *args):
+        t = time.monotonic()
+        result = fn(*args)
+        seconds[stage] = round(time.monotonic() - t, 1)
+        logger.info("%s done in %.1f s", stage, seconds[stage])
+        return result
+
+    if out.exists():
+        shutil.rmtree(out)
+    train_rows, held_rows = make_task(n_train, n_held_out, seed)
+    train = _write_jsonl(out / "task" / "train.jsonl", train_rows)
+    held_out = _write_jsonl(out / "task" / "held_out.jsonl", held_rows)
+    packed, kept = data_stages(out, train, timed)
     before = timed("evaluate_before", _evaluate, out / "before", held_out, "untrained", "untrained model")
     trained = timed("finetune", _finetune, packed, out / "finetune", epochs)
     after = timed(
@@ -192,14 +227,14 @@ def run_check(out: Path, n_train: int, n_held_out: int, epochs: int, seed: int =
     shutil.copy(trained.loss_curve, out / "loss.png")
     pack_stats = json.loads((Path(packed) / "stats.json").read_text())
     report = {
-        "task": "reverse the digits of a 3-digit number (digits 1-9), as a word problem; R1-style traces",
+        "task": TASK,
         "before": before["pass@1"],
         "after": after["pass@1"],
         "held_out": after["problems"],
         "trace_format_before": format_rate(out / "before" / "completions.jsonl"),
         "trace_format_after": format_rate(out / "after" / "completions.jsonl"),
         "train_problems": n_train,
-        "train_kept": filtered.stats[STATS_ROWS_OUT],
+        "train_kept": kept,
         "packed_rows": pack_stats["packs"],
         "epochs": epochs,
         "steps": len(metrics["steps"]),  # over all epochs
@@ -221,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m distilled_plugins.devtools.learnability", description=__doc__.split("\n")[0]
     )
     p.add_argument("--out", required=True, type=Path, help="work folder (emptied first); report.json goes here")
-    p.add_argument("--train", type=int, default=360, help="training problems")
+    p.add_argument("--train", type=int, default=1440, help="training problems")
     p.add_argument("--held-out", type=int, default=64, help="held-out problems (at least 50 for the full check)")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -235,11 +270,11 @@ def main(argv: list[str] | None = None) -> int:
 def summary(report: dict) -> str:
     """One plain line: what was learned."""
     return (
-        f"learnability: reversing 3-digit numbers, pass@1 {report['before']:.1f}% untrained -> "
+        f"learnability: adding tens and units written in words, pass@1 {report['before']:.1f}% untrained -> "
         f"{report['after']:.1f}% after fine-tuning through the pipeline's stages, on {report['held_out']} held-out "
-        f"problems ({report['steps']} steps, loss {report['first_loss']:.2f} -> {report['final_loss']:.2f}, "
-        f"{report['seconds']:.0f} s; chance: 1 in 729); trace shape {report['trace_format_before']:.0f}% -> "
-        f"{report['trace_format_after']:.0f}%"
+        f"problems whose answers were never trained on ({report['steps']} steps, loss {report['first_loss']:.2f} -> "
+        f"{report['final_loss']:.2f}, {report['seconds']:.0f} s; chance: 1 in {len(ANSWERS)}); trace shape "
+        f"{report['trace_format_before']:.0f}% -> {report['trace_format_after']:.0f}%"
     )
 
 

@@ -6,16 +6,22 @@ errors exit 2. No traceback unless ``--debug`` is given (or ``DISTILL_DEBUG=1`` 
 as they are. ``KeyboardInterrupt`` exits 130 with a line saying the same command resumes.
 
 Each stage ends with ``sys.exit(cli.run(main))``; operators call the engine's ``run()`` and raise the same
-messages, so the CLI and the task log say the same thing.
+messages, so the CLI and the task log say the same thing. ``stage_parser`` and ``start_logging`` are the rest of
+a stage's command line: its flags come from its config's fields, its log lines have one format.
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable
 
+from distilled_plugins.settings import add_arguments
+
 DEBUG_FLAG = "--debug"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # Exceptions that describe the user's input or environment, not a bug: their message is the whole story.
 # (DataError and yaml's errors are ValueError subclasses or are turned into one where they are raised.)
@@ -72,3 +78,16 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
             file=sys.stderr,
         )
         return 1
+
+
+def stage_parser(module: str, doc: str | None, config_class: type) -> argparse.ArgumentParser:
+    """The command line of ``python -m <module>``: described by the first line of the module's docstring, with a
+    flag for each field of its config (``settings.add_arguments``)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=(doc or "").split("\n")[0])
+    add_arguments(parser, config_class)
+    return parser
+
+
+def start_logging() -> None:
+    """Progress and results to stderr, one format for every stage."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)

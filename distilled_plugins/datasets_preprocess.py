@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--data_files", nargs="+", default=None, help="override data_loader.data_files")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.start_logging()
     try:
         logger.info("registered data handlers: %s", register(args.register_path))
         preprocess(args.config, args.save_path, args.data_files)

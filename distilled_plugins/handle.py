@@ -37,7 +37,7 @@ from distilled_plugins.io import (
 )
 from distilled_plugins.progress import Progress
 from distilled_plugins.schema import HANDLED_COLUMNS, IGNORE_INDEX, STATS_FILE, STATS_PAD_TOKEN_ID, features
-from distilled_plugins.settings import PROCESSING, add_arguments, from_args, setting
+from distilled_plugins.settings import PROCESSING, from_args, setting
 from distilled_plugins.stats import Stats
 
 logger = logging.getLogger(__name__)
@@ -294,18 +294,12 @@ def run(cfg: HandleConfig) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m distilled_plugins.handle", description=__doc__.split("\n")[0])
-    add_arguments(parser, HandleConfig)
-    return parser
+    return cli.stage_parser("distilled_plugins.handle", __doc__, HandleConfig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        dst = run(from_args(HandleConfig, args))
-    except ValueError as e:
-        return cli.fail(e)
+    cli.start_logging()
+    dst = run(from_args(HandleConfig, build_parser().parse_args(argv)))
     logger.info("wrote %s", dst)
     return 0
 

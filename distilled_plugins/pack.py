@@ -49,7 +49,7 @@ from distilled_plugins.schema import (
     STATS_SEQ_LENGTH,
     features,
 )
-from distilled_plugins.settings import PROCESSING, add_arguments, from_args, setting
+from distilled_plugins.settings import PROCESSING, from_args, setting
 from distilled_plugins.stats import Stats
 
 logger = logging.getLogger(__name__)
@@ -437,18 +437,12 @@ def _pack(cfg: PackConfig, src: Path, table, maps, files: list[_MappedFile], sta
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m distilled_plugins.pack", description=__doc__.split("\n")[0])
-    add_arguments(parser, PackConfig)
-    return parser
+    return cli.stage_parser("distilled_plugins.pack", __doc__, PackConfig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        dst = run(from_args(PackConfig, args))
-    except ValueError as e:
-        return cli.fail(e)
+    cli.start_logging()
+    dst = run(from_args(PackConfig, build_parser().parse_args(argv)))
     logger.info("wrote %s", dst)
     return 0
 

@@ -26,7 +26,7 @@ from distilled_plugins.decontaminate import Decontaminator
 from distilled_plugins.io import DataError, atomic_path, count_rows, dumps_line, iter_jsonl, write_json
 from distilled_plugins.progress import Progress
 from distilled_plugins.schema import GENERATION_COLUMNS, MESSAGES_COLUMN, PROMPT_COLUMN, row_key, sibling_path
-from distilled_plugins.settings import DATA, add_arguments, from_args, setting
+from distilled_plugins.settings import DATA, from_args, setting
 from distilled_plugins.stats import Stats
 
 logger = logging.getLogger(__name__)
@@ -233,20 +233,12 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m distilled_plugins.reject_sampling", description=__doc__.split("\n")[0]
-    )
-    add_arguments(parser, RejectSamplingConfig)
-    return parser
+    return cli.stage_parser("distilled_plugins.reject_sampling", __doc__, RejectSamplingConfig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        result = run(from_args(RejectSamplingConfig, args))
-    except ValueError as e:
-        return cli.fail(e)
+    cli.start_logging()
+    result = run(from_args(RejectSamplingConfig, build_parser().parse_args(argv)))
     logger.info("wrote %s, %s and %s", result.output, result.verdicts, result.stats_file)
     return 0
 

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return supervise(Path(argv[1]), int(argv[2]), argv[4:])
     p = build_parser()
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli.start_logging()
     import yaml
 
     malformed = [item for item in args.set if "=" not in item or item.startswith("=")]

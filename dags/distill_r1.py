@@ -59,7 +59,7 @@ from operators import (
     PackDatasetOperator,
     RejectSamplingOperator,
 )
-from operators.assets import EVAL_REPORT, FILTERED, MODEL, PACKED, SEED, SEED_PATH
+from operators.assets import EVAL_REPORT, FILTERED, MODEL, PACKED, seed_asset
 from operators.deployment import check_defaults, defaults, output_root, seconds, task_kwargs
 from operators.deployment import load as load_deployment
 from operators.finetune import node_ranks
@@ -69,7 +69,8 @@ from operators.sources import choose_source, from_openr1, from_packed, seed
 # the deployment's configuration, read from the metadata database by the dag-processor and every worker alike:
 # the Airflow Variable distill_deployment (operators/deployment.py): queues and pools per task kind, the
 # parameters' defaults (also those of runs started without conf, by seed refreshes), the retry delay
-DEPLOYMENT = load_deployment()
+DEPLOYMENT = load_deployment()  # read once for the whole parse
+SEED = seed_asset(DEPLOYMENT)
 OUTPUT_ROOT = output_root(DEPLOYMENT)
 RETRY_DELAY = timedelta(seconds=seconds(DEPLOYMENT, "retry_delay_seconds"))
 RUN_DIR = "{{ params.output_root }}/{{ dag.dag_id }}/{{ run_id }}"
@@ -88,7 +89,7 @@ def default(name: str, value):
 params = {
     # ---- Data ----
     "seed_dataset": form_param(
-        default("seed_dataset", SEED_PATH),
+        default("seed_dataset", SEED.path),
         "Seed dataset",
         DATA,
         "Problems to distil: a local jsonl/json/parquet/arrow file or folder, or a Hugging Face dataset name",
@@ -300,7 +301,7 @@ default_args = {
 with DAG(
     dag_id="distill_r1",
     description="Distil DeepSeek-R1 chain-of-thought into Qwen2.5-Math-7B with MindSpore Transformers",
-    schedule=[SEED],
+    schedule=[SEED.asset],
     params=params,
     default_args=default_args,
     max_active_runs=1,

@@ -12,16 +12,24 @@ from datetime import timedelta
 from airflow.sdk import DAG, Param, task
 
 from operators import deployment
-from operators.assets import SEED, SEED_PATH
+from operators.assets import seed_asset
 from operators.watch import check_seed
+
+DEPLOYMENT = deployment.load()  # read once for the whole parse
+SEED = seed_asset(DEPLOYMENT)
 
 with DAG(
     dag_id="watch_seed",
     description="Announce the distill_seed asset when the seed's content changes (fallback for the watcher)",
     # every watch_seed_seconds of the Variable distill_deployment (operators/deployment.py), 300 by default
-    schedule=timedelta(seconds=deployment.seconds(deployment.load(), "watch_seed_seconds")),
+    schedule=timedelta(seconds=deployment.seconds(DEPLOYMENT, "watch_seed_seconds")),
     params={
-        "seed_path": Param(SEED_PATH, type="string", minLength=1, description="Seed file or folder to fingerprint"),
+        "seed_path": Param(
+            SEED.path,
+            type="string",
+            minLength=1,
+            description="Seed to fingerprint: a file or folder, or a Hugging Face dataset name",
+        ),
     },
     is_paused_upon_creation=True,
     max_active_runs=1,
@@ -29,4 +37,4 @@ with DAG(
     tags=["distillation"],
     doc_md=__doc__,
 ) as dag:
-    task(check_seed, task_id="check_seed", outlets=[SEED])("{{ params.seed_path }}")
+    task(check_seed, task_id="check_seed", outlets=[SEED.asset])("{{ params.seed_path }}")

@@ -1,12 +1,14 @@
 """The assets the distillation DAG reads and writes, shared by every DAG that chains onto it.
 
-``SEED`` is watched by :class:`~operators.seed_watcher.SeedChangeTrigger`; the others are outlets of the
+The seed asset (:func:`seed_asset`) is watched by :class:`~operators.seed_watcher.SeedChangeTrigger`; the others are outlets of the
 ``distill_r1`` tasks, each event carrying in its ``extra`` the run's artifact path and a few figures (see
 :func:`emit`). A team schedules its own DAG on one of them (``schedule=[MODEL]``), as ``dags/publish_model.py``
 does, and reads the figures from ``triggering_asset_events``.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from airflow.sdk import Asset, AssetWatcher
 
@@ -16,17 +18,22 @@ from operators import deployment
 from operators.seed_watcher import SeedChangeTrigger
 
 
-def _seed() -> dict:
-    """The seed asset and its settings, from the deployment's configuration (the Variable distill_deployment: its
-    ``defaults.seed_dataset`` and ``seed_poll_seconds``), read when a DAG file imports them: by the dag-processor,
-    whose parse fixes the watcher's kwargs, and by a worker's parse. Not at the import of this module, which the
-    triggerer and the operators import too."""
-    config = deployment.load()
+class SeedAsset(NamedTuple):
+    asset: Asset  # with its watcher
+    path: str  # a local file or folder, or a hub dataset name
+    uri: str  # file://<absolute path>, or hf://datasets/<owner>/<name>
+    poll_seconds: float
+
+
+def seed_asset(config: dict) -> SeedAsset:
+    """The seed asset and its settings from the deployment's configuration (:func:`operators.deployment.load`: its
+    ``defaults.seed_dataset`` and ``seed_poll_seconds``). A DAG file calls it with the configuration it read once
+    for its whole parse; not at the import of this module, which the triggerer and the operators import too."""
     path = str(deployment.defaults(config).get("seed_dataset") or SHARED_DATA / "math_train" / "math12k_train.parquet")
     poll = deployment.seconds(config, "seed_poll_seconds")
-    uri = seed.uri(path)  # file://<absolute path>, or hf://datasets/<owner>/<name> for a hub dataset
+    uri = seed.uri(path)
     asset = Asset(
-        name="distill_seed",
+        name=SEED_NAME,
         uri=uri,
         extra={
             "description": "Seed problems of distill_r1: an update to this asset starts a distillation run (a "
@@ -42,17 +49,10 @@ def _seed() -> dict:
             )
         ],
     )
-    return {"SEED": asset, "SEED_PATH": path, "SEED_URI": uri, "SEED_POLL_SECONDS": poll}
+    return SeedAsset(asset, path, uri, poll)
 
 
-def __getattr__(name: str):
-    """``SEED``, ``SEED_PATH``, ``SEED_URI``, ``SEED_POLL_SECONDS``: computed at each import (never cached, so a
-    process that parses DAG files again sees a changed Variable)."""
-    if name in ("SEED", "SEED_PATH", "SEED_URI", "SEED_POLL_SECONDS"):
-        return _seed()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
+SEED_NAME = "distill_seed"  # its URI is the seed's: see seed_asset
 FILTERED = Asset(name="distill_filtered_dataset")  # extra: path, kept, rejected, generations_correct
 PACKED = Asset(name="distill_packed_dataset")  # extra: path, rows, seq_length, efficiency
 MODEL = Asset(name="distill_model")  # extra: checkpoint_uri, steps, final_loss, metrics

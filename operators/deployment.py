@@ -113,7 +113,17 @@ def load() -> dict:
             socket.gethostname(),
             VARIABLE,
         )
-    return parse(Variable.get(VARIABLE, default=None))
+    text = Variable.get(VARIABLE, default=None)
+    if text is None:  # not set, or not readable just now (Airflow answers both the same way): say so, loudly
+        logger.warning(
+            "Variable %s not found (or not readable) on host %s: using the built-in defaults (queue %r, no pools, "
+            "output root %s). Set it as docker/deployment.json shows (docker/README.md).",
+            VARIABLE,
+            socket.gethostname(),
+            DEFAULT_QUEUE,
+            DEFAULT_OUTPUT_ROOT,
+        )
+    return parse(text)
 
 
 def defaults(config: dict) -> dict:

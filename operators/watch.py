@@ -13,7 +13,7 @@ from airflow.sdk import get_current_context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from distilled_plugins import seed
-from operators.assets import SEED
+from operators.assets import SEED_NAME
 from operators.seed_watcher import STATE_KEY
 
 logger = logging.getLogger(__name__)
@@ -22,7 +22,9 @@ logger = logging.getLogger(__name__)
 def check_seed(path: str) -> dict:
     """Announce the seed asset (the task succeeds) when ``path``'s content changed; skip otherwise."""
     context = get_current_context()
-    store = context["asset_state_store"][SEED]
+    # the task's outlet: the seed asset as the DAG file built it (one read of the deployment's configuration)
+    seed_outlet = next(outlet for outlet in context["task"].outlets if getattr(outlet, "name", None) == SEED_NAME)
+    store = context["asset_state_store"][seed_outlet]
     previous = seed.Fingerprint.from_json(store.get(STATE_KEY))
     try:
         result = seed.check(path, previous)
@@ -37,6 +39,6 @@ def check_seed(path: str) -> dict:
     if not result.changed:
         raise AirflowSkipException(f"seed {path}: unchanged ({result.fingerprint.digest})")
     extra = seed.event_extra(path, result.fingerprint, result.changed_files)
-    context["outlet_events"][SEED].extra.update(extra)
+    context["outlet_events"][seed_outlet].extra.update(extra)
     logger.info("seed %s changed (%s): announcing %s rows", path, ", ".join(result.changed_files), extra["rows"])
     return extra

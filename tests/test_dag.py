@@ -29,7 +29,7 @@ def test_dag_parses_light_and_every_param_is_a_labelled_form_field():
         f"s = u.spec_from_file_location('d', {str(DAG_FILE)!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
         f"heavy = [n for n in {HEAVY_MODULES!r} if n in sys.modules]; m.dag.params.validate(); "
         "print(json.dumps({'heavy': heavy, 'tasks': [x.task_id for x in m.dag.tasks], 'doc': m.dag.doc_md, "
-        "'asset': {'uri': m.SEED.uri, 'extra': m.SEED.extra}, "
+        "'asset': {'uri': m.SEED.asset.uri, 'extra': m.SEED.asset.extra}, "
         "'params': {k: [p.description, p.schema, p.value] for k, p in m.params.items()}}))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)

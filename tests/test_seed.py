@@ -213,11 +213,11 @@ def event(extra, minutes=0):
 
 class TestSeedFromEvent:
     def test_newest_watcher_event_wins(self):
-        from operators.assets import SEED, seed_from_event
+        from operators.assets import SEED_NAME, seed_from_event
 
         context = {
             "triggering_asset_events": {
-                SEED: [
+                SEED_NAME: [
                     event({"from_trigger": True, "payload": {"path": "/new.jsonl", "fingerprint": "b", "rows": 9}}, 1),
                     event({"from_trigger": True, "payload": {"path": "/old.jsonl", "fingerprint": "a", "rows": 8}}),
                 ]
@@ -231,11 +231,11 @@ class TestSeedFromEvent:
         }
 
     def test_manual_runs_and_bare_events_use_the_parameter(self):
-        from operators.assets import SEED, seed_from_event
+        from operators.assets import SEED_NAME, seed_from_event
 
         assert seed_from_event({"triggering_asset_events": {}}, "/p.jsonl")["seed"] == "/p.jsonl"
-        assert seed_from_event({"triggering_asset_events": {SEED: [event({})]}}, "/p.jsonl")["seed"] == "/p.jsonl"
-        producer = {"triggering_asset_events": {SEED: [event({"path": "/from-producer.jsonl"})]}}
+        assert seed_from_event({"triggering_asset_events": {SEED_NAME: [event({})]}}, "/p.jsonl")["seed"] == "/p.jsonl"
+        producer = {"triggering_asset_events": {SEED_NAME: [event({"path": "/from-producer.jsonl"})]}}
         assert seed_from_event(producer, "/p.jsonl")["seed"] == "/from-producer.jsonl"
 
 
@@ -503,10 +503,10 @@ class TestHubWatcher:
         assert fired.payload["changed_files"][0].split()[1] != second_sha
 
     def test_seed_task_reads_the_pinned_commit_from_the_event(self):
-        from operators.assets import SEED, seed_from_event
+        from operators.assets import SEED_NAME, seed_from_event
 
         payload = {"path": f"{REPO_ID}@abc", "fingerprint": "abc", "rows": 6, "uri": f"hf://datasets/{REPO_ID}@abc"}
-        context = {"triggering_asset_events": {SEED: [event({"from_trigger": True, "payload": payload})]}}
+        context = {"triggering_asset_events": {SEED_NAME: [event({"from_trigger": True, "payload": payload})]}}
         assert seed_from_event(context, REPO_ID) == {
             "seed": f"{REPO_ID}@abc",
             **{k: payload[k] for k in payload if k != "path"},

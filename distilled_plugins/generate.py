@@ -643,7 +643,13 @@ def _prepare_rows(
         reused_out = None
         if reference:
             reused_out = stack.enter_context(open(stack.enter_context(atomic_path(reused_file)), "wb"))
-            header = {"store_dir": str(store.path.parent.resolve()), "settings": store.settings}
+            # the path as given (absolute, symlinks kept): shared storage has the same path on every host, not
+            # necessarily the same target; the key column, so a merge keyed otherwise is refused by name
+            header = {
+                "store_dir": str(store.path.parent.absolute()),
+                "settings": store.settings,
+                "uuid_column": cfg.uuid_column,
+            }
             reused_out.write(dumps_line({REUSED_HEADER: header}))
         for example in iter_rows(cfg.dataset_name, cfg.split):
             if not info["seed_rows"]:
@@ -828,7 +834,11 @@ def _reused_header(path: Path) -> dict:
         first = f.readline()
     try:
         header = json.loads(first)[REUSED_HEADER]
-        return {"store_dir": str(header["store_dir"]), "settings": str(header["settings"])}
+        return {
+            "store_dir": str(header["store_dir"]),
+            "settings": str(header["settings"]),
+            "uuid_column": header.get("uuid_column"),
+        }
     except (ValueError, KeyError, TypeError):
         raise DataError(
             f"{path}: not a reused-rows list written by generate (its first line names no {REUSED_HEADER!r}); "
@@ -845,6 +855,11 @@ def _reused_rows(
     time in key order, so memory holds one batch of rows.
     """
     header = _reused_header(path)
+    if header["uuid_column"] not in (None, uuid_column):
+        raise DataError(
+            f"{path}: the shard keyed its rows by column {header['uuid_column']!r}, the merge by {uuid_column!r}; "
+            f"merge with --uuid-column {header['uuid_column']}"
+        )
     keys, order, offsets, lengths = _index(path, uuid_column, skip=1)
     if not len(order):  # a run that reused nothing: the store is not needed (nor pyarrow's codec loaded)
         return

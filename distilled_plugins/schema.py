@@ -9,8 +9,8 @@
 | packed (pack) | folder (``save_to_disk``): PACKED_COLUMNS; ``stats.json`` with STATS_SEQ_LENGTH; ``artifact.json`` | finetune |
 
 A shard run with a generation store does not copy the rows the store holds: ``<name>.reused.jsonl`` starts with a
-header line ``{"reused_from_store": {"store_dir", "settings"}}`` (the store folder, absolute, and the settings
-hash) followed by the seed row (as ``io.dumps_line`` wrote it) of each reused key; merge splices each with the
+header line ``{"reused_from_store": {"store_dir", "settings", "uuid_column"}}`` (the store folder, absolute
+with symlinks kept, the settings hash, the key column) followed by the seed row (as ``io.dumps_line`` wrote it) of each reused key; merge splices each with the
 store's generated columns. A shard's XCom is ``{"output", "stats", "reused"}`` (``reused``: that file's path, or
 ``""`` when the shard referenced no store). Only merge's output is a complete generations artifact.
 

@@ -269,6 +269,9 @@ class TestReusedRows:
             db.execute("DELETE FROM generations WHERE rowid IN (SELECT rowid FROM generations LIMIT 3)")
         with pytest.raises(DataError, match=r"b\.reused\.jsonl: 3 row\(s\) it lists .* not in the generation store"):
             generate.merge([rerun.output_file], tmp_path / "merged.jsonl", "problem")
+        # keyed by another column than the shard's: refused by name, not as rows missing from the store
+        with pytest.raises(DataError, match=r"keyed its rows by column 'problem', the merge by 'solution'"):
+            generate.merge([rerun.output_file], tmp_path / "merged.jsonl", "solution")
         assert not (tmp_path / "merged.jsonl").exists()
         shutil.rmtree(store)
         with pytest.raises(DataError, match="which does not exist here"):

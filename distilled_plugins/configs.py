@@ -11,8 +11,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 FINETUNE_7B = CONFIG_DIR / "finetune_qwen_2_5_7b.yaml"
 # the public data beside the checkout (MATH-500, the Qwen2.5 tokenizer, ...); DISTILL_DATA moves it (Docker: /data)
 # the Airflow worker's own settings and secrets (database and broker URLs with passwords, fernet key, connections)
-# are none of the business of the processes a stage starts (msrun, its workers, mindformers generation)
+# and the keys of the teacher and the hub are none of the business of the processes a stage starts (msrun, its
+# workers, mindformers generation): child_env() leaves them out
 PRIVATE_ENV_PREFIXES = ("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_")
+PRIVATE_ENV_NAMES = ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 SHARED_DATA = Path(os.environ.get("DISTILL_DATA", CONFIG_DIR.parents[1] / "shared" / "data"))
 
 
@@ -47,3 +49,20 @@ def seq_length_of(finetune_config: str | Path) -> int:
     if not isinstance(value, int) or value < 2:
         raise ValueError(f"{finetune_config}: model.model_config.seq_length must be an integer >= 2, got {value!r}")
     return value
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment without the secrets a started process has no use for (see above).
+
+    >>> os.environ.update(HF_TOKEN="hf_x", AIRFLOW_CONN_TEACHER="http://k@h", DISTILL_EXAMPLE="kept")
+    >>> env = child_env()
+    >>> "HF_TOKEN" in env, "AIRFLOW_CONN_TEACHER" in env, env["DISTILL_EXAMPLE"]
+    (False, False, 'kept')
+    >>> for name in ("HF_TOKEN", "AIRFLOW_CONN_TEACHER", "DISTILL_EXAMPLE"):
+    ...     del os.environ[name]
+    """
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(PRIVATE_ENV_PREFIXES) and name not in PRIVATE_ENV_NAMES
+    }

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from distilled_plugins import cli, generate, grader
 from distilled_plugins.client import API_KEY_ENV, FatalRequestError, RequestSettings, RetryPolicy
-from distilled_plugins.configs import PRIVATE_ENV_PREFIXES, SHARED_DATA
+from distilled_plugins.configs import SHARED_DATA, child_env
 from distilled_plugins.endpoints import Endpoint
 from distilled_plugins.handle import SYSTEM_PROMPT
 from distilled_plugins.io import DataError, dumps_line, iter_jsonl, load_rows, read_json, write_json
@@ -239,7 +239,7 @@ def completions_from_checkpoint(cfg: EvalConfig, problems: list[dict]) -> Path:
         cfg.prompt_template,
     ]
     env_log = Path(cfg.out) / "mindformers"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_ENV_PREFIXES)}  # no Airflow secrets
+    env = child_env()  # no Airflow secrets, no API keys
     env.update(LOG_MF_PATH=str(env_log / "log"), LOCAL_DEFAULT_PATH=str(env_log))
     tail: collections.deque[str] = collections.deque(maxlen=20)
     # the generation's own lines (progress every few seconds) go to this log as they come; mindformers' and

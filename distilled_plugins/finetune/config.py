@@ -333,7 +333,7 @@ def fingerprint(cfg: FinetuneConfig, run_config: dict) -> tuple[str, dict]:
 
 
 def job_env(run_config: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(configs.PRIVATE_ENV_PREFIXES)}
+    env = configs.child_env()
     # msrun starts "python" from PATH: make it this environment's interpreter
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRAIN_ENTRY.parents[1]), env.get("PYTHONPATH")]))

@@ -9,6 +9,7 @@ from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException
 
 from distilled_plugins import evaluate
+from distilled_plugins.client import RequestSettings
 from operators.assets import emit
 from operators.hooks import TeacherEndpointHook
 from operators.pipeline import fails_clearly
@@ -49,9 +50,10 @@ class Math500EvalOperator(StageOperator):
             raise ValueError(f"source must be 'endpoint' or 'checkpoint', got {self.source!r}")
         conn_id = None if source == "checkpoint" or self.endpoint_conn_id in ("", "None") else self.endpoint_conn_id
         chosen = {"checkpoint": None} if source == "endpoint" else {}
-        # the connection's whole fleet (its host, then extra["endpoints"]), as generation uses it
-        endpoints = TeacherEndpointHook(conn_id).get_fleet().endpoints if conn_id else None
-        report_path = evaluate.run(self.stage_config(endpoints=endpoints, **chosen))
+        if conn_id:  # the connection's whole fleet (its host, then extra["endpoints"]) and request settings
+            fleet = TeacherEndpointHook(conn_id).get_fleet()
+            chosen.update(endpoints=fleet.endpoints, retry=RequestSettings(**fleet.settings))
+        report_path = evaluate.run(self.stage_config(**chosen))
         report = json.loads(report_path.read_text())
         self.log.info(
             "MATH-500 pass@1 %.2f%% (95%% CI %s) over %d problems x %d samples; report %s",

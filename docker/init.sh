@@ -17,10 +17,18 @@ airflow db migrate
 # the one place every service and worker reads them: the Variable distill_deployment in the database
 # (operators/deployment.py); the file is the source: an edit made in the UI is replaced at the next start
 airflow variables set distill_deployment "$(cat "$deployment")"
-# pools named by docker/deployment.json (teacher_pool, training_pool); sizes from the environment
-airflow pools set teacher "${TEACHER_POOL_SLOTS:-2}" "generation shards talking to the teacher at once"
-airflow pools set npu_training "${TRAINING_POOL_SLOTS:-1}" "trainings at once on the NPU node group" \
-    --include-deferred
+# the pools docker/deployment.json names (teacher_pool, training_pool; none when a key is absent); sizes from the
+# environment. (Its queues must be the ones the workers serve: --queues in docker-compose.yml.)
+named() { python -c 'import json, sys; print(json.load(open(sys.argv[1])).get(sys.argv[2], ""))' "$deployment" "$1"; }
+teacher_pool=$(named teacher_pool)
+training_pool=$(named training_pool)
+if [ -n "$teacher_pool" ]; then
+    airflow pools set "$teacher_pool" "${TEACHER_POOL_SLOTS:-2}" "generation shards talking to the teacher at once"
+fi
+if [ -n "$training_pool" ]; then
+    airflow pools set "$training_pool" "${TRAINING_POOL_SLOTS:-1}" "trainings at once on the NPU node group" \
+        --include-deferred
+fi
 # the teacher's key lives only in this connection (encrypted with the fernet key), read by the generate tasks
 if [ -s /run/secrets/teacher_api_key ]; then
     airflow connections delete teacher_default >/dev/null 2>&1 || true

@@ -108,7 +108,7 @@ class MsrunFinetuneOperator(StageOperator):
         except finetune.FinetuneFailed as e:
             raise AirflowException(
                 f"task {self.task_id}: {e}\nClear the task to resume from the newest checkpoint "
-                f"in {event['job_dir']}/checkpoint."
+                f"in {launched.job_dir}/checkpoint."
             ) from None
         self.log.info("training finished after %d steps; checkpoints in %s", result.steps, result.checkpoint_dir)
         return with_fields(context, self._xcom(context, cfg, result))

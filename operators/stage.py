@@ -6,7 +6,8 @@ are the operator's arguments, and ``stage_config`` builds it from them.
 A stage's settings are written once, as fields of its config dataclass (``distilled_plugins.settings``). The
 operator takes exactly those fields as keyword arguments, with the same defaults, templates them all (except
 those named in ``not_templated``), and builds the config from its fields in ``execute``: no default is
-repeated here, no value is cast by hand, and ``execute`` never changes the operator's fields.
+repeated here, no value is cast by hand, and ``execute`` never changes the operator's fields (state it keeps for
+``on_kill``, such as the fine-tune's job folder, is a separate attribute, not a field).
 
     class PackDatasetOperator(StageOperator):
         config_class = pack.PackConfig
@@ -50,6 +51,8 @@ class StageOperator(BaseOperator):
         if len(set(names)) != len(names):
             raise TypeError(f"{cls.__name__}: a nested setting repeats a field name of {cls.config_class.__name__}")
         extra = dict(cls.__dict__.get("operator_arguments", {}))
+        if set(extra) & set(names):  # an operator argument would silently shadow the setting of the same name
+            raise TypeError(f"{cls.__name__}: operator_arguments repeat setting(s) {sorted(set(extra) & set(names))}")
         cls.template_fields = tuple(
             name
             for name in dict.fromkeys([*cls.__dict__.get("template_fields", ()), *names, *extra])

@@ -105,7 +105,11 @@ class _Teachers:
         self.processes: list[subprocess.Popen] = []
 
     def start(self, answer=None, *, solutions=None, problems=(), fail_first=0, process=False, **options) -> Teacher:
+        if answer is not None and solutions is not None:
+            raise TypeError("a replay teacher answers from answer() or from solutions=, not both")
         if process:
+            if fail_first:
+                raise TypeError("a teacher process cannot fail_first: start it in this process instead")
             return self._process(answer, solutions, problems, options)
         if solutions is not None:
             answer = replay_answer(_solutions(str(solutions)))

@@ -8,13 +8,14 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
 from cryptography.fernet import Fernet
 
 from operators.deployment import ROUTING_KEYS, parse
-from tests.support import DEPLOYMENT, REPO
+from tests.support import DEPLOYMENT, REPO, cli_env
 
 DOCKER = REPO / "docker"
 AIRFLOW_SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer", "worker-cpu", "worker-npu")
@@ -62,8 +63,16 @@ def test_compose_file_describes_a_celery_deployment_with_a_cpu_and_an_npu_worker
     assert queues == {"worker-cpu": deployment["cpu_queue"], "worker-npu": deployment["npu_queue"]}
     # the pools the Variable names are created by airflow-init, the training pool counting deferred tasks
     init = (DOCKER / "init.sh").read_text()
-    assert re.search(rf"pools set {deployment['teacher_pool']} ", init)
-    assert re.search(rf"pools set {deployment['training_pool']} [^\n]*\\\n\s*--include-deferred", init)
+    named = next(line for line in init.splitlines() if line.startswith("named() {"))
+    for key in ("teacher_pool", "training_pool"):  # init.sh's own reading of the file, run here
+        script = f"deployment={DOCKER / 'deployment.json'}; {named}; named {key}"
+        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])  # "python" as in the image
+        done = subprocess.run(
+            ["bash", "-c", script], capture_output=True, text=True, env=cli_env(PATH=path), check=True
+        )
+        assert done.stdout.strip() == deployment[key]
+        assert f'pools set "${key}"' in init
+    assert re.search(r'pools set "\$training_pool" [^\n]*\\\n\s*--include-deferred', init)
 
 
 def test_every_long_running_service_has_a_healthcheck():

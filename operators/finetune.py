@@ -105,6 +105,8 @@ class MsrunFinetuneOperator(StageOperator):
         launched = finetune.Launch(job_dir or event["job_dir"], int(event["node_rank"]), "", 0, resume_step)
         try:
             result = finetune.collect(cfg, launched, event["status"], event.get("message", ""))
+        except finetune.FinetuneStoppedByUser:
+            raise  # fails_clearly: no retry
         except finetune.FinetuneFailed as e:
             raise AirflowException(
                 f"task {self.task_id}: {e}\nClear the task to resume from the newest checkpoint "

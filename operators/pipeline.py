@@ -25,7 +25,7 @@ from airflow.sdk.exceptions import (
 
 from distilled_plugins.cli import one_line
 from distilled_plugins.client import FatalRequestError
-from distilled_plugins.finetune import FinetuneFailed
+from distilled_plugins.finetune import FinetuneFailed, FinetuneStoppedByUser
 from distilled_plugins.generate import GenerationIncomplete
 from distilled_plugins.io import DataError
 from distilled_plugins.settings import param_spec
@@ -162,6 +162,13 @@ RULES: list[tuple[type[BaseException], str | None, str | None, bool, str]] = [
         None,
         False,
         "fix the file or folder named in the error (or the parameter pointing to it), then trigger a new run",
+    ),
+    (
+        FinetuneStoppedByUser,
+        None,
+        None,
+        False,
+        "a user stopped the training: clear the finetune task of every node to resume from the newest checkpoint",
     ),
     (
         FinetuneFailed,

@@ -70,5 +70,6 @@ class MsrunJobTrigger(BaseTrigger):
             self.job_dir,
             f"the deferred task of node {self.node_rank} was stopped by a user (marked failed/succeeded or cleared)",
             20.0,
+            True,
         )
         self.log.info("stopped the training job %s: %s", self.job_dir, outcome)

@@ -257,3 +257,28 @@ class TestAStopRequestOutlivesARetryOfAnotherNode:
         with pytest.raises(RuntimeError, match="node.s. 1 of .* still run 1 s after the stop request"):
             jobs.settle_stop_request(tmp_path, 0, dead_after=60, timeout=1)
         assert (tmp_path / "stop.json").exists()
+
+
+class TestAUsersStopIsNotRetried:
+    """A node that ended because a person asked the job to stop fails without an automatic retry (a retry of
+    node 0 would clear the request and start training again); one that failed on its own may be retried."""
+
+    def ended(self, tmp_path: Path, by_user: bool) -> BaseException:
+        from operators.pipeline import classify
+
+        paths = JobPaths(tmp_path)
+        jobs.request_stop(tmp_path, "the deferred task of node 1 was stopped by a user", by_user=by_user)
+        paths.status(0).write_text(json.dumps({"returncode": -15, "stopped": "stopped", "finished_at": 0}))
+        cfg = finetune.FinetuneConfig(config=TINY, dataset_path=str(tmp_path), output_dir=str(tmp_path))
+        with pytest.raises(finetune.FinetuneFailed) as failed:
+            finetune.collect(cfg, finetune.Launch(str(tmp_path), 0, "", 0, -1), "finished", "")
+        return failed.value, classify("finetune", failed.value)[0]
+
+    def test_stopped_by_a_user(self, tmp_path):
+        error, retryable = self.ended(tmp_path, by_user=True)
+        assert isinstance(error, finetune.FinetuneStoppedByUser) and not retryable
+        assert "stopped by a user" in str(error)
+
+    def test_stopped_for_a_failed_node(self, tmp_path):
+        error, retryable = self.ended(tmp_path, by_user=False)
+        assert not isinstance(error, finetune.FinetuneStoppedByUser) and retryable

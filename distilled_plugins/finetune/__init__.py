@@ -26,6 +26,7 @@ from distilled_plugins.finetune.job import JobPaths, NodeRecord, is_mine, node_s
 from distilled_plugins.finetune.metrics import (
     FinetuneFailed,
     FinetuneResult,
+    FinetuneStoppedByUser,
     finished_result,
     latest_progress,
     parse_steps,
@@ -49,6 +50,7 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneFailed",
     "FinetuneResult",
+    "FinetuneStoppedByUser",
     "Job",
     "JobPaths",
     "Launch",

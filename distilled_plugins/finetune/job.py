@@ -175,11 +175,13 @@ def stop_requested(paths: JobPaths) -> dict | None:
         return {"reason": "stop requested (unreadable stop.json)"}
 
 
-def request_stop(job_dir: str | Path, reason: str) -> None:
-    """Ask every node of the job to stop (works from any host that sees the folder); the first request wins."""
+def request_stop(job_dir: str | Path, reason: str, by_user: bool = False) -> None:
+    """Ask every node of the job to stop (works from any host that sees the folder); the first request wins.
+    ``by_user``: a person asked (no automatic retry may start the job again; clearing the tasks does)."""
     paths = JobPaths(job_dir)
     if paths.dir.is_dir() and not paths.stop.exists():
-        write_json(paths.stop, {"reason": reason, "host": this_host(), "requested_at": time.time()})
+        request = {"reason": reason, "host": this_host(), "requested_at": time.time(), "by_user": by_user}
+        write_json(paths.stop, request)
 
 
 def settle_stop_request(job_dir: str | Path, node_rank: int, dead_after: float, timeout: float) -> None:
@@ -379,14 +381,16 @@ def running_node(job_dir: str | Path, rank: int, dead_after: float) -> NodeRecor
     return None
 
 
-def stop(job_dir: str | Path, reason: str = "stop requested", wait: float = 30.0) -> dict[int, str]:
+def stop(
+    job_dir: str | Path, reason: str = "stop requested", wait: float = 30.0, by_user: bool = False
+) -> dict[int, str]:
     """Stop the whole job from any host: write the stop request; supervisors on this host whose identity
     :func:`is_mine` confirms also get SIGTERM, and what of them is left after ``wait`` s is killed. Returns each
     node's outcome (``stopped``, ``finished``, or why it was left alone)."""
     import psutil
 
     paths = JobPaths(job_dir)
-    request_stop(job_dir, reason)
+    request_stop(job_dir, reason, by_user)
     records = {r.node_rank: r for p in sorted(paths.dir.glob("node-*.json")) if (r := NodeRecord.read(p))}
     outcome, signalled = {}, set()
     for rank, record in records.items():

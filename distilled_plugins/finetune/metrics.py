@@ -30,6 +30,10 @@ class FinetuneFailed(RuntimeError):
     """The training job ended badly; the message carries the failing worker's last log lines."""
 
 
+class FinetuneStoppedByUser(FinetuneFailed):
+    """A person stopped the job (marked a node's task failed or cleared it): nothing retries it by itself."""
+
+
 @dataclass
 class FinetuneResult:
     checkpoint_dir: str

@@ -24,6 +24,7 @@ from distilled_plugins.finetune.job import JobPaths
 from distilled_plugins.finetune.metrics import (
     FinetuneFailed,
     FinetuneResult,
+    FinetuneStoppedByUser,
     failing_worker,
     finished_result,
     global_step,
@@ -208,8 +209,10 @@ def wait(launched: Launch, poll_interval: float = 5.0, dead_after: float = 60.0,
         time.sleep(poll_interval)
 
 
-def stop(job_dir: str | Path, reason: str = "stop requested", wait: float = 30.0) -> dict[int, str]:
-    return jobs.stop(job_dir, reason, wait)
+def stop(
+    job_dir: str | Path, reason: str = "stop requested", wait: float = 30.0, by_user: bool = False
+) -> dict[int, str]:
+    return jobs.stop(job_dir, reason, wait, by_user)
 
 
 def _node_tail(job_dir: Path, rank: int, local_workers: int) -> str:
@@ -235,7 +238,13 @@ def collect(cfg: FinetuneConfig, launched: Launch, state: str, why: str = "") ->
     status = json.loads(paths.status(rank).read_text())
     if status["returncode"] != 0:
         # stopped on request, or failed on its own while another node's failure was already announced
-        stopped = status.get("stopped") or (jobs.stop_requested(paths) or {}).get("reason", "")
+        request = jobs.stop_requested(paths) or {}
+        stopped = status.get("stopped") or request.get("reason", "")
+        if request.get("by_user"):  # no automatic retry: a person stopped it, a person restarts it
+            raise FinetuneStoppedByUser(
+                f"node {rank} of {job_dir} stopped: {request['reason']} (last progress: "
+                f"{latest_progress(job_dir) or 'no step logged'})"
+            )
         culprit = rank
         if stopped.startswith("node ") and stopped.split()[1].isdigit():
             culprit = int(stopped.split()[1])

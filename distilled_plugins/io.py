@@ -8,11 +8,15 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 ROW_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+# a Hugging Face dataset: hf://datasets/owner/name[@revision], or owner/name[@revision]
+HUB_PREFIX = "hf://datasets/"
+_HUB_NAME = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 _SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -124,8 +128,6 @@ def load_rows(source: str | Path, split: str = "train") -> list[dict]:
     if path.suffix.lower() in ROW_FILE_SUFFIXES or str(source).startswith((".", "/", "~")):
         raise DataError(f"{source}: no such file or folder")
     import datasets
-
-    from distilled_plugins.seed import hub_seed  # here: seed imports this module
 
     hub = hub_seed(source)
     repo, revision = (hub.repo, hub.revision) if hub else (str(source), None)
@@ -485,3 +487,38 @@ def write_json(path: str | Path, obj) -> Path:
 def dumps_line(row: dict) -> bytes:
     """One JSONL line as bytes, ready for a single ``os.write``."""
     return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+@dataclass(frozen=True)
+class HubSeed:
+    """A hub dataset seed: ``repo`` (``owner/name``) at ``revision`` (a branch, tag or commit; None: ``main``)."""
+
+    repo: str
+    revision: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"{HUB_PREFIX}{self.repo}" + (f"@{self.revision}" if self.revision else "")
+
+    def pinned(self, sha: str) -> str:
+        """The seed name that loads exactly commit ``sha`` (what a run generates from)."""
+        return f"{self.repo}@{sha}"
+
+
+def hub_seed(spec: str | Path) -> HubSeed | None:
+    """The hub dataset ``spec`` names, or None for a local path.
+
+    >>> hub_seed("hf://datasets/AI-MO/NuminaMath-TIR@main")
+    HubSeed(repo='AI-MO/NuminaMath-TIR', revision='main')
+    >>> hub_seed("AI-MO/NuminaMath-TIR"), hub_seed("/data/seed.jsonl"), hub_seed("data/seed.jsonl")
+    (HubSeed(repo='AI-MO/NuminaMath-TIR', revision=None), None, None)
+    """
+    text = str(spec)
+    if text.startswith(HUB_PREFIX):
+        text = text[len(HUB_PREFIX) :]
+    elif text.startswith(("/", ".", "~")) or Path(text).exists() or Path(text.split("/")[0]).exists():
+        return None  # a local path (a missing file in an existing local folder is still a local path)
+    match = _HUB_NAME.match(text)
+    if not match or Path(match["repo"]).suffix.lower() in ROW_FILE_SUFFIXES:
+        return None
+    return HubSeed(match["repo"], match["revision"])

@@ -30,17 +30,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distilled_plugins.io import count_rows, write_json
+from distilled_plugins.io import HUB_PREFIX, ROW_FILE_SUFFIXES, HubSeed, count_rows, hub_seed, write_json
 
 logger = logging.getLogger(__name__)
 
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 UNCHANGED = 3  # the CLI's exit code when the seed did not change
 UNAVAILABLE = 4  # the CLI's exit code when the hub could not be asked (try again later)
 _CHUNK = 1 << 20
-HUB_PREFIX = "hf://datasets/"
 HUB_TIMEOUT = 30.0  # seconds for one dataset_info call
-_HUB_NAME = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 
 
 class SeedNotFound(FileNotFoundError):
@@ -49,41 +46,6 @@ class SeedNotFound(FileNotFoundError):
 
 class HubUnavailable(ConnectionError):
     """The hub could not be asked now (no network, timeout, HTTP 5xx or 429): try again later."""
-
-
-@dataclass(frozen=True)
-class HubSeed:
-    """A hub dataset seed: ``repo`` (``owner/name``) at ``revision`` (a branch, tag or commit; None: ``main``)."""
-
-    repo: str
-    revision: str | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"{HUB_PREFIX}{self.repo}" + (f"@{self.revision}" if self.revision else "")
-
-    def pinned(self, sha: str) -> str:
-        """The seed name that loads exactly commit ``sha`` (what a run generates from)."""
-        return f"{self.repo}@{sha}"
-
-
-def hub_seed(spec: str | Path) -> HubSeed | None:
-    """The hub dataset ``spec`` names, or None for a local path.
-
-    >>> hub_seed("hf://datasets/AI-MO/NuminaMath-TIR@main")
-    HubSeed(repo='AI-MO/NuminaMath-TIR', revision='main')
-    >>> hub_seed("AI-MO/NuminaMath-TIR"), hub_seed("/data/seed.jsonl"), hub_seed("data/seed.jsonl")
-    (HubSeed(repo='AI-MO/NuminaMath-TIR', revision=None), None, None)
-    """
-    text = str(spec)
-    if text.startswith(HUB_PREFIX):
-        text = text[len(HUB_PREFIX) :]
-    elif text.startswith(("/", ".", "~")) or Path(text).exists() or Path(text.split("/")[0]).exists():
-        return None  # a local path (a missing file in an existing local folder is still a local path)
-    match = _HUB_NAME.match(text)
-    if not match or Path(match["repo"]).suffix.lower() in DATA_SUFFIXES:
-        return None
-    return HubSeed(match["repo"], match["revision"])
 
 
 @dataclass(frozen=True)
@@ -138,7 +100,7 @@ def data_files(path: str | Path) -> dict[str, Path]:
         return {
             str(p.relative_to(root)): p
             for p in sorted(root.rglob("*"))
-            if p.is_file() and p.suffix.lower() in DATA_SUFFIXES and not any(s.startswith(".") for s in p.parts)
+            if p.is_file() and p.suffix.lower() in ROW_FILE_SUFFIXES and not any(s.startswith(".") for s in p.parts)
         }
     raise SeedNotFound(f"seed {path}: no such file or folder -- create it or fix the seed path")
 

@@ -31,8 +31,5 @@ if [ -n "$training_pool" ]; then
 fi
 # the teacher's key lives only in this connection (encrypted with the fernet key), read by the generate tasks
 if [ -s /run/secrets/teacher_api_key ]; then
-    airflow connections delete teacher_default >/dev/null 2>&1 || true
-    airflow connections add teacher_default --conn-type http --conn-host "${TEACHER_HOST:?set TEACHER_HOST}" \
-        --conn-port "${TEACHER_PORT:-443}" --conn-schema "${TEACHER_SCHEMA:-https}" \
-        --conn-password "$(cat /run/secrets/teacher_api_key)"
+    bash /opt/distill/docker/teacher-connection.sh /run/secrets/teacher_api_key
 fi

@@ -189,4 +189,45 @@ def test_dockerfile_copies_what_exists():
     for source in re.findall(r"^COPY (.+) \S+$", dockerfile, flags=re.M):
         for path in source.split():
             assert (REPO / path).exists(), path
-    assert "COPY docker/init.sh docker/check-env.sh" in dockerfile
+    assert "COPY docker/init.sh docker/check-env.sh docker/teacher-connection.sh" in dockerfile
+
+
+def test_the_teacher_connection_is_stored_with_its_key_off_every_command_line(airflow_db, tmp_path):
+    """docker/teacher-connection.sh (airflow-init's step) against a real metadata database: the Connection holds
+    the key, read back through Airflow, while the key was on no command line (it goes through a private file)."""
+    key = "sk-teacher-5f0c2a9e"
+    key_file = tmp_path / "teacher_api_key"
+    key_file.write_text(key + "\n")
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])  # "python", "airflow" as in the image
+    env = cli_env(PATH=path, TEACHER_HOST="teacher.internal", TEACHER_PORT="8443")
+    script = DOCKER / "teacher-connection.sh"
+    assert key not in script.read_text() and "--conn-password" not in (DOCKER / "init.sh").read_text()
+    done = subprocess.run(["bash", str(script), str(key_file)], capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert key not in done.stdout + done.stderr
+    shown = subprocess.run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "airflow"),
+            "connections",
+            "get",
+            "teacher_default",
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    conn = json.loads(shown.stdout)[0]
+    assert (conn["host"], int(conn["port"]), conn["schema"], conn["password"]) == (
+        "teacher.internal",
+        8443,
+        "https",
+        key,
+    )
+    # a second run (airflow-init starts again) replaces it
+    key_file.write_text("sk-rotated\n")
+    assert (
+        subprocess.run(["bash", str(script), str(key_file)], capture_output=True, env=env, timeout=180).returncode == 0
+    )

@@ -227,6 +227,14 @@ class TestAStopRequestOutlivesARetryOfAnotherNode:
         assert time.monotonic() - started >= 2  # it waited for node 0 to start the job anew
         assert json.loads((tmp_path / "stop.json").read_text())["reason"] == "stopped by a user"
 
+    def test_node_0_retried_after_a_stop_clears_it_beside_a_finished_status(self, tmp_path):
+        tmp_path.joinpath("node-0.json").write_text("{}")  # a record that is no process of this host any more
+        JobPaths(tmp_path).status(0).write_text(json.dumps({"returncode": -15, "stopped": "test stop"}))
+        jobs.request_stop(tmp_path, "test stop")
+        assert JobPaths(tmp_path).recorded_ranks() == [0]  # node-0.status.json is not a node's record
+        jobs.settle_stop_request(tmp_path, 0, dead_after=60, timeout=5)
+        assert not (tmp_path / "stop.json").exists()
+
     def test_node_1_goes_on_once_node_0_started_the_job_anew(self, tmp_path):
         import threading
 

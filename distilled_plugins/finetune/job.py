@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -47,6 +48,12 @@ class JobPaths:
 
     def record(self, rank: int) -> Path:
         return self.dir / f"node-{rank}.json"
+
+    def recorded_ranks(self) -> list[int]:
+        """The ranks of the nodes that wrote a record here (``node-R.json``, not ``node-R.status.json``)."""
+        return sorted(
+            int(m[1]) for p in self.dir.glob("node-*.json") if (m := re.fullmatch(r"node-(\d+)\.json", p.name))
+        )
 
     def heartbeat(self, rank: int) -> Path:
         return self.dir / f"node-{rank}.heartbeat"
@@ -200,7 +207,7 @@ def settle_stop_request(job_dir: str | Path, node_rank: int, dead_after: float, 
     reason = request.get("reason", "stop requested")
     deadline = time.monotonic() + timeout
     if node_rank == 0:
-        ranks = sorted(int(p.stem.split("-")[1]) for p in paths.dir.glob("node-*.json"))
+        ranks = paths.recorded_ranks()
         while running := [r for r in ranks if node_state(job_dir, r, dead_after) == "running"]:
             if time.monotonic() > deadline:
                 raise RuntimeError(
@@ -391,7 +398,7 @@ def stop(
 
     paths = JobPaths(job_dir)
     request_stop(job_dir, reason, by_user)
-    records = {r.node_rank: r for p in sorted(paths.dir.glob("node-*.json")) if (r := NodeRecord.read(p))}
+    records = {r.node_rank: r for rank in paths.recorded_ranks() if (r := NodeRecord.read(paths.record(rank)))}
     outcome, signalled = {}, set()
     for rank, record in records.items():
         if paths.status(rank).exists():

@@ -67,7 +67,7 @@ def task_log(airflow: LocalAirflow, run_id: str) -> str:
 def test_marking_the_deferred_task_failed_stops_training(airflow, tiny_packed, tmp_path):
     run_id, job = start_training(airflow, tiny_packed, tmp_path / "out")
     assert job_processes(tmp_path)
-    airflow.api("PATCH", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/finetune", {"new_state": "failed"})
+    airflow.set_task_state(DAG_ID, run_id, "finetune", "failed")
     marked = time.monotonic()
     wait_for(lambda: not job_processes(tmp_path), 30, "every process of the job to end")
     assert time.monotonic() - marked < 30

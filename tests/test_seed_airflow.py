@@ -81,7 +81,7 @@ class Env:
             f.write("".join(json.dumps({"problem": r["problem"], "answer": r["answer"]}) + "\n" for r in rows))
 
     def stop(self, run_id: str) -> None:
-        self.airflow.api("PATCH", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", {"state": "failed"})
+        self.airflow.set_run_state(DAG_ID, run_id, "failed")
 
 
 @pytest.fixture(scope="module")

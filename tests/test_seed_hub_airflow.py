@@ -104,7 +104,7 @@ def test_a_new_hub_commit_starts_a_run_that_reads_exactly_that_commit(replay_tea
             assert sorted(r["problem"] for r in rows) == sorted(expected)
             assert teacher.requests == 6 * settings["num_generations"]
             # ... and that commit is not lost: it starts the next run once this one ends
-            airflow.api("PATCH", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", {"state": "failed"})
+            airflow.set_run_state(DAG_ID, run_id, "failed")
             runs = wait_until(lambda: len(airflow.runs(DAG_ID)) == 2 and airflow.runs(DAG_ID), 120, "no queued run")
             queued = next(r["dag_run_id"] for r in runs if r["dag_run_id"] != run_id)
-            airflow.api("PATCH", f"/api/v2/dags/{DAG_ID}/dagRuns/{queued}", {"state": "failed"})
+            airflow.set_run_state(DAG_ID, queued, "failed")

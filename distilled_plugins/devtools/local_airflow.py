@@ -312,19 +312,32 @@ class LocalAirflow:
                     ) from None
                 time.sleep(2)
 
-    def trigger(self, dag_id: str, conf: dict) -> str:
+    def _writing(self, what: str, method: str, path: str, body: dict) -> dict:
+        """A REST call that writes, asked again when SQLite was locked for a moment by the scheduler on a loaded
+        machine (HTTP 500 "Database error"): the transaction was rolled back, so asking again writes once."""
         for attempt in range(1, 4):
             try:
-                run = self.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
-                return run["dag_run_id"]
+                return self.api(method, path, body)
             except AirflowError as e:
-                # SQLite can be locked for a moment by the scheduler on a loaded machine: the insert was rolled
-                # back, so asking again creates one run, not two
                 if "HTTP 500" not in str(e) or "Database error" not in str(e) or attempt == 3:
                     raise
-                logger.info("triggering %s hit a locked database; asking again", dag_id)
+                logger.info("%s hit a locked database; asking again", what)
                 time.sleep(2 * attempt)
         raise AssertionError("unreachable")
+
+    def trigger(self, dag_id: str, conf: dict) -> str:
+        path = f"/api/v2/dags/{dag_id}/dagRuns"
+        return self._writing(f"triggering {dag_id}", "POST", path, {"logical_date": None, "conf": conf})["dag_run_id"]
+
+    def set_run_state(self, dag_id: str, run_id: str, state: str) -> dict:
+        """Mark a run ``failed`` or ``success`` (the UI's "Mark as")."""
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}"
+        return self._writing(f"marking {run_id} {state}", "PATCH", path, {"state": state})
+
+    def set_task_state(self, dag_id: str, run_id: str, task_id: str, state: str) -> dict:
+        """Mark a task instance ``failed`` or ``success`` (the UI's "Mark as" on a task)."""
+        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
+        return self._writing(f"marking {task_id} {state}", "PATCH", path, {"new_state": state})
 
     def runs(self, dag_id: str) -> list[dict]:
         return self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns?order_by=-start_date")["dag_runs"]

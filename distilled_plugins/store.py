@@ -24,6 +24,7 @@ import logging
 import os
 import sqlite3
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -71,12 +72,27 @@ class GenerationStore:
         # isolation_level=None: we open transactions ourselves, each short (one batch)
         self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self.db.execute(f"PRAGMA journal_mode = {journal_mode}")
+        self._set_journal_mode(journal_mode)
         self.db.execute("PRAGMA synchronous = NORMAL")
         self.db.execute(_SCHEMA)
         import pyarrow as pa
 
         self.codec = pa.Codec("zstd", compression_level=1)
+
+    def _set_journal_mode(self, journal_mode: str) -> None:
+        """Switch the file's journal (WAL stays set in the file). Two processes creating the store at once can
+        be refused the switch at once ("database is locked": SQLite does not wait on busy_timeout for it), so
+        the switch is asked again for up to the busy timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                if self.db.execute("PRAGMA journal_mode").fetchone()[0].lower() != journal_mode:
+                    self.db.execute(f"PRAGMA journal_mode = {journal_mode}")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def __enter__(self) -> GenerationStore:
         return self

@@ -586,8 +586,7 @@ def run(cfg: EvalConfig) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distilled_plugins.evaluate", description=__doc__.split("\n")[0])
-    add_arguments(p, EvalConfig)
+    p = cli.stage_parser("distilled_plugins.evaluate", __doc__, EvalConfig)
     p.add_argument("--api-key-env", default=API_KEY_ENV, help="environment variable holding the API key")
     add_arguments(p.add_argument_group("sampling protocol"), Protocol)
     RequestSettings.add_arguments(p)  # the same request flags as generate: one definition

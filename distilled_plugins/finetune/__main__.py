@@ -13,12 +13,11 @@ from distilled_plugins.finetune import FinetuneConfig, FinetuneFailed, run
 from distilled_plugins.finetune import __doc__ as package_doc
 from distilled_plugins.finetune.job import supervise
 from distilled_plugins.io import DataError
-from distilled_plugins.settings import add_arguments, from_args
+from distilled_plugins.settings import from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distilled_plugins.finetune", description=package_doc.split("\n")[0])
-    add_arguments(p, FinetuneConfig)
+    p = cli.stage_parser("distilled_plugins.finetune", package_doc, FinetuneConfig)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="YAML overrides (dotted keys)")
     return p
 

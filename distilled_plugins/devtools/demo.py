@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--problems", type=int, default=32)
     p.add_argument("--port", type=int, default=8080, help="Airflow UI/API port (a free one if taken)")
     p.add_argument("--keep-running", action="store_true", help="keep Airflow up after the run (Ctrl-C stops it)")
-    p.add_argument("--no-learnability", action="store_true", help="skip the learnability check (~6 min)")
+    p.add_argument("--no-learnability", action="store_true", help="skip the learnability check (~9 min)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not MATH_TRAIN.exists():

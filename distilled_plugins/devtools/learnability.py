@@ -2,12 +2,12 @@
 
 Usage:
     .venv/bin/python bench/learnability.py --out /tmp/learnability      # the full check (the benchmark)
-    python -m distilled_plugins.devtools.learnability --out /tmp/l --train 1080 --held-out 32   # the test's size
+    python -m distilled_plugins.devtools.learnability --out /tmp/l --train 1080 --held-out 32 --epochs 5  # the test's
 
 The task: "Ben has fifty cats and seven dogs. How many pets does Ben have?" (a tens word twenty..ninety, a units
-word one..nine, the two digits different: 64 answers; names and objects vary). The 14 answers of
-``held_out_answer`` are never trained on: held-out problems ask sums the model has not seen, so it must read the
-two number words. Each training completion is an R1-style trace, ``<think>\\nWe add fifty and seven.\\n</think>``
+word one..nine, the two digits different: 64 answers; names and objects vary, each one token long). The 14
+answers of ``held_out_answer`` are never trained on: held-out problems ask sums the model has not seen, so it must
+read the two number words. Each training completion is an R1-style trace, ``<think>\\nWe add fifty and seven.\\n</think>``
 then ``\\boxed{57}``, served by the replay teacher. Then, in order and through the stages' own code: generate
 (the replay teacher over HTTP) -> reject_sampling (math_verify) -> handle (chat template) -> pack -> finetune
 (msrun, ``configs/finetune_learnability_cpu.yaml``, from scratch) -> evaluate from the checkpoint with
@@ -36,23 +36,32 @@ from pathlib import Path
 from distilled_plugins import configs, evaluate, finetune, generate, handle, pack, reject_sampling
 from distilled_plugins.devtools.local_airflow import free_port
 from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
-from distilled_plugins.io import iter_jsonl
+from distilled_plugins.io import iter_jsonl, rewrite_jsonl
 from distilled_plugins.schema import STATS_ROWS_OUT
 
 logger = logging.getLogger("distilled_plugins.devtools.learnability")
 
 PROFILE = configs.CONFIG_DIR / "finetune_learnability_cpu.yaml"
 TOKENIZER = configs.SHARED_DATA / "tokenizer" / "qwen2.5"
-# the demo's and the slow test's size (~600 steps); the benchmark's default is 1440 / 64 / 2 (~800 steps)
-DEMO_SIZE = {"n_train": 1080, "n_held_out": 32, "epochs": 2}
-MAX_NEW_TOKENS = 32  # a trace is ~22 tokens
+# the demo's size (270 rows x 4 epochs: 1,080 steps); the benchmark's is 1440 / 64 / 4 (1,440 steps)
+DEMO_SIZE = {"n_train": 1080, "n_held_out": 32, "epochs": 4}
+# the slow test's: one epoch more (1,350 steps), for the runs whose last lookup forms late (README)
+TEST_SIZE = {**DEMO_SIZE, "epochs": 5}
+TARGET_AFTER = 90.0  # the benchmark's target: held-out pass@1 (%) after fine-tuning
+# the slow test's bar: 8 of 32 right; guessing (1 in 64 a problem) gets there with probability 3e-8
+TEST_MIN_AFTER = 25.0
+MAX_NEW_TOKENS = 32  # a trace is 18 tokens, then the end of turn
 
 
 TENS = ("twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")  # 2..9
 UNITS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")  # 1..9
-NAMES = ("Ada", "Ben", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivy", "Jon", "Kai", "Lea")
+# Every name (at the start and after a space) and object word (after a space) is one Qwen2.5 token, so every
+# problem has the same token count and each number word sits at the same distance from the answer: the model then
+# needs lookups by relative position, which formed at ~400-800 steps across seeds. With words of varying token
+# counts it needs lookups by content, which formed anywhere from ~400 to past 1,200 steps across seeds (README).
+NAMES = ("Ada", "Ben", "Dan", "Jon", "Tom", "Sam", "Max", "Amy", "Bob", "Ann", "Jim", "Tim")
 STORIES = (
-    ("apples", "pears", "fruits"),
+    ("coins", "stamps", "items"),
     ("cats", "dogs", "pets"),
     ("books", "pens", "things"),
     ("cars", "bikes", "toys"),
@@ -69,10 +78,9 @@ def held_out_answer(tens: int, units: int) -> bool:
 def problem(tens: int, units: int, name: str = "Ada", story: tuple[str, str, str] = STORIES[0]) -> dict:
     """One problem of the task, with its gold answer and the R1-style trace the teacher replays.
 
-    Each number word is found by what it is, not by where it is: the tens word (twenty..ninety) gives the
-    answer's first digit, the units word (one..nine) its second. The two digits differ, so "the digit just
-    written" tells the model which one comes next: a 2-layer model learns this within minutes, while copying
-    digits by position (reversing a number) needs far longer training (README).
+    The trace copies the tens word (twenty..ninety) and the units word (one..nine) from the problem, then writes
+    the answer's first digit from the one and its second from the other: four lookups, each always the same
+    number of tokens back (see NAMES).
     """
     big, small, total = story
     tens_word, units_word = TENS[tens - 2], UNITS[units - 1]
@@ -110,9 +118,10 @@ def make_task(n_train: int, n_held_out: int, seed: int = 0) -> tuple[list[dict],
     return tuple([problem(*answer, *story) for answer, story in rows] for rows in pick)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """``rows`` as a JSONL file for the stages to read (its folders made); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rewrite_jsonl(path, rows)
     return path
 
 
@@ -209,8 +218,8 @@ def run_check(out: Path, n_train: int, n_held_out: int, epochs: int, seed: int =
     if out.exists():
         shutil.rmtree(out)
     train_rows, held_rows = make_task(n_train, n_held_out, seed)
-    train = _write_jsonl(out / "task" / "train.jsonl", train_rows)
-    held_out = _write_jsonl(out / "task" / "held_out.jsonl", held_rows)
+    train = write_jsonl(out / "task" / "train.jsonl", train_rows)
+    held_out = write_jsonl(out / "task" / "held_out.jsonl", held_rows)
     packed, kept = data_stages(out, train, timed)
     before = timed("evaluate_before", _evaluate, out / "before", held_out, "untrained", "untrained model")
     trained = timed("finetune", _finetune, packed, out / "finetune", epochs)
@@ -258,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="work folder (emptied first); report.json goes here")
     p.add_argument("--train", type=int, default=1440, help="training problems")
     p.add_argument("--held-out", type=int, default=64, help="held-out problems (at least 50 for the full check)")
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

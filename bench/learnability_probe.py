@@ -1,0 +1,203 @@
+"""How reliably the learnability check's model learns its task: many seeds, seconds each.
+
+Usage:
+    .venv/bin/python bench/learnability_probe.py --out /tmp/probe [--train 1080 --held-out 32 --epochs 5 --seeds 1-16]
+
+Training in the check is stochastic: it takes ~0.45 s a step, and the mindspore CPU kernels make two runs with the
+same seed drift apart after the first step, so one run says little about how often the check passes. This probe
+trains the check's model (``configs/finetune_learnability_cpu.yaml``) on the rows the stages packed, with the
+vocabulary cut to the ~100 token ids the task uses: the 152k-row embedding and output layer are nearly all of a
+step, so a step takes ~15 ms. The rows come in training's order, and the schedule, the optimizer (with its
+parameter groups) and the gradient clipping are built from the profile as the trainer builds them; each seed is
+one initialisation. Every ``--every`` steps (default: one epoch) it scores the held-out problems teacher-forced (a
+problem is right when every completion token is: greedy decoding then writes the trace exactly) and each of the
+four lookups the trace needs: the tens word, the units word, the first digit, the second digit. It ends with how
+many seeds reached the slow test's bar and the benchmark's target. A stand-in, not the check: no msrun, no
+mindformers trainer, not the full vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distilled_plugins.devtools import learnability
+from distilled_plugins.io import iter_jsonl
+
+
+def packed_samples(packed: Path) -> list[tuple[np.ndarray, ...]]:
+    """Rows as mindformers' loader delivers them: ids, labels, loss mask, position ids, attention mask."""
+    import datasets
+    from mindformers.dataset.dataloader.hf_dataloader import _get_packed_data
+
+    return [_get_packed_data(r["input_ids"], r["labels"], r["actual_seq_len"]) for r in datasets.load_from_disk(packed)]
+
+
+def lookup_ids(tokenizer) -> set[int]:
+    """Token ids of the number words and digits: the four tokens of a completion that read the problem."""
+    words = [f" {w}" for w in learnability.TENS + learnability.UNITS] + [str(d) for d in range(10)]
+    ids = [tokenizer.encode(w) for w in words]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"each number word and digit must be one token: {dict(zip(words, ids, strict=True))}")
+    return {i[0] for i in ids}
+
+
+class Probe:
+    """The packed training and held-out rows with their token ids renumbered 0..n-1 (the cut vocabulary)."""
+
+    def __init__(self, train: list, held_out: list, lookups: set[int]):
+        used = sorted({int(t) for row in train + held_out for t in np.r_[row[0], row[1]] if t >= 0})
+        self.index = np.full(max(used) + 1, -1, dtype=np.int32)
+        self.index[used] = np.arange(len(used))
+        self.vocab = len(used)
+        self.train = [self.remap(row) for row in train]
+        self.held_out = [self.remap(row) for row in held_out]
+        self.lookups = {int(self.index[i]) for i in lookups if i < len(self.index) and self.index[i] >= 0}
+
+    def remap(self, row):
+        ids, labels, loss_mask, position_ids, mask = row
+        labels = np.where(labels >= 0, self.index[np.maximum(labels, 0)], 0).astype(np.int32)
+        return self.index[ids][None], labels[None], loss_mask[None], position_ids[None], mask[None]
+
+    def run(self, seed: int, steps: int, every: int) -> list[tuple[int, float, float, list[float]]]:
+        import mindspore as ms
+        from mindformers.core import build_lr, build_optim
+        from mindformers.models.llama import LlamaConfig, LlamaForCausalLM
+        from mindformers.tools.register import MindFormerConfig
+        from mindformers.trainer.optimizer_grouped_parameters import get_optimizer_grouped_parameters
+        from mindspore import nn, ops
+
+        from distilled_plugins.train import apply_explicit_mask_fix
+
+        ms.set_seed(seed)
+        profile = MindFormerConfig(str(learnability.PROFILE))
+        ms.set_context(mode=profile.context.mode, device_target=profile.context.device_target)  # graph mode: 20x
+        settings = {k: v for k, v in profile.model.model_config.items() if k != "type"}
+        seq_length = self.train[0][0].shape[1]
+        settings.update(vocab_size=self.vocab, seq_length=seq_length, pad_token_id=0, eos_token_id=0, bos_token_id=0)
+        apply_explicit_mask_fix(settings.get("use_flash_attention", False))
+        model = LlamaForCausalLM(LlamaConfig(**settings))
+        # the schedule and optimizer the trainer builds from the profile (no weight decay on norms and biases)
+        schedule = build_lr({**profile.lr_schedule, "total_steps": steps})
+        groups = get_optimizer_grouped_parameters(model, profile.optimizer.weight_decay, schedule)
+        optimizer = build_optim(profile.optimizer, default_args={"params": groups, "learning_rate": schedule})
+        max_norm = profile.runner_wrapper.max_grad_norm
+
+        class Loss(nn.Cell):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def construct(self, ids, labels, loss_mask, position_ids, mask):
+                return self.model(
+                    ids, labels=labels, position_ids=position_ids, attention_mask=mask, loss_mask=loss_mask
+                )
+
+        class ClippedStep(nn.TrainOneStepCell):
+            def construct(self, *inputs):
+                loss = self.network(*inputs)
+                grads = self.grad(self.network, self.weights)(*inputs, ops.fill(loss.dtype, loss.shape, 1.0))
+                self.optimizer(ops.clip_by_global_norm(grads, max_norm))
+                return loss
+
+        step = ClippedStep(Loss(), optimizer)
+        step.set_train(True)
+        history, losses = [], []
+        for i in range(steps):
+            losses.append(float(step(*(ms.Tensor(a) for a in self.train[i % len(self.train)])).asnumpy()))
+            if (i + 1) % every == 0 or i + 1 == steps:
+                model.set_train(False)
+                history.append((i + 1, float(np.mean(losses[-every:])), *self.score(model)))
+                model.set_train(True)
+        return history
+
+    def score(self, model) -> tuple[float, list[float]]:
+        """Held-out problems right teacher-forced (%), and each lookup's share right (%)."""
+        import mindspore as ms
+
+        right = total = 0
+        per_lookup = np.zeros(4)
+        for ids, labels, loss_mask, position_ids, mask in self.held_out:
+            logits = model(
+                ms.Tensor(ids),
+                labels=ms.Tensor(labels),
+                position_ids=ms.Tensor(position_ids),
+                attention_mask=ms.Tensor(mask),
+            )[0]
+            predicted = logits.asnumpy().reshape(ids.shape[1], -1).argmax(-1)
+            starts = [*np.flatnonzero(position_ids[0] == 0).tolist(), ids.shape[1]]
+            for start, end in itertools.pairwise(starts):
+                completion = np.flatnonzero(loss_mask[0, start:end] == 1) + start
+                if not len(completion):
+                    continue
+                ok = predicted[completion] == labels[0, completion]
+                total += 1
+                right += bool(ok.all())
+                lookups = [k for k, t in enumerate(labels[0, completion]) if int(t) in self.lookups]
+                assert len(lookups) == 4, f"a completion with {len(lookups)} number words and digits, not 4"
+                per_lookup += ok[lookups]
+        return 100.0 * right / total, list(100.0 * per_lookup / total)
+
+
+def seeds(text: str) -> list[int]:
+    first, _, last = text.partition("-")
+    chosen = list(range(int(first), int(last or first) + 1))
+    if not chosen:
+        raise argparse.ArgumentTypeError(f"no seeds in {text!r}: give N or FIRST-LAST")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, type=Path, help="work folder: the task and its packed rows (reused)")
+    p.add_argument("--train", type=int, default=learnability.TEST_SIZE["n_train"], help="training problems")
+    p.add_argument("--held-out", type=int, default=learnability.TEST_SIZE["n_held_out"], help="held-out problems")
+    p.add_argument("--epochs", type=int, default=learnability.TEST_SIZE["epochs"])
+    p.add_argument("--seeds", type=seeds, default=seeds("1-16"), help="initialisation seeds, e.g. 1-16")
+    p.add_argument("--every", type=int, help="score the held-out problems every N steps (default: one epoch)")
+    args = p.parse_args(argv)
+
+    from distilled_plugins.handle import load_tokenizer
+
+    if args.held_out < 1:
+        p.error("--held-out must be at least 1")
+    out = args.out.resolve() / f"{args.train}-{args.held_out}"
+    train_rows, held_rows = learnability.make_task(args.train, args.held_out)
+    packed = {}
+    for name, rows in (("train", train_rows), ("held_out", held_rows)):
+        folder = out / name
+        if not (folder / "pack").is_dir() or [row for _, row in iter_jsonl(folder / "task.jsonl")] != rows:
+            shutil.rmtree(folder, ignore_errors=True)
+            learnability.data_stages(folder, learnability.write_jsonl(folder / "task.jsonl", rows))
+        packed[name] = packed_samples(folder / "pack")
+    probe = Probe(packed["train"], packed["held_out"], lookup_ids(load_tokenizer(learnability.TOKENIZER)))
+    steps = args.epochs * len(probe.train)
+    every = args.every or len(probe.train)
+    print(f"{len(probe.train)} packed rows x {args.epochs} epochs = {steps} steps; vocabulary cut to {probe.vocab}")
+    finals = []
+    bar, target = learnability.TEST_MIN_AFTER, learnability.TARGET_AFTER
+    for seed in args.seeds:
+        started = time.monotonic()
+        history = probe.run(seed, steps, every)
+        finals.append(history[-1][2])
+        trail = " ".join(
+            f"{s}:{right:.0f}%[{'/'.join(f'{v:.0f}' for v in lookups)}]" for s, _, right, lookups in history
+        )
+        print(f"seed {seed}: {trail} loss {history[-1][1]:.4f} ({time.monotonic() - started:.0f} s)", flush=True)
+    print(
+        f"{len(finals)} seeds, {steps} steps: held-out right (teacher-forced) >= {bar:.0f}% (the slow test's bar) in "
+        f"{sum(f >= bar for f in finals)}, >= {target:.0f}% (the benchmark's target) in "
+        f"{sum(f >= target for f in finals)}; lowest {min(finals):.0f}%"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

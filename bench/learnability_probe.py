@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     packed = {}
     for name, rows in (("train", train_rows), ("held_out", held_rows)):
         folder = out / name
-        if not (folder / "pack").is_dir() or [row for _, row in iter_jsonl(folder / "task.jsonl")] != rows:
+        made = (folder / "pack").is_dir() and (folder / "task.jsonl").is_file()
+        if not made or [row for _, row in iter_jsonl(folder / "task.jsonl")] != rows:
             shutil.rmtree(folder, ignore_errors=True)
             learnability.data_stages(folder, learnability.write_jsonl(folder / "task.jsonl", rows))
         packed[name] = packed_samples(folder / "pack")

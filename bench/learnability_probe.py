@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distilled_plugins.devtools import learnability
-from distilled_plugins.io import iter_jsonl
+from distilled_plugins.io import iter_jsonl, rewrite_jsonl
 
 
 def packed_samples(packed: Path) -> list[tuple[np.ndarray, ...]]:
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         made = (folder / "pack").is_dir() and (folder / "task.jsonl").is_file()
         if not made or [row for _, row in iter_jsonl(folder / "task.jsonl")] != rows:
             shutil.rmtree(folder, ignore_errors=True)
-            learnability.data_stages(folder, learnability.write_jsonl(folder / "task.jsonl", rows))
+            learnability.data_stages(folder, rewrite_jsonl(folder / "task.jsonl", rows))
         packed[name] = packed_samples(folder / "pack")
     probe = Probe(packed["train"], packed["held_out"], lookup_ids(load_tokenizer(learnability.TOKENIZER)))
     steps = args.epochs * len(probe.train)

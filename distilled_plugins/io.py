@@ -470,11 +470,13 @@ def rewrite_jsonl_lines(path: Path, lines: Iterable[bytes]) -> None:
             f.write(line)
 
 
-def rewrite_jsonl(path: Path, rows: list[dict]) -> None:
-    """Rewrite ``path`` atomically with exactly ``rows``, dropping a half-written or corrupt line."""
+def rewrite_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Rewrite ``path`` atomically with exactly ``rows`` (its folder made), dropping a half-written or corrupt line;
+    returns ``path``."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for row in rows:
             f.write(dumps_line(row))
+    return path
 
 
 def write_json(path: str | Path, obj) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 from distilled_plugins import generate
 from distilled_plugins.client import RetryPolicy
 from distilled_plugins.configs import SHARED_DATA
+from distilled_plugins.io import rewrite_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 MATH500 = SHARED_DATA / "math500" / "test.jsonl"
@@ -35,9 +36,7 @@ def read_jsonl(path) -> list[dict]:
 
 
 def write_jsonl(path, rows) -> Path:
-    path = Path(path)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return rewrite_jsonl(Path(path), rows)
 
 
 def math_train_rows(n: int, start: int = 0) -> list[dict]:

@@ -8,6 +8,7 @@ import pytest
 
 from distilled_plugins.devtools import learnability
 from distilled_plugins.handle import load_tokenizer
+from distilled_plugins.io import rewrite_jsonl
 
 TRAIN, HELD_OUT, EPOCHS = (learnability.TEST_SIZE[k] for k in ("n_train", "n_held_out", "epochs"))
 # A wiring fault scores ~0. bench/learnability_probe.py's stand-in for training (the same model and rows, the
@@ -104,7 +105,7 @@ def test_a_packed_row_lets_each_token_see_its_own_sample_and_nothing_else(tmp_pa
     from distilled_plugins.mf_generate import build_model
 
     train, _ = learnability.make_task(12, 0)
-    packed, kept = learnability.data_stages(tmp_path, learnability.write_jsonl(tmp_path / "train.jsonl", train))
+    packed, kept = learnability.data_stages(tmp_path, rewrite_jsonl(tmp_path / "train.jsonl", train))
     assert kept == 12
     row = datasets.load_from_disk(str(packed))[0]
     ids, labels, loss_mask, position_ids, mask = _get_packed_data(

@@ -29,6 +29,7 @@ from distilled_plugins.configs import SHARED_DATA
 from distilled_plugins.devtools import learnability
 from distilled_plugins.devtools.local_airflow import LocalAirflow, free_port
 from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
+from distilled_plugins.io import rewrite_jsonl
 
 logger = logging.getLogger("distilled_plugins.devtools.demo")
 
@@ -47,9 +48,7 @@ def make_seed(path: Path, n: int) -> Path:
                 rows.append({"problem": row["problem"], "answer": row["answer"], "subject": row.get("subject")})
             if len(rows) == n:
                 break
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return rewrite_jsonl(path, rows)
 
 
 def demo_settings(workdir: Path, seed: Path) -> dict:

@@ -118,13 +118,6 @@ def make_task(n_train: int, n_held_out: int, seed: int = 0) -> tuple[list[dict],
     return tuple([problem(*answer, *story) for answer, story in rows] for rows in pick)
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    """``rows`` as a JSONL file for the stages to read (its folders made); returns ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rewrite_jsonl(path, rows)
-    return path
-
-
 def _evaluate(out: Path, held_out: Path, checkpoint: str, label: str, baseline: Path | None = None) -> dict:
     report = evaluate.run(
         evaluate.EvalConfig(
@@ -218,8 +211,8 @@ def run_check(out: Path, n_train: int, n_held_out: int, epochs: int, seed: int =
     if out.exists():
         shutil.rmtree(out)
     train_rows, held_rows = make_task(n_train, n_held_out, seed)
-    train = write_jsonl(out / "task" / "train.jsonl", train_rows)
-    held_out = write_jsonl(out / "task" / "held_out.jsonl", held_rows)
+    train = rewrite_jsonl(out / "task" / "train.jsonl", train_rows)
+    held_out = rewrite_jsonl(out / "task" / "held_out.jsonl", held_rows)
     packed, kept = data_stages(out, train, timed)
     before = timed("evaluate_before", _evaluate, out / "before", held_out, "untrained", "untrained model")
     trained = timed("finetune", _finetune, packed, out / "finetune", epochs)

@@ -5,9 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench
+.PHONY: install demo test check bench
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
+	@echo "Installing the environment into $(VENV) (once; several minutes, also with a warm pip cache)..."
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required (mindspore 2.9 wheels), found " + sys.version'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -25,7 +26,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules distilled_plugins tests
+	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules distilled_plugins operators tests
+
+# the development loop: lint and every test not marked slow (no msrun, Airflow or browser), doctests included
+check: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=5 --doctest-modules distilled_plugins operators tests
 
 bench: $(STAMP)
 	$(PY) bench/bench_generate.py

@@ -11,6 +11,7 @@ Cases:
 - ``rate_limited``: 400 rows x 1 against a server enforcing 1,200 requests/minute (20/s, bursts of 20; over it
   429 with ``Retry-After: 1`` and ``x-ratelimit-*`` headers), 100 concurrent, once with the limit learnt from the
   headers and once with ``--max-rpm 1200``: refusal rate, and wall time against the 20 s the limit allows;
+- ``rate_limited_per_second``: the same against a server counting 20 requests per wall-clock second;
 - ``fleet``: three endpoints answering after 0.1 s (each its own process), one SIGKILLed once a third of the rows
   are written: rows lost or duplicated, each endpoint's share and failures.
 """
@@ -38,7 +39,9 @@ STATS_DIR = tempfile.gettempdir()
 COMPLETION = ("Let me work through this carefully. " * 250)[:9000] + " So the answer is $\\boxed{42}$."
 
 
-def serve(port: int, fault_rate: float, rate_limit_rpm: float | None = None, delay: float = 0.0) -> None:
+def serve(
+    port: int, fault_rate: float, rate_limit_rpm: float | None = None, delay: float = 0.0, per_second: bool = False
+) -> None:
     from aiohttp import web
 
     from distilled_plugins.devtools.teacher_server import ReplayTeacher
@@ -55,6 +58,7 @@ def serve(port: int, fault_rate: float, rate_limit_rpm: float | None = None, del
         seed=1,
         retry_after="1" if rate_limit_rpm else None,
         rate_limit_rpm=rate_limit_rpm,
+        rate_limit_per_second=per_second,
         delay=delay,
     )
     if rate_limit_rpm:  # the refusal count is read back from this process's exit file
@@ -114,14 +118,15 @@ def start_server(port: int, **kwargs) -> multiprocessing.Process:
     return server
 
 
-def rate_limited(workdir: Path, max_rpm: float | None) -> dict:
+def rate_limited(workdir: Path, max_rpm: float | None, per_second: bool = False) -> dict:
     """400 requests against a server allowing 1,200/minute; the limit allows 400 / 20 = 20 s."""
     rows, rpm = 400, 1200
     seed = workdir / "seed-rl.jsonl"
     seed.write_text("".join(json.dumps({"problem": f"Problem {i}: compute 6 times 7."}) + "\n" for i in range(rows)))
     port = free_port()
-    server = start_server(port, rate_limit_rpm=rpm)
-    output = workdir / f"out-rl-{max_rpm}.jsonl"
+    server = start_server(port, rate_limit_rpm=rpm, per_second=per_second)
+    output = workdir / f"out-rl-{max_rpm}-{per_second}.jsonl"
+    output.unlink(missing_ok=True)  # a fresh run, not a resumed one, when a case is repeated
     try:
         cfg = generate.GenerateConfig(
             dataset_name=str(seed),
@@ -143,6 +148,7 @@ def rate_limited(workdir: Path, max_rpm: float | None) -> dict:
     allowed = rows / (rpm / 60)
     return {
         "limit_rpm": rpm,
+        "server_counts": "per wall-clock second" if per_second else "bucket of one second's worth",
         "client_max_rpm": max_rpm or "learnt from headers",
         "rows_written": output.read_text().count("\n"),
         "requests_at_server": requests,
@@ -217,7 +223,11 @@ def main() -> int:
     p.add_argument("--num-generations", type=int, default=4)
     p.add_argument("--max-concurrent", type=int, default=100)
     p.add_argument("--repeat", type=int, default=3, help="runs of each kind; the median run is reported")
-    p.add_argument("--cases", default="faults,rate_limited,fleet", help="comma-separated: faults, rate_limited, fleet")
+    p.add_argument(
+        "--cases",
+        default="faults,rate_limited,rate_limited_per_second,fleet",
+        help="comma-separated: faults, rate_limited, rate_limited_per_second, fleet",
+    )
     args = p.parse_args()
     cases = set(args.cases.split(","))
     report = {}
@@ -225,6 +235,8 @@ def main() -> int:
         workdir = Path(tmp)
         if "rate_limited" in cases:
             report["rate_limited"] = [rate_limited(workdir, None), rate_limited(workdir, 1200)]
+        if "rate_limited_per_second" in cases:
+            report["rate_limited_per_second"] = [rate_limited(workdir, None, True), rate_limited(workdir, 1200, True)]
         if "fleet" in cases:
             report["fleet_one_killed"] = fleet(workdir)
         if "faults" in cases:

@@ -209,12 +209,12 @@ def one_size(work: Path, rows: int, handle_rows: int, url: str, pack_runs: int =
 
 def seed_pass_seconds(seed: Path) -> float:
     """One pass over the seed as generate makes it (stream the rows, hash each key), in this process."""
-    from distilled_plugins.generate import row_key
     from distilled_plugins.io import iter_rows
+    from distilled_plugins.schema import row_key
 
     started = time.monotonic()
     for row in iter_rows(seed):
-        row_key(row, "problem")
+        row_key(row["problem"])
     return time.monotonic() - started
 
 

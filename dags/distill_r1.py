@@ -41,6 +41,7 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, chain
 
+from distilled_plugins.batch_api import BatchSettings
 from distilled_plugins.client import RequestSettings
 from distilled_plugins.configs import SHARED_DATA
 from distilled_plugins.evaluate import EvalConfig, Protocol
@@ -59,12 +60,14 @@ from operators import (
     PackDatasetOperator,
     RejectSamplingOperator,
 )
+from operators.approval import FinetuneApprovalOperator
 from operators.assets import EVAL_REPORT, FILTERED, MODEL, PACKED, seed_asset
-from operators.deployment import check_defaults, defaults, output_root, seconds, task_kwargs
+from operators.deployment import approval, check_defaults, defaults, output_root, seconds, task_kwargs
 from operators.deployment import load as load_deployment
 from operators.finetune import node_ranks
-from operators.pipeline import field_param, form_param, log_failure_summary, shard_plan
-from operators.sources import choose_source, from_openr1, from_packed, seed
+from operators.pipeline import field_param, form_param, log_failure_summary, shard_plan, whole_numbers_in_form
+from operators.report import fail_if_stopped, write_report
+from operators.sources import ChooseSourceOperator, from_openr1, from_packed, seed
 
 # the deployment's configuration, read from the metadata database by the dag-processor and every worker alike:
 # the Airflow Variable distill_deployment (operators/deployment.py): queues and pools per task kind, the
@@ -116,23 +119,22 @@ params = {
             "packed_dataset": "Packed dataset (fine-tune and evaluate)",
         },
     ),
+    # read only by their own entry point: optional in the form (the run's first task checks the one it needs)
     "openr1_dataset": form_param(
         default("openr1_dataset", f"{OUTPUT_ROOT}/inputs/openr1_math_220k"),
         "OpenR1 dataset",
         DATA,
-        "Entry point openr1_dataset: parquet/jsonl file or folder of distilled conversations with a 'messages' "
-        "column (OpenR1-Math-220k's data/*.parquet)",
-        type="string",
-        minLength=1,
+        "Read only when the entry point is 'OpenR1-style distilled dataset': a parquet/jsonl file or folder of "
+        "distilled conversations with a 'messages' column (OpenR1-Math-220k's data/*.parquet)",
+        type=["null", "string"],
     ),
     "packed_dataset": form_param(
         default("packed_dataset", f"{OUTPUT_ROOT}/inputs/packed"),
         "Packed dataset",
         DATA,
-        "Entry point packed_dataset: a folder written by python -m distilled_plugins.pack, packed at the "
-        "fine-tune profile's seq_length",
-        type="string",
-        minLength=1,
+        "Read only when the entry point is 'Packed dataset': a folder written by this DAG's pack task (or "
+        "python -m distilled_plugins.pack), packed at the fine-tune profile's sequence length",
+        type=["null", "string"],
     ),
     # ---- Teacher ----
     "teacher_conn_id": form_param(
@@ -163,6 +165,20 @@ params = {
         type="integer",
         minimum=1,
         maximum=64,
+    ),
+    # the teacher's Batch API (distilled_plugins/batch.py): half the price, results within 24 h, the task deferred
+    "teacher_mode": field_param(
+        "teacher_mode",
+        BatchSettings,
+        "teacher_mode",
+        defaults=DEFAULTS,
+        values_display={
+            "online": "Online: requests one by one, results as they come",
+            "batch": "Batch API: about half the price, results within 24 h (the task waits deferred)",
+        },
+    ),
+    "teacher_batch_poll_seconds": field_param(
+        "teacher_batch_poll_seconds", BatchSettings, "batch_poll_seconds", defaults=DEFAULTS
     ),
     # requests to the teacher fleet, from RequestSettings' fields. Left empty (the default), a setting is not set
     # here: the teacher connection's extra decides, else the server's x-ratelimit headers or the built-in default
@@ -208,6 +224,32 @@ params = {
         defaults=DEFAULTS,
         values_display={"split": "Split into pieces", "truncate": "Truncate", "drop": "Drop the sample"},
     ),
+    # rejection sampling's LLM judge, for what math_verify rejects (no connection: math_verify alone), and the
+    # difficulty band kept (pass rate: correct / all generations of a problem)
+    "judge_conn_id": form_param(
+        default("judge_conn_id", None),
+        "Judge connection",
+        PROCESSING,
+        "Airflow connection of an OpenAI-compatible LLM judge asked about the generations math_verify rejects "
+        "(host, port, schema; password = API key; extra as the teacher's); empty: no judge",
+        type=["null", "string"],
+    ),
+    "judge_model": field_param("judge_model", RejectSamplingConfig, "judge_model", defaults=DEFAULTS, minLength=1),
+    "judge_policy": field_param(
+        "judge_policy",
+        RejectSamplingConfig,
+        "judge_policy",
+        defaults=DEFAULTS,
+        values_display={
+            "recover": "Keep what math_verify or the judge accepts",
+            "audit": "Ask and record; keep by math_verify only",
+        },
+    ),
+    "judge_audit_sample": field_param(
+        "judge_audit_sample", RejectSamplingConfig, "judge_audit_sample", defaults=DEFAULTS
+    ),
+    "min_pass_rate": field_param("min_pass_rate", RejectSamplingConfig, "min_pass_rate", defaults=DEFAULTS),
+    "max_pass_rate": field_param("max_pass_rate", RejectSamplingConfig, "max_pass_rate", defaults=DEFAULTS),
     # ---- Fine-tune ----
     "finetune_config": field_param(
         "finetune_config",
@@ -242,6 +284,16 @@ params = {
         type="integer",
         minimum=1,
         maximum=16,
+    ),
+    # ---- Fine-tune: the approval gate before it (operators/approval.py) ----
+    "approve_before_finetune": form_param(
+        default("approve_before_finetune", False),
+        "Approve before fine-tuning",
+        FINETUNE,
+        "Wait after packing until someone approves the data (the task approve_finetune shows its summary and the "
+        "report); Reject ends the run without training. Runs started by a seed refresh follow the deployment's "
+        "approval.seed_refresh instead",
+        type="boolean",
     ),
     # ---- Multi-node ----
     "master_addr": field_param("master_addr", FinetuneConfig, "master_addr", defaults=DEFAULTS, minLength=1),
@@ -289,6 +341,7 @@ params = {
     ),
 }
 check_defaults(DEPLOYMENT, params)  # a mistyped name in the Variable is refused
+whole_numbers_in_form(params)  # the form cannot refuse a fraction: the run's first task does, naming the field
 
 default_args = {
     "retries": 2,
@@ -310,7 +363,8 @@ with DAG(
     doc_md=__doc__,
 ) as dag:
     cpu = task_kwargs("cpu", DEPLOYMENT)
-    entry = choose_source.override(**cpu)("{{ params.source }}")
+    # the run's first task: checks every input the entry point needs (one line per problem), then branches
+    entry = ChooseSourceOperator(task_id="choose_source", **cpu)
     seed_info = seed.override(**cpu)("{{ params.seed_dataset }}")
     openr1 = from_openr1.override(**cpu)("{{ params.openr1_dataset }}")
     prepacked = from_packed.override(**cpu)("{{ params.packed_dataset }}")
@@ -335,6 +389,8 @@ with DAG(
         price_per_mtok_in="{{ params.teacher_price_per_mtok_in }}",
         price_per_mtok_out="{{ params.teacher_price_per_mtok_out }}",
         max_cost="{{ params.teacher_max_cost }}",
+        teacher_mode="{{ params.teacher_mode }}",
+        batch_poll_seconds="{{ params.teacher_batch_poll_seconds }}",
         output_file=RUN_DIR + "/generate/shard-{{ ti.map_index }}.jsonl",
         store_dir="{{ params.output_root }}/generation_store",
     ).expand(shard_index=shards)
@@ -353,6 +409,13 @@ with DAG(
         dst=RUN_DIR + "/reject_sampling/filtered.jsonl",
         answer_column="{{ params.answer_column }}",
         problem_column="{{ params.prompt_column }}",
+        judge_conn_id="{{ params.judge_conn_id }}",
+        judge_model="{{ params.judge_model }}",
+        judge_policy="{{ params.judge_policy }}",
+        judge_audit_sample="{{ params.judge_audit_sample }}",
+        judge_cache_dir="{{ params.output_root }}/judge_cache",
+        min_pass_rate="{{ params.min_pass_rate }}",
+        max_pass_rate="{{ params.max_pass_rate }}",
         outlets=[FILTERED],
     )
     handled = HandleDatasetOperator(
@@ -410,3 +473,22 @@ with DAG(
     chain(entry, seed_info, shards, generate, merged, filtered, handled, packed, finetuned, evaluated)
     chain(entry, openr1, handled)
     chain(entry, prepacked, finetuned)
+
+    # ---- the human gate before fine-tuning and the run's report (README: "The run's report and the approval
+    # gate"): approve_finetune waits after pack when the run asks for it (skipped at once when not); the report
+    # task writes {run_dir}/report/report.html at the end, whatever happened (a teardown: not the run's state)
+    gate = approval(DEPLOYMENT)
+    approve = FinetuneApprovalOperator(
+        task_id="approve_finetune",
+        **cpu,
+        enabled="{{ params.approve_before_finetune }}",
+        seed_refresh=gate["seed_refresh"],
+        timeout_hours=gate["timeout_hours"],
+        on_timeout=gate["on_timeout"],
+        run_dir=RUN_DIR,
+    )
+    chain(packed, approve, finetuned)
+    report = write_report.override(task_id="report", **cpu)(RUN_DIR).as_teardown()
+    # a run stopped by a user ends failed, not successful (see fail_if_stopped); after the report, so evaluate
+    # stays a last task of the run for Airflow (a teardown that can fail the run hides the tasks before it)
+    evaluated >> report >> fail_if_stopped.override(**cpu)(RUN_DIR).as_teardown(on_failure_fail_dagrun=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import email.utils
 import json
 import random
 import time
@@ -19,9 +18,8 @@ from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 import aiohttp
-from yarl import URL
 
-from distilled_plugins.endpoints import Endpoint, EndpointState, Fleet, parse_endpoints
+from distilled_plugins.endpoints import Endpoint, EndpointState, Fleet, parse_duration, parse_endpoints
 from distilled_plugins.settings import TEACHER, add_arguments, from_args, setting
 
 API_KEY_ENV = "OPENAI_API_KEY"
@@ -105,7 +103,7 @@ class RequestSettings(RetryPolicy):
 
     max_rpm: float | None = setting(
         None,
-        help="requests per minute allowed per endpoint; unset: learnt from x-ratelimit headers",
+        help="requests per minute allowed per endpoint",
         minimum=0,
         title="Requests per minute per endpoint",
         section=TEACHER,
@@ -180,20 +178,6 @@ class RequestSettings(RetryPolicy):
         return (prompt_tokens * self.price_per_mtok_in + completion_tokens * self.price_per_mtok_out) / 1e6
 
 
-def base_url(api_addr: str) -> str:
-    """``host:port`` or a full ``http(s)://`` URL (with or without ``/v1``) as a base URL without ``/v1``."""
-    addr = api_addr.strip()
-    if not addr:
-        raise ValueError("the API address is empty; give host:port or an http(s):// URL")
-    if "://" not in addr:
-        addr = f"http://{addr}"
-    url = URL(addr)
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"invalid API address {api_addr!r}; give host:port or an http(s):// URL")
-    text = str(url).rstrip("/")
-    return text[: -len("/v1")] if text.endswith("/v1") else text
-
-
 def completion_text(message: dict) -> str:
     """The generation text; DeepSeek-R1 style ``reasoning_content`` becomes a ``<think>`` block."""
     content = message.get("content") or ""
@@ -203,18 +187,19 @@ def completion_text(message: dict) -> str:
     return content
 
 
-def _retry_after_seconds(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+def completion_of(reply: dict) -> Completion:
+    """The :class:`Completion` of a decoded chat-completions reply (online, or a Batch API result's body);
+    :class:`RetryableError` when it has no choice or no content."""
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise RetryableError("no_choices", f"reply without choices: {json.dumps(reply)[:200]!r}")
+    choice = choices[0]
+    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    if message.get("content") is None:
+        raise RetryableError(
+            "null_content", f"reply with null or missing content (finish_reason {choice.get('finish_reason')!r})"
+        )
+    return Completion(completion_text(message), choice.get("finish_reason"), reply.get("usage") or {})
 
 
 def _estimate_prompt_tokens(messages: list[dict]) -> int:
@@ -347,7 +332,7 @@ class ChatClient:
     def _refuse(self, url: str, status: int, body: bytes, headers) -> None:
         detail = self.redact(body[:500].decode("utf-8", "replace").strip())
         if status in (408, 409, 425, 429) or status >= 500:
-            raise RetryableError(f"http_{status}", detail, _retry_after_seconds(headers.get("Retry-After")), headers)
+            raise RetryableError(f"http_{status}", detail, parse_duration(headers.get("Retry-After")), headers)
         hint = _FATAL_HINTS.get(status, "the server refused the request").format(key_env=self.key_env)
         raise FatalRequestError(f"HTTP {status} from {url} (model {self.model!r}): {hint}. Server said: {detail}")
 
@@ -362,13 +347,7 @@ class ChatClient:
             raise RetryableError(
                 "no_choices", f"reply without choices: {self.redact(body[:200].decode('utf-8', 'replace'))!r}"
             )
-        choice = choices[0]
-        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
-        if message.get("content") is None:
-            raise RetryableError(
-                "null_content", f"reply with null or missing content (finish_reason {choice.get('finish_reason')!r})"
-            )
-        return Completion(completion_text(message), choice.get("finish_reason"), reply.get("usage") or {})
+        return completion_of(reply)
 
     async def _read_stream(self, resp: aiohttp.ClientResponse) -> Completion:
         """Merge a server-sent-event stream's deltas; a stream that ends before its last chunk is ``stream_cut``."""

@@ -20,20 +20,31 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import email.utils
 import re
 import time
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
+from yarl import URL
+
 FAIL_STREAK = 5  # consecutive failures (5xx, timeouts, cut connections) that take an endpoint out; at 5% random
 # failures a streak of 5 comes by chance once in 3 million requests, so only a sick endpoint is taken out
 # Until an endpoint without a configured rate limit first answers, it gets one request at a time for up to this
 # long: its first reply's x-ratelimit-* headers tell the limit before a burst of max_concurrent requests hits it.
 FIRST_CONTACT_SECONDS = 2.0
+# Many providers count requests per wall-clock second (20 a second for 1,200 a minute). A token bucket of a second's
+# worth can put its burst and a second's refill into one such second (up to twice the limit; 2-5% of the requests
+# refused at 1,200 RPM), and a bucket small enough never to do so loses every late wake-up for good. So requests are
+# counted in a sliding window (RequestWindow): a second's worth in any (1 + REQUEST_MARGIN) seconds, 5% below the
+# limit; a request sent late is made up at once, and arrivals would need 50 ms of jitter to crowd one second.
+REQUEST_MARGIN = 0.05
 _HEALTH_FAILURES = ("connect_failed", "connection", "timeout", "stream_cut", "truncated_body")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATIONS = re.compile(rf"(?:{_DURATION.pattern})+")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -48,8 +59,6 @@ class Endpoint:
     max_tpm: float | None = None
 
     def __post_init__(self):
-        from distilled_plugins.client import base_url
-
         self.url = base_url(self.addr)
         if self.weight <= 0:
             raise ValueError(f"endpoint {self.url}: weight must be positive, got {self.weight}")
@@ -94,8 +103,32 @@ def parse_endpoints(api_addr: str | None, api_key: str | None, extra: list[dict]
     return endpoints
 
 
+def base_url(api_addr: str) -> str:
+    """``host:port`` or a full ``http(s)://`` URL (with or without ``/v1``) as a base URL without ``/v1``.
+
+    >>> base_url("localhost:8000"), base_url("https://api.example.com/v1/")
+    ('http://localhost:8000', 'https://api.example.com')
+    """
+    addr = api_addr.strip()
+    if not addr:
+        raise ValueError("the API address is empty; give host:port or an http(s):// URL")
+    if "://" not in addr:
+        addr = f"http://{addr}"
+    url = URL(addr)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"invalid API address {api_addr!r}; give host:port or an http(s):// URL")
+    text = str(url).rstrip("/")
+    return text[: -len("/v1")] if text.endswith("/v1") else text
+
+
 def parse_duration(value: str | None) -> float | None:
-    """Seconds in a rate-limit reset header: ``"1.5"``, ``"20ms"``, ``"6m0s"``, ``"1h2m3s"``."""
+    """Seconds in a ``Retry-After`` or rate-limit reset header: ``"1.5"``, ``"20ms"``, ``"6m0s"``, an HTTP date.
+
+    >>> parse_duration("6m0s"), parse_duration("20ms"), parse_duration("1.5"), parse_duration("x")
+    (360.0, 0.02, 1.5, None)
+    >>> parse_duration("Wed, 21 Oct 2015 07:28:00 GMT")  # a date in the past: no wait
+    0.0
+    """
     if not value:
         return None
     value = value.strip()
@@ -103,10 +136,13 @@ def parse_duration(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         pass
-    parts = _DURATION.findall(value)
-    if not parts:
+    if _DURATIONS.fullmatch(value):
+        return sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
         return None
-    return sum(float(n) * _UNITS[u] for n, u in parts)
+    return max(0.0, when.timestamp() - time.time())
 
 
 class TokenBucket:
@@ -132,12 +168,55 @@ class TokenBucket:
         self.refill(now)
         self.level -= cost
 
+    def limit_to(self, remaining: float, now: float) -> None:
+        """The server says only ``remaining`` is left: hold no more than that."""
+        self.refill(now)
+        self.level = min(self.level, remaining)
+
     def give_back(self, amount: float) -> None:
         self.level = min(self.capacity, self.level + amount)
 
     def drain(self, now: float) -> None:
         self.refill(now)
         self.level = min(self.level, 0.0)
+
+
+class RequestWindow:
+    """At most ``capacity`` requests in any ``period`` seconds: a second's worth of ``per_minute`` (at least one)
+    in ``(1 + REQUEST_MARGIN)`` seconds' time (see ``REQUEST_MARGIN``). Keeps the last ``capacity`` send times.
+
+    >>> window = RequestWindow(1200)
+    >>> window.capacity, window.period
+    (20, 1.05)
+    >>> for i in range(20):
+    ...     window.take(1, 10.0 + i / 100)
+    >>> round(window.wait_time(1, 10.5), 3), round(window.wait_time(1, 11.05), 3)
+    (0.55, 0.0)
+    """
+
+    def __init__(self, per_minute: float):
+        self.rate = per_minute / 60.0
+        self.capacity = max(1, int(self.rate))
+        self.period = round((1 + REQUEST_MARGIN) * self.capacity / self.rate, 6)
+        self.sent: collections.deque[float] = collections.deque(maxlen=self.capacity)
+
+    def wait_time(self, cost: float, now: float) -> float:
+        """Seconds until one more request may go (0: now)."""
+        if len(self.sent) < self.capacity:
+            return 0.0
+        return max(0.0, self.sent[0] + self.period - now)
+
+    def take(self, cost: float, now: float) -> None:
+        self.sent.append(now)
+
+    def limit_to(self, remaining: float, now: float) -> None:
+        """The server says only ``remaining`` requests are left: count the difference as sent now."""
+        free = sum(1 for t in self.sent if t <= now - self.period) + self.capacity - len(self.sent)
+        for _ in range(int(free - max(0.0, remaining))):
+            self.sent.append(now)
+
+    def drain(self, now: float) -> None:
+        self.limit_to(0, now)
 
 
 class EndpointState:
@@ -160,7 +239,7 @@ class EndpointState:
         self.paused_until = 0.0  # rate-limit pause (429, remaining 0)
         self.heard = False  # an outcome (a reply's headers) has come back
         self.first_sent: float | None = None
-        self.requests_bucket = TokenBucket(endpoint.max_rpm) if endpoint.max_rpm else None
+        self.requests_bucket = RequestWindow(endpoint.max_rpm) if endpoint.max_rpm else None
         self.tokens_bucket = TokenBucket(endpoint.max_tpm) if endpoint.max_tpm else None
 
     @property
@@ -207,10 +286,6 @@ class Fleet:
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self.rate_limit_pauses = 0
-
-    @property
-    def urls(self) -> str:
-        return ", ".join(s.url for s in self.states)
 
     async def acquire(self, cost: float) -> EndpointState:
         """Wait for an endpoint that may send a request of ``cost`` tokens now; count it in flight there.
@@ -309,13 +384,12 @@ class Fleet:
             remaining = _number(headers.get(f"x-ratelimit-remaining-{kind}"))
             bucket = getattr(state, attr)
             if limit and bucket is None:
-                bucket = TokenBucket(limit)
+                bucket = RequestWindow(limit) if kind == "requests" else TokenBucket(limit)
                 setattr(state, attr, bucket)
             if remaining is None:
                 continue
             if bucket is not None:  # the server's count wins where it is lower (it saw requests this one did not)
-                bucket.refill(now)
-                bucket.level = min(bucket.level, remaining)
+                bucket.limit_to(remaining, now)
             elif remaining <= 0:
                 reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
                 self._pause(state, now, reset if reset is not None else 1.0)

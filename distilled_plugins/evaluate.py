@@ -14,14 +14,16 @@ Protocol (open-r1's values by default, all parameters, all written into the repo
 "Please reason step by step, and put your final answer within \\boxed{}.", temperature 0.6, top_p 0.95, up to
 32,768 new tokens, 4 samples per problem, seed 0. pass@1 is the mean over all samples, with a 95% confidence
 interval over problems; completions are graded by stage 2's grader (same math_verify semantics, same worker
-processes). Completions are kept in ``--dst`` (also ``--out``, ``--output-dir``); a rerun requests only the missing
-ones.
+processes). Completions are kept in ``--dst`` (also ``--out``, ``--output-dir``) under ``completions/<fingerprint>/``,
+one folder per source (a checkpoint's files, an endpoint and model) and protocol: a rerun with the same ones requests
+only the missing completions, one with another checkpoint makes new ones beside the old.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import logging
 import math
@@ -37,8 +39,8 @@ from distilled_plugins.client import API_KEY_ENV, FatalRequestError, RequestSett
 from distilled_plugins.configs import SHARED_DATA, child_env
 from distilled_plugins.endpoints import Endpoint
 from distilled_plugins.handle import SYSTEM_PROMPT
-from distilled_plugins.io import DataError, dumps_line, iter_jsonl, load_rows, read_json, write_json
-from distilled_plugins.schema import STATS_DROPPED, STATS_FILE
+from distilled_plugins.io import DataError, dumps_line, files_state, iter_jsonl, load_rows, read_json, write_json
+from distilled_plugins.schema import STATS_DROPPED, STATS_FILE, parts_path
 from distilled_plugins.settings import EVALUATION, add_arguments, from_args, setting
 from distilled_plugins.stats import Stats
 
@@ -136,7 +138,9 @@ class EvalConfig:
     baseline: str | None = setting(None, help="report.json of a baseline (e.g. the base model)")
     report_label: str = setting("fine-tuned model", help="the evaluated model's name in the report", flag="--label")
     fresh: bool = setting(
-        False, help="discard completions in the output folder made with other settings (default: refuse to mix them)"
+        False,
+        help="discard the completions kept for these settings and make them again (completions made with other "
+        "settings, e.g. another checkpoint, are kept in their own sub-folder and never mixed in)",
     )
 
     def __post_init__(self):
@@ -171,19 +175,18 @@ def load_problems(path: str | Path, limit: int | None) -> list[dict]:
 # ---- completions ----------------------------------------------------------------------------------------------
 
 
-def _problems_file(cfg: EvalConfig, problems: list[dict]) -> Path:
-    path = Path(cfg.out) / "problems.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _problems_file(folder: Path, problems: list[dict]) -> Path:
+    path = folder / "problems.jsonl"
     path.write_bytes(b"".join(dumps_line(p) for p in problems))
     return path
 
 
-def completions_from_endpoint(cfg: EvalConfig, problems: list[dict]) -> Path:
+def completions_from_endpoint(cfg: EvalConfig, problems: list[dict], folder: Path) -> Path:
     protocol = cfg.protocol
     result = generate.run(
         generate.GenerateConfig(
-            dataset_name=str(_problems_file(cfg, problems)),
-            output_file=str(Path(cfg.out) / "completions.jsonl"),
+            dataset_name=str(_problems_file(folder, problems)),
+            output_file=str(folder / "completions.jsonl"),
             model=cfg.model,
             prompt_column="problem",
             uuid_column="unique_id",
@@ -204,9 +207,9 @@ def completions_from_endpoint(cfg: EvalConfig, problems: list[dict]) -> Path:
     return result.output_file
 
 
-def completions_from_checkpoint(cfg: EvalConfig, problems: list[dict]) -> Path:
+def completions_from_checkpoint(cfg: EvalConfig, problems: list[dict], folder: Path) -> Path:
     protocol = cfg.protocol
-    output = Path(cfg.out) / "completions.jsonl"
+    output = folder / "completions.jsonl"
     command = [
         sys.executable,
         "-m",
@@ -218,7 +221,7 @@ def completions_from_checkpoint(cfg: EvalConfig, problems: list[dict]) -> Path:
         "--tokenizer",
         cfg.tokenizer,
         "--problems",
-        str(_problems_file(cfg, problems)),
+        str(_problems_file(folder, problems)),
         "--output",
         str(output),
         "--system-prompt",
@@ -476,15 +479,22 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-SETTINGS_FILE = "settings.json"  # what the completions in an output folder were made with
+SETTINGS_FILE = "settings.json"  # what the completions in a completions folder were made with
+COMPLETIONS_DIR = "completions"  # under the output folder: one sub-folder per settings fingerprint
 
 
 def settings_fingerprint(cfg: EvalConfig) -> dict:
-    """What the stored completions depend on: their source, the sampling protocol, the problems."""
+    """What the stored completions depend on: their source (for a checkpoint, its files' names, sizes and mtimes:
+    a new fine-tune into the same folder is another model), the sampling protocol, the problems."""
     return {
         "source": {"endpoints": sorted(e.addr for e in cfg.endpoints or []) or [cfg.api_addr], "model": cfg.model}
         if cfg.api_addr or cfg.endpoints
-        else {"checkpoint": cfg.checkpoint, "mindformers_config": cfg.mindformers_config, "tokenizer": cfg.tokenizer}
+        else {
+            "checkpoint": cfg.checkpoint,
+            "checkpoint_files": files_state(Path(cfg.checkpoint)),
+            "mindformers_config": cfg.mindformers_config,
+            "tokenizer": cfg.tokenizer,
+        }
         if cfg.checkpoint
         else {"rescore": cfg.rescore},
         "protocol": asdict(cfg.protocol),
@@ -493,35 +503,27 @@ def settings_fingerprint(cfg: EvalConfig) -> dict:
     }
 
 
-def claim_output(cfg: EvalConfig) -> None:
-    """Keep completions only when they were made with these settings: otherwise refuse, or start afresh."""
+def completions_folder(cfg: EvalConfig) -> Path:
+    """The folder of the completions made with these settings: ``<out>/completions/<fingerprint>/``, created with
+    its ``settings.json``. Completions made with other settings (an earlier checkpoint, other sampling) stay in
+    their own folders, kept aside and never mixed in, so evaluating the same checkpoint again reuses its
+    completions and evaluating a new one makes new ones; ``fresh`` discards those of these settings."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: --dst is an existing file; give a folder")
-    out.mkdir(parents=True, exist_ok=True)
     wanted = settings_fingerprint(cfg)
-    recorded_path = out / SETTINGS_FILE
-    stored = [p for p in (out / "completions.jsonl", out / "completions.jsonl.parts") if p.exists()]
-    if stored and recorded_path.exists():
-        recorded = read_json(recorded_path, "evaluation settings file")
-        if recorded != wanted:
-            changed = sorted(k for k in wanted if recorded.get(k) != wanted[k])
-            if not cfg.fresh:
-                raise DataError(
-                    f"{out}: holds completions made with other settings ({', '.join(changed)} differ); "
-                    "give another --dst, or --fresh to discard them"
-                )
-            logger.info("settings changed (%s): discarding the completions in %s", ", ".join(changed), out)
-            for path in stored:
-                path.unlink()
-    elif stored and not cfg.fresh:
-        raise DataError(
-            f"{out}: holds completions with no record of their settings; give another --dst, or --fresh to discard them"
-        )
-    elif stored:
+    digest = hashlib.sha256(json.dumps(wanted, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    folder = out / COMPLETIONS_DIR / digest
+    folder.mkdir(parents=True, exist_ok=True)
+    stored = [p for p in (folder / "completions.jsonl", parts_path(folder / "completions.jsonl")) if p.exists()]
+    if stored and cfg.fresh:
+        logger.info("--fresh: discarding the completions in %s", folder)
         for path in stored:
             path.unlink()
-    write_json(recorded_path, wanted)
+    elif stored:
+        logger.info("reusing the completions in %s (made with these settings)", folder)
+    write_json(folder / SETTINGS_FILE, wanted)
+    return folder
 
 
 def _read_baseline(path: str) -> dict:
@@ -535,7 +537,7 @@ def run(cfg: EvalConfig) -> Path:
     """Get completions, grade them and write ``report.json``, ``report.md`` and ``accuracy.png`` in ``cfg.out``."""
     out = Path(cfg.out)
     base = _read_baseline(cfg.baseline) if cfg.baseline else None  # checked before hours of generation
-    claim_output(cfg)
+    folder = completions_folder(cfg)
     problems = None
     if cfg.rescore:
         completions = Path(cfg.rescore)
@@ -544,7 +546,9 @@ def run(cfg: EvalConfig) -> Path:
     else:
         problems = load_problems(cfg.dataset, cfg.limit)
         from_endpoint = cfg.api_addr or cfg.endpoints
-        completions = (completions_from_endpoint if from_endpoint else completions_from_checkpoint)(cfg, problems)
+        completions = (completions_from_endpoint if from_endpoint else completions_from_checkpoint)(
+            cfg, problems, folder
+        )
     excluded = Stats("problems", reasons=DROP_REASONS)
     rows = _rows_to_score(cfg, completions, problems, excluded)
     write_json(out / STATS_FILE, {**excluded.as_dict(), "completions": str(completions)})

@@ -18,6 +18,9 @@ With a generation store (``--store-dir``), rows the store already holds are not 
 seed rows of those keys are listed in ``<output stem>.reused.jsonl`` (see ``schema.REUSED_SUFFIX``) and
 ``--merge`` fills in their generated columns from the store, so a rerun's shard work is proportional to its new
 rows (``--reused-rows copy`` writes them into the output instead, a complete file without ``--merge``).
+
+With ``--batch`` the requests go to the teacher's Batch API instead, at about half the price (see
+``distilled_plugins/batch.py``): the same output, journal, store and stats.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distilled_plugins import cli
+from distilled_plugins.batch_api import BatchError, BatchSettings
 from distilled_plugins.client import (
     API_KEY_ENV,
     BudgetExhausted,
@@ -62,7 +66,18 @@ from distilled_plugins.io import (
     write_json,
 )
 from distilled_plugins.progress import Progress
-from distilled_plugins.schema import REUSED_HEADER, REUSED_SUFFIX, sibling_path
+from distilled_plugins.schema import (
+    ADDED_BY_GENERATE,
+    GENERATION_COLUMNS,
+    GENERATIONS_COLUMN,
+    PROMPT_COLUMN,
+    REUSED_HEADER,
+    REUSED_SUFFIX,
+    parts_path,
+    row_key,
+    sibling_path,
+    stats_path,
+)
 from distilled_plugins.settings import DATA, TEACHER, add_arguments, from_args, setting
 from distilled_plugins.stats import Stats
 from distilled_plugins.store import LOOKUP_BATCH, PUBLISH_BATCH, STORE_FILE, GenerationStore
@@ -74,7 +89,6 @@ DEFAULT_PROMPT_TEMPLATE = (
 )
 
 
-_GENERATED_COLUMNS = ("generations", "finish_reasons", "api_metadata")
 REUSED_MODES = ("reference", "copy")
 # examples of the rows to generate kept from the first pass over the seed (else the seed is streamed again)
 KEEP_EXAMPLES = 2_000
@@ -152,6 +166,11 @@ class GenerateConfig:
         help="request, retry, rate-limit and cost settings (CLI: their own flags)", factory=RequestSettings, cli=False
     )
     progress_interval: float = setting(5.0, help="seconds between progress lines", minimum=0)
+    batch: BatchSettings = setting(
+        help="teacher mode (online or batch) and the Batch API's settings (CLI: their own flags)",
+        factory=BatchSettings,
+        cli=False,
+    )
     # shared across runs: rows finished with the same settings are copied from here instead of requested again
     store_dir: str | None = setting(None, help="generation store folder shared across runs (default: none)")
     reused_rows: str = setting(
@@ -163,10 +182,11 @@ class GenerateConfig:
 
     def __post_init__(self):
         self.retry = RequestSettings.of(self.retry)
+        self.batch = BatchSettings.of(self.batch)
         self.uuid_column = self.uuid_column or self.prompt_column
-        if self.uuid_column == "prompt":
+        if self.uuid_column == PROMPT_COLUMN:
             raise ValueError(
-                "the uuid column cannot be 'prompt': output lines overwrite that field with the templated "
+                f"the uuid column cannot be {PROMPT_COLUMN!r}: output lines overwrite that field with the templated "
                 "prompt, so it would not identify rows on resume; pick another column"
             )
         if "{prompt}" not in self.prompt_template:
@@ -200,10 +220,6 @@ class GenerateResult:
     stats_file: Path
     stats: dict
     reused_file: Path | None = None  # the rows taken from the store, for merge (None: none are referenced)
-
-
-def row_key(row: dict, uuid_column: str) -> str:
-    return hashlib.md5(str(row[uuid_column]).encode()).hexdigest()
 
 
 def shard_of(key: str, num_shards: int) -> int:
@@ -252,7 +268,7 @@ def _line(example: dict, generated_json: bytes) -> bytes:
     >>> _line({"a": 1}, b'{"generations": ["x"]}')
     b'{"a": 1, "generations": ["x"]}\\n'
     """
-    if any(column in example for column in (*_GENERATED_COLUMNS, "prompt")):
+    if any(column in example for column in ADDED_BY_GENERATE):
         return dumps_line({**example, **json.loads(generated_json)})  # the generated value replaces the seed's
     return _splice(dumps_line(example), generated_json)
 
@@ -268,15 +284,6 @@ def _splice(example_line: bytes, generated_json: bytes) -> bytes:
     return example_line[:-2] + b", " + generated_json[1:] + b"\n"
 
 
-def stats_path(output_file: str | Path) -> Path:
-    output_file = Path(output_file)
-    return output_file.with_name(output_file.stem + ".stats.json")
-
-
-def parts_path(output_file: str | Path) -> Path:
-    return Path(str(output_file) + ".parts")
-
-
 def reused_path(output_file: str | Path) -> Path:
     """The list of a shard's rows taken from the generation store: ``shard-0.jsonl`` -> ``shard-0.reused.jsonl``."""
     return sibling_path(output_file, REUSED_SUFFIX)
@@ -289,14 +296,14 @@ def _load_done(cfg: GenerateConfig, output: Path) -> set[str]:
         if row is None and line.lstrip().startswith(b"{"):
             bad += 1  # a line cut short by a killed run: repaired below
             continue
-        if row is None or _GENERATED_COLUMNS[0] not in row:  # someone else's file: never rewrite it
+        if row is None or GENERATIONS_COLUMN not in row:  # someone else's file: never rewrite it
             raise DataError(
-                f"{output}:{number}: not a line written by generate (no {_GENERATED_COLUMNS[0]!r}); the file was "
+                f"{output}:{number}: not a line written by generate (no {GENERATIONS_COLUMN!r}); the file was "
                 "left as it is: give another --dst"
             )
         if cfg.uuid_column not in row:
             raise DataError(f"{output}: existing line lacks column {cfg.uuid_column!r}; is it another run's output?")
-        key = row_key(row, cfg.uuid_column)
+        key = row_key(row[cfg.uuid_column])
         if key in done:
             duplicates += 1
         done.add(key)
@@ -315,7 +322,7 @@ def _load_done(cfg: GenerateConfig, output: Path) -> set[str]:
 def _first_per_key(path: Path, uuid_column: str):
     seen = set()
     for line, row, _ in scan_appended_jsonl(path):
-        if row is not None and (key := row_key(row, uuid_column)) not in seen:
+        if row is not None and (key := row_key(row[uuid_column])) not in seen:
             seen.add(key)
             yield line
 
@@ -328,8 +335,8 @@ def _republish(cfg: GenerateConfig, output: Path, done: set[str], store: Generat
 
     def rows():
         for _, row, _ in scan_appended_jsonl(output):
-            if row is not None and (key := row_key(row, cfg.uuid_column)) in missing:
-                yield key, _generated_json({k: row[k] for k in (*_GENERATED_COLUMNS, "prompt")})
+            if row is not None and (key := row_key(row[cfg.uuid_column])) in missing:
+                yield key, _generated_json({k: row[k] for k in ADDED_BY_GENERATE})
 
     return store.publish(rows())
 
@@ -373,14 +380,12 @@ class _Row:
         self.failed = False
 
     def generated_json(self) -> bytes:
-        return _generated_json(
-            {
-                "generations": [r.text for r in self.results],
-                "finish_reasons": [r.finish_reason for r in self.results],
-                "api_metadata": [r.usage for r in self.results],
-                "prompt": self.prompt,
-            }
+        columns = (
+            [r.text for r in self.results],
+            [r.finish_reason for r in self.results],
+            [r.usage for r in self.results],
         )
+        return _generated_json({**dict(zip(GENERATION_COLUMNS, columns, strict=True)), PROMPT_COLUMN: self.prompt})
 
 
 class _Run:
@@ -565,6 +570,9 @@ class _Run:
             self.budget_reached = client.budget_exhausted and bool(self.counts["requests_not_sent_budget"])
             progress.finish(self.counts["rows_written"], self._progress_extra())
 
+    def extra_stats(self) -> dict:
+        return {"teacher_mode": "online"}
+
     def _progress_extra(self) -> str:
         retries = sum(self.retries.values())
         failed = sum(self.failures.values())
@@ -580,7 +588,7 @@ class _Run:
 def _seed_rows(cfg: GenerateConfig, wanted: set[str]) -> Iterator[tuple[str, dict]]:
     """Stream the seed again: ``(key, example)`` of each row whose key is in ``wanted``, once (``wanted`` empties)."""
     for example in iter_rows(cfg.dataset_name, cfg.split):
-        key = row_key(example, cfg.uuid_column)
+        key = row_key(example[cfg.uuid_column])
         if key in wanted:
             wanted.discard(key)
             yield key, example
@@ -661,7 +669,7 @@ def _prepare_rows(
                         f"{cfg.dataset_name}: row {info['seed_rows']} has no column {column!r}; "
                         f"columns present: {', '.join(example)}"
                     )
-            key = row_key(example, cfg.uuid_column)
+            key = row_key(example[cfg.uuid_column])
             if shard_of(key, cfg.num_shards) != cfg.shard_index:
                 continue
             if key in seen:  # a duplicate falls in its key's shard: each shard counts its own
@@ -686,8 +694,12 @@ def _prepare_rows(
     return to_generate, partial, examples, dict(info)
 
 
-def run(cfg: GenerateConfig) -> GenerateResult:
-    """Generate every missing completion of the configured shard; raise if some rows stay incomplete."""
+def run(cfg: GenerateConfig, wait_for_batches: bool = True) -> GenerateResult:
+    """Generate every missing completion of the configured shard; raise if some rows stay incomplete.
+
+    In batch mode (``cfg.batch``) ``wait_for_batches=False`` returns after one look at the batches, raising
+    :class:`~distilled_plugins.batch_api.BatchesRunning` while some still run (the operator defers on it).
+    """
     output = Path(cfg.output_file)
     if output.is_dir():
         raise DataError(f"{output}: --dst is a folder; give the path of a JSONL file")
@@ -710,7 +722,14 @@ def run(cfg: GenerateConfig) -> GenerateResult:
             info.get("generations_resumed", 0),
             parts_path(output).name,
         )
-        job = _Run(cfg, to_generate, partial, output, parts_path(output), store, examples)
+        if cfg.batch.batch:
+            from distilled_plugins.batch import BatchJob  # imported here: it builds on this module
+
+            job = BatchJob(
+                cfg, to_generate, partial, output, parts_path(output), store, examples, wait=wait_for_batches
+            )
+        else:
+            job = _Run(cfg, to_generate, partial, output, parts_path(output), store, examples)
         del examples
         generate_started = time.monotonic()
         try:
@@ -753,6 +772,7 @@ def run(cfg: GenerateConfig) -> GenerateResult:
         "cost_estimate": round(getattr(job, "cost", 0.0), 6),
         "budget_reached": getattr(job, "budget_reached", False),
         "requests_not_sent_budget": job.counts["requests_not_sent_budget"],
+        **job.extra_stats(),
     }
     if store_stats is not None:
         stats["store"] = store_stats
@@ -770,6 +790,8 @@ def run(cfg: GenerateConfig) -> GenerateResult:
     logger.info("shard %d/%d: %s", cfg.shard_index, cfg.num_shards, rows.summary())
     if job.fatal is not None:
         raise job.fatal
+    if getattr(job, "pending", None) is not None:
+        raise job.pending
     if stats["budget_reached"]:
         raise BudgetReached(
             f"budget reached: estimated cost {job.cost:.4f} >= max_cost {cfg.retry.max_cost:g} after "
@@ -812,7 +834,7 @@ def _index(path: Path, uuid_column: str, skip: int = 0):
         if number >= skip:
             if uuid_column not in row:
                 raise DataError(f"{path}: a row lacks the uuid column {uuid_column!r}")
-            keys += row_key(row, uuid_column).encode()
+            keys += row_key(row[uuid_column]).encode()
             offsets.append(offset)
             lengths.append(len(line))
         offset += len(line)
@@ -888,7 +910,7 @@ def _reused_rows(
             for i, key in zip(batch, wanted, strict=True):
                 example_line = os.pread(f.fileno(), lengths[i], offsets[i])
                 example = json.loads(example_line)
-                if any(column in example for column in (*_GENERATED_COLUMNS, "prompt")):
+                if any(column in example for column in ADDED_BY_GENERATE):
                     line = _line(example, generated.pop(key))
                 else:
                     line = _splice(example_line, generated.pop(key))
@@ -964,6 +986,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key-env", default=API_KEY_ENV, help="environment variable holding the API key")
     parser.add_argument("--merge", nargs="+", metavar="SHARD", help="merge these shard outputs into --dst")
     RequestSettings.add_arguments(parser)
+    BatchSettings.add_arguments(parser)
     return parser
 
 
@@ -977,10 +1000,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.model or not args.dataset_name:
             raise ValueError("--model and --dataset-name are required (unless --merge)")
         cfg = from_args(
-            GenerateConfig, args, api_key=os.environ.get(args.api_key_env), retry=RequestSettings.from_args(args)
+            GenerateConfig,
+            args,
+            api_key=os.environ.get(args.api_key_env),
+            retry=RequestSettings.from_args(args),
+            batch=BatchSettings.from_args(args),
         )
         result = run(cfg)
-    except (ValueError, FatalRequestError, GenerationIncomplete) as e:
+    except (ValueError, FatalRequestError, GenerationIncomplete, BatchError) as e:
         return cli.fail(e)
     logger.info("wrote %s (stats: %s)", result.output_file, result.stats_file)
     return 0

@@ -55,7 +55,7 @@ class HandleConfig:
     system_prompt: str = setting(SYSTEM_PROMPT, help="system turn prepended to every conversation")
     max_length: int = setting(
         20480,
-        help="longest sample in tokens; longer ones follow --truncation",
+        help="longest sample in tokens; a longer one is cut, dropped or kept as the truncation policy says",
         minimum=16,
         maximum=131072,
         title="Longest sample (tokens)",
@@ -63,7 +63,7 @@ class HandleConfig:
     )
     truncation: str = setting(
         "tutorial",
-        help="over --max-length: keep head + last 2 tokens (tutorial), drop the sample, or keep it whole",
+        help="a sample over the longest length: keep its head and last 2 tokens (tutorial), drop it, or keep it whole",
         choices=TRUNCATION_POLICIES,
         title="Samples over the longest length",
         section=PROCESSING,

@@ -479,6 +479,23 @@ def rewrite_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def files_state(path: Path) -> list:
+    """Name, size and mtime of every file under ``path`` (a file or a folder; stat only, nothing is read): what a
+    fingerprint of a large input (packed data, a checkpoint) covers without reading it."""
+    if path.is_file():
+        st = path.stat()
+        return [[path.name, st.st_size, st.st_mtime_ns]]
+    if not path.is_dir():
+        return [["(missing)", str(path)]]
+    state = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            st = (Path(root) / name).stat()
+            state.append([str((Path(root) / name).relative_to(path)), st.st_size, st.st_mtime_ns])
+    return state
+
+
 def write_json(path: str | Path, obj) -> Path:
     """Write a small JSON document atomically (stats, reports)."""
     with atomic_path(path) as tmp:

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from distilled_plugins.configs import load_yaml
-from distilled_plugins.generate import row_key
 from distilled_plugins.io import DataError, dumps_line, iter_jsonl, read_appended_jsonl, rewrite_jsonl
 from distilled_plugins.progress import Progress
+from distilled_plugins.schema import FINISH_REASONS_COLUMN, GENERATIONS_COLUMN, PROMPT_COLUMN, row_key
 
 logger = logging.getLogger("distilled_plugins.mf_generate")  # not __main__: evaluate relays these lines
 
@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     done_rows, bad = read_appended_jsonl(output)
     if bad:
         rewrite_jsonl(output, done_rows)
-    done = {row_key(r, args.key_column) for r in done_rows}
-    todo = [row for row in problems if row_key(row, args.key_column) not in done]
+    done = {row_key(r[args.key_column]) for r in done_rows}
+    todo = [row for row in problems if row_key(row[args.key_column]) not in done]
     if not todo:
         logger.info("all %d problems already have completions in %s", len(problems), output)
         return 0
@@ -293,9 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                     row = todo[i]
                     line = {
                         **row,
-                        "generations": list(texts),
-                        "finish_reasons": list(reasons),
-                        "prompt": row["problem"],
+                        GENERATIONS_COLUMN: list(texts),
+                        FINISH_REASONS_COLUMN: list(reasons),
+                        PROMPT_COLUMN: row["problem"],
                     }
                     os.write(fd, dumps_line(line))
             problems_done = len(todo) - len(results)

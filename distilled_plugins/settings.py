@@ -123,11 +123,17 @@ def flag_of(f: dataclasses.Field) -> str:
 
 
 def add_arguments(
-    parser: argparse.ArgumentParser, cls, exclude: Sequence[str] = (), optional: Sequence[str] = ()
+    parser: argparse.ArgumentParser,
+    cls,
+    exclude: Sequence[str] = (),
+    optional: Sequence[str] = (),
+    prefix: str = "",
 ) -> None:
     """Add one flag per described field of ``cls`` (defaults, help and choices from the field).
 
-    ``optional`` names required fields whose flag may be left out (the command checks them itself).
+    ``optional`` names required fields whose flag may be left out (the command checks them itself). ``prefix``
+    gives a second copy of a settings class its own flags and destinations (``prefix="judge_"``: ``--judge-max-rpm``
+    into ``args.judge_max_rpm``; read back with ``from_args(cls, args, prefix="judge_")``).
     """
     for f in described_fields(cls):
         if f.name in exclude or not f.metadata["cli"]:
@@ -135,7 +141,7 @@ def add_arguments(
         kind, is_list, _ = _base_type(f, cls)
         meta = f.metadata
         default = default_of(f)
-        options: dict[str, Any] = {"dest": f.name, "help": meta["help"]}
+        options: dict[str, Any] = {"dest": prefix + f.name, "help": meta["help"]}
         if meta["required"]:
             options["required"] = f.name not in optional
             options["default"] = None
@@ -151,7 +157,10 @@ def add_arguments(
                 options["choices"] = meta["choices"]
             if is_list:
                 options["nargs"] = "+"
-        parser.add_argument(flag_of(f), *meta["aliases"], **options)
+        if prefix:
+            parser.add_argument("--" + (prefix + f.name).replace("_", "-"), **options)
+        else:
+            parser.add_argument(flag_of(f), *meta["aliases"], **options)
 
 
 def coerce(cls, name: str, value: Any) -> Any:
@@ -180,9 +189,9 @@ def coerce(cls, name: str, value: Any) -> Any:
     return value
 
 
-def from_args(cls, args: argparse.Namespace, **extra):
+def from_args(cls, args: argparse.Namespace, prefix: str = "", **extra):
     """An instance of ``cls`` from parsed arguments (fields without a flag take ``extra`` or their default)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls) if hasattr(args, prefix + f.name)}
     return cls(**{**values, **extra})
 
 

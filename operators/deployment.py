@@ -10,7 +10,8 @@ of the same file renders the task's ``params``) read the same value, whatever im
 
     {"cpu_queue": "cpu", "npu_queue": "npu", "teacher_pool": "teacher", "training_pool": "npu_training",
      "defaults": {"seed_dataset": "/data/seed/seed.parquet", "output_root": "/distill", "num_generations": 4},
-     "retry_delay_seconds": 60, "seed_poll_seconds": 10, "watch_seed_seconds": 300}
+     "retry_delay_seconds": 60, "seed_poll_seconds": 10, "watch_seed_seconds": 300,
+     "approval": {"seed_refresh": true, "timeout_hours": 24, "on_timeout": "Reject"}}
 
 Every key is optional. Queues default to ``default`` (a LocalExecutor or a single Celery worker serves all
 tasks); pools default to none (``default_pool``). A pool named here must exist: create it with
@@ -18,7 +19,10 @@ tasks); pools default to none (``default_pool``). A pool named here must exist: 
 slot while it waits in the triggerer, so the cap holds although the Celery slot is freed). ``defaults`` maps
 ``distill_r1`` parameter names to values (an unknown name is refused when the DAG is parsed); its
 ``seed_dataset`` is also the file the ``distill_seed`` asset watches and its ``output_root`` the root
-``publish_model`` records under.
+``publish_model`` records under. ``approval`` sets the gate before fine-tuning (``operators/approval.py``): with
+``seed_refresh`` true, a run started by a seed refresh waits for a person's Approve after ``pack`` (runs started
+from the form follow its *Approve before fine-tuning* field); nobody answering within ``timeout_hours`` means
+``on_timeout`` (``Reject`` or ``Approve``).
 
 ``AIRFLOW_VAR_DISTILL_DEPLOYMENT`` in one process's environment would override the database for that process
 only (Airflow reads environment variables first): a worker built from another image would then run with other
@@ -44,7 +48,10 @@ DEFAULT_OUTPUT_ROOT = "/opt/airflow/distill"
 ROUTING_KEYS = {"cpu_queue", "npu_queue", "teacher_pool", "training_pool"}
 # key -> (default, minimum): seconds
 SECONDS = {"retry_delay_seconds": (60.0, 0.0), "seed_poll_seconds": (10.0, 0.1), "watch_seed_seconds": (300.0, 1.0)}
-KEYS = ROUTING_KEYS | set(SECONDS) | {"defaults"}
+# the approval gate before fine-tuning (operators/approval.py): whether runs a seed refresh starts wait for a
+# person, how long they wait, and what happens then
+APPROVAL_DEFAULTS = {"seed_refresh": False, "timeout_hours": 24.0, "on_timeout": "Reject"}
+KEYS = ROUTING_KEYS | set(SECONDS) | {"defaults", "approval"}
 
 # task kind -> (queue key, pool key)
 KINDS = {
@@ -69,7 +76,7 @@ def parse(text: str | None) -> dict:
     >>> parse('{"npu_qeue": "npu"}')
     Traceback (most recent call last):
     ...
-    operators.deployment.DeploymentConfigError: Variable distill_deployment: unknown key(s) npu_qeue; known: cpu_queue, defaults, npu_queue, retry_delay_seconds, seed_poll_seconds, teacher_pool, training_pool, watch_seed_seconds
+    operators.deployment.DeploymentConfigError: Variable distill_deployment: unknown key(s) npu_qeue; known: approval, cpu_queue, defaults, npu_queue, retry_delay_seconds, seed_poll_seconds, teacher_pool, training_pool, watch_seed_seconds
     """
     if not text or not text.strip():
         return {}
@@ -96,7 +103,35 @@ def parse(text: str | None) -> dict:
             f"Variable {VARIABLE}: defaults must be an object of distill_r1 parameter -> value, "
             f"got {config['defaults']!r}"
         )
+    approval = config.get("approval", {})
+    if not isinstance(approval, dict) or set(approval) - set(APPROVAL_DEFAULTS):
+        raise DeploymentConfigError(
+            f"Variable {VARIABLE}: approval must be an object with keys among {', '.join(APPROVAL_DEFAULTS)}, "
+            f"got {approval!r}"
+        )
+    gate = {**APPROVAL_DEFAULTS, **approval}
+    hours = gate["timeout_hours"]
+    if (
+        not isinstance(gate["seed_refresh"], bool)
+        or isinstance(hours, bool)
+        or not isinstance(hours, (int, float))
+        or hours <= 0
+        or gate["on_timeout"] not in ("Approve", "Reject")
+    ):
+        raise DeploymentConfigError(
+            f"Variable {VARIABLE}: approval needs seed_refresh true/false, timeout_hours > 0 and on_timeout "
+            f"Approve or Reject, got {approval!r}"
+        )
     return config
+
+
+def approval(config: dict) -> dict:
+    """The approval gate's settings (``seed_refresh``, ``timeout_hours``, ``on_timeout``), defaults filled in.
+
+    >>> approval({"approval": {"seed_refresh": True}})
+    {'seed_refresh': True, 'timeout_hours': 24.0, 'on_timeout': 'Reject'}
+    """
+    return {**APPROVAL_DEFAULTS, **config.get("approval", {})}
 
 
 def load() -> dict:

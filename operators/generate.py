@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 from typing import Any, ClassVar
 
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
 from distilled_plugins import generate
+from distilled_plugins.batch_api import BatchesRunning, BatchSettings, batch_folder, cancel_running
 from distilled_plugins.client import RequestSettings
 from distilled_plugins.settings import coerce, default_of
 from operators.hooks import CONNECTION_SETTINGS, TeacherEndpointHook
 from operators.pipeline import fails_clearly
 from operators.stage import StageOperator
+from operators.triggers import TeacherBatchTrigger
 from operators.xcom import with_fields
 
 _FIELDS = {f.name: f for f in dataclasses.fields(generate.GenerateConfig)}
@@ -32,6 +35,9 @@ _REQUEST_ARGUMENTS = (
 )
 # ... and for these, 0 too (no limit, price or budget can be 0)
 _ZERO_IS_UNSET = ("max_rpm", "max_tpm", "price_per_mtok_in", "price_per_mtok_out", "max_cost")
+# a deferred batch task gives up after this: the Batch API's window is 24 h (an expired batch is collected and its
+# unfinished requests go again in a follow-up batch, which defers anew)
+BATCH_DEFERRAL = timedelta(hours=26)
 
 
 class GenerateReasoningOperator(StageOperator):
@@ -46,10 +52,17 @@ class GenerateReasoningOperator(StageOperator):
     ``{"output": <jsonl path>, "stats": <stats json path>, "reused": <reused-rows list path, or "">}``: with a
     generation store the output holds only the rows this run generated, the list names those taken from the store,
     and :class:`MergeShardsOperator` joins both (see ``distilled_plugins.schema``).
+
+    ``teacher_mode="batch"`` sends the shard's requests to the first endpoint's Batch API: the task submits the
+    batches, defers while they run (:class:`~operators.triggers.TeacherBatchTrigger` polls them, the log shows each
+    batch's status and counts; no worker slot is held), collects them and defers again for follow-up batches of
+    failed requests. A retry or a cleared task re-attaches to the recorded batches; marking the deferred task
+    failed cancels them.
     """
 
     config_class = generate.GenerateConfig
     not_arguments = ("api_addr", "api_key", "endpoints", "retry")
+    nested: ClassVar[dict[str, type]] = {"batch": BatchSettings}  # teacher_mode, batch_poll_seconds, ...
     # prompt_template is not templated: its literal braces (\boxed{{}}) would be read as Jinja
     not_templated = ("prompt_template",)
     operator_arguments: ClassVar[dict[str, Any]] = {
@@ -62,6 +75,7 @@ class GenerateReasoningOperator(StageOperator):
         },
     }
     ui_color = "#e8f0fe"
+    batch_folder: str | None = None  # batch mode: where this task's batches are recorded (for on_kill)
 
     def request_settings(self, from_connection: dict) -> RequestSettings:
         """Each request setting: the operator's value where given, else the connection's extra, else the default."""
@@ -77,17 +91,37 @@ class GenerateReasoningOperator(StageOperator):
         return RequestSettings(**values)
 
     @fails_clearly
-    def execute(self, context: Context) -> dict:
+    def execute(self, context: Context) -> dict | None:
+        return self._generate(context)
+
+    @fails_clearly
+    def execute_complete(self, context: Context, event: dict) -> dict | None:
+        """A batch ended (batch mode): collect it, and defer again while others (or follow-ups) run."""
+        return self._generate(context)
+
+    def _generate(self, context: Context) -> dict | None:
         fleet = TeacherEndpointHook(self.teacher_conn_id).get_fleet()
         config = self.stage_config(endpoints=fleet.endpoints, retry=self.request_settings(fleet.settings))
+        if config.batch.batch:
+            self.batch_folder = str(batch_folder(config.output_file))
         try:
-            result = generate.run(config)
+            result = generate.run(config, wait_for_batches=False)
         except generate.BudgetReached as e:
             raise AirflowFailException(f"task {self.task_id}: {e}") from None
+        except BatchesRunning as e:
+            self.log.info("%s; deferring, looking every %g s", e, config.batch.batch_poll_seconds)
+            trigger = TeacherBatchTrigger(str(e.folder), self.teacher_conn_id, config.batch.batch_poll_seconds)
+            self.defer(trigger=trigger, method_name="execute_complete", timeout=BATCH_DEFERRAL)
         reused = str(result.reused_file) if result.reused_file else ""
         return with_fields(
             context, {"output": str(result.output_file), "stats": str(result.stats_file), "reused": reused}
         )
+
+    def on_kill(self) -> None:  # while the task runs (submitting, collecting); deferred, the trigger's on_kill
+        if self.batch_folder:
+            api = TeacherEndpointHook(self.teacher_conn_id).get_batch_api(self.batch_folder)
+            for line in cancel_running(self.batch_folder, api):
+                self.log.info("cancelled: %s", line)
 
 
 class MergeShardsOperator(BaseOperator):

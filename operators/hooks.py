@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 from airflow.sdk import BaseHook
 
+from distilled_plugins.batch_api import BatchAPI, BatchState
 from distilled_plugins.client import RequestSettings
 from distilled_plugins.endpoints import Endpoint, parse_endpoints
 from distilled_plugins.settings import coerce
@@ -88,3 +89,23 @@ class TeacherEndpointHook(BaseHook):
             except ValueError as e:
                 raise ValueError(f"connection {self.teacher_conn_id!r}: extra {e}") from None
         return TeacherFleet(endpoints, settings)
+
+    def get_batch_api(self, batch_folder: str) -> BatchAPI:
+        """The Batch API client of the endpoint a shard's batches went to (recorded in ``batch_folder``), with that
+        endpoint's key from the connection (the first endpoint's where the record names none yet)."""
+        endpoints = self.get_fleet().endpoints
+        url = BatchState.load(batch_folder).data.get("url") or endpoints[0].url
+        key = next((e.api_key for e in endpoints if e.url == url), endpoints[0].api_key)
+        return BatchAPI(url, key)
+
+
+class JudgeEndpointHook(TeacherEndpointHook):
+    """Rejection sampling's LLM judge: one or several OpenAI-compatible endpoints from an Airflow Connection, read
+    as the teacher's (host, port, schema, password = API key; ``extra``: more endpoints, rate limits, prices)."""
+
+    conn_name_attr = "judge_conn_id"
+    default_conn_name = "judge_default"
+    hook_name = "OpenAI-compatible judge endpoint (rejection sampling)"
+
+    def __init__(self, judge_conn_id: str = default_conn_name, **kwargs):
+        super().__init__(judge_conn_id, **kwargs)

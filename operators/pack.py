@@ -8,6 +8,7 @@ from pathlib import Path
 from airflow.sdk import Context
 
 from distilled_plugins import pack
+from distilled_plugins.schema import STATS_FILE
 from operators.assets import emit
 from operators.pipeline import fails_clearly
 from operators.stage import StageOperator
@@ -26,7 +27,7 @@ class PackDatasetOperator(StageOperator):
     @fails_clearly
     def execute(self, context: Context) -> str:
         out = Path(pack.run(self.stage_config()))
-        stats = json.loads((out / "stats.json").read_text())
+        stats = json.loads((out / STATS_FILE).read_text())
         emit(
             context,
             self,

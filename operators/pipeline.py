@@ -23,6 +23,7 @@ from airflow.sdk.exceptions import (
     DownstreamTasksSkipped,
 )
 
+from distilled_plugins.batch_api import BatchError
 from distilled_plugins.cli import one_line
 from distilled_plugins.client import FatalRequestError
 from distilled_plugins.finetune import FinetuneFailed, FinetuneStoppedByUser
@@ -85,8 +86,30 @@ def field_param(
     )
 
 
+# params that take only whole numbers: Airflow 3.3's trigger form shows "integer" and "number" fields alike and lets
+# a fraction through, which the API then refuses with a bare "Bad Request" toast that names no field. So the form
+# takes them as numbers, their descriptions say so, and the run's first task (choose_source) names the field.
+WHOLE_NUMBERS: set[str] = set()
+WHOLE_NUMBER_NOTE = "; a whole number (a fraction fails the run's first task, which names this field)"
+
+
+def whole_numbers_in_form(params: dict[str, Param]) -> dict[str, Param]:
+    """``params`` with each integer field made a number field that says it takes whole numbers (see above)."""
+    for name, param in params.items():
+        kinds = param.schema.get("type")
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        if "integer" in kinds:
+            WHOLE_NUMBERS.add(name)
+            numbers = ["number" if k == "integer" else k for k in kinds]
+            param.schema["type"] = numbers if len(numbers) > 1 else "number"
+            param.description = (param.description or "") + WHOLE_NUMBER_NOTE
+    return params
+
+
 # what to do when a task fails with an error the rules below do not name, by task id
 WHAT_TO_DO = {
+    "choose_source": "correct each setting named above in the trigger form (or create what it points to) and "
+    "trigger a new run",
     "shard_plan": "check the 'Generation shards' parameter",
     "generate": "check the teacher connection and model name; clearing the task resumes its shard, "
     "completions already received are kept",
@@ -124,6 +147,15 @@ RULES: list[tuple[type[BaseException], str | None, str | None, bool, str]] = [
         False,
         "the endpoint refused the request: correct the API key (the connection's password) or the model name "
         "as the server's message says, then clear the task",
+    ),
+    (
+        BatchError,
+        None,
+        None,
+        False,
+        "the teacher's Batch API refused the call: correct the API key (the connection's password) as the error "
+        "says, or set 'Teacher mode' to online if the server has no Batch API, then clear the task: batches "
+        "already submitted are re-attached, not paid twice",
     ),
     (
         GenerationIncomplete,

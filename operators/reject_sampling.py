@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from airflow.sdk import Context
 
 from distilled_plugins import reject_sampling
+from distilled_plugins.client import RequestSettings
 from distilled_plugins.schema import STATS_ROWS_IN, STATS_ROWS_OUT
 from operators.assets import emit
+from operators.hooks import JudgeEndpointHook
 from operators.pipeline import fails_clearly
 from operators.stage import StageOperator
 from operators.xcom import with_fields
@@ -18,15 +22,24 @@ class RejectSamplingOperator(StageOperator):
     Takes the fields of :class:`~distilled_plugins.reject_sampling.RejectSamplingConfig`. Grading runs in worker
     processes, never in the task process (math_verify's ``signal.alarm`` would cancel Airflow's
     ``execution_timeout``). Output is written atomically, so a retry rewrites the same files.
+    ``judge_conn_id`` names the Connection of an LLM judge asked about what math_verify rejects (see
+    :class:`JudgeEndpointHook`; empty: no judge); its verdicts are cached in ``judge_cache_dir``, so a retry or a
+    rerun asks only what it has not answered yet.
     Returns ``{"output": <jsonl>, "verdicts": <jsonl>, "stats": <json>}``.
     """
 
     config_class = reject_sampling.RejectSamplingConfig
+    not_arguments = ("judge_api_addr", "judge_api_key", "judge_endpoints", "judge_requests")
+    operator_arguments: ClassVar[dict[str, Any]] = {"judge_conn_id": None}
     ui_color = "#fef3e0"
 
     @fails_clearly
     def execute(self, context: Context) -> dict:
-        result = reject_sampling.run(self.stage_config())
+        judge = {}
+        if self.judge_conn_id not in (None, "", "None"):  # the connection's endpoints and request settings
+            fleet = JudgeEndpointHook(self.judge_conn_id).get_fleet()
+            judge = {"judge_endpoints": fleet.endpoints, "judge_requests": RequestSettings(**fleet.settings)}
+        result = reject_sampling.run(self.stage_config(**judge))
         stats = result.stats
         emit(
             context,
@@ -36,6 +49,7 @@ class RejectSamplingOperator(StageOperator):
                 "kept": stats[STATS_ROWS_OUT],
                 "rejected": stats[STATS_ROWS_IN] - stats[STATS_ROWS_OUT],
                 "generations_correct": stats["generations_correct"],
+                "judge_recovered": (stats["judge"] or {}).get("recovered", 0),
             },
         )
         return with_fields(

@@ -1,34 +1,82 @@
-"""The tutorial's three ways into the pipeline, as tasks: pick the entry point, check its input, find the seed.
+"""The tutorial's three ways into the pipeline, as tasks: check the run's inputs and pick the entry point, check its
+input, find the seed.
 
-``choose_source`` branches on the ``source`` parameter; the stages that do not apply are skipped (and shown so
-in the grid). ``generate`` runs everything from a seed (the triggering seed event's, or the ``seed_dataset``
+``choose_source``, the run's first task, checks every input the chosen entry point will need
+(:mod:`distilled_plugins.preflight`: the seed and its columns, the tokenizer, the fine-tune profile and base
+checkpoint, the evaluation set, the connections, the output folder) and fails at once with one line per problem,
+before anything is spent; then it branches on the ``source`` parameter, and the stages that do not apply are
+skipped (and shown so in the grid). ``generate`` runs everything from a seed (the triggering seed event's, or the ``seed_dataset``
 parameter for manual runs); ``openr1_dataset`` starts at ``handle`` from OpenR1-Math-220k's distilled parquet
 (1.3.2, option 1); ``packed_dataset`` starts at ``finetune`` from an already packed dataset (option 2).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
-from airflow.sdk import get_current_context, task
+from airflow.providers.standard.operators.branch import BaseBranchOperator
+from airflow.sdk import Context, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from distilled_plugins import preflight
 from distilled_plugins import seed as seeds
+from distilled_plugins.schema import STATS_FILE
 from operators.assets import seed_from_event
+from operators.hooks import TeacherEndpointHook
+from operators.pipeline import WHOLE_NUMBERS, fails_clearly
 
 logger = logging.getLogger(__name__)
 
 SOURCES = {"generate": "seed", "openr1_dataset": "from_openr1", "packed_dataset": "from_packed"}
 
 
-@task.branch
-def choose_source(source: str) -> str:
-    """The first task of the chosen entry point; the others' tasks are skipped."""
-    if source not in SOURCES:
-        raise AirflowFailException(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
-    logger.info("entry point %s: starting at task %s", source, SOURCES[source])
-    return SOURCES[source]
+def connection_problem(conn_id: str) -> str | None:
+    """What is wrong with an OpenAI-compatible endpoint's connection (missing, no host), or None."""
+    try:
+        TeacherEndpointHook(conn_id).get_fleet()
+    except Exception as e:  # AirflowNotFoundException, ValueError: one line either way
+        return f"connection {conn_id!r}: {str(e).strip().splitlines()[0]}"
+    return None
+
+
+class ChooseSourceOperator(BaseBranchOperator):
+    """The run's first task: checks the inputs of the run's entry point, then continues with its first task.
+
+    Every problem is one line of the log and of the error (named by the form's titles); the task fails at once,
+    without retries. The seed checked is the one the run will read: the triggering event's, else the parameter.
+    """
+
+    ui_color = "#fff7e6"
+
+    @fails_clearly
+    def choose_branch(self, context: Context) -> str:
+        params = context["params"]
+        run = preflight.RunInputs(
+            **{f.name: params[f.name] for f in dataclasses.fields(preflight.RunInputs) if f.name in params},
+            whole_numbers={name: params[name] for name in sorted(WHOLE_NUMBERS) if name in params},
+        )
+        if run.source == "generate":
+            run.seed_dataset = seed_from_event(context, run.seed_dataset)["seed"]
+        found = preflight.problems(run, connection_problem, _titles(context))
+        for line in found:
+            self.log.error("%s", line)
+        if found:
+            raise AirflowFailException(f"{len(found)} input(s) of this run are missing or wrong: " + " | ".join(found))
+        self.log.info("every input of entry point %s is there: starting at task %s", run.source, SOURCES[run.source])
+        return SOURCES[run.source]
+
+
+def _titles(context: Context) -> dict[str, str]:
+    """Each parameter's label in the trigger form, to name it as the user saw it."""
+    titles = {}
+    for name in context["params"]:
+        try:
+            titles[name] = context["dag"].params.get_param(name).schema.get("title") or name
+        except (AttributeError, KeyError):
+            titles[name] = name
+    return titles
 
 
 @task(multiple_outputs=True)
@@ -73,7 +121,7 @@ def from_packed(path: str) -> str:
     """Check the packed dataset is a stage 4 output (a ``save_to_disk`` folder with ``stats.json``)."""
     folder = Path(path)
     has_data = any(folder.glob("*.arrow")) or (folder / "dataset_info.json").exists()
-    if not (folder / "stats.json").is_file() or not has_data:
+    if not (folder / STATS_FILE).is_file() or not has_data:
         raise AirflowFailException(
             f"packed_dataset {path}: not a packed dataset folder (stats.json and the arrow files of "
             "`python -m distilled_plugins.pack`) -- pack it first or set the packed_dataset parameter"

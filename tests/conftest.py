@@ -216,3 +216,22 @@ def tiny_checkpoint(tiny_packed, tmp_path_factory):
         )
     )
     return Path(result.checkpoint_dir)
+
+
+@pytest.fixture
+def batch_teacher():
+    """Start a local Batch API (``devtools/batch_server.py``) over a replay teacher for one test:
+    ``batch_teacher(answer=None, **options)`` -> ``(BatchTeacher, url)``; options as :class:`BatchTeacher` takes
+    them (``hold``, ``fail_first``, ``expire_after``, ``seconds_per_request``, ``max_requests``, ``api_key``...)."""
+    from distilled_plugins.devtools.batch_server import BatchTeacher
+
+    servers = []
+
+    def start(answer=None, **options):
+        provider = BatchTeacher(ReplayTeacher(answer or answer_with_solution), **options)
+        servers.append(ServerThread(provider.app()).__enter__())
+        return provider, servers[-1].url
+
+    yield start
+    for server in servers:
+        server.__exit__(None, None, None)

@@ -7,13 +7,17 @@ test module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
 
 from distilled_plugins import generate
 from distilled_plugins.client import RetryPolicy
@@ -153,7 +157,7 @@ def generate_config(seed, tmp_path, url, **overrides) -> generate.GenerateConfig
 
 def keys_of(path, column="problem") -> list[str]:
     """Row keys of a generations file, in file order."""
-    return [generate.row_key(row, column) for row in read_jsonl(path)]
+    return [generate.row_key(row[column]) for row in read_jsonl(path)]
 
 
 # ---- processes and waiting ------------------------------------------------------------------------------------
@@ -214,7 +218,7 @@ def in_memory_merge(paths, uuid_column: str) -> bytes:
     by_key = {}
     for path in paths:
         for row in read_jsonl(path):
-            by_key.setdefault(generate.row_key(row, uuid_column), row)
+            by_key.setdefault(generate.row_key(row[uuid_column]), row)
     return b"".join(json.dumps(by_key[key], ensure_ascii=False).encode() + b"\n" for key in sorted(by_key))
 
 
@@ -234,3 +238,77 @@ class XComTI:
 
     def xcom_pull(self, task_ids: str, key: str, map_indexes: int):
         return self.xcom.get((task_ids, map_indexes, key))
+
+
+# ---- a real browser (headless Chromium driven by selenium) ----
+
+BROWSER_WAIT = 120  # seconds: a loaded 2-core machine renders slowly
+
+
+def chromium(shots: Path):
+    """A headless Chromium; a missing browser skips the test, except under CI=true where it fails it."""
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        browser = None
+    if not (browser and driver):
+        message = "headless Chromium is missing: apt-get install -y chromium chromium-driver; pip install selenium"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1400,1100",
+    ):
+        options.add_argument(arg)
+    options.binary_location = browser
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+class Page:
+    """The browser with numbered screenshots; ``fail`` names them all."""
+
+    def __init__(self, driver, shots: Path):
+        self.driver, self.shots, self.taken = driver, shots, []
+        shots.mkdir(parents=True, exist_ok=True)
+
+    def shot(self, name: str) -> Path:
+        path = self.shots / f"{len(self.taken) + 1:02d}-{name}.png"
+        self.driver.save_screenshot(str(path))
+        self.taken.append(path)
+        return path
+
+    def wait(self, condition, what: str, timeout: float = BROWSER_WAIT):
+        from selenium.common.exceptions import TimeoutException
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        try:
+            return WebDriverWait(self.driver, timeout, poll_frequency=0.5).until(lambda _: condition())
+        except TimeoutException:
+            self.shot("timeout")
+            raise AssertionError(f"waited {timeout:g} s for {what}; screenshots: {self.listing()}") from None
+
+    def listing(self) -> str:
+        return ", ".join(str(p) for p in self.taken)
+
+
+@contextlib.contextmanager
+def browser(shots: Path) -> Iterator[Page]:
+    """A headless Chromium :class:`Page`; a failure inside names every screenshot taken (an unexpected error takes
+    one more first), and the browser quits however the block ends."""
+    page = Page(chromium(shots), shots)
+    try:
+        yield page
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nscreenshots: {page.listing()}") from None
+    except Exception as e:
+        page.shot("error")
+        raise AssertionError(f"{type(e).__name__}: {e}\nscreenshots: {page.listing()}") from e
+    finally:
+        page.driver.quit()

@@ -274,11 +274,6 @@ CASES = [
         ),
         "'generations' must be a string or a list of strings, got int",
     ),
-    Case(
-        "evaluate refuses to mix completions made with other settings",
-        lambda tmp, s: ("evaluate", ["--rescore", _completions(tmp / "other.jsonl"), "--out", _evaluated(tmp)]),
-        "holds completions made with other settings (source differ)",
-    ),
 ]
 
 
@@ -315,15 +310,6 @@ def _parquet(path: Path) -> Path:
 
 def _completions(path: Path) -> Path:
     return write_jsonl(path, [{"problem": "1+1?", "answer": "2", "generations": ["$\\boxed{2}$"]}])
-
-
-def _evaluated(tmp: Path) -> Path:
-    """An evaluation folder whose completions came from another source (a stored completions.jsonl and its record)."""
-    out = tmp / "e"
-    done = run_cli("evaluate", "--rescore", _completions(tmp / "first.jsonl"), "--out", out, "--workers", 1)
-    assert done.returncode == 0, done.stderr
-    (out / "completions.jsonl").write_text(json.dumps({"unique_id": "x", "generations": ["$2$"]}) + "\n")
-    return out
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -11,6 +11,7 @@ from distilled_plugins import evaluate, generate
 from distilled_plugins.client import RequestSettings
 from distilled_plugins.endpoints import Endpoint, TokenBucket, parse_duration, parse_endpoints
 from distilled_plugins.generate import BudgetReached
+from distilled_plugins.schema import STATS_FILE, stats_path
 from tests.support import FAST_RETRY, MATH500, answer_with_solution, keys_of, math_train_rows, read_jsonl, write_jsonl
 from tests.support import generate_config as config
 
@@ -92,9 +93,19 @@ class TestRateLimits:
         replay, url = replay_teacher()
         generate.run(config(seed, tmp_path, url, num_generations=1, max_concurrent=8, retry=fast(max_rpm=600)))
         times = sorted(replay.request_times)
-        # a burst of 10 (one second's worth), then 10 a second: 25 requests need at least 1.5 s
-        assert times[-1] - times[0] >= 1.4
+        # at most 10 in any 1.05 s (endpoints.RequestWindow): 25 requests need at least 2.1 s
+        assert times[-1] - times[0] >= 2.0
         assert replay.requests == 25
+
+    def test_max_rpm_keeps_each_wall_clock_second_within_the_limit(self, replay_teacher, tmp_path):
+        seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(40))
+        replay, url = replay_teacher(rate_limit_rpm=600, rate_limit_per_second=True, retry_after="1")  # 10 a second
+        result = generate.run(
+            config(seed, tmp_path, url, num_generations=1, max_concurrent=16, retry=fast(max_rpm=600))
+        )
+        assert len(read_jsonl(result.output_file)) == 40
+        # a token bucket of a second's worth put up to 20 into one second (2-5% refused at 1,200 RPM)
+        assert replay.refused <= 1, replay.refused
 
     def test_token_bucket_and_durations(self):
         bucket = TokenBucket(per_minute=600)  # 10/s, capacity 10
@@ -179,7 +190,8 @@ class TestEvaluationUsesTheSameClient:
         assert report["pass@1"] == 100.0 and report["samples"] == 12
         assert first.requests > 1 and second.requests > 0 and first.requests + second.requests == 12 + 1
         assert all(p["stream"] is True for p in first.seen_payloads + second.seen_payloads)
-        stats = json.loads((tmp_path / "eval" / "completions.stats.json").read_text())
+        completions = json.loads((tmp_path / "eval" / STATS_FILE).read_text())["completions"]
+        stats = json.loads(stats_path(completions).read_text())
         assert stats["retries"] == {"stream_cut": 1} and set(stats["endpoints"]) == {url1, url2}
 
 

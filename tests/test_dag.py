@@ -50,6 +50,9 @@ def test_dag_parses_light_and_every_param_is_a_labelled_form_field():
         "node_ranks",
         "finetune",
         "evaluate",
+        "approve_finetune",
+        "report",
+        "fail_if_stopped",
     ]
     titles = set()
     for name, (description, schema, _) in info["params"].items():
@@ -181,6 +184,7 @@ def test_an_error_no_retry_can_fix_fails_at_once_with_a_specific_line(tmp_path, 
 def test_errors_are_told_apart_by_kind_and_task():
     from airflow.sdk.exceptions import AirflowNotFoundException
 
+    from distilled_plugins.batch_api import BatchError
     from distilled_plugins.client import FatalRequestError
     from distilled_plugins.finetune import FinetuneFailed
     from distilled_plugins.generate import GenerationIncomplete
@@ -197,6 +201,7 @@ def test_errors_are_told_apart_by_kind_and_task():
             "start the endpoint",
         ),
         ("generate", GenerationIncomplete("3 rows failed")): (True, "missing rows"),
+        ("generate", BatchError("POST http://t/v1/files: HTTP 404: not found -- no Batch API")): (False, "online"),
         ("generate", AirflowNotFoundException("The conn_id `teacher_default` isn't defined")): (False, "Connections"),
         ("reject_sampling", DataError("seed.jsonl: column 'answer' not found; columns present: a")): (
             False,

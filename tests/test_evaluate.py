@@ -63,6 +63,40 @@ def test_wrong_answers_score_0_truncations_counted_and_resume(replay_teacher, tm
     assert teacher.requests == before
 
 
+def test_completions_are_kept_per_source_and_settings_never_refused_never_mixed(replay_teacher, tmp_path):
+    """A rerun after a new fine-tune (another source) makes new completions beside the old ones; the same source
+    again reuses its own; --fresh makes them again (the DAG's evaluate, cleared after finetune reran)."""
+    teacher, url = replay_teacher(lambda problem: "$\\boxed{1}$")
+    first = EvalConfig(out=str(tmp_path), api_addr=url, model="model-a", limit=3, protocol=Protocol(n_samples=1))
+    second = EvalConfig(out=str(tmp_path), api_addr=url, model="model-b", limit=3, protocol=Protocol(n_samples=1))
+    evaluate.run(first)
+    assert teacher.requests == 3
+    report = json.loads(evaluate.run(second).read_text())
+    assert teacher.requests == 6 and "model-b" in report["protocol"]["completions"]
+    folders = sorted((tmp_path / "completions").iterdir())
+    assert len(folders) == 2 and all((f / "completions.jsonl").exists() for f in folders)
+    evaluate.run(first)  # back to the first source: its completions are still there
+    assert teacher.requests == 6
+    assert json.loads((tmp_path / "stats.json").read_text())["completions"].startswith(str(tmp_path / "completions"))
+    evaluate.run(EvalConfig(**{**first.__dict__, "fresh": True}))
+    assert teacher.requests == 9
+
+
+def test_a_checkpoint_rewritten_in_place_is_another_source(tmp_path):
+    checkpoint = tmp_path / "checkpoint" / "rank_0"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.ckpt").write_bytes(b"weights of the first training")
+    cfg = EvalConfig(out=str(tmp_path / "e"), checkpoint=str(checkpoint.parent), mindformers_config="tiny.yaml")
+    before = evaluate.completions_folder(cfg)
+    (checkpoint / "model.ckpt").write_bytes(b"weights of a second training, longer")
+    after = evaluate.completions_folder(cfg)
+    assert before != after and before.parent == after.parent == tmp_path / "e" / "completions"
+    assert json.loads((after / evaluate.SETTINGS_FILE).read_text())["source"]["checkpoint_files"][0][0] == (
+        "rank_0/model.ckpt"
+    )
+    assert evaluate.completions_folder(cfg) == after  # unchanged files: the same folder
+
+
 def test_baseline_difference(replay_teacher, reference_answers, tmp_path):
     half = {p: (s if i % 2 else "no idea") for i, (p, s) in enumerate(reference_answers.items())}
     _replay, half_url = replay_teacher(replay_answer(half))
@@ -106,7 +140,7 @@ def test_mindformers_generation_from_the_tiny_checkpoint(tiny_checkpoint, tmp_pa
     )
     report = json.loads(evaluate.run(cfg).read_text())
     assert report["problems"] == 3 and report["samples"] == 6
-    completions = read_jsonl(tmp_path / "completions.jsonl")
+    completions = read_jsonl(json.loads((tmp_path / "stats.json").read_text())["completions"])
     assert [len(r["generations"]) for r in completions] == [2, 2, 2]
     assert all(reason in ("stop", "length") for r in completions for reason in r["finish_reasons"])
     assert report["truncated"] == sum(r["finish_reasons"].count("length") for r in completions)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -18,8 +19,9 @@ import pytest
 from distilled_plugins import configs, finetune
 from distilled_plugins.devtools.local_airflow import free_port
 from distilled_plugins.finetune import FinetuneConfig, FinetuneFailed
+from distilled_plugins.finetune.config import checkpoint_step, resume_point
 from distilled_plugins.io import DataError
-from tests.support import TINY_ROWS, wait_until
+from tests.support import TINY_ROWS, cli_command, cli_env, wait_until
 
 TINY = str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml")
 
@@ -75,7 +77,8 @@ def test_one_worker_stop_resume_and_finished_retry(tiny_packed, tmp_path):
     assert Path(result.loss_curve).read_bytes()[:4] == b"\x89PNG"
     assert Path(result.checkpoint_dir) == job / "checkpoint" and (job / "checkpoint" / "rank_0").is_dir()
     run_config = configs.load_yaml(job / "run_config.yaml")
-    assert run_config["resume_training"] is True and run_config["load_checkpoint"] == str(job / "checkpoint")
+    assert run_config["load_checkpoint"] == str(job / "checkpoint")  # the checkpoint resumed, named for every rank
+    assert checkpoint_step(job / "checkpoint" / "rank_0" / run_config["resume_training"]) == result.resumed_from_step
     assert "CPU accommodations" in (job / "msrun_log" / "worker_0.log").read_text()
 
     worker_log = job / "msrun_log" / "worker_0.log"
@@ -108,22 +111,95 @@ def test_two_workers_train_data_parallel(tiny_packed, tmp_path):
     assert (job / "checkpoint" / "rank_1").is_dir()
 
 
+def workers_of(job: Path) -> dict[str, psutil.Process]:
+    """The training workers of a job by their log's name (a worker's stdout is its log; msrun's scheduler, also
+    a train.py process, writes scheduler.log)."""
+    found = {}
+    for proc in job_processes(job):
+        with contextlib.suppress(OSError):
+            log = os.readlink(f"/proc/{proc.pid}/fd/1")
+            if log.startswith(str(job / "msrun_log" / "worker_")):
+                found[Path(log).name] = proc
+    return found
+
+
 @pytest.mark.slow
-def test_killed_worker_fails_with_its_log_tail(tiny_packed, tmp_path):
-    cfg = tiny(tiny_packed, tmp_path / "out")
-    launched = finetune.launch(cfg)
-    log = Path(launched.job_dir) / "msrun_log" / "worker_0.log"
-    wait_for(lambda: log.exists() and "step:[    2/" in log.read_text(), 240, "step 2")
-    # the worker is "python .../train.py --config ..."; the supervisor and msrun only pass train.py along
-    worker = next(p for p in job_processes(tmp_path) if p.cmdline()[1:2] and p.cmdline()[1].endswith("train.py"))
+def test_a_dead_worker_fails_the_cli_at_once_and_a_rerun_after_a_dead_supervisor_resumes(tiny_packed, tmp_path):
+    """Two workers on one node, through the CLI. A worker SIGKILLed (as the OOM killer would) fails the node within
+    60 s with that worker's log tail, although msrun itself would wait for its scheduler (MS_NODE_TIMEOUT, 600 s).
+    Then the CLI and its supervisor killed together, and a rerun at once: the dead supervisor is known at once on
+    this host (no re-attaching), what it left is stopped, and the rerun resumes from the newest checkpoint."""
+    out = tmp_path / "out"
+    args = (
+        f"--config={TINY}",
+        f"--dataset-path={tiny_packed}",
+        f"--output-dir={out}",
+        "--worker-num=2",
+        f"--master-port={free_port()}",
+        "--poll-interval=0.5",
+        "--set",
+        "callbacks.1.save_checkpoint_steps=2",  # 5 steps of 2 rows: a checkpoint at step 2, time to kill after it
+    )
+
+    clis = []
+
+    def start(name: str) -> subprocess.Popen:
+        clis.append(
+            subprocess.Popen(
+                cli_command("finetune", *args),
+                stdout=open(tmp_path / name, "w"),
+                stderr=subprocess.STDOUT,
+                env=cli_env(),
+            )
+        )
+        return clis[-1]
+
+    try:
+        _kill_a_worker_then_the_supervisor(out, tmp_path, start)
+    finally:  # a failed check leaves nothing training
+        for proc in [*clis, *job_processes(out)]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                proc.kill()
+
+
+def _kill_a_worker_then_the_supervisor(out: Path, tmp_path: Path, start) -> None:
+    first = start("first.log")
+    job = wait_for(lambda: next(out.glob("job-*"), None), 120, "the job folder")
+    wait_for(lambda: finetune.latest_step_checkpoint(job / "checkpoint") >= 2, 300, "a checkpoint at step 2")
+    name, worker = sorted(workers_of(job).items())[1]
     worker.kill()
-    state = finetune.wait(launched, 0.5)
-    with pytest.raises(FinetuneFailed, match="msrun of node 0 exited with code") as info:
-        finetune.collect(cfg, launched, state)
-    message = str(info.value)
-    assert "last lines of " + str(log) in message
-    assert "(last progress: epoch 1/1 step " in message and len(message.splitlines()) > 10
-    wait_for(lambda: job_processes(tmp_path) == [], 30, "no orphan processes")
+    killed = time.monotonic()
+    assert first.wait(timeout=60) == 1, (tmp_path / "first.log").read_text()[-3000:]
+    assert time.monotonic() - killed < 60
+    said = (tmp_path / "first.log").read_text()
+    assert f"training worker process {worker.pid} died (exit code -9, killed by signal 9)" in said
+    tail = said.split(f"last lines of {job / 'msrun_log' / name}:\n")[1]  # the dead worker's log, not another's
+    assert len(tail.splitlines()) > 10 and "Epoch:[" in (job / "msrun_log" / name).read_text()
+    wait_for(lambda: job_processes(job) == [], 30, "no process of the failed node left")
+
+    second = start("second.log")
+    wait_for(lambda: "resumed from step " in (tmp_path / "second.log").read_text(), 120, "the retry to resume")
+    # a step of the retry first: a retry killed while mindformers sets up its resume leaves no resume record
+    wait_for(lambda: _progress_unless_ended(job, second, tmp_path / "second.log"), 300, "a step of the retry")
+    supervisor = psutil.Process(json.loads((job / "node-0.json").read_text())["pid"])
+    second.kill()  # the task and its supervisor die together (a host's OOM killer, a killed container)
+    supervisor.kill()
+    second.wait()
+    assert len(workers_of(job)) == 2, "msrun and its workers outlive the supervisor"
+
+    third = start("third.log")
+    assert third.wait(timeout=600) == 0, (tmp_path / "third.log").read_text()[-3000:]
+    said = (tmp_path / "third.log").read_text()
+    assert "the supervisor recorded on this host is dead" in said and "re-attaching" not in said
+    metrics = json.loads((job / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= 2 and metrics["steps"][-1]["step"] == TINY_ROWS // 2
+    assert job_processes(job) == []
+
+
+def _progress_unless_ended(job: Path, cli: subprocess.Popen, log: Path) -> str | None:
+    if cli.poll() is not None:
+        raise AssertionError(f"the retry ended (exit code {cli.returncode}):\n{log.read_text()[-3000:]}")
+    return finetune.latest_progress(job)
 
 
 @pytest.mark.slow
@@ -191,6 +267,23 @@ class TestRunSettings:
         # a different run: a different job folder (the fingerprint covers the resolved YAML)
         assert job_dir_of(tiny(tiny_packed, tmp_path, epochs=3)) != job_dir_of(tiny(tiny_packed, tmp_path))
 
+    def test_packed_again_with_the_same_rows_is_the_same_job_and_other_rows_another(self, tiny_packed, tmp_path):
+        """Clearing pack (and its downstream tasks) writes the same rows to new files: fine-tuning reuses its job."""
+        packed = Path(shutil.copytree(tiny_packed, tmp_path / "packed"))
+        first = job_dir_of(tiny(packed, tmp_path))
+        for path in packed.iterdir():  # the same rows, new files (mtimes), as pack writes them again
+            if path.is_file():
+                content = path.read_bytes()
+                path.unlink()
+                time.sleep(0.01)
+                path.write_bytes(content)
+        stats = json.loads((packed / "stats.json").read_text())
+        (packed / "stats.json").write_text(json.dumps({**stats, "seconds": 123.4}))  # another run's timings
+        assert job_dir_of(tiny(packed, tmp_path)) == first
+        arrow = next(packed.glob("*.arrow"))
+        arrow.write_bytes(arrow.read_bytes() + b"\0")  # other rows
+        assert job_dir_of(tiny(packed, tmp_path)) != first
+
     def test_the_cli_takes_them_and_dst_names_the_output(self):
         from distilled_plugins.finetune.__main__ import build_parser
 
@@ -256,10 +349,43 @@ def test_a_failing_node_fails_every_node_with_its_log_tail(tiny_packed, tmp_path
     worker1.kill()
     assert [node.wait(timeout=300) for node in nodes] == [1, 1]
     stop = json.loads((job / "stop.json").read_text())
-    assert stop["reason"].startswith("node 1 failed (msrun exit code") and stop["host"] == "node1"
+    # the worker named when the supervisor saw msrun report it, else msrun's exit code (msrun ended first)
+    assert stop["reason"].startswith("node 1 failed (")
+    assert stop["host"] == "node1"
     node0 = (tmp_path / "node0.log").read_text()
     assert (
         "stopped: node 1 failed" in node0
         and "node 1's last lines of " + str(job / "msrun_log" / "worker_1.log") in node0
     )
     wait_for(lambda: job_processes(tmp_path) == [], 60, "no process of either node left")
+
+
+def _save_checkpoint(path: Path, step: int, bytes_written: int | None = None) -> None:
+    """A safetensors file holding mindformers' ``step_num`` (``bytes_written``: cut short, as by a kill mid-save)."""
+    header = json.dumps({"step_num": {"dtype": "I64", "shape": [], "data_offsets": [0, 8]}}).encode()
+    data = len(header).to_bytes(8, "little") + header + step.to_bytes(8, "little")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data[:bytes_written])
+
+
+class TestResumePoint:
+    def test_the_newest_checkpoint_every_rank_finished_by_the_step_it_holds(self, tmp_path):
+        for rank in (0, 1):
+            _save_checkpoint(tmp_path / f"rank_{rank}/tiny_rank_{rank}-1_2.safetensors", 2)
+            _save_checkpoint(tmp_path / f"rank_{rank}/tiny_rank_{rank}_1-1_2.safetensors", 4)  # named after a resume
+            (tmp_path / f"rank_{rank}/meta.json").write_text(
+                json.dumps({"last_ckpt_file": f"tiny_rank_{rank}_1-1_2.safetensors"})
+            )
+        assert resume_point(tmp_path) == finetune.config.ResumePoint(4, "tiny_rank_0_1-1_2.safetensors")
+        # rank 1 killed while saving step 6: its file is there, cut short, and its meta.json still names step 4
+        _save_checkpoint(tmp_path / "rank_0/tiny_rank_0_1-1_3.safetensors", 6)
+        (tmp_path / "rank_0/meta.json").write_text(json.dumps({"last_ckpt_file": "tiny_rank_0_1-1_3.safetensors"}))
+        _save_checkpoint(tmp_path / "rank_1/tiny_rank_1_1-1_3.safetensors", 6, bytes_written=20)
+        assert resume_point(tmp_path).step == finetune.latest_step_checkpoint(tmp_path) == 4
+
+    def test_none_until_every_rank_finished_one(self, tmp_path):
+        assert resume_point(tmp_path) is None and finetune.latest_step_checkpoint(tmp_path) == 0
+        _save_checkpoint(tmp_path / "rank_0/tiny_rank_0-1_2.safetensors", 2)
+        (tmp_path / "rank_0/meta.json").write_text(json.dumps({"last_ckpt_file": "tiny_rank_0-1_2.safetensors"}))
+        _save_checkpoint(tmp_path / "rank_1/tiny_rank_1-1_2.safetensors", 2, bytes_written=20)  # no meta.json yet
+        assert resume_point(tmp_path) is None

@@ -84,6 +84,6 @@ def test_a_killed_supervisor_fails_the_task_with_the_log_tail(airflow, tiny_pack
     psutil.Process(supervisor).kill()  # as if its container went away; msrun and the worker are left behind
     assert airflow.wait_for_run(DAG_ID, run_id, timeout=240, progress=False) == "failed"
     log = task_log(airflow, run_id)
-    assert "training node 0 of" in log and "dead (no heartbeat for" in log
+    assert "training node 0 of" in log and "dead (its supervisor on this host is gone" in log  # known at once here
     assert "last lines of" in log and "worker_0.log" in log
     wait_for(lambda: not job_processes(tmp_path), 60, "the leftovers of the job to be stopped")

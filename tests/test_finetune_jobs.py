@@ -133,6 +133,26 @@ class TestSupervisor:
         assert outcome[0].startswith("killed 1 process")
         wait_for(lambda: not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE, 30, "the orphan to end")
 
+    def test_a_dead_supervisor_of_this_machine_is_dead_at_once_and_a_rerun_kills_what_it_left(self, tmp_path, caplog):
+        caplog.set_level(logging.WARNING)
+        record = self.start(tmp_path, ["sleep", "300"])
+        assert record.boot_id == jobs.boot_id() != ""
+        orphan = wait_for(
+            lambda: [p for p in psutil.Process(record.pid).children() if p.name() == "sleep"], 30, "the command"
+        )[0]
+        psutil.Process(record.pid).kill()
+        wait_for(lambda: not jobs.is_mine(record)[0], 30, "the supervisor to be gone")
+        assert jobs.heartbeat_age(JobPaths(tmp_path), 0) < 60  # fresh, yet known dead: same host, same boot
+        assert finetune.node_state(tmp_path, 0, 60) == "dead"
+        assert jobs.running_node(tmp_path, 0, dead_after=60) is None  # not re-attached
+        assert "the supervisor recorded on this host is dead" in caplog.text and "killed the 1 process" in caplog.text
+        wait_for(lambda: not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE, 30, "the orphan to end")
+
+    def test_on_another_boot_the_heartbeat_decides(self, sleeper, tmp_path):
+        record_for(tmp_path, psutil.Process(sleeper.pid), pid=2**22 + 7, boot_id="another-boot")  # no such pid
+        JobPaths(tmp_path).heartbeat(0).touch()
+        assert finetune.node_state(tmp_path, 0, 60) == "running"
+
 
 class TestFingerprint:
     def cfg(self, packed: Path, out: Path, **kw) -> finetune.FinetuneConfig:
@@ -147,8 +167,12 @@ class TestFingerprint:
         assert finetune.find_job(self.cfg(packed, out, master_port=9999, poll_interval=1)).job_dir == first.job_dir
         Path(first.job_dir).mkdir(parents=True)
         changed_config = finetune.find_job(self.cfg(packed, out, overrides={"runner_config.epochs": 2}))
-        stats = packed / "stats.json"
-        stats.write_text(stats.read_text())  # packed again: same bytes, new mtime
+        for path in packed.rglob("*"):  # packed again with the same rows: new files, the same job
+            if path.is_file():
+                path.write_bytes(path.read_bytes())
+        assert finetune.find_job(self.cfg(packed, out)).job_dir == first.job_dir
+        arrow = next(packed.rglob("*.arrow"))
+        arrow.write_bytes(arrow.read_bytes() + b"\0")  # other rows: a new job
         caplog.set_level(logging.INFO)
         repacked = finetune.find_job(self.cfg(packed, out))
         assert len({first.job_dir, changed_config.job_dir, repacked.job_dir}) == 3
@@ -175,8 +199,8 @@ class TestTheJobATaskStartedIsTheOneItStops:
         op._remember_job({"ti": ti}, str(job_dir))  # what execute does before launching and deferring
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         record = jobs.start_supervisor(job_dir, 0, ["sleep", "300"], env)  # stands in for msrun
-        stats = packed / "stats.json"
-        stats.write_text(stats.read_text())  # the inputs change after the start: packed again, new mtime
+        arrow = next(packed.glob("*.arrow"))  # the inputs change after the start: packed again, other rows
+        arrow.write_bytes(arrow.read_bytes() + b"\0")
         assert finetune.find_job(op._config()).job_dir != str(job_dir)
         return op, ti, job_dir, record
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from distilled_plugins import generate
-from distilled_plugins.client import FatalRequestError, RetryPolicy, base_url
+from distilled_plugins.client import FatalRequestError, RetryPolicy
+from distilled_plugins.endpoints import base_url
 from distilled_plugins.generate import GenerationIncomplete
 from distilled_plugins.io import DataError
 from tests.support import (
@@ -212,7 +213,7 @@ class TestNothingLost:
         assert "run again to resume" in str(info.value)
         assert len(read_jsonl(cfg.output_file)) == 11
         parts = read_jsonl(cfg.output_file + ".parts")
-        failed_key = generate.row_key({"problem": first_problem}, "problem")
+        failed_key = generate.row_key(first_problem)
         assert [p["i"] for p in parts if p["key"] == failed_key] == [0]
         stats = json.loads(generate.stats_path(cfg.output_file).read_text())
         assert stats["rows_failed"] == 1 and stats["failed_requests"] == {"http_500": 1}
@@ -240,7 +241,7 @@ class TestNothingLost:
         assert replay.requests - before == 2 * 7
         rows = read_jsonl(cfg.output_file)  # every line parses
         assert len(rows) == 12 and all(len(r["generations"]) == 2 for r in rows)
-        assert sorted(keys_of(cfg.output_file)) == sorted(generate.row_key(r, "problem") for r in read_jsonl(seed))
+        assert sorted(keys_of(cfg.output_file)) == sorted(generate.row_key(r["problem"]) for r in read_jsonl(seed))
 
     def test_sigkill_at_any_moment_then_resume(self, replay_teacher, tmp_path):
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(60))

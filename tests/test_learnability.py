@@ -6,14 +6,20 @@ import json
 
 import pytest
 
+from distilled_plugins import configs, handle
 from distilled_plugins.devtools import learnability
 from distilled_plugins.handle import load_tokenizer
 from distilled_plugins.io import rewrite_jsonl
 
-TRAIN, HELD_OUT, EPOCHS = (learnability.TEST_SIZE[k] for k in ("n_train", "n_held_out", "epochs"))
-# A wiring fault scores ~0. bench/learnability_probe.py's stand-in for training (the same model and rows, the
-# vocabulary cut) passed this bar for 16 of 16 seeds at this size (the lowest 88%) and with one epoch less (41%).
+TRAIN, HELD_OUT, EPOCHS = (learnability.SIZE[k] for k in ("n_train", "n_held_out", "epochs"))
+# A wiring fault scores ~0 and guessing 1 in 64. bench/learnability_probe.py's stand-in for the fine-tune stage (the
+# same model, vocabulary and packed rows) measures how many seeds pass this bar at this size (README).
 MIN_AFTER = learnability.TEST_MIN_AFTER
+
+
+@pytest.fixture(scope="module")
+def task_tokenizer(tmp_path_factory):
+    return learnability.build_tokenizer(tmp_path_factory.mktemp("task") / "tokenizer")
 
 
 class TestTask:
@@ -32,9 +38,9 @@ class TestTask:
         # every tens word and every units word is trained on, in other answers
         assert {t for t, _ in trained} == set(range(2, 10)) and {u for _, u in trained} == set(range(1, 10))
 
-    def test_every_problem_and_trace_has_the_same_token_length(self):
+    def test_every_problem_and_trace_has_the_same_token_length(self, task_tokenizer):
         """So each number word sits at the same distance from the answer: lookups by relative position suffice."""
-        tokenizer = load_tokenizer(learnability.TOKENIZER)
+        tokenizer = load_tokenizer(task_tokenizer)
         rows = [
             learnability.problem(*answer, name, story)
             for answer in learnability.ANSWERS
@@ -52,6 +58,63 @@ class TestTask:
         assert not {r["answer"] for r in train} & {r["answer"] for r in held_out}
         with pytest.raises(ValueError, match="at most 2400 training and 672 held-out"):
             learnability.make_task(2401, 64)
+
+
+class TestTokenizer:
+    """The task's tokenizer: Qwen2.5's template and pre-tokenizer, the task's words as the vocabulary."""
+
+    def test_vocabulary_is_the_special_tokens_and_the_tasks_words(self, task_tokenizer):
+        tokenizer = load_tokenizer(task_tokenizer)  # what handle and evaluation load: fast, template, pad token
+        qwen = load_tokenizer(learnability.QWEN_TOKENIZER)
+        assert len(tokenizer) == 101 == configs.load_yaml(learnability.PROFILE)["model"]["model_config"]["vocab_size"]
+        assert tokenizer.convert_ids_to_tokens([0, 1, 2, 3]) == [*learnability.SPECIAL_TOKENS, "<|unk|>"]
+        assert (tokenizer.pad_token, tokenizer.eos_token) == (qwen.pad_token, qwen.eos_token)
+        assert tokenizer.chat_template == qwen.chat_template
+        row = learnability.problem(5, 7, "Ben", ("cats", "dogs", "pets"))
+        conversation = [
+            {"role": "system", "content": handle.SYSTEM_PROMPT},
+            {"role": "user", "content": row["problem"]},
+            {"role": "assistant", "content": row["solution"]},
+        ]
+        text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        assert text == qwen.apply_chat_template(conversation, tokenize=False)
+        ids = tokenizer.encode(text)
+        assert tokenizer.decode(ids) == text
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        assert " ".join(tokens[tokens.index("user") - 1 :]) == (
+            "<|im_start|> user Ċ Ben Ġhas Ġfifty Ġcats Ġand Ġseven Ġdogs . ĠHow Ġmany Ġpets Ġdoes ĠBen Ġhave ? "
+            "<|im_end|> Ċ <|im_start|> assistant Ċ <think >Ċ We Ġadd Ġfifty Ġand Ġseven .Ċ </ think >Ċ \\boxed { 5 7 } "
+            "<|im_end|> Ċ"
+        )
+        # Qwen2.5 has the same tokens, but for "<think" and "\\boxed": two each
+        assert len(qwen.encode(text)) == len(ids) + 2
+
+    def test_a_word_outside_the_task_is_unknown(self, task_tokenizer):
+        tokenizer = load_tokenizer(task_tokenizer)
+        assert tokenizer.convert_ids_to_tokens(tokenizer.encode("Zoe has ten cats")) == [
+            "<|unk|>",
+            "Ġhas",
+            "<|unk|>",
+            "Ġcats",
+        ]
+
+    def test_mindformers_loads_it(self, task_tokenizer):
+        from mindformers.models.build_tokenizer import build_tokenizer
+
+        tokenizer = build_tokenizer(use_legacy=False, pretrained_model_dir=str(task_tokenizer))
+        text = learnability.problem(5, 7)["problem"]
+        assert tokenizer.encode(text) == load_tokenizer(task_tokenizer).encode(text)
+        assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [1, 2]
+
+    def test_a_profile_of_another_vocabulary_is_refused(self, tmp_path, monkeypatch):
+        profile = tmp_path / "profile.yaml"
+        profile.write_text(learnability.PROFILE.read_text().replace("vocab_size: 101", "vocab_size: 151936"))
+        monkeypatch.setattr(learnability, "PROFILE", profile)
+        with pytest.raises(
+            ValueError, match="model vocab_size 151936 and pad_token_id 0 must be the task tokenizer's 101"
+        ):
+            learnability.build_tokenizer(tmp_path / "tokenizer")
+        assert not (tmp_path / "tokenizer").exists()
 
 
 @pytest.mark.slow
@@ -105,7 +168,8 @@ def test_a_packed_row_lets_each_token_see_its_own_sample_and_nothing_else(tmp_pa
     from distilled_plugins.mf_generate import build_model
 
     train, _ = learnability.make_task(12, 0)
-    packed, kept = learnability.data_stages(tmp_path, rewrite_jsonl(tmp_path / "train.jsonl", train))
+    tokenizer = learnability.build_tokenizer(tmp_path / "tokenizer")
+    packed, kept = learnability.data_stages(tmp_path, rewrite_jsonl(tmp_path / "train.jsonl", train), tokenizer)
     assert kept == 12
     row = datasets.load_from_disk(str(packed))[0]
     ids, labels, loss_mask, position_ids, mask = _get_packed_data(
@@ -133,7 +197,7 @@ def test_a_packed_row_lets_each_token_see_its_own_sample_and_nothing_else(tmp_pa
 
     def moved(position):  # how much each position's logits move when the token at `position` changes
         changed = ids.copy()
-        changed[position] = 1000 if ids[position] != 1000 else 1001
+        changed[position] = 10 if ids[position] != 10 else 11  # another word of the task's vocabulary
         return np.abs(logits(changed) - base).max(-1)
 
     number_word = first + 2  # inside the second sample's prompt

@@ -172,6 +172,8 @@ class TestStage:
             "gold_unparseable": 1,
             "no_generations": 0,
             "no_correct_generation": 1,
+            "too_hard": 0,
+            "too_easy": 0,
         }
         assert stats["contaminated"][0]["problem"].startswith("CONVERT  THE  POINT")
         verdicts = read_jsonl(result.verdicts)

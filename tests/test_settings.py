@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from distilled_plugins import client, evaluate, generate, handle, pack, reject_sampling, settings
+from distilled_plugins import batch_api, client, evaluate, generate, handle, pack, reject_sampling, settings
 from distilled_plugins.finetune import FinetuneConfig
 from distilled_plugins.finetune.__main__ import build_parser as finetune_parser
 from operators import (
@@ -40,6 +40,7 @@ OWNERS = {
     **{config: (build_parser, operator) for config, build_parser, operator in STAGES},
     evaluate.Protocol: (evaluate.build_parser, Math500EvalOperator),
     client.RequestSettings: (generate.build_parser, GenerateReasoningOperator),
+    batch_api.BatchSettings: (generate.build_parser, GenerateReasoningOperator),
 }
 IDS = [config.__name__ for config, _, _ in STAGES]
 REPO = Path(__file__).resolve().parents[1]
@@ -152,6 +153,44 @@ def test_form_cli_and_operator_defaults_agree():
             assert schema["minimum"] >= f.metadata["minimum"], name
         if f.metadata["maximum"] is not None:
             assert schema["maximum"] <= f.metadata["maximum"], name
+
+
+def test_the_form_speaks_of_what_it_shows_and_names_fields_it_cannot_check():
+    """Airflow 3.3.2's form lets a fraction through an integer field (its number input has no step) and the API's
+    400 reaches the user as a bare toast: whole-number fields are number fields saying so, and the run's first task
+    names them (tests/test_clear_airflow.py). No description names a CLI flag; the two datasets of the other entry
+    points are optional; an empty teacher setting is described once."""
+    from distilled_plugins import preflight
+
+    code = (
+        "import json, importlib.util as u; "
+        f"s = u.spec_from_file_location('d', {str(DAG_FILE)!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
+        "from operators.pipeline import WHOLE_NUMBERS; "
+        "print(json.dumps({'whole': sorted(WHOLE_NUMBERS), "
+        "'params': {n: [p.description, p.schema, p.value] for n, p in m.params.items()}}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "AIRFLOW_VAR_DISTILL_DEPLOYMENT"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    form = json.loads(done.stdout.strip().splitlines()[-1])
+    params, whole = form["params"], set(form["whole"])
+    integer_fields = {"epochs", "shards", "num_generations", "max_tokens", "max_length", "eval_samples", "eval_limit"}
+    integer_fields |= {"nodes", "workers_per_node", "master_port", "request_attempts", "max_concurrent"}
+    assert integer_fields <= whole
+    for name, (description, schema, _) in params.items():
+        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        assert "integer" not in kinds, name  # the form would let 2.5 through to a bare "Bad Request"
+        assert (name in whole) == ("a whole number" in description), name
+        assert " --" not in f" {description}", (name, description)  # no CLI flag: the form shows titles
+    assert "null" in params["openr1_dataset"][1]["type"] and "minLength" not in params["openr1_dataset"][1]
+    assert "null" in params["packed_dataset"][1]["type"] and "minLength" not in params["packed_dataset"][1]
+    rpm = params["teacher_max_rpm"][0]
+    assert rpm.count("empty") == 1 and "unset" not in rpm, rpm
+    # and the first task refuses a fraction, naming the field by its title
+    run = preflight.RunInputs(source="packed_dataset", whole_numbers={"epochs": 2.5, "shards": 2.0})
+    lines = preflight.problems(run, titles={"epochs": params["epochs"][1]["title"]})
+    assert "Epochs: 2.5 is not a whole number; give a whole number" in lines
+    assert not any(line.startswith("shards") for line in lines)
 
 
 # ---- a new setting is one field ------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ class TestKeyedStore:
         assert [r.stats["rows_reused_from_store"] for r in runs] == [0, 15, 15]
         stored = entries(store)
         assert len(stored) == len(set(stored)) == 15
-        assert {key for _, key in stored} == {generate.row_key(r, "problem") for r in read_jsonl(seed)}
+        assert {key for _, key in stored} == {generate.row_key(r["problem"]) for r in read_jsonl(seed)}
         # the file does not grow with reruns (the old store copied every shard file in again)
         assert runs[1].stats["store"]["bytes"] == runs[2].stats["store"]["bytes"]
         # the reruns generated nothing: their shard files are empty and their reused lists name every row
@@ -254,8 +254,8 @@ class TestReusedRows:
         assert resumed.stats["rows_already_done"] >= 1 and resumed.stats["rows_reused_from_store"] == 30
         assert len(read_jsonl(output)) == 30
         merged = read_jsonl(generate.merge([output], tmp_path / "merged.jsonl", "problem"))
-        assert sorted(generate.row_key(r, "problem") for r in merged) == sorted(
-            generate.row_key(r, "problem") for r in rows
+        assert sorted(generate.row_key(r["problem"]) for r in merged) == sorted(
+            generate.row_key(r["problem"]) for r in rows
         )
         assert all(len(r["generations"]) == 2 for r in merged)
 

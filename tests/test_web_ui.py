@@ -6,73 +6,15 @@ Screenshots of every step are saved under the test's tmp folder; a failure messa
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
-
 import pytest
 
 from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, make_seed
 from distilled_plugins.devtools.local_airflow import free_port
-from tests.support import MATH_TRAIN_SOLUTIONS
+from tests.support import MATH_TRAIN_SOLUTIONS, browser
 
 DAG_ID = "distill_r1"
 SECTIONS = ["Data", "Teacher", "Processing", "Fine-tune", "Multi-node (rarely changed)", "Evaluation", "Output"]
 REQUIRED = "This field is required"  # Airflow's message for an emptied field that does not accept null
-WAIT = 120  # seconds: a loaded 2-core machine renders slowly
-
-
-def chromium(shots: Path):
-    """A headless Chromium; a missing browser skips the test, except under CI=true where it fails it."""
-    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        browser = None
-    if not (browser and driver):
-        message = "headless Chromium is missing: apt-get install -y chromium chromium-driver; pip install selenium"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    options = webdriver.ChromeOptions()
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-dev-shm-usage",
-        "--disable-gpu",
-        "--window-size=1400,1100",
-    ):
-        options.add_argument(arg)
-    options.binary_location = browser
-    return webdriver.Chrome(service=Service(driver), options=options)
-
-
-class Page:
-    """The browser with numbered screenshots; ``fail`` names them all."""
-
-    def __init__(self, driver, shots: Path):
-        self.driver, self.shots, self.taken = driver, shots, []
-        shots.mkdir(parents=True, exist_ok=True)
-
-    def shot(self, name: str) -> Path:
-        path = self.shots / f"{len(self.taken) + 1:02d}-{name}.png"
-        self.driver.save_screenshot(str(path))
-        self.taken.append(path)
-        return path
-
-    def wait(self, condition, what: str, timeout: float = WAIT):
-        from selenium.common.exceptions import TimeoutException
-        from selenium.webdriver.support.ui import WebDriverWait
-
-        try:
-            return WebDriverWait(self.driver, timeout, poll_frequency=0.5).until(lambda _: condition())
-        except TimeoutException:
-            self.shot("timeout")
-            raise AssertionError(f"waited {timeout:g} s for {what}; screenshots: {self.listing()}") from None
-
-    def listing(self) -> str:
-        return ", ".join(str(p) for p in self.taken)
 
 
 def visible_text(elements) -> list[str]:
@@ -99,10 +41,9 @@ def test_trigger_form_shows_labelled_sections_refuses_an_empty_field_and_submits
 
     seed = make_seed(tmp_path / "seed" / "seed.jsonl", 4)
     settings = demo_settings(tmp_path, seed)  # the demo's deployment defaults (Variable distill_deployment)
-    driver = chromium(tmp_path / "screenshots")
-    page = Page(driver, tmp_path / "screenshots")
     _teacher, url = replay_teacher(solutions=MATH_TRAIN_SOLUTIONS)
-    try:
+    with browser(tmp_path / "screenshots") as page:
+        driver = page.driver
         with airflow_for_demo(tmp_path, url, free_port(), settings) as af:
             af.wait_for_dag(DAG_ID)
             params = af.api("GET", f"/api/v2/dags/{DAG_ID}/details")["params"]
@@ -146,8 +87,15 @@ def test_trigger_form_shows_labelled_sections_refuses_an_empty_field_and_submits
                 for title, description in wanted.items():
                     assert description in form.text, f"{title}: description not shown; see {page.listing()}"
                 assert REQUIRED not in form.text, f"{section}: a field reports an error; see {page.listing()}"
+                if section == "Data":  # the datasets of the other entry points are optional: no '*'
+                    raw = visible_text(form.find_elements(By.TAG_NAME, "label"))
+                    optional = [t for t in raw if t.rstrip("*").strip() in ("OpenR1 dataset", "Packed dataset")]
+                    assert len(optional) == 2 and not any(t.endswith("*") for t in optional), raw
+                    assert any(t.rstrip().endswith("*") and "Seed dataset" in t for t in raw), raw
                 if section == "Fine-tune":  # an enum shows its readable choice, not the file name
                     assert "Tiny CPU model (demo)" in form.text, f"values_display not shown; see {page.listing()}"
+                if section == "Teacher":  # the teacher mode, online by default (batch: the Batch API)
+                    assert "Online: requests one by one" in form.text, f"no teacher mode; see {page.listing()}"
 
             # an invalid value: the seed dataset emptied is refused in the form (error shown, Trigger disabled)
             data = button(form, "Data")
@@ -204,10 +152,3 @@ def test_trigger_form_shows_labelled_sections_refuses_an_empty_field_and_submits
             )
             page.wait(lambda: "Create Event" in body(), "the DAG docs saying how to announce a seed refresh")
             page.shot("docs")
-    except AssertionError as e:
-        raise AssertionError(f"{e}\nscreenshots: {page.listing()}") from None
-    except Exception as e:
-        page.shot("error")
-        raise AssertionError(f"{type(e).__name__}: {e}\nscreenshots: {page.listing()}") from e
-    finally:
-        driver.quit()

@@ -15,6 +15,7 @@ Nothing here imports Airflow: it talks to it the way a user's scripts do.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
 FINAL_STATES = ("success", "failed")
+TASK_FINISHED_STATES = ("success", "failed", "skipped", "upstream_failed", "removed")
 
 
 class AirflowError(RuntimeError):
@@ -246,7 +248,14 @@ class LocalAirflow:
         proc.wait()
 
     def stop(self) -> None:
+        """SIGTERM each service's process group, SIGKILL it after 30 s, then kill any descendant that left the
+        group (a task process in a session of its own) so nothing of this Airflow is left running."""
+        import psutil
+
+        descendants = []
         for proc in self.processes.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                descendants += psutil.Process(proc.pid).children(recursive=True)
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in self.processes.values():
@@ -254,10 +263,19 @@ class LocalAirflow:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for child in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(descendants, timeout=10)
         self.processes.clear()
 
     def __enter__(self) -> LocalAirflow:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # interrupted or failed while starting: the services already started stop too
+            self.stop()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -339,6 +357,20 @@ class LocalAirflow:
         path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
         return self._writing(f"marking {task_id} {state}", "PATCH", path, {"new_state": state})
 
+    def clear(self, dag_id: str, run_id: str, task_ids: list, downstream: bool = False) -> list[dict]:
+        """Clear task instances of a run as the UI's *Clear* does (a mapped task's every index, or ``[task_id,
+        map_index]``; ``downstream``: with its downstream tasks); returns the task instances cleared."""
+        body = {
+            "dry_run": False,
+            "dag_run_id": run_id,
+            "task_ids": task_ids,
+            "include_downstream": downstream,
+            "only_failed": False,
+            "reset_dag_runs": True,
+        }
+        path = f"/api/v2/dags/{dag_id}/clearTaskInstances"
+        return self._writing(f"clearing {task_ids} of {run_id}", "POST", path, body)["task_instances"]
+
     def runs(self, dag_id: str) -> list[dict]:
         return self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns?order_by=-start_date")["dag_runs"]
 
@@ -346,15 +378,25 @@ class LocalAirflow:
         return self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
 
     def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 900, progress: bool = True) -> str:
-        deadline, shown = time.monotonic() + timeout, {}
+        started, shown = time.monotonic(), {}
+        deadline = started + timeout
         while True:
             run = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
             if progress:
-                for ti in self.task_instances(dag_id, run_id):
+                tis = self.task_instances(dag_id, run_id)
+                for ti in tis:
                     name = ti["task_id"] + (f"[{ti['map_index']}]" if ti["map_index"] >= 0 else "")
                     if ti["state"] and shown.get(name) != ti["state"]:
                         shown[name] = ti["state"]
-                        logger.info("%-22s %s", name, ti["state"])
+                        finished = sum(t["state"] in TASK_FINISHED_STATES for t in tis)
+                        logger.info(
+                            "%-22s %-10s (%d/%d tasks finished, %.0f s)",
+                            name,
+                            ti["state"],
+                            finished,
+                            len(tis),
+                            time.monotonic() - started,
+                        )
             if run["state"] in FINAL_STATES:
                 return run["state"]
             if time.monotonic() > deadline:

@@ -9,8 +9,12 @@ Usage:
 Faults can be injected, for tests and benchmarks: a scripted sequence (``faults``, consumed one per request) or
 a random share of requests (``fault_rate``) answered 429 or 500.
 
-Like a provider, it can enforce a rate limit (``rate_limit_rpm``: a bucket of one second's worth of requests;
-over it, 429 with ``Retry-After`` and ``x-ratelimit-*`` headers, which every reply carries), and it streams
+As a judge for rejection sampling (``--judge-verdicts``), it replies to ``distilled_plugins.judge``'s prompt with
+fixed verdicts by problem (and, where given, by the generation's answer part): ``judge_answer``.
+
+Like a provider, it can enforce a rate limit (``rate_limit_rpm``: a bucket of one second's worth of requests, or
+with ``rate_limit_per_second`` a count per wall-clock second; over it, 429 with ``Retry-After`` and
+``x-ratelimit-*`` headers, which every reply carries), and it streams
 server-sent events when a request asks ``stream: true`` (the ``cut_stream`` fault drops the connection midway).
 """
 
@@ -22,6 +26,7 @@ import collections
 import json
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -79,6 +84,34 @@ class RequestBucket:
         }
 
 
+class SecondWindow(RequestBucket):
+    """A rate limit counted per wall-clock second, as many providers count it: ``rpm / 60`` requests in each
+    second of the clock, the next one refused until the second turns."""
+
+    def __init__(self, rpm: float):
+        super().__init__(rpm)
+        self.second, self.count = int(time.time()), 0
+
+    def take(self) -> bool:
+        second = int(time.time())
+        if second != self.second:
+            self.second, self.count = second, 0
+        if self.count < self.rate:
+            self.count += 1
+            self.level = self.rate - self.count  # what headers() reports as remaining
+            return True
+        self.level = 0.0
+        return False
+
+    def headers(self) -> dict[str, str]:
+        reset = max(0.0, self.second + 1 - time.time())
+        return {
+            "x-ratelimit-limit-requests": f"{self.rpm:g}",
+            "x-ratelimit-remaining-requests": str(int(self.level)),
+            "x-ratelimit-reset-requests": f"{reset:.3f}s",
+        }
+
+
 class ReplayTeacher:
     """Answers ``/v1/chat/completions`` with ``answer(problem)``; counts requests and records what it saw."""
 
@@ -94,6 +127,7 @@ class ReplayTeacher:
         retry_after: str | None = "1",
         api_key: str | None = None,
         rate_limit_rpm: float | None = None,
+        rate_limit_per_second: bool = False,
         stream_chunks: int = 8,
     ):
         self.answer = answer
@@ -105,7 +139,8 @@ class ReplayTeacher:
         self.requests = 0
         self.refused = 0  # requests over the rate limit
         self.request_times: list[float] = []  # monotonic arrival time of each request
-        self.limit = RequestBucket(rate_limit_rpm) if rate_limit_rpm else None
+        limit = SecondWindow if rate_limit_per_second else RequestBucket
+        self.limit = limit(rate_limit_rpm) if rate_limit_rpm else None
         self.stream_chunks = stream_chunks
         self.seen_authorization: list[str | None] = []
         self.seen_problems: list[str] = []
@@ -286,11 +321,61 @@ def replay_answer(answers: dict[str, str], fallback: str | None = None) -> Calla
     return answer
 
 
+def judge_prompt_fields(content: str) -> dict[str, str] | None:
+    """The problem, gold and answer a judge prompt (``distilled_plugins.judge.JUDGE_PROMPT``) shows, or None.
+
+    >>> from distilled_plugins.judge import judge_messages
+    >>> judge_prompt_fields(judge_messages("2+2?", "4", "so four")[0]["content"])
+    {'problem': '2+2?', 'gold': '4', 'answer': 'so four'}
+    """
+    from distilled_plugins.judge import JUDGE_PROMPT
+
+    pattern = re.escape(JUDGE_PROMPT)
+    for name in ("problem", "gold", "answer"):
+        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>.*?)", 1)
+    found = re.fullmatch(pattern, content, re.DOTALL)
+    return found.groupdict() if found else None
+
+
+def judge_answer(verdicts: dict, default: str = "no") -> Callable[[str], str]:
+    """A judge's reply function for :class:`ReplayTeacher`: ``verdicts`` maps a problem, or (problem, answer part),
+    to ``"yes"``/``"no"`` (replied with a ``Verdict:`` line) or to any other text (replied as it is: a malformed
+    reply); others get ``default``."""
+
+    def answer(content: str) -> str:
+        fields = judge_prompt_fields(content)
+        if fields is None:
+            return "This is not a question I was asked to judge."
+        verdict = verdicts.get((fields["problem"], fields["answer"]), verdicts.get(fields["problem"], default))
+        if verdict in ("yes", "no"):
+            return f"Comparing the final answer with the reference answer.\nVerdict: {verdict}"
+        return verdict
+
+    return answer
+
+
+def load_judge_verdicts(path: str | Path) -> dict:
+    """``{(problem, answer part): verdict}`` from a JSONL of ``problem``, ``generation`` and ``verdict``, or
+    ``{problem: verdict}`` for lines without ``generation``."""
+    from distilled_plugins.io import iter_jsonl
+    from distilled_plugins.judge import answer_part
+
+    verdicts = {}
+    for _, row in iter_jsonl(path):
+        key = (row["problem"], answer_part(row["generation"])) if "generation" in row else row["problem"]
+        verdicts[key] = row["verdict"]
+    return verdicts
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m distilled_plugins.devtools.teacher_server", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--answers", required=True, help="file with problems and the texts to replay")
+    p.add_argument("--answers", help="file with problems and the texts to replay")
+    p.add_argument(
+        "--judge-verdicts",
+        help="act as rejection sampling's judge instead: JSONL of problem, generation (optional) and verdict",
+    )
     p.add_argument("--problem-field", default="problem")
     p.add_argument("--answer-field", default="solution")
     p.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE)
@@ -302,9 +387,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate-limit-rpm", type=float, default=None, help="requests per minute allowed (then 429)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    answers = load_answers(args.answers, args.problem_field, args.answer_field)
+    if bool(args.answers) == bool(args.judge_verdicts):
+        p.error("give --answers (a teacher) or --judge-verdicts (a judge)")
+    if args.judge_verdicts:
+        answers = load_judge_verdicts(args.judge_verdicts)
+        reply = judge_answer(answers)
+    else:
+        answers = load_answers(args.answers, args.problem_field, args.answer_field)
+        reply = replay_answer(answers)
     teacher = ReplayTeacher(
-        replay_answer(answers),
+        reply,
         prompt_template=args.prompt_template,
         fault_rate=args.fault_rate,
         delay=args.delay,

@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("distilled_plugins.finetune")
     try:
         result = run(from_args(FinetuneConfig, args, overrides=overrides))
-    except (ValueError, FileNotFoundError, DataError, FinetuneFailed) as e:
+    except FinetuneFailed as e:  # its message carries the failing worker's log tail: show it, then the one line
+        log.error("%s", e)
+        return cli.fail(e)
+    except (ValueError, FileNotFoundError, DataError) as e:
         return cli.fail(e)
     log.info(
         "checkpoints in %s; metrics %s; loss curve %s", result.checkpoint_dir, result.metrics_file, result.loss_curve

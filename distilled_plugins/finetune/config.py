@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from distilled_plugins import configs
-from distilled_plugins.io import DataError, require_artifact
+from distilled_plugins.io import DataError, files_state, require_artifact, write_json
+from distilled_plugins.schema import STATS_FILE
 from distilled_plugins.settings import FINETUNE, MULTINODE, setting
 
 TRAIN_ENTRY = Path(__file__).resolve().parents[1] / "train.py"
@@ -173,15 +174,57 @@ def _fit_parallelism(run_config: dict, worker_num: int, source: str) -> None:
     raise ValueError(f"{source}: parallel_config {sizes} uses {product} workers but worker_num is {worker_num}")
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """The newest checkpoint every rank finished: its global step and rank 0's file name (mindformers puts each
+    rank's id in the name)."""
+
+    step: int
+    file_name: str
+
+
+def checkpoint_step(path: Path) -> int:
+    """The global step a safetensors checkpoint holds (its ``step_num``): after a resume mindformers names files by
+    the steps of that process, not of the run (a run resumed at step 2 names its step 4 ``...-1_2``)."""
+    with open(path, "rb") as f:  # the format: an 8-byte header size, the JSON header, then the tensors' bytes
+        header_size = int.from_bytes(f.read(8), "little")
+        start, end = json.loads(f.read(header_size))["step_num"]["data_offsets"]
+        f.seek(8 + header_size + start)
+        return int.from_bytes(f.read(end - start), "little", signed=True)
+
+
+def resume_point(checkpoint_dir: Path) -> ResumePoint | None:
+    """Where a retry resumes, decided before the workers start (on CPU they share no barrier to agree on it).
+
+    A rank's ``meta.json`` names its last checkpoint once the file is complete (mindformers replaces it after the
+    save), so a worker killed mid-save leaves its previous one named; the oldest of those, present in every rank,
+    is the point. None: some rank finished no checkpoint yet (the job starts from its beginning)."""
+
+    def rank_of(rank_dir: Path) -> int:
+        return int(rank_dir.name.removeprefix("rank_"))
+
+    ranks = sorted(Path(checkpoint_dir).glob("rank_*"), key=rank_of)
+    last = []
+    for rank_dir in ranks:
+        try:
+            name = json.loads((rank_dir / "meta.json").read_text())["last_ckpt_file"]
+            last.append((checkpoint_step(rank_dir / name), rank_dir, name))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    if not last:
+        return None
+    step, rank_dir, name = min(last, key=lambda found: found[0])
+    files = [d / name.replace(f"_rank_{rank_of(rank_dir)}", f"_rank_{rank_of(d)}") for d in ranks]
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        if all(checkpoint_step(f) == step for f in files):
+            return ResumePoint(step, files[0].name)
+    return None
+
+
 def latest_step_checkpoint(checkpoint_dir: Path) -> int:
-    """The newest step saved for every rank (0 when none): resuming needs all ranks at the same step."""
-    steps = []
-    for rank_dir in sorted(Path(checkpoint_dir).glob("rank_*")):
-        found = [
-            int(m.group(1)) for f in rank_dir.glob("*.safetensors") if (m := re.search(r"_(\d+)\.safetensors$", f.name))
-        ]
-        steps.append(max(found) if found else 0)
-    return min(steps) if steps else 0
+    """The newest global step every rank finished a checkpoint of (0 when none)."""
+    point = resume_point(checkpoint_dir)
+    return point.step if point else 0
 
 
 # ---- the run's YAML -------------------------------------------------------------------------------------------
@@ -215,14 +258,16 @@ def job_config(run_config: dict, job_dir: Path) -> tuple[dict, int]:
     run_config = json.loads(json.dumps(run_config))
     run_config["output_dir"] = str(job_dir)
     # every worker writes its steps as JSON lines next to its log (distilled_plugins/train.py: StepMetricsWriter)
-    resume_step = latest_step_checkpoint(job_dir / "checkpoint")
+    point = resume_point(job_dir / "checkpoint")
+    resume_step = point.step if point else 0
     callbacks = [c for c in run_config.get("callbacks") or [] if c.get("type") != "StepMetricsWriter"]
     writer = {"type": "StepMetricsWriter", "folder": str(job_dir / "msrun_log"), "initial_step": resume_step}
     run_config["callbacks"] = [*callbacks, writer]  # mindformers gives only its own callbacks the initial step
-    if resume_step:
-        # the folder of rank_N folders: mindformers takes each rank's newest checkpoint (meta.json)
+    if point:
+        # the folder of rank_N folders and the file, named: left to choose (meta.json), rank 0 would tell the others
+        # through a file behind a barrier, which CPU workers skip (a rank could read the last attempt's choice)
         run_config["load_checkpoint"] = str(job_dir / "checkpoint")
-        run_config["resume_training"] = True
+        run_config["resume_training"] = point.file_name
         run_config["auto_trans_ckpt"] = False
     return run_config, resume_step
 
@@ -237,7 +282,7 @@ def stall_timeout(cfg: FinetuneConfig, run_config: dict) -> float:
 
 def expected_steps(cfg: FinetuneConfig, run_config: dict) -> int:
     """Training steps of the whole job: packed rows / (batch x data-parallel workers) x epochs."""
-    stats = Path(cfg.dataset_path) / "stats.json"
+    stats = Path(cfg.dataset_path) / STATS_FILE
     rows = int(json.loads(stats.read_text())["packs"]) if stats.exists() else 0
     layout = run_config.get("parallel_config") or {}
     data_parallel = int(layout.get("data_parallel", 1) or 1) if run_config.get("use_parallel") else 1
@@ -258,7 +303,7 @@ def deferral_timeout(cfg: FinetuneConfig, run_config: dict) -> float:
 
 def packed_row_length(dataset_path: str | Path) -> int:
     path = Path(dataset_path)
-    stats = path / "stats.json"
+    stats = path / STATS_FILE
     if stats.exists():
         return int(json.loads(stats.read_text())["seq_length"])
     import datasets
@@ -296,35 +341,48 @@ def preflight(cfg: FinetuneConfig, run_config: dict, resuming: bool) -> None:
 # ---- the fingerprint of a job's inputs ------------------------------------------------------------------------
 
 
-def _files_state(path: Path) -> list:
-    """Name, size and mtime of every file under ``path`` (a file or a folder; stat only, nothing is read)."""
-    if path.is_file():
-        st = path.stat()
-        return [[path.name, st.st_size, st.st_mtime_ns]]
-    if not path.is_dir():
-        return [["(missing)", str(path)]]
-    state = []
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            st = (Path(root) / name).stat()
-            state.append([str((Path(root) / name).relative_to(path)), st.st_size, st.st_mtime_ns])
-    return state
+PACKED_DIGEST = ".rows.sha256.json"  # in a packed folder: the rows' digest, valid while its files' state is
+
+
+def packed_rows_digest(dataset: Path) -> str:
+    """SHA-256 of the packed rows (the ``*.arrow`` files' bytes, by name): the same rows packed again, which is
+    what a pack rerun on the same input writes, give the same digest although the files are new (their mtimes,
+    ``state.json``'s random fingerprint and the stats' timings change). Computed once per state of the files and
+    cached beside them (where the folder can be written), so a retry or a clear does not read the rows again."""
+    files = sorted(p for p in dataset.glob("*.arrow") if p.is_file())
+    state = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    cache = dataset / PACKED_DIGEST
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("state") == state:
+            return cached["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    value = digest.hexdigest()
+    with contextlib.suppress(OSError):  # a read-only dataset: computed again next time
+        write_json(cache, {"state": state, "sha256": value})
+    return value
 
 
 def fingerprint(cfg: FinetuneConfig, run_config: dict) -> tuple[str, dict]:
-    """A hash of what the job trains on: the packed data (its stats.json and every file's size and mtime), the
-    resolved YAML, the workers, and the base checkpoint's files. Returns it with the inputs it hashes."""
+    """A hash of what the job trains on: the packed rows (by content: :func:`packed_rows_digest`) and their
+    length, the resolved YAML, the workers, and the base checkpoint's files. Returns it with the inputs it hashes."""
     dataset = Path(cfg.dataset_path)
-    stats = dataset / "stats.json"
+    stats = dataset / STATS_FILE
     checkpoint = run_config.get("load_checkpoint")
     inputs = {
         "config": run_config,
         "worker_num": cfg.worker_num,
         "local_worker_num": cfg.local_worker_num,
-        "packed_stats": json.loads(stats.read_text()) if stats.exists() else None,
-        "packed_files": _files_state(dataset),
-        "base_checkpoint": {"path": str(checkpoint), "files": _files_state(Path(str(checkpoint)))}
+        "packed_seq_length": json.loads(stats.read_text()).get("seq_length") if stats.exists() else None,
+        "packed_rows_sha256": packed_rows_digest(dataset),
+        "base_checkpoint": {"path": str(checkpoint), "files": files_state(Path(str(checkpoint)))}
         if checkpoint
         else None,
     }

@@ -77,6 +77,7 @@ class NodeRecord:
     cmdline: list[str]
     started_at: float
     master_addr: str = ""  # the msrun master address this node was given (node 0's is the cluster's)
+    boot_id: str = ""  # the host's boot id: with the host name, "the very machine, since its last boot"
 
     @classmethod
     def read(cls, path: Path) -> NodeRecord | None:
@@ -88,6 +89,29 @@ class NodeRecord:
 
 def this_host() -> str:
     return socket.gethostname()
+
+
+def boot_id() -> str:
+    """This machine's boot id (Linux; empty elsewhere): two processes that read the same one and the same host name
+    share a kernel, so a pid one recorded is alive or gone for the other too."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def on_this_machine(record: NodeRecord) -> bool:
+    """The record was written on this very machine since its last boot (its pid can be checked here)."""
+    return record.host == this_host() and record.boot_id == boot_id()
+
+
+def supervisor_gone(record: NodeRecord | None) -> str | None:
+    """Why the supervisor of ``record`` is known dead without waiting for its heartbeat to age (it ran on this
+    machine and its pid is gone or someone else's), else None: a record of another host is judged by heartbeat."""
+    if record is None or not on_this_machine(record):
+        return None
+    mine, why = is_mine(record)
+    return None if mine else why
 
 
 def this_address() -> str:
@@ -157,17 +181,31 @@ def is_mine(record: NodeRecord, pid: int | None = None) -> tuple[bool, str]:
 
 
 def _own_processes(record: NodeRecord) -> list:
-    """The supervisor and the processes of its session on this host that :func:`is_mine` accepts."""
+    """The supervisor and the processes of its session on this host that :func:`is_mine` accepts, and their
+    descendants (msrun starts each worker in a session of its own)."""
     import psutil
 
     if record.host != this_host():
         return []
-    found = []
+    found = {}
     for proc in psutil.process_iter():
         with contextlib.suppress(psutil.Error, OSError):
             if (proc.pid == record.pid or os.getsid(proc.pid) == record.pid) and is_mine(record, proc.pid)[0]:
-                found.append(proc)
-    return found
+                found[proc.pid] = proc
+                for child in proc.children(recursive=True):
+                    if child.create_time() >= record.create_time - 0.05:
+                        found.setdefault(child.pid, child)
+    return list(found.values())
+
+
+def live_on_this_machine(job_dir: str | Path) -> bool:
+    """Some node of the job still has a process (its supervisor, msrun, a worker) on this machine."""
+    paths = JobPaths(job_dir)
+    for rank in paths.recorded_ranks():
+        record = NodeRecord.read(paths.record(rank))
+        if record and on_this_machine(record) and _own_processes(record):
+            return True
+    return False
 
 
 # ---- the supervisor (one per node) ----------------------------------------------------------------------------
@@ -251,37 +289,93 @@ def _terminate_tree(root_pid: int, grace: float = STOP_GRACE) -> int | None:
 
 
 def _end_session(leader: int) -> None:
-    """Kill what is left in the supervisor's session (helpers a worker started and that lost their parent)."""
+    """Kill what is left in the supervisor's session (helpers a worker started and that lost their parent) and
+    below it (a worker msrun started in a session of its own)."""
     import psutil
 
-    left = []
+    left = {}
     for proc in psutil.process_iter():
         with contextlib.suppress(psutil.Error, OSError):
             if proc.pid != leader and os.getsid(proc.pid) == leader:
-                proc.kill()
-                left.append(proc)
+                for member in (proc, *proc.children(recursive=True)):
+                    left.setdefault(member.pid, member)
+    for proc in left.values():
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    left = list(left.values())
     if left:
         psutil.wait_procs(left, timeout=5)
         print(f"killed {len(left)} leftover process(es) of the job's session", flush=True)
 
 
+class WorkerWatch:
+    """Notices a dead worker as soon as msrun does: msrun polls its workers every second and logs
+    ``Worker process P exit with exception. Error code: C`` to its output (this node's launcher log), kills the
+    node's other workers, and then waits for its scheduler, which waits for the lost worker until
+    ``MS_NODE_TIMEOUT`` (600 s): a node whose worker died would hang that long. The supervisor reads msrun's new
+    output each poll and stops the node at once. It also maps each worker's pid to its log (the worker's stdout),
+    so the failure names the log of the worker that died, not of one msrun killed after it."""
+
+    _DIED = re.compile(rb"Worker process (\d+) exit with exception\. Error code: (-?\d+)")
+
+    def __init__(self, msrun_output: Path, msrun_pid: int):
+        self.output, self.msrun_pid = msrun_output, msrun_pid
+        try:
+            self.offset = msrun_output.stat().st_size  # the log is appended to by every attempt: this one's only
+        except FileNotFoundError:
+            self.offset = 0
+        self.pending = b""
+        self.worker_logs: dict[int, str] = {}
+
+    def _map_workers(self) -> None:
+        import psutil
+
+        with contextlib.suppress(psutil.Error, OSError):
+            for proc in psutil.Process(self.msrun_pid).children():
+                if proc.pid not in self.worker_logs:
+                    with contextlib.suppress(OSError):
+                        stdout = os.readlink(f"/proc/{proc.pid}/fd/1")
+                        if re.search(r"/worker_\d+\.log$", stdout):
+                            self.worker_logs[proc.pid] = stdout
+
+    def dead_worker(self) -> dict | None:
+        """``{"pid", "exit_code", "log"}`` of a worker msrun saw die since the last call, else None."""
+        self._map_workers()
+        try:
+            with open(self.output, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return None
+        self.offset += len(chunk)
+        lines = (self.pending + chunk).split(b"\n")
+        self.pending = lines.pop()  # a line msrun is still writing
+        for line in lines:
+            if m := self._DIED.search(line):
+                pid = int(m[1])
+                return {"pid": pid, "exit_code": int(m[2]), "log": self.worker_logs.get(pid)}
+        return None
+
+
 def supervise(job_dir: Path, node_rank: int, command: list[str]) -> int:
-    """Record this node, run msrun with a heartbeat, stop it on request (or when another node failed), and
-    write this node's status. Runs detached, in its own session, on the node's host."""
+    """Record this node, run msrun with a heartbeat, stop it on request (or when another node failed, or at once
+    when one of its workers died), and write this node's status. Runs detached, in its own session, on the node's
+    host."""
     import psutil
 
     paths = JobPaths(job_dir)
     me = psutil.Process()
     master = next((a.split("=", 1)[1] for a in command if a.startswith("--master_addr=")), "")
     record = NodeRecord(
-        str(job_dir), node_rank, this_host(), me.pid, me.create_time(), me.cmdline(), time.time(), master
+        str(job_dir), node_rank, this_host(), me.pid, me.create_time(), me.cmdline(), time.time(), master, boot_id()
     )
     write_json(paths.record(node_rank), asdict(record))
     paths.heartbeat(node_rank).touch()
     terminated = []
     signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
     child = subprocess.Popen(command)
-    stopped, last_beat, returncode = None, 0.0, None
+    workers = WorkerWatch(paths.launcher_log(node_rank), child.pid)
+    stopped, died, last_beat, returncode = None, None, 0.0, None
     while child.poll() is None:
         if time.monotonic() - last_beat >= HEARTBEAT_SECONDS:
             with contextlib.suppress(OSError):
@@ -293,15 +387,34 @@ def supervise(job_dir: Path, node_rank: int, command: list[str]) -> int:
             print(f"stopping node {node_rank}: {stopped}", flush=True)
             returncode = _terminate_tree(child.pid)
             break
+        if died := workers.dead_worker():
+            print(
+                f"stopping node {node_rank}: worker process {died['pid']} died (code {died['exit_code']})", flush=True
+            )
+            returncode = _terminate_tree(child.pid)
+            break
         time.sleep(0.5)
     if returncode is None:
         returncode = child.wait()
     _end_session(me.pid)
+    if died and not returncode:  # msrun ended by itself between the line and our SIGTERM: the node still failed
+        returncode = 1
     if returncode and not stopped:  # this node failed: the others must not wait for it
-        request_stop(job_dir, f"node {node_rank} failed (msrun exit code {returncode})")
+        cause = (
+            f"worker process {died['pid']} exited with code {died['exit_code']}"
+            if died
+            else f"msrun exit code {returncode}"
+        )
+        request_stop(job_dir, f"node {node_rank} failed ({cause})")
     write_json(
         paths.status(node_rank),
-        {"returncode": returncode, "stopped": stopped, "host": record.host, "finished_at": time.time()},
+        {
+            "returncode": returncode,
+            "stopped": stopped,
+            "dead_worker": died,
+            "host": record.host,
+            "finished_at": time.time(),
+        },
     )
     return returncode
 
@@ -356,14 +469,17 @@ def heartbeat_age(paths: JobPaths, rank: int) -> float | None:
 
 def node_state(job_dir: str | Path, rank: int, dead_after: float) -> str:
     """``finished`` (status written), ``running`` (heartbeat fresh), ``dead`` (no status and a heartbeat older
-    than ``dead_after`` s), or ``absent`` (this node never started here)."""
+    than ``dead_after`` s, or at once when its supervisor ran on this machine and its pid is gone), or ``absent``
+    (this node never started here)."""
     paths = JobPaths(job_dir)
     if paths.status(rank).exists():
         return "finished"
     age = heartbeat_age(paths, rank)
     if age is None:
         return "absent"
-    return "running" if age < dead_after else "dead"
+    if age >= dead_after or supervisor_gone(NodeRecord.read(paths.record(rank))):
+        return "dead"
+    return "running"
 
 
 def running_node(job_dir: str | Path, rank: int, dead_after: float) -> NodeRecord | None:
@@ -374,7 +490,23 @@ def running_node(job_dir: str | Path, rank: int, dead_after: float) -> NodeRecor
     record = NodeRecord.read(paths.record(rank))
     if state == "running" and record:
         return record
-    if state == "dead" and record:
+    if state == "dead" and record and (gone := supervisor_gone(record)):
+        left = _own_processes(record)  # msrun and workers of the dead supervisor would train on beside a new one
+        for proc in left:
+            with contextlib.suppress(Exception):
+                proc.kill()
+        logger.warning(
+            "node %d of %s: the supervisor recorded on this host is dead (%s): not adopting it%s; starting a new one",
+            rank,
+            job_dir,
+            gone,
+            f", killed the {len(left)} process(es) it left" if left else "",
+        )
+        if left:
+            import psutil
+
+            psutil.wait_procs(left, timeout=10)
+    elif state == "dead" and record:
         logger.warning(
             "node %d of %s: the supervisor recorded on host %s (pid %d) sent no heartbeat for %.0f s: not "
             "adopting it (%s); starting a new one",

@@ -161,6 +161,8 @@ def probe(job_dir: str | Path, node_rank: int) -> dict:
     return {
         "finished": paths.status(node_rank).exists(),
         "heartbeat": heartbeat,
+        # a supervisor of this very machine whose pid is gone is dead now, not once its heartbeat has aged
+        "gone": jobs.supervisor_gone(jobs.NodeRecord.read(paths.record(node_rank))),
         "log_size": log_size(job_dir),
         "progress": latest_progress(job_dir),
     }
@@ -182,6 +184,8 @@ class Watch:
         now = time.monotonic()
         if seen["finished"]:
             return "finished", "the node's status was written"
+        if seen.get("gone"):
+            return "dead", f"its supervisor on this host is gone: {seen['gone']}"
         if seen["heartbeat"] != self.heartbeat:
             self.heartbeat, self.beat_seen = seen["heartbeat"], now
         elif now - self.beat_seen > self.dead_after:
@@ -215,8 +219,19 @@ def stop(
     return jobs.stop(job_dir, reason, wait, by_user)
 
 
+def _dead_worker(job_dir: Path, rank: int) -> dict | None:
+    """The worker whose death stopped node ``rank`` (its supervisor's status says), if one did."""
+    try:
+        return json.loads(JobPaths(job_dir).status(rank).read_text()).get("dead_worker")
+    except (OSError, ValueError):
+        return None
+
+
 def _node_tail(job_dir: Path, rank: int, local_workers: int) -> str:
-    worker = failing_worker(job_dir, range(rank * local_workers, (rank + 1) * local_workers))
+    dead = _dead_worker(job_dir, rank)
+    worker = (Path(dead["log"]) if dead and dead.get("log") else None) or failing_worker(
+        job_dir, range(rank * local_workers, (rank + 1) * local_workers)
+    )
     log = worker or JobPaths(job_dir).launcher_log(rank)
     return f"last lines of {log}:\n{log_tail(log)}"
 
@@ -248,6 +263,14 @@ def collect(cfg: FinetuneConfig, launched: Launch, state: str, why: str = "") ->
         culprit = rank
         if stopped.startswith("node ") and stopped.split()[1].isdigit():
             culprit = int(stopped.split()[1])
+        dead = status.get("dead_worker")
+        if dead:  # stopped at once by its supervisor: msrun itself would have waited for its scheduler
+            raise FinetuneFailed(
+                f"node {rank}: training worker process {dead['pid']} died (exit code {dead['exit_code']}"
+                f"{', killed by signal ' + str(-dead['exit_code']) if dead['exit_code'] < 0 else ''}); the node "
+                f"was stopped (last progress: {latest_progress(job_dir) or 'no step logged'}); "
+                + _node_tail(job_dir, rank, cfg.local_worker_num)
+            )
         raise FinetuneFailed(
             f"msrun of node {rank} exited with code {status['returncode']}"
             + (f", stopped: {stopped}" if stopped and (culprit != rank or status.get("stopped")) else "")

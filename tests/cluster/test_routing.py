@@ -51,6 +51,8 @@ def test_queues_and_pools_come_from_the_deployment_variable():
         "pack": ["cpu", "default_pool"],
         "finetune": ["npu", "npu_training"],
         "evaluate": ["npu", "default_pool"],
+        "approve_finetune": ["cpu", "default_pool"],
+        "report": ["cpu", "default_pool"],
     }
 
 

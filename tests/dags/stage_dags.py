@@ -24,9 +24,15 @@ with DAG("test_generate_operator", schedule=None, params={"seed": "", "out": "",
         max_concurrent=4,
     )
 
-with DAG("test_reject_sampling_operator", schedule=None, params={"src": "", "out": ""}) as reject_dag:
+with DAG("test_reject_sampling_operator", schedule=None, params={"src": "", "out": "", "judge": ""}) as reject_dag:
     RejectSamplingOperator(
-        task_id="reject_sampling", src="{{ params.src }}", dst="{{ params.out }}/{{ run_id }}/filtered.jsonl", workers=2
+        task_id="reject_sampling",
+        src="{{ params.src }}",
+        dst="{{ params.out }}/{{ run_id }}/filtered.jsonl",
+        workers=2,
+        judge_conn_id="{{ params.judge }}",
+        judge_model="judge",
+        judge_cache_dir="{{ params.out }}/judge_cache",
     )
 
 with DAG(

@@ -1,10 +1,11 @@
 """Distil DeepSeek-R1 chain-of-thought into Qwen2.5-Math-7B with MindSpore Transformers.
 
 ```
-shard_plan -> generate[0..N-1] -> merge -> reject_sampling -> handle -> pack -> finetune -> evaluate
+shard_plan -> generate[0..N-1] -> merge -> reject_sampling -> handle -> pack -> approve_finetune -> finetune
+finetune -> evaluate -> report -> fail_if_stopped
 choose_source -> seed -> shard_plan
 choose_source -> from_openr1 -> handle
-choose_source -> from_packed -> finetune
+choose_source -> from_packed -> approve_finetune
 ```
 
 **Entry point** (the *source* field): `generate` runs every stage from the seed; `openr1_dataset` starts at
@@ -43,7 +44,7 @@ from airflow.sdk import DAG, chain
 
 from distilled_plugins.batch_api import BatchSettings
 from distilled_plugins.client import RequestSettings
-from distilled_plugins.configs import SHARED_DATA
+from distilled_plugins.configs import QWEN_TOKENIZER
 from distilled_plugins.evaluate import EvalConfig, Protocol
 from distilled_plugins.finetune import FinetuneConfig
 from distilled_plugins.generate import GenerateConfig
@@ -198,10 +199,11 @@ params = {
     },
     # ---- Processing ----
     "tokenizer_dir": form_param(
-        default("tokenizer_dir", str(SHARED_DATA / "tokenizer" / "qwen2.5")),
+        default("tokenizer_dir", str(QWEN_TOKENIZER)),
         "Tokenizer folder",
         PROCESSING,
-        "Folder of the Qwen2.5 tokenizer (tokenizer.json with the chat template)",
+        "Folder of the Qwen2.5 tokenizer (tokenizer.json with the chat template): the training data is tokenized "
+        "with it, and the fine-tuned model's evaluation too",
         type="string",
         minLength=1,
     ),
@@ -367,7 +369,7 @@ with DAG(
     entry = ChooseSourceOperator(task_id="choose_source", **cpu)
     seed_info = seed.override(**cpu)("{{ params.seed_dataset }}")
     openr1 = from_openr1.override(**cpu)("{{ params.openr1_dataset }}")
-    prepacked = from_packed.override(**cpu)("{{ params.packed_dataset }}")
+    prepacked = from_packed.override(**cpu)("{{ params.packed_dataset }}", RUN_DIR)
     shards = shard_plan.override(task_id="shard_plan", **cpu)("{{ params.shards }}")
     generate = GenerateReasoningOperator.partial(
         task_id="generate",
@@ -462,6 +464,7 @@ with DAG(
         source="{{ params.eval_source }}",
         checkpoint="{{ ti.xcom_pull(task_ids='finetune', map_indexes=0)['checkpoint_dir'] }}",
         mindformers_config="{{ params.finetune_config }}",
+        tokenizer="{{ params.tokenizer_dir }}",  # the one the training data was tokenized with
         prompt_template=GenerateConfig.prompt_template,  # the user turn as the training data had it
         endpoint_conn_id="{{ params.eval_conn_id }}",
         model="{{ params.eval_model }}",
@@ -475,7 +478,7 @@ with DAG(
     chain(entry, prepacked, finetuned)
 
     # ---- the human gate before fine-tuning and the run's report (README: "The run's report and the approval
-    # gate"): approve_finetune waits after pack when the run asks for it (skipped at once when not); the report
+    # gate"): approve_finetune waits after pack (or from_packed) when the run asks for it (skipped at once when not); the report
     # task writes {run_dir}/report/report.html at the end, whatever happened (a teardown: not the run's state)
     gate = approval(DEPLOYMENT)
     approve = FinetuneApprovalOperator(
@@ -486,8 +489,9 @@ with DAG(
         timeout_hours=gate["timeout_hours"],
         on_timeout=gate["on_timeout"],
         run_dir=RUN_DIR,
+        trigger_rule="none_failed_min_one_success",  # after whichever of pack and from_packed ran
     )
-    chain(packed, approve, finetuned)
+    chain([packed, prepacked], approve, finetuned)
     report = write_report.override(task_id="report", **cpu)(RUN_DIR).as_teardown()
     # a run stopped by a user ends failed, not successful (see fail_if_stopped); after the report, so evaluate
     # stays a last task of the run for Airflow (a teardown that can fail the run hides the tasks before it)

@@ -89,7 +89,9 @@ class BatchJob(_Run):
                 f"{endpoint.url}; give that address again, or move the folder away to submit anew"
             )
         self.api = BatchAPI(endpoint.url, endpoint.api_key, timeout=min(600.0, cfg.retry.request_timeout))
-        if not self.state.active():  # a new run: every missing request has its attempts again
+        # batches still to collect: this process goes on with the figures of the one that submitted them
+        self.continues_earlier = bool(self.state.active())
+        if not self.continues_earlier:  # a new run: every missing request has its attempts again
             self.state.data.update(attempts={}, totals={})
         self.counts.update(self.state.data.get("totals", {}))
         self.open_rows: dict[str, _Row] = {}
@@ -192,10 +194,12 @@ class BatchJob(_Run):
             path.unlink()
         for cid in ids - outcomes.keys():  # in neither file: the batch ended before it (expired, cancelled)
             outcomes[cid] = f"batch_{record['status']}"
+        # a batch the user cancelled (the task marked failed) is no fault of its requests: no attempt is spent
+        spent = not (record["status"] == "cancelled" and record.get("batch_id") in self.state.cancelled_by_user())
         if self.fatal is None:
             for cid, cause in outcomes.items():
                 if cause is not None:
-                    self._failed(cid, cause)
+                    self._failed(cid, cause, spent=spent or cause != "batch_cancelled")
         record["collected"] = True
         record["completed"] = sum(cause is None for cause in outcomes.values())
         self._save_totals()
@@ -249,7 +253,10 @@ class BatchJob(_Run):
             self.keys.discard(key)
         self.cost = self.price(self.counts["prompt_tokens"], self.counts["completion_tokens"])
 
-    def _failed(self, cid: str, cause: str) -> None:
+    def _failed(self, cid: str, cause: str, spent: bool = True) -> None:
+        if not spent:
+            self.retries["batch_cancelled_by_user"] += 1
+            return
         attempts = self.state.attempts[cid] = self.state.attempts.get(cid, 0) + 1
         if attempts < self.cfg.retry.max_attempts:
             self.retries[cause] += 1

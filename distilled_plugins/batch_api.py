@@ -33,6 +33,8 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 COMPLETION_WINDOW = "24h"
 BATCHES_SUFFIX = ".batches"
 STATE_FILE = "state.json"
+# the batches a user cancelled (the task marked failed or succeeded), written by the triggerer, read by the task
+CANCELLED_FILE = "cancelled_by_user.json"
 
 
 @dataclass
@@ -243,6 +245,12 @@ class BatchState:
     def running_ids(self) -> list[str]:
         return [b["batch_id"] for b in self.active() if b.get("batch_id") and b.get("status") not in TERMINAL]
 
+    def cancelled_by_user(self) -> set[str]:
+        """Ids of the batches :func:`cancel_running` cancelled: their requests are sent again on a rerun without
+        spending an attempt (a user's stop is no failure of theirs)."""
+        path = self.folder / CANCELLED_FILE
+        return set(json.loads(path.read_text())) if path.exists() else set()
+
 
 def describe(batch: dict) -> str:
     """``batch_1 in_progress: 3/12 completed, 0 failed`` from a batch object."""
@@ -273,9 +281,16 @@ def poll(folder: str | Path, api: BatchAPI, seen: dict[str, str]) -> tuple[list[
 
 
 def cancel_running(folder: str | Path, api: BatchAPI) -> list[str]:
-    """Cancel the shard's running batches (a user stopped the task); returns what the provider said of each."""
+    """Cancel the shard's running batches (a user stopped the task); returns what the provider said of each.
+
+    The ids are recorded first, in their own file (the task alone writes the state file), so that a rerun sends
+    their requests again without counting the cancel as a failed attempt.
+    """
+    state = BatchState.load(folder)
+    running = state.running_ids()
+    write_json(state.folder / CANCELLED_FILE, sorted(state.cancelled_by_user() | set(running)))
     said = []
-    for batch_id in BatchState.load(folder).running_ids():
+    for batch_id in running:
         try:
             said.append(describe(api.cancel(batch_id)))
         except (BatchError, ConnectionError) as e:  # ended meanwhile, or unreachable: say so, cancel the others

@@ -16,6 +16,9 @@ FINETUNE_7B = CONFIG_DIR / "finetune_qwen_2_5_7b.yaml"
 PRIVATE_ENV_PREFIXES = ("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_")
 PRIVATE_ENV_NAMES = ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 SHARED_DATA = Path(os.environ.get("DISTILL_DATA", CONFIG_DIR.parents[1] / "shared" / "data"))
+# the data at hand's defaults, one place for every stage, the DAG and the preflight
+MATH500 = SHARED_DATA / "math500" / "test.jsonl"
+QWEN_TOKENIZER = SHARED_DATA / "tokenizer" / "qwen2.5"
 
 
 def resolve(name_or_path: str | Path) -> Path:

@@ -34,9 +34,9 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from distilled_plugins import cli, generate, grader
+from distilled_plugins import cli, configs, generate, grader
 from distilled_plugins.client import API_KEY_ENV, FatalRequestError, RequestSettings, RetryPolicy
-from distilled_plugins.configs import SHARED_DATA, child_env
+from distilled_plugins.configs import child_env
 from distilled_plugins.endpoints import Endpoint
 from distilled_plugins.handle import SYSTEM_PROMPT
 from distilled_plugins.io import DataError, dumps_line, files_state, iter_jsonl, load_rows, read_json, write_json
@@ -46,8 +46,7 @@ from distilled_plugins.stats import Stats
 
 logger = logging.getLogger(__name__)
 
-MATH500 = SHARED_DATA / "math500" / "test.jsonl"
-TOKENIZER = SHARED_DATA / "tokenizer" / "qwen2.5"
+MATH500, TOKENIZER = configs.MATH500, configs.QWEN_TOKENIZER
 PROBLEM_COLUMNS = ("problem", "answer", "subject", "level", "unique_id")
 # why a problem is left out of pass@1 (its denominator is the problems scored)
 DROP_REASONS = ("gold_filtered", "no_completions")
@@ -569,6 +568,7 @@ def run(cfg: EvalConfig) -> Path:
     report = {
         "label": cfg.report_label,
         "protocol": protocol,
+        "checkpoint": cfg.checkpoint,  # the run report pairs the evaluation with the training job it came from
         **summarize(scored),
         # pass@1's denominator: the problems scored; those left out are counted by reason
         "excluded": {reason: n for reason, n in excluded.as_dict()[STATS_DROPPED].items() if n},

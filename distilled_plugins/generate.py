@@ -97,6 +97,8 @@ MERGE_LOOKUP_BATCH = 32
 # why a seed row of the shard is not in its output: a repeated uuid, requests that failed for good, or a run that
 # stopped early (budget, fatal error: what was received waits in .parts); and why merge leaves a row out
 SHARD_DROP_REASONS = ("duplicate_uuid", "failed", "unfinished")
+# what the teacher was paid for; the stats' ``spent_total`` sums them over every try that wrote the output
+SPEND = ("requests_sent", "completions_ok", "prompt_tokens", "completion_tokens", "cost_estimate")
 MERGE_DROP_REASONS = ("duplicate_key",)
 
 
@@ -395,6 +397,9 @@ class _Run:
     goes ahead of fresh requests, so that its row completes, and leaves memory, soon.
     """
 
+    # whether this process goes on with figures an earlier one started (a batch run resumed after a deferral)
+    continues_earlier = False
+
     def __init__(
         self,
         cfg: GenerateConfig,
@@ -594,6 +599,34 @@ def _seed_rows(cfg: GenerateConfig, wanted: set[str]) -> Iterator[tuple[str, dic
             yield key, example
 
 
+def _read_stats(output: Path) -> dict | None:
+    try:
+        return json.loads(stats_path(output).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _spend(stats: dict, earlier: dict | None, continues_earlier: bool) -> dict:
+    """``spent_before`` (the tries before this one that wrote the same output: a retried or cleared task's) and
+    ``spent_total``, so that a rerun finding every row done still reports what the shard cost, not zero.
+
+    >>> first = {"requests_sent": 4, "completions_ok": 4, "prompt_tokens": 40, "completion_tokens": 400,
+    ...          "cost_estimate": 0.5}
+    >>> first.update(_spend(first, None, False))
+    >>> rerun = dict.fromkeys(SPEND, 0)
+    >>> _spend(rerun, first, False)["spent_total"]["cost_estimate"]
+    0.5
+    """
+    before = dict.fromkeys(SPEND, 0)
+    if earlier is not None:
+        before.update(earlier.get("spent_before", {}))
+        if not continues_earlier:  # the earlier process's own figures are history too
+            before = {key: before[key] + earlier.get(key, 0) for key in SPEND}
+    total = {key: before[key] + stats[key] for key in SPEND}
+    total["cost_estimate"] = round(total["cost_estimate"], 6)
+    return {"spent_before": before, "spent_total": total}
+
+
 def _prepare_rows(
     cfg: GenerateConfig, output: Path, store: GenerationStore | None
 ) -> tuple[set[str], dict, dict[str, dict] | None, dict]:
@@ -705,6 +738,7 @@ def run(cfg: GenerateConfig, wait_for_batches: bool = True) -> GenerateResult:
         raise DataError(f"{output}: --dst is a folder; give the path of a JSONL file")
     output.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    earlier_stats = _read_stats(output)
     store = _open_store(cfg)
     try:
         to_generate, partial, examples, info = _prepare_rows(cfg, output, store)
@@ -774,6 +808,7 @@ def run(cfg: GenerateConfig, wait_for_batches: bool = True) -> GenerateResult:
         "requests_not_sent_budget": job.counts["requests_not_sent_budget"],
         **job.extra_stats(),
     }
+    stats.update(_spend(stats, earlier_stats, job.continues_earlier))
     if store_stats is not None:
         stats["store"] = store_stats
         logger.info(

@@ -41,8 +41,6 @@ logger = logging.getLogger(__name__)
 ENTRY_POINTS = ("generate", "openr1_dataset", "packed_dataset")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 EVAL_COLUMNS = ("problem", "answer")
-DEFAULT_EVAL_DATASET = configs.SHARED_DATA / "math500" / "test.jsonl"
-DEFAULT_EVAL_TOKENIZER = configs.SHARED_DATA / "tokenizer" / "qwen2.5"
 
 
 @dataclass
@@ -56,12 +54,11 @@ class RunInputs:
     answer_column: str = "answer"
     openr1_dataset: str | None = None
     packed_dataset: str | None = None
-    tokenizer_dir: str | None = None
+    tokenizer_dir: str = str(configs.QWEN_TOKENIZER)  # the DAG's default
     finetune_config: str | None = None
     base_checkpoint: str | None = None
     eval_source: str = "checkpoint"
-    eval_dataset: str = str(DEFAULT_EVAL_DATASET)
-    eval_tokenizer: str = str(DEFAULT_EVAL_TOKENIZER)
+    eval_dataset: str = str(configs.MATH500)  # evaluate's default
     output_root: str | None = None
     teacher_conn_id: str | None = None
     eval_conn_id: str | None = None
@@ -76,11 +73,12 @@ CONNECTIONS: dict[str, Callable[[RunInputs], bool]] = {
     "teacher_conn_id": lambda run: run.source == "generate",
     "eval_conn_id": lambda run: run.eval_source == "endpoint",
     # optional: checked when named, on the entry point that runs rejection sampling
-    "judge_conn_id": lambda run: run.source == "generate" and not _empty(run.judge_conn_id),
+    "judge_conn_id": lambda run: run.source == "generate" and not is_empty(run.judge_conn_id),
 }
 
 
-def _empty(value) -> bool:
+def is_empty(value) -> bool:
+    """A form field left empty, as a template renders it (``None`` becomes "None"; JSON's null, "null")."""
     return value is None or (isinstance(value, str) and value.strip() in ("", "None", "null"))
 
 
@@ -108,7 +106,7 @@ def _dataset_problems(path: str, columns: list[str], what: str) -> list[str]:
 
 
 def _seed_problems(run: RunInputs) -> list[tuple[str, str]]:
-    if _empty(run.seed_dataset):
+    if is_empty(run.seed_dataset):
         return [("seed_dataset", "empty; give a local file or folder, or a hub dataset name (owner/name)")]
     if hub_seed(run.seed_dataset) is not None:
         try:
@@ -118,15 +116,15 @@ def _seed_problems(run: RunInputs) -> list[tuple[str, str]]:
         except seed.HubUnavailable as e:  # transient: the seed task asks again (and is retried)
             logger.warning("could not ask the hub about %s now (%s); the seed task will", run.seed_dataset, e)
         return []
-    columns = [c for c in (run.prompt_column, run.uuid_column, run.answer_column) if not _empty(c)]
+    columns = [c for c in (run.prompt_column, run.uuid_column, run.answer_column) if not is_empty(c)]
     lines = _dataset_problems(run.seed_dataset, columns, "create it or give another seed")
     return [("seed_dataset", line) for line in lines]
 
 
 def _packed_problems(run: RunInputs, seq_length: int | None) -> list[tuple[str, str]]:
     path = Path(str(run.packed_dataset or "")).expanduser()
-    if _empty(run.packed_dataset) or not path.is_dir():
-        why = "empty" if _empty(run.packed_dataset) else f"{run.packed_dataset}: no such folder"
+    if is_empty(run.packed_dataset) or not path.is_dir():
+        why = "empty" if is_empty(run.packed_dataset) else f"{run.packed_dataset}: no such folder"
         return [("packed_dataset", f"{why}; give a folder written by python -m distilled_plugins.pack")]
     kind = artifact_kind(path)
     if kind not in (None, "packed"):
@@ -151,7 +149,7 @@ def _packed_problems(run: RunInputs, seq_length: int | None) -> list[tuple[str, 
 
 
 def _tokenizer_problems(name: str, folder: str | None) -> list[tuple[str, str]]:
-    if _empty(folder) or not Path(folder).is_dir():
+    if is_empty(folder) or not Path(folder).is_dir():
         return [(name, f"{folder or '(empty)'}: no such folder; give the folder of the Qwen2.5 tokenizer")]
     if not (Path(folder) / "tokenizer.json").is_file():
         return [(name, f"{folder}: no tokenizer.json (a fast tokenizer with its chat template is needed)")]
@@ -165,7 +163,7 @@ def _finetune_problems(run: RunInputs) -> tuple[list[tuple[str, str]], int | Non
         seq_length = configs.seq_length_of(run.finetune_config or configs.FINETUNE_7B.name)
     except (FileNotFoundError, ValueError) as e:
         return [("finetune_config", cli.one_line(e))], None
-    checkpoint = None if _empty(run.base_checkpoint) else run.base_checkpoint
+    checkpoint = None if is_empty(run.base_checkpoint) else run.base_checkpoint
     checkpoint = checkpoint or profile.get("load_checkpoint")
     if checkpoint and not Path(str(checkpoint)).exists():
         where = "" if run.base_checkpoint else " (the fine-tune profile's load_checkpoint)"
@@ -179,7 +177,7 @@ def _finetune_problems(run: RunInputs) -> tuple[list[tuple[str, str]], int | Non
 
 
 def _output_problems(run: RunInputs) -> list[tuple[str, str]]:
-    if _empty(run.output_root):
+    if is_empty(run.output_root):
         return [("output_root", "empty; give a folder the workers can write")]
     root = Path(run.output_root).expanduser()
     try:
@@ -200,7 +198,7 @@ def problems(
     what is wrong with a connection, or None; ``titles`` name the settings as the trigger form shows them."""
     found: list[tuple[str, str]] = []
     for name, value in run.whole_numbers.items():
-        if not _empty(value) and float(value) != int(float(value)):
+        if not is_empty(value) and float(value) != int(float(value)):
             found.append((name, f"{value:g} is not a whole number; give a whole number"))
     if run.source not in ENTRY_POINTS:
         found.append(("source", f"{run.source!r} is not an entry point; choose one of {', '.join(ENTRY_POINTS)}"))
@@ -212,21 +210,20 @@ def problems(
             str(run.openr1_dataset or ""), [MESSAGES_COLUMN], "download OpenR1-Math-220k's data/*.parquet there"
         )
         found += [("openr1_dataset", line) for line in lines]
-    if run.source in ("generate", "openr1_dataset"):
+    # handle tokenizes the data, evaluation the checkpoint's prompts and answers: both with the form's tokenizer
+    if run.source in ("generate", "openr1_dataset") or run.eval_source != "endpoint":
         found += _tokenizer_problems("tokenizer_dir", run.tokenizer_dir)
     finetune, seq_length = _finetune_problems(run)
     found += finetune
     if run.source == "packed_dataset":
         found += _packed_problems(run, seq_length)
-    if run.eval_source != "endpoint":  # the checkpoint is evaluated with mindformers and this tokenizer
-        found += _tokenizer_problems("eval_tokenizer", run.eval_tokenizer)
     lines = _dataset_problems(run.eval_dataset, list(EVAL_COLUMNS), "give MATH-500's test.jsonl")
     found += [("eval_dataset", line) for line in lines]
     for name, needed in CONNECTIONS.items():
         conn_id = getattr(run, name)
         if not needed(run) or connection_problem is None:
             continue
-        problem = "empty; name an Airflow connection" if _empty(conn_id) else connection_problem(conn_id)
+        problem = "empty; name an Airflow connection" if is_empty(conn_id) else connection_problem(conn_id)
         if problem:
             found.append((name, problem))
     found += _output_problems(run)
@@ -234,7 +231,7 @@ def problems(
 
 
 def _lines(found: list[tuple[str, str]], titles: Mapping[str, str] | None) -> list[str]:
-    titles = {"eval_dataset": "Evaluation set", "eval_tokenizer": "Evaluation tokenizer", **(titles or {})}
+    titles = {"eval_dataset": "Evaluation set", **(titles or {})}
     return [f"{titles.get(name, name)}: {what}" for name, what in found]
 
 

@@ -59,7 +59,7 @@ from distilled_plugins.stats import Stats
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_EVAL_SETS = [str(configs.SHARED_DATA / "math500" / "test.jsonl")]
+DEFAULT_EVAL_SETS = [str(configs.MATH500)]
 JUDGE_POLICIES = ("recover", "audit")
 JUDGE_PREFIX = "judge_"  # the judge's request flags: the teacher's RequestSettings as --judge-max-rpm, ...
 # what math_verify rejected that the judge is asked about (truncated, timeout, gold_unparseable, error never are)
@@ -308,7 +308,6 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
     progress = Progress(logger, "examples", total, cfg.progress_interval)
     recover = cfg.judge_policy == "recover"
     audit_left = cfg.judge_audit_sample
-    asker = _open_judge(cfg)
 
     def progress_extra() -> str:
         extra = f"| {kept.rows_out} kept"
@@ -358,7 +357,8 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
         atomic_path(sibling_path(cfg.dst, VERDICTS_SUFFIX)) as verdicts_tmp,
         open(dst_tmp, "wb") as out,
         open(verdicts_tmp, "wb") as audit,
-        asker if asker is not None else contextlib.nullcontext(),
+        # opened in the with: its cache and client thread close whatever fails after (None without a judge)
+        _open_judge(cfg) or contextlib.nullcontext() as asker,
     ):
 
         def audited(index: int, example: _Example) -> bool:
@@ -487,7 +487,8 @@ def run(cfg: RejectSamplingConfig) -> RejectSamplingResult:
         "samples_per_s": round(graded / wall, 2),
     }
     stats_file = write_json(stats_path(cfg.dst), stats)
-    line = (
+    logger.info("wrote %s, %s and %s", cfg.dst, sibling_path(cfg.dst, VERDICTS_SUFFIX), stats_file)
+    line = (  # the stage's last line: what survived, and what the judge recovered
         f"{kept.summary()} ({stats['generations_correct']} of {graded} generations correct; generations rejected: "
         f"{json.dumps(stats['rejected_generations'])})"
     )
@@ -546,10 +547,9 @@ def main(argv: list[str] | None = None) -> int:
             judge_api_key=os.environ.get(args.judge_api_key_env),
             judge_requests=from_args(RequestSettings, args, prefix=JUDGE_PREFIX),
         )
-        result = run(cfg)
+        run(cfg)
     except (ValueError, FatalRequestError) as e:
         return cli.fail(e)
-    logger.info("wrote %s, %s and %s", result.output, result.verdicts, result.stats_file)
     return 0
 
 

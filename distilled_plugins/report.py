@@ -49,6 +49,8 @@ PACKED = "pack"
 FINETUNE_JOBS = "finetune/job-*"
 EVALUATION = "evaluate/report.json"
 DECISION = "approve_finetune/decision.json"  # the approval gate's record (operators/approval.py)
+# a run started at the packed dataset entry point: the folder it trains on (operators/sources.from_packed)
+PACKED_ENTRY = "from_packed/packed_dataset.json"
 
 
 @dataclass
@@ -82,12 +84,14 @@ def teacher_figures(shards: list[dict], merged: dict | None = None) -> dict:
     """Teacher requests, tokens, retries, reuse and cost summed over the generation shards."""
     total = Counter()
     for s in shards:
-        for key in ("rows_in", "requests_sent", "completions_ok", "prompt_tokens", "completion_tokens"):
-            total[key] += s.get(key, 0)
+        total["rows_in"] += s.get("rows_in", 0)
+        spent = s.get("spent_total", s)  # every try of the shard: a cleared generate that found its rows paid nothing
+        for key in ("requests_sent", "completions_ok", "prompt_tokens", "completion_tokens"):
+            total[key] += spent.get(key, 0)
         total["retries"] += sum(s.get("retries", {}).values())
         total["failed_requests"] += sum(s.get("failed_requests", {}).values())
         total["rows_reused_from_store"] += s.get("rows_reused_from_store", 0)
-    cost = round(sum(s.get("cost_estimate", 0.0) for s in shards), 6)
+    cost = round(sum(s.get("spent_total", s).get("cost_estimate", 0.0) for s in shards), 6)
     rows = total["rows_in"]
     return {
         "shards": len(shards),
@@ -163,11 +167,15 @@ def _scan_rows_now(run_dir: Path) -> dict:
     return {"acceptance": acceptance, "completion_tokens": lengths, "finish_reasons": dict(finish)}
 
 
-def _training(run_dir: Path, packed: dict | None) -> dict | None:
+def _training(run_dir: Path, packed: dict | None, evaluation: dict | None) -> dict | None:
     jobs = sorted(run_dir.glob(FINETUNE_JOBS), key=lambda p: p.stat().st_mtime)
     if not jobs:
         return None
-    job = jobs[-1]
+    job = jobs[-1]  # the newest: training now, or the last one
+    evaluated = Path(evaluation["checkpoint"]) if evaluation and evaluation.get("checkpoint") else None
+    if evaluated is not None and (run_dir / EVALUATION).stat().st_mtime >= job.stat().st_mtime:
+        # evaluated after the newest job began: the figures are of the job whose checkpoint was evaluated
+        job = next((j for j in jobs if evaluated.is_relative_to(j)), job)
     metrics = _json(job / "metrics.json")
     if metrics is None:  # running: the steps recorded so far
         steps = (
@@ -216,11 +224,13 @@ def collect(run_dir: str | Path, previous: str | Path | None = None) -> dict:
     filtered = _json(stats_path(run_dir / FILTERED))
     handled = _json(run_dir / HANDLED / STATS_FILE)
     packed = _json(run_dir / PACKED / STATS_FILE)
+    if packed is None and (entry := _json(run_dir / PACKED_ENTRY)) is not None:
+        packed = _json(Path(entry["path"]) / STATS_FILE)  # packed elsewhere, before this run
     evaluation = _json(run_dir / EVALUATION)
     previous = Path(previous) if previous else previous_run(run_dir)
     previous_eval = _json(previous / EVALUATION) if previous else None
     teacher = teacher_figures(shards, merged)
-    training = _training(run_dir, packed)
+    training = _training(run_dir, packed, evaluation)
     funnel = [
         ("seed rows", teacher["seed_rows"]),
         ("generated", merged["rows_out"] if merged else None),

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from airflow.sdk import Context
 
-from distilled_plugins import reject_sampling
+from distilled_plugins import preflight, reject_sampling
 from distilled_plugins.client import RequestSettings
 from distilled_plugins.schema import STATS_ROWS_IN, STATS_ROWS_OUT
 from operators.assets import emit
@@ -36,7 +36,7 @@ class RejectSamplingOperator(StageOperator):
     @fails_clearly
     def execute(self, context: Context) -> dict:
         judge = {}
-        if self.judge_conn_id not in (None, "", "None"):  # the connection's endpoints and request settings
+        if not preflight.is_empty(self.judge_conn_id):  # the connection's endpoints and request settings
             fleet = JudgeEndpointHook(self.judge_conn_id).get_fleet()
             judge = {"judge_endpoints": fleet.endpoints, "judge_requests": RequestSettings(**fleet.settings)}
         result = reject_sampling.run(self.stage_config(**judge))

@@ -20,8 +20,9 @@ from airflow.providers.standard.operators.branch import BaseBranchOperator
 from airflow.sdk import Context, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from distilled_plugins import preflight
+from distilled_plugins import preflight, report
 from distilled_plugins import seed as seeds
+from distilled_plugins.io import write_json
 from distilled_plugins.schema import STATS_FILE
 from operators.assets import seed_from_event
 from operators.hooks import TeacherEndpointHook
@@ -117,8 +118,9 @@ def from_openr1(path: str) -> str:
 
 
 @task
-def from_packed(path: str) -> str:
-    """Check the packed dataset is a stage 4 output (a ``save_to_disk`` folder with ``stats.json``)."""
+def from_packed(path: str, run_dir: str) -> str:
+    """Check the packed dataset is a stage 4 output (a ``save_to_disk`` folder with ``stats.json``), and record it
+    in the run folder: the approval gate and the run report read its packing figures there."""
     folder = Path(path)
     has_data = any(folder.glob("*.arrow")) or (folder / "dataset_info.json").exists()
     if not (folder / STATS_FILE).is_file() or not has_data:
@@ -126,4 +128,5 @@ def from_packed(path: str) -> str:
             f"packed_dataset {path}: not a packed dataset folder (stats.json and the arrow files of "
             "`python -m distilled_plugins.pack`) -- pack it first or set the packed_dataset parameter"
         )
+    write_json(Path(run_dir) / report.PACKED_ENTRY, {"path": str(folder.resolve())})
     return path

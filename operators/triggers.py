@@ -83,8 +83,8 @@ class TeacherBatchTrigger(BaseTrigger):
     from disk: nothing blocks the triggerer's event loop), logs the batch id, status and request counts whenever
     they change, and fires once a batch has ended (the task then collects it, and defers again while others run).
     The API key comes from the connection ``teacher_conn_id``, read in the triggerer, never stored with the
-    trigger. When a user marks the deferred task failed or succeeded, or clears it, :meth:`on_kill` cancels the
-    running batches.
+    trigger. When a user marks the deferred task failed or succeeded, :meth:`on_kill` cancels the running batches;
+    when the task is cleared they run on, and its next try attaches to them.
     """
 
     def __init__(self, batch_folder: str, teacher_conn_id: str, poll_seconds: float = 60.0):
@@ -133,11 +133,36 @@ class TeacherBatchTrigger(BaseTrigger):
                 return
             await asyncio.sleep(self.poll_seconds)
 
+    async def _cleared(self) -> bool:
+        """Whether the task was cleared (its next try comes) rather than marked failed or succeeded: both reach
+        :meth:`on_kill` alike, so the task's state now tells them apart."""
+        from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+        ti = self.task_instance
+        try:
+            states = await asyncio.to_thread(
+                RuntimeTaskInstance.get_task_states,
+                dag_id=ti.dag_id,
+                map_index=ti.map_index,
+                task_ids=[ti.task_id],
+                run_ids=[ti.run_id],
+            )
+        except Exception:  # not known: cancel, as for a stop (a rerun sends the requests again, unpaid)
+            self.log.warning("could not read the state of %s; taken as stopped", ti.task_id, exc_info=True)
+            return False
+        key = ti.task_id if ti.map_index < 0 else f"{ti.task_id}_{ti.map_index}"
+        state = states.get(ti.run_id, {}).get(key)
+        self.log.info("the deferred task was stopped by a user; its state is now %s", state)
+        return state not in ("failed", "success", "skipped", "upstream_failed", "removed")
+
     async def on_kill(self) -> None:
-        """A user marked the deferred task failed/succeeded or cleared it: cancel its running batches (not in
-        ``cleanup()``, which also runs on every triggerer restart)."""
+        """A user marked the deferred task failed/succeeded: cancel its running batches (not in ``cleanup()``,
+        which also runs on every triggerer restart). A cleared task keeps them: its next try collects them."""
         from distilled_plugins import batch_api
 
+        if await self._cleared():
+            self.log.info("the task was cleared: its batches run on and its next try attaches to them")
+            return
         api = await self._api()
         for line in await asyncio.to_thread(batch_api.cancel_running, self.batch_folder, api):
             self.log.info("cancelled at the user's request: %s", line)

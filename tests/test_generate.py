@@ -228,6 +228,13 @@ class TestNothingLost:
         assert all(len(r["generations"]) == 2 for r in rows)
         assert result.stats["generations_resumed"] == 1 and result.stats["rows_already_done"] == 11
         assert result.stats["rows_in"] == result.stats["rows_out"] == 12  # 11 already done + 1 written
+        # what the shard cost over both tries; a third (a cleared task finding every row done) sends nothing and
+        # still reports it
+        first_sent = stats["requests_sent"]
+        assert result.stats["requests_sent"] == 1 and result.stats["spent_before"]["requests_sent"] == first_sent
+        assert result.stats["spent_total"]["requests_sent"] == first_sent + 1
+        again = generate.run(cfg)
+        assert again.stats["requests_sent"] == 0 and again.stats["spent_total"] == result.stats["spent_total"]
 
     def test_half_written_last_line_is_repaired_not_appended_onto(self, replay_teacher, seed, tmp_path):
         replay, url = replay_teacher()

@@ -100,6 +100,9 @@ class TestBatchRun:
         assert list(provider.batches) == ["batch_1"] and len(provider.files) == 2  # one input, one output file
         assert sorted(provider.submitted.values()) == sorted(provider.completed.values()) == [1] * 24
         assert len(read_jsonl(out)) == 12 and "submitted batch" not in log and "collected batch batch_1" in log
+        assert "batch mode: 0 row(s) written, 12 left, 0 failed; 1 batch(es) running (batch_1)" in log
+        stats = json.loads(generate.stats_path(out).read_text())  # the killed process's submission counted once
+        assert stats["requests_sent"] == stats["spent_total"]["requests_sent"] == 24
 
     def test_a_batch_created_but_not_recorded_is_found_by_its_input_file(self, batch_teacher, seed, tmp_path):
         provider, url = batch_teacher(hold=True)

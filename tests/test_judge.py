@@ -13,6 +13,7 @@ from distilled_plugins.client import RequestSettings
 from distilled_plugins.devtools.teacher_server import judge_answer, judge_prompt_fields
 from distilled_plugins.io import DataError
 from distilled_plugins.reject_sampling import RejectSamplingConfig
+from distilled_plugins.schema import row_key
 from tests.support import cli_env, read_jsonl, run_cli, write_jsonl
 
 OPTION = "Which option is the number of sides of a dodecagon? (A) 10 (B) 11 (C) 12 (D) 13"
@@ -236,6 +237,13 @@ class TestFaults:
         assert j["requests_sent"] == 3 + 1 + 1 + 1 and j["requests"] == 3
         errored = [v for v in read_jsonl(result.verdicts) if v.get("judge") == "error"]
         assert len(errored) == 1 and errored[0]["judge_reply"].startswith("http_500")
+        # nor is the generation kept: no kept row holds it
+        (lost,) = [
+            r["generations"][errored[0]["index"]]
+            for r in judged_rows()[1:3]
+            if row_key(r["problem"]) == errored[0]["key"]
+        ]
+        assert lost not in [g for r in read_jsonl(result.output) for g in r["generations"]]
         # the failed question is not cached: a rerun asks it again, and only it
         before = replay.requests
         rerun = run_stage(tmp_path, url, rows=judged_rows()[1:3], workers=1, name="rerun.jsonl")
@@ -311,7 +319,7 @@ def test_cli_flags_reach_the_judge(tmp_path, replay_teacher):
     assert set(replay.seen_authorization) == {"Bearer sk-judge"}
     stats = json.loads((tmp_path / "out.stats.json").read_text())
     assert stats["judge"]["requests"] == 7 and stats["judge"]["audited"] == 1
-    assert "the judge recovered 2 generations" in done.stderr
+    assert "the judge recovered 2 generations" in done.stderr.strip().splitlines()[-1]  # the stage's last line
     assert (tmp_path / judge.CACHE_FILE).exists()  # the cache defaults to --dst's folder
 
 

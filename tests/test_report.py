@@ -302,3 +302,33 @@ def test_the_report_of_a_run_that_has_just_started_says_what_is_missing(tmp_path
     assert figure(page, "funnel.kept") == ""
     with pytest.raises(FileNotFoundError, match="no such run folder"):
         report.collect(tmp_path / "distill_r1" / "absent")
+
+
+def test_the_report_reads_the_packed_entrys_folder_and_the_job_evaluate_used(tmp_path):
+    run_dir = tmp_path / "distill_r1" / "manual__2026-01-02T00:00:00+00:00"
+    packed = tmp_path / "packed_earlier"  # packed by another run: the packed dataset entry point trains on it
+    packed.mkdir(parents=True)
+    stats = {"rows_in": 20, "rows_out": 7, "dropped": {}, "packs": 7, "tokens": 900, "seq_length": 256}
+    (packed / "stats.json").write_text(json.dumps(stats))
+    (run_dir / "from_packed").mkdir(parents=True)
+    (run_dir / report.PACKED_ENTRY).write_text(json.dumps({"path": str(packed)}))
+    metrics = {"first_loss": 2.0, "final_loss": 1.0, "median_step_time_ms": 5, "tokens_per_s": 1, "workers": 1}
+    jobs = []
+    for name, epochs in (("job-aaaa", 1), ("job-bbbb", 2)):  # the second is the newer
+        (run_dir / "finetune" / name / "checkpoint").mkdir(parents=True)
+        (run_dir / "finetune" / name / "metrics.json").write_text(
+            json.dumps({**metrics, "steps": [{"step": 1, "loss": 1.0, "epochs": epochs}]})
+        )
+        jobs.append(run_dir / "finetune" / name)
+        os.utime(jobs[-1], (1_000 * len(jobs), 1_000 * len(jobs)))
+    (run_dir / "evaluate").mkdir()
+    evaluation = {"pass@1": 50.0, "problems": 2, "checkpoint": str(jobs[0] / "checkpoint")}
+    (run_dir / report.EVALUATION).write_text(json.dumps(evaluation))
+
+    figures = report.collect(run_dir)
+    assert figures["packing"]["packs"] == 7 and dict(figures["funnel"])["packed rows"] == 7
+    assert report.data_summary(figures)["tokens"] == 900
+    # evaluated after both jobs: the training figures are those of the job whose checkpoint was evaluated
+    assert figures["training"]["job"] == "job-aaaa" and dict(figures["funnel"])["trained tokens"] == 900
+    os.utime(run_dir / report.EVALUATION, (1_500, 1_500))  # a job began after it (finetune cleared): the newest
+    assert report.collect(run_dir)["training"]["job"] == "job-bbbb"

@@ -47,7 +47,7 @@ logger = logging.getLogger("distilled_plugins.devtools.learnability")
 PROFILE = configs.CONFIG_DIR / "finetune_learnability_cpu.yaml"
 # the task's tokenizer is built from this one: its chat template, normaliser, pre-tokenizer and decoder are kept,
 # only the vocabulary is the task's (see build_tokenizer)
-QWEN_TOKENIZER = configs.SHARED_DATA / "tokenizer" / "qwen2.5"
+QWEN_TOKENIZER = configs.QWEN_TOKENIZER
 # Qwen2.5's pad/end-of-text token, then the two the chat template writes; ids 0, 1, 2 (the profile's pad, bos, eos
 # ids are 0); then the unknown word (never in the task's text: build_tokenizer checks it), then the task's words
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

@@ -50,6 +50,7 @@ CPU_TASKS = (
     "node_ranks",
     "approve_finetune",
     "report",
+    "fail_if_stopped",
 )
 NPU_TASKS = ("finetune", "evaluate")
 TEACHER_KEY = "sk-cluster-test-key"

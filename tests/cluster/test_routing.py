@@ -53,6 +53,7 @@ def test_queues_and_pools_come_from_the_deployment_variable():
         "evaluate": ["npu", "default_pool"],
         "approve_finetune": ["cpu", "default_pool"],
         "report": ["cpu", "default_pool"],
+        "fail_if_stopped": ["cpu", "default_pool"],
     }
 
 

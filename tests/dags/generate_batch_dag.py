@@ -17,6 +17,7 @@ with DAG("test_generate_batch", schedule=None, params={"seed": "", "out": ""}) a
         num_generations=2,
         teacher_mode="batch",
         batch_poll_seconds=0.5,
+        max_attempts=1,  # a request that fails once is given up: a user's cancel must not count as a failure
         retries=0,
     )
 

@@ -26,7 +26,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules distilled_plugins operators tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 --doctest-modules distilled_plugins operators tests
 
 # the development loop: lint and every test not marked slow (no msrun, Airflow or browser), doctests included
 check: $(STAMP)

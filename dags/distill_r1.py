@@ -66,6 +66,7 @@ from operators.assets import EVAL_REPORT, FILTERED, MODEL, PACKED, seed_asset
 from operators.deployment import approval, check_defaults, defaults, output_root, seconds, task_kwargs
 from operators.deployment import load as load_deployment
 from operators.finetune import node_ranks
+from operators.hooks import CONNECTION_SETTINGS, TeacherEndpointHook
 from operators.pipeline import field_param, form_param, log_failure_summary, shard_plan, whole_numbers_in_form
 from operators.report import fail_if_stopped, write_report
 from operators.sources import ChooseSourceOperator, from_openr1, from_packed, seed
@@ -139,7 +140,7 @@ params = {
     ),
     # ---- Teacher ----
     "teacher_conn_id": form_param(
-        default("teacher_conn_id", "teacher_default"),
+        default("teacher_conn_id", TeacherEndpointHook.default_conn_name),
         "Teacher connection",
         TEACHER,
         "Airflow connection of the OpenAI-compatible teacher endpoint (host, port, schema; password = API key)",
@@ -185,17 +186,14 @@ params = {
     # here: the teacher connection's extra decides, else the server's x-ratelimit headers or the built-in default
     **{
         f"teacher_{field}": field_param(
-            f"teacher_{field}", RequestSettings, field, defaults=DEFAULTS, unset=unset, **schema
+            f"teacher_{field}",
+            RequestSettings,
+            field,
+            defaults=DEFAULTS,
+            unset=unset,
+            **({"title": "Budget per shard task"} if field == "max_cost" else {}),
         )
-        for field, unset, schema in (
-            ("max_rpm", "from the connection, else learnt from the server", {}),
-            ("max_tpm", "from the connection, else learnt from the server", {}),
-            ("stream", "from the connection, else {default}", {}),
-            ("request_timeout", "from the connection, else {default}", {}),
-            ("price_per_mtok_in", "from the connection, else no estimate", {}),
-            ("price_per_mtok_out", "from the connection, else no estimate", {}),
-            ("max_cost", "from the connection, else no budget", {"title": "Budget per shard task"}),
-        )
+        for field, unset in CONNECTION_SETTINGS.items()
     },
     # ---- Processing ----
     "tokenizer_dir": form_param(
@@ -384,13 +382,7 @@ with DAG(
         max_concurrent="{{ params.max_concurrent }}",
         num_shards="{{ params.shards }}",
         max_attempts="{{ params.request_attempts }}",
-        request_timeout="{{ params.teacher_request_timeout }}",
-        max_rpm="{{ params.teacher_max_rpm }}",
-        max_tpm="{{ params.teacher_max_tpm }}",
-        stream="{{ params.teacher_stream }}",
-        price_per_mtok_in="{{ params.teacher_price_per_mtok_in }}",
-        price_per_mtok_out="{{ params.teacher_price_per_mtok_out }}",
-        max_cost="{{ params.teacher_max_cost }}",
+        **{name: f"{{{{ params.teacher_{name} }}}}" for name in CONNECTION_SETTINGS},
         teacher_mode="{{ params.teacher_mode }}",
         batch_poll_seconds="{{ params.teacher_batch_poll_seconds }}",
         output_file=RUN_DIR + "/generate/shard-{{ ti.map_index }}.jsonl",

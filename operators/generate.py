@@ -23,16 +23,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(generate.GenerateConfig)}
 
 # request settings the operator takes besides the config's fields (RequestSettings' fields). None or empty means
 # "not given here": the connection's extra decides (CONNECTION_SETTINGS), else RequestSettings' default
-_REQUEST_ARGUMENTS = (
-    "max_attempts",
-    "request_timeout",
-    "max_rpm",
-    "max_tpm",
-    "stream",
-    "price_per_mtok_in",
-    "price_per_mtok_out",
-    "max_cost",
-)
+_REQUEST_ARGUMENTS = ("max_attempts", *CONNECTION_SETTINGS)
 # ... and for these, 0 too (no limit, price or budget can be 0)
 _ZERO_IS_UNSET = ("max_rpm", "max_tpm", "price_per_mtok_in", "price_per_mtok_out", "max_cost")
 # a deferred batch task gives up after this: the Batch API's window is 24 h (an expired batch is collected and its
@@ -66,7 +57,7 @@ class GenerateReasoningOperator(StageOperator):
     # prompt_template is not templated: its literal braces (\boxed{{}}) would be read as Jinja
     not_templated = ("prompt_template",)
     operator_arguments: ClassVar[dict[str, Any]] = {
-        "teacher_conn_id": "teacher_default",
+        "teacher_conn_id": TeacherEndpointHook.default_conn_name,
         # a setting the connection may give is None here ("not given"); the others take RequestSettings' default
         **{
             f.name: None if f.name in CONNECTION_SETTINGS else default_of(f)

@@ -13,15 +13,16 @@ from distilled_plugins.settings import coerce
 
 # request settings (RequestSettings' fields) a connection's extra may give for all its endpoints; the operator's
 # own values win where given, and the built-in defaults apply where neither gives one
-CONNECTION_SETTINGS = (
-    "max_rpm",
-    "max_tpm",
-    "price_per_mtok_in",
-    "price_per_mtok_out",
-    "max_cost",
-    "request_timeout",
-    "stream",
-)
+# name -> what the DAG's form says an empty field means (each is a field of the form and an operator argument)
+CONNECTION_SETTINGS: dict[str, str] = {
+    "max_rpm": "from the connection, else learnt from the server",
+    "max_tpm": "from the connection, else learnt from the server",
+    "stream": "from the connection, else {default}",
+    "request_timeout": "from the connection, else {default}",
+    "price_per_mtok_in": "from the connection, else no estimate",
+    "price_per_mtok_out": "from the connection, else no estimate",
+    "max_cost": "from the connection, else no budget",
+}
 
 
 class TeacherFleet(NamedTuple):

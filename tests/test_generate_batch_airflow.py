@@ -50,6 +50,10 @@ def start_deferred(airflow: LocalAirflow, provider, tmp_path) -> str:
     run_id = airflow.trigger(DAG_ID, {"seed": str(seed), "out": str(tmp_path)})
     wait_for(lambda: len(provider.batches) > before, 180, "the batch to be submitted")
     wait_for(lambda: airflow.task_instances(DAG_ID, run_id)[0]["state"] == "deferred", 120, "the task to defer")
+    # and until the triggerer watches the batch: a task marked or cleared before its trigger started has no
+    # trigger to stop (under load the triggerer takes a few seconds to pick a new one up)
+    batch_id = list(provider.batches)[-1]
+    wait_for(lambda: f"batch {batch_id} in_progress" in task_log(airflow, run_id), 120, "the trigger to watch it")
     return run_id
 
 

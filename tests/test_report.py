@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -60,6 +61,24 @@ def states(af, run_id: str) -> dict[str, str | None]:
     return {ti["task_id"]: ti["state"] for ti in af.task_instances(DAG_ID, run_id) if ti["map_index"] <= 0}
 
 
+def wait_for_gate(af, run_id: str, timeout: float = 600) -> None:
+    """Until the gate has waited for a person for a few seconds. An answer within a second of the task parking
+    races Airflow's bookkeeping: the answer reschedules the task before the scheduler has seen the parking
+    workload end, which it then takes for a task changed externally and retries, and the answer is lost. No person
+    answers that fast; a test must not either."""
+    since = None
+
+    def settled() -> bool:
+        nonlocal since
+        if states(af, run_id).get(GATE) != "awaiting_input":
+            since = None
+            return False
+        since = since or time.monotonic()
+        return time.monotonic() - since >= 5
+
+    wait_until(settled, timeout, "the approval task to wait for a person", interval=1)
+
+
 @pytest.fixture(scope="module")
 def gated_run(module_replay_teacher, tmp_path_factory):
     """A run with the approval gate on, waiting at it (the plugin must be registered: the project installed)."""
@@ -92,6 +111,7 @@ def finished_run(gated_run):
     finished."""
     af, run_id, _ = gated_run
     if states(af, run_id)[GATE] == "awaiting_input":
+        wait_for_gate(af, run_id)
         af.api(
             "PATCH",
             f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{GATE}/-1/hitlDetails",
@@ -250,7 +270,7 @@ def test_reject_ends_the_run_without_training_and_says_so(finished_run):
     af, first_run, first_dir = finished_run
     conf = next(r for r in af.runs(DAG_ID) if r["dag_run_id"] == first_run)["conf"]
     run_id = af.trigger(DAG_ID, conf)  # the same data: the generation store answers, the teacher is not asked
-    wait_until(lambda: states(af, run_id).get(GATE) == "awaiting_input", 600, "the second run's gate", interval=2)
+    wait_for_gate(af, run_id)
     af.api(
         "PATCH",
         f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{GATE}/-1/hitlDetails",

@@ -89,10 +89,11 @@ class BatchJob(_Run):
                 f"{endpoint.url}; give that address again, or move the folder away to submit anew"
             )
         self.api = BatchAPI(endpoint.url, endpoint.api_key, timeout=min(600.0, cfg.retry.request_timeout))
-        # batches still to collect: this process goes on with the figures of the one that submitted them
-        self.continues_earlier = bool(self.state.active())
-        if not self.continues_earlier:  # a new run: every missing request has its attempts again
+        # batches still to collect: this process goes on with the run (and the figures) of the one that submitted
+        # them; else a new run: every missing request has its attempts again
+        if not self.state.active():
             self.state.data.update(attempts={}, totals={})
+            self.state.data.pop("spent_before", None)
         self.counts.update(self.state.data.get("totals", {}))
         self.open_rows: dict[str, _Row] = {}
         self.failed_keys: set[str] = set()
@@ -428,6 +429,14 @@ class BatchJob(_Run):
             f" ({', '.join(b['batch_id'] for b in running)})" if running else "",
             cost,
         )
+
+    def spent_before(self, earlier_stats: dict | None) -> dict:
+        """Fixed when the batch run begins, kept in its record: a step after a deferral, or after a kill that
+        wrote no stats, must neither add the run's own figures twice nor lose what the tries before it spent."""
+        if "spent_before" not in self.state.data:
+            self.state.data["spent_before"] = super().spent_before(earlier_stats)
+            self.state.save()
+        return self.state.data["spent_before"]
 
     def extra_stats(self) -> dict:
         return {

@@ -33,7 +33,8 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 COMPLETION_WINDOW = "24h"
 BATCHES_SUFFIX = ".batches"
 STATE_FILE = "state.json"
-# the batches a user cancelled (the task marked failed or succeeded), written by the triggerer, read by the task
+# the batches a user cancelled (the task marked failed or succeeded): written by the on_kill of the trigger or of
+# the operator, read by the engine (which alone writes the state file)
 CANCELLED_FILE = "cancelled_by_user.json"
 
 
@@ -288,7 +289,10 @@ def cancel_running(folder: str | Path, api: BatchAPI) -> list[str]:
     """
     state = BatchState.load(folder)
     running = state.running_ids()
-    write_json(state.folder / CANCELLED_FILE, sorted(state.cancelled_by_user() | set(running)))
+    try:
+        write_json(state.folder / CANCELLED_FILE, sorted(state.cancelled_by_user() | set(running)))
+    except OSError as e:  # cancelling matters more: a rerun then counts the cancel as one failed attempt
+        logger.warning("could not record the cancelled batches in %s: %s", state.folder, e)
     said = []
     for batch_id in running:
         try:

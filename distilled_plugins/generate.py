@@ -397,9 +397,6 @@ class _Run:
     goes ahead of fresh requests, so that its row completes, and leaves memory, soon.
     """
 
-    # whether this process goes on with figures an earlier one started (a batch run resumed after a deferral)
-    continues_earlier = False
-
     def __init__(
         self,
         cfg: GenerateConfig,
@@ -421,6 +418,10 @@ class _Run:
         self.retries = Counter()
         self.failures = Counter()
         self.fatal: BaseException | None = None
+
+    def spent_before(self, earlier_stats: dict | None) -> dict:
+        """What earlier tries spent on this output (:func:`spent_before`); a batch run keeps it in its record."""
+        return spent_before(earlier_stats)
 
     def close(self) -> None:
         try:
@@ -606,23 +607,28 @@ def _read_stats(output: Path) -> dict | None:
         return None
 
 
-def _spend(stats: dict, earlier: dict | None, continues_earlier: bool) -> dict:
-    """``spent_before`` (the tries before this one that wrote the same output: a retried or cleared task's) and
-    ``spent_total``, so that a rerun finding every row done still reports what the shard cost, not zero.
+def spent_before(earlier: dict | None) -> dict:
+    """What the tries before this one spent writing the same output (a retried or cleared task's), from the stats
+    the last of them wrote: its ``spent_total``.
 
     >>> first = {"requests_sent": 4, "completions_ok": 4, "prompt_tokens": 40, "completion_tokens": 400,
     ...          "cost_estimate": 0.5}
-    >>> first.update(_spend(first, None, False))
-    >>> rerun = dict.fromkeys(SPEND, 0)
-    >>> _spend(rerun, first, False)["spent_total"]["cost_estimate"]
+    >>> first.update(_spend(first, spent_before(None)))
+    >>> rerun = dict.fromkeys(SPEND, 0)  # a cleared task finding every row done
+    >>> _spend(rerun, spent_before(first))["spent_total"]["cost_estimate"]
     0.5
     """
-    before = dict.fromkeys(SPEND, 0)
-    if earlier is not None:
-        before.update(earlier.get("spent_before", {}))
-        if not continues_earlier:  # the earlier process's own figures are history too
-            before = {key: before[key] + earlier.get(key, 0) for key in SPEND}
-    total = {key: before[key] + stats[key] for key in SPEND}
+    if earlier is None:
+        return dict.fromkeys(SPEND, 0)
+    if "spent_total" in earlier:
+        return dict(earlier["spent_total"])
+    return {key: earlier.get(key, 0) for key in SPEND}  # stats written before spent_total existed
+
+
+def _spend(stats: dict, before: dict) -> dict:
+    """``spent_before`` and ``spent_total`` (this try's figures added), so that a rerun finding every row done
+    still reports what the shard cost, not zero."""
+    total = {key: before.get(key, 0) + stats[key] for key in SPEND}
     total["cost_estimate"] = round(total["cost_estimate"], 6)
     return {"spent_before": before, "spent_total": total}
 
@@ -808,7 +814,7 @@ def run(cfg: GenerateConfig, wait_for_batches: bool = True) -> GenerateResult:
         "requests_not_sent_budget": job.counts["requests_not_sent_budget"],
         **job.extra_stats(),
     }
-    stats.update(_spend(stats, earlier_stats, job.continues_earlier))
+    stats.update(_spend(stats, job.spent_before(earlier_stats)))
     if store_stats is not None:
         stats["store"] = store_stats
         logger.info(

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException
 
-from distilled_plugins import evaluate
+from distilled_plugins import evaluate, preflight
 from distilled_plugins.client import RequestSettings
 from operators.assets import emit
 from operators.hooks import TeacherEndpointHook
@@ -45,10 +45,10 @@ class Math500EvalOperator(StageOperator):
 
     @fails_clearly
     def execute(self, context: Context) -> str:
-        source = None if self.source in (None, "", "None") else self.source
+        source = None if preflight.is_empty(self.source) else self.source
         if source not in (None, *SOURCES):
             raise ValueError(f"source must be 'endpoint' or 'checkpoint', got {self.source!r}")
-        conn_id = None if source == "checkpoint" or self.endpoint_conn_id in ("", "None") else self.endpoint_conn_id
+        conn_id = None if source == "checkpoint" or preflight.is_empty(self.endpoint_conn_id) else self.endpoint_conn_id
         chosen = {"checkpoint": None} if source == "endpoint" else {}
         if conn_id:  # the connection's whole fleet (its host, then extra["endpoints"]) and request settings
             fleet = TeacherEndpointHook(conn_id).get_fleet()

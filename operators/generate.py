@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from distilled_plugins import generate
+from distilled_plugins import generate, preflight
 from distilled_plugins.batch_api import BatchesRunning, BatchSettings, batch_folder, cancel_running
 from distilled_plugins.client import RequestSettings
 from distilled_plugins.settings import coerce, default_of
@@ -73,7 +73,7 @@ class GenerateReasoningOperator(StageOperator):
         values = {}
         for name in _REQUEST_ARGUMENTS:
             value = getattr(self, name)
-            value = None if isinstance(value, str) and value.strip() in ("", "None", "null") else value
+            value = None if preflight.is_empty(value) else value
             value = coerce(RequestSettings, name, value)
             if value is None or (value == 0 and name in _ZERO_IS_UNSET):
                 value = from_connection.get(name)
@@ -108,7 +108,9 @@ class GenerateReasoningOperator(StageOperator):
             context, {"output": str(result.output_file), "stats": str(result.stats_file), "reused": reused}
         )
 
-    def on_kill(self) -> None:  # while the task runs (submitting, collecting); deferred, the trigger's on_kill
+    # while the task runs (submitting, collecting: seconds), cleared or marked alike; deferred, the trigger's on_kill,
+    # which cancels on a mark only
+    def on_kill(self) -> None:
         if self.batch_folder:
             api = TeacherEndpointHook(self.teacher_conn_id).get_batch_api(self.batch_folder)
             for line in cancel_running(self.batch_folder, api):

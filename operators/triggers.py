@@ -151,9 +151,12 @@ class TeacherBatchTrigger(BaseTrigger):
             self.log.warning("could not read the state of %s; taken as stopped", ti.task_id, exc_info=True)
             return False
         key = ti.task_id if ti.map_index < 0 else f"{ti.task_id}_{ti.map_index}"
-        state = states.get(ti.run_id, {}).get(key)
-        self.log.info("the deferred task was stopped by a user; its state is now %s", state)
-        return state not in ("failed", "success", "skipped", "upstream_failed", "removed")
+        run = states.get(ti.run_id, {})
+        if key not in run:  # the run or the task is gone (deleted): nothing will ever collect the batches
+            self.log.info("the deferred task's run or task no longer exists: taken as stopped")
+            return False
+        self.log.info("the deferred task was stopped by a user; its state is now %s", run[key])
+        return run[key] not in ("failed", "success", "skipped", "upstream_failed", "removed")
 
     async def on_kill(self) -> None:
         """A user marked the deferred task failed/succeeded: cancel its running batches (not in ``cleanup()``,

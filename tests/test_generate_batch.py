@@ -104,6 +104,20 @@ class TestBatchRun:
         stats = json.loads(generate.stats_path(out).read_text())  # the killed process's submission counted once
         assert stats["requests_sent"] == stats["spent_total"]["requests_sent"] == 24
 
+    def test_the_spend_of_a_batch_run_over_deferrals_and_a_rerun_is_counted_once(self, batch_teacher, seed, tmp_path):
+        provider, url = batch_teacher(hold=True)
+        cfg = batch_config(seed, tmp_path, url)
+        with pytest.raises(BatchesRunning):  # the operator's first step: submit, write the stats, defer
+            generate.run(cfg, wait_for_batches=False)
+        provider.release()
+        collected = generate.run(cfg)  # the step after the deferral goes on with the same run's figures
+        assert collected.stats["requests_sent"] == collected.stats["spent_total"]["requests_sent"] == 24
+        assert collected.stats["spent_before"]["requests_sent"] == 0
+        again = generate.run(cfg)  # a cleared task: every row is done, nothing is sent, the cost is still told
+        assert again.stats["requests_sent"] == 0
+        assert again.stats["spent_total"] == collected.stats["spent_total"]
+        assert again.stats["spent_total"]["cost_estimate"] > 0
+
     def test_a_batch_created_but_not_recorded_is_found_by_its_input_file(self, batch_teacher, seed, tmp_path):
         provider, url = batch_teacher(hold=True)
         cfg = batch_config(seed, tmp_path, url)

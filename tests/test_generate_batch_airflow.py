@@ -115,6 +115,12 @@ def test_clearing_the_deferred_task_keeps_its_batch_for_the_next_try(airflow, pr
     run_id = start_deferred(airflow, provider, tmp_path)
     batch_id, before = list(provider.batches)[-1], len(provider.batches)
     airflow.clear(DAG_ID, run_id, ["generate"])
+    logs = airflow.home / "logs"
+    wait_for(  # the trigger's on_kill ran and chose to keep the batch
+        lambda: any("the task was cleared" in p.read_text(errors="replace") for p in logs.rglob("*.log*")),
+        60,
+        "the trigger to say it keeps the batch",
+    )
     wait_for(
         lambda: (ti := airflow.task_instances(DAG_ID, run_id)[0])["try_number"] == 2 and ti["state"] == "deferred",
         120,

@@ -470,8 +470,8 @@ with DAG(
     chain(entry, prepacked, finetuned)
 
     # ---- the human gate before fine-tuning and the run's report (README: "The run's report and the approval
-    # gate"): approve_finetune waits after pack (or from_packed) when the run asks for it (skipped at once when not); the report
-    # task writes {run_dir}/report/report.html at the end, whatever happened (a teardown: not the run's state)
+    # gate"): approve_finetune waits after pack (or from_packed) when the run asks for it (skipped at once when
+    # not); the report task writes {run_dir}/report/report.html at the end, whatever happened (a teardown: not the run's state)
     gate = approval(DEPLOYMENT)
     approve = FinetuneApprovalOperator(
         task_id="approve_finetune",

@@ -195,12 +195,12 @@ class BatchJob(_Run):
             path.unlink()
         for cid in ids - outcomes.keys():  # in neither file: the batch ended before it (expired, cancelled)
             outcomes[cid] = f"batch_{record['status']}"
-        # a batch the user cancelled (the task marked failed) is no fault of its requests: no attempt is spent
-        spent = not (record["status"] == "cancelled" and record.get("batch_id") in self.state.cancelled_by_user())
+        # the requests a user's cancel cut short (the task marked failed) are no failures: no attempt is spent
+        by_user = record["status"] == "cancelled" and record.get("batch_id") in self.state.cancelled_by_user()
         if self.fatal is None:
             for cid, cause in outcomes.items():
                 if cause is not None:
-                    self._failed(cid, cause, spent=spent or cause != "batch_cancelled")
+                    self._failed(cid, cause, spent=not (by_user and cause == "batch_cancelled"))
         record["collected"] = True
         record["completed"] = sum(cause is None for cause in outcomes.values())
         self._save_totals()

@@ -73,6 +73,8 @@ from distilled_plugins.schema import (
     PROMPT_COLUMN,
     REUSED_HEADER,
     REUSED_SUFFIX,
+    STATS_SPEND,
+    STATS_SPENT_TOTAL,
     parts_path,
     row_key,
     sibling_path,
@@ -97,8 +99,6 @@ MERGE_LOOKUP_BATCH = 32
 # why a seed row of the shard is not in its output: a repeated uuid, requests that failed for good, or a run that
 # stopped early (budget, fatal error: what was received waits in .parts); and why merge leaves a row out
 SHARD_DROP_REASONS = ("duplicate_uuid", "failed", "unfinished")
-# what the teacher was paid for; the stats' ``spent_total`` sums them over every try that wrote the output
-SPEND = ("requests_sent", "completions_ok", "prompt_tokens", "completion_tokens", "cost_estimate")
 MERGE_DROP_REASONS = ("duplicate_key",)
 
 
@@ -614,23 +614,23 @@ def spent_before(earlier: dict | None) -> dict:
     >>> first = {"requests_sent": 4, "completions_ok": 4, "prompt_tokens": 40, "completion_tokens": 400,
     ...          "cost_estimate": 0.5}
     >>> first.update(_spend(first, spent_before(None)))
-    >>> rerun = dict.fromkeys(SPEND, 0)  # a cleared task finding every row done
+    >>> rerun = dict.fromkeys(STATS_SPEND, 0)  # a cleared task finding every row done
     >>> _spend(rerun, spent_before(first))["spent_total"]["cost_estimate"]
     0.5
     """
     if earlier is None:
-        return dict.fromkeys(SPEND, 0)
-    if "spent_total" in earlier:
-        return dict(earlier["spent_total"])
-    return {key: earlier.get(key, 0) for key in SPEND}  # stats written before spent_total existed
+        return dict.fromkeys(STATS_SPEND, 0)
+    if STATS_SPENT_TOTAL in earlier:
+        return dict(earlier[STATS_SPENT_TOTAL])
+    return {key: earlier.get(key, 0) for key in STATS_SPEND}  # stats written before spent_total existed
 
 
 def _spend(stats: dict, before: dict) -> dict:
     """``spent_before`` and ``spent_total`` (this try's figures added), so that a rerun finding every row done
     still reports what the shard cost, not zero."""
-    total = {key: before.get(key, 0) + stats[key] for key in SPEND}
+    total = {key: before.get(key, 0) + stats[key] for key in STATS_SPEND}
     total["cost_estimate"] = round(total["cost_estimate"], 6)
-    return {"spent_before": before, "spent_total": total}
+    return {"spent_before": before, STATS_SPENT_TOTAL: total}
 
 
 def _prepare_rows(

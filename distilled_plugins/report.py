@@ -32,7 +32,16 @@ from pathlib import Path
 
 from distilled_plugins import cli
 from distilled_plugins.io import atomic_path, iter_jsonl
-from distilled_plugins.schema import STATS_DROPPED, STATS_FILE, STATS_ROWS_IN, STATS_ROWS_OUT, STATS_SUFFIX, stats_path
+from distilled_plugins.schema import (
+    STATS_DROPPED,
+    STATS_FILE,
+    STATS_ROWS_IN,
+    STATS_ROWS_OUT,
+    STATS_SPEND,
+    STATS_SPENT_TOTAL,
+    STATS_SUFFIX,
+    stats_path,
+)
 from distilled_plugins.settings import from_args, setting
 
 logger = logging.getLogger(__name__)
@@ -85,13 +94,13 @@ def teacher_figures(shards: list[dict], merged: dict | None = None) -> dict:
     total = Counter()
     for s in shards:
         total["rows_in"] += s.get("rows_in", 0)
-        spent = s.get("spent_total", s)  # every try of the shard: a cleared generate that found its rows paid nothing
-        for key in ("requests_sent", "completions_ok", "prompt_tokens", "completion_tokens"):
+        # every try of the shard (stats before spent_total existed: their own): a cleared generate paid nothing
+        spent = s.get(STATS_SPENT_TOTAL, s)
+        for key in STATS_SPEND:
             total[key] += spent.get(key, 0)
         total["retries"] += sum(s.get("retries", {}).values())
         total["failed_requests"] += sum(s.get("failed_requests", {}).values())
         total["rows_reused_from_store"] += s.get("rows_reused_from_store", 0)
-    cost = round(sum(s.get("spent_total", s).get("cost_estimate", 0.0) for s in shards), 6)
     rows = total["rows_in"]
     return {
         "shards": len(shards),
@@ -103,7 +112,7 @@ def teacher_figures(shards: list[dict], merged: dict | None = None) -> dict:
         "seed_rows": shards[0].get("seed_rows") if shards else None,
         **dict(total),
         "reused_share": round(total["rows_reused_from_store"] / rows, 4) if rows else 0.0,
-        "cost_estimate": cost,
+        "cost_estimate": round(total["cost_estimate"], 6),
         "budget_reached": any(s.get("budget_reached") for s in shards),
         "rows_from_store_merged": merged.get("rows_from_store") if merged else None,
     }

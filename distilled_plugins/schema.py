@@ -53,6 +53,10 @@ STATS_SEQ_LENGTH = "seq_length"  # pack's stats, read by finetune
 STATS_ROWS_IN = "rows_in"
 STATS_ROWS_OUT = "rows_out"
 STATS_DROPPED = "dropped"  # {reason: count}
+# generate's shard stats: what the teacher was paid for, this try's; ``spent_total`` holds them over every try that
+# wrote the same output (generate writes it, the run report sums it)
+STATS_SPEND = ("requests_sent", "completions_ok", "prompt_tokens", "completion_tokens", "cost_estimate")
+STATS_SPENT_TOTAL = "spent_total"
 
 
 def row_key(uuid) -> str:

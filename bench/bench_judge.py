@@ -24,10 +24,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distilled_plugins.configs import SHARED_DATA  # noqa: E402
+from distilled_plugins.core.configs import SHARED_DATA  # noqa: E402
+from distilled_plugins.core.io import iter_jsonl, rewrite_jsonl  # noqa: E402
 from distilled_plugins.devtools.local_airflow import free_port  # noqa: E402
 from distilled_plugins.devtools.teacher_server import wait_for_port  # noqa: E402
-from distilled_plugins.io import iter_jsonl, rewrite_jsonl  # noqa: E402
 
 RECORDED = SHARED_DATA / "eval_outputs" / "skythought"
 MODELS = ("Qwen2.5-Math-7B", "Qwen2.5-14B-Instruct", "gemma-2-27b-it", "Sky-T1-math-correct-5K-27B")

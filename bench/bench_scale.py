@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distilled_plugins.configs import SHARED_DATA  # noqa: E402
+from distilled_plugins.core.configs import SHARED_DATA  # noqa: E402
 from distilled_plugins.devtools.local_airflow import free_port  # noqa: E402
 from distilled_plugins.devtools.teacher_server import wait_for_port  # noqa: E402
 
@@ -209,8 +209,8 @@ def one_size(work: Path, rows: int, handle_rows: int, url: str, pack_runs: int =
 
 def seed_pass_seconds(seed: Path) -> float:
     """One pass over the seed as generate makes it (stream the rows, hash each key), in this process."""
-    from distilled_plugins.io import iter_rows
-    from distilled_plugins.schema import row_key
+    from distilled_plugins.core.io import iter_rows
+    from distilled_plugins.core.schema import row_key
 
     started = time.monotonic()
     for row in iter_rows(seed):

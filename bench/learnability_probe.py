@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distilled_plugins.core.io import iter_jsonl, rewrite_jsonl
 from distilled_plugins.devtools import learnability
-from distilled_plugins.io import iter_jsonl, rewrite_jsonl
 
 
 def packed_samples(packed: Path) -> list[tuple[np.ndarray, ...]]:
@@ -64,7 +64,7 @@ class Probe:
         from mindformers.trainer.optimizer_grouped_parameters import get_optimizer_grouped_parameters
         from mindspore import nn, ops
 
-        from distilled_plugins.train import apply_explicit_mask_fix
+        from distilled_plugins.in_mindformers.train import apply_explicit_mask_fix
 
         ms.set_seed(seed)
         profile = MindFormerConfig(str(learnability.PROFILE))

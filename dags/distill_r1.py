@@ -42,16 +42,16 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, chain
 
-from distilled_plugins.batch_api import BatchSettings
-from distilled_plugins.client import RequestSettings
-from distilled_plugins.configs import QWEN_TOKENIZER
+from distilled_plugins.core.configs import QWEN_TOKENIZER
+from distilled_plugins.core.settings import DATA, EVALUATION, FINETUNE, OUTPUT, PROCESSING, TEACHER
 from distilled_plugins.evaluate import EvalConfig, Protocol
 from distilled_plugins.finetune import FinetuneConfig
 from distilled_plugins.generate import GenerateConfig
 from distilled_plugins.handle import HandleConfig
 from distilled_plugins.pack import PackConfig
 from distilled_plugins.reject_sampling import RejectSamplingConfig
-from distilled_plugins.settings import DATA, EVALUATION, FINETUNE, OUTPUT, PROCESSING, TEACHER
+from distilled_plugins.teacher.batch_api import BatchSettings
+from distilled_plugins.teacher.client import RequestSettings
 from operators import (
     GenerateReasoningOperator,
     HandleDatasetOperator,
@@ -168,7 +168,7 @@ params = {
         minimum=1,
         maximum=64,
     ),
-    # the teacher's Batch API (distilled_plugins/batch.py): half the price, results within 24 h, the task deferred
+    # the teacher's Batch API (distilled_plugins/generate/batch.py): half the price, results within 24 h, the task deferred
     "teacher_mode": field_param(
         "teacher_mode",
         BatchSettings,

@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from distilled_plugins.io import load_rows
+from distilled_plugins.core.io import load_rows
 
 NGRAM = 8
 _SPACE = re.compile(r"\s+")

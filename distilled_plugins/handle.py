@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distilled_plugins import cli
-from distilled_plugins.io import (
+from distilled_plugins.core import cli
+from distilled_plugins.core.io import (
     DataError,
     artifact_kind,
     atomic_dir,
@@ -35,10 +35,10 @@ from distilled_plugins.io import (
     save_tables_to_disk,
     write_json,
 )
-from distilled_plugins.progress import Progress
-from distilled_plugins.schema import HANDLED_COLUMNS, IGNORE_INDEX, STATS_FILE, STATS_PAD_TOKEN_ID, features
-from distilled_plugins.settings import PROCESSING, from_args, setting
-from distilled_plugins.stats import Stats
+from distilled_plugins.core.progress import Progress
+from distilled_plugins.core.schema import HANDLED_COLUMNS, IGNORE_INDEX, STATS_FILE, STATS_PAD_TOKEN_ID, features
+from distilled_plugins.core.settings import PROCESSING, from_args, setting
+from distilled_plugins.core.stats import Stats
 
 logger = logging.getLogger(__name__)
 

@@ -29,9 +29,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from distilled_plugins import cli, configs
-from distilled_plugins.cli import one_line
-from distilled_plugins.io import (
+from distilled_plugins.core import cli, configs
+from distilled_plugins.core.cli import one_line
+from distilled_plugins.core.io import (
     DataError,
     atomic_dir,
     check_output_folder,
@@ -40,7 +40,7 @@ from distilled_plugins.io import (
     save_tables_to_disk,
     write_json,
 )
-from distilled_plugins.schema import (
+from distilled_plugins.core.schema import (
     HANDLED_COLUMNS,
     IGNORE_INDEX,
     PACKED_COLUMNS,
@@ -49,8 +49,8 @@ from distilled_plugins.schema import (
     STATS_SEQ_LENGTH,
     features,
 )
-from distilled_plugins.settings import PROCESSING, from_args, setting
-from distilled_plugins.stats import Stats
+from distilled_plugins.core.settings import PROCESSING, from_args, setting
+from distilled_plugins.core.stats import Stats
 
 logger = logging.getLogger(__name__)
 

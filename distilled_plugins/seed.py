@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distilled_plugins.io import HUB_PREFIX, ROW_FILE_SUFFIXES, HubSeed, count_rows, hub_seed, write_json
+from distilled_plugins.core.io import HUB_PREFIX, ROW_FILE_SUFFIXES, HubSeed, count_rows, hub_seed, write_json
 
 logger = logging.getLogger(__name__)
 

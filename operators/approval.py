@@ -129,7 +129,7 @@ class FinetuneApprovalOperator(ApprovalOperator):
         return super().execute(context)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
-        from distilled_plugins.io import write_json
+        from distilled_plugins.core.io import write_json
 
         chosen = event.get("chosen_options") or []
         user = event.get("responded_by_user") or {}

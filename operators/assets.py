@@ -13,7 +13,7 @@ from typing import NamedTuple
 from airflow.sdk import Asset, AssetWatcher
 
 from distilled_plugins import seed
-from distilled_plugins.configs import SHARED_DATA
+from distilled_plugins.core.configs import SHARED_DATA
 from operators import deployment
 from operators.seed_watcher import SeedChangeTrigger
 

@@ -8,8 +8,9 @@ from typing import Any, ClassVar
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException
 
-from distilled_plugins import evaluate, preflight
-from distilled_plugins.client import RequestSettings
+from distilled_plugins import evaluate
+from distilled_plugins.core import preflight
+from distilled_plugins.teacher.client import RequestSettings
 from operators.assets import emit
 from operators.hooks import TeacherEndpointHook
 from operators.pipeline import fails_clearly

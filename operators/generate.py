@@ -9,10 +9,11 @@ from typing import Any, ClassVar
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from distilled_plugins import generate, preflight
-from distilled_plugins.batch_api import BatchesRunning, BatchSettings, batch_folder, cancel_running
-from distilled_plugins.client import RequestSettings
-from distilled_plugins.settings import coerce, default_of
+from distilled_plugins import generate
+from distilled_plugins.core import preflight
+from distilled_plugins.core.settings import coerce, default_of
+from distilled_plugins.teacher.batch_api import BatchesRunning, BatchSettings, batch_folder, cancel_running
+from distilled_plugins.teacher.client import RequestSettings
 from operators.hooks import CONNECTION_SETTINGS, TeacherEndpointHook
 from operators.pipeline import fails_clearly
 from operators.stage import StageOperator
@@ -42,7 +43,7 @@ class GenerateReasoningOperator(StageOperator):
     finish; reaching ``max_cost`` fails the task without retries (a rerun resumes). Returns
     ``{"output": <jsonl path>, "stats": <stats json path>, "reused": <reused-rows list path, or "">}``: with a
     generation store the output holds only the rows this run generated, the list names those taken from the store,
-    and :class:`MergeShardsOperator` joins both (see ``distilled_plugins.schema``).
+    and :class:`MergeShardsOperator` joins both (see ``distilled_plugins.core.schema``).
 
     ``teacher_mode="batch"`` sends the shard's requests to the first endpoint's Batch API: the task submits the
     batches, defers while they run (:class:`~operators.triggers.TeacherBatchTrigger` polls them, the log shows each

@@ -8,7 +8,7 @@ from pathlib import Path
 from airflow.sdk import Context
 
 from distilled_plugins import pack
-from distilled_plugins.schema import STATS_FILE
+from distilled_plugins.core.schema import STATS_FILE
 from operators.assets import emit
 from operators.pipeline import fails_clearly
 from operators.stage import StageOperator

@@ -23,13 +23,13 @@ from airflow.sdk.exceptions import (
     DownstreamTasksSkipped,
 )
 
-from distilled_plugins.batch_api import BatchError
-from distilled_plugins.cli import one_line
-from distilled_plugins.client import FatalRequestError
+from distilled_plugins.core.cli import one_line
+from distilled_plugins.core.io import DataError
+from distilled_plugins.core.settings import param_spec
 from distilled_plugins.finetune import FinetuneFailed, FinetuneStoppedByUser
 from distilled_plugins.generate import GenerationIncomplete
-from distilled_plugins.io import DataError
-from distilled_plugins.settings import param_spec
+from distilled_plugins.teacher.batch_api import BatchError
+from distilled_plugins.teacher.client import FatalRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def field_param(
     **schema,
 ) -> Param:
     """A form field for a stage setting: its default, title, section, description, type, choices and range come
-    from the config dataclass field (``distilled_plugins.settings``); ``title``/``section`` given here replace the
+    from the config dataclass field (``distilled_plugins.core.settings``); ``title``/``section`` given here replace the
     field's, ``defaults`` (a deployment's own) and ``schema`` refine it.
 
     ``unset`` makes the field empty by default, meaning "not set here", and says what decides then (``{default}``

@@ -6,9 +6,10 @@ from typing import Any, ClassVar
 
 from airflow.sdk import Context
 
-from distilled_plugins import preflight, reject_sampling
-from distilled_plugins.client import RequestSettings
-from distilled_plugins.schema import STATS_ROWS_IN, STATS_ROWS_OUT
+from distilled_plugins import reject_sampling
+from distilled_plugins.core import preflight
+from distilled_plugins.core.schema import STATS_ROWS_IN, STATS_ROWS_OUT
+from distilled_plugins.teacher.client import RequestSettings
 from operators.assets import emit
 from operators.hooks import JudgeEndpointHook
 from operators.pipeline import fails_clearly

@@ -2,7 +2,7 @@
 input, find the seed.
 
 ``choose_source``, the run's first task, checks every input the chosen entry point will need
-(:mod:`distilled_plugins.preflight`: the seed and its columns, the tokenizer, the fine-tune profile and base
+(:mod:`distilled_plugins.core.preflight`: the seed and its columns, the tokenizer, the fine-tune profile and base
 checkpoint, the evaluation set, the connections, the output folder) and fails at once with one line per problem,
 before anything is spent; then it branches on the ``source`` parameter, and the stages that do not apply are
 skipped (and shown so in the grid). ``generate`` runs everything from a seed (the triggering seed event's, or the ``seed_dataset``
@@ -20,10 +20,11 @@ from airflow.providers.standard.operators.branch import BaseBranchOperator
 from airflow.sdk import Context, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from distilled_plugins import preflight, report
+from distilled_plugins import report
 from distilled_plugins import seed as seeds
-from distilled_plugins.io import write_json
-from distilled_plugins.schema import STATS_FILE
+from distilled_plugins.core import preflight
+from distilled_plugins.core.io import write_json
+from distilled_plugins.core.schema import STATS_FILE
 from operators.assets import seed_from_event
 from operators.hooks import TeacherEndpointHook
 from operators.pipeline import WHOLE_NUMBERS, fails_clearly

@@ -3,7 +3,7 @@
 A field that is itself a settings dataclass (evaluation's sampling ``Protocol``) is named in ``nested``: its fields
 are the operator's arguments, and ``stage_config`` builds it from them.
 
-A stage's settings are written once, as fields of its config dataclass (``distilled_plugins.settings``). The
+A stage's settings are written once, as fields of its config dataclass (``distilled_plugins.core.settings``). The
 operator takes exactly those fields as keyword arguments, with the same defaults, templates them all (except
 those named in ``not_templated``), and builds the config from its fields in ``execute``: no default is
 repeated here, no value is cast by hand, and ``execute`` never changes the operator's fields (state it keeps for
@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 from airflow.sdk import BaseOperator
 
-from distilled_plugins.settings import coerce, default_of
+from distilled_plugins.core.settings import coerce, default_of
 
 
 class StageOperator(BaseOperator):

@@ -77,7 +77,7 @@ class MsrunJobTrigger(BaseTrigger):
 
 class TeacherBatchTrigger(BaseTrigger):
     """Watches the teacher batches of one generate shard (:class:`~operators.generate.GenerateReasoningOperator` in
-    batch mode), recorded in ``batch_folder`` (``distilled_plugins.batch_api``).
+    batch mode), recorded in ``batch_folder`` (``distilled_plugins.teacher.batch_api``).
 
     Every ``poll_seconds`` it asks the provider about each running batch, in a thread (urllib, and the record read
     from disk: nothing blocks the triggerer's event loop), logs the batch id, status and request counts whenever
@@ -114,7 +114,7 @@ class TeacherBatchTrigger(BaseTrigger):
         return self._batch_api
 
     async def run(self):
-        from distilled_plugins import batch_api
+        from distilled_plugins.teacher import batch_api
 
         api = await self._api()
         seen: dict[str, str] = {}
@@ -161,7 +161,7 @@ class TeacherBatchTrigger(BaseTrigger):
     async def on_kill(self) -> None:
         """A user marked the deferred task failed/succeeded: cancel its running batches (not in ``cleanup()``,
         which also runs on every triggerer restart). A cleared task keeps them: its next try collects them."""
-        from distilled_plugins import batch_api
+        from distilled_plugins.teacher import batch_api
 
         if await self._cleared():
             self.log.info("the task was cleared: its batches run on and its next try attaches to them")

@@ -203,7 +203,8 @@ def tiny_packed(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_packed, tmp_path_factory):
     """A tiny model fine-tuned for 8 steps by stage 5 (msrun, 1 CPU worker): its checkpoint folder."""
-    from distilled_plugins import configs, finetune
+    from distilled_plugins import finetune
+    from distilled_plugins.core import configs
 
     out = tmp_path_factory.mktemp("tiny-finetune")
     result = finetune.run(

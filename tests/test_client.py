@@ -8,10 +8,10 @@ import re
 import pytest
 
 from distilled_plugins import evaluate, generate
-from distilled_plugins.client import RequestSettings
-from distilled_plugins.endpoints import Endpoint, TokenBucket, parse_duration, parse_endpoints
+from distilled_plugins.core.schema import STATS_FILE, stats_path
 from distilled_plugins.generate import BudgetReached
-from distilled_plugins.schema import STATS_FILE, stats_path
+from distilled_plugins.teacher.client import RequestSettings
+from distilled_plugins.teacher.endpoints import Endpoint, TokenBucket, parse_duration, parse_endpoints
 from tests.support import FAST_RETRY, MATH500, answer_with_solution, keys_of, math_train_rows, read_jsonl, write_jsonl
 from tests.support import generate_config as config
 
@@ -200,7 +200,7 @@ class TestTokenLimit:
         import asyncio
         import time
 
-        from distilled_plugins.endpoints import Fleet
+        from distilled_plugins.teacher.endpoints import Fleet
 
         async def scenario():
             fleet = Fleet([Endpoint("127.0.0.1:9", max_tpm=6000)])  # 100 tokens/s, at most 100 at once

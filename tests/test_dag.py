@@ -184,11 +184,11 @@ def test_an_error_no_retry_can_fix_fails_at_once_with_a_specific_line(tmp_path, 
 def test_errors_are_told_apart_by_kind_and_task():
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from distilled_plugins.batch_api import BatchError
-    from distilled_plugins.client import FatalRequestError
+    from distilled_plugins.core.io import DataError
     from distilled_plugins.finetune import FinetuneFailed
     from distilled_plugins.generate import GenerationIncomplete
-    from distilled_plugins.io import DataError
+    from distilled_plugins.teacher.batch_api import BatchError
+    from distilled_plugins.teacher.client import FatalRequestError
     from operators.pipeline import classify
 
     missing_ckpt = DataError("load_checkpoint /x does not exist; give the base model's folder")

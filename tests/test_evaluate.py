@@ -8,11 +8,11 @@ import re
 import pytest
 
 from distilled_plugins import evaluate
-from distilled_plugins.client import FatalRequestError, RetryPolicy
-from distilled_plugins.configs import SHARED_DATA
+from distilled_plugins.core.configs import SHARED_DATA
+from distilled_plugins.core.io import DataError
 from distilled_plugins.devtools.teacher_server import load_answers, replay_answer
 from distilled_plugins.evaluate import EvalConfig, Protocol
-from distilled_plugins.io import DataError
+from distilled_plugins.teacher.client import FatalRequestError, RetryPolicy
 from tests.support import MATH500, read_jsonl, write_jsonl
 
 SKYTHOUGHT = SHARED_DATA / "eval_outputs" / "skythought"
@@ -129,7 +129,7 @@ def test_baseline_difference(replay_teacher, reference_answers, tmp_path):
 
 @pytest.mark.slow
 def test_mindformers_generation_from_the_tiny_checkpoint(tiny_checkpoint, tmp_path):
-    from distilled_plugins import configs
+    from distilled_plugins.core import configs
 
     cfg = EvalConfig(
         out=str(tmp_path),
@@ -153,7 +153,7 @@ class TestCheckpointGeneration:
     def test_prompt_is_the_training_prompt(self, tmp_path):
         from distilled_plugins import handle
         from distilled_plugins.handle import SYSTEM_PROMPT, load_tokenizer
-        from distilled_plugins.mf_generate import prompt_ids
+        from distilled_plugins.in_mindformers.mf_generate import prompt_ids
         from tests.support import TOKENIZER_DIR, conversation_rows
 
         rows = conversation_rows(5)
@@ -170,7 +170,7 @@ class TestCheckpointGeneration:
     def test_attention_mask_hides_the_future_and_the_left_padding(self):
         import numpy as np
 
-        from distilled_plugins.mf_generate import attention_mask
+        from distilled_plugins.in_mindformers.mf_generate import attention_mask
 
         mask = attention_mask(np.array([[True, True, False, False], [False, False, False, False]]))
         assert mask.dtype == np.uint8
@@ -180,7 +180,7 @@ class TestCheckpointGeneration:
     def test_sampler(self):
         import numpy as np
 
-        from distilled_plugins.mf_generate import Sampler
+        from distilled_plugins.in_mindformers.mf_generate import Sampler
 
         logits = np.array([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
         assert Sampler(0.0, 0.95, 0)(logits).tolist() == [1, 0]  # greedy
@@ -190,8 +190,9 @@ class TestCheckpointGeneration:
 
     @pytest.mark.slow
     def test_batched_greedy_equals_one_at_a_time(self, tmp_path):
-        from distilled_plugins import configs, mf_generate
+        from distilled_plugins.core import configs
         from distilled_plugins.handle import SYSTEM_PROMPT
+        from distilled_plugins.in_mindformers import mf_generate
         from tests.support import TOKENIZER_DIR
 
         problems = write_jsonl(tmp_path / "p.jsonl", evaluate.load_problems(MATH500, 3))  # prompts of 3 lengths

@@ -16,11 +16,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distilled_plugins import configs, finetune
+from distilled_plugins import finetune
+from distilled_plugins.core import configs
+from distilled_plugins.core.io import DataError
 from distilled_plugins.devtools.local_airflow import free_port
 from distilled_plugins.finetune import FinetuneConfig, FinetuneFailed
 from distilled_plugins.finetune.config import checkpoint_step, resume_point
-from distilled_plugins.io import DataError
 from tests.support import TINY_ROWS, cli_command, cli_env, wait_until
 
 TINY = str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml")

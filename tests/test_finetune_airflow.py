@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distilled_plugins import configs
+from distilled_plugins.core import configs
 from distilled_plugins.devtools.local_airflow import LocalAirflow, free_port
 from tests.support import REPO, wait_until
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distilled_plugins import configs, finetune
+from distilled_plugins import finetune
+from distilled_plugins.core import configs
 from distilled_plugins.finetune import job as jobs
 from distilled_plugins.finetune.job import JobPaths, NodeRecord
 from tests.support import TINY_ROWS, XComTI, wait_until

@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from distilled_plugins.batch_api import STATE_FILE, batch_folder
 from distilled_plugins.devtools.local_airflow import LocalAirflow, free_port
+from distilled_plugins.teacher.batch_api import STATE_FILE, batch_folder
 from tests.support import REPO, SECRET, math_train_rows, read_jsonl, wait_until, write_jsonl
 
 DAG_ID = "test_generate_batch"

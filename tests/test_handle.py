@@ -10,8 +10,8 @@ import datasets
 import pytest
 
 from distilled_plugins import handle
+from distilled_plugins.core.io import DataError
 from distilled_plugins.handle import SYSTEM_PROMPT, HandleConfig
-from distilled_plugins.io import DataError
 from tests.support import TOKENIZER_DIR, conversation_rows, write_jsonl
 
 ROWS = 40
@@ -70,10 +70,10 @@ def test_stats_and_histogram(handled):
 def test_mindformers_handler_through_hfdataloader_gives_the_same_rows(handled, tmp_path):
     from mindformers.dataset.dataloader.hf_dataloader import HFDataLoader
 
-    from distilled_plugins import datasets_preprocess
+    from distilled_plugins.in_mindformers import datasets_preprocess
 
     src, _dst, ds = handled
-    assert "OpenR1Math220kDataHandler" in datasets_preprocess.register(handle.__file__.rsplit("/", 1)[0])
+    assert "OpenR1Math220kDataHandler" in datasets_preprocess.register(datasets_preprocess.__file__.rsplit("/", 1)[0])
     handler = {"type": "OpenR1Math220kDataHandler", "tokenizer": {"pretrained_model_dir": str(TOKENIZER_DIR)}}
     loader = HFDataLoader(
         path="json", data_files=[str(src)], split="train", handler=[handler], python_multiprocessing=False

@@ -8,12 +8,13 @@ import re
 
 import pytest
 
-from distilled_plugins import judge, preflight, reject_sampling, report
-from distilled_plugins.client import RequestSettings
+from distilled_plugins import reject_sampling, report
+from distilled_plugins.core import preflight
+from distilled_plugins.core.io import DataError
+from distilled_plugins.core.schema import row_key
 from distilled_plugins.devtools.teacher_server import judge_answer, judge_prompt_fields
-from distilled_plugins.io import DataError
-from distilled_plugins.reject_sampling import RejectSamplingConfig
-from distilled_plugins.schema import row_key
+from distilled_plugins.reject_sampling import RejectSamplingConfig, judge
+from distilled_plugins.teacher.client import RequestSettings
 from tests.support import cli_env, read_jsonl, run_cli, write_jsonl
 
 OPTION = "Which option is the number of sides of a dodecagon? (A) 10 (B) 11 (C) 12 (D) 13"

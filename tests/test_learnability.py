@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from distilled_plugins import configs, handle
+from distilled_plugins import handle
+from distilled_plugins.core import configs
+from distilled_plugins.core.io import rewrite_jsonl
 from distilled_plugins.devtools import learnability
 from distilled_plugins.handle import load_tokenizer
-from distilled_plugins.io import rewrite_jsonl
 
 TRAIN, HELD_OUT, EPOCHS = (learnability.SIZE[k] for k in ("n_train", "n_held_out", "epochs"))
 # A wiring fault scores ~0 and guessing 1 in 64. bench/learnability_probe.py's stand-in for the fine-tune stage (the
@@ -137,8 +138,8 @@ def test_an_explicit_mask_hides_the_future_without_flash_attention():
     import mindspore as ms
     import numpy as np
 
-    from distilled_plugins import configs
-    from distilled_plugins.mf_generate import attention_mask, build_model
+    from distilled_plugins.core import configs
+    from distilled_plugins.in_mindformers.mf_generate import attention_mask, build_model
 
     model = build_model(str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml"), "untrained", 8)
     tokens = np.arange(100, 108, dtype=np.int32)[None]
@@ -165,7 +166,7 @@ def test_a_packed_row_lets_each_token_see_its_own_sample_and_nothing_else(tmp_pa
     import numpy as np
     from mindformers.dataset.dataloader.hf_dataloader import _get_packed_data
 
-    from distilled_plugins.mf_generate import build_model
+    from distilled_plugins.in_mindformers.mf_generate import build_model
 
     train, _ = learnability.make_task(12, 0)
     tokenizer = learnability.build_tokenizer(tmp_path / "tokenizer")

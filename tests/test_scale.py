@@ -10,9 +10,10 @@ import pyarrow as pa
 import pytest
 from datasets.arrow_writer import ArrowWriter
 
-from distilled_plugins import handle, io, pack
+from distilled_plugins import handle, pack
+from distilled_plugins.core import io
+from distilled_plugins.core.schema import HANDLED_COLUMNS, features
 from distilled_plugins.handle import HandleConfig
-from distilled_plugins.schema import HANDLED_COLUMNS, features
 from tests.support import TOKENIZER_DIR, conversation_rows, write_jsonl
 
 

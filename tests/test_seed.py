@@ -433,7 +433,7 @@ class TestHubSeed:
         old = hub.publish(REPO_ID, {"train.jsonl": jsonl(ROWS)})
         hub.publish(REPO_ID, {"train.jsonl": jsonl(ROWS[:2])})  # a refresh after the run was pinned
         code = (
-            "import json, sys; from distilled_plugins.io import load_rows; "
+            "import json, sys; from distilled_plugins.core.io import load_rows; "
             "print(json.dumps([load_rows(name) for name in sys.argv[1:]]))"
         )
         env = cli_env(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"))

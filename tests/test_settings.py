@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from distilled_plugins import batch_api, client, evaluate, generate, handle, pack, reject_sampling, settings
+from distilled_plugins import evaluate, generate, handle, pack, reject_sampling
+from distilled_plugins.core import settings
 from distilled_plugins.finetune import FinetuneConfig
 from distilled_plugins.finetune.__main__ import build_parser as finetune_parser
+from distilled_plugins.teacher import batch_api, client
 from operators import (
     GenerateReasoningOperator,
     HandleDatasetOperator,
@@ -160,7 +162,7 @@ def test_the_form_speaks_of_what_it_shows_and_names_fields_it_cannot_check():
     400 reaches the user as a bare toast: whole-number fields are number fields saying so, and the run's first task
     names them (tests/test_clear_airflow.py). No description names a CLI flag; the two datasets of the other entry
     points are optional; an empty teacher setting is described once."""
-    from distilled_plugins import preflight
+    from distilled_plugins.core import preflight
 
     code = (
         "import json, importlib.util as u; "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from distilled_plugins.stats import Stats, StatsMismatch
+from distilled_plugins.core.stats import Stats, StatsMismatch
 
 
 class TestStats:

@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from distilled_plugins import generate
-from distilled_plugins.io import DataError
-from distilled_plugins.store import STORE_FILE, GenerationStore
+from distilled_plugins.core.io import DataError
+from distilled_plugins.generate.store import STORE_FILE, GenerationStore
 from tests.support import (
     FAST_RETRY,
     REPO,
@@ -120,7 +120,7 @@ class TestKeyedStore:
 _PUBLISHER = """
 import json, sys
 from distilled_plugins import generate
-from distilled_plugins.client import RetryPolicy
+from distilled_plugins.teacher.client import RetryPolicy
 settings = json.loads(sys.argv[1])
 settings["retry"] = RetryPolicy(max_attempts=4, backoff_base=0.01, backoff_max=0.05, request_timeout=30)
 generate.run(generate.GenerateConfig(**settings))

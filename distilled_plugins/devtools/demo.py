@@ -26,12 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-from distilled_plugins.configs import SHARED_DATA
+from distilled_plugins.core.configs import SHARED_DATA
+from distilled_plugins.core.io import rewrite_jsonl, write_json
 from distilled_plugins.devtools import learnability
 from distilled_plugins.devtools.batch_server import BatchTeacher
 from distilled_plugins.devtools.local_airflow import LocalAirflow, free_port
 from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
-from distilled_plugins.io import rewrite_jsonl, write_json
 
 logger = logging.getLogger("distilled_plugins.devtools.demo")
 

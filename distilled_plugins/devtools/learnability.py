@@ -36,11 +36,12 @@ import sys
 import time
 from pathlib import Path
 
-from distilled_plugins import configs, evaluate, finetune, generate, handle, pack, reject_sampling
+from distilled_plugins import evaluate, finetune, generate, handle, pack, reject_sampling
+from distilled_plugins.core import configs
+from distilled_plugins.core.io import atomic_dir, iter_jsonl, rewrite_jsonl
+from distilled_plugins.core.schema import STATS_FILE, STATS_ROWS_OUT
 from distilled_plugins.devtools.local_airflow import free_port
 from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
-from distilled_plugins.io import atomic_dir, iter_jsonl, rewrite_jsonl
-from distilled_plugins.schema import STATS_FILE, STATS_ROWS_OUT
 
 logger = logging.getLogger("distilled_plugins.devtools.learnability")
 

@@ -9,7 +9,7 @@ Usage:
 Faults can be injected, for tests and benchmarks: a scripted sequence (``faults``, consumed one per request) or
 a random share of requests (``fault_rate``) answered 429 or 500.
 
-As a judge for rejection sampling (``--judge-verdicts``), it replies to ``distilled_plugins.judge``'s prompt with
+As a judge for rejection sampling (``--judge-verdicts``), it replies to ``distilled_plugins.reject_sampling.judge``'s prompt with
 fixed verdicts by problem (and, where given, by the generation's answer part): ``judge_answer``.
 
 Like a provider, it can enforce a rate limit (``rate_limit_rpm``: a bucket of one second's worth of requests, or
@@ -302,7 +302,7 @@ class ServerThread:
 
 
 def load_answers(path: str | Path, problem_field: str, answer_field: str) -> dict[str, str]:
-    from distilled_plugins.io import load_rows, require_columns
+    from distilled_plugins.core.io import load_rows, require_columns
 
     rows = load_rows(path)
     require_columns(rows, [problem_field, answer_field], path)
@@ -322,13 +322,13 @@ def replay_answer(answers: dict[str, str], fallback: str | None = None) -> Calla
 
 
 def judge_prompt_fields(content: str) -> dict[str, str] | None:
-    """The problem, gold and answer a judge prompt (``distilled_plugins.judge.JUDGE_PROMPT``) shows, or None.
+    """The problem, gold and answer a judge prompt (``distilled_plugins.reject_sampling.judge.JUDGE_PROMPT``) shows, or None.
 
-    >>> from distilled_plugins.judge import judge_messages
+    >>> from distilled_plugins.reject_sampling.judge import judge_messages
     >>> judge_prompt_fields(judge_messages("2+2?", "4", "so four")[0]["content"])
     {'problem': '2+2?', 'gold': '4', 'answer': 'so four'}
     """
-    from distilled_plugins.judge import JUDGE_PROMPT
+    from distilled_plugins.reject_sampling.judge import JUDGE_PROMPT
 
     pattern = re.escape(JUDGE_PROMPT)
     for name in ("problem", "gold", "answer"):
@@ -357,8 +357,8 @@ def judge_answer(verdicts: dict, default: str = "no") -> Callable[[str], str]:
 def load_judge_verdicts(path: str | Path) -> dict:
     """``{(problem, answer part): verdict}`` from a JSONL of ``problem``, ``generation`` and ``verdict``, or
     ``{problem: verdict}`` for lines without ``generation``."""
-    from distilled_plugins.io import iter_jsonl
-    from distilled_plugins.judge import answer_part
+    from distilled_plugins.core.io import iter_jsonl
+    from distilled_plugins.reject_sampling.judge import answer_part
 
     verdicts = {}
     for _, row in iter_jsonl(path):

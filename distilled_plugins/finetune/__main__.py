@@ -8,12 +8,12 @@ import logging
 import sys
 from pathlib import Path
 
-from distilled_plugins import cli
+from distilled_plugins.core import cli
+from distilled_plugins.core.io import DataError
+from distilled_plugins.core.settings import from_args
 from distilled_plugins.finetune import FinetuneConfig, FinetuneFailed, run
 from distilled_plugins.finetune import __doc__ as package_doc
 from distilled_plugins.finetune.job import supervise
-from distilled_plugins.io import DataError
-from distilled_plugins.settings import from_args
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,12 +11,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from distilled_plugins import configs
-from distilled_plugins.io import DataError, files_state, require_artifact, write_json
-from distilled_plugins.schema import STATS_FILE
-from distilled_plugins.settings import FINETUNE, MULTINODE, setting
+from distilled_plugins.core import configs
+from distilled_plugins.core.io import DataError, files_state, require_artifact, write_json
+from distilled_plugins.core.schema import STATS_FILE
+from distilled_plugins.core.settings import FINETUNE, MULTINODE, setting
 
-TRAIN_ENTRY = Path(__file__).resolve().parents[1] / "train.py"
+TRAIN_ENTRY = Path(__file__).resolve().parents[1] / "in_mindformers" / "train.py"
 REQUIRED_KEYS = (
     "run_mode",
     "trainer.type",
@@ -257,7 +257,7 @@ def job_config(run_config: dict, job_dir: Path) -> tuple[dict, int]:
     """The resolved YAML placed in ``job_dir``; returns it and the step it resumes from (0: fresh)."""
     run_config = json.loads(json.dumps(run_config))
     run_config["output_dir"] = str(job_dir)
-    # every worker writes its steps as JSON lines next to its log (distilled_plugins/train.py: StepMetricsWriter)
+    # every worker writes its steps as JSON lines next to its log (distilled_plugins/in_mindformers/train.py: StepMetricsWriter)
     point = resume_point(job_dir / "checkpoint")
     resume_step = point.step if point else 0
     callbacks = [c for c in run_config.get("callbacks") or [] if c.get("type") != "StepMetricsWriter"]
@@ -394,7 +394,7 @@ def job_env(run_config: dict) -> dict:
     env = configs.child_env()
     # msrun starts "python" from PATH: make it this environment's interpreter
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRAIN_ENTRY.parents[1]), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRAIN_ENTRY.parents[2]), env.get("PYTHONPATH")]))
     env.setdefault("LOG_MF_PATH", str(Path(run_config["output_dir"]) / "log"))
     if device(run_config) == "ascend":
         for key, value in ASCEND_ENV.items():

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from distilled_plugins.io import write_json
+from distilled_plugins.core.io import write_json
 
 logger = logging.getLogger(__name__)
 

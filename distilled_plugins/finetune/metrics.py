@@ -15,10 +15,10 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from distilled_plugins import configs
+from distilled_plugins.core import configs
+from distilled_plugins.core.io import write_json
 from distilled_plugins.finetune.config import _get
 from distilled_plugins.finetune.job import JobPaths
-from distilled_plugins.io import write_json
 
 _STEP_LINE = re.compile(
     r"Epoch:\[\s*(\d+)/\s*(\d+)\], step:\[\s*(\d+)/\s*(\d+)\], loss:\[\s*([-\d.eE+naif]+)/"

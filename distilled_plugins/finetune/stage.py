@@ -9,8 +9,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from distilled_plugins.core.io import write_json
 from distilled_plugins.finetune import job as jobs
 from distilled_plugins.finetune.config import (
+    TRAIN_ENTRY,
     FinetuneConfig,
     deferral_timeout,
     fingerprint,
@@ -35,7 +37,6 @@ from distilled_plugins.finetune.metrics import (
     steps_file,
     write_metrics,
 )
-from distilled_plugins.io import write_json
 
 logger = logging.getLogger("distilled_plugins.finetune")
 
@@ -113,7 +114,7 @@ def launch(cfg: FinetuneConfig, job: Job | None = None) -> Launch:
         f"--node_rank={cfg.node_rank}",
         f"--log_dir={paths.log_dir}",
         "--join=True",
-        str(Path(__file__).resolve().parents[1] / "train.py"),
+        str(TRAIN_ENTRY),
         "--config",
         str(paths.run_config),
         "--run_mode",

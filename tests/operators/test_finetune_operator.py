@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from distilled_plugins import configs
+from distilled_plugins.core import configs
 from distilled_plugins.devtools.local_airflow import free_port
 from operators import triggers
 from operators.triggers import MsrunJobTrigger

@@ -2,8 +2,8 @@
 (not in the mindformers wheel): run a data loader config's handlers and ``save_to_disk`` the result.
 
 Usage:
-    python -m distilled_plugins.datasets_preprocess --config configs/data_process_handling.yaml \\
-        --save_path handled/ --register_path distilled_plugins/ [--data_files filtered.jsonl ...]
+    python -m distilled_plugins.in_mindformers.datasets_preprocess --config configs/data_process_handling.yaml \\
+        --save_path handled/ --register_path distilled_plugins/in_mindformers/ [--data_files filtered.jsonl ...]
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import logging
 import sys
 from pathlib import Path
 
-from distilled_plugins import cli
-from distilled_plugins.configs import load_yaml
-from distilled_plugins.io import atomic_dir
+from distilled_plugins.core import cli
+from distilled_plugins.core.configs import load_yaml
+from distilled_plugins.core.io import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +35,13 @@ def register(path: str | Path) -> list[str]:
         folder, sources = path, [p for p in sorted(path.glob("*.py")) if not p.stem.startswith("_")]
     else:
         raise ValueError(f"--register_path {path}: neither a folder nor a .py file")
-    package = folder.name if (folder / "__init__.py").exists() else None
-    sys.path.insert(0, str(folder.parent if package else folder))
+    # a folder inside packages is imported by its dotted name (distilled_plugins.in_mindformers), not by its
+    # own name alone, which could shadow a library (a folder named "mindformers")
+    root, parts = folder, []
+    while (root / "__init__.py").exists():
+        root, parts = root.parent, [root.name, *parts]
+    package = ".".join(parts) or None
+    sys.path.insert(0, str(root))
     found = []
     for source in sources:
         module = importlib.import_module(f"{package}.{source.stem}" if package else source.stem)
@@ -69,7 +74,7 @@ def preprocess(config_path: str | Path, save_path: str | Path, data_files: list[
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m distilled_plugins.datasets_preprocess", description=__doc__.split("\n")[0]
+        prog="python -m distilled_plugins.in_mindformers.datasets_preprocess", description=__doc__.split("\n")[0]
     )
     p.add_argument("--config", required=True, help="YAML with train_dataset.data_loader")
     p.add_argument("--save_path", default="./handled_data")

@@ -20,7 +20,7 @@ The judge (``--judge-api-addr``: the teacher client's forms, retries, rate limit
 the teacher's with ``--judge-`` in front) is asked only about generations math_verify graded ``wrong`` or
 ``no_answer`` (never truncated ones, timeouts or filtered golds), plus ``--judge-audit-sample`` accepted ones.
 ``--judge-policy recover`` keeps a generation math_verify or the judge accepts; ``audit`` asks and records but
-keeps by math_verify alone. Its verdicts are cached (``distilled_plugins.judge``): a rerun asks only new questions.
+keeps by math_verify alone. Its verdicts are cached (``distilled_plugins.reject_sampling.judge``): a rerun asks only new questions.
 """
 
 from __future__ import annotations
@@ -30,19 +30,15 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from distilled_plugins import cli, configs, grader, judge
-from distilled_plugins.client import API_KEY_ENV, FatalRequestError, RequestSettings
-from distilled_plugins.decontaminate import Decontaminator
-from distilled_plugins.endpoints import Endpoint
-from distilled_plugins.io import DataError, atomic_path, count_rows, dumps_line, iter_jsonl, write_json
-from distilled_plugins.progress import Progress
-from distilled_plugins.schema import (
+from distilled_plugins.core import cli, configs, grader
+from distilled_plugins.core.io import DataError, atomic_path, count_rows, dumps_line, iter_jsonl, write_json
+from distilled_plugins.core.progress import Progress
+from distilled_plugins.core.schema import (
     CORRECTNESS_COUNT_COLUMN,
     GENERATION_COLUMNS,
     JUDGED_COLUMNS,
@@ -54,8 +50,12 @@ from distilled_plugins.schema import (
     sibling_path,
     stats_path,
 )
-from distilled_plugins.settings import DATA, PROCESSING, add_arguments, from_args, setting
-from distilled_plugins.stats import Stats
+from distilled_plugins.core.settings import DATA, PROCESSING, add_arguments, from_args, setting
+from distilled_plugins.core.stats import Stats
+from distilled_plugins.decontaminate import Decontaminator
+from distilled_plugins.reject_sampling import judge
+from distilled_plugins.teacher.client import API_KEY_ENV, FatalRequestError, RequestSettings
+from distilled_plugins.teacher.endpoints import Endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -551,7 +551,3 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FatalRequestError) as e:
         return cli.fail(e)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli.run(main))

@@ -20,8 +20,8 @@ import mindformers.dataset.handler as mindformers_handlers
 from mindformers.dataset.handler.base_handler import BaseInstructDataHandler
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from distilled_plugins.core.schema import HANDLED_COLUMNS, features
 from distilled_plugins.handle import SYSTEM_PROMPT, TRUNCATION_POLICIES, ChatEncoder, load_tokenizer
-from distilled_plugins.schema import HANDLED_COLUMNS, features
 
 
 @MindFormerRegister.register(MindFormerModuleType.DATA_HANDLER)

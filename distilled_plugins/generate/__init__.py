@@ -20,7 +20,7 @@ seed rows of those keys are listed in ``<output stem>.reused.jsonl`` (see ``sche
 rows (``--reused-rows copy`` writes them into the output instead, a complete file without ``--merge``).
 
 With ``--batch`` the requests go to the teacher's Batch API instead, at about half the price (see
-``distilled_plugins/batch.py``): the same output, journal, store and stats.
+``distilled_plugins/generate/batch.py``): the same output, journal, store and stats.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import itertools
 import json
 import logging
 import os
-import sys
 import time
 from array import array
 from collections import Counter
@@ -42,20 +41,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from distilled_plugins import cli
-from distilled_plugins.batch_api import BatchError, BatchSettings
-from distilled_plugins.client import (
-    API_KEY_ENV,
-    BudgetExhausted,
-    ChatClient,
-    Completion,
-    FatalRequestError,
-    RequestSettings,
-    RetryableError,
-    RetryPolicy,
-)
-from distilled_plugins.endpoints import Endpoint
-from distilled_plugins.io import (
+from distilled_plugins.core import cli
+from distilled_plugins.core.io import (
     DataError,
     atomic_path,
     dumps_line,
@@ -65,8 +52,8 @@ from distilled_plugins.io import (
     scan_appended_jsonl,
     write_json,
 )
-from distilled_plugins.progress import Progress
-from distilled_plugins.schema import (
+from distilled_plugins.core.progress import Progress
+from distilled_plugins.core.schema import (
     ADDED_BY_GENERATE,
     GENERATION_COLUMNS,
     GENERATIONS_COLUMN,
@@ -80,9 +67,21 @@ from distilled_plugins.schema import (
     sibling_path,
     stats_path,
 )
-from distilled_plugins.settings import DATA, TEACHER, add_arguments, from_args, setting
-from distilled_plugins.stats import Stats
-from distilled_plugins.store import LOOKUP_BATCH, PUBLISH_BATCH, STORE_FILE, GenerationStore
+from distilled_plugins.core.settings import DATA, TEACHER, add_arguments, from_args, setting
+from distilled_plugins.core.stats import Stats
+from distilled_plugins.generate.store import LOOKUP_BATCH, PUBLISH_BATCH, STORE_FILE, GenerationStore
+from distilled_plugins.teacher.batch_api import BatchError, BatchSettings
+from distilled_plugins.teacher.client import (
+    API_KEY_ENV,
+    BudgetExhausted,
+    ChatClient,
+    Completion,
+    FatalRequestError,
+    RequestSettings,
+    RetryableError,
+    RetryPolicy,
+)
+from distilled_plugins.teacher.endpoints import Endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -737,7 +736,7 @@ def run(cfg: GenerateConfig, wait_for_batches: bool = True) -> GenerateResult:
     """Generate every missing completion of the configured shard; raise if some rows stay incomplete.
 
     In batch mode (``cfg.batch``) ``wait_for_batches=False`` returns after one look at the batches, raising
-    :class:`~distilled_plugins.batch_api.BatchesRunning` while some still run (the operator defers on it).
+    :class:`~distilled_plugins.teacher.batch_api.BatchesRunning` while some still run (the operator defers on it).
     """
     output = Path(cfg.output_file)
     if output.is_dir():
@@ -763,7 +762,7 @@ def run(cfg: GenerateConfig, wait_for_batches: bool = True) -> GenerateResult:
             parts_path(output).name,
         )
         if cfg.batch.batch:
-            from distilled_plugins.batch import BatchJob  # imported here: it builds on this module
+            from distilled_plugins.generate.batch import BatchJob  # imported here: it builds on this module
 
             job = BatchJob(
                 cfg, to_generate, partial, output, parts_path(output), store, examples, wait=wait_for_batches
@@ -1052,7 +1051,3 @@ def main(argv: list[str] | None = None) -> int:
         return cli.fail(e)
     logger.info("wrote %s (stats: %s)", result.output_file, result.stats_file)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli.run(main))

@@ -184,13 +184,13 @@ class GradingPool:
         # multiprocessing's spawn/forkserver re-import the caller's __main__. Pickled messages cross two pipes.
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        package_root = str(Path(__file__).resolve().parents[1])
+        package_root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "distilled_plugins.grader",
+                "distilled_plugins.core.grader",
                 "--worker",
                 str(to_child_r),
                 str(from_child_w),

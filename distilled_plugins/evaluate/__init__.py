@@ -34,15 +34,16 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from distilled_plugins import cli, configs, generate, grader
-from distilled_plugins.client import API_KEY_ENV, FatalRequestError, RequestSettings, RetryPolicy
-from distilled_plugins.configs import child_env
-from distilled_plugins.endpoints import Endpoint
+from distilled_plugins import generate
+from distilled_plugins.core import cli, configs, grader
+from distilled_plugins.core.configs import child_env
+from distilled_plugins.core.io import DataError, dumps_line, files_state, iter_jsonl, load_rows, read_json, write_json
+from distilled_plugins.core.schema import STATS_DROPPED, STATS_FILE, parts_path
+from distilled_plugins.core.settings import EVALUATION, add_arguments, from_args, setting
+from distilled_plugins.core.stats import Stats
 from distilled_plugins.handle import SYSTEM_PROMPT
-from distilled_plugins.io import DataError, dumps_line, files_state, iter_jsonl, load_rows, read_json, write_json
-from distilled_plugins.schema import STATS_DROPPED, STATS_FILE, parts_path
-from distilled_plugins.settings import EVALUATION, add_arguments, from_args, setting
-from distilled_plugins.stats import Stats
+from distilled_plugins.teacher.client import API_KEY_ENV, FatalRequestError, RequestSettings, RetryPolicy
+from distilled_plugins.teacher.endpoints import Endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ def completions_from_checkpoint(cfg: EvalConfig, problems: list[dict], folder: P
     command = [
         sys.executable,
         "-m",
-        "distilled_plugins.mf_generate",
+        "distilled_plugins.in_mindformers.mf_generate",
         "--config",
         cfg.mindformers_config,
         "--checkpoint",
@@ -622,7 +623,3 @@ def main(argv: list[str] | None = None) -> int:
         report,
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli.run(main))

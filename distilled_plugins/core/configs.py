@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 FINETUNE_7B = CONFIG_DIR / "finetune_qwen_2_5_7b.yaml"
 # the public data beside the checkout (MATH-500, the Qwen2.5 tokenizer, ...); DISTILL_DATA moves it (Docker: /data)
 # the Airflow worker's own settings and secrets (database and broker URLs with passwords, fernet key, connections)

@@ -24,15 +24,14 @@ import html
 import io as stdio
 import json
 import logging
-import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from distilled_plugins import cli
-from distilled_plugins.io import atomic_path, iter_jsonl
-from distilled_plugins.schema import (
+from distilled_plugins.core import cli
+from distilled_plugins.core.io import atomic_path, iter_jsonl
+from distilled_plugins.core.schema import (
     STATS_DROPPED,
     STATS_FILE,
     STATS_ROWS_IN,
@@ -42,7 +41,7 @@ from distilled_plugins.schema import (
     STATS_SUFFIX,
     stats_path,
 )
-from distilled_plugins.settings import from_args, setting
+from distilled_plugins.core.settings import from_args, setting
 
 logger = logging.getLogger(__name__)
 
@@ -720,7 +719,3 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     print(run(from_args(ReportConfig, args)))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli.run(main))

@@ -1,7 +1,7 @@
 """The generation store: finished generations keyed by (settings hash, row key), shared by runs and shards.
 
 Usage:
-    python -m distilled_plugins.store --store-dir out/generation_store   # size and entries per settings hash
+    python -m distilled_plugins.generate.store --store-dir out/generation_store   # size and entries per settings hash
 
 One SQLite file, ``{store_dir}/generations.sqlite``: a table with one entry per (settings hash, row key) holding
 the generated columns of a row (``generations``, ``finish_reasons``, ``api_metadata``, ``prompt``) as
@@ -199,7 +199,7 @@ def batches(items: Iterable, size: int) -> Iterator[list]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="python -m distilled_plugins.store", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m distilled_plugins.generate.store", description=__doc__.split("\n")[0])
     p.add_argument("--store-dir", required=True, help="the generation store folder")
     p.add_argument("--compact", action="store_true", help="VACUUM if a quarter of the file or more is free")
     args = p.parse_args(argv)

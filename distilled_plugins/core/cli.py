@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from distilled_plugins.settings import add_arguments
+from distilled_plugins.core.settings import add_arguments
 
 DEBUG_FLAG = "--debug"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -19,8 +19,8 @@ from typing import NamedTuple
 
 import aiohttp
 
-from distilled_plugins.endpoints import Endpoint, EndpointState, Fleet, parse_duration, parse_endpoints
-from distilled_plugins.settings import TEACHER, add_arguments, from_args, setting
+from distilled_plugins.core.settings import TEACHER, add_arguments, from_args, setting
+from distilled_plugins.teacher.endpoints import Endpoint, EndpointState, Fleet, parse_duration, parse_endpoints
 
 API_KEY_ENV = "OPENAI_API_KEY"
 _FATAL_HINTS = {

@@ -2,7 +2,7 @@
 evaluate, made fast enough for a held-out set).
 
 Usage (normally started by ``python -m distilled_plugins.evaluate --checkpoint ...`` as its own process):
-    python -m distilled_plugins.mf_generate --config configs/finetune_tiny_cpu.yaml \\
+    python -m distilled_plugins.in_mindformers.mf_generate --config configs/finetune_tiny_cpu.yaml \\
         --checkpoint finetune/checkpoint --tokenizer ../shared/data/tokenizer/qwen2.5 \\
         --problems problems.jsonl --output completions.jsonl --num-samples 4 --max-new-tokens 64 --batch-size 64
 
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from distilled_plugins.configs import load_yaml
-from distilled_plugins.io import DataError, dumps_line, iter_jsonl, read_appended_jsonl, rewrite_jsonl
-from distilled_plugins.progress import Progress
-from distilled_plugins.schema import FINISH_REASONS_COLUMN, GENERATIONS_COLUMN, PROMPT_COLUMN, row_key
+from distilled_plugins.core.configs import load_yaml
+from distilled_plugins.core.io import DataError, dumps_line, iter_jsonl, read_appended_jsonl, rewrite_jsonl
+from distilled_plugins.core.progress import Progress
+from distilled_plugins.core.schema import FINISH_REASONS_COLUMN, GENERATIONS_COLUMN, PROMPT_COLUMN, row_key
 
-logger = logging.getLogger("distilled_plugins.mf_generate")  # not __main__: evaluate relays these lines
+logger = logging.getLogger("distilled_plugins.in_mindformers.mf_generate")  # not __main__: evaluate relays these lines
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 UNTRAINED = "untrained"
@@ -66,8 +66,8 @@ def build_model(config_path: str, checkpoint: str | Path, seq_length: int):
     from mindformers.models.llama import LlamaConfig, LlamaForCausalLM
     from mindformers.tools.register import MindFormerConfig
 
-    from distilled_plugins.configs import resolve
-    from distilled_plugins.train import apply_explicit_mask_fix
+    from distilled_plugins.core.configs import resolve
+    from distilled_plugins.in_mindformers.train import apply_explicit_mask_fix
 
     config = MindFormerConfig(str(resolve(config_path)))
     config.use_parallel = False
@@ -177,7 +177,9 @@ def generate_batch(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m distilled_plugins.mf_generate", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m distilled_plugins.in_mindformers.mf_generate", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--config", required=True, help="the fine-tune YAML (model architecture)")
     p.add_argument(
         "--checkpoint", required=True, help=f"safetensors file or checkpoint folder (stage 5), or '{UNTRAINED}'"

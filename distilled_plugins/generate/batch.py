@@ -8,7 +8,7 @@ Usage:
 the same ``_Run`` methods: the output, the ``.parts`` journal, the generation store and the stats are those of
 online mode). One step (:meth:`BatchJob.step`):
 
-1. looks at the recorded batches (``<stem>.batches/state.json``, :class:`~distilled_plugins.batch_api.BatchState`);
+1. looks at the recorded batches (``<stem>.batches/state.json``, :class:`~distilled_plugins.teacher.batch_api.BatchState`);
 2. collects each ended one (completed, expired, cancelled): its output file's completions are written like
    online replies; a request in its error file (an ``error`` or a non-200 ``response``), or in neither file, has
    failed once;
@@ -28,16 +28,7 @@ import json
 import logging
 from pathlib import Path
 
-from distilled_plugins.batch_api import (
-    TERMINAL,
-    BatchAPI,
-    BatchesRunning,
-    BatchState,
-    batch_folder,
-    describe,
-)
-from distilled_plugins.client import Completion, FatalRequestError, RetryableError, completion_of
-from distilled_plugins.endpoints import parse_endpoints
+from distilled_plugins.core.io import DataError, dumps_line
 from distilled_plugins.generate import (
     BudgetReached,
     GenerateConfig,
@@ -46,7 +37,16 @@ from distilled_plugins.generate import (
     _seed_rows,
     prompt_text,
 )
-from distilled_plugins.io import DataError, dumps_line
+from distilled_plugins.teacher.batch_api import (
+    TERMINAL,
+    BatchAPI,
+    BatchesRunning,
+    BatchState,
+    batch_folder,
+    describe,
+)
+from distilled_plugins.teacher.client import Completion, FatalRequestError, RetryableError, completion_of
+from distilled_plugins.teacher.endpoints import parse_endpoints
 
 logger = logging.getLogger(__name__)
 

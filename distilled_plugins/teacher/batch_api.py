@@ -1,6 +1,6 @@
 """The teacher's Batch API (OpenAI-compatible ``/v1/files`` + ``/v1/batches``): settings, client and the record of a
 shard's batches. Light on purpose: Airflow's triggerer imports it to poll a batch (no generation code, no
-aiohttp); the engine that builds the batches and reads their results is :mod:`distilled_plugins.batch`.
+aiohttp); the engine that builds the batches and reads their results is :mod:`distilled_plugins.generate.batch`.
 
 The record (``<shard stem>.batches/state.json`` beside the shard's output, see :func:`batch_folder`) lists
 every batch of the shard with its input file, its uploaded file id and its batch id, each written before the
@@ -22,9 +22,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from distilled_plugins.io import write_json
-from distilled_plugins.schema import sibling_path
-from distilled_plugins.settings import TEACHER, add_arguments, from_args, setting
+from distilled_plugins.core.io import write_json
+from distilled_plugins.core.schema import sibling_path
+from distilled_plugins.core.settings import TEACHER, add_arguments, from_args, setting
 
 logger = logging.getLogger(__name__)
 

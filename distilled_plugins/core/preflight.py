@@ -1,7 +1,7 @@
 """Preflight: every input a run of the pipeline will need, checked in seconds before anything is spent.
 
 Usage:
-    python -m distilled_plugins.preflight --source generate --seed-dataset seed.jsonl --output-root out/
+    python -m distilled_plugins.core.preflight --source generate --seed-dataset seed.jsonl --output-root out/
 
 A run that would fail on a missing file after hours of generation or training fails here instead, with one line
 per problem, each naming the setting (its form title where the caller gives one) and what to do. Which inputs are
@@ -32,9 +32,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distilled_plugins import cli, configs, seed
-from distilled_plugins.io import ARTIFACT_KINDS, DataError, artifact_kind, hub_seed, iter_rows
-from distilled_plugins.schema import MESSAGES_COLUMN, STATS_FILE, STATS_SEQ_LENGTH
+from distilled_plugins import seed
+from distilled_plugins.core import cli, configs
+from distilled_plugins.core.io import ARTIFACT_KINDS, DataError, artifact_kind, hub_seed, iter_rows
+from distilled_plugins.core.schema import MESSAGES_COLUMN, STATS_FILE, STATS_SEQ_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ def _lines(found: list[tuple[str, str]], titles: Mapping[str, str] | None) -> li
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distilled_plugins.preflight", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m distilled_plugins.core.preflight", description=__doc__.split("\n")[0])
     for f in dataclasses.fields(RunInputs):
         if f.name != "whole_numbers" and not f.name.endswith("_conn_id"):
             p.add_argument("--" + f.name.replace("_", "-"), default=f.default)

@@ -1,7 +1,7 @@
 """The training entry that ``msrun`` starts in every worker: the project's ``run_mindformer.py``.
 
 Usage (normally through ``python -m distilled_plugins.finetune``, which launches msrun with it):
-    msrun --worker_num=8 --local_worker_num=8 --join=True distilled_plugins/train.py \\
+    msrun --worker_num=8 --local_worker_num=8 --join=True distilled_plugins/in_mindformers/train.py \\
         --config run_config.yaml --run_mode finetune
 
 config -> output path -> context -> ``Trainer`` -> ``train()`` (``finetune`` and ``train`` both train; the config
@@ -38,12 +38,12 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # started as a script by msrun
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mindspore as ms
 from mindspore import ops
 
-logger = logging.getLogger("distilled_plugins.train")
+logger = logging.getLogger("distilled_plugins.in_mindformers.train")
 
 
 def _cpu_overflow_status(self, status, compute_output):
@@ -149,7 +149,7 @@ class StepMetricsWriter(ms.train.Callback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="distilled_plugins/train.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="distilled_plugins/in_mindformers/train.py", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="the run's YAML (paths and seq_length already filled)")
     p.add_argument("--run_mode", default=None, choices=["train", "finetune"])
     args = p.parse_args(argv)

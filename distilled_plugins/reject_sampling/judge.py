@@ -30,15 +30,15 @@ import threading
 from pathlib import Path
 from typing import NamedTuple
 
-from distilled_plugins.client import (
+from distilled_plugins.core.grader import graded_part
+from distilled_plugins.teacher.client import (
     BudgetExhausted,
     ChatClient,
     FatalRequestError,
     RequestSettings,
     RetryableError,
 )
-from distilled_plugins.endpoints import Endpoint
-from distilled_plugins.grader import graded_part
+from distilled_plugins.teacher.endpoints import Endpoint
 
 JUDGE_PROMPT_VERSION = "v1"  # bump with any change of JUDGE_PROMPT: cached verdicts of another version are not used
 JUDGE_PROMPT = """\

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from distilled_plugins.schema import STATS_DROPPED, STATS_ROWS_IN, STATS_ROWS_OUT
+from distilled_plugins.core.schema import STATS_DROPPED, STATS_ROWS_IN, STATS_ROWS_OUT
 
 
 class StatsMismatch(AssertionError):
@@ -70,7 +70,7 @@ class Stats:
         >>> stats.check()
         Traceback (most recent call last):
         ...
-        distilled_plugins.stats.StatsMismatch: 2 rows in, but 1 out + 0 dropped ({}): 1 row(s) unaccounted for
+        distilled_plugins.core.stats.StatsMismatch: 2 rows in, but 1 out + 0 dropped ({}): 1 row(s) unaccounted for
         """
         if self.rows_in != self.rows_out + self.dropped_total:
             raise StatsMismatch(

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distilled_plugins import generate
 from distilled_plugins.devtools.local_airflow import free_port
 from distilled_plugins.devtools.teacher_server import wait_for_port
-from distilled_plugins.teacher.client import RequestSettings, RetryPolicy
+from distilled_plugins.teacher.settings import RequestSettings, RetryPolicy
 
 STATS_DIR = tempfile.gettempdir()
 COMPLETION = ("Let me work through this carefully. " * 250)[:9000] + " So the answer is $\\boxed{42}$."

@@ -51,7 +51,7 @@ from distilled_plugins.handle import HandleConfig
 from distilled_plugins.pack import PackConfig
 from distilled_plugins.reject_sampling import RejectSamplingConfig
 from distilled_plugins.teacher.batch_api import BatchSettings
-from distilled_plugins.teacher.client import RequestSettings
+from distilled_plugins.teacher.settings import RequestSettings
 from operators import (
     GenerateReasoningOperator,
     HandleDatasetOperator,
@@ -65,9 +65,11 @@ from operators.approval import FinetuneApprovalOperator
 from operators.assets import EVAL_REPORT, FILTERED, MODEL, PACKED, seed_asset
 from operators.deployment import approval, check_defaults, defaults, output_root, seconds, task_kwargs
 from operators.deployment import load as load_deployment
+from operators.failures import log_failure_summary
 from operators.finetune import node_ranks
+from operators.generate import shard_plan
 from operators.hooks import CONNECTION_SETTINGS, TeacherEndpointHook
-from operators.pipeline import field_param, form_param, log_failure_summary, shard_plan, whole_numbers_in_form
+from operators.params import field_param, form_param, whole_numbers_in_form
 from operators.report import fail_if_stopped, write_report
 from operators.sources import ChooseSourceOperator, from_openr1, from_packed, seed
 

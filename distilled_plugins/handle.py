@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from distilled_plugins.core import cli
+from distilled_plugins.core.errors import DataError
 from distilled_plugins.core.io import (
-    DataError,
     artifact_kind,
     atomic_dir,
     check_output_folder,

@@ -31,8 +31,8 @@ import numpy as np
 
 from distilled_plugins.core import cli, configs
 from distilled_plugins.core.cli import one_line
+from distilled_plugins.core.errors import DataError, MissingColumn
 from distilled_plugins.core.io import (
-    DataError,
     atomic_dir,
     check_output_folder,
     read_json,
@@ -316,7 +316,9 @@ def run(cfg: PackConfig) -> Path:
         raise DataError(f"{src}: cannot be read as a handled dataset ({one_line(e)}); rerun handle") from None
     for column in HANDLED_COLUMNS:
         if column not in handled.column_names:
-            raise DataError(f"{src}: column {column!r} not found; columns present: {', '.join(handled.column_names)}")
+            raise MissingColumn(
+                f"{src}: column {column!r} not found; columns present: {', '.join(handled.column_names)}"
+            )
     if "actual_seq_len" in handled.column_names:  # a packed folder from before artifact markers
         raise DataError(f"{src}: is already packed (it has 'actual_seq_len'); --src expects handle's output")
     if len(handled) == 0:

@@ -10,10 +10,10 @@ from airflow.sdk.exceptions import AirflowException
 
 from distilled_plugins import evaluate
 from distilled_plugins.core import preflight
-from distilled_plugins.teacher.client import RequestSettings
+from distilled_plugins.teacher.settings import RequestSettings
 from operators.assets import emit
+from operators.failures import fails_clearly
 from operators.hooks import TeacherEndpointHook
-from operators.pipeline import fails_clearly
 from operators.stage import StageOperator
 
 SOURCES = ("endpoint", "checkpoint")

@@ -11,8 +11,9 @@ from airflow.sdk import Context, task
 from airflow.sdk.exceptions import AirflowException
 
 from distilled_plugins import finetune
+from distilled_plugins.core import errors
 from operators.assets import emit
-from operators.pipeline import fails_clearly
+from operators.failures import fails_clearly
 from operators.stage import StageOperator
 from operators.triggers import MsrunJobTrigger
 from operators.xcom import with_fields
@@ -107,7 +108,7 @@ class MsrunFinetuneOperator(StageOperator):
             result = finetune.collect(cfg, launched, event["status"], event.get("message", ""))
         except finetune.FinetuneStoppedByUser:
             raise  # fails_clearly: no retry
-        except finetune.FinetuneFailed as e:
+        except errors.FinetuneFailed as e:
             raise AirflowException(
                 f"task {self.task_id}: {e}\nClear the task to resume from the newest checkpoint "
                 f"in {launched.job_dir}/checkpoint."

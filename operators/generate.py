@@ -6,16 +6,16 @@ import dataclasses
 from datetime import timedelta
 from typing import Any, ClassVar
 
-from airflow.sdk import BaseOperator, Context
+from airflow.sdk import BaseOperator, Context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from distilled_plugins import generate
 from distilled_plugins.core import preflight
 from distilled_plugins.core.settings import coerce, default_of
 from distilled_plugins.teacher.batch_api import BatchesRunning, BatchSettings, batch_folder, cancel_running
-from distilled_plugins.teacher.client import RequestSettings
+from distilled_plugins.teacher.settings import RequestSettings
+from operators.failures import WHAT_TO_DO, fails_clearly
 from operators.hooks import CONNECTION_SETTINGS, TeacherEndpointHook
-from operators.pipeline import fails_clearly
 from operators.stage import StageOperator
 from operators.triggers import TeacherBatchTrigger
 from operators.xcom import with_fields
@@ -98,8 +98,6 @@ class GenerateReasoningOperator(StageOperator):
             self.batch_folder = str(batch_folder(config.output_file))
         try:
             result = generate.run(config, wait_for_batches=False)
-        except generate.BudgetReached as e:
-            raise AirflowFailException(f"task {self.task_id}: {e}") from None
         except BatchesRunning as e:
             self.log.info("%s; deferring, looking every %g s", e, config.batch.batch_poll_seconds)
             trigger = TeacherBatchTrigger(str(e.folder), self.teacher_conn_id, config.batch.batch_poll_seconds)
@@ -148,3 +146,11 @@ class MergeShardsOperator(BaseOperator):
         paths = [s["output"] if isinstance(s, dict) else s for s in self.shards]
         key_column = coerce(generate.GenerateConfig, "uuid_column", self.uuid_column) or self.prompt_column
         return str(generate.merge(paths, self.output_file, key_column))
+
+
+@task
+def shard_plan(shards: int) -> list[int]:
+    """The shard indices to map the generate task over."""
+    if int(shards) < 1:
+        raise AirflowFailException(f"shards must be at least 1, got {shards} -- what to do: {WHAT_TO_DO['shard_plan']}")
+    return list(range(int(shards)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from airflow.sdk import Context
 
 from distilled_plugins import handle
-from operators.pipeline import fails_clearly
+from operators.failures import fails_clearly
 from operators.stage import StageOperator
 
 

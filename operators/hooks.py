@@ -8,8 +8,8 @@ from airflow.sdk import BaseHook
 
 from distilled_plugins.core.settings import coerce
 from distilled_plugins.teacher.batch_api import BatchAPI, BatchState
-from distilled_plugins.teacher.client import RequestSettings
 from distilled_plugins.teacher.endpoints import Endpoint, parse_endpoints
+from distilled_plugins.teacher.settings import RequestSettings
 
 # request settings (RequestSettings' fields) a connection's extra may give for all its endpoints; the operator's
 # own values win where given, and the built-in defaults apply where neither gives one

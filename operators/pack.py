@@ -10,7 +10,7 @@ from airflow.sdk import Context
 from distilled_plugins import pack
 from distilled_plugins.core.schema import STATS_FILE
 from operators.assets import emit
-from operators.pipeline import fails_clearly
+from operators.failures import fails_clearly
 from operators.stage import StageOperator
 
 

@@ -9,10 +9,10 @@ from airflow.sdk import Context
 from distilled_plugins import reject_sampling
 from distilled_plugins.core import preflight
 from distilled_plugins.core.schema import STATS_ROWS_IN, STATS_ROWS_OUT
-from distilled_plugins.teacher.client import RequestSettings
+from distilled_plugins.teacher.settings import RequestSettings
 from operators.assets import emit
+from operators.failures import fails_clearly
 from operators.hooks import JudgeEndpointHook
-from operators.pipeline import fails_clearly
 from operators.stage import StageOperator
 from operators.xcom import with_fields
 

@@ -26,8 +26,9 @@ from distilled_plugins.core import preflight
 from distilled_plugins.core.io import write_json
 from distilled_plugins.core.schema import STATS_FILE
 from operators.assets import seed_from_event
+from operators.failures import fails_clearly
 from operators.hooks import TeacherEndpointHook
-from operators.pipeline import WHOLE_NUMBERS, fails_clearly
+from operators.params import WHOLE_NUMBERS
 
 logger = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from distilled_plugins import finetune
+from distilled_plugins.core import errors
 
 
 class MsrunJobTrigger(BaseTrigger):
@@ -124,7 +125,7 @@ class TeacherBatchTrigger(BaseTrigger):
             except ConnectionError as e:  # the provider is away for a while: the batches go on
                 self.log.warning("could not look at the teacher batches: %s; trying again", e)
                 changes, ended = [], False
-            except batch_api.BatchError as e:  # the task's next step says what is wrong, with its context
+            except errors.BatchError as e:  # the task's next step says what is wrong, with its context
                 changes, ended = [f"the Batch API refused a look: {e}"], True
             for line in changes:
                 self.log.info("%s", line)

@@ -22,7 +22,7 @@ import pytest
 from distilled_plugins import generate
 from distilled_plugins.core.configs import SHARED_DATA
 from distilled_plugins.core.io import rewrite_jsonl
-from distilled_plugins.teacher.client import RetryPolicy
+from distilled_plugins.teacher.settings import RetryPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 MATH500 = SHARED_DATA / "math500" / "test.jsonl"

@@ -8,10 +8,11 @@ import re
 import pytest
 
 from distilled_plugins import evaluate, generate
+from distilled_plugins.core import cli, errors
+from distilled_plugins.core.errors import BudgetReached
 from distilled_plugins.core.schema import STATS_FILE, stats_path
-from distilled_plugins.generate import BudgetReached
-from distilled_plugins.teacher.client import RequestSettings
 from distilled_plugins.teacher.endpoints import Endpoint, TokenBucket, parse_duration, parse_endpoints
+from distilled_plugins.teacher.settings import RequestSettings
 from tests.support import FAST_RETRY, MATH500, answer_with_solution, keys_of, math_train_rows, read_jsonl, write_jsonl
 from tests.support import generate_config as config
 
@@ -32,7 +33,7 @@ class TestBadReplies:
 
     def test_null_content_on_every_attempt_fails_the_row_not_an_empty_completion(self, replay_teacher, seed, tmp_path):
         _replay, url = replay_teacher(faults=["null_content"] * 1000)
-        with pytest.raises(generate.GenerationIncomplete, match="12 of 12 rows"):
+        with pytest.raises(errors.GenerationIncomplete, match="12 of 12 rows"):
             generate.run(config(seed, tmp_path, url, num_generations=1))
         stats = json.loads(generate.stats_path(tmp_path / "out" / "gen.jsonl").read_text())
         assert stats["failed_requests"] == {"null_content": 12} and stats["completions_ok"] == 0
@@ -173,8 +174,9 @@ class TestSettingsOnce:
     def test_budget_without_a_price_is_refused(self, tmp_path):
         with pytest.raises(ValueError, match="max_cost 5 needs a price"):
             RequestSettings(max_cost=5)
-        done = generate.main(
-            ["--model", "m", "--dataset-name", "x.jsonl", "--output-file", str(tmp_path / "o"), "--max-cost", "5"]
+        done = cli.run(  # the command line's contract: one line, exit status 1
+            generate.main,
+            ["--model", "m", "--dataset-name", "x.jsonl", "--output-file", str(tmp_path / "o"), "--max-cost", "5"],
         )
         assert done == 1
 

@@ -174,7 +174,7 @@ def test_an_error_no_retry_can_fix_fails_at_once_with_a_specific_line(tmp_path, 
     assert "what to do: fix the file or folder named in the error" in line
     assert "retries" not in line
     assert line in capsys.readouterr().out  # logged by the task itself: at the top level of the task log
-    from operators.pipeline import log_failure_summary
+    from operators.failures import log_failure_summary
 
     capsys.readouterr()
     log_failure_summary({"ti": _TaskInstance("handle"), "task": op, "exception": raised.value})
@@ -184,31 +184,26 @@ def test_an_error_no_retry_can_fix_fails_at_once_with_a_specific_line(tmp_path, 
 def test_errors_are_told_apart_by_kind_and_task():
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from distilled_plugins.core.io import DataError
-    from distilled_plugins.finetune import FinetuneFailed
-    from distilled_plugins.generate import GenerationIncomplete
-    from distilled_plugins.teacher.batch_api import BatchError
-    from distilled_plugins.teacher.client import FatalRequestError
-    from operators.pipeline import classify
+    from distilled_plugins.core import errors
+    from operators.failures import classify
 
-    missing_ckpt = DataError("load_checkpoint /x does not exist; give the base model's folder")
     cases = {
-        ("finetune", missing_ckpt): (False, "'Base checkpoint'"),
-        ("finetune", FinetuneFailed("worker 0 exited with 1")): (True, "worker log tail"),
-        ("generate", FatalRequestError("HTTP 401 from http://t/v1 (model 'm'): bad key")): (False, "API key"),
-        ("generate", FatalRequestError("cannot reach the teacher endpoint http://t after 12 attempts")): (
-            False,
-            "start the endpoint",
-        ),
-        ("generate", GenerationIncomplete("3 rows failed")): (True, "missing rows"),
-        ("generate", BatchError("POST http://t/v1/files: HTTP 404: not found -- no Batch API")): (False, "online"),
+        ("finetune", errors.CheckpointMissing("load_checkpoint /x does not exist")): (False, "'Base checkpoint'"),
+        ("finetune", errors.SeqLengthMismatch("packed rows hold 128 tokens")): (False, "pack with the model's"),
+        ("finetune", errors.FinetuneFailed("worker 0 exited with 1")): (True, "worker log tail"),
+        ("finetune", errors.FinetuneStoppedByUser("stopped by a user")): (False, "a user stopped"),
+        ("generate", errors.FatalRequestError("HTTP 401 from http://t/v1 (model 'm'): bad key")): (False, "API key"),
+        ("generate", errors.EndpointUnreachable("cannot reach the teacher endpoint http://t")): (False, "start the"),
+        ("generate", errors.GenerationIncomplete("3 rows failed")): (True, "missing rows"),
+        ("generate", errors.BudgetReached("budget reached")): (False, "Budget per run"),
+        ("generate", errors.BatchError("POST http://t/v1/files: HTTP 404 -- no Batch API")): (False, "online"),
         ("generate", AirflowNotFoundException("The conn_id `teacher_default` isn't defined")): (False, "Connections"),
-        ("reject_sampling", DataError("seed.jsonl: column 'answer' not found; columns present: a")): (
-            False,
-            "Gold answer column",
-        ),
+        ("reject_sampling", errors.MissingColumn("seed.jsonl: column 'answer' not found")): (False, "Gold answer"),
+        # decided by type, not by words: a plain DataError that speaks of a column or a checkpoint is data to fix
+        ("finetune", errors.DataError("load_checkpoint: column 'x'")): (False, "fix the file or folder"),
         ("pack", ValueError("overlong must be one of split, truncate, drop")): (False, "setting is invalid"),
         ("evaluate", OSError("connection reset")): (True, "evaluation source"),
+        ("evaluate", RuntimeError("a bug")): (True, "evaluation source"),
     }
     for (task_id, error), (retryable, hint) in cases.items():
         got = classify(task_id, error)
@@ -217,7 +212,7 @@ def test_errors_are_told_apart_by_kind_and_task():
 
 def test_a_retryable_error_is_retried_and_says_so(tmp_path, capsys):
     from operators import MsrunFinetuneOperator
-    from operators.pipeline import fails_clearly
+    from operators.failures import fails_clearly
 
     class Flaky(MsrunFinetuneOperator):
         @fails_clearly
@@ -241,7 +236,7 @@ from datetime import timedelta
 from airflow.sdk import DAG
 
 from operators import MsrunFinetuneOperator
-from operators.pipeline import log_failure_summary
+from operators.failures import log_failure_summary
 
 with DAG("fail_fast", schedule=None, params={"data": "", "out": "", "port": 8118}):
     MsrunFinetuneOperator(

@@ -9,10 +9,10 @@ import pytest
 
 from distilled_plugins import evaluate
 from distilled_plugins.core.configs import SHARED_DATA
-from distilled_plugins.core.io import DataError
+from distilled_plugins.core.errors import DataError, FatalRequestError
 from distilled_plugins.devtools.teacher_server import load_answers, replay_answer
 from distilled_plugins.evaluate import EvalConfig, Protocol
-from distilled_plugins.teacher.client import FatalRequestError, RetryPolicy
+from distilled_plugins.teacher.settings import RetryPolicy
 from tests.support import MATH500, read_jsonl, write_jsonl
 
 SKYTHOUGHT = SHARED_DATA / "eval_outputs" / "skythought"

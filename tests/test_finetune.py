@@ -18,9 +18,9 @@ import pytest
 
 from distilled_plugins import finetune
 from distilled_plugins.core import configs
-from distilled_plugins.core.io import DataError
+from distilled_plugins.core.errors import DataError, FinetuneFailed
 from distilled_plugins.devtools.local_airflow import free_port
-from distilled_plugins.finetune import FinetuneConfig, FinetuneFailed
+from distilled_plugins.finetune import FinetuneConfig
 from distilled_plugins.finetune.config import checkpoint_step, resume_point
 from tests.support import TINY_ROWS, cli_command, cli_env, wait_until
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from distilled_plugins import finetune
-from distilled_plugins.core import configs
+from distilled_plugins.core import configs, errors
 from distilled_plugins.finetune import job as jobs
 from distilled_plugins.finetune.job import JobPaths, NodeRecord
 from tests.support import TINY_ROWS, XComTI, wait_until
@@ -297,13 +297,13 @@ class TestAUsersStopIsNotRetried:
     node 0 would clear the request and start training again); one that failed on its own may be retried."""
 
     def ended(self, tmp_path: Path, by_user: bool) -> BaseException:
-        from operators.pipeline import classify
+        from operators.failures import classify
 
         paths = JobPaths(tmp_path)
         jobs.request_stop(tmp_path, "the deferred task of node 1 was stopped by a user", by_user=by_user)
         paths.status(0).write_text(json.dumps({"returncode": -15, "stopped": "stopped", "finished_at": 0}))
         cfg = finetune.FinetuneConfig(config=TINY, dataset_path=str(tmp_path), output_dir=str(tmp_path))
-        with pytest.raises(finetune.FinetuneFailed) as failed:
+        with pytest.raises(errors.FinetuneFailed) as failed:
             finetune.collect(cfg, finetune.Launch(str(tmp_path), 0, "", 0, -1), "finished", "")
         return failed.value, classify("finetune", failed.value)[0]
 

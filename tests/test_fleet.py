@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from distilled_plugins import generate
-from distilled_plugins.teacher.client import RequestSettings
 from distilled_plugins.teacher.endpoints import Endpoint
+from distilled_plugins.teacher.settings import RequestSettings
 from tests.support import (
     answer_with_solution,
     keys_of,

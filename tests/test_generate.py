@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from distilled_plugins import generate
-from distilled_plugins.core.io import DataError
-from distilled_plugins.generate import GenerationIncomplete
-from distilled_plugins.teacher.client import FatalRequestError, RetryPolicy
+from distilled_plugins.core.errors import DataError, FatalRequestError, GenerationIncomplete
 from distilled_plugins.teacher.endpoints import base_url
+from distilled_plugins.teacher.settings import RetryPolicy
 from tests.support import (
     FAST_RETRY,
     SECRET,

@@ -12,10 +12,9 @@ import subprocess
 import pytest
 
 from distilled_plugins import generate, report
-from distilled_plugins.core.io import DataError
-from distilled_plugins.generate import BudgetReached, GenerationIncomplete
-from distilled_plugins.teacher.batch_api import BatchError, BatchesRunning, BatchSettings, BatchState, batch_folder
-from distilled_plugins.teacher.client import RequestSettings
+from distilled_plugins.core.errors import BatchError, BudgetReached, DataError, GenerationIncomplete
+from distilled_plugins.teacher.batch_api import BatchesRunning, BatchSettings, BatchState, batch_folder
+from distilled_plugins.teacher.settings import RequestSettings
 from tests.support import (
     SECRET,
     cli_command,

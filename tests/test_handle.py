@@ -10,7 +10,7 @@ import datasets
 import pytest
 
 from distilled_plugins import handle
-from distilled_plugins.core.io import DataError
+from distilled_plugins.core.errors import DataError
 from distilled_plugins.handle import SYSTEM_PROMPT, HandleConfig
 from tests.support import TOKENIZER_DIR, conversation_rows, write_jsonl
 

@@ -10,11 +10,11 @@ import pytest
 
 from distilled_plugins import reject_sampling, report
 from distilled_plugins.core import preflight
-from distilled_plugins.core.io import DataError
+from distilled_plugins.core.errors import DataError
 from distilled_plugins.core.schema import row_key
 from distilled_plugins.devtools.teacher_server import judge_answer, judge_prompt_fields
 from distilled_plugins.reject_sampling import RejectSamplingConfig, judge
-from distilled_plugins.teacher.client import RequestSettings
+from distilled_plugins.teacher.settings import RequestSettings
 from tests.support import cli_env, read_jsonl, run_cli, write_jsonl
 
 OPTION = "Which option is the number of sides of a dodecagon? (A) 10 (B) 11 (C) 12 (D) 13"

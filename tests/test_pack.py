@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from distilled_plugins import handle, pack
-from distilled_plugins.core.io import DataError
+from distilled_plugins.core.errors import DataError
 from distilled_plugins.handle import HandleConfig
 from distilled_plugins.pack import PackConfig, Piece, pieces_of, plan_bfd, trainable_tokens
 from tests.support import TOKENIZER_DIR, conversation_rows, write_jsonl

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from distilled_plugins import reject_sampling
+from distilled_plugins.core.errors import DataError
 from distilled_plugins.core.grader import GradingPool, Sample
-from distilled_plugins.core.io import DataError
 from distilled_plugins.reject_sampling import RejectSamplingConfig
 from tests.support import contaminated_row, generation_rows, read_jsonl, run_cli, write_jsonl
 

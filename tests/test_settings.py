@@ -17,7 +17,8 @@ from distilled_plugins import evaluate, generate, handle, pack, reject_sampling
 from distilled_plugins.core import settings
 from distilled_plugins.finetune import FinetuneConfig
 from distilled_plugins.finetune.__main__ import build_parser as finetune_parser
-from distilled_plugins.teacher import batch_api, client
+from distilled_plugins.teacher import batch_api
+from distilled_plugins.teacher.settings import RequestSettings
 from operators import (
     GenerateReasoningOperator,
     HandleDatasetOperator,
@@ -41,7 +42,7 @@ STAGES = [
 OWNERS = {
     **{config: (build_parser, operator) for config, build_parser, operator in STAGES},
     evaluate.Protocol: (evaluate.build_parser, Math500EvalOperator),
-    client.RequestSettings: (generate.build_parser, GenerateReasoningOperator),
+    RequestSettings: (generate.build_parser, GenerateReasoningOperator),
     batch_api.BatchSettings: (generate.build_parser, GenerateReasoningOperator),
 }
 IDS = [config.__name__ for config, _, _ in STAGES]
@@ -123,7 +124,7 @@ def test_form_cli_and_operator_defaults_agree():
     code = (
         "import json, importlib.util as u; "
         f"s = u.spec_from_file_location('d', {str(DAG_FILE)!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
-        "from operators.pipeline import FORM_FIELDS, UNSET_BY_DEFAULT; "
+        "from operators.params import FORM_FIELDS, UNSET_BY_DEFAULT; "
         "print(json.dumps({n: [c.__module__ + ':' + c.__qualname__, f, m.params[n].value, m.params[n].description,"
         " m.params[n].schema, n in UNSET_BY_DEFAULT] for n, (c, f) in FORM_FIELDS.items()}))"
     )
@@ -167,7 +168,7 @@ def test_the_form_speaks_of_what_it_shows_and_names_fields_it_cannot_check():
     code = (
         "import json, importlib.util as u; "
         f"s = u.spec_from_file_location('d', {str(DAG_FILE)!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
-        "from operators.pipeline import WHOLE_NUMBERS; "
+        "from operators.params import WHOLE_NUMBERS; "
         "print(json.dumps({'whole': sorted(WHOLE_NUMBERS), "
         "'params': {n: [p.description, p.schema, p.value] for n, p in m.params.items()}}))"
     )
@@ -215,7 +216,7 @@ class ThrowawayOperator(StageOperator):
 
 def test_a_new_setting_is_one_field():
     """The field ``beams`` written once reaches the command line, the operator and the trigger form."""
-    from operators.pipeline import FORM_FIELDS, field_param
+    from operators.params import FORM_FIELDS, field_param
 
     parser = argparse.ArgumentParser()
     settings.add_arguments(parser, ThrowawayConfig)

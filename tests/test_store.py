@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from distilled_plugins import generate
-from distilled_plugins.core.io import DataError
+from distilled_plugins.core.errors import DataError
 from distilled_plugins.generate.store import STORE_FILE, GenerationStore
 from tests.support import (
     FAST_RETRY,

@@ -18,14 +18,11 @@ import os
 import sys
 from collections.abc import Callable
 
+from distilled_plugins.core import errors
 from distilled_plugins.core.settings import add_arguments
 
 DEBUG_FLAG = "--debug"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-# Exceptions that describe the user's input or environment, not a bug: their message is the whole story.
-# (DataError and yaml's errors are ValueError subclasses or are turned into one where they are raised.)
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, LookupError)
 
 
 def one_line(error: BaseException) -> str:
@@ -64,7 +61,7 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) 
             raise
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
-    except EXPECTED_ERRORS as e:
+    except errors.EXPECTED as e:  # the user's input or environment, not a bug: the message is the whole story
         if debug:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)

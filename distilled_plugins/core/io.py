@@ -11,6 +11,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from distilled_plugins.core.errors import DataError, MissingColumn
+
 logger = logging.getLogger(__name__)
 
 ROW_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
@@ -18,10 +20,6 @@ ROW_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 HUB_PREFIX = "hf://datasets/"
 _HUB_NAME = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 _SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
-
-
-class DataError(ValueError):
-    """Input data that a stage cannot use; the message says what and where."""
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
@@ -164,7 +162,7 @@ def require_columns(rows: list[dict], columns: list[str], source: str | Path) ->
     present = list(rows[0]) if rows else []
     for column in columns:
         if column not in present:
-            raise DataError(f"{source}: column {column!r} not found; columns present: {', '.join(present)}")
+            raise MissingColumn(f"{source}: column {column!r} not found; columns present: {', '.join(present)}")
 
 
 # A folder a stage writes holds this file: what kind of artifact it is and which stage made it. A stage replaces
@@ -348,7 +346,9 @@ def iter_column_batches(paths: list[str | Path], column: str, batch_size: int) -
             batch = []
             for lineno, row in iter_jsonl(path):
                 if column not in row:
-                    raise DataError(f"{path}:{lineno}: column {column!r} not found; columns present: {', '.join(row)}")
+                    raise MissingColumn(
+                        f"{path}:{lineno}: column {column!r} not found; columns present: {', '.join(row)}"
+                    )
                 batch.append(row[column])
                 if len(batch) == batch_size:
                     yield batch

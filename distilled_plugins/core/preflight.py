@@ -34,7 +34,8 @@ from pathlib import Path
 
 from distilled_plugins import seed
 from distilled_plugins.core import cli, configs
-from distilled_plugins.core.io import ARTIFACT_KINDS, DataError, artifact_kind, hub_seed, iter_rows
+from distilled_plugins.core.errors import DataError
+from distilled_plugins.core.io import ARTIFACT_KINDS, artifact_kind, hub_seed, iter_rows
 from distilled_plugins.core.schema import MESSAGES_COLUMN, STATS_FILE, STATS_SEQ_LENGTH
 
 logger = logging.getLogger(__name__)

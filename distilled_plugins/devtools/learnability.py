@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from distilled_plugins import evaluate, finetune, generate, handle, pack, reject_sampling
-from distilled_plugins.core import configs
+from distilled_plugins.core import configs, errors
 from distilled_plugins.core.io import atomic_dir, iter_jsonl, rewrite_jsonl
 from distilled_plugins.core.schema import STATS_FILE, STATS_ROWS_OUT
 from distilled_plugins.devtools.local_airflow import free_port
@@ -273,7 +273,7 @@ def _finetune(packed: Path, output_dir: Path, epochs: int) -> finetune.FinetuneR
         )
         try:
             return finetune.run(cfg)
-        except finetune.FinetuneFailed as e:
+        except errors.FinetuneFailed as e:
             if attempt == 2:
                 raise
             logger.warning("fine-tuning failed (%s); retrying once, resuming", str(e).splitlines()[0])

@@ -37,13 +37,14 @@ from pathlib import Path
 from distilled_plugins import generate
 from distilled_plugins.core import cli, configs, grader
 from distilled_plugins.core.configs import child_env
-from distilled_plugins.core.io import DataError, dumps_line, files_state, iter_jsonl, load_rows, read_json, write_json
+from distilled_plugins.core.errors import ChildFailed, DataError, MissingColumn
+from distilled_plugins.core.io import dumps_line, files_state, iter_jsonl, load_rows, read_json, write_json
 from distilled_plugins.core.schema import STATS_DROPPED, STATS_FILE, parts_path
 from distilled_plugins.core.settings import EVALUATION, add_arguments, from_args, setting
 from distilled_plugins.core.stats import Stats
 from distilled_plugins.handle import SYSTEM_PROMPT
-from distilled_plugins.teacher.client import API_KEY_ENV, FatalRequestError, RequestSettings, RetryPolicy
 from distilled_plugins.teacher.endpoints import Endpoint
+from distilled_plugins.teacher.settings import API_KEY_ENV, RequestSettings, RetryPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def load_problems(path: str | Path, limit: int | None) -> list[dict]:
         raise DataError(f"{path}: the evaluation set is empty")
     missing = [c for c in PROBLEM_COLUMNS if c not in rows[0]]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; columns present: {', '.join(rows[0])}")
+        raise MissingColumn(f"{path}: missing column(s) {', '.join(missing)}; columns present: {', '.join(rows[0])}")
     return rows[:limit] if limit else rows
 
 
@@ -254,7 +255,7 @@ def completions_from_checkpoint(cfg: EvalConfig, problems: list[dict], folder: P
             if " distilled_plugins." in line:
                 logger.info("mf_generate: %s", line.split(": ", 1)[-1])
     if proc.returncode != 0:
-        raise RuntimeError(
+        raise ChildFailed(
             f"mindformers generation from {cfg.checkpoint} failed (exit {proc.returncode}):\n" + "\n".join(tail)
         )
     return output
@@ -601,18 +602,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     cli.start_logging()
     args = build_parser().parse_args(argv)
-    try:
-        report = run(
-            from_args(
-                EvalConfig,
-                args,
-                protocol=from_args(Protocol, args),
-                api_key=os.environ.get(args.api_key_env),
-                retry=RequestSettings.from_args(args),
-            )
+    report = run(
+        from_args(
+            EvalConfig,
+            args,
+            protocol=from_args(Protocol, args),
+            api_key=os.environ.get(args.api_key_env),
+            retry=RequestSettings.from_args(args),
         )
-    except (ValueError, RuntimeError, FatalRequestError) as e:
-        return cli.fail(e)
+    )
     summary = json.loads(report.read_text())
     logger.info(  # the one line with the result (the operator logs its own, the engine none)
         "pass@1 %.2f%% (95%% CI %s) over %d problems x %d samples; report %s",

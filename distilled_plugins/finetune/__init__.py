@@ -21,16 +21,10 @@ Modules: :mod:`.config` (settings, run YAML, preflight, fingerprint), :mod:`.job
 "is this process mine"), :mod:`.metrics` (logs, metrics, loss curve), :mod:`.stage` (launch, wait, collect).
 """
 
+from distilled_plugins.core.errors import FinetuneFailed, FinetuneStoppedByUser
 from distilled_plugins.finetune.config import FinetuneConfig, latest_step_checkpoint
 from distilled_plugins.finetune.job import JobPaths, NodeRecord, is_mine, node_state, request_stop, running_node
-from distilled_plugins.finetune.metrics import (
-    FinetuneFailed,
-    FinetuneResult,
-    FinetuneStoppedByUser,
-    finished_result,
-    latest_progress,
-    parse_steps,
-)
+from distilled_plugins.finetune.metrics import FinetuneResult, finished_result, latest_progress, parse_steps
 from distilled_plugins.finetune.stage import (
     Job,
     Launch,

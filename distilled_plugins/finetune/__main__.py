@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from distilled_plugins.core import cli
-from distilled_plugins.core.io import DataError
+from distilled_plugins.core.errors import FinetuneFailed
 from distilled_plugins.core.settings import from_args
-from distilled_plugins.finetune import FinetuneConfig, FinetuneFailed, run
+from distilled_plugins.finetune import FinetuneConfig, run
 from distilled_plugins.finetune import __doc__ as package_doc
 from distilled_plugins.finetune.job import supervise
 
@@ -43,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         result = run(from_args(FinetuneConfig, args, overrides=overrides))
     except FinetuneFailed as e:  # its message carries the failing worker's log tail: show it, then the one line
         log.error("%s", e)
-        return cli.fail(e)
-    except (ValueError, FileNotFoundError, DataError) as e:
         return cli.fail(e)
     log.info(
         "checkpoints in %s; metrics %s; loss curve %s", result.checkpoint_dir, result.metrics_file, result.loss_curve

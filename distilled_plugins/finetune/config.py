@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distilled_plugins.core import configs
-from distilled_plugins.core.io import DataError, files_state, require_artifact, write_json
+from distilled_plugins.core.errors import CheckpointMissing, DataError, SeqLengthMismatch
+from distilled_plugins.core.io import files_state, require_artifact, write_json
 from distilled_plugins.core.schema import STATS_FILE
 from distilled_plugins.core.settings import FINETUNE, MULTINODE, setting
 
@@ -323,14 +324,14 @@ def preflight(cfg: FinetuneConfig, run_config: dict, resuming: bool) -> None:
     seq_length = int(_get(run_config, "model.model_config.seq_length"))
     rows = packed_row_length(dataset)
     if rows != seq_length:
-        raise DataError(
+        raise SeqLengthMismatch(
             f"packed rows of {dataset} hold {rows} tokens but the model's seq_length is {seq_length} "
             f"(the tutorial packed at 8,192 for a 32,768 model): pack again with --seq-length {seq_length}"
             f" or set model.model_config.seq_length to {rows}"
         )
     checkpoint = run_config.get("load_checkpoint")
     if checkpoint and not resuming and not Path(str(checkpoint)).exists():
-        raise DataError(
+        raise CheckpointMissing(
             f"load_checkpoint {checkpoint} does not exist; give the base model's folder "
             "(e.g. Qwen2.5-Math-7B-Instruct safetensors)"
         )

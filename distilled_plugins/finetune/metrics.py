@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from distilled_plugins.core import configs
+from distilled_plugins.core.errors import FinetuneFailed
 from distilled_plugins.core.io import write_json
 from distilled_plugins.finetune.config import _get
 from distilled_plugins.finetune.job import JobPaths
@@ -24,14 +25,6 @@ _STEP_LINE = re.compile(
     r"Epoch:\[\s*(\d+)/\s*(\d+)\], step:\[\s*(\d+)/\s*(\d+)\], loss:\[\s*([-\d.eE+naif]+)/"
     r"\s*([-\d.eE+naif]+)\], per_step_time: (\d+)ms"
 )
-
-
-class FinetuneFailed(RuntimeError):
-    """The training job ended badly; the message carries the failing worker's last log lines."""
-
-
-class FinetuneStoppedByUser(FinetuneFailed):
-    """A person stopped the job (marked a node's task failed or cleared it): nothing retries it by itself."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from distilled_plugins.core.errors import FinetuneFailed, FinetuneStoppedByUser
 from distilled_plugins.core.io import write_json
 from distilled_plugins.finetune import job as jobs
 from distilled_plugins.finetune.config import (
@@ -24,9 +25,7 @@ from distilled_plugins.finetune.config import (
 )
 from distilled_plugins.finetune.job import JobPaths
 from distilled_plugins.finetune.metrics import (
-    FinetuneFailed,
     FinetuneResult,
-    FinetuneStoppedByUser,
     failing_worker,
     finished_result,
     global_step,

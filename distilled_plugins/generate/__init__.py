@@ -42,8 +42,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distilled_plugins.core import cli
-from distilled_plugins.core.io import (
+from distilled_plugins.core.errors import (
+    BudgetReached,
     DataError,
+    EndpointUnreachable,
+    FatalRequestError,
+    GenerationIncomplete,
+    MissingColumn,
+)
+from distilled_plugins.core.io import (
     atomic_path,
     dumps_line,
     iter_rows,
@@ -70,18 +77,10 @@ from distilled_plugins.core.schema import (
 from distilled_plugins.core.settings import DATA, TEACHER, add_arguments, from_args, setting
 from distilled_plugins.core.stats import Stats
 from distilled_plugins.generate.store import LOOKUP_BATCH, PUBLISH_BATCH, STORE_FILE, GenerationStore
-from distilled_plugins.teacher.batch_api import BatchError, BatchSettings
-from distilled_plugins.teacher.client import (
-    API_KEY_ENV,
-    BudgetExhausted,
-    ChatClient,
-    Completion,
-    FatalRequestError,
-    RequestSettings,
-    RetryableError,
-    RetryPolicy,
-)
+from distilled_plugins.teacher.batch_api import BatchSettings
+from distilled_plugins.teacher.client import BudgetExhausted, ChatClient, Completion, RetryableError
 from distilled_plugins.teacher.endpoints import Endpoint
+from distilled_plugins.teacher.settings import API_KEY_ENV, RequestSettings, RetryPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +98,6 @@ MERGE_LOOKUP_BATCH = 32
 # stopped early (budget, fatal error: what was received waits in .parts); and why merge leaves a row out
 SHARD_DROP_REASONS = ("duplicate_uuid", "failed", "unfinished")
 MERGE_DROP_REASONS = ("duplicate_key",)
-
-
-class GenerationIncomplete(RuntimeError):
-    """Some rows still miss completions after all retries; what succeeded is kept for the next run."""
-
-
-class BudgetReached(GenerationIncomplete):
-    """The run stopped at ``max_cost``; what succeeded is kept, and a rerun resumes (with a new budget)."""
 
 
 @dataclass
@@ -303,7 +294,9 @@ def _load_done(cfg: GenerateConfig, output: Path) -> set[str]:
                 "left as it is: give another --dst"
             )
         if cfg.uuid_column not in row:
-            raise DataError(f"{output}: existing line lacks column {cfg.uuid_column!r}; is it another run's output?")
+            raise MissingColumn(
+                f"{output}: existing line lacks column {cfg.uuid_column!r}; is it another run's output?"
+            )
         key = row_key(row[cfg.uuid_column])
         if key in done:
             duplicates += 1
@@ -530,7 +523,7 @@ class _Run:
                             and not self.counts["responses_ok"]
                             and client.fleet.unreachable(unreachable_after)
                         ):
-                            self.fatal = FatalRequestError(
+                            self.fatal = EndpointUnreachable(
                                 f"cannot reach the teacher endpoint {client.url} after "
                                 f"{unreachable_after} tries each: {e}. Is the server running and the address right?"
                             )
@@ -873,7 +866,7 @@ def _index(path: Path, uuid_column: str, skip: int = 0):
             raise DataError(f"{path}: has a cut-short or corrupt line; resume that shard before merging")
         if number >= skip:
             if uuid_column not in row:
-                raise DataError(f"{path}: a row lacks the uuid column {uuid_column!r}")
+                raise MissingColumn(f"{path}: a row lacks the uuid column {uuid_column!r}")
             keys += row_key(row[uuid_column]).encode()
             offsets.append(offset)
             lengths.append(len(line))
@@ -1033,21 +1026,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     cli.start_logging()
     args = build_parser().parse_args(argv)
-    try:
-        if args.merge:
-            merge(args.merge, args.output_file, args.uuid_column or args.prompt_column)
-            return 0
-        if not args.model or not args.dataset_name:
-            raise ValueError("--model and --dataset-name are required (unless --merge)")
-        cfg = from_args(
-            GenerateConfig,
-            args,
-            api_key=os.environ.get(args.api_key_env),
-            retry=RequestSettings.from_args(args),
-            batch=BatchSettings.from_args(args),
-        )
-        result = run(cfg)
-    except (ValueError, FatalRequestError, GenerationIncomplete, BatchError) as e:
-        return cli.fail(e)
+    if args.merge:
+        merge(args.merge, args.output_file, args.uuid_column or args.prompt_column)
+        return 0
+    if not args.model or not args.dataset_name:
+        raise ValueError("--model and --dataset-name are required (unless --merge)")
+    cfg = from_args(
+        GenerateConfig,
+        args,
+        api_key=os.environ.get(args.api_key_env),
+        retry=RequestSettings.from_args(args),
+        batch=BatchSettings.from_args(args),
+    )
+    result = run(cfg)
     logger.info("wrote %s (stats: %s)", result.output_file, result.stats_file)
     return 0

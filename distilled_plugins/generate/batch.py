@@ -28,15 +28,9 @@ import json
 import logging
 from pathlib import Path
 
-from distilled_plugins.core.io import DataError, dumps_line
-from distilled_plugins.generate import (
-    BudgetReached,
-    GenerateConfig,
-    _Row,
-    _Run,
-    _seed_rows,
-    prompt_text,
-)
+from distilled_plugins.core.errors import BudgetReached, DataError, FatalRequestError
+from distilled_plugins.core.io import dumps_line
+from distilled_plugins.generate import GenerateConfig, _Row, _Run, _seed_rows, prompt_text
 from distilled_plugins.teacher.batch_api import (
     TERMINAL,
     BatchAPI,
@@ -45,7 +39,7 @@ from distilled_plugins.teacher.batch_api import (
     batch_folder,
     describe,
 )
-from distilled_plugins.teacher.client import Completion, FatalRequestError, RetryableError, completion_of
+from distilled_plugins.teacher.client import Completion, RetryableError, completion_of
 from distilled_plugins.teacher.endpoints import parse_endpoints
 
 logger = logging.getLogger(__name__)

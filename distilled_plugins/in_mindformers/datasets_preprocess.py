@@ -86,11 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data_files", nargs="+", default=None, help="override data_loader.data_files")
     args = p.parse_args(argv)
     cli.start_logging()
-    try:
-        logger.info("registered data handlers: %s", register(args.register_path))
-        preprocess(args.config, args.save_path, args.data_files)
-    except (ValueError, FileNotFoundError) as e:
-        return cli.fail(e)
+    logger.info("registered data handlers: %s", register(args.register_path))
+    preprocess(args.config, args.save_path, args.data_files)
     return 0
 
 

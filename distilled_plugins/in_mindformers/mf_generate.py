@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from distilled_plugins.core.configs import load_yaml
-from distilled_plugins.core.io import DataError, dumps_line, iter_jsonl, read_appended_jsonl, rewrite_jsonl
+from distilled_plugins.core.errors import DataError
+from distilled_plugins.core.io import dumps_line, iter_jsonl, read_appended_jsonl, rewrite_jsonl
 from distilled_plugins.core.progress import Progress
 from distilled_plugins.core.schema import FINISH_REASONS_COLUMN, GENERATIONS_COLUMN, PROMPT_COLUMN, row_key
 

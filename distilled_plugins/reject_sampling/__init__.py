@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distilled_plugins.core import cli, configs, grader
-from distilled_plugins.core.io import DataError, atomic_path, count_rows, dumps_line, iter_jsonl, write_json
+from distilled_plugins.core.errors import DataError, MissingColumn
+from distilled_plugins.core.io import atomic_path, count_rows, dumps_line, iter_jsonl, write_json
 from distilled_plugins.core.progress import Progress
 from distilled_plugins.core.schema import (
     CORRECTNESS_COUNT_COLUMN,
@@ -54,8 +55,8 @@ from distilled_plugins.core.settings import DATA, PROCESSING, add_arguments, fro
 from distilled_plugins.core.stats import Stats
 from distilled_plugins.decontaminate import Decontaminator
 from distilled_plugins.reject_sampling import judge
-from distilled_plugins.teacher.client import API_KEY_ENV, FatalRequestError, RequestSettings
 from distilled_plugins.teacher.endpoints import Endpoint
+from distilled_plugins.teacher.settings import API_KEY_ENV, RequestSettings
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ class _Example:
 def _check_row(row: dict, cfg: RejectSamplingConfig, where: str) -> None:
     for column in (cfg.answer_column, "generations", cfg.problem_column):
         if column not in row:
-            raise DataError(f"{where}: missing field {column!r}; fields present: {', '.join(row)}")
+            raise MissingColumn(f"{where}: missing field {column!r}; fields present: {', '.join(row)}")
     generations = row["generations"]
     if not isinstance(generations, list) or not all(isinstance(g, str) for g in generations):
         raise DataError(f"{where}: field 'generations' must be a list of strings")
@@ -540,14 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     cli.start_logging()
     args = build_parser().parse_args(argv)
-    try:
-        cfg = from_args(
-            RejectSamplingConfig,
-            args,
-            judge_api_key=os.environ.get(args.judge_api_key_env),
-            judge_requests=from_args(RequestSettings, args, prefix=JUDGE_PREFIX),
-        )
-        run(cfg)
-    except (ValueError, FatalRequestError) as e:
-        return cli.fail(e)
+    cfg = from_args(
+        RejectSamplingConfig,
+        args,
+        judge_api_key=os.environ.get(args.judge_api_key_env),
+        judge_requests=from_args(RequestSettings, args, prefix=JUDGE_PREFIX),
+    )
+    run(cfg)
     return 0

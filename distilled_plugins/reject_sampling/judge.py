@@ -30,15 +30,11 @@ import threading
 from pathlib import Path
 from typing import NamedTuple
 
+from distilled_plugins.core.errors import EndpointUnreachable, FatalRequestError
 from distilled_plugins.core.grader import graded_part
-from distilled_plugins.teacher.client import (
-    BudgetExhausted,
-    ChatClient,
-    FatalRequestError,
-    RequestSettings,
-    RetryableError,
-)
+from distilled_plugins.teacher.client import BudgetExhausted, ChatClient, RetryableError
 from distilled_plugins.teacher.endpoints import Endpoint
+from distilled_plugins.teacher.settings import RequestSettings
 
 JUDGE_PROMPT_VERSION = "v1"  # bump with any change of JUDGE_PROMPT: cached verdicts of another version are not used
 JUDGE_PROMPT = """\
@@ -251,7 +247,7 @@ class Judge:
             except (RetryableError, BudgetExhausted) as e:
                 cause = getattr(e, "cause", "budget")
                 if cause in ("connect_failed", "connection") and not self.answered and self.client.fleet.unreachable(2):
-                    error = FatalRequestError(
+                    error = EndpointUnreachable(
                         f"cannot reach the judge endpoint {self.client.url}: {e}. Is the server running and the "
                         "address right (--judge-api-addr, or the judge connection)?"
                     )

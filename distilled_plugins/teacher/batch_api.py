@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from distilled_plugins.core.errors import BatchError
 from distilled_plugins.core.io import write_json
 from distilled_plugins.core.schema import sibling_path
 from distilled_plugins.core.settings import TEACHER, add_arguments, from_args, setting
@@ -102,10 +103,6 @@ _HINTS = {
     401: " -- the API key was refused; set a valid key (CLI: $OPENAI_API_KEY; Airflow: the connection's password)",
     404: " -- no Batch API (/v1/files, /v1/batches) at this address, or an unknown id; use teacher mode online",
 }
-
-
-class BatchError(Exception):
-    """The Batch API refused a call for a reason no retry fixes (bad key, no Batch API at this address)."""
 
 
 class BatchesRunning(Exception):

@@ -68,7 +68,7 @@ class TestRequestSettingsPrecedence:
         assert (settings.stream, settings.request_timeout, settings.max_rpm) == (False, 1800.0, 30.0)
 
     def test_empty_params_and_an_empty_extra_leave_the_defaults(self, monkeypatch):
-        from distilled_plugins.teacher.client import RequestSettings
+        from distilled_plugins.teacher.settings import RequestSettings
 
         op = self.operator(stream="None", request_timeout="None", max_rpm="None")
         assert op.request_settings(self.fleet_settings(monkeypatch, {})) == RequestSettings()

@@ -1,19 +1,14 @@
-"""Small pieces the distillation DAG is built from, kept out of ``dags/`` (which holds definitions only).
-
-- :func:`form_param`: a trigger-form field (title, description, section) from one line per setting.
-- :func:`fails_clearly`: wraps an operator's ``execute``; on an error it logs one line saying what failed and
-  what to do about *that* error, at the top level of the task log (not inside a collapsed group), and turns
-  errors no retry can fix (bad configuration, missing files, bad parameters, bad data) into
-  ``AirflowFailException`` so the task fails at once instead of waiting out its retries.
+"""The failure contract of every task: on an error, one line at the top level of the task log saying what failed
+and what to do about *that* error, and an error no retry can fix fails the task at once instead of waiting out its
+retries. Whether a retry can fix an error is the engine's table (``distilled_plugins.core.errors.RETRY_CAN_FIX``);
+what to do about it is said here, by the error's type (and, for an error of no listed type, by the task).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
 
-from airflow.sdk import Param, task
 from airflow.sdk.exceptions import (
     AirflowFailException,
     AirflowNotFoundException,
@@ -23,88 +18,10 @@ from airflow.sdk.exceptions import (
     DownstreamTasksSkipped,
 )
 
+from distilled_plugins.core import errors
 from distilled_plugins.core.cli import one_line
-from distilled_plugins.core.io import DataError
-from distilled_plugins.core.settings import param_spec
-from distilled_plugins.finetune import FinetuneFailed, FinetuneStoppedByUser
-from distilled_plugins.generate import GenerationIncomplete
-from distilled_plugins.teacher.batch_api import BatchError
-from distilled_plugins.teacher.client import FatalRequestError
 
 logger = logging.getLogger(__name__)
-
-
-def form_param(default: Any, title: str, section: str, description: str, **schema) -> Param:
-    """One field of the trigger form: ``title`` is its label, ``section`` the collapsible group it sits in."""
-    return Param(default, title=title, section=section, description=description, **schema)
-
-
-# trigger-form param -> the stage config field it sets (tests check that their defaults agree) ...
-FORM_FIELDS: dict[str, tuple[type, str]] = {}
-# ... and those left empty by default, meaning "not set here" (the operator's default is None too)
-UNSET_BY_DEFAULT: set[str] = set()
-
-
-def field_param(
-    name: str,
-    config: type,
-    field: str,
-    title: str | None = None,
-    section: str | None = None,
-    defaults: dict | None = None,
-    *,
-    unset: str | None = None,
-    **schema,
-) -> Param:
-    """A form field for a stage setting: its default, title, section, description, type, choices and range come
-    from the config dataclass field (``distilled_plugins.core.settings``); ``title``/``section`` given here replace the
-    field's, ``defaults`` (a deployment's own) and ``schema`` refine it.
-
-    ``unset`` makes the field empty by default, meaning "not set here", and says what decides then (``{default}``
-    is the field's default), e.g. ``unset="the connection's extra, else {default}"``.
-    """
-    spec = param_spec(config, field)
-    FORM_FIELDS[name] = (config, field)
-    keywords = {k: spec[k] for k in ("type", "enum", "minimum", "maximum") if k in spec}
-    description, default = spec["description"], spec["default"]
-    if unset is not None:
-        UNSET_BY_DEFAULT.add(name)
-        kind = keywords["type"]
-        keywords["type"] = kind if isinstance(kind, list) else ["null", kind]
-        shown = ("on" if default else "off") if isinstance(default, bool) else default
-        shown = f"{shown:g}" if isinstance(shown, float) else shown
-        description += f" (empty: {unset.format(default=shown)})"
-        default = None
-    if spec.get("section") is None and section is None:
-        raise ValueError(f"{config.__name__}.{field}: no form section; give one in setting(section=...)")
-    return form_param(
-        (defaults or {}).get(name, default),
-        title or spec["title"],
-        section or spec["section"],
-        description,
-        **{**keywords, **schema},
-    )
-
-
-# params that take only whole numbers: Airflow 3.3's trigger form shows "integer" and "number" fields alike and lets
-# a fraction through, which the API then refuses with a bare "Bad Request" toast that names no field. So the form
-# takes them as numbers, their descriptions say so, and the run's first task (choose_source) names the field.
-WHOLE_NUMBERS: set[str] = set()
-WHOLE_NUMBER_NOTE = "; a whole number (a fraction fails the run's first task, which names this field)"
-
-
-def whole_numbers_in_form(params: dict[str, Param]) -> dict[str, Param]:
-    """``params`` with each integer field made a number field that says it takes whole numbers (see above)."""
-    for name, param in params.items():
-        kinds = param.schema.get("type")
-        kinds = kinds if isinstance(kinds, list) else [kinds]
-        if "integer" in kinds:
-            WHOLE_NUMBERS.add(name)
-            numbers = ["number" if k == "integer" else k for k in kinds]
-            param.schema["type"] = numbers if len(numbers) > 1 else "number"
-            param.description = (param.description or "") + WHOLE_NUMBER_NOTE
-    return params
-
 
 # what to do when a task fails with an error the rules below do not name, by task id
 WHAT_TO_DO = {
@@ -122,108 +39,79 @@ WHAT_TO_DO = {
 }
 DEFAULT_WHAT_TO_DO = "read the error above, fix its cause, then clear the task"
 
-# (error class, task id or None for any, text in the message or None, retry can fix it, what to do): first match
-RULES: list[tuple[type[BaseException], str | None, str | None, bool, str]] = [
+# what to do about an error, by its type: the first class it is an instance of (subclasses before their bases)
+HINTS: tuple[tuple[type[BaseException], str], ...] = (
     (
         AirflowNotFoundException,
-        None,
-        None,
-        False,
         "define the connection named in the error (Admin > Connections, or an AIRFLOW_CONN_<ID> environment "
         "variable of the Airflow services), then clear the task",
     ),
     (
-        FatalRequestError,
-        None,
-        "cannot reach",
-        False,
+        errors.EndpointUnreachable,
         "start the endpoint or correct host and port of its connection (Admin > Connections), then clear the "
         "task: completions already received are kept",
     ),
     (
-        FatalRequestError,
-        None,
-        None,
-        False,
+        errors.FatalRequestError,
         "the endpoint refused the request: correct the API key (the connection's password) or the model name "
         "as the server's message says, then clear the task",
     ),
     (
-        BatchError,
-        None,
-        None,
-        False,
+        errors.BatchError,
         "the teacher's Batch API refused the call: correct the API key (the connection's password) as the error "
         "says, or set 'Teacher mode' to online if the server has no Batch API, then clear the task: batches "
         "already submitted are re-attached, not paid twice",
     ),
     (
-        GenerationIncomplete,
-        None,
-        None,
-        True,
+        errors.BudgetReached,
+        "the run spent its budget: raise 'Budget per run' (or give a new one) and clear the task; what was "
+        "received is kept and only the rest is requested",
+    ),
+    (
+        errors.GenerationIncomplete,
         "some requests still failed after every attempt: clearing the task requests only the missing rows "
         "(raise 'Attempts per request' if the teacher is overloaded)",
     ),
     (
-        DataError,
-        "finetune",
-        "load_checkpoint",
-        False,
+        errors.CheckpointMissing,
         "set the 'Base checkpoint' parameter to the folder of the base model weights (empty: the profile's own "
         "load_checkpoint) and trigger a new run",
     ),
     (
-        DataError,
-        "finetune",
-        "seq_length",
-        False,
+        errors.SeqLengthMismatch,
         "pack with the model's seq_length or change the fine-tune profile as the error says, then trigger a new run",
     ),
     (
-        DataError,
-        None,
-        "column",
-        False,
+        errors.MissingColumn,
         "name an existing column in the Data section ('Problem column', 'Problem id column', 'Gold answer "
         "column') and trigger a new run",
     ),
     (
-        DataError,
-        None,
-        None,
-        False,
+        errors.DataError,
         "fix the file or folder named in the error (or the parameter pointing to it), then trigger a new run",
     ),
     (
-        FinetuneStoppedByUser,
-        None,
-        None,
-        False,
+        errors.FinetuneStoppedByUser,
         "a user stopped the training: clear the finetune task of every node to resume from the newest checkpoint",
     ),
     (
-        FinetuneFailed,
-        None,
-        None,
-        True,
+        errors.FinetuneFailed,
         "read the worker log tail above; clearing the task resumes from the newest checkpoint",
     ),
     (
+        errors.ChildFailed,
+        "read the program's last lines above (mindformers' generation from the checkpoint); clearing the task "
+        "keeps the completions already made",
+    ),
+    (
         FileNotFoundError,
-        None,
-        None,
-        False,
         "create the missing file or point the parameter at an existing one, then trigger a new run",
     ),
     (
         ValueError,
-        None,
-        None,
-        False,
         "a setting is invalid: correct the parameter or configuration value named in the error and trigger a new run",
     ),
-]
+)
 
 # Airflow's control flow: never a failure
 PASS_THROUGH = (
@@ -236,11 +124,10 @@ PASS_THROUGH = (
 
 def classify(task_id: str, error: BaseException) -> tuple[bool, str]:
     """(whether a retry can fix the error, what to do about it)."""
-    message = str(error)
-    for kind, rule_task, text, retryable, hint in RULES:
-        if isinstance(error, kind) and rule_task in (None, task_id) and (text is None or text in message):
-            return retryable, hint
-    return True, WHAT_TO_DO.get(task_id, DEFAULT_WHAT_TO_DO)
+    fixable = False if isinstance(error, AirflowNotFoundException) else errors.retry_can_fix(error)
+    hint = next((hint for kind, hint in HINTS if isinstance(error, kind)), None)
+    # an error of no listed type is retried (it may be passing) and told about in the task's own words
+    return fixable is not False, hint or WHAT_TO_DO.get(task_id, DEFAULT_WHAT_TO_DO)
 
 
 def summary_line(task_id: str, ti, error: BaseException, hint: str, retrying: bool) -> str:
@@ -276,14 +163,6 @@ def fails_clearly(method):
             raise
 
     return wrapper
-
-
-@task
-def shard_plan(shards: int) -> list[int]:
-    """The shard indices to map the generate task over."""
-    if int(shards) < 1:
-        raise AirflowFailException(f"shards must be at least 1, got {shards} -- what to do: {WHAT_TO_DO['shard_plan']}")
-    return list(range(int(shards)))
 
 
 def log_failure_summary(context) -> None:

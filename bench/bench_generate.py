@@ -5,7 +5,7 @@ Usage:
     .venv/bin/python bench/bench_generate.py --cases rate_limited,fleet   # only the teacher-fleet cases
 
 An instant local server (its own process) answers every request with a ~9 KB (~2,000-token) completion ending
-in \\boxed{42}. The client runs in this process; CPU is measured around ``generate.run`` only (after imports).
+in \\boxed{42}. The client runs in this process; CPU is measured around the stage's ``run`` only (after imports).
 Cases:
 - ``faults``: fault-free runs against runs with 10% of replies answered 429 or 500 (median of ``--repeat``);
 - ``rate_limited``: 400 rows x 1 against a server enforcing 1,200 requests/minute (20/s, bursts of 20; over it
@@ -30,9 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distilled_plugins import generate
 from distilled_plugins.devtools.local_airflow import free_port
 from distilled_plugins.devtools.teacher_server import wait_for_port
+from distilled_plugins.generate import GenerateConfig
+from distilled_plugins.generate.stage import run as generate
 from distilled_plugins.teacher.settings import RequestSettings, RetryPolicy
 
 STATS_DIR = tempfile.gettempdir()
@@ -80,7 +81,7 @@ def run_once(workdir: Path, seed: Path, fault_rate: float, args) -> dict:
     try:
         wait_for_port(port)
         output = workdir / f"out-{fault_rate}.jsonl"
-        cfg = generate.GenerateConfig(
+        cfg = GenerateConfig(
             dataset_name=str(seed),
             output_file=str(output),
             model="bench",
@@ -91,7 +92,7 @@ def run_once(workdir: Path, seed: Path, fault_rate: float, args) -> dict:
             retry=RetryPolicy(),
         )
         cpu0, wall0 = time.process_time(), time.monotonic()
-        result = generate.run(cfg)
+        result = generate(cfg)
         cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
     finally:
         server.terminate()
@@ -128,7 +129,7 @@ def rate_limited(workdir: Path, max_rpm: float | None, per_second: bool = False)
     output = workdir / f"out-rl-{max_rpm}-{per_second}.jsonl"
     output.unlink(missing_ok=True)  # a fresh run, not a resumed one, when a case is repeated
     try:
-        cfg = generate.GenerateConfig(
+        cfg = GenerateConfig(
             dataset_name=str(seed),
             output_file=str(output),
             model="bench",
@@ -139,7 +140,7 @@ def rate_limited(workdir: Path, max_rpm: float | None, per_second: bool = False)
             retry=RequestSettings(max_rpm=max_rpm),
         )
         wall0 = time.monotonic()
-        result = generate.run(cfg)
+        result = generate(cfg)
         wall = time.monotonic() - wall0
     finally:
         server.terminate()  # SIGTERM: aiohttp shuts down and writes the counts
@@ -183,7 +184,7 @@ def fleet(workdir: Path, rows: int = 1500) -> dict:
     killer = threading.Thread(target=kill_third, daemon=True)
     killer.start()
     try:
-        cfg = generate.GenerateConfig(
+        cfg = GenerateConfig(
             dataset_name=str(seed),
             output_file=str(output),
             model="bench",
@@ -194,7 +195,7 @@ def fleet(workdir: Path, rows: int = 1500) -> dict:
             retry=RequestSettings(),
         )
         wall0 = time.monotonic()
-        result = generate.run(cfg)
+        result = generate(cfg)
         wall = time.monotonic() - wall0
         killer.join()
     finally:

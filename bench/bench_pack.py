@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from distilled_plugins.pack import plan_bfd
+from distilled_plugins.pack.plan import plan_bfd
 
 
 def next_fit(lengths, seq_length: int) -> int:

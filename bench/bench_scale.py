@@ -43,9 +43,10 @@ COMPLETION_CHARS = 40_000
 
 _GENERATE = """
 import json, sys
-from distilled_plugins import generate
+from distilled_plugins.generate import GenerateConfig
+from distilled_plugins.generate.stage import run
 settings = json.loads(sys.argv[1])
-generate.run(generate.GenerateConfig(**settings))
+run(GenerateConfig(**settings))
 """
 
 

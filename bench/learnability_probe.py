@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every", type=int, help="score the held-out problems every N steps (default: one epoch)")
     args = p.parse_args(argv)
 
-    from distilled_plugins.handle import load_tokenizer
+    from distilled_plugins.handle.encoder import load_tokenizer
 
     if args.held_out < 1:
         p.error("--held-out must be at least 1")

@@ -44,12 +44,12 @@ from airflow.sdk import DAG, chain
 
 from distilled_plugins.core.configs import QWEN_TOKENIZER
 from distilled_plugins.core.settings import DATA, EVALUATION, FINETUNE, OUTPUT, PROCESSING, TEACHER
-from distilled_plugins.evaluate import EvalConfig, Protocol
-from distilled_plugins.finetune import FinetuneConfig
-from distilled_plugins.generate import GenerateConfig
-from distilled_plugins.handle import HandleConfig
-from distilled_plugins.pack import PackConfig
-from distilled_plugins.reject_sampling import RejectSamplingConfig
+from distilled_plugins.evaluate.config import EvalConfig, Protocol
+from distilled_plugins.finetune.config import FinetuneConfig
+from distilled_plugins.generate.config import GenerateConfig
+from distilled_plugins.handle.config import HandleConfig
+from distilled_plugins.pack.config import PackConfig
+from distilled_plugins.reject_sampling.config import RejectSamplingConfig
 from distilled_plugins.teacher.batch_api import BatchSettings
 from distilled_plugins.teacher.settings import RequestSettings
 from operators import (

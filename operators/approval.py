@@ -110,7 +110,10 @@ class FinetuneApprovalOperator(ApprovalOperator):
     def execute(self, context: Context) -> Any:
         from airflow.providers.common.compat.sdk import conf
 
-        from distilled_plugins import report
+        from distilled_plugins.report.approval import data_summary
+        from distilled_plugins.report.collect import collect
+        from distilled_plugins.report.config import ReportConfig
+        from distilled_plugins.report.stage import run as write_report
 
         if not self.gate_on(context):
             raise AirflowSkipException(
@@ -118,8 +121,8 @@ class FinetuneApprovalOperator(ApprovalOperator):
                 "seed refreshes: the deployment's approval.seed_refresh): fine-tuning starts without waiting"
             )
         run_dir = Path(self.run_dir)
-        report_file = report.run(report.ReportConfig(run_dir=str(run_dir)))  # the data's figures, as of now
-        summary = report.data_summary(report.collect(run_dir))
+        report_file = write_report(ReportConfig(run_dir=str(run_dir)))  # the data's figures, as of now
+        summary = data_summary(collect(run_dir))
         ti = context["ti"]
         url = report_tab_url(conf.get("api", "base_url", fallback="") or "", ti.dag_id, ti.run_id)
         self.body = body_markdown(summary, url, str(report_file), self.timeout_hours, self.on_timeout)

@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException
 
-from distilled_plugins import evaluate
-from distilled_plugins.core import preflight
+from distilled_plugins.core.settings import is_empty
+from distilled_plugins.evaluate.config import EvalConfig, Protocol
 from distilled_plugins.teacher.settings import RequestSettings
 from operators.assets import emit
 from operators.failures import fails_clearly
@@ -32,8 +32,8 @@ class Math500EvalOperator(StageOperator):
     baseline's pass@1.
     """
 
-    config_class = evaluate.EvalConfig
-    nested: ClassVar[dict[str, type]] = {"protocol": evaluate.Protocol}
+    config_class = EvalConfig
+    nested: ClassVar[dict[str, type]] = {"protocol": Protocol}
     not_arguments = ("api_addr", "api_key", "endpoints", "retry")
     # literal braces (the user turn's {prompt}, the system prompt's \boxed{}) are not Jinja
     not_templated = ("prompt_template", "system_prompt", "fail_below_baseline")
@@ -46,15 +46,17 @@ class Math500EvalOperator(StageOperator):
 
     @fails_clearly
     def execute(self, context: Context) -> str:
-        source = None if preflight.is_empty(self.source) else self.source
+        from distilled_plugins.evaluate.stage import run  # the implementation: when the task runs, not at parse time
+
+        source = None if is_empty(self.source) else self.source
         if source not in (None, *SOURCES):
             raise ValueError(f"source must be 'endpoint' or 'checkpoint', got {self.source!r}")
-        conn_id = None if source == "checkpoint" or preflight.is_empty(self.endpoint_conn_id) else self.endpoint_conn_id
+        conn_id = None if source == "checkpoint" or is_empty(self.endpoint_conn_id) else self.endpoint_conn_id
         chosen = {"checkpoint": None} if source == "endpoint" else {}
         if conn_id:  # the connection's whole fleet (its host, then extra["endpoints"]) and request settings
             fleet = TeacherEndpointHook(conn_id).get_fleet()
             chosen.update(endpoints=fleet.endpoints, retry=RequestSettings(**fleet.settings))
-        report_path = evaluate.run(self.stage_config(**chosen))
+        report_path = run(self.stage_config(**chosen))
         report = json.loads(report_path.read_text())
         self.log.info(
             "MATH-500 pass@1 %.2f%% (95%% CI %s) over %d problems x %d samples; report %s",

@@ -5,18 +5,21 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from airflow.sdk import Context, task
 from airflow.sdk.exceptions import AirflowException
 
-from distilled_plugins import finetune
 from distilled_plugins.core import errors
+from distilled_plugins.finetune.config import FinetuneConfig
 from operators.assets import emit
 from operators.failures import fails_clearly
 from operators.stage import StageOperator
 from operators.triggers import MsrunJobTrigger
 from operators.xcom import with_fields
+
+if TYPE_CHECKING:
+    from distilled_plugins.finetune.metrics import FinetuneResult
 
 
 class MsrunFinetuneOperator(StageOperator):
@@ -34,16 +37,16 @@ class MsrunFinetuneOperator(StageOperator):
     checkpoint, or returns its finished result; changed inputs (packed data, config, base checkpoint) train anew.
     """
 
-    config_class = finetune.FinetuneConfig
+    config_class = FinetuneConfig
     not_templated = ("overrides", "deferrable")
     operator_arguments: ClassVar[dict[str, Any]] = {"deferrable": True}  # False: wait in the task instead
     ui_color = "#fce8e6"
     job_dir: str | None = None  # the job folder this task started in (set by execute, read by on_kill)
 
-    def _config(self) -> finetune.FinetuneConfig:
+    def _config(self) -> FinetuneConfig:
         return self.stage_config()
 
-    def _xcom(self, context: Context, cfg: finetune.FinetuneConfig, result: finetune.FinetuneResult) -> dict:
+    def _xcom(self, context: Context, cfg: FinetuneConfig, result: FinetuneResult) -> dict:
         if cfg.node_rank == 0:  # one model event per job: node 0 collects the metrics and speaks for all
             metrics_file = Path(result.metrics_file)
             metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
@@ -66,16 +69,18 @@ class MsrunFinetuneOperator(StageOperator):
 
     @fails_clearly
     def execute(self, context: Context) -> dict | None:
+        from distilled_plugins.finetune import stage
+
         cfg = self._config()
-        job = finetune.find_job(cfg)
+        job = stage.find_job(cfg)
         self._remember_job(context, job.job_dir)
-        done = finetune.finished(cfg, job)
+        done = stage.finished(cfg, job)
         if done:
             self.log.info("%s already finished with these inputs: returning its checkpoints", job.job_dir)
             return with_fields(context, self._xcom(context, cfg, done))
         if not self.deferrable:
-            return with_fields(context, self._xcom(context, cfg, finetune.run(cfg)))
-        launched = finetune.attach(cfg, job) or finetune.launch(cfg, job)
+            return with_fields(context, self._xcom(context, cfg, stage.run(cfg)))
+        launched = stage.attach(cfg, job) or stage.launch(cfg, job)
         self.log.info(
             "node %d of %s: supervisor pid %d on host %s; stall timeout %g s, deferral timeout %g s",
             cfg.node_rank,
@@ -101,12 +106,14 @@ class MsrunFinetuneOperator(StageOperator):
 
     @fails_clearly
     def execute_complete(self, context: Context, event: dict, resume_step: int = -1, job_dir: str = "") -> dict:
+        from distilled_plugins.finetune import stage
+
         cfg = self._config()
         # the folder this task started in (defer kwargs), which the trigger watched
-        launched = finetune.Launch(job_dir or event["job_dir"], int(event["node_rank"]), "", 0, resume_step)
+        launched = stage.Launch(job_dir or event["job_dir"], int(event["node_rank"]), "", 0, resume_step)
         try:
-            result = finetune.collect(cfg, launched, event["status"], event.get("message", ""))
-        except finetune.FinetuneStoppedByUser:
+            result = stage.collect(cfg, launched, event["status"], event.get("message", ""))
+        except errors.FinetuneStoppedByUser:
             raise  # fails_clearly: no retry
         except errors.FinetuneFailed as e:
             raise AirflowException(
@@ -132,14 +139,18 @@ class MsrunFinetuneOperator(StageOperator):
             why = f"task {self.task_id}: {(next_kwargs or {}).get('error', 'trigger failed')}"
             job_dir = self._started_job(context)  # Airflow replaced next_kwargs: the XCom kept it
             if job_dir:
-                finetune.stop(job_dir, why)
+                from distilled_plugins.finetune.job import stop
+
+                stop(job_dir, why)
             else:
                 self.log.error("%s, but no job folder was recorded for this try: nothing to stop", why)
         return super().resume_execution(next_method, next_kwargs, context)
 
     def on_kill(self) -> None:  # runs only while the task is not deferred (deferrable=False, or before deferring)
         if self.job_dir:
-            finetune.stop(self.job_dir, f"task {self.task_id} was killed")
+            from distilled_plugins.finetune.job import stop
+
+            stop(self.job_dir, f"task {self.task_id} was killed")
 
 
 @task

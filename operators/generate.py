@@ -9,9 +9,8 @@ from typing import Any, ClassVar
 from airflow.sdk import BaseOperator, Context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from distilled_plugins import generate
-from distilled_plugins.core import preflight
-from distilled_plugins.core.settings import coerce, default_of
+from distilled_plugins.core.settings import coerce, default_of, is_empty
+from distilled_plugins.generate.config import GenerateConfig
 from distilled_plugins.teacher.batch_api import BatchesRunning, BatchSettings, batch_folder, cancel_running
 from distilled_plugins.teacher.settings import RequestSettings
 from operators.failures import WHAT_TO_DO, fails_clearly
@@ -20,7 +19,7 @@ from operators.stage import StageOperator
 from operators.triggers import TeacherBatchTrigger
 from operators.xcom import with_fields
 
-_FIELDS = {f.name: f for f in dataclasses.fields(generate.GenerateConfig)}
+_FIELDS = {f.name: f for f in dataclasses.fields(GenerateConfig)}
 
 # request settings the operator takes besides the config's fields (RequestSettings' fields). None or empty means
 # "not given here": the connection's extra decides (CONNECTION_SETTINGS), else RequestSettings' default
@@ -35,7 +34,7 @@ BATCH_DEFERRAL = timedelta(hours=26)
 class GenerateReasoningOperator(StageOperator):
     """Generate chain-of-thought completions for (one shard of) a seed dataset.
 
-    Takes the fields of :class:`~distilled_plugins.generate.GenerateConfig`, plus ``teacher_conn_id`` and the
+    Takes the fields of :class:`~distilled_plugins.generate.config.GenerateConfig`, plus ``teacher_conn_id`` and the
     request settings. The endpoints and their API keys come from the Airflow Connection ``teacher_conn_id`` (see
     :class:`TeacherEndpointHook`; its extra may list several endpoints, rate limits and prices). The operator's
     own ``max_rpm``/``max_tpm``/prices/``max_cost`` win over the connection's where given (0 or empty: not given).
@@ -52,7 +51,7 @@ class GenerateReasoningOperator(StageOperator):
     failed cancels them.
     """
 
-    config_class = generate.GenerateConfig
+    config_class = GenerateConfig
     not_arguments = ("api_addr", "api_key", "endpoints", "retry")
     nested: ClassVar[dict[str, type]] = {"batch": BatchSettings}  # teacher_mode, batch_poll_seconds, ...
     # prompt_template is not templated: its literal braces (\boxed{{}}) would be read as Jinja
@@ -74,7 +73,7 @@ class GenerateReasoningOperator(StageOperator):
         values = {}
         for name in _REQUEST_ARGUMENTS:
             value = getattr(self, name)
-            value = None if preflight.is_empty(value) else value
+            value = None if is_empty(value) else value
             value = coerce(RequestSettings, name, value)
             if value is None or (value == 0 and name in _ZERO_IS_UNSET):
                 value = from_connection.get(name)
@@ -96,8 +95,10 @@ class GenerateReasoningOperator(StageOperator):
         config = self.stage_config(endpoints=fleet.endpoints, retry=self.request_settings(fleet.settings))
         if config.batch.batch:
             self.batch_folder = str(batch_folder(config.output_file))
+        from distilled_plugins.generate.stage import run  # here: the DAG file imports this module, must load fast
+
         try:
-            result = generate.run(config, wait_for_batches=False)
+            result = run(config, wait_for_batches=False)
         except BatchesRunning as e:
             self.log.info("%s; deferring, looking every %g s", e, config.batch.batch_poll_seconds)
             trigger = TeacherBatchTrigger(str(e.folder), self.teacher_conn_id, config.batch.batch_poll_seconds)
@@ -144,8 +145,10 @@ class MergeShardsOperator(BaseOperator):
     @fails_clearly
     def execute(self, context: Context) -> str:
         paths = [s["output"] if isinstance(s, dict) else s for s in self.shards]
-        key_column = coerce(generate.GenerateConfig, "uuid_column", self.uuid_column) or self.prompt_column
-        return str(generate.merge(paths, self.output_file, key_column))
+        key_column = coerce(GenerateConfig, "uuid_column", self.uuid_column) or self.prompt_column
+        from distilled_plugins.generate.merge import merge  # here: the DAG file imports this module, must load fast
+
+        return str(merge(paths, self.output_file, key_column))
 
 
 @task

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from airflow.sdk import Context
 
-from distilled_plugins import handle
+from distilled_plugins.handle.config import HandleConfig
 from operators.failures import fails_clearly
 from operators.stage import StageOperator
 
@@ -12,13 +12,15 @@ from operators.stage import StageOperator
 class HandleDatasetOperator(StageOperator):
     """Tokenize conversations with the chat template and mask the prompt out of the labels.
 
-    Takes the fields of :class:`~distilled_plugins.handle.HandleConfig`. Written to a temporary folder and
+    Takes the fields of :class:`~distilled_plugins.handle.config.HandleConfig`. Written to a temporary folder and
     renamed at the end, so a retry starts clean. Returns the output folder.
     """
 
-    config_class = handle.HandleConfig
+    config_class = HandleConfig
     ui_color = "#e6f4ea"
 
     @fails_clearly
     def execute(self, context: Context) -> str:
-        return str(handle.run(self.stage_config()))
+        from distilled_plugins.handle.stage import run  # here, not at the top: the DAG file parses fast
+
+        return str(run(self.stage_config()))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from airflow.sdk import Context
 
-from distilled_plugins import pack
 from distilled_plugins.core.schema import STATS_FILE
+from distilled_plugins.pack.config import PackConfig
 from operators.assets import emit
 from operators.failures import fails_clearly
 from operators.stage import StageOperator
@@ -17,16 +17,18 @@ from operators.stage import StageOperator
 class PackDatasetOperator(StageOperator):
     """Pack handled samples into rows of the fine-tune config's ``seq_length`` (or an explicit one).
 
-    Takes the fields of :class:`~distilled_plugins.pack.PackConfig`. Written to a temporary folder and renamed at
+    Takes the fields of :class:`~distilled_plugins.pack.config.PackConfig`. Written to a temporary folder and renamed at
     the end, so a retry starts clean. Returns the output folder.
     """
 
-    config_class = pack.PackConfig
+    config_class = PackConfig
     ui_color = "#e6f4ea"
 
     @fails_clearly
     def execute(self, context: Context) -> str:
-        out = Path(pack.run(self.stage_config()))
+        from distilled_plugins.pack.stage import run  # here, not at the top: the DAG file parses fast
+
+        out = Path(run(self.stage_config()))
         stats = json.loads((out / STATS_FILE).read_text())
         emit(
             context,

@@ -6,9 +6,9 @@ from typing import Any, ClassVar
 
 from airflow.sdk import Context
 
-from distilled_plugins import reject_sampling
-from distilled_plugins.core import preflight
 from distilled_plugins.core.schema import STATS_ROWS_IN, STATS_ROWS_OUT
+from distilled_plugins.core.settings import is_empty
+from distilled_plugins.reject_sampling.config import RejectSamplingConfig
 from distilled_plugins.teacher.settings import RequestSettings
 from operators.assets import emit
 from operators.failures import fails_clearly
@@ -20,7 +20,7 @@ from operators.xcom import with_fields
 class RejectSamplingOperator(StageOperator):
     """Keep the generations that math_verify proves correct; drop examples that overlap evaluation sets.
 
-    Takes the fields of :class:`~distilled_plugins.reject_sampling.RejectSamplingConfig`. Grading runs in worker
+    Takes the fields of :class:`~distilled_plugins.reject_sampling.config.RejectSamplingConfig`. Grading runs in worker
     processes, never in the task process (math_verify's ``signal.alarm`` would cancel Airflow's
     ``execution_timeout``). Output is written atomically, so a retry rewrites the same files.
     ``judge_conn_id`` names the Connection of an LLM judge asked about what math_verify rejects (see
@@ -29,18 +29,20 @@ class RejectSamplingOperator(StageOperator):
     Returns ``{"output": <jsonl>, "verdicts": <jsonl>, "stats": <json>}``.
     """
 
-    config_class = reject_sampling.RejectSamplingConfig
+    config_class = RejectSamplingConfig
     not_arguments = ("judge_api_addr", "judge_api_key", "judge_endpoints", "judge_requests")
     operator_arguments: ClassVar[dict[str, Any]] = {"judge_conn_id": None}
     ui_color = "#fef3e0"
 
     @fails_clearly
     def execute(self, context: Context) -> dict:
+        from distilled_plugins.reject_sampling.stage import run  # heavy: not at DAG parse time
+
         judge = {}
-        if not preflight.is_empty(self.judge_conn_id):  # the connection's endpoints and request settings
+        if not is_empty(self.judge_conn_id):  # the connection's endpoints and request settings
             fleet = JudgeEndpointHook(self.judge_conn_id).get_fleet()
             judge = {"judge_endpoints": fleet.endpoints, "judge_requests": RequestSettings(**fleet.settings)}
-        result = reject_sampling.run(self.stage_config(**judge))
+        result = run(self.stage_config(**judge))
         stats = result.stats
         emit(
             context,

@@ -18,11 +18,12 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 @task(retries=0)
 def write_report(run_dir: str) -> str:
     """Write ``{run_dir}/report/report.html`` (``python -m distilled_plugins.report``); return its path."""
-    from distilled_plugins import report
+    from distilled_plugins.report.config import ReportConfig
+    from distilled_plugins.report.stage import run
 
     if not Path(run_dir).is_dir():  # the run stopped before any stage wrote a file (its first task failed)
         raise AirflowSkipException(f"nothing to report: {run_dir} was never written")
-    return str(report.run(report.ReportConfig(run_dir=run_dir)))
+    return str(run(ReportConfig(run_dir=run_dir)))
 
 
 # The run's state when a user stops it (Mark as failed): Airflow skips the tasks that have not run, leaves the run
@@ -38,9 +39,9 @@ def fail_if_stopped(run_dir: str, last_task_id: str = "evaluate") -> None:
     last = states.get(last_task_id)
     if last != "skipped":  # success, or failed/upstream_failed: Airflow's own state is right
         return
-    from distilled_plugins import report
+    from distilled_plugins.core.schema import DECISION
 
-    decision = Path(run_dir) / report.DECISION
+    decision = Path(run_dir) / DECISION
     if decision.is_file() and json.loads(decision.read_text()).get("approved") is False:
         return  # rejected before fine-tuning: the run ends without training, as the gate says
     raise AirflowFailException(

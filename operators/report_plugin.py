@@ -65,7 +65,8 @@ def run_folder(dag_id: str, run_id: str) -> Path:
 )
 def run_report(dag_id: str, run_id: str) -> HTMLResponse:
     """The report page of run ``run_id`` of ``dag_id`` (a sync route: FastAPI runs it in a worker thread)."""
-    from distilled_plugins import report
+    from distilled_plugins.report.collect import collect
+    from distilled_plugins.report.render import render
 
     folder = run_folder(dag_id, run_id)
     if not folder.is_dir():
@@ -73,7 +74,7 @@ def run_report(dag_id: str, run_id: str) -> HTMLResponse:
             f"<!DOCTYPE html><html><body><h1>Distillation report</h1><p>No artifacts yet for run "
             f"{html.escape(run_id)} (expected under <code>{html.escape(str(folder))}</code>).</p></body></html>"
         )
-    return HTMLResponse(report.render(report.collect(folder)))
+    return HTMLResponse(render(collect(folder)))
 
 
 class DistillReportPlugin(AirflowPlugin):

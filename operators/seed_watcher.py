@@ -11,11 +11,12 @@ no event.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.triggers.base import BaseEventTrigger, TriggerEvent
 
-from distilled_plugins import seed
+if TYPE_CHECKING:
+    from distilled_plugins.seed import Fingerprint
 
 STATE_KEY = "seed_fingerprint"
 
@@ -36,7 +37,9 @@ class SeedChangeTrigger(BaseEventTrigger):
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return "operators.seed_watcher.SeedChangeTrigger", {"path": self.path, "poll_interval": self.poll_interval}
 
-    async def _load(self) -> seed.Fingerprint | None:
+    async def _load(self) -> Fingerprint | None:
+        from distilled_plugins import seed  # here and in run: the DAG file imports this module
+
         if self.asset_state_store is not None:
             try:
                 return seed.Fingerprint.from_json(await self.asset_state_store.aget(STATE_KEY))
@@ -47,7 +50,7 @@ class SeedChangeTrigger(BaseEventTrigger):
                 self.asset_state_store = None
         return seed.Fingerprint.from_json(self._memory)
 
-    async def _save(self, fingerprint: seed.Fingerprint) -> None:
+    async def _save(self, fingerprint: Fingerprint) -> None:
         self._memory = fingerprint.to_json()
         if self.asset_state_store is not None:
             try:
@@ -59,6 +62,8 @@ class SeedChangeTrigger(BaseEventTrigger):
                 self.asset_state_store = None
 
     async def run(self):
+        from distilled_plugins import seed
+
         previous = await self._load()
         hub = seed.hub_seed(self.path) is not None  # a commit is atomic: nothing to wait for to settle
         missing_reported = False

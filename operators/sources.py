@@ -2,7 +2,7 @@
 input, find the seed.
 
 ``choose_source``, the run's first task, checks every input the chosen entry point will need
-(:mod:`distilled_plugins.core.preflight`: the seed and its columns, the tokenizer, the fine-tune profile and base
+(:mod:`distilled_plugins.preflight`: the seed and its columns, the tokenizer, the fine-tune profile and base
 checkpoint, the evaluation set, the connections, the output folder) and fails at once with one line per problem,
 before anything is spent; then it branches on the ``source`` parameter, and the stages that do not apply are
 skipped (and shown so in the grid). ``generate`` runs everything from a seed (the triggering seed event's, or the ``seed_dataset``
@@ -20,11 +20,8 @@ from airflow.providers.standard.operators.branch import BaseBranchOperator
 from airflow.sdk import Context, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from distilled_plugins import report
-from distilled_plugins import seed as seeds
-from distilled_plugins.core import preflight
 from distilled_plugins.core.io import write_json
-from distilled_plugins.core.schema import STATS_FILE
+from distilled_plugins.core.schema import PACKED_ENTRY, STATS_FILE
 from operators.assets import seed_from_event
 from operators.failures import fails_clearly
 from operators.hooks import TeacherEndpointHook
@@ -55,6 +52,8 @@ class ChooseSourceOperator(BaseBranchOperator):
 
     @fails_clearly
     def choose_branch(self, context: Context) -> str:
+        from distilled_plugins import preflight  # here: the DAG file imports this module
+
         params = context["params"]
         run = preflight.RunInputs(
             **{f.name: params[f.name] for f in dataclasses.fields(preflight.RunInputs) if f.name in params},
@@ -89,6 +88,8 @@ def seed(default: str) -> dict:
     A hub dataset is pinned to one commit here (the event's, or the one the hub reports now for a manual run), so
     every generate shard loads that same commit even if the dataset changes during the run.
     """
+    from distilled_plugins import seed as seeds
+
     chosen = seed_from_event(get_current_context(), default)
     if chosen["fingerprint"]:
         logger.info(
@@ -130,5 +131,5 @@ def from_packed(path: str, run_dir: str) -> str:
             f"packed_dataset {path}: not a packed dataset folder (stats.json and the arrow files of "
             "`python -m distilled_plugins.pack`) -- pack it first or set the packed_dataset parameter"
         )
-    write_json(Path(run_dir) / report.PACKED_ENTRY, {"path": str(folder.resolve())})
+    write_json(Path(run_dir) / PACKED_ENTRY, {"path": str(folder.resolve())})
     return path

@@ -7,7 +7,6 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from distilled_plugins import finetune
 from distilled_plugins.core import errors
 
 
@@ -49,9 +48,11 @@ class MsrunJobTrigger(BaseTrigger):
         )
 
     async def run(self):
-        watch = finetune.Watch(self.dead_after, self.stall_timeout)
+        from distilled_plugins.finetune import stage
+
+        watch = stage.Watch(self.dead_after, self.stall_timeout)
         while True:
-            seen = await asyncio.to_thread(finetune.probe, self.job_dir, self.node_rank)
+            seen = await asyncio.to_thread(stage.probe, self.job_dir, self.node_rank)
             state, why = watch.update(seen)
             if state != "running":
                 yield TriggerEvent(
@@ -66,8 +67,10 @@ class MsrunJobTrigger(BaseTrigger):
     async def on_kill(self) -> None:
         """A user marked the deferred task failed/succeeded or cleared it: stop the whole job (not in
         ``cleanup()``, which also runs on every triggerer restart)."""
+        from distilled_plugins.finetune import job
+
         outcome = await asyncio.to_thread(
-            finetune.stop,
+            job.stop,
             self.job_dir,
             f"the deferred task of node {self.node_rank} was stopped by a user (marked failed/succeeded or cleared)",
             20.0,

@@ -12,7 +12,6 @@ import logging
 from airflow.sdk import get_current_context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from distilled_plugins import seed
 from operators.assets import SEED_NAME
 from operators.seed_watcher import STATE_KEY
 
@@ -21,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 def check_seed(path: str) -> dict:
     """Announce the seed asset (the task succeeds) when ``path``'s content changed; skip otherwise."""
+    from distilled_plugins import seed  # here: the DAG file imports this module
+
     context = get_current_context()
     # the task's outlet: the seed asset as the DAG file built it (one read of the deployment's configuration)
     seed_outlet = next(outlet for outlet in context["task"].outlets if getattr(outlet, "name", None) == SEED_NAME)

@@ -189,12 +189,15 @@ def _solutions(path: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_packed(tmp_path_factory):
     """Packed rows at the tiny CPU profile's seq_length (256): a few training steps' worth."""
-    from distilled_plugins import handle, pack
+    from distilled_plugins.handle.config import HandleConfig
+    from distilled_plugins.handle.stage import run as handle_run
+    from distilled_plugins.pack.config import PackConfig
+    from distilled_plugins.pack.stage import run as pack_run
 
     tmp = tmp_path_factory.mktemp("tiny-packed")
     src = write_jsonl(tmp / "filtered.jsonl", conversation_rows(6, start=2))
-    handled = handle.run(handle.HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp / "handled")))
-    packed = pack.run(pack.PackConfig(src=str(handled), dst=str(tmp / "packed"), seq_length=256))
+    handled = handle_run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp / "handled")))
+    packed = pack_run(PackConfig(src=str(handled), dst=str(tmp / "packed"), seq_length=256))
     rows = json.loads((packed / "stats.json").read_text())["packs"]
     assert rows == TINY_ROWS, f"the tiny packed data has {rows} rows; the fine-tune tests count on {TINY_ROWS}"
     return packed
@@ -203,12 +206,13 @@ def tiny_packed(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_packed, tmp_path_factory):
     """A tiny model fine-tuned for 8 steps by stage 5 (msrun, 1 CPU worker): its checkpoint folder."""
-    from distilled_plugins import finetune
     from distilled_plugins.core import configs
+    from distilled_plugins.finetune import FinetuneConfig
+    from distilled_plugins.finetune.stage import run
 
     out = tmp_path_factory.mktemp("tiny-finetune")
-    result = finetune.run(
-        finetune.FinetuneConfig(
+    result = run(
+        FinetuneConfig(
             config=str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml"),
             dataset_path=str(tiny_packed),
             output_dir=str(out),

@@ -22,6 +22,7 @@ import pytest
 from distilled_plugins import generate
 from distilled_plugins.core.configs import SHARED_DATA
 from distilled_plugins.core.io import rewrite_jsonl
+from distilled_plugins.core.schema import row_key
 from distilled_plugins.teacher.settings import RetryPolicy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +158,7 @@ def generate_config(seed, tmp_path, url, **overrides) -> generate.GenerateConfig
 
 def keys_of(path, column="problem") -> list[str]:
     """Row keys of a generations file, in file order."""
-    return [generate.row_key(row[column]) for row in read_jsonl(path)]
+    return [row_key(row[column]) for row in read_jsonl(path)]
 
 
 # ---- processes and waiting ------------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def in_memory_merge(paths, uuid_column: str) -> bytes:
     by_key = {}
     for path in paths:
         for row in read_jsonl(path):
-            by_key.setdefault(generate.row_key(row[uuid_column]), row)
+            by_key.setdefault(row_key(row[uuid_column]), row)
     return b"".join(json.dumps(by_key[key], ensure_ascii=False).encode() + b"\n" for key in sorted(by_key))
 
 

@@ -17,7 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distilled_plugins import handle, pack
+from distilled_plugins.handle.config import HandleConfig
+from distilled_plugins.handle.stage import run as handle_run
+from distilled_plugins.pack.config import PackConfig
+from distilled_plugins.pack.stage import run as pack_run
 from tests.support import TOKENIZER_DIR, conversation_rows, run_cli, write_jsonl
 
 
@@ -34,8 +37,8 @@ def handled_and_packed(tmp_path_factory) -> tuple[Path, Path]:
     """A small handled folder and its packed folder, made by the stages themselves (with their markers)."""
     tmp = tmp_path_factory.mktemp("stages")
     src = write_jsonl(tmp / "filtered.jsonl", conversation_rows(4))
-    handled = handle.run(handle.HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp / "handled")))
-    packed = pack.run(pack.PackConfig(src=str(handled), dst=str(tmp / "packed"), seq_length=256))
+    handled = handle_run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp / "handled")))
+    packed = pack_run(PackConfig(src=str(handled), dst=str(tmp / "packed"), seq_length=256))
     return handled, packed
 
 
@@ -351,7 +354,7 @@ def test_null_message_content_is_counted_not_a_crash(tmp_path):
         {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
     ]
     src = write_jsonl(tmp_path / "f.jsonl", good + bad)
-    dst = handle.run(handle.HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / "h")))
+    dst = handle_run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / "h")))
     stats = json.loads((dst / "stats.json").read_text())
     assert stats["rows"] == stats["rows_out"] == 1 and stats["rows_in"] == 3
     assert stats["dropped"] == {"malformed_messages": 2, "no_assistant_turn": 0, "too_long": 0}
@@ -364,7 +367,7 @@ def test_temp_files_of_a_killed_run_are_removed(tmp_path, handled_and_packed):
     (stale_dir / "data-00000-of-00001.arrow").write_bytes(b"x" * 1000)
     stale_arrow = tmp_path / ".packed.tmp-999999999.staging.arrow"
     stale_arrow.write_bytes(b"x" * 1000)
-    pack.run(pack.PackConfig(src=str(handled_and_packed[0]), dst=str(dst), seq_length=256))
+    pack_run(PackConfig(src=str(handled_and_packed[0]), dst=str(dst), seq_length=256))
     assert not stale_dir.exists() and not stale_arrow.exists()
     assert (dst / "artifact.json").exists()
 

@@ -7,10 +7,14 @@ import re
 
 import pytest
 
-from distilled_plugins import evaluate, generate
 from distilled_plugins.core import cli, errors
 from distilled_plugins.core.errors import BudgetReached
 from distilled_plugins.core.schema import STATS_FILE, stats_path
+from distilled_plugins.evaluate.__main__ import build_parser as evaluate_parser
+from distilled_plugins.evaluate.__main__ import main as evaluate_main
+from distilled_plugins.generate.__main__ import build_parser as generate_parser
+from distilled_plugins.generate.__main__ import main as generate_main
+from distilled_plugins.generate.stage import run as generate
 from distilled_plugins.teacher.endpoints import Endpoint, TokenBucket, parse_duration, parse_endpoints
 from distilled_plugins.teacher.settings import RequestSettings
 from tests.support import FAST_RETRY, MATH500, answer_with_solution, keys_of, math_train_rows, read_jsonl, write_jsonl
@@ -24,7 +28,7 @@ def fast(**overrides) -> RequestSettings:
 class TestBadReplies:
     def test_null_content_and_missing_choices_are_failed_requests(self, replay_teacher, seed, tmp_path):
         replay, url = replay_teacher(faults=["null_content", "no_choices", "null_content"])
-        result = generate.run(config(seed, tmp_path, url, max_concurrent=1))
+        result = generate(config(seed, tmp_path, url, max_concurrent=1))
         assert result.stats["retries"] == {"null_content": 2, "no_choices": 1}
         rows = read_jsonl(result.output_file)
         assert len(rows) == 12
@@ -34,8 +38,8 @@ class TestBadReplies:
     def test_null_content_on_every_attempt_fails_the_row_not_an_empty_completion(self, replay_teacher, seed, tmp_path):
         _replay, url = replay_teacher(faults=["null_content"] * 1000)
         with pytest.raises(errors.GenerationIncomplete, match="12 of 12 rows"):
-            generate.run(config(seed, tmp_path, url, num_generations=1))
-        stats = json.loads(generate.stats_path(tmp_path / "out" / "gen.jsonl").read_text())
+            generate(config(seed, tmp_path, url, num_generations=1))
+        stats = json.loads(stats_path(tmp_path / "out" / "gen.jsonl").read_text())
         assert stats["failed_requests"] == {"null_content": 12} and stats["completions_ok"] == 0
         assert stats["rows_out"] == 0 and stats["dropped"] == {"duplicate_uuid": 0, "failed": 12, "unfinished": 0}
         assert read_jsonl(tmp_path / "out" / "gen.jsonl") == []
@@ -44,7 +48,7 @@ class TestBadReplies:
 class TestStreaming:
     def test_stream_merges_reasoning_and_content(self, replay_teacher, seed, tmp_path):
         replay, url = replay_teacher(faults=["reasoning"] * 24, stream_chunks=5)
-        result = generate.run(config(seed, tmp_path, url, retry=fast(stream=True)))
+        result = generate(config(seed, tmp_path, url, retry=fast(stream=True)))
         rows = read_jsonl(result.output_file)
         assert len(rows) == 12
         for row in rows:
@@ -57,7 +61,7 @@ class TestStreaming:
 
     def test_stream_cut_midway_is_retried_and_the_partial_text_dropped(self, replay_teacher, seed, tmp_path):
         replay, url = replay_teacher(faults=["cut_stream", "cut_stream"])
-        result = generate.run(config(seed, tmp_path, url, max_concurrent=1, retry=fast(stream=True)))
+        result = generate(config(seed, tmp_path, url, max_concurrent=1, retry=fast(stream=True)))
         assert result.stats["retries"] == {"stream_cut": 2}
         rows = read_jsonl(result.output_file)
         assert len(rows) == 12 and len(set(keys_of(result.output_file))) == 12
@@ -70,7 +74,7 @@ class TestRateLimits:
         # one 429 saying x-ratelimit-remaining-requests: 0 and no Retry-After; the request's own backoff is
         # 0.05 s at most, so only an endpoint-wide pause (1 s by default) keeps the other requests away
         replay, url = replay_teacher(faults=["ok"] * 6 + ["429_exhausted"], retry_after=None)
-        result = generate.run(config(seed, tmp_path, url, max_concurrent=4))
+        result = generate(config(seed, tmp_path, url, max_concurrent=4))
         assert len(read_jsonl(result.output_file)) == 12
         refused_at = replay.request_times[6]
         # requests already on the wire when the 429 left may land just after it; then nothing for ~1 s
@@ -83,7 +87,7 @@ class TestRateLimits:
     def test_limit_learnt_from_headers_keeps_refusals_rare(self, replay_teacher, tmp_path):
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(40))
         replay, url = replay_teacher(rate_limit_rpm=600, retry_after="1")  # 10 requests/s, bursts of 10
-        result = generate.run(config(seed, tmp_path, url, num_generations=1, max_concurrent=16))
+        result = generate(config(seed, tmp_path, url, num_generations=1, max_concurrent=16))
         assert len(read_jsonl(result.output_file)) == 40
         # without the adaptation 16 workers against an instant server are refused most of the time
         assert replay.refused <= 2, replay.refused
@@ -92,7 +96,7 @@ class TestRateLimits:
     def test_max_rpm_paces_requests(self, replay_teacher, tmp_path):
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(25))
         replay, url = replay_teacher()
-        generate.run(config(seed, tmp_path, url, num_generations=1, max_concurrent=8, retry=fast(max_rpm=600)))
+        generate(config(seed, tmp_path, url, num_generations=1, max_concurrent=8, retry=fast(max_rpm=600)))
         times = sorted(replay.request_times)
         # at most 10 in any 1.05 s (endpoints.RequestWindow): 25 requests need at least 2.1 s
         assert times[-1] - times[0] >= 2.0
@@ -101,9 +105,7 @@ class TestRateLimits:
     def test_max_rpm_keeps_each_wall_clock_second_within_the_limit(self, replay_teacher, tmp_path):
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(40))
         replay, url = replay_teacher(rate_limit_rpm=600, rate_limit_per_second=True, retry_after="1")  # 10 a second
-        result = generate.run(
-            config(seed, tmp_path, url, num_generations=1, max_concurrent=16, retry=fast(max_rpm=600))
-        )
+        result = generate(config(seed, tmp_path, url, num_generations=1, max_concurrent=16, retry=fast(max_rpm=600)))
         assert len(read_jsonl(result.output_file)) == 40
         # a token bucket of a second's worth put up to 20 into one second (2-5% refused at 1,200 RPM)
         assert replay.refused <= 1, replay.refused
@@ -129,10 +131,10 @@ class TestCostAndBudget:
         settings = fast(price_per_mtok_out=price, max_cost=5.5)
         cfg = config(seed, tmp_path, url, max_concurrent=1, retry=settings)
         with pytest.raises(BudgetReached, match="run again") as info:
-            generate.run(cfg)
+            generate(cfg)
         assert "budget reached" in str(info.value)
         assert re.search(r"cost \d+\.\d{4} of 5\.5", caplog.text), caplog.text  # the progress line shows it
-        stats = json.loads(generate.stats_path(cfg.output_file).read_text())
+        stats = json.loads(stats_path(cfg.output_file).read_text())
         assert stats["budget_reached"] is True and stats["cost_estimate"] >= 5.5
         assert stats["completions_ok"] == replay.requests < 24
         assert stats["rows_failed"] == 0 and stats["requests_not_sent_budget"] > 0
@@ -141,7 +143,7 @@ class TestCostAndBudget:
         assert stats["rows_in"] == 12 and stats["rows_out"] == written
         assert stats["dropped"] == {"duplicate_uuid": 0, "failed": 0, "unfinished": 12 - written}
 
-        resumed = generate.run(config(seed, tmp_path, url, max_concurrent=1, retry=fast(price_per_mtok_out=price)))
+        resumed = generate(config(seed, tmp_path, url, max_concurrent=1, retry=fast(price_per_mtok_out=price)))
         rows = read_jsonl(resumed.output_file)
         assert len(rows) == 12 and len(set(keys_of(resumed.output_file))) == 12
         assert all(len(r["generations"]) == 2 for r in rows)
@@ -153,8 +155,8 @@ class TestSettingsOnce:
     def test_generate_and_evaluate_take_the_same_request_flags(self):
         flags = ["--max-attempts", "3", "--request-timeout", "7", "--max-rpm", "120", "--stream"]
         flags += ["--price-per-mtok-in", "0.5", "--max-cost", "10", "--backoff-base", "0.2"]
-        gen = generate.build_parser().parse_args(["--output-file", "o", *flags])
-        ev = evaluate.build_parser().parse_args(["--out", "o", *flags])
+        gen = generate_parser().parse_args(["--output-file", "o", *flags])
+        ev = evaluate_parser().parse_args(["--out", "o", *flags])
         assert RequestSettings.from_args(gen) == RequestSettings.from_args(ev)
         settings = RequestSettings.from_args(ev)
         assert settings.max_attempts == 3 and settings.request_timeout == 7 and settings.max_rpm == 120
@@ -175,7 +177,7 @@ class TestSettingsOnce:
         with pytest.raises(ValueError, match="max_cost 5 needs a price"):
             RequestSettings(max_cost=5)
         done = cli.run(  # the command line's contract: one line, exit status 1
-            generate.main,
+            generate_main,
             ["--model", "m", "--dataset-name", "x.jsonl", "--output-file", str(tmp_path / "o"), "--max-cost", "5"],
         )
         assert done == 1
@@ -187,7 +189,7 @@ class TestEvaluationUsesTheSameClient:
         second, url2 = replay_teacher(solutions=MATH500)
         argv = ["--out", str(tmp_path / "eval"), "--api-addr", f"{url1},{url2}", "--model", "m", "--limit", "6"]
         argv += ["--n-samples", "2", "--workers", "1", "--stream", "--request-timeout", "30", "--max-attempts", "3"]
-        assert evaluate.main(argv) == 0
+        assert evaluate_main(argv) == 0
         report = json.loads((tmp_path / "eval" / "report.json").read_text())
         assert report["pass@1"] == 100.0 and report["samples"] == 12
         assert first.requests > 1 and second.requests > 0 and first.requests + second.requests == 12 + 1

@@ -7,11 +7,13 @@ import re
 
 import pytest
 
-from distilled_plugins import evaluate
 from distilled_plugins.core.configs import SHARED_DATA
 from distilled_plugins.core.errors import DataError, FatalRequestError
 from distilled_plugins.devtools.teacher_server import load_answers, replay_answer
 from distilled_plugins.evaluate import EvalConfig, Protocol
+from distilled_plugins.evaluate.completions import SETTINGS_FILE, completions_folder, load_problems
+from distilled_plugins.evaluate.stage import run as evaluate
+from distilled_plugins.handle.config import SYSTEM_PROMPT
 from distilled_plugins.teacher.settings import RetryPolicy
 from tests.support import MATH500, read_jsonl, write_jsonl
 
@@ -25,7 +27,7 @@ def reference_answers():
 
 def test_reference_solutions_score_100_and_figures_add_up(replay_teacher, tmp_path):
     _replay, url = replay_teacher(solutions=MATH500)
-    path = evaluate.run(
+    path = evaluate(
         EvalConfig(
             out=str(tmp_path),
             api_addr=url,
@@ -42,7 +44,7 @@ def test_reference_solutions_score_100_and_figures_add_up(replay_teacher, tmp_pa
     assert sum(v["samples"] for v in report["by_level"].values()) == 500 * 2
     assert sum(v["samples"] for v in report["by_subject"].values()) == 500 * 2
     assert {k: v["problems"] for k, v in report["by_level"].items()} == {"1": 43, "2": 90, "3": 105, "4": 128, "5": 134}
-    assert report["protocol"]["system_prompt"] == evaluate.SYSTEM_PROMPT
+    assert report["protocol"]["system_prompt"] == SYSTEM_PROMPT
     assert report["protocol"]["temperature"] == 0.6 and report["protocol"]["top_p"] == 0.95
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     markdown = (tmp_path / "report.md").read_text()
@@ -52,14 +54,14 @@ def test_reference_solutions_score_100_and_figures_add_up(replay_teacher, tmp_pa
 def test_wrong_answers_score_0_truncations_counted_and_resume(replay_teacher, tmp_path):
     teacher, url = replay_teacher(lambda problem: "After some work: $\\boxed{123456789}$.", faults=["length"] * 3)
     cfg = EvalConfig(out=str(tmp_path), api_addr=url, model="wrong", limit=20, protocol=Protocol(n_samples=2, seed=7))
-    report = json.loads(evaluate.run(cfg).read_text())
+    report = json.loads(evaluate(cfg).read_text())
     assert report["pass@1"] == 0.0 and report["truncated"] == 3
     assert report["verdicts"] == {"truncated": 3, "wrong": 37}
     payload = teacher.seen_payloads[0]
-    assert payload["messages"][0] == {"role": "system", "content": evaluate.SYSTEM_PROMPT}
+    assert payload["messages"][0] == {"role": "system", "content": SYSTEM_PROMPT}
     assert payload["seed"] == 7 and payload["max_tokens"] == 32768
     before = teacher.requests
-    evaluate.run(cfg)  # a rerun keeps the completions: no request is sent again
+    evaluate(cfg)  # a rerun keeps the completions: no request is sent again
     assert teacher.requests == before
 
 
@@ -69,16 +71,16 @@ def test_completions_are_kept_per_source_and_settings_never_refused_never_mixed(
     teacher, url = replay_teacher(lambda problem: "$\\boxed{1}$")
     first = EvalConfig(out=str(tmp_path), api_addr=url, model="model-a", limit=3, protocol=Protocol(n_samples=1))
     second = EvalConfig(out=str(tmp_path), api_addr=url, model="model-b", limit=3, protocol=Protocol(n_samples=1))
-    evaluate.run(first)
+    evaluate(first)
     assert teacher.requests == 3
-    report = json.loads(evaluate.run(second).read_text())
+    report = json.loads(evaluate(second).read_text())
     assert teacher.requests == 6 and "model-b" in report["protocol"]["completions"]
     folders = sorted((tmp_path / "completions").iterdir())
     assert len(folders) == 2 and all((f / "completions.jsonl").exists() for f in folders)
-    evaluate.run(first)  # back to the first source: its completions are still there
+    evaluate(first)  # back to the first source: its completions are still there
     assert teacher.requests == 6
     assert json.loads((tmp_path / "stats.json").read_text())["completions"].startswith(str(tmp_path / "completions"))
-    evaluate.run(EvalConfig(**{**first.__dict__, "fresh": True}))
+    evaluate(EvalConfig(**{**first.__dict__, "fresh": True}))
     assert teacher.requests == 9
 
 
@@ -87,21 +89,19 @@ def test_a_checkpoint_rewritten_in_place_is_another_source(tmp_path):
     checkpoint.mkdir(parents=True)
     (checkpoint / "model.ckpt").write_bytes(b"weights of the first training")
     cfg = EvalConfig(out=str(tmp_path / "e"), checkpoint=str(checkpoint.parent), mindformers_config="tiny.yaml")
-    before = evaluate.completions_folder(cfg)
+    before = completions_folder(cfg)
     (checkpoint / "model.ckpt").write_bytes(b"weights of a second training, longer")
-    after = evaluate.completions_folder(cfg)
+    after = completions_folder(cfg)
     assert before != after and before.parent == after.parent == tmp_path / "e" / "completions"
-    assert json.loads((after / evaluate.SETTINGS_FILE).read_text())["source"]["checkpoint_files"][0][0] == (
-        "rank_0/model.ckpt"
-    )
-    assert evaluate.completions_folder(cfg) == after  # unchanged files: the same folder
+    assert json.loads((after / SETTINGS_FILE).read_text())["source"]["checkpoint_files"][0][0] == ("rank_0/model.ckpt")
+    assert completions_folder(cfg) == after  # unchanged files: the same folder
 
 
 def test_baseline_difference(replay_teacher, reference_answers, tmp_path):
     half = {p: (s if i % 2 else "no idea") for i, (p, s) in enumerate(reference_answers.items())}
     _replay, half_url = replay_teacher(replay_answer(half))
     _replay, reference_url = replay_teacher(solutions=MATH500)
-    base = evaluate.run(
+    base = evaluate(
         EvalConfig(
             out=str(tmp_path / "base"),
             api_addr=half_url,
@@ -111,7 +111,7 @@ def test_baseline_difference(replay_teacher, reference_answers, tmp_path):
             report_label="base model",
         )
     )
-    tuned = evaluate.run(
+    tuned = evaluate(
         EvalConfig(
             out=str(tmp_path / "tuned"),
             api_addr=reference_url,
@@ -138,7 +138,7 @@ def test_mindformers_generation_from_the_tiny_checkpoint(tiny_checkpoint, tmp_pa
         mindformers_config=str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml"),
         protocol=Protocol(n_samples=2, max_new_tokens=12),
     )
-    report = json.loads(evaluate.run(cfg).read_text())
+    report = json.loads(evaluate(cfg).read_text())
     assert report["problems"] == 3 and report["samples"] == 6
     completions = read_jsonl(json.loads((tmp_path / "stats.json").read_text())["completions"])
     assert [len(r["generations"]) for r in completions] == [2, 2, 2]
@@ -151,14 +151,15 @@ class TestCheckpointGeneration:
     """mf_generate: the prompt is rendered as training renders it; batched decoding changes no token."""
 
     def test_prompt_is_the_training_prompt(self, tmp_path):
-        from distilled_plugins import handle
-        from distilled_plugins.handle import SYSTEM_PROMPT, load_tokenizer
+        from distilled_plugins.handle import HandleConfig
+        from distilled_plugins.handle.encoder import load_tokenizer
+        from distilled_plugins.handle.stage import run as handle
         from distilled_plugins.in_mindformers.mf_generate import prompt_ids
         from tests.support import TOKENIZER_DIR, conversation_rows
 
         rows = conversation_rows(5)
         src = write_jsonl(tmp_path / "filtered.jsonl", rows)
-        handled = handle.run(handle.HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / "h")))
+        handled = handle(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / "h")))
         import datasets
 
         trained = datasets.load_from_disk(str(handled))
@@ -191,11 +192,10 @@ class TestCheckpointGeneration:
     @pytest.mark.slow
     def test_batched_greedy_equals_one_at_a_time(self, tmp_path):
         from distilled_plugins.core import configs
-        from distilled_plugins.handle import SYSTEM_PROMPT
         from distilled_plugins.in_mindformers import mf_generate
         from tests.support import TOKENIZER_DIR
 
-        problems = write_jsonl(tmp_path / "p.jsonl", evaluate.load_problems(MATH500, 3))  # prompts of 3 lengths
+        problems = write_jsonl(tmp_path / "p.jsonl", load_problems(MATH500, 3))  # prompts of 3 lengths
         outputs = {}
         for batch in (3, 1):
             outputs[batch] = tmp_path / f"out{batch}.jsonl"
@@ -215,7 +215,7 @@ class TestCheckpointGeneration:
 )
 def test_rescore_matches_stored_accuracy_within_one_point(tmp_path, model, stored):
     assert json.loads((SKYTHOUGHT / f"{model}.math500.metrics.json").read_text())["acc"] == stored
-    path = evaluate.run(
+    path = evaluate(
         EvalConfig(
             out=str(tmp_path),
             rescore=str(SKYTHOUGHT / f"{model}.math500.jsonl"),
@@ -233,7 +233,7 @@ class TestBadInput:
     def test_missing_column(self, tmp_path):
         rows = [{k: v for k, v in r.items() if k != "subject"} for r in read_jsonl(MATH500)[:3]]
         with pytest.raises(DataError, match="missing column\\(s\\) subject"):
-            evaluate.run(
+            evaluate(
                 EvalConfig(
                     out=str(tmp_path),
                     dataset=str(write_jsonl(tmp_path / "p.jsonl", rows)),
@@ -245,7 +245,7 @@ class TestBadInput:
     def test_empty_set(self, tmp_path):
         (tmp_path / "p.jsonl").write_text("")
         with pytest.raises(DataError, match="evaluation set is empty"):
-            evaluate.run(
+            evaluate(
                 EvalConfig(out=str(tmp_path), dataset=str(tmp_path / "p.jsonl"), api_addr="127.0.0.1:9", model="m")
             )
 
@@ -256,7 +256,7 @@ class TestBadInput:
         with pytest.raises(
             FatalRequestError, match=re.escape(f"cannot reach the teacher endpoint http://127.0.0.1:{port}")
         ):
-            evaluate.run(
+            evaluate(
                 EvalConfig(
                     out=str(tmp_path),
                     api_addr=f"127.0.0.1:{port}",
@@ -273,7 +273,7 @@ class TestBadInput:
     def test_rescore_missing_completion_column(self, tmp_path):
         src = write_jsonl(tmp_path / "c.jsonl", [{"question": "q", "answer": "1"}])
         with pytest.raises(DataError, match="missing column 'code'"):
-            evaluate.run(
+            evaluate(
                 EvalConfig(
                     out=str(tmp_path / "o"), rescore=str(src), problem_column="question", completion_column="code"
                 )

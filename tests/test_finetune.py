@@ -16,12 +16,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distilled_plugins import finetune
 from distilled_plugins.core import configs
 from distilled_plugins.core.errors import DataError, FinetuneFailed
 from distilled_plugins.devtools.local_airflow import free_port
-from distilled_plugins.finetune import FinetuneConfig
-from distilled_plugins.finetune.config import checkpoint_step, resume_point
+from distilled_plugins.finetune import FinetuneConfig, stage
+from distilled_plugins.finetune import job as jobs
+from distilled_plugins.finetune.checkpoints import ResumePoint, checkpoint_step, latest_step_checkpoint, resume_point
+from distilled_plugins.finetune.metrics import latest_progress, parse_steps
 from tests.support import TINY_ROWS, cli_command, cli_env, wait_until
 
 TINY = str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml")
@@ -53,24 +54,24 @@ wait_for = functools.partial(wait_until, interval=0.5)  # polls every 0.5 s
 
 
 def job_dir_of(cfg: FinetuneConfig) -> Path:
-    return Path(finetune.find_job(cfg).job_dir)
+    return Path(stage.find_job(cfg).job_dir)
 
 
 @pytest.mark.slow
 def test_one_worker_stop_resume_and_finished_retry(tiny_packed, tmp_path):
     cfg = tiny(tiny_packed, tmp_path / "out")
-    launched = finetune.launch(cfg)
+    launched = stage.launch(cfg)
     job = Path(launched.job_dir)
-    assert job.parent == tmp_path / "out" and job.name == "job-" + finetune.find_job(cfg).fingerprint[:12]
-    wait_for(lambda: finetune.latest_step_checkpoint(job / "checkpoint") >= 4, 240, "a checkpoint at step 4")
-    outcome = finetune.stop(job, "test stop")  # what on_kill does: stop.json, and SIGTERM as the host is this one
+    assert job.parent == tmp_path / "out" and job.name == "job-" + stage.find_job(cfg).fingerprint[:12]
+    wait_for(lambda: latest_step_checkpoint(job / "checkpoint") >= 4, 240, "a checkpoint at step 4")
+    outcome = jobs.stop(job, "test stop")  # what on_kill does: stop.json, and SIGTERM as the host is this one
     # stopped by the supervisor on the request, or (a loaded machine: workers slow to leave) killed after 30 s
     assert outcome[0] == "stopped" or outcome[0].startswith("killed"), outcome
     assert job_processes(tmp_path) == []
     status = json.loads((job / "node-0.status.json").read_text())
-    assert status["stopped"] == "test stop" and finetune.node_state(job, 0, 60) == "finished"
+    assert status["stopped"] == "test stop" and jobs.node_state(job, 0, 60) == "finished"
 
-    result = finetune.run(cfg)  # a retry: resumes from the newest checkpoint, not from step 0
+    result = stage.run(cfg)  # a retry: resumes from the newest checkpoint, not from step 0
     steps = json.loads(Path(result.metrics_file).read_text())["steps"]
     assert result.resumed_from_step >= 4
     assert steps[0]["step"] == result.resumed_from_step + 1 and steps[-1]["step"] == TINY_ROWS
@@ -84,14 +85,14 @@ def test_one_worker_stop_resume_and_finished_retry(tiny_packed, tmp_path):
 
     worker_log = job / "msrun_log" / "worker_0.log"
     before = worker_log.stat().st_mtime
-    again = finetune.run(cfg)  # a retry of a finished job returns its checkpoint without training
+    again = stage.run(cfg)  # a retry of a finished job returns its checkpoint without training
     assert again == result and worker_log.stat().st_mtime == before
 
 
 @pytest.mark.slow
 def test_two_workers_train_data_parallel(tiny_packed, tmp_path):
     cfg = tiny(tiny_packed, tmp_path / "out", worker_num=2)
-    result = finetune.run(cfg)
+    result = stage.run(cfg)
     job = Path(result.checkpoint_dir).parent
     metrics = json.loads(Path(result.metrics_file).read_text())
     assert metrics["workers"] == 2 and len(metrics["steps"]) == TINY_ROWS // 2  # rows shared by 2 workers
@@ -106,7 +107,7 @@ def test_two_workers_train_data_parallel(tiny_packed, tmp_path):
     ]
     assert norms[0] == norms[1]  # gradients were all-reduced: the same norm on both workers
     # the steps come from the StepMetricsWriter callback; they agree with mindformers' own step lines
-    logged = finetune.parse_steps(job / "msrun_log" / "worker_0.log")
+    logged = parse_steps(job / "msrun_log" / "worker_0.log")
     assert [s["step"] for s in metrics["steps"]] == [s["step"] for s in logged] == list(range(1, TINY_ROWS // 2 + 1))
     assert [s["loss"] for s in metrics["steps"]] == pytest.approx([s["loss"] for s in logged], abs=1e-5)
     assert (job / "checkpoint" / "rank_1").is_dir()
@@ -166,7 +167,7 @@ def test_a_dead_worker_fails_the_cli_at_once_and_a_rerun_after_a_dead_supervisor
 def _kill_a_worker_then_the_supervisor(out: Path, tmp_path: Path, start) -> None:
     first = start("first.log")
     job = wait_for(lambda: next(out.glob("job-*"), None), 120, "the job folder")
-    wait_for(lambda: finetune.latest_step_checkpoint(job / "checkpoint") >= 2, 300, "a checkpoint at step 2")
+    wait_for(lambda: latest_step_checkpoint(job / "checkpoint") >= 2, 300, "a checkpoint at step 2")
     name, worker = sorted(workers_of(job).items())[1]
     worker.kill()
     killed = time.monotonic()
@@ -200,22 +201,22 @@ def _kill_a_worker_then_the_supervisor(out: Path, tmp_path: Path, start) -> None
 def _progress_unless_ended(job: Path, cli: subprocess.Popen, log: Path) -> str | None:
     if cli.poll() is not None:
         raise AssertionError(f"the retry ended (exit code {cli.returncode}):\n{log.read_text()[-3000:]}")
-    return finetune.latest_progress(job)
+    return latest_progress(job)
 
 
 @pytest.mark.slow
 def test_killed_supervisor_is_dead_and_its_leftovers_are_stopped(tiny_packed, tmp_path):
     cfg = tiny(tiny_packed, tmp_path / "out", dead_after=6.0)
-    launched = finetune.launch(cfg)
+    launched = stage.launch(cfg)
     job = Path(launched.job_dir)
     log = job / "msrun_log" / "worker_0.log"
     wait_for(lambda: log.exists() and "step:[    1/" in log.read_text(), 240, "step 1")
     psutil.Process(launched.pid).kill()  # msrun and its worker live on, orphaned
     started = time.monotonic()
-    state = finetune.wait(launched, 0.5, dead_after=cfg.dead_after)
+    state = stage.wait(launched, 0.5, dead_after=cfg.dead_after)
     assert state == "dead" and time.monotonic() - started < 60
     with pytest.raises(FinetuneFailed, match="training node 0 of .* dead .no heartbeat") as info:
-        finetune.collect(cfg, launched, state, "no heartbeat")
+        stage.collect(cfg, launched, state, "no heartbeat")
     assert "last lines of " + str(log) in str(info.value) and "node-0.launcher.log" in str(info.value)
     assert job_processes(tmp_path) == []  # collect stopped what the dead supervisor left behind
     assert json.loads((job / "stop.json").read_text())["reason"].startswith("node 0 dead")
@@ -227,7 +228,7 @@ class TestPreflight:
             tiny_packed, tmp_path / "job", config=str(configs.FINETUNE_7B), worker_num=8, load_checkpoint=str(tmp_path)
         )
         with pytest.raises(DataError, match="hold 256 tokens but the model's seq_length is 32768"):
-            finetune.launch(cfg)
+            stage.launch(cfg)
 
     def test_missing_key(self, tiny_packed, tmp_path):
         broken = configs.load_yaml(TINY)
@@ -237,27 +238,27 @@ class TestPreflight:
 
         path.write_text(yaml.safe_dump(broken))
         with pytest.raises(ValueError, match="required key 'model.model_config.seq_length' is missing"):
-            finetune.launch(tiny(tiny_packed, tmp_path / "job", config=str(path)))
+            stage.launch(tiny(tiny_packed, tmp_path / "job", config=str(path)))
 
     def test_missing_checkpoint(self, tiny_packed, tmp_path):
         with pytest.raises(DataError, match="load_checkpoint /nope/Qwen does not exist"):
-            finetune.launch(tiny(tiny_packed, tmp_path / "job", load_checkpoint="/nope/Qwen"))
+            stage.launch(tiny(tiny_packed, tmp_path / "job", load_checkpoint="/nope/Qwen"))
 
     def test_ascend_needs_enough_npus(self, tiny_packed, tmp_path):
         cfg = tiny(tiny_packed, tmp_path / "job", worker_num=8, overrides={"context.device_target": "Ascend"})
         with pytest.raises(ValueError, match="8 workers per node need as many NPUs; this node has 0"):
-            finetune.launch(cfg)
+            stage.launch(cfg)
 
     def test_parallel_layout_must_match_workers(self, tiny_packed, tmp_path):
         cfg = tiny(tiny_packed, tmp_path / "job", worker_num=2, overrides={"parallel_config.model_parallel": 4})
         with pytest.raises(ValueError, match="uses 4 workers but worker_num is 2"):
-            finetune.launch(cfg)
+            stage.launch(cfg)
         assert not list((tmp_path / "job").glob("job-*/node-0.json"))  # nothing was launched
 
 
 class TestRunSettings:
     def test_epochs_and_learning_rate_replace_the_profiles_and_left_empty_keep_them(self, tiny_packed, tmp_path):
-        from distilled_plugins.finetune.config import resolved_config
+        from distilled_plugins.finetune.run_config import resolved_config
 
         profile = configs.load_yaml(TINY)
         kept = resolved_config(tiny(tiny_packed, tmp_path))
@@ -377,15 +378,15 @@ class TestResumePoint:
             (tmp_path / f"rank_{rank}/meta.json").write_text(
                 json.dumps({"last_ckpt_file": f"tiny_rank_{rank}_1-1_2.safetensors"})
             )
-        assert resume_point(tmp_path) == finetune.config.ResumePoint(4, "tiny_rank_0_1-1_2.safetensors")
+        assert resume_point(tmp_path) == ResumePoint(4, "tiny_rank_0_1-1_2.safetensors")
         # rank 1 killed while saving step 6: its file is there, cut short, and its meta.json still names step 4
         _save_checkpoint(tmp_path / "rank_0/tiny_rank_0_1-1_3.safetensors", 6)
         (tmp_path / "rank_0/meta.json").write_text(json.dumps({"last_ckpt_file": "tiny_rank_0_1-1_3.safetensors"}))
         _save_checkpoint(tmp_path / "rank_1/tiny_rank_1_1-1_3.safetensors", 6, bytes_written=20)
-        assert resume_point(tmp_path).step == finetune.latest_step_checkpoint(tmp_path) == 4
+        assert resume_point(tmp_path).step == latest_step_checkpoint(tmp_path) == 4
 
     def test_none_until_every_rank_finished_one(self, tmp_path):
-        assert resume_point(tmp_path) is None and finetune.latest_step_checkpoint(tmp_path) == 0
+        assert resume_point(tmp_path) is None and latest_step_checkpoint(tmp_path) == 0
         _save_checkpoint(tmp_path / "rank_0/tiny_rank_0-1_2.safetensors", 2)
         (tmp_path / "rank_0/meta.json").write_text(json.dumps({"last_ckpt_file": "tiny_rank_0-1_2.safetensors"}))
         _save_checkpoint(tmp_path / "rank_1/tiny_rank_1-1_2.safetensors", 2, bytes_written=20)  # no meta.json yet

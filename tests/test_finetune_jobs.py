@@ -16,10 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distilled_plugins import finetune
 from distilled_plugins.core import configs, errors
+from distilled_plugins.finetune import FinetuneConfig, stage
 from distilled_plugins.finetune import job as jobs
 from distilled_plugins.finetune.job import JobPaths, NodeRecord
+from distilled_plugins.finetune.supervisor import start_supervisor
 from tests.support import TINY_ROWS, XComTI, wait_until
 
 TINY = str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml")
@@ -97,7 +98,7 @@ class TestStaleAndForeignRecords:
 class TestSupervisor:
     def start(self, tmp_path: Path, command: list[str]) -> NodeRecord:
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        return jobs.start_supervisor(tmp_path, 0, command, env)
+        return start_supervisor(tmp_path, 0, command, env)
 
     def test_heartbeat_and_a_stop_request_from_anywhere(self, tmp_path):
         record = self.start(tmp_path, ["sleep", "300"])
@@ -105,7 +106,7 @@ class TestSupervisor:
         beat = JobPaths(tmp_path).heartbeat(0)
         first = beat.stat().st_mtime_ns
         wait_for(lambda: beat.stat().st_mtime_ns != first, 30, "a second heartbeat")
-        assert finetune.node_state(tmp_path, 0, 60) == "running"
+        assert jobs.node_state(tmp_path, 0, 60) == "running"
         sleep = [p for p in psutil.Process(record.pid).children() if p.name() == "sleep"]
         jobs.request_stop(tmp_path, "asked from another host")  # a file, no signal
         wait_for(lambda: JobPaths(tmp_path).status(0).exists(), 30, "the node's status")
@@ -144,7 +145,7 @@ class TestSupervisor:
         psutil.Process(record.pid).kill()
         wait_for(lambda: not jobs.is_mine(record)[0], 30, "the supervisor to be gone")
         assert jobs.heartbeat_age(JobPaths(tmp_path), 0) < 60  # fresh, yet known dead: same host, same boot
-        assert finetune.node_state(tmp_path, 0, 60) == "dead"
+        assert jobs.node_state(tmp_path, 0, 60) == "dead"
         assert jobs.running_node(tmp_path, 0, dead_after=60) is None  # not re-attached
         assert "the supervisor recorded on this host is dead" in caplog.text and "killed the 1 process" in caplog.text
         wait_for(lambda: not orphan.is_running() or orphan.status() == psutil.STATUS_ZOMBIE, 30, "the orphan to end")
@@ -152,30 +153,30 @@ class TestSupervisor:
     def test_on_another_boot_the_heartbeat_decides(self, sleeper, tmp_path):
         record_for(tmp_path, psutil.Process(sleeper.pid), pid=2**22 + 7, boot_id="another-boot")  # no such pid
         JobPaths(tmp_path).heartbeat(0).touch()
-        assert finetune.node_state(tmp_path, 0, 60) == "running"
+        assert jobs.node_state(tmp_path, 0, 60) == "running"
 
 
 class TestFingerprint:
-    def cfg(self, packed: Path, out: Path, **kw) -> finetune.FinetuneConfig:
-        return finetune.FinetuneConfig(config=TINY, dataset_path=str(packed), output_dir=str(out), **kw)
+    def cfg(self, packed: Path, out: Path, **kw) -> FinetuneConfig:
+        return FinetuneConfig(config=TINY, dataset_path=str(packed), output_dir=str(out), **kw)
 
     def test_same_inputs_same_job_other_inputs_new_job(self, tiny_packed, tmp_path, caplog):
         import shutil
 
         packed = Path(shutil.copytree(tiny_packed, tmp_path / "packed"))
         out = tmp_path / "out"
-        first = finetune.find_job(self.cfg(packed, out))
-        assert finetune.find_job(self.cfg(packed, out, master_port=9999, poll_interval=1)).job_dir == first.job_dir
+        first = stage.find_job(self.cfg(packed, out))
+        assert stage.find_job(self.cfg(packed, out, master_port=9999, poll_interval=1)).job_dir == first.job_dir
         Path(first.job_dir).mkdir(parents=True)
-        changed_config = finetune.find_job(self.cfg(packed, out, overrides={"runner_config.epochs": 2}))
+        changed_config = stage.find_job(self.cfg(packed, out, overrides={"runner_config.epochs": 2}))
         for path in packed.rglob("*"):  # packed again with the same rows: new files, the same job
             if path.is_file():
                 path.write_bytes(path.read_bytes())
-        assert finetune.find_job(self.cfg(packed, out)).job_dir == first.job_dir
+        assert stage.find_job(self.cfg(packed, out)).job_dir == first.job_dir
         arrow = next(packed.rglob("*.arrow"))
         arrow.write_bytes(arrow.read_bytes() + b"\0")  # other rows: a new job
         caplog.set_level(logging.INFO)
-        repacked = finetune.find_job(self.cfg(packed, out))
+        repacked = stage.find_job(self.cfg(packed, out))
         assert len({first.job_dir, changed_config.job_dir, repacked.job_dir}) == 3
         assert f"the inputs changed since the job(s) {first.job_dir}" in caplog.text
         assert (
@@ -195,14 +196,14 @@ class TestTheJobATaskStartedIsTheOneItStops:
         packed = Path(shutil.copytree(tiny_packed, tmp_path / "packed"))
         op = MsrunFinetuneOperator(task_id="finetune", config=TINY, dataset_path=str(packed), output_dir=str(tmp_path))
         ti = XComTI(map_index=map_index)
-        job_dir = Path(finetune.find_job(op._config()).job_dir)
+        job_dir = Path(stage.find_job(op._config()).job_dir)
         job_dir.mkdir()
         op._remember_job({"ti": ti}, str(job_dir))  # what execute does before launching and deferring
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        record = jobs.start_supervisor(job_dir, 0, ["sleep", "300"], env)  # stands in for msrun
+        record = start_supervisor(job_dir, 0, ["sleep", "300"], env)  # stands in for msrun
         arrow = next(packed.glob("*.arrow"))  # the inputs change after the start: packed again, other rows
         arrow.write_bytes(arrow.read_bytes() + b"\0")
-        assert finetune.find_job(op._config()).job_dir != str(job_dir)
+        assert stage.find_job(op._config()).job_dir != str(job_dir)
         return op, ti, job_dir, record
 
     def test_on_kill_stops_the_job_it_started(self, tiny_packed, tmp_path):
@@ -274,7 +275,7 @@ class TestAStopRequestOutlivesARetryOfAnotherNode:
 
     def test_node_0_clears_it_only_once_every_node_honoured_it(self, tmp_path):
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        jobs.start_supervisor(tmp_path, 1, ["sleep", "300"], env)  # node 1 still trains, e.g. on another host
+        start_supervisor(tmp_path, 1, ["sleep", "300"], env)  # node 1 still trains, e.g. on another host
         jobs.request_stop(tmp_path, "stopped by a user")
         jobs.settle_stop_request(tmp_path, 0, dead_after=60, timeout=60)
         # node 1 obeyed the request before node 0 cleared it
@@ -302,16 +303,16 @@ class TestAUsersStopIsNotRetried:
         paths = JobPaths(tmp_path)
         jobs.request_stop(tmp_path, "the deferred task of node 1 was stopped by a user", by_user=by_user)
         paths.status(0).write_text(json.dumps({"returncode": -15, "stopped": "stopped", "finished_at": 0}))
-        cfg = finetune.FinetuneConfig(config=TINY, dataset_path=str(tmp_path), output_dir=str(tmp_path))
+        cfg = FinetuneConfig(config=TINY, dataset_path=str(tmp_path), output_dir=str(tmp_path))
         with pytest.raises(errors.FinetuneFailed) as failed:
-            finetune.collect(cfg, finetune.Launch(str(tmp_path), 0, "", 0, -1), "finished", "")
+            stage.collect(cfg, stage.Launch(str(tmp_path), 0, "", 0, -1), "finished", "")
         return failed.value, classify("finetune", failed.value)[0]
 
     def test_stopped_by_a_user(self, tmp_path):
         error, retryable = self.ended(tmp_path, by_user=True)
-        assert isinstance(error, finetune.FinetuneStoppedByUser) and not retryable
+        assert isinstance(error, errors.FinetuneStoppedByUser) and not retryable
         assert "stopped by a user" in str(error)
 
     def test_stopped_for_a_failed_node(self, tmp_path):
         error, retryable = self.ended(tmp_path, by_user=False)
-        assert not isinstance(error, finetune.FinetuneStoppedByUser) and retryable
+        assert not isinstance(error, errors.FinetuneStoppedByUser) and retryable

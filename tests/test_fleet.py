@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from distilled_plugins import generate
+from distilled_plugins.core.schema import stats_path
+from distilled_plugins.generate.stage import run as generate
 from distilled_plugins.teacher.endpoints import Endpoint
 from distilled_plugins.teacher.settings import RequestSettings
 from tests.support import (
@@ -60,7 +61,7 @@ def test_one_of_three_endpoints_killed_mid_run_loses_and_duplicates_nothing(repl
     cfg = config(
         seed, tmp_path, ",".join([url1, url2, doomed_url]), output_file=str(output), max_concurrent=6, retry=POLICY
     )
-    result = generate.run(cfg)
+    result = generate(cfg)
     killer.join()
     assert at_kill, "the run never wrote a third of its rows"
     assert doomed_was_alive == [True], "the doomed teacher had already stopped when it was to be killed"
@@ -87,7 +88,7 @@ def test_failing_endpoint_is_taken_out_then_probed_back_in(replay_teacher, tmp_p
     flaky, flaky_url = replay_teacher(faults=["500"] * 5, delay=0.05)
     steady, steady_url = replay_teacher(delay=0.05)
     policy = RequestSettings(max_attempts=6, backoff_base=0.02, backoff_max=1.0)  # cool-down 0.2 s
-    result = generate.run(config(seed, tmp_path, f"{flaky_url},{steady_url}", num_generations=1, retry=policy))
+    result = generate(config(seed, tmp_path, f"{flaky_url},{steady_url}", num_generations=1, retry=policy))
     check_complete(result.output_file, seed, 1)
     per = result.stats["endpoints"]
     assert per[flaky_url]["failures"] == {"http_500": 5}
@@ -101,7 +102,7 @@ def test_weights_share_the_load(replay_teacher, tmp_path):
     big, big_url = replay_teacher(delay=0.05)
     small, small_url = replay_teacher(delay=0.05)
     endpoints = [Endpoint(big_url, weight=3), Endpoint(small_url, weight=1)]
-    result = generate.run(config(seed, tmp_path, None, endpoints=endpoints, num_generations=2, max_concurrent=8))
+    result = generate(config(seed, tmp_path, None, endpoints=endpoints, num_generations=2, max_concurrent=8))
     check_complete(result.output_file, seed, 2)
     assert big.requests + small.requests == 80
     assert big.requests >= 2 * small.requests, (big.requests, small.requests)
@@ -134,7 +135,7 @@ def test_cli_takes_a_comma_separated_list_and_writes_per_endpoint_stats(replay_t
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    stats = json.loads(generate.stats_path(output).read_text())
+    stats = json.loads(stats_path(output).read_text())
     assert set(stats["endpoints"]) == {url_a, url_b}
     assert a.requests > 0 and b.requests > 0 and a.requests + b.requests == 20
     assert stats["cost_estimate"] == round(stats["completion_tokens"] * 2.5 / 1e6, 6) > 0

@@ -12,8 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from distilled_plugins import generate
 from distilled_plugins.core.errors import DataError, FatalRequestError, GenerationIncomplete
+from distilled_plugins.core.schema import row_key, stats_path
+from distilled_plugins.generate.config import DEFAULT_PROMPT_TEMPLATE
+from distilled_plugins.generate.merge import merge
+from distilled_plugins.generate.scheduler import Row
+from distilled_plugins.generate.stage import run as generate
 from distilled_plugins.teacher.endpoints import base_url
 from distilled_plugins.teacher.settings import RetryPolicy
 from tests.support import (
@@ -37,7 +41,7 @@ from tests.support import generate_config as config
 class TestOutput:
     def test_schema_prompt_and_request(self, replay_teacher, seed, tmp_path):
         replay, url = replay_teacher()
-        result = generate.run(config(seed, tmp_path, url, max_tokens=123))
+        result = generate(config(seed, tmp_path, url, max_tokens=123))
         rows = read_jsonl(result.output_file)
         seed_rows = read_jsonl(seed)
         assert len(rows) == len(seed_rows) == 12
@@ -45,7 +49,7 @@ class TestOutput:
         for example in seed_rows:
             row = by_problem[example["problem"]]
             assert {k: row[k] for k in example} == example
-            assert row["prompt"] == generate.DEFAULT_PROMPT_TEMPLATE.format(prompt=example["problem"])
+            assert row["prompt"] == DEFAULT_PROMPT_TEMPLATE.format(prompt=example["problem"])
             assert row["generations"] == [answer_with_solution(example["problem"])] * 2
             assert row["finish_reasons"] == ["stop", "stop"]
             assert all(m["completion_tokens"] > 0 for m in row["api_metadata"])
@@ -60,7 +64,7 @@ class TestOutput:
 
     def test_reasoning_content_becomes_think_block(self, replay_teacher, seed, tmp_path):
         _replay, url = replay_teacher(faults=["reasoning"] * 100)
-        rows = read_jsonl(generate.run(config(seed, tmp_path, url, num_generations=1)).output_file)
+        rows = read_jsonl(generate(config(seed, tmp_path, url, num_generations=1)).output_file)
         text = rows[0]["generations"][0]
         assert text.startswith("<think>\nLet me think.\n</think>\n")
         assert text.endswith("\\boxed{42}$.")
@@ -69,7 +73,7 @@ class TestOutput:
         rows = math_train_rows(5)
         seed = write_jsonl(tmp_path / "seed.jsonl", rows + rows[:3])
         replay, url = replay_teacher()
-        result = generate.run(config(seed, tmp_path, url, num_generations=1))
+        result = generate(config(seed, tmp_path, url, num_generations=1))
         assert len(read_jsonl(result.output_file)) == 5
         assert replay.requests == 5
         assert result.stats["duplicate_uuids_skipped"] == 3
@@ -77,7 +81,7 @@ class TestOutput:
         assert result.stats["dropped"] == {"duplicate_uuid": 3, "failed": 0, "unfinished": 0}
         # sharded, each shard counts the repeats of its own keys: together, the same 3
         shards = [
-            generate.run(
+            generate(
                 config(
                     seed,
                     tmp_path,
@@ -106,7 +110,7 @@ class TestOutput:
         ]
         seed = write_jsonl(tmp_path / "seed.jsonl", rows)
         replay, url = replay_teacher()
-        generate.run(config(seed, tmp_path, url, num_generations=1, prompt_column="prompt", uuid_column="uid"))
+        generate(config(seed, tmp_path, url, num_generations=1, prompt_column="prompt", uuid_column="uid"))
         assert sorted(replay.seen_problems) == sorted(r["prompt"][0]["content"] for r in rows)
 
 
@@ -118,29 +122,29 @@ class TestMemory:
         gc.collect()
         # rows some earlier test of this process still holds (a traceback, a fixture) are not this run's
         # type() rather than isinstance(): isinstance() on Airflow's lazy proxies in gc's list would evaluate them
-        earlier = {id(o) for o in gc.get_objects() if type(o) is generate._Row}
+        earlier = {id(o) for o in gc.get_objects() if type(o) is Row}
 
         def answer(problem: str) -> str:
             if replay.requests % 5 == 0:  # a scan of every object is slow: every 5th request is enough
-                live = [o for o in gc.get_objects() if type(o) is generate._Row and id(o) not in earlier]
+                live = [o for o in gc.get_objects() if type(o) is Row and id(o) not in earlier]
                 holding.append(sum(1 for row in live if row.results and any(r is not None for r in row.results)))
             return answer_with_solution(problem)
 
         replay, url = replay_teacher(answer)
         seed = write_jsonl(tmp_path / "seed.jsonl", rows)
-        result = generate.run(config(seed, tmp_path, url, num_generations=3, max_concurrent=3))
+        result = generate(config(seed, tmp_path, url, num_generations=3, max_concurrent=3))
         assert result.stats["rows_written"] == 60 and len(holding) == 180 // 5
         # without the release every written row would still hold its 3 completions: up to 59 by the last request
         assert max(holding) <= 3, max(holding)
         gc.collect()
-        assert not [o for o in gc.get_objects() if type(o) is generate._Row and id(o) not in earlier]
+        assert not [o for o in gc.get_objects() if type(o) is Row and id(o) not in earlier]
 
 
 class TestRetries:
     @pytest.mark.parametrize("fault", ["500", "503", "bad_json", "truncated"])
     def test_transient_fault_is_retried(self, replay_teacher, seed, tmp_path, fault):
         replay, url = replay_teacher(faults=[fault, fault])
-        result = generate.run(config(seed, tmp_path, url, max_concurrent=1))
+        result = generate(config(seed, tmp_path, url, max_concurrent=1))
         assert len(read_jsonl(result.output_file)) == 12
         cause = {"500": "http_500", "503": "http_503", "bad_json": "bad_json", "truncated": "truncated_body"}[fault]
         assert result.stats["retries"] == {cause: 2}
@@ -149,7 +153,7 @@ class TestRetries:
     def test_429_honours_retry_after(self, replay_teacher, seed, tmp_path):
         _replay, url = replay_teacher(faults=["429"], retry_after="1")
         started = time.monotonic()
-        result = generate.run(config(seed, tmp_path, url, max_concurrent=1, num_generations=1))
+        result = generate(config(seed, tmp_path, url, max_concurrent=1, num_generations=1))
         assert time.monotonic() - started >= 1.0  # backoff alone would have waited at most 0.05 s
         assert result.stats["retries"] == {"http_429": 1}
         assert len(read_jsonl(result.output_file)) == 12
@@ -157,7 +161,7 @@ class TestRetries:
     def test_slow_reply_times_out_and_is_retried(self, replay_teacher, seed, tmp_path):
         _replay, url = replay_teacher(faults=["slow"])
         policy = RetryPolicy(max_attempts=3, backoff_base=0.01, backoff_max=0.05, request_timeout=0.5)
-        result = generate.run(config(seed, tmp_path, url, max_concurrent=1, num_generations=1, retry=policy))
+        result = generate(config(seed, tmp_path, url, max_concurrent=1, num_generations=1, retry=policy))
         assert result.stats["retries"] == {"timeout": 1}
         assert len(read_jsonl(result.output_file)) == 12
 
@@ -176,7 +180,7 @@ class TestRetries:
     def test_client_errors_fail_at_once(self, replay_teacher, seed, tmp_path, status, hint):
         replay, url = replay_teacher(faults=[status])
         with pytest.raises(FatalRequestError, match=hint) as info:
-            generate.run(config(seed, tmp_path, url, max_concurrent=1))
+            generate(config(seed, tmp_path, url, max_concurrent=1))
         assert f"HTTP {status}" in str(info.value)
         assert replay.requests == 1
 
@@ -187,7 +191,7 @@ class TestRetries:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         with pytest.raises(FatalRequestError, match=f"cannot reach the teacher endpoint http://127.0.0.1:{port}"):
-            generate.run(config(seed, tmp_path, f"127.0.0.1:{port}"))
+            generate(config(seed, tmp_path, f"127.0.0.1:{port}"))
 
 
 class TestNothingLost:
@@ -208,19 +212,19 @@ class TestNothingLost:
         replay, url = replay_teacher(answer=flaky)
         cfg = config(seed, tmp_path, url, max_concurrent=1)
         with pytest.raises(GenerationIncomplete, match="1 of 12 rows still miss completions") as info:
-            generate.run(cfg)
+            generate(cfg)
         assert "run again to resume" in str(info.value)
         assert len(read_jsonl(cfg.output_file)) == 11
         parts = read_jsonl(cfg.output_file + ".parts")
-        failed_key = generate.row_key(first_problem)
+        failed_key = row_key(first_problem)
         assert [p["i"] for p in parts if p["key"] == failed_key] == [0]
-        stats = json.loads(generate.stats_path(cfg.output_file).read_text())
+        stats = json.loads(stats_path(cfg.output_file).read_text())
         assert stats["rows_failed"] == 1 and stats["failed_requests"] == {"http_500": 1}
         assert stats["rows_in"] == 12 and stats["rows_out"] == 11
         assert stats["dropped"] == {"duplicate_uuid": 0, "failed": 1, "unfinished": 0}
 
         before = replay.requests
-        result = generate.run(cfg)
+        result = generate(cfg)
         assert replay.requests - before == 1  # only the failed generation is requested again
         rows = read_jsonl(result.output_file)
         assert len(rows) == 12 and len(set(keys_of(result.output_file))) == 12
@@ -232,22 +236,22 @@ class TestNothingLost:
         first_sent = stats["requests_sent"]
         assert result.stats["requests_sent"] == 1 and result.stats["spent_before"]["requests_sent"] == first_sent
         assert result.stats["spent_total"]["requests_sent"] == first_sent + 1
-        again = generate.run(cfg)
+        again = generate(cfg)
         assert again.stats["requests_sent"] == 0 and again.stats["spent_total"] == result.stats["spent_total"]
 
     def test_half_written_last_line_is_repaired_not_appended_onto(self, replay_teacher, seed, tmp_path):
         replay, url = replay_teacher()
         cfg = config(seed, tmp_path, url)
-        generate.run(cfg)
+        generate(cfg)
         lines = Path(cfg.output_file).read_bytes().splitlines(keepends=True)
         # keep 5 whole lines and half of the sixth, as a kill in the middle of a write could leave
         Path(cfg.output_file).write_bytes(b"".join(lines[:5]) + lines[5][: len(lines[5]) // 2])
         before = replay.requests
-        generate.run(cfg)
+        generate(cfg)
         assert replay.requests - before == 2 * 7
         rows = read_jsonl(cfg.output_file)  # every line parses
         assert len(rows) == 12 and all(len(r["generations"]) == 2 for r in rows)
-        assert sorted(keys_of(cfg.output_file)) == sorted(generate.row_key(r["problem"]) for r in read_jsonl(seed))
+        assert sorted(keys_of(cfg.output_file)) == sorted(row_key(r["problem"]) for r in read_jsonl(seed))
 
     def test_sigkill_at_any_moment_then_resume(self, replay_teacher, tmp_path):
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(60))
@@ -295,7 +299,7 @@ class TestShards:
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(30))
         replay, url = replay_teacher()
         shards = [
-            generate.run(
+            generate(
                 config(
                     seed,
                     tmp_path,
@@ -311,9 +315,9 @@ class TestShards:
         shard_keys = [set(keys_of(p)) for p in shards]
         assert sum(map(len, shard_keys)) == 30 and len(set().union(*shard_keys)) == 30
         assert all(shard_keys)
-        merged = generate.merge(shards, tmp_path / "merged.jsonl", "problem")
-        single = generate.run(config(seed, tmp_path, url, num_generations=1, output_file=str(tmp_path / "one.jsonl")))
-        generate.merge([single.output_file], tmp_path / "one-merged.jsonl", "problem")
+        merged = merge(shards, tmp_path / "merged.jsonl", "problem")
+        single = generate(config(seed, tmp_path, url, num_generations=1, output_file=str(tmp_path / "one.jsonl")))
+        merge([single.output_file], tmp_path / "one-merged.jsonl", "problem")
         assert merged.read_bytes() == (tmp_path / "one-merged.jsonl").read_bytes()
         assert replay.requests == 60
 
@@ -321,27 +325,27 @@ class TestShards:
         seed = write_jsonl(tmp_path / "seed.jsonl", math_train_rows(40))
         _replay, url = replay_teacher()
         shards = [
-            generate.run(
+            generate(
                 config(seed, tmp_path, url, num_shards=n, shard_index=i, output_file=str(tmp_path / f"s{n}-{i}.jsonl"))
             ).output_file
             for n, i in ((3, 0), (3, 1), (3, 2), (2, 0))  # the last overlaps the others: 2-shard 0 repeats keys
         ]
         overlap = len(set(keys_of(shards[3])))
         assert overlap > 0
-        merged = generate.merge(shards, tmp_path / "merged.jsonl", "problem")
+        merged = merge(shards, tmp_path / "merged.jsonl", "problem")
         assert merged.read_bytes() == in_memory_merge(shards, "problem")
         assert len(read_jsonl(merged)) == 40
-        stats = json.loads(generate.stats_path(merged).read_text())
+        stats = json.loads(stats_path(merged).read_text())
         assert stats["rows_in"] == 40 + overlap and stats["rows_out"] == 40
         assert stats["dropped"] == {"duplicate_key": overlap} and stats["shards"] == 4
         # the first shard given wins a duplicated key, as in the old merge: reorder and compare again
-        reordered = generate.merge(shards[::-1], tmp_path / "reordered.jsonl", "problem")
+        reordered = merge(shards[::-1], tmp_path / "reordered.jsonl", "problem")
         assert reordered.read_bytes() == in_memory_merge(shards[::-1], "problem")
 
     def test_merge_refuses_a_missing_shard(self, tmp_path):
         shard = write_jsonl(tmp_path / "shard-0.jsonl", [{"problem": "a", "generations": ["x"]}])
         with pytest.raises(DataError, match="shard-1.jsonl: no such shard file"):
-            generate.merge([shard, tmp_path / "shard-1.jsonl"], tmp_path / "merged.jsonl", "problem")
+            merge([shard, tmp_path / "shard-1.jsonl"], tmp_path / "merged.jsonl", "problem")
         assert not (tmp_path / "merged.jsonl").exists()
         done = run_cli(
             "generate", "--merge", shard, tmp_path / "shard-1.jsonl", "--output-file", tmp_path / "merged.jsonl"
@@ -354,19 +358,19 @@ class TestShards:
         shard = tmp_path / "shard.jsonl"
         shard.write_text('{"problem": "a", "generations": []}\n{"problem": "b", "gener')
         with pytest.raises(DataError, match="cut-short"):
-            generate.merge([shard], tmp_path / "merged.jsonl", "problem")
+            merge([shard], tmp_path / "merged.jsonl", "problem")
 
 
 class TestBadInput:
     def test_missing_column_names_it_and_lists_present(self, replay_teacher, seed, tmp_path):
         with pytest.raises(DataError, match=r"column 'question' not found; columns present: problem, answer"):
-            generate.run(config(seed, tmp_path, "127.0.0.1:9", prompt_column="question"))
+            generate(config(seed, tmp_path, "127.0.0.1:9", prompt_column="question"))
 
     def test_empty_seed(self, tmp_path):
         empty = tmp_path / "empty.jsonl"
         empty.write_text("")
         with pytest.raises(DataError, match="seed dataset is empty"):
-            generate.run(config(empty, tmp_path, "127.0.0.1:9"))
+            generate(config(empty, tmp_path, "127.0.0.1:9"))
 
     @pytest.mark.parametrize(
         ("template", "message"),
@@ -383,10 +387,10 @@ class TestBadInput:
         rows = math_train_rows(4)
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "seed.parquet")
         _replay, url = replay_teacher()
-        result = generate.run(config(tmp_path / "seed.parquet", tmp_path, url, num_generations=1))
+        result = generate(config(tmp_path / "seed.parquet", tmp_path, url, num_generations=1))
         assert len(read_jsonl(result.output_file)) == 4
         with pytest.raises(DataError, match="no such file"):
-            generate.run(config(tmp_path / "nope.parquet", tmp_path, url))
+            generate(config(tmp_path / "nope.parquet", tmp_path, url))
 
     def test_cli_bad_template_is_one_clear_line(self, tmp_path, seed):
         done = run_cli(
@@ -409,7 +413,7 @@ class TestSecrets:
         replay, url = replay_teacher(api_key=SECRET, faults=["500", "bad_json"])
         caplog.set_level(logging.DEBUG)
         cfg = config(seed, tmp_path, url, api_key=SECRET, progress_interval=0.01)
-        generate.run(cfg)
+        generate(cfg)
         assert replay.seen_authorization[-1] == f"Bearer {SECRET}"
         assert SECRET not in repr(cfg)
         assert SECRET not in caplog.text
@@ -420,7 +424,7 @@ class TestSecrets:
     def test_key_refused_error_does_not_echo_it(self, replay_teacher, seed, tmp_path):
         _replay, url = replay_teacher(api_key="sk-the-right-one")
         with pytest.raises(FatalRequestError, match="API key was refused") as info:
-            generate.run(config(seed, tmp_path, url, api_key=SECRET))
+            generate(config(seed, tmp_path, url, api_key=SECRET))
         assert SECRET not in str(info.value)
 
     def test_cli_reads_key_from_environment(self, replay_teacher, seed, tmp_path):
@@ -451,20 +455,20 @@ class TestGenerationStore:
         replay, url = replay_teacher()
         store = tmp_path / "store"
         first_seed = write_jsonl(tmp_path / "seed1.jsonl", math_train_rows(10))
-        generate.run(
+        generate(
             config(first_seed, tmp_path, url, output_file=str(tmp_path / "run1" / "gen.jsonl"), store_dir=str(store))
         )
         assert replay.requests == 20
         refreshed = write_jsonl(tmp_path / "seed2.jsonl", math_train_rows(13))  # 3 new problems
-        second = generate.run(
+        second = generate(
             config(refreshed, tmp_path, url, output_file=str(tmp_path / "run2" / "gen.jsonl"), store_dir=str(store))
         )
         assert replay.requests == 20 + 3 * 2
         assert second.stats["rows_reused_from_store"] == 10
         assert len(read_jsonl(second.output_file)) == 3  # the new rows; merge adds the 10 reused from the store
-        merged = generate.merge([second.output_file], tmp_path / "merged.jsonl", "problem")
+        merged = merge([second.output_file], tmp_path / "merged.jsonl", "problem")
         assert len(read_jsonl(merged)) == 13 and len(set(keys_of(merged))) == 13
-        other = generate.run(
+        other = generate(
             config(
                 refreshed,
                 tmp_path,

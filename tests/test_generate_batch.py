@@ -11,8 +11,11 @@ import subprocess
 
 import pytest
 
-from distilled_plugins import generate, report
 from distilled_plugins.core.errors import BatchError, BudgetReached, DataError, GenerationIncomplete
+from distilled_plugins.core.schema import parts_path, stats_path
+from distilled_plugins.generate import GenerateConfig
+from distilled_plugins.generate.stage import run as generate
+from distilled_plugins.report.collect import teacher_figures
 from distilled_plugins.teacher.batch_api import BatchesRunning, BatchSettings, BatchState, batch_folder
 from distilled_plugins.teacher.settings import RequestSettings
 from tests.support import (
@@ -28,7 +31,7 @@ from tests.support import generate_config as config
 PRICES = {"price_per_mtok_in": 0.55, "price_per_mtok_out": 2.19}
 
 
-def batch_config(seed, tmp_path, url, retry=None, api_key=None, **batch) -> generate.GenerateConfig:
+def batch_config(seed, tmp_path, url, retry=None, api_key=None, **batch) -> GenerateConfig:
     """Stage 1 settings of a test in batch mode: a quick poll, 3 attempts, DeepSeek-R1's online prices."""
     settings = BatchSettings("batch", **{"batch_poll_seconds": 0.05, **batch})
     retry = retry or RequestSettings(max_attempts=3, **PRICES)
@@ -46,9 +49,9 @@ class TestBatchRun:
         self, batch_teacher, replay_teacher, seed, tmp_path
     ):
         provider, url = batch_teacher(api_key=SECRET)
-        batch = generate.run(batch_config(seed, tmp_path / "batch", url, api_key=SECRET))
+        batch = generate(batch_config(seed, tmp_path / "batch", url, api_key=SECRET))
         _replay, online_url = replay_teacher()
-        online = generate.run(config(seed, tmp_path / "online", online_url, retry=RequestSettings(**PRICES)))
+        online = generate(config(seed, tmp_path / "online", online_url, retry=RequestSettings(**PRICES)))
         assert comparable(batch.output_file) == comparable(online.output_file)
         assert len(provider.batches) == 1 and provider.statuses() == ["completed"]
         assert sorted(provider.completed.values()) == [1] * 24
@@ -64,9 +67,9 @@ class TestBatchRun:
         assert stats["rows_written"] == 12 and stats["completions_ok"] == 24 and stats["requests_sent"] == 24
         assert stats["completion_tokens"] == online.stats["completion_tokens"]
         assert stats["cost_estimate"] == pytest.approx(online.stats["cost_estimate"] / 2, rel=0.01)
-        assert not generate.parts_path(batch.output_file).exists()
+        assert not parts_path(batch.output_file).exists()
         assert not list(batch_folder(batch.output_file).glob("*.jsonl"))  # inputs and results gone once read
-        teacher = report.teacher_figures([stats])  # the run's report says so
+        teacher = teacher_figures([stats])  # the run's report says so
         assert (teacher["mode"], teacher["batches"], teacher["cost_estimate"]) == (
             "batch",
             ["batch_1"],
@@ -100,19 +103,19 @@ class TestBatchRun:
         assert sorted(provider.submitted.values()) == sorted(provider.completed.values()) == [1] * 24
         assert len(read_jsonl(out)) == 12 and "submitted batch" not in log and "collected batch batch_1" in log
         assert "batch mode: 0 row(s) written, 12 left, 0 failed; 1 batch(es) running (batch_1)" in log
-        stats = json.loads(generate.stats_path(out).read_text())  # the killed process's submission counted once
+        stats = json.loads(stats_path(out).read_text())  # the killed process's submission counted once
         assert stats["requests_sent"] == stats["spent_total"]["requests_sent"] == 24
 
     def test_the_spend_of_a_batch_run_over_deferrals_and_a_rerun_is_counted_once(self, batch_teacher, seed, tmp_path):
         provider, url = batch_teacher(hold=True)
         cfg = batch_config(seed, tmp_path, url)
         with pytest.raises(BatchesRunning):  # the operator's first step: submit, write the stats, defer
-            generate.run(cfg, wait_for_batches=False)
+            generate(cfg, wait_for_batches=False)
         provider.release()
-        collected = generate.run(cfg)  # the step after the deferral goes on with the same run's figures
+        collected = generate(cfg)  # the step after the deferral goes on with the same run's figures
         assert collected.stats["requests_sent"] == collected.stats["spent_total"]["requests_sent"] == 24
         assert collected.stats["spent_before"]["requests_sent"] == 0
-        again = generate.run(cfg)  # a cleared task: every row is done, nothing is sent, the cost is still told
+        again = generate(cfg)  # a cleared task: every row is done, nothing is sent, the cost is still told
         assert again.stats["requests_sent"] == 0
         assert again.stats["spent_total"] == collected.stats["spent_total"]
         assert again.stats["spent_total"]["cost_estimate"] > 0
@@ -121,12 +124,12 @@ class TestBatchRun:
         provider, url = batch_teacher(hold=True)
         cfg = batch_config(seed, tmp_path, url)
         with pytest.raises(BatchesRunning):
-            generate.run(cfg, wait_for_batches=False)
+            generate(cfg, wait_for_batches=False)
         state = BatchState.load(batch_folder(cfg.output_file))
         del state.batches[0]["batch_id"]  # as a kill between the provider's reply and the record's write leaves it
         state.save()
         provider.release()
-        result = generate.run(cfg)
+        result = generate(cfg)
         assert list(provider.batches) == ["batch_1"] and result.stats["rows_written"] == 12
         assert sorted(provider.completed.values()) == [1] * 24
 
@@ -134,7 +137,7 @@ class TestBatchRun:
 class TestResubmission:
     def test_failed_requests_go_again_alone_in_a_follow_up_batch(self, batch_teacher, seed, tmp_path):
         provider, url = batch_teacher(fail_first=3)
-        result = generate.run(batch_config(seed, tmp_path, url))
+        result = generate(batch_config(seed, tmp_path, url))
         assert list(provider.batches) == ["batch_1", "batch_2"]
         errors = provider.files[provider.batches["batch_1"]["error_file_id"]]["content"].splitlines()
         failed = sorted(json.loads(line)["custom_id"] for line in errors)
@@ -146,16 +149,16 @@ class TestResubmission:
         provider, url = batch_teacher(fail_first=3)
         cfg = batch_config(seed, tmp_path, url, retry=RequestSettings(max_attempts=1))
         with pytest.raises(GenerationIncomplete, match="still miss completions"):
-            generate.run(cfg)
-        stats = json.loads(generate.stats_path(cfg.output_file).read_text())
+            generate(cfg)
+        stats = json.loads(stats_path(cfg.output_file).read_text())
         assert stats["rows_failed"] == stats["dropped"]["failed"] >= 2 and len(provider.batches) == 1
-        result = generate.run(cfg)
+        result = generate(cfg)
         assert result.stats["rows_written"] == stats["rows_failed"] and len(read_jsonl(result.output_file)) == 12
         assert sorted(provider.completed.values()) == [1] * 24
 
     def test_an_expired_batch_is_completed_by_a_follow_up(self, batch_teacher, seed, tmp_path):
         provider, url = batch_teacher(seconds_per_request=0.02, expire_after=[0.2])
-        result = generate.run(batch_config(seed, tmp_path, url))
+        result = generate(batch_config(seed, tmp_path, url))
         first = provider.batches["batch_1"]
         assert first["status"] == "expired" and 0 < first["request_counts"]["completed"] < 24
         assert len(provider.inputs["batch_2"]) == 24 - first["request_counts"]["completed"]
@@ -167,7 +170,7 @@ class TestResubmission:
 class TestLimits:
     def test_requests_over_the_limit_are_split_with_each_row_in_one_batch(self, batch_teacher, seed, tmp_path):
         provider, url = batch_teacher(max_requests=5)
-        result = generate.run(batch_config(seed, tmp_path, url, batch_max_requests=5))
+        result = generate(batch_config(seed, tmp_path, url, batch_max_requests=5))
         assert len(provider.batches) == 6 and set(provider.statuses()) == {"completed"}
         for ids in provider.inputs.values():
             assert len(ids) == 4 and len({cid.rpartition("-")[0] for cid in ids}) == 2
@@ -175,7 +178,7 @@ class TestLimits:
 
     def test_bytes_over_the_limit_are_split(self, batch_teacher, seed, tmp_path):
         provider, url = batch_teacher()
-        result = generate.run(batch_config(seed, tmp_path, url, batch_max_bytes=3000))
+        result = generate(batch_config(seed, tmp_path, url, batch_max_bytes=3000))
         sizes = [provider.files[b["input_file_id"]]["bytes"] for b in provider.batches.values()]
         assert len(sizes) > 1 and max(sizes) <= 3000 and result.stats["rows_written"] == 12
 
@@ -186,12 +189,12 @@ class TestLimits:
         cfg = batch_config(seed, tmp_path, url, retry=retry)
         cfg.max_tokens = 1000
         with pytest.raises(BudgetReached, match="could cost up to 0.02"):
-            generate.run(cfg)
+            generate(cfg)
         assert provider.batches == {} and provider.files == {}
-        stats = json.loads(generate.stats_path(cfg.output_file).read_text())
+        stats = json.loads(stats_path(cfg.output_file).read_text())
         assert stats["requests_not_sent_budget"] == 24 and stats["budget_reached"]
         cfg.retry = RequestSettings(max_cost=0.03, **PRICES)
-        assert generate.run(cfg).stats["rows_written"] == 12
+        assert generate(cfg).stats["rows_written"] == 12
 
 
 class TestTeacherBatchTrigger:
@@ -212,7 +215,7 @@ class TestTeacherBatchTrigger:
         monkeypatch.setenv("AIRFLOW_CONN_TEACHER_BATCH", json.dumps(conn))
         cfg = batch_config(seed, tmp_path, url, api_key=SECRET)
         with pytest.raises(BatchesRunning):
-            generate.run(cfg, wait_for_batches=False)
+            generate(cfg, wait_for_batches=False)
         trigger = TeacherBatchTrigger(str(batch_folder(cfg.output_file)), "teacher_batch", 0.05)
 
         async def watch():
@@ -228,7 +231,7 @@ class TestTeacherBatchTrigger:
         assert "batch batch_1 in_progress: 0/24 completed" in log
         assert "batch batch_1 completed: 24/24 completed, 0 failed" in log
         assert SECRET not in log
-        stats = generate.run(cfg).stats  # the step after the deferral reports the whole run
+        stats = generate(cfg).stats  # the step after the deferral reports the whole run
         assert stats["rows_written"] == 12 and stats["requests_sent"] == stats["completions_ok"] == 24
         assert stats["cost_estimate"] > 0
 
@@ -237,13 +240,13 @@ class TestErrors:
     def test_an_endpoint_without_a_batch_api_fails_with_one_line(self, replay_teacher, seed, tmp_path):
         _replay, url = replay_teacher()  # chat completions only
         with pytest.raises(BatchError, match="no Batch API .* use teacher mode online"):
-            generate.run(batch_config(seed, tmp_path, url))
+            generate(batch_config(seed, tmp_path, url))
 
     def test_a_record_of_another_provider_is_not_attached_to(self, batch_teacher, seed, tmp_path):
         _held, url = batch_teacher(hold=True)
         cfg = batch_config(seed, tmp_path, url)
         with pytest.raises(BatchesRunning):
-            generate.run(cfg, wait_for_batches=False)
+            generate(cfg, wait_for_batches=False)
         _other, other_url = batch_teacher()
         with pytest.raises(DataError, match="were submitted to"):
-            generate.run(batch_config(seed, tmp_path, other_url))
+            generate(batch_config(seed, tmp_path, other_url))

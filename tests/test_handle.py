@@ -9,24 +9,25 @@ import shutil
 import datasets
 import pytest
 
-from distilled_plugins import handle
 from distilled_plugins.core.errors import DataError
-from distilled_plugins.handle import SYSTEM_PROMPT, HandleConfig
-from tests.support import TOKENIZER_DIR, conversation_rows, write_jsonl
+from distilled_plugins.handle.config import SYSTEM_PROMPT, HandleConfig
+from distilled_plugins.handle.encoder import load_tokenizer
+from distilled_plugins.handle.stage import run
+from tests.support import REPO, TOKENIZER_DIR, conversation_rows, write_jsonl
 
 ROWS = 40
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return handle.load_tokenizer(TOKENIZER_DIR)
+    return load_tokenizer(TOKENIZER_DIR)
 
 
 @pytest.fixture(scope="module")
 def handled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("handle")
     src = write_jsonl(tmp / "filtered.jsonl", conversation_rows(ROWS))
-    dst = handle.run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp / "handled")))
+    dst = run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp / "handled")))
     return src, dst, datasets.load_from_disk(str(dst))
 
 
@@ -84,8 +85,8 @@ def test_mindformers_handler_through_hfdataloader_gives_the_same_rows(handled, t
 
     # and the datasets_preprocess equivalent, driven by the shipped YAML
     config = tmp_path / "handling.yaml"
-    text = handle.__file__.rsplit("/", 2)[0] + "/configs/data_process_handling.yaml"
-    config.write_text(open(text).read().replace("../shared/data/tokenizer/qwen2.5", str(TOKENIZER_DIR)))
+    text = (REPO / "configs" / "data_process_handling.yaml").read_text()
+    config.write_text(text.replace("../shared/data/tokenizer/qwen2.5", str(TOKENIZER_DIR)))
     out = datasets_preprocess.preprocess(config, tmp_path / "handled", [str(src)])
     again = datasets.load_from_disk(str(out))
     assert again["input_ids"] == ds["input_ids"] and again["labels"] == ds["labels"]
@@ -99,10 +100,10 @@ def test_truncation_policies(tmp_path, policy, length, counted, tokenizer):
     full = [
         len(x)
         for x in datasets.load_from_disk(
-            str(handle.run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / "full"))))
+            str(run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / "full"))))
         )["input_ids"]
     ]
-    dst = handle.run(
+    dst = run(
         HandleConfig(
             src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / policy), max_length=200, truncation=policy
         )
@@ -126,13 +127,13 @@ class TestBadInput:
     def test_missing_column(self, tmp_path):
         src = write_jsonl(tmp_path / "f.jsonl", [{"problem": "p", "answer": "1"}])
         with pytest.raises(DataError, match="column 'messages' not found; columns present: problem, answer"):
-            handle.run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / "o")))
+            run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / "o")))
 
     def test_empty_dataset(self, tmp_path):
         src = tmp_path / "f.jsonl"
         src.write_text("")
         with pytest.raises(DataError, match="no rows to handle"):
-            handle.run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / "o")))
+            run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / "o")))
         assert not (tmp_path / "o").exists()
 
     def test_tokenizer_without_chat_template(self, tmp_path):
@@ -142,7 +143,7 @@ class TestBadInput:
         (folder / "tokenizer_config.json").write_text(json.dumps(config))
         (folder / "chat_template.qwen2.5-7b-instruct.jinja").unlink()
         with pytest.raises(DataError, match="no chat template"):
-            handle.load_tokenizer(folder)
+            load_tokenizer(folder)
 
     def test_tokenizer_without_special_tokens(self, tmp_path):
         folder = shutil.copytree(TOKENIZER_DIR, tmp_path / "tok")
@@ -159,11 +160,11 @@ class TestBadInput:
         tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] not in ("<|im_start|>", "<|im_end|>")]
         (folder / "tokenizer.json").write_text(json.dumps(tok))
         with pytest.raises(DataError, match="special token <\\|im_start\\|> is not in the vocabulary"):
-            handle.load_tokenizer(folder)
+            load_tokenizer(folder)
 
     def test_missing_tokenizer_folder(self, tmp_path):
         with pytest.raises(DataError, match="tokenizer folder .* not found"):
-            handle.load_tokenizer(tmp_path / "nope")
+            load_tokenizer(tmp_path / "nope")
 
     def test_bad_policy(self):
         with pytest.raises(ValueError, match="must be one of \\('tutorial', 'drop', 'none'\\)"):
@@ -181,7 +182,7 @@ def test_stats_count_every_dropped_conversation_by_reason(tmp_path, caplog):
         {"messages": [*good[0]["messages"][:1], {"role": "assistant", "content": "word " * 5000}]},  # too long
     ]
     src = write_jsonl(tmp_path / "f.jsonl", rows)
-    dst = handle.run(
+    dst = run(
         HandleConfig(
             src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / "h"), max_length=4096, truncation="drop"
         )

@@ -8,12 +8,13 @@ import re
 
 import pytest
 
-from distilled_plugins import reject_sampling, report
-from distilled_plugins.core import preflight
+from distilled_plugins import preflight
 from distilled_plugins.core.errors import DataError
 from distilled_plugins.core.schema import row_key
 from distilled_plugins.devtools.teacher_server import judge_answer, judge_prompt_fields
-from distilled_plugins.reject_sampling import RejectSamplingConfig, judge
+from distilled_plugins.reject_sampling import RejectSamplingConfig, judge, stage
+from distilled_plugins.report.collect import collect
+from distilled_plugins.report.render import render
 from distilled_plugins.teacher.settings import RequestSettings
 from tests.support import cli_env, read_jsonl, run_cli, write_jsonl
 
@@ -80,7 +81,7 @@ def run_stage(tmp_path, url, rows=None, name="filtered.jsonl", **overrides):
         "judge_cache_dir": str(tmp_path / "judge_cache"),
         **overrides,
     }
-    return reject_sampling.run(RejectSamplingConfig(**settings))
+    return stage.run(RejectSamplingConfig(**settings))
 
 
 class TestPrompt:
@@ -209,10 +210,10 @@ class TestRecover:
         assert j["recovered"] == 2  # said yes to, though not kept under audit
 
     def test_the_runs_report_shows_the_judges_verdicts(self, tmp_path, replay_teacher):
-        """The run's report (distilled_plugins/report.py) reads the judge's stats from rejection sampling's."""
+        """The run's report (distilled_plugins/report/collect.py) reads the judge's stats from rejection sampling's."""
         _, url = replay_teacher(judge_answer({**VERDICTS, EASY: "yes"}))
         run_stage(tmp_path, url, name="reject_sampling/filtered.jsonl", judge_audit_sample=2)
-        page = report.render(report.collect(tmp_path / "out"))
+        page = render(collect(tmp_path / "out"))
 
         def figure(name: str) -> str:
             return re.search(rf'data-figure="{re.escape(name)}">([^<]*)<', page).group(1)
@@ -302,7 +303,7 @@ class TestPassRate:
         with pytest.raises(ValueError, match="needs a judge"):
             RejectSamplingConfig(src=str(src), dst="o.jsonl", judge_audit_sample=3)
         with pytest.raises(DataError):
-            reject_sampling.run(RejectSamplingConfig(src=str(tmp_path / "none.jsonl"), dst="o.jsonl"))
+            stage.run(RejectSamplingConfig(src=str(tmp_path / "none.jsonl"), dst="o.jsonl"))
 
 
 def test_cli_flags_reach_the_judge(tmp_path, replay_teacher):

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from distilled_plugins import handle
 from distilled_plugins.core import configs
 from distilled_plugins.core.io import rewrite_jsonl
 from distilled_plugins.devtools import learnability
-from distilled_plugins.handle import load_tokenizer
+from distilled_plugins.handle.config import SYSTEM_PROMPT
+from distilled_plugins.handle.encoder import load_tokenizer
 
 TRAIN, HELD_OUT, EPOCHS = (learnability.SIZE[k] for k in ("n_train", "n_held_out", "epochs"))
 # A wiring fault scores ~0 and guessing 1 in 64. bench/learnability_probe.py's stand-in for the fine-tune stage (the
@@ -73,7 +73,7 @@ class TestTokenizer:
         assert tokenizer.chat_template == qwen.chat_template
         row = learnability.problem(5, 7, "Ben", ("cats", "dogs", "pets"))
         conversation = [
-            {"role": "system", "content": handle.SYSTEM_PROMPT},
+            {"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": row["problem"]},
             {"role": "assistant", "content": row["solution"]},
         ]

@@ -9,10 +9,12 @@ import datasets
 import numpy as np
 import pytest
 
-from distilled_plugins import handle, pack
 from distilled_plugins.core.errors import DataError
-from distilled_plugins.handle import HandleConfig
-from distilled_plugins.pack import PackConfig, Piece, pieces_of, plan_bfd, trainable_tokens
+from distilled_plugins.handle.config import HandleConfig
+from distilled_plugins.handle.stage import run as handle_run
+from distilled_plugins.pack.config import PackConfig
+from distilled_plugins.pack.plan import Piece, pieces_of, plan_bfd, trainable_tokens
+from distilled_plugins.pack.stage import run as pack_run
 from tests.support import TOKENIZER_DIR, conversation_rows, write_jsonl
 
 SEQ = 1024
@@ -67,7 +69,7 @@ class TestPlan:
 def handled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pack")
     src = write_jsonl(tmp / "filtered.jsonl", conversation_rows(60))
-    return handle.run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp / "handled")))
+    return handle_run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp / "handled")))
 
 
 def read_back(packed_dir):
@@ -85,7 +87,7 @@ def read_back(packed_dir):
 
 
 def test_mindformers_loader_reads_what_was_handled(handled, tmp_path):
-    dst = pack.run(PackConfig(src=str(handled), dst=str(tmp_path / "packed"), seq_length=SEQ))
+    dst = pack_run(PackConfig(src=str(handled), dst=str(tmp_path / "packed"), seq_length=SEQ))
     samples = datasets.load_from_disk(str(handled))
     packed = datasets.load_from_disk(str(dst))
     assert packed.features["input_ids"].feature.dtype == "int32"
@@ -123,7 +125,7 @@ def test_never_more_packs_than_mindformers_packing_handler(handled, tmp_path):
     from mindformers.dataset.handler import PackingHandler
 
     ours = json.loads(
-        (pack.run(PackConfig(src=str(handled), dst=str(tmp_path / "p"), seq_length=SEQ)) / "stats.json").read_text()
+        (pack_run(PackConfig(src=str(handled), dst=str(tmp_path / "p"), seq_length=SEQ)) / "stats.json").read_text()
     )["packs"]
     theirs = len(PackingHandler(seq_length=SEQ, pack_strategy="pack")(datasets.load_from_disk(str(handled))))
     assert ours <= theirs
@@ -143,7 +145,7 @@ def test_overlong_samples_are_counted_never_silently_lost(handled, tmp_path, pol
         for start in starts(len(labels))
     )
     assert over > 0
-    dst = pack.run(PackConfig(src=str(handled), dst=str(tmp_path / policy), seq_length=seq, overlong=policy))
+    dst = pack_run(PackConfig(src=str(handled), dst=str(tmp_path / policy), seq_length=seq, overlong=policy))
     stats = json.loads((dst / "stats.json").read_text())
     key = {"truncate": "truncated", "split": "split", "drop": "dropped"}[policy]
     assert stats["overlong"][key] == over
@@ -203,7 +205,7 @@ class TestPiecesWithoutTrainableTokens:
     )
     def test_prompt_only_pieces_are_not_packed_and_counted(self, tmp_path, policy, reason):
         src = self.handmade(tmp_path, [self.LABELS, [-100, 5, 6]])
-        dst = pack.run(PackConfig(src=str(src), dst=str(tmp_path / "p"), seq_length=4, overlong=policy, pad_token_id=0))
+        dst = pack_run(PackConfig(src=str(src), dst=str(tmp_path / "p"), seq_length=4, overlong=policy, pad_token_id=0))
         stats = json.loads((dst / "stats.json").read_text())
         packed = datasets.load_from_disk(str(dst))
         other = "truncated_prompt_only" if reason == "split_piece_prompt_only" else "split_piece_prompt_only"
@@ -226,7 +228,7 @@ class TestPiecesWithoutTrainableTokens:
             for start in range(0, len(labels) - seq, seq):  # pieces that stop before the sample's end
                 expected += all(label == -100 for label in labels[start + 1 : start + seq + 1])
         assert expected > 0
-        dst = pack.run(PackConfig(src=str(handled), dst=str(tmp_path / "p"), seq_length=seq))
+        dst = pack_run(PackConfig(src=str(handled), dst=str(tmp_path / "p"), seq_length=seq))
         stats = json.loads((dst / "stats.json").read_text())
         assert stats["pieces_without_trainable_token"]["split_piece_prompt_only"] == expected
         assert stats["tokens"] == stats["tokens_in"] - expected * seq
@@ -238,18 +240,18 @@ class TestPiecesWithoutTrainableTokens:
 class TestBadInput:
     def test_drop_with_nothing_left(self, handled, tmp_path):
         with pytest.raises(DataError, match="policy 'drop' left nothing"):
-            pack.run(PackConfig(src=str(handled), dst=str(tmp_path / "p"), seq_length=16, overlong="drop"))
+            pack_run(PackConfig(src=str(handled), dst=str(tmp_path / "p"), seq_length=16, overlong="drop"))
         assert not (tmp_path / "p").exists()
 
     def test_missing_column(self, tmp_path):
         datasets.Dataset.from_dict({"input_ids": [[1, 2]]}).save_to_disk(str(tmp_path / "h"))
         with pytest.raises(DataError, match="column 'labels' not found; columns present: input_ids"):
-            pack.run(PackConfig(src=str(tmp_path / "h"), dst=str(tmp_path / "p"), seq_length=8))
+            pack_run(PackConfig(src=str(tmp_path / "h"), dst=str(tmp_path / "p"), seq_length=8))
 
     def test_empty_dataset(self, tmp_path):
         datasets.Dataset.from_dict({"input_ids": [], "labels": []}).save_to_disk(str(tmp_path / "h"))
         with pytest.raises(DataError, match="empty"):
-            pack.run(PackConfig(src=str(tmp_path / "h"), dst=str(tmp_path / "p"), seq_length=8))
+            pack_run(PackConfig(src=str(tmp_path / "h"), dst=str(tmp_path / "p"), seq_length=8))
 
     def test_bad_policy_lists_choices(self):
         with pytest.raises(ValueError, match=r"must be one of \('truncate', 'split', 'drop'\)"):

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from distilled_plugins import reject_sampling
 from distilled_plugins.core.errors import DataError
 from distilled_plugins.core.grader import GradingPool, Sample
 from distilled_plugins.reject_sampling import RejectSamplingConfig
+from distilled_plugins.reject_sampling.stage import run
 from tests.support import contaminated_row, generation_rows, read_jsonl, run_cli, write_jsonl
 
 # (gold, completion, expected verdict): each answer kind the issue lists
@@ -137,7 +137,7 @@ class TestGrader:
 def run_stage(tmp_path, rows, **overrides):
     src = write_jsonl(tmp_path / "gen.jsonl", rows)
     cfg = RejectSamplingConfig(src=str(src), dst=str(tmp_path / "out" / "filtered.jsonl"), workers=2, **overrides)
-    return reject_sampling.run(cfg)
+    return run(cfg)
 
 
 class TestStage:
@@ -219,7 +219,7 @@ class TestBadInput:
         src = tmp_path / "gen.jsonl"
         src.write_text(json.dumps(generation_rows()[4]) + "\n{not json\n")
         with pytest.raises(DataError, match=rf"{src}:2: malformed JSON"):
-            reject_sampling.run(RejectSamplingConfig(src=str(src), dst=str(tmp_path / "o.jsonl"), eval_sets=[]))
+            run(RejectSamplingConfig(src=str(src), dst=str(tmp_path / "o.jsonl"), eval_sets=[]))
 
     @pytest.mark.parametrize("field", ["answer", "generations"])
     def test_missing_field_is_named(self, tmp_path, field):

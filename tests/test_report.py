@@ -21,9 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from distilled_plugins import report
+from distilled_plugins.core.schema import EVALUATION, PACKED_ENTRY, REPORT_FILE
 from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, make_seed
 from distilled_plugins.devtools.local_airflow import free_port
+from distilled_plugins.report.approval import data_summary
+from distilled_plugins.report.collect import collect, previous_run
+from distilled_plugins.report.render import render
 from operators.approval import TASK_ID as GATE
 from operators.deployment import parse
 from tests.support import MATH_TRAIN_SOLUTIONS, REPO, browser, read_jsonl, run_cli, wait_until
@@ -188,7 +191,7 @@ def test_browser_approves_the_gate_then_sees_the_finished_runs_report_tab(gated_
 @pytest.mark.slow
 def test_report_figures_are_the_stats_files(finished_run, tmp_path):
     _af, _run_id, run_dir = finished_run
-    written = run_dir / report.REPORT_FILE  # by the DAG's report task, at the end of the run
+    written = run_dir / REPORT_FILE  # by the DAG's report task, at the end of the run
     assert written.exists()
     # the CLI writes the same page elsewhere
     done = run_cli("report", "--run-dir", str(run_dir), "--dst", str(tmp_path / "r.html"))
@@ -286,11 +289,11 @@ def test_reject_ends_the_run_without_training_and_says_so(finished_run):
     assert not (run_dir / "finetune").exists()  # nothing trained
     decision = json.loads((run_dir / GATE / "decision.json").read_text())
     assert decision["chosen"] == "Reject" and not decision["approved"] and decision["responded_by"] == "admin"
-    page = (run_dir / report.REPORT_FILE).read_text()
+    page = (run_dir / REPORT_FILE).read_text()
     assert "Reject: fine-tuning rejected by admin" in page and "the run ended without training" in page
     assert "Not trained: fine-tuning was rejected at the approval gate." in page
     # MATH-500 is compared with the previous run that has an evaluation report: the first one
-    assert report.previous_run(run_dir) == first_dir
+    assert previous_run(run_dir) == first_dir
 
 
 def test_the_gate_is_off_by_default_and_a_deployment_turns_it_on_for_seed_refreshes():
@@ -316,12 +319,12 @@ def test_the_gate_is_off_by_default_and_a_deployment_turns_it_on_for_seed_refres
 def test_the_report_of_a_run_that_has_just_started_says_what_is_missing(tmp_path):
     run_dir = tmp_path / "distill_r1" / "manual__2026-01-01T00:00:00+00:00"
     run_dir.mkdir(parents=True)
-    page = report.render(report.collect(run_dir))
+    page = render(collect(run_dir))
     for missing in ("No stage has finished yet.", "Fine-tuning has not started yet.", "Not evaluated yet."):
         assert missing in page
     assert figure(page, "funnel.kept") == ""
     with pytest.raises(FileNotFoundError, match="no such run folder"):
-        report.collect(tmp_path / "distill_r1" / "absent")
+        collect(tmp_path / "distill_r1" / "absent")
 
 
 def test_the_report_reads_the_packed_entrys_folder_and_the_job_evaluate_used(tmp_path):
@@ -331,7 +334,7 @@ def test_the_report_reads_the_packed_entrys_folder_and_the_job_evaluate_used(tmp
     stats = {"rows_in": 20, "rows_out": 7, "dropped": {}, "packs": 7, "tokens": 900, "seq_length": 256}
     (packed / "stats.json").write_text(json.dumps(stats))
     (run_dir / "from_packed").mkdir(parents=True)
-    (run_dir / report.PACKED_ENTRY).write_text(json.dumps({"path": str(packed)}))
+    (run_dir / PACKED_ENTRY).write_text(json.dumps({"path": str(packed)}))
     metrics = {"first_loss": 2.0, "final_loss": 1.0, "median_step_time_ms": 5, "tokens_per_s": 1, "workers": 1}
     jobs = []
     for name, epochs in (("job-aaaa", 1), ("job-bbbb", 2)):  # the second is the newer
@@ -343,12 +346,12 @@ def test_the_report_reads_the_packed_entrys_folder_and_the_job_evaluate_used(tmp
         os.utime(jobs[-1], (1_000 * len(jobs), 1_000 * len(jobs)))
     (run_dir / "evaluate").mkdir()
     evaluation = {"pass@1": 50.0, "problems": 2, "checkpoint": str(jobs[0] / "checkpoint")}
-    (run_dir / report.EVALUATION).write_text(json.dumps(evaluation))
+    (run_dir / EVALUATION).write_text(json.dumps(evaluation))
 
-    figures = report.collect(run_dir)
+    figures = collect(run_dir)
     assert figures["packing"]["packs"] == 7 and dict(figures["funnel"])["packed rows"] == 7
-    assert report.data_summary(figures)["tokens"] == 900
+    assert data_summary(figures)["tokens"] == 900
     # evaluated after both jobs: the training figures are those of the job whose checkpoint was evaluated
     assert figures["training"]["job"] == "job-aaaa" and dict(figures["funnel"])["trained tokens"] == 900
-    os.utime(run_dir / report.EVALUATION, (1_500, 1_500))  # a job began after it (finetune cleared): the newest
-    assert report.collect(run_dir)["training"]["job"] == "job-bbbb"
+    os.utime(run_dir / EVALUATION, (1_500, 1_500))  # a job began after it (finetune cleared): the newest
+    assert collect(run_dir)["training"]["job"] == "job-bbbb"

@@ -10,10 +10,13 @@ import pyarrow as pa
 import pytest
 from datasets.arrow_writer import ArrowWriter
 
-from distilled_plugins import handle, pack
-from distilled_plugins.core import io
+from distilled_plugins.core import artifacts, io
 from distilled_plugins.core.schema import HANDLED_COLUMNS, features
-from distilled_plugins.handle import HandleConfig
+from distilled_plugins.handle import stage as handle_stage
+from distilled_plugins.handle.config import HandleConfig
+from distilled_plugins.pack import reader as pack_reader
+from distilled_plugins.pack.config import PackConfig
+from distilled_plugins.pack.stage import run as pack_run
 from tests.support import TOKENIZER_DIR, conversation_rows, write_jsonl
 
 
@@ -70,7 +73,7 @@ class TestHandleBatches:
         src = write_jsonl(tmp_path / "filtered.jsonl", conversation_rows(30))
         runs = {}
         for name, chars in (("one", 10**9), ("many", 2_000)):  # one batch, or a few rows per batch
-            dst = handle.run(
+            dst = handle_stage.run(
                 HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp_path / name), batch_chars=chars)
             )
             runs[name] = (datasets.load_from_disk(str(dst)), json.loads((dst / "stats.json").read_text()))
@@ -81,7 +84,7 @@ class TestHandleBatches:
 
     def test_chunks_respect_the_size_and_keep_order(self):
         rows = [[{"role": "user", "content": "x" * n}] for n in (5, 5, 20, 1, 1, 1)]
-        chunks = list(handle._chunks_by_size(rows, 10))
+        chunks = list(handle_stage._chunks_by_size(rows, 10))
         assert [[len(r[0]["content"]) for r in c] for c in chunks] == [[5, 5], [20], [1, 1, 1]]
 
 
@@ -105,7 +108,7 @@ def write_handled(dst, rows: int, tokens: int, pad_token_id: int = 151643):
             )
 
     io.save_tables_to_disk(tables(), dst, features(HANDLED_COLUMNS))
-    (dst / io.ARTIFACT_MARKER).write_text(json.dumps({"kind": "handled"}))
+    (dst / artifacts.ARTIFACT_MARKER).write_text(json.dumps({"kind": "handled"}))
     (dst / "stats.json").write_text(json.dumps({"pad_token_id": pad_token_id}))
     return dst
 
@@ -131,18 +134,18 @@ class TestPackMemory:
         files = sorted(src.glob("data-*.arrow"))
         size_mb = sum(p.stat().st_size for p in files) / 2**20
         resident = []
-        release = pack._release
+        release = pack_reader.release
 
         def measured(maps):
             resident.append(resident_mb(files))
             release(maps)
 
-        monkeypatch.setattr(pack, "_release", measured)
-        dst = pack.run(pack.PackConfig(src=str(src), dst=str(tmp_path / "packed"), seq_length=32_768, rows_per_write=8))
+        monkeypatch.setattr(pack_reader, "release", measured)
+        dst = pack_run(PackConfig(src=str(src), dst=str(tmp_path / "packed"), seq_length=32_768, rows_per_write=8))
         assert len(resident) >= 3 and size_mb > 10
         assert max(resident) < 0.2 * size_mb, (resident, size_mb)
         # the same rows as packing the table in memory (rows as NumPy views of it, no file reads)
         in_memory = datasets.Dataset(datasets.load_from_disk(str(src)).data.table.combine_chunks())
-        monkeypatch.setattr(pack, "_mapped_table", lambda src, handled: (in_memory.data.table, [], []))
-        ref = pack.run(pack.PackConfig(src=str(src), dst=str(tmp_path / "ref"), seq_length=32_768, rows_per_write=8))
+        monkeypatch.setattr(pack_reader, "mapped_table", lambda src, handled: (in_memory.data.table, [], []))
+        ref = pack_run(PackConfig(src=str(src), dst=str(tmp_path / "ref"), seq_length=32_768, rows_per_write=8))
         assert datasets.load_from_disk(str(dst)).data.table.equals(datasets.load_from_disk(str(ref)).data.table)

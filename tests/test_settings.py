@@ -13,10 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from distilled_plugins import evaluate, generate, handle, pack, reject_sampling
 from distilled_plugins.core import settings
+from distilled_plugins.evaluate.__main__ import build_parser as evaluate_parser
+from distilled_plugins.evaluate.config import EvalConfig, Protocol
 from distilled_plugins.finetune import FinetuneConfig
 from distilled_plugins.finetune.__main__ import build_parser as finetune_parser
+from distilled_plugins.generate.__main__ import build_parser as generate_parser
+from distilled_plugins.generate.config import GenerateConfig
+from distilled_plugins.handle.__main__ import build_parser as handle_parser
+from distilled_plugins.handle.config import HandleConfig
+from distilled_plugins.pack.__main__ import build_parser as pack_parser
+from distilled_plugins.pack.config import PackConfig
+from distilled_plugins.reject_sampling.__main__ import build_parser as reject_sampling_parser
+from distilled_plugins.reject_sampling.config import RejectSamplingConfig
 from distilled_plugins.teacher import batch_api
 from distilled_plugins.teacher.settings import RequestSettings
 from operators import (
@@ -31,19 +40,19 @@ from operators.stage import StageOperator
 
 # (config class, its CLI's parser, its operator)
 STAGES = [
-    (reject_sampling.RejectSamplingConfig, reject_sampling.build_parser, RejectSamplingOperator),
-    (handle.HandleConfig, handle.build_parser, HandleDatasetOperator),
-    (pack.PackConfig, pack.build_parser, PackDatasetOperator),
-    (generate.GenerateConfig, generate.build_parser, GenerateReasoningOperator),
-    (evaluate.EvalConfig, evaluate.build_parser, Math500EvalOperator),
+    (RejectSamplingConfig, reject_sampling_parser, RejectSamplingOperator),
+    (HandleConfig, handle_parser, HandleDatasetOperator),
+    (PackConfig, pack_parser, PackDatasetOperator),
+    (GenerateConfig, generate_parser, GenerateReasoningOperator),
+    (EvalConfig, evaluate_parser, Math500EvalOperator),
     (FinetuneConfig, finetune_parser, MsrunFinetuneOperator),
 ]
 # each settings class whose fields the trigger form sets -> (its CLI's parser, the operator taking them)
 OWNERS = {
     **{config: (build_parser, operator) for config, build_parser, operator in STAGES},
-    evaluate.Protocol: (evaluate.build_parser, Math500EvalOperator),
-    RequestSettings: (generate.build_parser, GenerateReasoningOperator),
-    batch_api.BatchSettings: (generate.build_parser, GenerateReasoningOperator),
+    Protocol: (evaluate_parser, Math500EvalOperator),
+    RequestSettings: (generate_parser, GenerateReasoningOperator),
+    batch_api.BatchSettings: (generate_parser, GenerateReasoningOperator),
 }
 IDS = [config.__name__ for config, _, _ in STAGES]
 REPO = Path(__file__).resolve().parents[1]
@@ -99,12 +108,12 @@ def test_form_params_follow_the_fields(config, build_parser, operator):
 
 
 def test_rendered_text_is_coerced_once_centrally():
-    assert settings.coerce(pack.PackConfig, "seq_length", "256") == 256
-    assert settings.coerce(pack.PackConfig, "seq_length", "None") is None
-    assert settings.coerce(handle.HandleConfig, "src", "/a.jsonl") == ["/a.jsonl"]
-    assert settings.coerce(handle.HandleConfig, "overwrite", "False") is False
+    assert settings.coerce(PackConfig, "seq_length", "256") == 256
+    assert settings.coerce(PackConfig, "seq_length", "None") is None
+    assert settings.coerce(HandleConfig, "src", "/a.jsonl") == ["/a.jsonl"]
+    assert settings.coerce(HandleConfig, "overwrite", "False") is False
     with pytest.raises(ValueError, match="max_length: expected integer, got 'abc'"):
-        settings.coerce(handle.HandleConfig, "max_length", "abc")
+        settings.coerce(HandleConfig, "max_length", "abc")
 
 
 def test_operator_rejects_an_unknown_setting():
@@ -163,7 +172,7 @@ def test_the_form_speaks_of_what_it_shows_and_names_fields_it_cannot_check():
     400 reaches the user as a bare toast: whole-number fields are number fields saying so, and the run's first task
     names them (tests/test_clear_airflow.py). No description names a CLI flag; the two datasets of the other entry
     points are optional; an empty teacher setting is described once."""
-    from distilled_plugins.core import preflight
+    from distilled_plugins import preflight
 
     code = (
         "import json, importlib.util as u; "
@@ -247,11 +256,11 @@ def test_a_new_setting_is_one_field():
 @pytest.mark.parametrize(
     ("build_parser", "required", "aliases"),
     [
-        (reject_sampling.build_parser, ["--src", "in.jsonl"], []),
-        (handle.build_parser, ["--src", "in.jsonl", "--tokenizer", "t"], []),
-        (pack.build_parser, ["--src", "in"], []),
-        (generate.build_parser, ["--model", "m", "--dataset-name", "d"], ["--output-file"]),
-        (evaluate.build_parser, ["--rescore", "c.jsonl"], ["--out", "--output-dir"]),
+        (reject_sampling_parser, ["--src", "in.jsonl"], []),
+        (handle_parser, ["--src", "in.jsonl", "--tokenizer", "t"], []),
+        (pack_parser, ["--src", "in"], []),
+        (generate_parser, ["--model", "m", "--dataset-name", "d"], ["--output-file"]),
+        (evaluate_parser, ["--rescore", "c.jsonl"], ["--out", "--output-dir"]),
         (finetune_parser, ["--dataset-path", "p"], ["--output-dir"]),
     ],
     ids=["reject_sampling", "handle", "pack", "generate", "evaluate", "finetune"],

@@ -1,4 +1,9 @@
-"""Reading seed data and writing artifacts: the one place that knows file formats and atomic writes."""
+"""Reading rows and writing files: the one place that knows row file formats (JSONL, JSON, parquet, Arrow,
+``save_to_disk`` folders, hub datasets) and atomic writes.
+
+What an output folder is (its artifact marker) lives in :mod:`.artifacts`; JSONL files written by appends are
+read back and repaired by :mod:`.appended_jsonl`.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from distilled_plugins.core.artifacts import ARTIFACT_KINDS, ARTIFACT_MARKER, check_output_folder
 from distilled_plugins.core.errors import DataError, MissingColumn
 
 logger = logging.getLogger(__name__)
@@ -68,6 +74,15 @@ def read_json(path: str | Path, what: str = "JSON document") -> dict:
     if not isinstance(value, dict):
         raise DataError(f"{path}: not a valid {what} (expected a JSON object)")
     return value
+
+
+def read_json_or_none(path: str | Path) -> dict | None:
+    """A JSON document another stage writes, or ``None`` while it is missing or being replaced (a run in
+    progress, an earlier try that stopped before writing it)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _read_arrow(path: Path) -> list[dict]:
@@ -165,61 +180,8 @@ def require_columns(rows: list[dict], columns: list[str], source: str | Path) ->
             raise MissingColumn(f"{source}: column {column!r} not found; columns present: {', '.join(present)}")
 
 
-# A folder a stage writes holds this file: what kind of artifact it is and which stage made it. A stage replaces
-# only its own kind of folder, and refuses an input of the wrong kind, naming what it expected.
-ARTIFACT_MARKER = "artifact.json"
-ARTIFACT_KINDS = {"handled": "handle (stage 3)", "packed": "pack (stage 4)"}
+# the temporary siblings atomic_path and atomic_dir write, named with their writer's pid
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:\.staging\.arrow)?$")
-
-
-def artifact_kind(folder: str | Path) -> str | None:
-    """The kind recorded in ``folder``'s marker, or None when it has none (not made by a stage of this project)."""
-    marker = Path(folder) / ARTIFACT_MARKER
-    if not marker.is_file():
-        return None
-    try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("kind")
-    except (ValueError, AttributeError):
-        raise DataError(f"{marker}: not a valid artifact marker (JSON object with 'kind')") from None
-
-
-def require_artifact(folder: str | Path, kind: str, option: str = "--src") -> None:
-    """Fail unless ``folder`` is an existing folder that does not hold another stage's kind of artifact."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise DataError(f"{folder}: no such folder ({option} expects a {kind} dataset made by {ARTIFACT_KINDS[kind]})")
-    if not folder.is_dir():
-        raise DataError(f"{folder}: is a file; {option} expects a {kind} dataset folder made by {ARTIFACT_KINDS[kind]}")
-    found = artifact_kind(folder)
-    if found is not None and found != kind:
-        raise DataError(
-            f"{folder}: holds a {found} dataset (made by {ARTIFACT_KINDS.get(found, found)}); {option} expects a "
-            f"{kind} dataset made by {ARTIFACT_KINDS[kind]}"
-        )
-
-
-def check_output_folder(path: str | Path, kind: str, overwrite: bool = False, option: str = "--dst") -> None:
-    """Refuse to replace a folder this stage did not make: a non-empty folder with no marker of ``kind``."""
-    path = Path(path)
-    if not path.exists() or overwrite:
-        return
-    if not path.is_dir():
-        raise DataError(f"{path}: {option} is an existing file; give a folder path (or --overwrite to replace it)")
-    found = artifact_kind(path)
-    if found == kind:
-        return
-    entries = sorted(p.name for p in path.iterdir())
-    if not entries:
-        return
-    what = (
-        f"holds a {found} dataset"
-        if found
-        else f"is not empty ({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''})"
-    )
-    raise DataError(
-        f"{path}: {option} {what} and was not made by {ARTIFACT_KINDS[kind]}; choose another {option} or give "
-        "--overwrite to replace it"
-    )
 
 
 def remove_stale_temps(path: str | Path) -> list[Path]:
@@ -418,58 +380,6 @@ def save_tables_to_disk(tables: Iterable, dst: Path, features) -> int:
     return rows
 
 
-def read_appended_jsonl(path: Path) -> tuple[list[dict], int]:
-    """Rows of a JSONL file written by appends, and how many bad lines (corrupt or cut short) it had."""
-    if not path.exists():
-        return [], 0
-    rows, bad = [], 0
-    with open(path, "rb") as f:
-        data = f.read()
-    for raw in data.split(b"\n"):
-        if not raw.strip():
-            continue
-        try:
-            rows.append(json.loads(raw))
-        except ValueError:
-            bad += 1
-    if data and not data.endswith(b"\n") and bad == 0:
-        # a last line that parsed but lacks its newline was written whole; keep it, newline comes on rewrite
-        bad = 1
-    return rows, bad
-
-
-def scan_appended_jsonl(path: Path) -> Iterator[tuple[bytes, dict | None, bool]]:
-    """Stream a JSONL file written by appends: ``(line, row, intact)`` per non-blank line, one line in memory.
-
-    ``row`` is None for a corrupt or cut-short line; ``intact`` is False for those and for a last line that
-    parsed but lacks its newline (written whole, but the next append would run onto it). A missing file is empty.
-    """
-    if not path.exists():
-        return
-    with open(path, "rb") as f:
-        for raw in f:
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except ValueError:
-                yield raw, None, False
-                continue
-            if not isinstance(row, dict):
-                yield raw, None, False
-            elif raw.endswith(b"\n"):
-                yield raw, row, True
-            else:
-                yield raw + b"\n", row, False
-
-
-def rewrite_jsonl_lines(path: Path, lines: Iterable[bytes]) -> None:
-    """Rewrite ``path`` atomically with ``lines`` (bytes ending in a newline), streamed; may read ``path`` itself."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        for line in lines:
-            f.write(line)
-
-
 def rewrite_jsonl(path: Path, rows: list[dict]) -> Path:
     """Rewrite ``path`` atomically with exactly ``rows`` (its folder made), dropping a half-written or corrupt line;
     returns ``path``."""
@@ -477,23 +387,6 @@ def rewrite_jsonl(path: Path, rows: list[dict]) -> Path:
         for row in rows:
             f.write(dumps_line(row))
     return path
-
-
-def files_state(path: Path) -> list:
-    """Name, size and mtime of every file under ``path`` (a file or a folder; stat only, nothing is read): what a
-    fingerprint of a large input (packed data, a checkpoint) covers without reading it."""
-    if path.is_file():
-        st = path.stat()
-        return [[path.name, st.st_size, st.st_mtime_ns]]
-    if not path.is_dir():
-        return [["(missing)", str(path)]]
-    state = []
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            st = (Path(root) / name).stat()
-            state.append([str((Path(root) / name).relative_to(path)), st.st_size, st.st_mtime_ns])
-    return state
 
 
 def write_json(path: str | Path, obj) -> Path:

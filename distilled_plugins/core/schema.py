@@ -15,7 +15,7 @@ store's generated columns. A shard's XCom is ``{"output", "stats", "reused"}`` (
 ``""`` when the shard referenced no store). Only merge's output is a complete generations artifact.
 
 Rows of the JSONL artifacts are keyed by :func:`row_key` of the uuid column; folder artifacts carry a marker
-(``io.ARTIFACT_MARKER``) naming their kind, so a stage refuses another stage's output as its input.
+(``artifacts.ARTIFACT_MARKER``) naming their kind, so a stage refuses another stage's output as its input.
 """
 
 from __future__ import annotations
@@ -95,6 +95,21 @@ def parts_path(output: str | Path) -> Path:
     """
     return Path(str(output) + PARTS_SUFFIX)
 
+
+# A run's folder (``{output_root}/distill_r1/{run_id}/``): one folder per DAG task, where each task writes and where
+# the report (and the approval gate) read
+REPORT_FILE = "report/report.html"
+ROWS_CACHE = "report/rows.json"  # the per-row scan's result, with the sizes and times of the files it read
+SHARD_STATS = f"generate/shard-*{STATS_SUFFIX}"
+MERGED = "merge/generations.jsonl"
+FILTERED = "reject_sampling/filtered.jsonl"
+HANDLED = "handle"
+PACKED = "pack"
+FINETUNE_JOBS = "finetune/job-*"
+EVALUATION = "evaluate/report.json"
+DECISION = "approve_finetune/decision.json"  # the approval gate's record (operators/approval.py)
+# a run started at the packed dataset entry point: the folder it trains on (operators/sources.from_packed)
+PACKED_ENTRY = "from_packed/packed_dataset.json"
 
 IGNORE_INDEX = -100  # label of a token that does not count in the loss (mindformers' ignore_token_id)
 

@@ -225,3 +225,8 @@ def param_spec(cls, name: str, **overrides) -> dict[str, Any]:
         spec["maximum"] = meta["maximum"]
     spec.update(overrides)
     return spec
+
+
+def is_empty(value) -> bool:
+    """A form field left empty, as a template renders it (``None`` becomes "None"; JSON's null, "null")."""
+    return value is None or (isinstance(value, str) and value.strip() in ("", "None", "null"))

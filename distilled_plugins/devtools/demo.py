@@ -144,9 +144,10 @@ def _demo(args: argparse.Namespace) -> int:
     teacher = ReplayTeacher(replay_answer(load_answers(MATH_TRAIN, "problem", "solution")))
     expected = estimate(workdir, not args.no_learnability)
     print(_estimate_line(expected, args.problems), flush=True)
-    app = teacher.app()
+    app, batches = teacher.app(), None
     if args.teacher_batch:  # the same teacher behind a local Batch API; the generate tasks defer while it runs
-        app = BatchTeacher(teacher, seconds_per_request=0.05).app()
+        batches = BatchTeacher(teacher, seconds_per_request=0.05)
+        app = batches.app()
         settings.update(teacher_mode="batch", teacher_batch_poll_seconds=2)
     started = time.monotonic()
     took: dict[str, float] = {}
@@ -169,7 +170,10 @@ def _demo(args: argparse.Namespace) -> int:
             )
             lines = [f"Run {run_id} of {DAG_ID}: {state} in {time.monotonic() - started:.0f} s"]
             lines.append(f"Airflow UI: {airflow.url}/dags/{DAG_ID}")
-            lines.append(f"Teacher requests this run: {teacher.requests}")
+            if batches is None:
+                lines.append(f"Teacher requests this run: {teacher.requests}")
+            else:  # the Batch API answers from the teacher's replies without a request to its HTTP side
+                lines.append(f"Teacher requests this run: {sum(batches.submitted.values())} in batches")
             for shard in generated:
                 stats = json.loads(Path(shard["stats"]).read_text())
                 lines.append(
@@ -266,12 +270,11 @@ def _stop_on_signals() -> None:
 
 def _stop_training_jobs(output_root: Path) -> None:
     """Stop every fine-tune job under the demo's output that still has a process on this machine."""
-    from distilled_plugins import finetune
     from distilled_plugins.finetune import job as jobs
 
     for job_dir in sorted({record.parent for record in output_root.glob("**/job-*/node-*.json")}):
         if jobs.live_on_this_machine(job_dir):
-            outcome = finetune.stop(job_dir, "the demo was stopped", by_user=True)
+            outcome = jobs.stop(job_dir, "the demo was stopped", by_user=True)
             logger.info("stopped the training job %s: %s", job_dir, outcome)
 
 

@@ -42,6 +42,14 @@ from distilled_plugins.core.io import atomic_dir, iter_jsonl, rewrite_jsonl
 from distilled_plugins.core.schema import STATS_FILE, STATS_ROWS_OUT
 from distilled_plugins.devtools.local_airflow import free_port
 from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
+from distilled_plugins.evaluate.stage import run as evaluate_run
+from distilled_plugins.finetune.metrics import FinetuneResult
+from distilled_plugins.finetune.stage import run as finetune_run
+from distilled_plugins.generate.stage import run as generate_run
+from distilled_plugins.handle.config import SYSTEM_PROMPT
+from distilled_plugins.handle.stage import run as handle_run
+from distilled_plugins.pack.stage import run as pack_run
+from distilled_plugins.reject_sampling.stage import run as reject_sampling_run
 
 logger = logging.getLogger("distilled_plugins.devtools.learnability")
 
@@ -163,7 +171,7 @@ def task_texts(tokenizer) -> list[str]:
     """Every text the stages tokenize for this task, rendered with ``tokenizer``'s chat template: each problem's
     training conversation as handle renders it, and its prompt as evaluation renders it."""
     rows = [problem(*answer, name, story) for answer in ANSWERS for name in NAMES for story in STORIES]
-    system = {"role": "system", "content": handle.SYSTEM_PROMPT}
+    system = {"role": "system", "content": SYSTEM_PROMPT}
     prompts = [[system, {"role": "user", "content": row["problem"]}] for row in rows]
     trained = [
         [*prompt, {"role": "assistant", "content": row["solution"]}] for prompt, row in zip(prompts, rows, strict=True)
@@ -241,7 +249,7 @@ def _word_level(qwen: dict, qwen_config: dict, tokens: list[str]):
 def _evaluate(
     out: Path, held_out: Path, tokenizer: Path, checkpoint: str, label: str, baseline: Path | None = None
 ) -> dict:
-    report = evaluate.run(
+    report = evaluate_run(
         evaluate.EvalConfig(
             out=str(out),
             dataset=str(held_out),
@@ -257,7 +265,7 @@ def _evaluate(
     return json.loads(report.read_text())
 
 
-def _finetune(packed: Path, output_dir: Path, epochs: int) -> finetune.FinetuneResult:
+def _finetune(packed: Path, output_dir: Path, epochs: int) -> FinetuneResult:
     """Stage 5; once more (resuming from the newest checkpoint) if the job dies, as the DAG's retry would.
 
     On a heavily loaded machine msrun's scheduler can declare a starved worker timed out.
@@ -272,7 +280,7 @@ def _finetune(packed: Path, output_dir: Path, epochs: int) -> finetune.FinetuneR
             poll_interval=1.0,
         )
         try:
-            return finetune.run(cfg)
+            return finetune_run(cfg)
         except errors.FinetuneFailed as e:
             if attempt == 2:
                 raise
@@ -287,7 +295,7 @@ def data_stages(out: Path, train: Path, tokenizer: Path, timed=lambda stage, fn,
     with ServerThread(teacher.app()) as server:
         generated = timed(
             "generate",
-            generate.run,
+            generate_run,
             generate.GenerateConfig(
                 dataset_name=str(train),
                 output_file=str(out / "generate" / "generations.jsonl"),
@@ -302,18 +310,18 @@ def data_stages(out: Path, train: Path, tokenizer: Path, timed=lambda stage, fn,
         )
     filtered = timed(
         "reject_sampling",
-        reject_sampling.run,
+        reject_sampling_run,
         reject_sampling.RejectSamplingConfig(
             src=str(generated.output_file), dst=str(out / "reject_sampling" / "filtered.jsonl"), workers=1
         ),
     )
     handled = timed(
         "handle",
-        handle.run,
+        handle_run,
         handle.HandleConfig(src=[str(filtered.output)], tokenizer=str(tokenizer), dst=str(out / "handle")),
     )
     packed = timed(
-        "pack", pack.run, pack.PackConfig(src=str(handled), dst=str(out / "pack"), finetune_config=str(PROFILE))
+        "pack", pack_run, pack.PackConfig(src=str(handled), dst=str(out / "pack"), finetune_config=str(PROFILE))
     )
     return packed, filtered.stats[STATS_ROWS_OUT]
 

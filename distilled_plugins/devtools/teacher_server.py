@@ -34,7 +34,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from distilled_plugins.generate import DEFAULT_PROMPT_TEMPLATE
+from distilled_plugins.generate.config import DEFAULT_PROMPT_TEMPLATE
 
 logger = logging.getLogger(__name__)
 

@@ -17,54 +17,12 @@ stop was requested, and on success ``metrics.json``, ``loss.png`` and ``result.j
 Running again with the same inputs re-attaches to the job while its heartbeat is fresh, resumes from its newest
 checkpoint, or returns its finished result; other inputs start a new job folder (the old one is kept).
 
-Modules: :mod:`.config` (settings, run YAML, preflight, fingerprint), :mod:`.job` (supervisor, heartbeat, stop,
-"is this process mine"), :mod:`.metrics` (logs, metrics, loss curve), :mod:`.stage` (launch, wait, collect).
+Modules: :mod:`.config` (settings), :mod:`.run_config` (the run's YAML, time limits, environment, preflight),
+:mod:`.fingerprint` (the job's identity), :mod:`.checkpoints` (resume point), :mod:`.job` (job folder, heartbeat,
+stop, "is this process mine"), :mod:`.supervisor` (a node's detached supervisor), :mod:`.metrics` (logs, metrics,
+loss curve), :mod:`.stage` (find, launch, wait, collect: ``run``).
 """
 
-from distilled_plugins.core.errors import FinetuneFailed, FinetuneStoppedByUser
-from distilled_plugins.finetune.config import FinetuneConfig, latest_step_checkpoint
-from distilled_plugins.finetune.job import JobPaths, NodeRecord, is_mine, node_state, request_stop, running_node
-from distilled_plugins.finetune.metrics import FinetuneResult, finished_result, latest_progress, parse_steps
-from distilled_plugins.finetune.stage import (
-    Job,
-    Launch,
-    Watch,
-    attach,
-    collect,
-    find_job,
-    finished,
-    launch,
-    probe,
-    run,
-    stop,
-    wait,
-)
+from distilled_plugins.finetune.config import FinetuneConfig
 
-__all__ = [
-    "FinetuneConfig",
-    "FinetuneFailed",
-    "FinetuneResult",
-    "FinetuneStoppedByUser",
-    "Job",
-    "JobPaths",
-    "Launch",
-    "NodeRecord",
-    "Watch",
-    "attach",
-    "collect",
-    "find_job",
-    "finished",
-    "finished_result",
-    "is_mine",
-    "latest_progress",
-    "latest_step_checkpoint",
-    "launch",
-    "node_state",
-    "parse_steps",
-    "probe",
-    "request_stop",
-    "run",
-    "running_node",
-    "stop",
-    "wait",
-]
+__all__ = ["FinetuneConfig"]

@@ -11,9 +11,10 @@ from pathlib import Path
 from distilled_plugins.core import cli
 from distilled_plugins.core.errors import FinetuneFailed
 from distilled_plugins.core.settings import from_args
-from distilled_plugins.finetune import FinetuneConfig, run
+from distilled_plugins.finetune import FinetuneConfig
 from distilled_plugins.finetune import __doc__ as package_doc
-from distilled_plugins.finetune.job import supervise
+from distilled_plugins.finetune.stage import run
+from distilled_plugins.finetune.supervisor import supervise
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,8 +18,8 @@ from pathlib import Path
 from distilled_plugins.core import configs
 from distilled_plugins.core.errors import FinetuneFailed
 from distilled_plugins.core.io import write_json
-from distilled_plugins.finetune.config import _get
 from distilled_plugins.finetune.job import JobPaths
+from distilled_plugins.finetune.run_config import value_at
 
 _STEP_LINE = re.compile(
     r"Epoch:\[\s*(\d+)/\s*(\d+)\], step:\[\s*(\d+)/\s*(\d+)\], loss:\[\s*([-\d.eE+naif]+)/"
@@ -153,8 +153,8 @@ def write_metrics(job_dir: Path, worker_num: int, resume_step: int) -> FinetuneR
     if resume_step < 0:
         resume_step = global_step(steps[0]) - 1
     run_config = configs.load_yaml(paths.run_config)
-    seq_length = int(_get(run_config, "model.model_config.seq_length"))
-    batch = int(_get(run_config, "runner_config.batch_size"))
+    seq_length = int(value_at(run_config, "model.model_config.seq_length"))
+    batch = int(value_at(run_config, "runner_config.batch_size"))
     times = [s["step_time_ms"] for s in steps[1:]] or [steps[0]["step_time_ms"]]  # step 1 includes compiling
     step_ms = sorted(times)[len(times) // 2]
     metrics = {

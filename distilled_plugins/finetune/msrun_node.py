@@ -5,7 +5,7 @@ addresses (containers on host networking, or this project's tests: two "hosts" i
 every node would start a scheduler, and all but one fail to bind the port and make their msrun exit 1. Here the
 node with ``--node_rank=0`` hosts the scheduler and no other does, which is what the job's layout says anyway.
 
-Usage (what :func:`distilled_plugins.finetune.launch` runs when ``nodes > 1``):
+Usage (what :func:`distilled_plugins.finetune.stage.launch` runs when ``nodes > 1``):
     python -m distilled_plugins.finetune.msrun_node --worker_num=2 --local_worker_num=1 --node_rank=1 ...
 """
 

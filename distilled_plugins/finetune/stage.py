@@ -12,17 +12,8 @@ from pathlib import Path
 from distilled_plugins.core.errors import FinetuneFailed, FinetuneStoppedByUser
 from distilled_plugins.core.io import write_json
 from distilled_plugins.finetune import job as jobs
-from distilled_plugins.finetune.config import (
-    TRAIN_ENTRY,
-    FinetuneConfig,
-    deferral_timeout,
-    fingerprint,
-    job_config,
-    job_env,
-    preflight,
-    resolved_config,
-    stall_timeout,
-)
+from distilled_plugins.finetune.config import FinetuneConfig
+from distilled_plugins.finetune.fingerprint import fingerprint
 from distilled_plugins.finetune.job import JobPaths
 from distilled_plugins.finetune.metrics import (
     FinetuneResult,
@@ -36,6 +27,16 @@ from distilled_plugins.finetune.metrics import (
     steps_file,
     write_metrics,
 )
+from distilled_plugins.finetune.run_config import (
+    TRAIN_ENTRY,
+    deferral_timeout,
+    job_config,
+    job_env,
+    preflight,
+    resolved_config,
+    stall_timeout,
+)
+from distilled_plugins.finetune.supervisor import start_supervisor
 
 logger = logging.getLogger("distilled_plugins.finetune")
 
@@ -122,7 +123,7 @@ def launch(cfg: FinetuneConfig, job: Job | None = None) -> Launch:
     paths.log_dir.mkdir(exist_ok=True)
     for rank in range(cfg.node_rank * cfg.local_worker_num, (cfg.node_rank + 1) * cfg.local_worker_num):
         steps_file(job_dir, rank).unlink(missing_ok=True)  # this attempt's steps only (a resume starts anew)
-    record = jobs.start_supervisor(job_dir, cfg.node_rank, command, job_env(run_config))
+    record = start_supervisor(job_dir, cfg.node_rank, command, job_env(run_config))
     logger.info(
         "%s node %d of %d: msrun with %d worker(s) (%d on this node, host %s); logs in %s",
         f"resumed from step {resume_step}:" if resume_step else "started",
@@ -213,12 +214,6 @@ def wait(launched: Launch, poll_interval: float = 5.0, dead_after: float = 60.0,
         time.sleep(poll_interval)
 
 
-def stop(
-    job_dir: str | Path, reason: str = "stop requested", wait: float = 30.0, by_user: bool = False
-) -> dict[int, str]:
-    return jobs.stop(job_dir, reason, wait, by_user)
-
-
 def _dead_worker(job_dir: Path, rank: int) -> dict | None:
     """The worker whose death stopped node ``rank`` (its supervisor's status says), if one did."""
     try:
@@ -243,7 +238,7 @@ def collect(cfg: FinetuneConfig, launched: Launch, state: str, why: str = "") ->
     paths = JobPaths(job_dir)
     rank = launched.node_rank
     if state in ("dead", "stalled"):
-        stop(job_dir, f"node {rank} {state}: {why}")
+        jobs.stop(job_dir, f"node {rank} {state}: {why}")
         launcher = paths.launcher_log(rank)
         raise FinetuneFailed(
             f"training node {rank} of {job_dir} {state} ({why}); the job was stopped. Last progress: "
@@ -316,6 +311,8 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
     try:
         state = wait(launched, cfg.poll_interval, cfg.dead_after, job.stall_timeout)
     except BaseException:
-        stop(launched.job_dir, f"the foreground run of node {cfg.node_rank} on host {jobs.this_host()} was interrupted")
+        jobs.stop(
+            launched.job_dir, f"the foreground run of node {cfg.node_rank} on host {jobs.this_host()} was interrupted"
+        )
         raise
     return collect(cfg, launched, state, "see the log above")

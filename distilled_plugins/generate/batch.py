@@ -4,9 +4,9 @@ Usage:
     OPENAI_API_KEY=... python -m distilled_plugins.generate --batch --batch-poll-seconds 60 \\
         --model deepseek-ai/DeepSeek-R1 --dataset-name seed.jsonl --output-file shard-0.jsonl --api-addr HOST:PORT
 
-:class:`BatchJob` replaces the online request loop of :func:`distilled_plugins.generate.run` (and writes through
-the same ``_Run`` methods: the output, the ``.parts`` journal, the generation store and the stats are those of
-online mode). One step (:meth:`BatchJob.step`):
+:class:`BatchJob` replaces the online request loop of :func:`distilled_plugins.generate.stage.run` (and writes
+through the same :class:`~distilled_plugins.generate.scheduler.Run` methods: the output, the ``.parts`` journal,
+the generation store and the stats are those of online mode). One step (:meth:`BatchJob.step`):
 
 1. looks at the recorded batches (``<stem>.batches/state.json``, :class:`~distilled_plugins.teacher.batch_api.BatchState`);
 2. collects each ended one (completed, expired, cancelled): its output file's completions are written like
@@ -30,7 +30,9 @@ from pathlib import Path
 
 from distilled_plugins.core.errors import BudgetReached, DataError, FatalRequestError
 from distilled_plugins.core.io import dumps_line
-from distilled_plugins.generate import GenerateConfig, _Row, _Run, _seed_rows, prompt_text
+from distilled_plugins.generate.config import GenerateConfig, prompt_text
+from distilled_plugins.generate.prepare import seed_rows
+from distilled_plugins.generate.scheduler import Row, Run
 from distilled_plugins.teacher.batch_api import (
     TERMINAL,
     BatchAPI,
@@ -64,7 +66,7 @@ def request_of(cid: str) -> tuple[str, int]:
     return key, int(index)
 
 
-class BatchJob(_Run):
+class BatchJob(Run):
     """Generation of one shard through the Batch API; ``wait=False`` returns after one step, leaving
     :attr:`pending` (a :class:`BatchesRunning`) when batches still run."""
 
@@ -89,7 +91,7 @@ class BatchJob(_Run):
             self.state.data.update(attempts={}, totals={})
             self.state.data.pop("spent_before", None)
         self.counts.update(self.state.data.get("totals", {}))
-        self.open_rows: dict[str, _Row] = {}
+        self.open_rows: dict[str, Row] = {}
         self.failed_keys: set[str] = set()
         self.seen: dict[str, str] = {}  # batch id -> last description logged
         self.pending: BatchesRunning | None = None
@@ -236,7 +238,7 @@ class BatchJob(_Run):
         if row is None:
             prompt = self.cfg.prompt_template.format(prompt=prompt_text(examples[key][self.cfg.prompt_column]))
             known = self.partial.pop(key, {})
-            row = _Row(examples[key], key, prompt, self.cfg.num_generations, known, self.cfg.system_prompt)
+            row = Row(examples[key], key, prompt, self.cfg.num_generations, known, self.cfg.system_prompt)
             row.failed = key in self.failed_keys
             self.open_rows[key] = row
         if row.results[index] is not None:
@@ -273,7 +275,7 @@ class BatchJob(_Run):
         keys = keys & self.keys
         if self.examples is not None:
             return {key: self.examples[key] for key in keys}
-        return dict(_seed_rows(self.cfg, set(keys)))
+        return dict(seed_rows(self.cfg, set(keys)))
 
     # ---- submitting --------------------------------------------------------------------------------------------
 
@@ -315,7 +317,7 @@ class BatchJob(_Run):
         """Write the missing requests as batch input files (a row's requests in one file); their records."""
         settings, n = self.settings, self.cfg.num_generations
         sampling = self.cfg.sampling
-        rows = self.examples.items() if self.examples is not None else _seed_rows(self.cfg, set(self.keys))
+        rows = self.examples.items() if self.examples is not None else seed_rows(self.cfg, set(self.keys))
         records: list[dict] = []
         out, record = None, None
         number = max((b["n"] for b in self.state.batches), default=0)

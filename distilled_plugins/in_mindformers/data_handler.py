@@ -10,8 +10,9 @@ Use it in a data loader config (see ``configs/data_process_handling.yaml``)::
         truncation: tutorial
 
 Importing this module makes the handler visible to mindformers' ``HFDataLoader``, which looks handlers up as
-attributes of ``mindformers.dataset.handler``. The tokenization is :class:`distilled_plugins.handle.ChatEncoder`,
-the same code the stage runs, so both paths give the same rows.
+attributes of ``mindformers.dataset.handler``. The tokenization is
+:class:`distilled_plugins.handle.encoder.ChatEncoder`, the same code the stage runs, so both paths give the same
+rows.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from mindformers.dataset.handler.base_handler import BaseInstructDataHandler
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
 from distilled_plugins.core.schema import HANDLED_COLUMNS, features
-from distilled_plugins.handle import SYSTEM_PROMPT, TRUNCATION_POLICIES, ChatEncoder, load_tokenizer
+from distilled_plugins.handle.config import SYSTEM_PROMPT, TRUNCATION_POLICIES
+from distilled_plugins.handle.encoder import ChatEncoder, load_tokenizer
 
 
 @MindFormerRegister.register(MindFormerModuleType.DATA_HANDLER)

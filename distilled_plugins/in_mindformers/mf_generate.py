@@ -25,13 +25,16 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from distilled_plugins.core.appended_jsonl import read_appended_jsonl
 from distilled_plugins.core.configs import load_yaml
 from distilled_plugins.core.errors import DataError
-from distilled_plugins.core.io import dumps_line, iter_jsonl, read_appended_jsonl, rewrite_jsonl
+from distilled_plugins.core.io import dumps_line, iter_jsonl, rewrite_jsonl
 from distilled_plugins.core.progress import Progress
 from distilled_plugins.core.schema import FINISH_REASONS_COLUMN, GENERATIONS_COLUMN, PROMPT_COLUMN, row_key
 
@@ -177,7 +180,7 @@ def generate_batch(
     return list(zip(new[:count], reasons[:count], strict=True))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m distilled_plugins.in_mindformers.mf_generate", description=__doc__.split("\n")[0]
     )
@@ -202,7 +205,143 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together")
-    args = p.parse_args(argv)
+    return p
+
+
+def pending_problems(problems: list[dict], output: Path, key_column: str) -> list[dict]:
+    """The problems without a line in ``output`` yet (a line cut short by a kill is dropped first)."""
+    done_rows, bad = read_appended_jsonl(output)
+    if bad:
+        rewrite_jsonl(output, done_rows)
+    done = {row_key(r[key_column]) for r in done_rows}
+    return [row for row in problems if row_key(row[key_column]) not in done]
+
+
+@dataclass
+class Decoder:
+    """The model and what every batch is decoded with: one shape for the whole run, so one graph compile."""
+
+    model: Any
+    tokenizer: Any
+    sample: Sampler
+    checkpoint: Path | str
+    seq_length: int
+    width: int  # the longest prompt
+    rows: int  # sequences per batch
+    budget: int  # new tokens per sequence
+    pad_id: int
+    stop_ids: set[int]
+
+    def __call__(self, prompts: list[list[int]], on_step) -> list:
+        """New token ids and finish reason of each prompt."""
+        if not self.budget:
+            return [([], "length")] * len(prompts)
+        return generate_batch(
+            self.model,
+            prompts,
+            self.budget,
+            self.pad_id,
+            self.stop_ids,
+            self.sample,
+            on_step,
+            width=self.width,
+            rows=self.rows,
+        )
+
+
+def load_decoder(args: argparse.Namespace, tokenizer, prompts: list[list[int]], sequences: int) -> Decoder:
+    """The model of ``--config`` with ``--checkpoint``'s weights, sized for the longest prompt and its budget."""
+    stop_ids = {tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS}
+    max_positions = int(load_yaml(args.config)["model"]["model_config"]["max_position_embedding"])
+    longest = max(len(ids) for ids in prompts)
+    seq_length = min(max_positions, longest + args.max_new_tokens)  # no KV cache: every step costs the sequence
+    checkpoint = UNTRAINED if args.checkpoint == UNTRAINED else newest_checkpoint(args.checkpoint)
+    return Decoder(
+        model=build_model(args.config, checkpoint, seq_length),
+        tokenizer=tokenizer,
+        sample=Sampler(args.temperature, args.top_p, args.seed),
+        checkpoint=checkpoint,
+        seq_length=seq_length,
+        width=longest,
+        rows=min(args.batch_size, sequences),
+        budget=max(0, min(args.max_new_tokens, seq_length - longest)),
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids),
+        stop_ids=stop_ids,
+    )
+
+
+class DecodingProgress:
+    """A progress line every few seconds: inside a batch (token by token) and as problems are done."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.problems = Progress(logger, "problems", total, interval=5.0)
+        self.started = self.last_line = self.batch_started = time.monotonic()
+        self.new_tokens = self.problems_done = 0
+
+    def on_step(self, step: int, budget: int, running: int, size: int) -> None:
+        now = time.monotonic()
+        if now - self.last_line >= 5.0:
+            self.last_line = now
+            logger.info(
+                "problems %d/%d done; batch of %d at token %d/%d, %d sequences still running (%.1f batch tokens/s)",
+                self.problems_done,
+                self.total,
+                size,
+                step,
+                budget,
+                running,
+                step * size / max(now - self.batch_started, 1e-9),
+            )
+
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / max(time.monotonic() - self.started, 1e-9)
+
+    def batch_done(self, problems_done: int) -> None:
+        self.problems_done = problems_done
+        if problems_done < self.total:
+            self.problems.maybe_log(problems_done, f"{self.tokens_per_second():.0f} new tokens/s")
+
+    def finish(self) -> None:
+        self.problems.finish(self.problems_done, f"{self.new_tokens} new tokens, {self.tokens_per_second():.1f}/s")
+
+
+def completions_line(row: dict, samples: list[tuple[str, str]]) -> bytes:
+    """A problem's line in stage 1's schema: its samples' texts and finish reasons."""
+    texts, reasons = zip(*samples, strict=True)
+    return dumps_line(
+        {**row, GENERATIONS_COLUMN: list(texts), FINISH_REASONS_COLUMN: list(reasons), PROMPT_COLUMN: row["problem"]}
+    )
+
+
+def generate_completions(
+    decoder: Decoder, todo: list[dict], prompts: list[list[int]], num_samples: int, batch_size: int, output: Path
+) -> None:
+    """Every sample of every problem is one sequence, decoded in batches; a problem's line is appended to
+    ``output`` once all its samples are done."""
+    sequences = [(i, j) for i in range(len(todo)) for j in range(num_samples)]
+    results: dict[int, list] = {i: [None] * num_samples for i in range(len(todo))}
+    progress = DecodingProgress(len(todo))
+    fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        for first in range(0, len(sequences), batch_size):
+            batch = sequences[first : first + batch_size]
+            progress.batch_started = time.monotonic()
+            outcomes = decoder([prompts[i] for i, _ in batch], progress.on_step)
+            for (i, j), (ids, reason) in zip(batch, outcomes, strict=True):
+                progress.new_tokens += len(ids)
+                results[i][j] = (decoder.tokenizer.decode(ids, skip_special_tokens=True), reason)
+            for i in sorted({i for i, _ in batch}):
+                if all(r is not None for r in results[i]):
+                    os.write(fd, completions_line(todo[i], results.pop(i)))
+            progress.batch_done(len(todo) - len(results))
+        progress.finish()
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.batch_size < 1:
         logger.error("--batch-size must be at least 1, got %d", args.batch_size)
@@ -210,107 +349,30 @@ def main(argv: list[str] | None = None) -> int:
 
     import mindspore as ms
 
-    from distilled_plugins.handle import load_tokenizer
+    from distilled_plugins.handle.encoder import load_tokenizer
 
     ms.set_seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
-    stop_ids = {tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS}
     problems = [row for _, row in iter_jsonl(args.problems)]
     output = Path(args.output)
-    done_rows, bad = read_appended_jsonl(output)
-    if bad:
-        rewrite_jsonl(output, done_rows)
-    done = {row_key(r[args.key_column]) for r in done_rows}
-    todo = [row for row in problems if row_key(row[args.key_column]) not in done]
+    todo = pending_problems(problems, output, args.key_column)
     if not todo:
         logger.info("all %d problems already have completions in %s", len(problems), output)
         return 0
     prompts = prompt_ids(
         tokenizer, args.system_prompt, [args.prompt_template.format(prompt=r["problem"]) for r in todo]
     )
-    max_positions = int(load_yaml(args.config)["model"]["model_config"]["max_position_embedding"])
-    longest = max(len(ids) for ids in prompts)
-    seq_length = min(max_positions, longest + args.max_new_tokens)  # no KV cache: every step costs the sequence
-    checkpoint = UNTRAINED if args.checkpoint == UNTRAINED else newest_checkpoint(args.checkpoint)
-    model = build_model(args.config, checkpoint, seq_length)
-    sample = Sampler(args.temperature, args.top_p, args.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
-    # every sample of every problem is one sequence; a problem's line is written once all its samples are done
-    sequences = [(i, j) for i in range(len(todo)) for j in range(args.num_samples)]
-    results: dict[int, list] = {i: [None] * args.num_samples for i in range(len(todo))}
+    decoder = load_decoder(args, tokenizer, prompts, len(todo) * args.num_samples)
     logger.info(
         "generating %d x %d completions with %s (batches of %d, up to %d new tokens, seq_length %d)",
         len(todo),
         args.num_samples,
-        checkpoint,
+        decoder.checkpoint,
         args.batch_size,
         args.max_new_tokens,
-        seq_length,
+        decoder.seq_length,
     )
-    progress = Progress(logger, "problems", len(todo), interval=5.0)
-    started, new_tokens, problems_done = time.monotonic(), 0, 0
-    last_line = [started]
-
-    def on_step(step: int, budget: int, running: int, size: int) -> None:
-        now = time.monotonic()
-        if now - last_line[0] >= 5.0:
-            last_line[0] = now
-            logger.info(
-                "problems %d/%d done; batch of %d at token %d/%d, %d sequences still running (%.1f batch tokens/s)",
-                problems_done,
-                len(todo),
-                size,
-                step,
-                budget,
-                running,
-                step * size / max(now - batch_started, 1e-9),
-            )
-
-    fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        for first in range(0, len(sequences), args.batch_size):
-            batch = sequences[first : first + args.batch_size]
-            budget = max(0, min(args.max_new_tokens, seq_length - longest))  # the same for every batch: one shape
-            batch_started = time.monotonic()
-            outcomes = (
-                generate_batch(
-                    model,
-                    [prompts[i] for i, _ in batch],
-                    budget,
-                    pad_id,
-                    stop_ids,
-                    sample,
-                    on_step,
-                    width=longest,
-                    rows=min(args.batch_size, len(sequences)),
-                )
-                if budget
-                else [([], "length")] * len(batch)
-            )
-            for (i, j), (ids, reason) in zip(batch, outcomes, strict=True):
-                new_tokens += len(ids)
-                results[i][j] = (tokenizer.decode(ids, skip_special_tokens=True), reason)
-            for i in sorted({i for i, _ in batch}):
-                if all(r is not None for r in results[i]):
-                    texts, reasons = zip(*results.pop(i), strict=True)
-                    row = todo[i]
-                    line = {
-                        **row,
-                        GENERATIONS_COLUMN: list(texts),
-                        FINISH_REASONS_COLUMN: list(reasons),
-                        PROMPT_COLUMN: row["problem"],
-                    }
-                    os.write(fd, dumps_line(line))
-            problems_done = len(todo) - len(results)
-            if problems_done < len(todo):
-                progress.maybe_log(
-                    problems_done, f"{new_tokens / max(time.monotonic() - started, 1e-9):.0f} new tokens/s"
-                )
-        progress.finish(
-            problems_done, f"{new_tokens} new tokens, {new_tokens / max(time.monotonic() - started, 1e-9):.1f}/s"
-        )
-    finally:
-        os.close(fd)
+    generate_completions(decoder, todo, prompts, args.num_samples, args.batch_size, output)
     return 0
 
 

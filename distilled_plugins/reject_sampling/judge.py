@@ -2,7 +2,7 @@
 
 OpenR1-Math-220k was made this way: R1's generations checked with math_verify, and those it rejected sent to an
 LLM judge (Llama-3.3-70B-Instruct), which recovered correct answers math_verify cannot parse or match (words,
-option letters with their value, units, sets written out). Rejection sampling (``reject_sampling.py``) asks the
+option letters with their value, units, sets written out). Rejection sampling (:mod:`.stage`) asks the
 judge through the teacher's client (``client.ChatClient``: the same retries, rate limits and fleet of endpoints).
 
 The prompt (:data:`JUDGE_PROMPT`, version :data:`JUDGE_PROMPT_VERSION`) shows the problem, the gold answer and
@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 from distilled_plugins.core.errors import EndpointUnreachable, FatalRequestError
 from distilled_plugins.core.grader import graded_part
+from distilled_plugins.reject_sampling.config import CACHE_FILE
 from distilled_plugins.teacher.client import BudgetExhausted, ChatClient, RetryableError
 from distilled_plugins.teacher.endpoints import Endpoint
 from distilled_plugins.teacher.settings import RequestSettings
@@ -56,7 +57,6 @@ one is expected, or no final answer. Reason in a few sentences, then end your re
 "Verdict: yes" or "Verdict: no"."""
 ANSWER_CHARS = 4000  # the end of a long answer part is where its final answer is
 YES, NO, UNPARSEABLE, ERROR = "yes", "no", "unparseable", "error"
-CACHE_FILE = "judge_verdicts.sqlite"
 _VERDICT_LINE = re.compile(r"^[*_\s]*verdict[*_\s]*:[*_\s]*(yes|no)[*_\s.!]*$", re.IGNORECASE)
 _COMMIT_EVERY = 64  # verdicts written per transaction
 

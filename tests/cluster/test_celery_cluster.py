@@ -31,7 +31,7 @@ import pytest
 from distilled_plugins.devtools.cluster_services import PostgresServer, RedisServer, ServerUnavailable
 from distilled_plugins.devtools.demo import demo_settings, make_seed
 from distilled_plugins.devtools.local_airflow import AirflowError, LocalAirflow, free_port
-from distilled_plugins.finetune import latest_step_checkpoint
+from distilled_plugins.finetune.checkpoints import latest_step_checkpoint
 from distilled_plugins.finetune.job import JobPaths
 from tests.support import DEPLOYMENT, MATH_TRAIN_SOLUTIONS, read_jsonl
 

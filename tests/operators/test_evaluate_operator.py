@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from distilled_plugins import evaluate
+from distilled_plugins.evaluate.config import MATH500
 
 
 def test_operator_reports_and_fails_below_baseline(airflow_db, replay_teacher, tmp_path, monkeypatch):
@@ -12,7 +12,7 @@ def test_operator_reports_and_fails_below_baseline(airflow_db, replay_teacher, t
 
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps({"label": "base", "pass@1": 50.0}))
-    server = replay_teacher(solutions=evaluate.MATH500)
+    server = replay_teacher(solutions=MATH500)
     monkeypatch.setenv(
         "AIRFLOW_CONN_MODEL_ENDPOINT", json.dumps({"conn_type": "http", "host": server.host, "port": server.port})
     )

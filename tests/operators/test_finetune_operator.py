@@ -13,7 +13,7 @@ import pytest
 
 from distilled_plugins.core import configs
 from distilled_plugins.devtools.local_airflow import free_port
-from operators import triggers
+from distilled_plugins.finetune import stage
 from operators.triggers import MsrunJobTrigger
 from tests.support import TINY_ROWS
 
@@ -70,7 +70,7 @@ class TestMsrunJobTrigger:
             threads.append(threading.current_thread())
             return {"finished": True, "heartbeat": None, "log_size": 0, "progress": None}
 
-        monkeypatch.setattr(triggers.finetune, "probe", probe)
+        monkeypatch.setattr(stage, "probe", probe)
         asyncio.run(anext(MsrunJobTrigger(str(tmp_path)).run()))
         assert threads and threads[0] is not threading.main_thread()
 
@@ -116,8 +116,8 @@ def test_operator_defers_and_returns_the_checkpoint(airflow_db, tiny_packed, tmp
 def test_a_timed_out_deferral_stops_the_job(tiny_packed, tmp_path):
     from airflow.sdk.exceptions import TaskDeferralTimeout
 
-    from distilled_plugins import finetune
     from distilled_plugins.finetune import job as jobs
+    from distilled_plugins.finetune.supervisor import start_supervisor
     from operators.finetune import MsrunFinetuneOperator
     from tests.support import XComTI
 
@@ -127,10 +127,10 @@ def test_a_timed_out_deferral_stops_the_job(tiny_packed, tmp_path):
         dataset_path=str(tiny_packed),
         output_dir=str(tmp_path),
     )
-    job_dir = Path(finetune.find_job(op._config()).job_dir)
+    job_dir = Path(stage.find_job(op._config()).job_dir)
     job_dir.mkdir()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    record = jobs.start_supervisor(job_dir, 0, ["sleep", "300"], env)  # stands in for msrun
+    record = start_supervisor(job_dir, 0, ["sleep", "300"], env)  # stands in for msrun
     context = {"ti": XComTI()}
     op._remember_job(context, str(job_dir))  # as execute does before deferring
     with pytest.raises(TaskDeferralTimeout):

@@ -1,7 +1,7 @@
 """Preflight: every input a run of the pipeline will need, checked in seconds before anything is spent.
 
 Usage:
-    python -m distilled_plugins.core.preflight --source generate --seed-dataset seed.jsonl --output-root out/
+    python -m distilled_plugins.preflight --source generate --seed-dataset seed.jsonl --output-root out/
 
 A run that would fail on a missing file after hours of generation or training fails here instead, with one line
 per problem, each naming the setting (its form title where the caller gives one) and what to do. Which inputs are
@@ -34,9 +34,11 @@ from pathlib import Path
 
 from distilled_plugins import seed
 from distilled_plugins.core import cli, configs
+from distilled_plugins.core.artifacts import ARTIFACT_KINDS, artifact_kind
 from distilled_plugins.core.errors import DataError
-from distilled_plugins.core.io import ARTIFACT_KINDS, artifact_kind, hub_seed, iter_rows
+from distilled_plugins.core.io import hub_seed, iter_rows
 from distilled_plugins.core.schema import MESSAGES_COLUMN, STATS_FILE, STATS_SEQ_LENGTH
+from distilled_plugins.core.settings import is_empty
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +79,6 @@ CONNECTIONS: dict[str, Callable[[RunInputs], bool]] = {
     # optional: checked when named, on the entry point that runs rejection sampling
     "judge_conn_id": lambda run: run.source == "generate" and not is_empty(run.judge_conn_id),
 }
-
-
-def is_empty(value) -> bool:
-    """A form field left empty, as a template renders it (``None`` becomes "None"; JSON's null, "null")."""
-    return value is None or (isinstance(value, str) and value.strip() in ("", "None", "null"))
 
 
 def _first_row(path: Path) -> dict | None:
@@ -238,7 +235,7 @@ def _lines(found: list[tuple[str, str]], titles: Mapping[str, str] | None) -> li
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m distilled_plugins.core.preflight", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m distilled_plugins.preflight", description=__doc__.split("\n")[0])
     for f in dataclasses.fields(RunInputs):
         if f.name != "whole_numbers" and not f.name.endswith("_conn_id"):
             p.add_argument("--" + f.name.replace("_", "-"), default=f.default)

@@ -62,19 +62,19 @@ from operators import (
     RejectSamplingOperator,
 )
 from operators.approval import FinetuneApprovalOperator
-from operators.assets import EVAL_REPORT, FILTERED, MODEL, PACKED, seed_asset
-from operators.deployment import approval, check_defaults, defaults, output_root, seconds, task_kwargs
-from operators.deployment import load as load_deployment
-from operators.failures import log_failure_summary
+from operators.dag_helpers.assets import EVAL_REPORT, FILTERED, MODEL, PACKED, seed_asset
+from operators.dag_helpers.deployment import approval, check_defaults, defaults, output_root, seconds, task_kwargs
+from operators.dag_helpers.deployment import load as load_deployment
+from operators.dag_helpers.failures import log_failure_summary
+from operators.dag_helpers.params import field_param, form_param, whole_numbers_in_form
 from operators.finetune import node_ranks
 from operators.generate import shard_plan
 from operators.hooks import CONNECTION_SETTINGS, TeacherEndpointHook
-from operators.params import field_param, form_param, whole_numbers_in_form
 from operators.report import fail_if_stopped, write_report
 from operators.sources import ChooseSourceOperator, from_openr1, from_packed, seed
 
 # the deployment's configuration, read from the metadata database by the dag-processor and every worker alike:
-# the Airflow Variable distill_deployment (operators/deployment.py): queues and pools per task kind, the
+# the Airflow Variable distill_deployment (operators/dag_helpers/deployment.py): queues and pools per task kind, the
 # parameters' defaults (also those of runs started without conf, by seed refreshes), the retry delay
 DEPLOYMENT = load_deployment()  # read once for the whole parse
 SEED = seed_asset(DEPLOYMENT)

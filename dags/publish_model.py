@@ -1,9 +1,9 @@
 """An example of chaining onto distill_r1: runs whenever a new fine-tuned model is announced.
 
 The ``distill_model`` asset's event carries the checkpoint URI, the training steps and the final loss (see
-``operators/assets.py``). This DAG only records each announced model in a registry file,
+``operators/dag_helpers/assets.py``). This DAG only records each announced model in a registry file,
 ``{output_root}/published/models.jsonl`` (the deployment's default ``output_root``, from the Variable
-``distill_deployment``: ``operators/deployment.py``); a team would copy the checkpoint to its model store or
+``distill_deployment``: ``operators/dag_helpers/deployment.py``); a team would copy the checkpoint to its model store or
 deploy it to a serving endpoint here instead.
 """
 
@@ -13,8 +13,8 @@ import os
 
 from airflow.sdk import DAG, get_current_context, task
 
-from operators import deployment
-from operators.assets import MODEL
+from operators.dag_helpers import deployment
+from operators.dag_helpers.assets import MODEL
 
 REGISTRY = os.path.join(deployment.output_root(deployment.load()), "published", "models.jsonl")
 

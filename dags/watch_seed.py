@@ -11,8 +11,8 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, Param, task
 
-from operators import deployment
-from operators.assets import seed_asset
+from operators.dag_helpers import deployment
+from operators.dag_helpers.assets import seed_asset
 from operators.watch import check_seed
 
 DEPLOYMENT = deployment.load()  # read once for the whole parse
@@ -21,7 +21,7 @@ SEED = seed_asset(DEPLOYMENT)
 with DAG(
     dag_id="watch_seed",
     description="Announce the distill_seed asset when the seed's content changes (fallback for the watcher)",
-    # every watch_seed_seconds of the Variable distill_deployment (operators/deployment.py), 300 by default
+    # every watch_seed_seconds of the Variable distill_deployment (operators/dag_helpers/deployment.py), 300 by default
     schedule=timedelta(seconds=deployment.seconds(DEPLOYMENT, "watch_seed_seconds")),
     params={
         "seed_path": Param(

@@ -6,7 +6,7 @@ Usage:
 A fingerprint lists every data file of the seed with its size, mtime and SHA-256. Checking again stats every
 file (cheap) and hashes only the files whose size or mtime moved; the seed changed when a file appeared,
 disappeared or hashes differently. So ``touch`` alone changes nothing, and an appended row does. The event
-trigger ``operators.seed_watcher.SeedChangeTrigger`` polls with these functions; the CLI does the same once,
+trigger ``operators.triggers.seed_change.SeedChangeTrigger`` polls with these functions; the CLI does the same once,
 for a scheduled job (cron, a ``watch_seed`` DAG) where no triggerer runs: it prints the new fingerprint as JSON
 and exits 0 when the seed changed since ``--state``, 3 when it did not, 4 when the hub could not be asked.
 

@@ -6,7 +6,7 @@
 rows, tokens, truncated share, teacher cost) and links the run's *Report* tab.
 
 - Whether it waits: the form field *Approve before fine-tuning* for runs started by a person (off by default);
-  the deployment's ``approval.seed_refresh`` for runs a seed refresh starts (``operators/deployment.py``). Off,
+  the deployment's ``approval.seed_refresh`` for runs a seed refresh starts (``operators/dag_helpers/deployment.py``). Off,
   the task is skipped at once and ``finetune`` starts as before.
 - **Approve**: ``finetune`` starts. **Reject**: ``finetune`` and ``evaluate`` are skipped, the run ends without
   training, and ``decision.json`` in the task's folder (shown at the top of the report) says who rejected it.
@@ -26,7 +26,7 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowSkipException
 
-from operators.deployment import APPROVAL_DEFAULTS
+from operators.dag_helpers.deployment import APPROVAL_DEFAULTS
 
 logger = logging.getLogger(__name__)
 

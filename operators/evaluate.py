@@ -11,8 +11,8 @@ from airflow.sdk.exceptions import AirflowException
 from distilled_plugins.core.settings import is_empty
 from distilled_plugins.evaluate.config import EvalConfig, Protocol
 from distilled_plugins.teacher.settings import RequestSettings
-from operators.assets import emit
-from operators.failures import fails_clearly
+from operators.dag_helpers.assets import emit
+from operators.dag_helpers.failures import fails_clearly
 from operators.hooks import TeacherEndpointHook
 from operators.stage import StageOperator
 

@@ -12,11 +12,11 @@ from airflow.sdk.exceptions import AirflowException
 
 from distilled_plugins.core import errors
 from distilled_plugins.finetune.config import FinetuneConfig
-from operators.assets import emit
-from operators.failures import fails_clearly
+from operators.dag_helpers.assets import emit
+from operators.dag_helpers.failures import fails_clearly
+from operators.dag_helpers.xcom import with_fields
 from operators.stage import StageOperator
-from operators.triggers import MsrunJobTrigger
-from operators.xcom import with_fields
+from operators.triggers.msrun_job import MsrunJobTrigger
 
 if TYPE_CHECKING:
     from distilled_plugins.finetune.metrics import FinetuneResult
@@ -31,7 +31,7 @@ class MsrunFinetuneOperator(StageOperator):
     One task instance drives one node (``node_rank``); several nodes are this operator mapped over the node
     ranks, all with the same ``output_dir`` on shared storage and ``master_addr``. Deferrable (default): the
     node's job starts detached in its own session, the task frees its worker slot and
-    :class:`~operators.triggers.MsrunJobTrigger` watches the node's heartbeat and status files from whatever
+    :class:`~operators.triggers.msrun_job.MsrunJobTrigger` watches the node's heartbeat and status files from whatever
     host runs the triggerer. ``deferrable=False`` waits in the task instead. The job folder is named by a
     fingerprint of the inputs: a retry with the same inputs re-attaches to the running job, resumes from its newest
     checkpoint, or returns its finished result; changed inputs (packed data, config, base checkpoint) train anew.

@@ -13,11 +13,11 @@ from distilled_plugins.core.settings import coerce, default_of, is_empty
 from distilled_plugins.generate.config import GenerateConfig
 from distilled_plugins.teacher.batch_api import BatchesRunning, BatchSettings, batch_folder, cancel_running
 from distilled_plugins.teacher.settings import RequestSettings
-from operators.failures import WHAT_TO_DO, fails_clearly
+from operators.dag_helpers.failures import WHAT_TO_DO, fails_clearly
+from operators.dag_helpers.xcom import with_fields
 from operators.hooks import CONNECTION_SETTINGS, TeacherEndpointHook
 from operators.stage import StageOperator
-from operators.triggers import TeacherBatchTrigger
-from operators.xcom import with_fields
+from operators.triggers.teacher_batch import TeacherBatchTrigger
 
 _FIELDS = {f.name: f for f in dataclasses.fields(GenerateConfig)}
 
@@ -45,7 +45,7 @@ class GenerateReasoningOperator(StageOperator):
     and :class:`MergeShardsOperator` joins both (see ``distilled_plugins.core.schema``).
 
     ``teacher_mode="batch"`` sends the shard's requests to the first endpoint's Batch API: the task submits the
-    batches, defers while they run (:class:`~operators.triggers.TeacherBatchTrigger` polls them, the log shows each
+    batches, defers while they run (:class:`~operators.triggers.teacher_batch.TeacherBatchTrigger` polls them, the log shows each
     batch's status and counts; no worker slot is held), collects them and defers again for follow-up batches of
     failed requests. A retry or a cleared task re-attaches to the recorded batches; marking the deferred task
     failed cancels them.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from airflow.sdk import Context
 
 from distilled_plugins.handle.config import HandleConfig
-from operators.failures import fails_clearly
+from operators.dag_helpers.failures import fails_clearly
 from operators.stage import StageOperator
 
 

@@ -9,8 +9,8 @@ from airflow.sdk import Context
 
 from distilled_plugins.core.schema import STATS_FILE
 from distilled_plugins.pack.config import PackConfig
-from operators.assets import emit
-from operators.failures import fails_clearly
+from operators.dag_helpers.assets import emit
+from operators.dag_helpers.failures import fails_clearly
 from operators.stage import StageOperator
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from operators.assets import MODEL
+from operators.dag_helpers.assets import MODEL
 
 logger = logging.getLogger(__name__)
 

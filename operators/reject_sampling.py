@@ -10,11 +10,11 @@ from distilled_plugins.core.schema import STATS_ROWS_IN, STATS_ROWS_OUT
 from distilled_plugins.core.settings import is_empty
 from distilled_plugins.reject_sampling.config import RejectSamplingConfig
 from distilled_plugins.teacher.settings import RequestSettings
-from operators.assets import emit
-from operators.failures import fails_clearly
+from operators.dag_helpers.assets import emit
+from operators.dag_helpers.failures import fails_clearly
+from operators.dag_helpers.xcom import with_fields
 from operators.hooks import JudgeEndpointHook
 from operators.stage import StageOperator
-from operators.xcom import with_fields
 
 
 class RejectSamplingOperator(StageOperator):

@@ -41,7 +41,7 @@ def run_folder(dag_id: str, run_id: str) -> Path:
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
-    from operators import deployment
+    from operators.dag_helpers import deployment
 
     with create_session() as session:
         run = session.scalar(select(DagRun).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id))

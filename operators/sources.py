@@ -22,10 +22,10 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from distilled_plugins.core.io import write_json
 from distilled_plugins.core.schema import PACKED_ENTRY, STATS_FILE
-from operators.assets import seed_from_event
-from operators.failures import fails_clearly
+from operators.dag_helpers.assets import seed_from_event
+from operators.dag_helpers.failures import fails_clearly
+from operators.dag_helpers.params import WHOLE_NUMBERS
 from operators.hooks import TeacherEndpointHook
-from operators.params import WHOLE_NUMBERS
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The scheduled fallback of the seed watcher: one check per run of the ``watch_seed`` DAG.
 
-For deployments where the triggerer cannot run :class:`~operators.seed_watcher.SeedChangeTrigger` (no
+For deployments where the triggerer cannot run :class:`~operators.triggers.seed_change.SeedChangeTrigger` (no
 triggerer, or a seed the triggerer cannot see). It shares the watcher's fingerprint logic and its state-store
 key, so both can be on without announcing one change twice (the first to see it records it).
 """
@@ -12,8 +12,8 @@ import logging
 from airflow.sdk import get_current_context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from operators.assets import SEED_NAME
-from operators.seed_watcher import STATE_KEY
+from operators.dag_helpers.assets import SEED_NAME
+from operators.triggers.seed_change import STATE_KEY
 
 logger = logging.getLogger(__name__)
 

@@ -174,7 +174,7 @@ def test_an_error_no_retry_can_fix_fails_at_once_with_a_specific_line(tmp_path, 
     assert "what to do: fix the file or folder named in the error" in line
     assert "retries" not in line
     assert line in capsys.readouterr().out  # logged by the task itself: at the top level of the task log
-    from operators.failures import log_failure_summary
+    from operators.dag_helpers.failures import log_failure_summary
 
     capsys.readouterr()
     log_failure_summary({"ti": _TaskInstance("handle"), "task": op, "exception": raised.value})
@@ -185,7 +185,7 @@ def test_errors_are_told_apart_by_kind_and_task():
     from airflow.sdk.exceptions import AirflowNotFoundException
 
     from distilled_plugins.core import errors
-    from operators.failures import classify
+    from operators.dag_helpers.failures import classify
 
     cases = {
         ("finetune", errors.CheckpointMissing("load_checkpoint /x does not exist")): (False, "'Base checkpoint'"),
@@ -212,7 +212,7 @@ def test_errors_are_told_apart_by_kind_and_task():
 
 def test_a_retryable_error_is_retried_and_says_so(tmp_path, capsys):
     from operators import MsrunFinetuneOperator
-    from operators.failures import fails_clearly
+    from operators.dag_helpers.failures import fails_clearly
 
     class Flaky(MsrunFinetuneOperator):
         @fails_clearly
@@ -236,7 +236,7 @@ from datetime import timedelta
 from airflow.sdk import DAG
 
 from operators import MsrunFinetuneOperator
-from operators.failures import log_failure_summary
+from operators.dag_helpers.failures import log_failure_summary
 
 with DAG("fail_fast", schedule=None, params={"data": "", "out": "", "port": 8118}):
     MsrunFinetuneOperator(

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 
-from operators.deployment import ROUTING_KEYS, parse
+from operators.dag_helpers.deployment import ROUTING_KEYS, parse
 from tests.support import DEPLOYMENT, REPO, cli_env
 
 DOCKER = REPO / "docker"

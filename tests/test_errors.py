@@ -9,7 +9,7 @@ import pytest
 
 from distilled_plugins.core import cli, errors
 from distilled_plugins.core.io import require_columns
-from operators.failures import HINTS
+from operators.dag_helpers.failures import HINTS
 
 OWN_ERRORS = [
     obj

@@ -211,7 +211,13 @@ class TestCheckpointGeneration:
 
 
 @pytest.mark.parametrize(
-    ("model", "stored"), [("Qwen2.5-Math-7B", 52.4), ("Qwen2.5-14B-Instruct", 80.4), ("gemma-2-27b-it", 57.2)]
+    ("model", "stored"),
+    [
+        # ~80 s: some of its completions keep math_verify busy until its timeouts (make test runs it, make check not)
+        pytest.param("Qwen2.5-Math-7B", 52.4, marks=pytest.mark.slow),
+        ("Qwen2.5-14B-Instruct", 80.4),
+        ("gemma-2-27b-it", 57.2),
+    ],
 )
 def test_rescore_matches_stored_accuracy_within_one_point(tmp_path, model, stored):
     assert json.loads((SKYTHOUGHT / f"{model}.math500.metrics.json").read_text())["acc"] == stored

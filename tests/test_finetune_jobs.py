@@ -298,7 +298,7 @@ class TestAUsersStopIsNotRetried:
     node 0 would clear the request and start training again); one that failed on its own may be retried."""
 
     def ended(self, tmp_path: Path, by_user: bool) -> BaseException:
-        from operators.failures import classify
+        from operators.dag_helpers.failures import classify
 
         paths = JobPaths(tmp_path)
         jobs.request_stop(tmp_path, "the deferred task of node 1 was stopped by a user", by_user=by_user)

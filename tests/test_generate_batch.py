@@ -199,16 +199,16 @@ class TestLimits:
 
 class TestTeacherBatchTrigger:
     def test_serialization(self):
-        from operators.triggers import TeacherBatchTrigger
+        from operators.triggers.teacher_batch import TeacherBatchTrigger
 
         trigger = TeacherBatchTrigger("/x/shard-0.batches", "teacher_default", 5.0)
         assert trigger.serialize() == (
-            "operators.triggers.TeacherBatchTrigger",
+            "operators.triggers.teacher_batch.TeacherBatchTrigger",
             {"batch_folder": "/x/shard-0.batches", "teacher_conn_id": "teacher_default", "poll_seconds": 5.0},
         )
 
     def test_it_logs_each_change_and_fires_when_a_batch_ends(self, batch_teacher, seed, tmp_path, monkeypatch, capsys):
-        from operators.triggers import TeacherBatchTrigger
+        from operators.triggers.teacher_batch import TeacherBatchTrigger
 
         provider, url = batch_teacher(hold=True, api_key=SECRET)
         conn = {"conn_type": "http", "host": "127.0.0.1", "port": int(url.rpartition(":")[2]), "password": SECRET}

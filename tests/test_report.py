@@ -28,7 +28,7 @@ from distilled_plugins.report.approval import data_summary
 from distilled_plugins.report.collect import collect, previous_run
 from distilled_plugins.report.render import render
 from operators.approval import TASK_ID as GATE
-from operators.deployment import parse
+from operators.dag_helpers.deployment import parse
 from tests.support import MATH_TRAIN_SOLUTIONS, REPO, browser, read_jsonl, run_cli, wait_until
 
 DAG_ID = "distill_r1"

@@ -154,16 +154,16 @@ class FakeStateStore:
 
 class TestSeedChangeTrigger:
     def test_serialization(self):
-        from operators.seed_watcher import SeedChangeTrigger
+        from operators.triggers.seed_change import SeedChangeTrigger
 
         trigger = SeedChangeTrigger(path="/data/seed.jsonl", poll_interval=2.5)
         assert trigger.serialize() == (
-            "operators.seed_watcher.SeedChangeTrigger",
+            "operators.triggers.seed_change.SeedChangeTrigger",
             {"path": "/data/seed.jsonl", "poll_interval": 2.5},
         )
 
     def test_fires_once_per_content_change_and_survives_a_restart(self, tmp_path):
-        from operators.seed_watcher import STATE_KEY, SeedChangeTrigger
+        from operators.triggers.seed_change import STATE_KEY, SeedChangeTrigger
 
         path = write_jsonl(tmp_path / "seed.jsonl", ROWS)
         store = FakeStateStore()
@@ -213,7 +213,7 @@ def event(extra, minutes=0):
 
 class TestSeedFromEvent:
     def test_newest_watcher_event_wins(self):
-        from operators.assets import SEED_NAME, seed_from_event
+        from operators.dag_helpers.assets import SEED_NAME, seed_from_event
 
         context = {
             "triggering_asset_events": {
@@ -231,7 +231,7 @@ class TestSeedFromEvent:
         }
 
     def test_manual_runs_and_bare_events_use_the_parameter(self):
-        from operators.assets import SEED_NAME, seed_from_event
+        from operators.dag_helpers.assets import SEED_NAME, seed_from_event
 
         assert seed_from_event({"triggering_asset_events": {}}, "/p.jsonl")["seed"] == "/p.jsonl"
         assert seed_from_event({"triggering_asset_events": {SEED_NAME: [event({})]}}, "/p.jsonl")["seed"] == "/p.jsonl"
@@ -452,7 +452,7 @@ class TestHubSeed:
 
 class TestHubWatcher:
     def test_fires_once_per_new_commit_and_outlives_a_failing_hub(self, hub):
-        from operators.seed_watcher import STATE_KEY, SeedChangeTrigger
+        from operators.triggers.seed_change import STATE_KEY, SeedChangeTrigger
 
         first_sha = hub.publish(REPO_ID, {"train.jsonl": jsonl(ROWS)})
         store = FakeStateStore()
@@ -503,7 +503,7 @@ class TestHubWatcher:
         assert fired.payload["changed_files"][0].split()[1] != second_sha
 
     def test_seed_task_reads_the_pinned_commit_from_the_event(self):
-        from operators.assets import SEED_NAME, seed_from_event
+        from operators.dag_helpers.assets import SEED_NAME, seed_from_event
 
         payload = {"path": f"{REPO_ID}@abc", "fingerprint": "abc", "rows": 6, "uri": f"hf://datasets/{REPO_ID}@abc"}
         context = {"triggering_asset_events": {SEED_NAME: [event({"from_trigger": True, "payload": payload})]}}

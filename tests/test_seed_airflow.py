@@ -19,7 +19,7 @@ import pytest
 
 from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, make_seed
 from distilled_plugins.devtools.local_airflow import free_port
-from operators.seed_watcher import STATE_KEY
+from operators.triggers.seed_change import STATE_KEY
 from tests.support import MATH_TRAIN_SOLUTIONS, conversation_rows, read_jsonl, wait_until
 
 DAG_ID = "distill_r1"

@@ -14,7 +14,7 @@ from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, mak
 from distilled_plugins.devtools.hub_standin import HubStandin
 from distilled_plugins.devtools.local_airflow import free_port
 from distilled_plugins.devtools.teacher_server import ServerThread
-from operators.seed_watcher import STATE_KEY
+from operators.triggers.seed_change import STATE_KEY
 from tests.support import MATH_TRAIN_SOLUTIONS, read_jsonl, wait_until
 
 DAG_ID = "distill_r1"

@@ -133,7 +133,7 @@ def test_form_cli_and_operator_defaults_agree():
     code = (
         "import json, importlib.util as u; "
         f"s = u.spec_from_file_location('d', {str(DAG_FILE)!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
-        "from operators.params import FORM_FIELDS, UNSET_BY_DEFAULT; "
+        "from operators.dag_helpers.params import FORM_FIELDS, UNSET_BY_DEFAULT; "
         "print(json.dumps({n: [c.__module__ + ':' + c.__qualname__, f, m.params[n].value, m.params[n].description,"
         " m.params[n].schema, n in UNSET_BY_DEFAULT] for n, (c, f) in FORM_FIELDS.items()}))"
     )
@@ -177,7 +177,7 @@ def test_the_form_speaks_of_what_it_shows_and_names_fields_it_cannot_check():
     code = (
         "import json, importlib.util as u; "
         f"s = u.spec_from_file_location('d', {str(DAG_FILE)!r}); m = u.module_from_spec(s); s.loader.exec_module(m); "
-        "from operators.params import WHOLE_NUMBERS; "
+        "from operators.dag_helpers.params import WHOLE_NUMBERS; "
         "print(json.dumps({'whole': sorted(WHOLE_NUMBERS), "
         "'params': {n: [p.description, p.schema, p.value] for n, p in m.params.items()}}))"
     )
@@ -225,7 +225,7 @@ class ThrowawayOperator(StageOperator):
 
 def test_a_new_setting_is_one_field():
     """The field ``beams`` written once reaches the command line, the operator and the trigger form."""
-    from operators.params import FORM_FIELDS, field_param
+    from operators.dag_helpers.params import FORM_FIELDS, field_param
 
     parser = argparse.ArgumentParser()
     settings.add_arguments(parser, ThrowawayConfig)

@@ -1,7 +1,7 @@
 """The errors a stage raises on purpose, and the one table that says whether running again can fix each.
 
 ``RETRY_CAN_FIX`` is read by the command line (``cli.run``: an error listed here is the user's to fix and ends the
-command with one line, anything else is a bug and says so) and by the operators (``operators.failures``: an error
+command with one line, anything else is a bug and says so) and by the operators (``operators.dag_helpers.failures``: an error
 no retry can fix fails the task at once instead of waiting out its retries). Decisions go by type, never by the
 message's text: where one kind of error needs its own advice, it gets its own subclass here.
 """

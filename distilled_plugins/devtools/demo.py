@@ -97,7 +97,7 @@ def airflow_for_demo(
 ) -> LocalAirflow:
     """The demo's private Airflow: ``settings`` are the deployment's defaults (the form's, and those of runs the
     seed watcher starts), stored with ``deployment`` (e.g. ``retry_delay_seconds=1``) in the Variable
-    ``distill_deployment`` (operators/deployment.py) that every service reads from the database. ``users``
+    ``distill_deployment`` (operators/dag_helpers/deployment.py) that every service reads from the database. ``users``
     (``"admin:admin"``): real logins instead of none (``LocalAirflow``)."""
     host, _, teacher_port = teacher_url.removeprefix("http://").partition(":")
     return LocalAirflow(

@@ -6,7 +6,7 @@ The Celery variant (``database_url`` of a PostgreSQL, ``broker_url`` of a Redis:
 :mod:`distilled_plugins.devtools.cluster_services`) runs CeleryExecutor and Celery workers started with
 :meth:`LocalAirflow.start_worker`, each under its own hostname and queues.
 ``variables`` are stored in the metadata database before any service starts (the deployment's configuration,
-the Variable ``distill_deployment``: see ``operators/deployment.py``), never in the services' environment.
+the Variable ``distill_deployment``: see ``operators/dag_helpers/deployment.py``), never in the services' environment.
 ``users`` (``"admin:admin"``) turns on real logins as ``docker/docker-compose.yml`` configures them: the Simple
 auth manager generates each user's password into ``auth/passwords.json`` on the API server's first start, and
 every REST call here sends the token of a login with it.

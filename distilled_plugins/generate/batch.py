@@ -17,7 +17,7 @@ the generation store and the stats are those of online mode). One step (:meth:`B
    its ids recorded before the provider is called.
 
 The CLI steps until nothing runs, sleeping ``batch_poll_seconds`` between looks; the operator defers between
-steps (``operators.triggers.TeacherBatchTrigger``). A request is in at most one running batch, and only a request
+steps (``operators.triggers.teacher_batch.TeacherBatchTrigger``). A request is in at most one running batch, and only a request
 that has no result is sent again: the provider completes each at most once.
 """
 

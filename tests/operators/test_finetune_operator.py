@@ -14,7 +14,7 @@ import pytest
 from distilled_plugins.core import configs
 from distilled_plugins.devtools.local_airflow import free_port
 from distilled_plugins.finetune import stage
-from operators.triggers import MsrunJobTrigger
+from operators.triggers.msrun_job import MsrunJobTrigger
 from tests.support import TINY_ROWS
 
 
@@ -24,7 +24,7 @@ class TestMsrunJobTrigger:
             job_dir="/r/job-1", node_rank=1, poll_interval=2.0, stall_timeout=60.0, dead_after=30.0
         )
         assert trigger.serialize() == (
-            "operators.triggers.MsrunJobTrigger",
+            "operators.triggers.msrun_job.MsrunJobTrigger",
             {"job_dir": "/r/job-1", "node_rank": 1, "poll_interval": 2.0, "stall_timeout": 60.0, "dead_after": 30.0},
         )
 

@@ -76,7 +76,7 @@ def parse(text: str | None) -> dict:
     >>> parse('{"npu_qeue": "npu"}')
     Traceback (most recent call last):
     ...
-    operators.deployment.DeploymentConfigError: Variable distill_deployment: unknown key(s) npu_qeue; known: approval, cpu_queue, defaults, npu_queue, retry_delay_seconds, seed_poll_seconds, teacher_pool, training_pool, watch_seed_seconds
+    operators.dag_helpers.deployment.DeploymentConfigError: Variable distill_deployment: unknown key(s) npu_qeue; known: approval, cpu_queue, defaults, npu_queue, retry_delay_seconds, seed_poll_seconds, teacher_pool, training_pool, watch_seed_seconds
     """
     if not text or not text.strip():
         return {}
@@ -182,7 +182,7 @@ def check_defaults(config: dict, params: dict) -> None:
     >>> check_defaults({"defaults": {"num_generation": 2}}, {"num_generations": 1, "shards": 1})
     Traceback (most recent call last):
     ...
-    operators.deployment.DeploymentConfigError: Variable distill_deployment: defaults names unknown parameter(s) num_generation; the parameters are: num_generations, shards
+    operators.dag_helpers.deployment.DeploymentConfigError: Variable distill_deployment: defaults names unknown parameter(s) num_generation; the parameters are: num_generations, shards
     """
     unknown = sorted(set(defaults(config)) - set(params))
     if unknown:

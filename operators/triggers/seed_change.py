@@ -35,7 +35,10 @@ class SeedChangeTrigger(BaseEventTrigger):
         self._memory: dict | None = None  # the fingerprint when no state store is available
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return "operators.seed_watcher.SeedChangeTrigger", {"path": self.path, "poll_interval": self.poll_interval}
+        return "operators.triggers.seed_change.SeedChangeTrigger", {
+            "path": self.path,
+            "poll_interval": self.poll_interval,
+        }
 
     async def _load(self) -> Fingerprint | None:
         from distilled_plugins import seed  # here and in run: the DAG file imports this module

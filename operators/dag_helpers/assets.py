@@ -1,6 +1,6 @@
 """The assets the distillation DAG reads and writes, shared by every DAG that chains onto it.
 
-The seed asset (:func:`seed_asset`) is watched by :class:`~operators.seed_watcher.SeedChangeTrigger`; the others are outlets of the
+The seed asset (:func:`seed_asset`) is watched by :class:`~operators.triggers.seed_change.SeedChangeTrigger`; the others are outlets of the
 ``distill_r1`` tasks, each event carrying in its ``extra`` the run's artifact path and a few figures (see
 :func:`emit`). A team schedules its own DAG on one of them (``schedule=[MODEL]``), as ``dags/publish_model.py``
 does, and reads the figures from ``triggering_asset_events``.
@@ -14,8 +14,8 @@ from airflow.sdk import Asset, AssetWatcher
 
 from distilled_plugins import seed
 from distilled_plugins.core.configs import SHARED_DATA
-from operators import deployment
-from operators.seed_watcher import SeedChangeTrigger
+from operators.dag_helpers import deployment
+from operators.triggers.seed_change import SeedChangeTrigger
 
 
 class SeedAsset(NamedTuple):
@@ -26,7 +26,7 @@ class SeedAsset(NamedTuple):
 
 
 def seed_asset(config: dict) -> SeedAsset:
-    """The seed asset and its settings from the deployment's configuration (:func:`operators.deployment.load`: its
+    """The seed asset and its settings from the deployment's configuration (:func:`operators.dag_helpers.deployment.load`: its
     ``defaults.seed_dataset`` and ``seed_poll_seconds``). A DAG file calls it with the configuration it read once
     for its whole parse; not at the import of this module, which the triggerer and the operators import too."""
     path = str(deployment.defaults(config).get("seed_dataset") or SHARED_DATA / "math_train" / "math12k_train.parquet")

@@ -42,6 +42,7 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, chain
 
+from distilled_plugins.core import schema
 from distilled_plugins.core.configs import QWEN_TOKENIZER
 from distilled_plugins.core.settings import DATA, EVALUATION, FINETUNE, OUTPUT, PROCESSING, TEACHER
 from distilled_plugins.evaluate.config import EvalConfig, Protocol
@@ -170,7 +171,8 @@ params = {
         minimum=1,
         maximum=64,
     ),
-    # the teacher's Batch API (distilled_plugins/generate/batch.py): half the price, results within 24 h, the task deferred
+    # the teacher's Batch API (distilled_plugins/generate/batch.py): half the price, results within 24 h, the
+    # task deferred meanwhile
     "teacher_mode": field_param(
         "teacher_mode",
         BatchSettings,
@@ -387,7 +389,7 @@ with DAG(
         **{name: f"{{{{ params.teacher_{name} }}}}" for name in CONNECTION_SETTINGS},
         teacher_mode="{{ params.teacher_mode }}",
         batch_poll_seconds="{{ params.teacher_batch_poll_seconds }}",
-        output_file=RUN_DIR + "/generate/shard-{{ ti.map_index }}.jsonl",
+        output_file=f"{RUN_DIR}/{schema.SHARD_OUTPUT.format('{{ ti.map_index }}')}",
         store_dir="{{ params.output_root }}/generation_store",
     ).expand(shard_index=shards)
     merged = MergeShardsOperator(
@@ -396,13 +398,13 @@ with DAG(
         shards=generate.output,
         prompt_column="{{ params.prompt_column }}",
         uuid_column="{{ params.uuid_column }}",
-        output_file=RUN_DIR + "/merge/generations.jsonl",
+        output_file=f"{RUN_DIR}/{schema.MERGED}",
     )
     filtered = RejectSamplingOperator(
         task_id="reject_sampling",
         **task_kwargs("cpu", DEPLOYMENT),
         src=merged.output,
-        dst=RUN_DIR + "/reject_sampling/filtered.jsonl",
+        dst=f"{RUN_DIR}/{schema.FILTERED}",
         answer_column="{{ params.answer_column }}",
         problem_column="{{ params.prompt_column }}",
         judge_conn_id="{{ params.judge_conn_id }}",
@@ -420,7 +422,7 @@ with DAG(
         # from whichever entry point ran: rejection sampling's output or the OpenR1-style dataset
         src="{{ ti.xcom_pull(task_ids='reject_sampling', key='output') or ti.xcom_pull(task_ids='from_openr1') }}",
         trigger_rule="none_failed_min_one_success",
-        dst=RUN_DIR + "/handle",
+        dst=f"{RUN_DIR}/{schema.HANDLED}",
         tokenizer="{{ params.tokenizer_dir }}",
         max_length="{{ params.max_length }}",
         truncation="{{ params.truncation }}",
@@ -429,7 +431,7 @@ with DAG(
         task_id="pack",
         **task_kwargs("cpu", DEPLOYMENT),
         src=handled.output,
-        dst=RUN_DIR + "/pack",
+        dst=f"{RUN_DIR}/{schema.PACKED}",
         finetune_config="{{ params.finetune_config }}",
         overlong="{{ params.overlong }}",
         outlets=[PACKED],
@@ -442,7 +444,7 @@ with DAG(
         dataset_path="{{ ti.xcom_pull(task_ids='pack') or ti.xcom_pull(task_ids='from_packed') }}",
         trigger_rule="none_failed_min_one_success",
         outlets=[MODEL],
-        output_dir=RUN_DIR + "/finetune",
+        output_dir=f"{RUN_DIR}/{schema.FINETUNE}",
         load_checkpoint="{{ params.base_checkpoint }}",
         epochs="{{ params.epochs }}",
         learning_rate="{{ params.learning_rate }}",
@@ -454,7 +456,7 @@ with DAG(
     evaluated = Math500EvalOperator(
         task_id="evaluate",
         **task_kwargs("npu_eval", DEPLOYMENT),
-        out=RUN_DIR + "/evaluate",
+        out=f"{RUN_DIR}/{schema.EVALUATED}",
         source="{{ params.eval_source }}",
         checkpoint="{{ ti.xcom_pull(task_ids='finetune', map_indexes=0)['checkpoint_dir'] }}",
         mindformers_config="{{ params.finetune_config }}",

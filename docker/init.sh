@@ -8,14 +8,14 @@ bash /opt/distill/docker/check-env.sh
 deployment=/opt/distill/docker/deployment.json
 # the deployment's settings, checked before anything starts (one line naming the problem)
 python -c 'import sys
-from operators.deployment import DeploymentConfigError, parse
+from operators.dag_helpers.deployment import DeploymentConfigError, parse
 try:
     parse(open(sys.argv[1]).read())
 except DeploymentConfigError as e:
     sys.exit(f"{sys.argv[1]}: {e}")' "$deployment"
 airflow db migrate
 # the one place every service and worker reads them: the Variable distill_deployment in the database
-# (operators/deployment.py); the file is the source: an edit made in the UI is replaced at the next start
+# (operators/dag_helpers/deployment.py); the file is the source: an edit made in the UI is replaced at the next start
 airflow variables set distill_deployment "$(cat "$deployment")"
 # the pools docker/deployment.json names (teacher_pool, training_pool; none when a key is absent); sizes from the
 # environment. (Its queues must be the ones the workers serve: --queues in docker-compose.yml.)

@@ -125,3 +125,21 @@ def test_the_dag_file_loads_only_what_declaring_the_dag_needs():
     stages = {m for m in engine if not m.startswith(tuple(f"distilled_plugins.{r}" for r in light))}
     # of a stage, only its package and its settings
     assert all(m.count(".") == 1 or m.endswith(".config") for m in stages), sorted(stages)
+
+
+@pytest.mark.parametrize(
+    "old",
+    [
+        "operators.triggers.MsrunJobTrigger",
+        "operators.triggers.TeacherBatchTrigger",
+        "operators.seed_watcher.SeedChangeTrigger",
+    ],
+)
+def test_triggers_stored_under_their_old_classpaths_still_load(old):
+    """A deployment upgraded while a task is deferred has these in its trigger table: the triggerer must load them
+    (it imports the classpath, as Airflow's import_string does)."""
+    from airflow.sdk.module_loading import import_string
+
+    trigger = import_string(old)
+    assert trigger.__name__ == old.rsplit(".", 1)[1]
+    assert trigger.__module__.startswith("operators.triggers.")

@@ -26,7 +26,7 @@ def compose() -> dict:
     return yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
 
 
-def test_compose_file_describes_a_celery_deployment_with_a_cpu_and_an_npu_worker():
+def test_compose_file_describes_a_celery_deployment_with_a_cpu_and_an_npu_worker(tmp_path):
     services = compose()["services"]
     assert {"postgres", "redis", "airflow-init", *AIRFLOW_SERVICES} <= set(services)
     for name in (*AIRFLOW_SERVICES, "airflow-init"):
@@ -73,6 +73,14 @@ def test_compose_file_describes_a_celery_deployment_with_a_cpu_and_an_npu_worker
         assert done.stdout.strip() == deployment[key]
         assert f'pools set "${key}"' in init
     assert re.search(r'pools set "\$training_pool" [^\n]*\\\n\s*--include-deferred', init)
+    # its check of the file, run here as the image runs it: a module it imports that moved would stop the deployment
+    check = init[init.index("python -c 'import sys") : init.index('"$deployment"\nairflow db migrate')]
+    for content, fails in ((DOCKER / "deployment.json").read_text(), False), ('{"cpu_queue": 3}', True):
+        (tmp_path / "deployment.json").write_text(content)
+        script = f'deployment={tmp_path / "deployment.json"}; {check} "$deployment"'
+        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])
+        done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=cli_env(PATH=path), cwd=REPO)
+        assert (done.returncode != 0) == fails and "Traceback" not in done.stderr, done.stderr
 
 
 def test_every_long_running_service_has_a_healthcheck():

@@ -271,3 +271,24 @@ def test_every_stage_writes_where_dst_says(build_parser, required, aliases):
         args = build_parser().parse_args([*required, flag, "target"])
         dest = next(a.dest for a in build_parser()._actions if "--dst" in a.option_strings)
         assert getattr(args, dest) == "target", flag
+
+
+def test_the_teachers_endpoint_and_sampling_fields_are_one_group_each():
+    """Generation and evaluation inherit EndpointSettings and Sampling: the same flags, help and ranges; a stage's
+    own default (settings.redefault) changes nothing else of the field."""
+    from distilled_plugins.teacher.settings import EndpointSettings, Sampling
+
+    for group, owners in ((EndpointSettings, (GenerateConfig, EvalConfig)), (Sampling, (GenerateConfig, Protocol))):
+        for shared in dataclasses.fields(group):
+            for owner in owners:
+                own = next(f for f in dataclasses.fields(owner) if f.name == shared.name)
+                assert own.metadata["help"] == shared.metadata["help"], (owner.__name__, shared.name)
+                assert own.metadata["minimum"] == shared.metadata["minimum"], (owner.__name__, shared.name)
+    by_name = {f.name: f for f in dataclasses.fields(GenerateConfig)}
+    assert by_name["model"].metadata["required"] and by_name["max_concurrent"].default == 100
+    assert by_name["max_concurrent"].metadata["section"] == "Teacher"
+    assert next(f for f in dataclasses.fields(EvalConfig) if f.name == "max_concurrent").default == 64
+    # evaluation hands its endpoint and sampling to generation by the groups' fields, none by hand
+    cfg = EvalConfig(out="x", api_addr="h:1", model="m", protocol=Protocol(temperature=0.0))
+    assert settings.values_of(EndpointSettings, cfg)["api_addr"] == "h:1"
+    assert settings.values_of(Sampling, cfg.protocol) == {"temperature": 0.0, "top_p": 0.95}

@@ -1,8 +1,9 @@
 """The errors a stage raises on purpose, and the one table that says whether running again can fix each.
 
 ``RETRY_CAN_FIX`` is read by the command line (``cli.run``: an error listed here is the user's to fix and ends the
-command with one line, anything else is a bug and says so) and by the operators (``operators.dag_helpers.failures``: an error
-no retry can fix fails the task at once instead of waiting out its retries). Decisions go by type, never by the
+command with one line, anything else is a bug and says so) and by the operators
+(``operators.dag_helpers.failures``: an error no retry can fix fails the task at once instead of waiting out its
+retries). Decisions go by type, never by the
 message's text: where one kind of error needs its own advice, it gets its own subclass here.
 """
 
@@ -54,7 +55,8 @@ class FinetuneStoppedByUser(FinetuneFailed):
 
 
 class ChildFailed(RuntimeError):
-    """A program a stage starts (mindformers' generation) exited badly; the message carries its last lines."""
+    """A program a stage starts (mindformers' generation, a grading worker) exited badly or never started; the
+    message carries its last lines."""
 
 
 # (error class, whether running the same thing again can fix it): the first class the error is an instance of
@@ -72,7 +74,7 @@ RETRY_CAN_FIX: tuple[tuple[type[BaseException], bool], ...] = (
     (FileNotFoundError, False),
     (ValueError, False),  # a setting out of range, a config that does not parse
     (OSError, True),  # a full disk, a dropped mount: may be gone on the next try
-    (LookupError, False),
+    (LookupError, True),  # a missing key may be a bug as well as bad input: Airflow retries, as it always did
 )
 EXPECTED: tuple[type[BaseException], ...] = tuple(kind for kind, _ in RETRY_CAN_FIX)
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from distilled_plugins.core.errors import ChildFailed
+
 logger = logging.getLogger(__name__)
 
 CORRECT, WRONG, NO_ANSWER, TRUNCATED, TIMEOUT, GOLD_UNPARSEABLE, ERROR = (
@@ -210,7 +212,7 @@ class GradingPool:
         self._workers = [self._start_worker() for _ in range(self.size)]
         for worker in self._workers:  # started in parallel; wait until each has imported math_verify
             if worker.conn.recv() != "ready":
-                raise RuntimeError("a grading worker failed to start")
+                raise ChildFailed("a grading worker failed to start")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -232,7 +234,7 @@ class GradingPool:
         worker.conn.close()
         fresh = self._start_worker()
         if fresh.conn.recv() != "ready":
-            raise RuntimeError("a grading worker failed to start")
+            raise ChildFailed("a grading worker failed to start")
         self._workers[self._workers.index(worker)] = fresh
         self.replaced += 1
 

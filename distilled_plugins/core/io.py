@@ -81,7 +81,7 @@ def read_json_or_none(path: str | Path) -> dict | None:
     progress, an earlier try that stopped before writing it)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (FileNotFoundError, ValueError):  # another error (permissions, I/O) is not "nothing yet": it surfaces
         return None
 
 
@@ -299,7 +299,7 @@ def iter_column_batches(paths: list[str | Path], column: str, batch_size: int) -
 
             parquet = pq.ParquetFile(path)
             if column not in parquet.schema_arrow.names:
-                raise DataError(
+                raise MissingColumn(
                     f"{path}: column {column!r} not found; columns present: {', '.join(parquet.schema_arrow.names)}"
                 )
             for batch in parquet.iter_batches(batch_size=batch_size, columns=[column]):

@@ -100,13 +100,16 @@ def parts_path(output: str | Path) -> Path:
 # the report (and the approval gate) read
 REPORT_FILE = "report/report.html"
 ROWS_CACHE = "report/rows.json"  # the per-row scan's result, with the sizes and times of the files it read
-SHARD_STATS = f"generate/shard-*{STATS_SUFFIX}"
+SHARD_OUTPUT = "generate/shard-{}.jsonl"  # formatted with the shard's index
+SHARD_STATS = SHARD_OUTPUT.replace(".jsonl", STATS_SUFFIX).format("*")
 MERGED = "merge/generations.jsonl"
 FILTERED = "reject_sampling/filtered.jsonl"
 HANDLED = "handle"
 PACKED = "pack"
-FINETUNE_JOBS = "finetune/job-*"
-EVALUATION = "evaluate/report.json"
+FINETUNE = "finetune"
+FINETUNE_JOBS = f"{FINETUNE}/job-*"
+EVALUATED = "evaluate"
+EVALUATION = f"{EVALUATED}/report.json"
 DECISION = "approve_finetune/decision.json"  # the approval gate's record (operators/approval.py)
 # a run started at the packed dataset entry point: the folder it trains on (operators/sources.from_packed)
 PACKED_ENTRY = "from_packed/packed_dataset.json"

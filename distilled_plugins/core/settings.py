@@ -92,6 +92,22 @@ def setting(
     return dataclasses.field(default=default, metadata=metadata, repr=repr)
 
 
+def redefault(owner, name: str, default: Any = _MISSING, *, required: bool = False, **changes) -> Any:
+    """Field ``name`` of the settings class ``owner`` (a group of fields several stages share), with this stage's
+    default (or ``required=True``) and, where given, its own ``title``, ``section``, ``minimum`` or ``maximum``:
+    the help, the flag and the rest stay written once, in ``owner``."""
+    f = next(f for f in dataclasses.fields(owner) if f.name == name)
+    metadata = {**f.metadata, "required": required, **changes}
+    if required:
+        return dataclasses.field(metadata=metadata, repr=f.repr, kw_only=True)
+    return dataclasses.field(default=default, metadata=metadata, repr=f.repr, kw_only=True)
+
+
+def values_of(group, obj) -> dict[str, Any]:
+    """``obj``'s values of the fields of the settings class ``group`` (one of the groups it inherits), by name."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(group)}
+
+
 def described_fields(cls) -> list[dataclasses.Field]:
     """The fields of a config dataclass made with :func:`setting`, in order."""
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]

@@ -15,7 +15,7 @@ from distilled_plugins.evaluate.config import EvalConfig, Protocol
 from distilled_plugins.evaluate.stage import run
 from distilled_plugins.teacher.settings import API_KEY_ENV, RequestSettings
 
-logger = logging.getLogger("distilled_plugins.evaluate")  # not __main__: the stage's name in its log lines
+logger = logging.getLogger(__package__)  # the stage's name, from any of its modules
 
 
 def build_parser() -> argparse.ArgumentParser:

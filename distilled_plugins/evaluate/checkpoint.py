@@ -14,7 +14,7 @@ from distilled_plugins.core.errors import ChildFailed
 from distilled_plugins.evaluate.completions import COMPLETIONS_FILE, write_problems
 from distilled_plugins.evaluate.config import EvalConfig
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__package__)  # the stage's name, from any of its modules
 
 MF_GENERATE = "distilled_plugins.in_mindformers.mf_generate"
 RELAYED = " distilled_plugins."  # in a line of mf_generate's own loggers (not mindformers' or mindspore's)

@@ -18,7 +18,7 @@ from distilled_plugins.core.io import dumps_line, load_rows, write_json
 from distilled_plugins.core.schema import parts_path
 from distilled_plugins.evaluate.config import EvalConfig
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__package__)  # the stage's name, from any of its modules
 
 PROBLEM_COLUMNS = ("problem", "answer", "subject", "level", "unique_id")
 SETTINGS_FILE = "settings.json"  # what the completions in a completions folder were made with

@@ -7,19 +7,16 @@ from dataclasses import dataclass
 from distilled_plugins.core import configs
 from distilled_plugins.core.settings import EVALUATION, setting
 from distilled_plugins.handle.config import SYSTEM_PROMPT
-from distilled_plugins.teacher.endpoints import Endpoint
-from distilled_plugins.teacher.settings import RequestSettings, RetryPolicy
+from distilled_plugins.teacher.settings import EndpointSettings, RequestSettings, RetryPolicy, Sampling
 
 MATH500, TOKENIZER = configs.MATH500, configs.QWEN_TOKENIZER
 
 
 @dataclass
-class Protocol:
+class Protocol(Sampling):
     """How completions are sampled (open-r1's values); every field is written into the report."""
 
     system_prompt: str = setting(SYSTEM_PROMPT, help="system message before each problem")
-    temperature: float = setting(0.6, help="sampling temperature (0: greedy)", minimum=0)
-    top_p: float = setting(0.95, help="nucleus sampling top_p", minimum=0, maximum=1)
     max_new_tokens: int = setting(
         32768,
         help="longest completion generated per evaluated sample, in tokens",
@@ -40,7 +37,7 @@ class Protocol:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(EndpointSettings):
     """Settings of one evaluation: where the problems and completions come from, and where the report goes."""
 
     out: str = setting(
@@ -58,16 +55,7 @@ class EvalConfig:
         section=EVALUATION,
     )
     protocol: Protocol = setting(factory=Protocol, help="the sampling protocol (its own flags)", cli=False)
-    # completions from an endpoint ...
-    api_addr: str | None = setting(
-        None, help="endpoint serving the model (host:port or URL; several separated by commas)"
-    )
-    model: str | None = setting(None, help="model name at the endpoint")
-    api_key: str | None = setting(None, help="the endpoint's API key (CLI: from --api-key-env)", cli=False, repr=False)
-    endpoints: list[Endpoint] | None = setting(
-        None, help="instead of api_addr: endpoints with their own keys, weights and limits", cli=False
-    )
-    max_concurrent: int = setting(64, help="requests in flight at once (endpoint mode)", minimum=1)
+    # completions from an endpoint (EndpointSettings: api_addr, model, endpoints, max_concurrent) ...
     retry: RetryPolicy = setting(
         None,
         help="a RequestSettings (timeouts, attempts, rate limits, stream, prices), as generate's (its own flags)",

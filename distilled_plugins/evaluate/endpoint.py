@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from distilled_plugins.core.settings import values_of
 from distilled_plugins.evaluate.completions import COMPLETIONS_FILE, write_problems
 from distilled_plugins.evaluate.config import EvalConfig
 from distilled_plugins.generate import GenerateConfig
 from distilled_plugins.generate.stage import run as generate
+from distilled_plugins.teacher.settings import EndpointSettings, Sampling
 
 
 def completions_from_endpoint(cfg: EvalConfig, problems: list[dict], folder: Path) -> Path:
@@ -17,17 +19,12 @@ def completions_from_endpoint(cfg: EvalConfig, problems: list[dict], folder: Pat
         GenerateConfig(
             dataset_name=str(write_problems(folder, problems)),
             output_file=str(folder / COMPLETIONS_FILE),
-            model=cfg.model,
+            **values_of(EndpointSettings, cfg),
+            **values_of(Sampling, protocol),
             prompt_column="problem",
             uuid_column="unique_id",
-            api_addr=cfg.api_addr,
-            api_key=cfg.api_key,
-            endpoints=cfg.endpoints,
             num_generations=protocol.n_samples,
             max_tokens=protocol.max_new_tokens,
-            max_concurrent=cfg.max_concurrent,
-            temperature=protocol.temperature,
-            top_p=protocol.top_p,
             prompt_template="{prompt}",
             system_prompt=protocol.system_prompt,
             seed=protocol.seed,

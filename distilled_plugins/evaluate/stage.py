@@ -16,7 +16,7 @@ from distilled_plugins.evaluate.endpoint import completions_from_endpoint
 from distilled_plugins.evaluate.report import build_report, read_baseline, write_report
 from distilled_plugins.evaluate.scoring import DROP_REASONS, rows_to_score, score
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__package__)  # the stage's name, from any of its modules
 
 
 def _completions(cfg: EvalConfig, folder: Path) -> tuple[Path, list[dict] | None]:

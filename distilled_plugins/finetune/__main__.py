@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
     except yaml.YAMLError as e:
         p.error(f"--set: a value is not valid YAML ({' '.join(str(e).split())})")
-    log = logging.getLogger("distilled_plugins.finetune")
+    log = logging.getLogger(__package__)  # the stage's name, from any of its modules
     try:
         result = run(from_args(FinetuneConfig, args, overrides=overrides))
     except FinetuneFailed as e:  # its message carries the failing worker's log tail: show it, then the one line

@@ -38,7 +38,7 @@ from distilled_plugins.finetune.run_config import (
 )
 from distilled_plugins.finetune.supervisor import start_supervisor
 
-logger = logging.getLogger("distilled_plugins.finetune")
+logger = logging.getLogger(__package__)  # the stage's name, from any of its modules
 
 
 @dataclass

@@ -17,7 +17,7 @@ from distilled_plugins.generate.stage import run
 from distilled_plugins.teacher.batch_api import BatchSettings
 from distilled_plugins.teacher.settings import API_KEY_ENV, RequestSettings
 
-logger = logging.getLogger("distilled_plugins.generate")
+logger = logging.getLogger(__package__)  # the stage's name, from any of its modules
 
 
 def build_parser() -> argparse.ArgumentParser:

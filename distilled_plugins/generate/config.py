@@ -12,10 +12,9 @@ from pathlib import Path
 
 from distilled_plugins.core.errors import DataError
 from distilled_plugins.core.schema import PROMPT_COLUMN
-from distilled_plugins.core.settings import DATA, TEACHER, setting
+from distilled_plugins.core.settings import DATA, TEACHER, redefault, setting
 from distilled_plugins.teacher.batch_api import BatchSettings
-from distilled_plugins.teacher.endpoints import Endpoint
-from distilled_plugins.teacher.settings import RequestSettings, RetryPolicy
+from distilled_plugins.teacher.settings import EndpointSettings, RequestSettings, RetryPolicy, Sampling
 
 DEFAULT_PROMPT_TEMPLATE = (
     "You will be given a problem. Please reason step by step, and put your final answer within \\boxed{{}}:\n{prompt}"
@@ -30,7 +29,7 @@ MERGE_DROP_REASONS = ("duplicate_key",)
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(EndpointSettings, Sampling):
     """Settings of one generation run (one shard of the seed)."""
 
     dataset_name: str = setting(
@@ -41,7 +40,12 @@ class GenerateConfig:
     output_file: str = setting(
         help="JSONL output; resumed if it exists", required=True, flag="--dst", aliases=("--output-file",)
     )
-    model: str = setting(help="model name sent to the endpoint", required=True)
+    # the endpoint and sampling fields are the shared groups' (EndpointSettings, Sampling); the teacher's defaults
+    model: str = redefault(EndpointSettings, "model", required=True)
+    api_addr: str = redefault(EndpointSettings, "api_addr", "localhost:39876")
+    max_concurrent: int = redefault(
+        EndpointSettings, "max_concurrent", 100, maximum=10000, title="Requests in flight", section=TEACHER
+    )
     prompt_column: str = setting(
         "problem",
         help="column holding the problem text (a string or chat messages)",
@@ -54,13 +58,6 @@ class GenerateConfig:
         title="Problem id column",
         section=DATA,
     )
-    api_addr: str = setting(
-        "localhost:39876", help="host:port or http(s):// base URL; several separated by commas share the requests"
-    )
-    api_key: str | None = setting(None, help="the endpoints' API key (CLI: from --api-key-env)", cli=False, repr=False)
-    endpoints: list[Endpoint] | None = setting(
-        None, help="instead of api_addr: endpoints with their own keys, weights and limits", cli=False
-    )
     num_generations: int = setting(
         4, help="completions per problem", minimum=1, maximum=64, title="Completions per problem", section=TEACHER
     )
@@ -72,11 +69,6 @@ class GenerateConfig:
         title="Longest completion (tokens)",
         section=TEACHER,
     )
-    max_concurrent: int = setting(
-        100, help="requests in flight at once", minimum=1, maximum=10000, title="Requests in flight", section=TEACHER
-    )
-    temperature: float = setting(0.6, help="sampling temperature", minimum=0)
-    top_p: float = setting(0.95, help="nucleus sampling top_p", minimum=0, maximum=1)
     prompt_template: str = setting(DEFAULT_PROMPT_TEMPLATE, help="user turn; {prompt} is the problem")
     system_prompt: str | None = setting(None, help="system message sent before the prompt (evaluation uses one)")
     seed: int | None = setting(None, help="sampling seed sent with each request, where the endpoint supports it")

@@ -28,7 +28,7 @@ from distilled_plugins.generate.config import GenerateConfig
 from distilled_plugins.generate.store import GenerationStore
 from distilled_plugins.teacher.client import Completion
 
-logger = logging.getLogger("distilled_plugins.generate")  # the stage's log lines keep the stage's name
+logger = logging.getLogger(__package__)  # the stage's name, from any of its modules
 
 
 def generated_json(generated: dict) -> bytes:

@@ -21,7 +21,7 @@ from distilled_plugins.generate.config import MERGE_DROP_REASONS
 from distilled_plugins.generate.journal import output_line, reused_path, splice_line
 from distilled_plugins.generate.store import STORE_FILE, GenerationStore
 
-logger = logging.getLogger("distilled_plugins.generate")  # the stage's log lines keep the stage's name
+logger = logging.getLogger(__package__)  # the stage's name, from any of its modules
 
 # rows of a shard's reused list that merge takes from the store per lookup (each row is held until written)
 MERGE_LOOKUP_BATCH = 32

@@ -11,7 +11,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
 
-from distilled_plugins.core.errors import DataError
+from distilled_plugins.core.errors import DataError, MissingColumn
 from distilled_plugins.core.io import atomic_path, dumps_line, iter_rows, require_columns
 from distilled_plugins.core.schema import REUSED_HEADER, parts_path, row_key
 from distilled_plugins.generate.config import GenerateConfig, prompt_text, shard_of
@@ -109,7 +109,7 @@ class _ShardRows:
         info["seed_rows"] += 1
         for column in (cfg.prompt_column, cfg.uuid_column):
             if column not in example:
-                raise DataError(
+                raise MissingColumn(
                     f"{cfg.dataset_name}: row {info['seed_rows']} has no column {column!r}; "
                     f"columns present: {', '.join(example)}"
                 )

@@ -25,7 +25,7 @@ from distilled_plugins.generate.prepare import seed_rows
 from distilled_plugins.generate.store import PUBLISH_BATCH, GenerationStore
 from distilled_plugins.teacher.client import BudgetExhausted, ChatClient, Completion, RetryableError
 
-logger = logging.getLogger("distilled_plugins.generate")  # the stage's log lines keep the stage's name
+logger = logging.getLogger(__package__)  # the stage's name, from any of its modules
 
 # endpoints that never answered and failed this many probes (or max_attempts, if fewer) are taken for wrong addresses
 UNREACHABLE_AFTER = 4

@@ -18,7 +18,7 @@ from distilled_plugins.generate.prepare import prepare_rows
 from distilled_plugins.generate.scheduler import Run
 from distilled_plugins.generate.store import GenerationStore
 
-logger = logging.getLogger("distilled_plugins.generate")  # the stage's log lines keep the stage's name
+logger = logging.getLogger(__package__)  # the stage's name, from any of its modules
 
 
 def run(cfg: GenerateConfig, wait_for_batches: bool = True) -> GenerateResult:

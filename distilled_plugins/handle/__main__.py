@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     from distilled_plugins.handle.stage import run  # after parsing: --help loads no numpy
 
     dst = run(cfg)
-    logging.getLogger("distilled_plugins.handle").info("wrote %s", dst)
+    logging.getLogger(__package__).info("wrote %s", dst)
     return 0
 
 

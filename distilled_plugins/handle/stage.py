@@ -18,7 +18,7 @@ from distilled_plugins.core.schema import HANDLED_COLUMNS, IGNORE_INDEX, STATS_F
 from distilled_plugins.handle.config import HandleConfig
 from distilled_plugins.handle.encoder import ChatEncoder, load_tokenizer
 
-logger = logging.getLogger("distilled_plugins.handle")  # the stage's log lines, under the stage's name
+logger = logging.getLogger(__package__)  # the stage's name, from any of its modules
 
 
 def _chunks_by_size(conversations: list, max_chars: int):

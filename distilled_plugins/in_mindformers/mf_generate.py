@@ -37,6 +37,7 @@ from distilled_plugins.core.errors import DataError
 from distilled_plugins.core.io import dumps_line, iter_jsonl, rewrite_jsonl
 from distilled_plugins.core.progress import Progress
 from distilled_plugins.core.schema import FINISH_REASONS_COLUMN, GENERATIONS_COLUMN, PROMPT_COLUMN, row_key
+from distilled_plugins.teacher.settings import TEMPERATURE, TOP_P
 
 logger = logging.getLogger("distilled_plugins.in_mindformers.mf_generate")  # not __main__: evaluate relays these lines
 
@@ -57,7 +58,7 @@ def newest_checkpoint(checkpoint: str | Path) -> Path:
 
 
 def prompt_ids(tokenizer, system_prompt: str, problems: list[str]) -> list[list[int]]:
-    """Token ids of each problem's prompt, rendered as stage 3 renders training data (see ``handle.ChatEncoder``)."""
+    """Token ids of each problem's prompt, rendered as stage 3 renders training data (see ``handle.encoder.ChatEncoder``)."""
     conversations = [[{"role": "system", "content": system_prompt}, {"role": "user", "content": p}] for p in problems]
     texts = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
     return [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
@@ -201,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32768)
-    p.add_argument("--temperature", type=float, default=0.6, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--temperature", type=float, default=TEMPERATURE, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=TOP_P)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together")
     return p

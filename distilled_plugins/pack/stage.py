@@ -22,7 +22,7 @@ from distilled_plugins.pack.config import PackConfig
 from distilled_plugins.pack.plan import Piece, drop_untrainable, pieces_of, plan_bfd
 from distilled_plugins.pack.rows import packed_tables
 
-logger = logging.getLogger("distilled_plugins.pack")  # the stage's log lines, under the stage's name
+logger = logging.getLogger(__package__)  # the stage's name, from any of its modules
 
 # why a handled sample is not packed at all (a split sample that loses only its prompt-only head is packed)
 DROP_REASONS = ("too_long", "no_trainable_token")

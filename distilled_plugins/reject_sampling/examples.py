@@ -73,7 +73,9 @@ def check_row(row: dict, cfg: RejectSamplingConfig, where: str) -> None:
     """Raise on a row rejection sampling cannot read; a null ``finish_reasons`` or ``api_metadata`` is removed."""
     for column in (cfg.answer_column, "generations", cfg.problem_column):
         if column not in row:
-            raise MissingColumn(f"{where}: missing field {column!r}; fields present: {', '.join(row)}")
+            raise (DataError if column == "generations" else MissingColumn)(
+                f"{where}: missing field {column!r}; fields present: {', '.join(row)}"
+            )
     generations = row["generations"]
     if not isinstance(generations, list) or not all(isinstance(g, str) for g in generations):
         raise DataError(f"{where}: field 'generations' must be a list of strings")

@@ -24,7 +24,7 @@ from distilled_plugins.reject_sampling.examples import Example, check_row, kept_
 from distilled_plugins.reject_sampling.tally import Tally
 
 # the stage's log lines, under the package's name (what its callers and tests filter on)
-logger = logging.getLogger("distilled_plugins.reject_sampling")
+logger = logging.getLogger(__package__)  # the stage's name, from any of its modules
 
 # what math_verify rejected that the judge is asked about (truncated, timeout, gold_unparseable, error never are)
 ASKED_VERDICTS = (grader.WRONG, grader.NO_ANSWER)

@@ -12,12 +12,12 @@ stats file holds. A run in progress gets the sections of the stages that have fi
 missing. MATH-500 is compared with the previous run beside this one (same ``{output_root}/distill_r1/``) that
 has an evaluation report written before this run's, or with ``--previous``.
 
-Modules: :mod:`.artifacts` (where each artifact lies in the run folder; light, for the operators),
-:mod:`.config` (:class:`ReportConfig`), :mod:`.collect` (``collect``: the figures, a dict, the same numbers the
-page shows), :mod:`.rows` (the per-row pass and its cache), :mod:`.charts` (matplotlib, as SVG), :mod:`.render`
+Modules: :mod:`.config` (:class:`ReportConfig`), :mod:`.collect` (``collect``: the figures, a dict, the same numbers
+the page shows), :mod:`.rows` (the per-row pass and its cache), :mod:`.charts` (matplotlib, as SVG), :mod:`.render`
 (``render``: the HTML, each table cell tagged ``data-figure="<section>.<name>"``), :mod:`.approval` (the figures
 the approval gate shows), :mod:`.stage` (``run``: writes the file). The Airflow plugin
-(``operators/report_plugin.py``) serves ``render`` of ``collect`` for a run's *Report* tab.
+(``operators/report_plugin.py``) serves ``render`` of ``collect`` for a run's *Report* tab. Where each artifact lies
+in the run folder is ``core.schema``'s.
 """
 
 from distilled_plugins.report.config import ReportConfig

@@ -11,7 +11,7 @@ from pathlib import Path
 from distilled_plugins.core.io import atomic_path, iter_jsonl, read_json_or_none
 from distilled_plugins.core.schema import FILTERED, MERGED, ROWS_CACHE
 
-logger = logging.getLogger("distilled_plugins.report")  # the stage's name, as its log lines always had
+logger = logging.getLogger(__package__)  # the stage's name, from any of its modules
 GROUP_COLUMNS = ("level", "subject", "source")  # seed columns acceptance is broken down by, where present
 
 

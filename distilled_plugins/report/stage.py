@@ -12,7 +12,7 @@ from distilled_plugins.report.collect import collect
 from distilled_plugins.report.config import ReportConfig
 from distilled_plugins.report.render import render
 
-logger = logging.getLogger("distilled_plugins.report")  # the stage's name, as its log lines always had
+logger = logging.getLogger(__package__)  # the stage's name, from any of its modules
 
 
 def run(cfg: ReportConfig) -> Path:

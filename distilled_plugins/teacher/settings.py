@@ -9,8 +9,35 @@ import random
 from dataclasses import dataclass, fields
 
 from distilled_plugins.core.settings import TEACHER, add_arguments, from_args, setting
+from distilled_plugins.teacher.endpoints import Endpoint
 
 API_KEY_ENV = "OPENAI_API_KEY"
+# how the teacher is sampled and the student evaluated, open-r1's values (generate, evaluate and mf_generate)
+TEMPERATURE, TOP_P = 0.6, 0.95
+
+
+@dataclass(kw_only=True)
+class EndpointSettings:
+    """Where a stage's requests go: the same fields (flags, operator arguments) in generation and evaluation. A
+    stage that needs another default says so with ``settings.redefault``."""
+
+    api_addr: str | None = setting(
+        None, help="host:port or http(s):// base URL; several separated by commas share the requests"
+    )
+    model: str | None = setting(None, help="model name sent to the endpoint")
+    api_key: str | None = setting(None, help="the endpoints' API key (CLI: from --api-key-env)", cli=False, repr=False)
+    endpoints: list[Endpoint] | None = setting(
+        None, help="instead of api_addr: endpoints with their own keys, weights and limits", cli=False
+    )
+    max_concurrent: int = setting(64, help="requests in flight at once", minimum=1)
+
+
+@dataclass(kw_only=True)
+class Sampling:
+    """How a model is sampled, in generation (the teacher) and evaluation (the student): the same fields."""
+
+    temperature: float = setting(TEMPERATURE, help="sampling temperature (0: greedy)", minimum=0)
+    top_p: float = setting(TOP_P, help="nucleus sampling top_p", minimum=0, maximum=1)
 
 
 @dataclass

@@ -100,8 +100,8 @@ HINTS: tuple[tuple[type[BaseException], str], ...] = (
     ),
     (
         errors.ChildFailed,
-        "read the program's last lines above (mindformers' generation from the checkpoint); clearing the task "
-        "keeps the completions already made",
+        "read the program's last lines above (mindformers' generation, a grading worker); clearing the task keeps "
+        "what was already made",
     ),
     (
         FileNotFoundError,

@@ -172,6 +172,16 @@ class TestRecover:
         assert final.startswith("kept 3 of 7 examples; dropped 4: gold_filtered 1, no_correct_generation 3")
         assert "the judge recovered 2 generations math_verify rejected (2 kept, adding 1 examples)" in final
 
+    def test_a_slow_judge_does_not_silence_the_progress_lines(self, tmp_path, replay_teacher, caplog):
+        """The first example waits for the judge while its six questions are answered one at a time: the log still
+        says how far the stage is every progress interval, not only once everything is written."""
+        caplog.set_level(logging.INFO, logger="distilled_plugins.reject_sampling")
+        _, url = replay_teacher(judge_answer(VERDICTS), delay=0.4)
+        run_stage(tmp_path, url, judge_max_concurrent=1, progress_interval=0.1)
+        lines = [r.getMessage() for r in caplog.records if r.name == "distilled_plugins.reject_sampling"]
+        progress = [line for line in lines if line.startswith("examples ") and " in " not in line]  # not the last
+        assert len(progress) >= 4, lines  # about one per answer (0.4 s apart), not one at the end
+
     def test_a_rerun_asks_nothing_and_a_new_generation_only_itself(self, tmp_path, replay_teacher):
         replay, url = replay_teacher(judge_answer(VERDICTS))
         first = run_stage(tmp_path, url)

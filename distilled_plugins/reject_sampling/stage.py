@@ -193,7 +193,12 @@ class _Grading:
         return example.remaining > 0
 
     def flush(self) -> None:
-        """Write finished examples at the head of the input order."""
+        """Write finished examples at the head of the input order, and a progress line when one is due (also while
+        the head example still waits for its verdicts: a slow judge must not silence the log)."""
+        self._write_finished()
+        self.progress.maybe_log(self.tally.kept.rows_in, self.progress_extra())
+
+    def _write_finished(self) -> None:
         while self.examples:
             index, example = next(iter(self.examples.items()))
             if example.remaining:
@@ -203,7 +208,6 @@ class _Grading:
                 return
             self.examples.popitem(last=False)
             self.write(example)
-        self.progress.maybe_log(self.tally.kept.rows_in, self.progress_extra())
 
     def write(self, example: Example) -> None:
         """Write a finished example's verdicts, and the example if it is kept; count it."""

@@ -41,9 +41,28 @@ class AirflowError(RuntimeError):
 
 
 def free_port() -> int:
+    """A free port for a server started later (seconds later, after a database migration: Airflow's API server).
+
+    Chosen below the kernel's ephemeral range: a port the kernel hands out (``bind(0)``) is also the local port of
+    outgoing connections, which the services starting meanwhile open by the hundred, and one of them can take it
+    before the server binds it ("address already in use"). Outside that range only another server can.
+    """
+    import random
     import socket
 
-    with socket.socket() as s:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randint(10000, low - 1) if low > 10001 else random.randint(low, 65535)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no luck below the range: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

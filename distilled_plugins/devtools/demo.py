@@ -30,7 +30,7 @@ from distilled_plugins.core.configs import SHARED_DATA
 from distilled_plugins.core.io import rewrite_jsonl, write_json
 from distilled_plugins.devtools import learnability
 from distilled_plugins.devtools.batch_server import BatchTeacher
-from distilled_plugins.devtools.local_airflow import LocalAirflow, free_port
+from distilled_plugins.devtools.local_airflow import LocalAirflow, free_port, port_is_free
 from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 
 logger = logging.getLogger("distilled_plugins.devtools.demo")
@@ -140,7 +140,7 @@ def _demo(args: argparse.Namespace) -> int:
     workdir = args.workdir.resolve()
     seed = make_seed(workdir / "seed" / "seed.jsonl", args.problems)
     settings = demo_settings(workdir, seed)
-    port = args.port if _port_free(args.port) else free_port()
+    port = args.port if port_is_free(args.port) else free_port()
     teacher = ReplayTeacher(replay_answer(load_answers(MATH_TRAIN, "problem", "solution")))
     expected = estimate(workdir, not args.no_learnability)
     print(_estimate_line(expected, args.problems), flush=True)
@@ -276,17 +276,6 @@ def _stop_training_jobs(output_root: Path) -> None:
         if jobs.live_on_this_machine(job_dir):
             outcome = jobs.stop(job_dir, "the demo was stopped", by_user=True)
             logger.info("stopped the training job %s: %s", job_dir, outcome)
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 if __name__ == "__main__":

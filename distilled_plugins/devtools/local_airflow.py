@@ -40,6 +40,18 @@ class AirflowError(RuntimeError):
     pass
 
 
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on (or holds) ``port`` on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
     """A free port for a server started later (seconds later, after a database migration: Airflow's API server).
 
@@ -56,11 +68,7 @@ def free_port() -> int:
         low = 32768
     for _ in range(200):
         port = random.randint(10000, low - 1) if low > 10001 else random.randint(low, 65535)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+        if port_is_free(port):
             return port
     with socket.socket() as s:  # no luck below the range: let the kernel choose
         s.bind(("127.0.0.1", 0))

@@ -83,6 +83,13 @@ def test_compose_file_describes_a_celery_deployment_with_a_cpu_and_an_npu_worker
         assert (done.returncode != 0) == fails and "Traceback" not in done.stderr, done.stderr
 
 
+def test_every_service_but_the_one_shot_init_is_restarted_when_it_exits():
+    # the scheduler exits when the database goes away under it (bench/chaos.py): the deployment must start it again
+    policies = {name: service.get("restart") for name, service in compose()["services"].items()}
+    assert policies.pop("airflow-init") == "no"
+    assert set(policies.values()) == {"always"}, policies
+
+
 def test_every_long_running_service_has_a_healthcheck():
     for name, service in compose()["services"].items():
         if service.get("restart") != "no":

@@ -79,7 +79,9 @@ class _Server:
         except OSError:
             return ""
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
+    stop_signal = signal.SIGTERM
+
+    def _end_process(self, sig: int) -> None:
         if self.process and self.process.poll() is None:
             os.killpg(self.process.pid, sig)
             try:
@@ -87,6 +89,20 @@ class _Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+    def _run(self, timeout: float) -> None:
+        """Start the server's process on its existing data and configuration; return once it answers."""
+        raise NotImplementedError
+
+    def restart(self, down_seconds: float = 0.0, timeout: float = 120) -> None:
+        """Stop the server as its orchestrator restarts it (the usual shutdown signal; clients' connections are
+        cut), keep it down ``down_seconds``, start it again on the same port and data."""
+        self._end_process(self.stop_signal)
+        time.sleep(down_seconds)
+        self._run(timeout)
+
+    def stop(self) -> None:
+        self._end_process(self.stop_signal)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self):
@@ -141,6 +157,11 @@ class PostgresServer(_Server):
         pwfile.unlink()
         if init.returncode:
             raise ServerError(f"initdb failed: {init.stderr[-1500:]}")
+        self._run(timeout)
+        logger.info("PostgreSQL on 127.0.0.1:%d (data in %s)", self.port, self.data)
+        return self
+
+    def _run(self, timeout: float) -> None:
         self._popen(
             self._as_owner(
                 [
@@ -161,8 +182,6 @@ class PostgresServer(_Server):
             )
         )
         self._wait(self._create_database, timeout)
-        logger.info("PostgreSQL on 127.0.0.1:%d (data in %s)", self.port, self.data)
-        return self
 
     def _connect(self, database: str):
         import psycopg2
@@ -187,8 +206,7 @@ class PostgresServer(_Server):
         """SQLAlchemy URL of the ``airflow`` database."""
         return f"postgresql+psycopg2://{self.user}:{self.password}@127.0.0.1:{self.port}/{self.database}"
 
-    def stop(self, sig: int = signal.SIGINT) -> None:  # SIGINT: fast shutdown (SIGTERM waits for clients)
-        super().stop(sig)
+    stop_signal = signal.SIGINT  # fast shutdown: open transactions are rolled back (SIGTERM waits for clients)
 
 
 class RedisServer(_Server):
@@ -220,10 +238,14 @@ class RedisServer(_Server):
                 )
             )
         )
-        self._popen([self.program, str(config)])
-        self._wait(self._ping, timeout)
+        self._run(timeout)
         logger.info("Redis on 127.0.0.1:%d", self.port)
         return self
+
+    def _run(self, timeout: float) -> None:
+        # no persistence: a restart empties it, messages not yet delivered to a worker included
+        self._popen([self.program, str(self.dir / "redis.conf")])
+        self._wait(self._ping, timeout)
 
     def _ping(self) -> None:
         import redis

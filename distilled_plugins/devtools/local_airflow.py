@@ -23,6 +23,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -107,6 +108,27 @@ def celery_settings(database_url: str, broker_url: str) -> dict:
     }
 
 
+def _with(env: dict, changes: dict) -> dict:
+    """``env`` with ``changes`` applied: a ``None`` value removes the variable."""
+    return {key: value for key, value in {**env, **changes}.items() if value is not None}
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s process group and every descendant, also one in a session of its own (a task process)."""
+    import psutil
+
+    descendants = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    for child in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    proc.wait()
+    psutil.wait_procs(descendants, timeout=10)
+
+
 class LocalAirflow:
     def __init__(
         self,
@@ -118,11 +140,15 @@ class LocalAirflow:
         broker_url: str | None = None,
         variables: dict | None = None,
         users: str | None = None,
+        restart_exited: bool = False,
     ):
         """``broker_url`` given: CeleryExecutor with that broker, the database (``database_url``, which must then
         be PostgreSQL or MySQL) as Celery's result backend, a generated fernet key and JWT secret. ``variables``:
         Airflow Variables (values: JSON-able) written to the database before the services start. ``users``:
-        ``name:role,...`` with generated passwords (the Simple auth manager, as in docker/), instead of no login."""
+        ``name:role,...`` with generated passwords (the Simple auth manager, as in docker/), instead of no login.
+        ``restart_exited``: a service or worker that exits by itself is started again (each in ``restarts``), as
+        docker-compose.yml's ``restart: always`` does; one stopped by :meth:`kill_service` stays down until
+        :meth:`start_service`."""
         self.home, self.port = Path(home).resolve(), port
         self.variables = dict(variables or {})
         self.users = users
@@ -161,6 +187,13 @@ class LocalAirflow:
             **(env or {}),
         }
         self.processes: dict[str, subprocess.Popen] = {}
+        self.commands: dict[str, tuple[list[str], dict, Path]] = {}  # how to start each process again
+        self.restart_exited = restart_exited
+        self.restarts: list[dict] = []  # {"process", "exit_code", "at"} of each restart of one that exited
+        self.held_down: set[str] = set()
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._watchdog: threading.Thread | None = None
 
     # ---- lifecycle ----
     def airflow(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -179,19 +212,15 @@ class LocalAirflow:
         for key, value in self.variables.items():  # in the database, read alike by every service and worker
             self.airflow("variables", "set", key, value if isinstance(value, str) else json.dumps(value))
         for service in SERVICES:
-            with open(self.home / "logs" / f"{service}.log", "ab") as log:  # the child keeps its own copy
-                self.processes[service] = subprocess.Popen(
-                    [str(Path(sys.executable).parent / "airflow"), service],
-                    env=self.env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+            self.start_service(service)
+        if self.restart_exited:
+            self._stopping.clear()
+            self._watchdog = threading.Thread(target=self._restart_exited, daemon=True, name="airflow-restarts")
+            self._watchdog.start()
         deadline = time.monotonic() + timeout
         while True:
             try:
-                health = self.api("GET", "/api/v2/monitor/health")
+                health = self.health()
                 if health["scheduler"]["status"] == "healthy" and health["triggerer"]["status"] == "healthy":
                     if self.users:
                         self.login(self.users.split(":")[0])
@@ -206,6 +235,44 @@ class LocalAirflow:
             if time.monotonic() > deadline:
                 raise AirflowError(f"Airflow did not become healthy within {timeout:g} s; logs in {self.home}/logs")
             time.sleep(1)
+
+    def start_service(self, service: str) -> subprocess.Popen:
+        """Start one of ``SERVICES`` (again, after :meth:`kill_service`), its output appended to its log."""
+        with self._lock:
+            if self.processes.get(service) and self.processes[service].poll() is None:
+                raise AirflowError(f"airflow {service} is already running (pid {self.processes[service].pid})")
+            self.held_down.discard(service)
+            cmd = [str(Path(sys.executable).parent / "airflow"), service]
+            return self._spawn(service, cmd, self.env, self.home / "logs" / f"{service}.log")
+
+    def _spawn(self, name: str, cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+        with open(log_path, "ab") as log:  # the child keeps its own copy
+            self.processes[name] = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        self.commands[name] = (cmd, env, log_path)
+        return self.processes[name]
+
+    def kill_service(self, service: str) -> None:
+        """SIGKILL a service and everything it started, as a lost host or an out-of-memory kill ends it: no clean
+        shutdown, nothing it holds released. It stays down until :meth:`start_service`."""
+        with self._lock:
+            self.held_down.add(service)
+            _kill_tree(self.processes[service])
+
+    def _restart_exited(self) -> None:
+        while not self._stopping.wait(1):
+            with self._lock:
+                for name, proc in list(self.processes.items()):
+                    if proc.poll() is None or name in self.held_down or self._stopping.is_set():
+                        continue
+                    logger.warning("%s exited (%s); starting it again (restart: always)", name, proc.returncode)
+                    self.restarts.append({"process": name, "exit_code": proc.returncode, "at": time.time()})
+                    self._spawn(name, *self.commands[name])
+
+    def health(self) -> dict:
+        """``/api/v2/monitor/health``: each component's ``status`` (``healthy``/``unhealthy``) and last heartbeat."""
+        return self.api("GET", "/api/v2/monitor/health")
 
     def start_worker(
         self,
@@ -224,37 +291,17 @@ class LocalAirflow:
         log_path = self.home / "logs" / f"{name}.log"
         log_path.touch()
         offset = log_path.stat().st_size
-        with open(log_path, "ab") as log:  # the child keeps its own copy
-            proc = subprocess.Popen(
-                [
-                    str(Path(sys.executable).parent / "airflow"),
-                    "celery",
-                    "worker",
-                    "--queues",
-                    ",".join(queues),
-                    "--celery-hostname",
-                    hostname,
-                    "--concurrency",
-                    str(concurrency),
-                ],
-                # each worker serves its task logs on its own port, as on its own host
-                env={
-                    key: value
-                    for key, value in {
-                        **self.env,
-                        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-                        "AIRFLOW__CORE__HOSTNAME_CALLABLE": "distilled_plugins.devtools.local_airflow.worker_hostname",
-                        "DISTILL_WORKER_HOSTNAME": hostname,
-                        **(env or {}),
-                    }.items()
-                    if value is not None
-                },
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self.processes[name] = proc
+        cmd = [str(Path(sys.executable).parent / "airflow"), "celery", "worker", "--queues", ",".join(queues)]
+        cmd += ["--celery-hostname", hostname, "--concurrency", str(concurrency)]
+        # each worker serves its task logs on its own port, as on its own host
+        worker_env = {
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "distilled_plugins.devtools.local_airflow.worker_hostname",
+            "DISTILL_WORKER_HOSTNAME": hostname,
+            **(env or {}),
+        }
+        with self._lock:
+            proc = self._spawn(name, cmd, _with(self.env, worker_env), log_path)
         deadline = time.monotonic() + timeout
         while True:
             with open(log_path, "rb") as f:
@@ -268,17 +315,20 @@ class LocalAirflow:
             time.sleep(1)
 
     def kill_worker(self, hostname: str) -> None:
-        """Kill a worker as a lost host would: SIGKILL to its whole process group, no clean shutdown."""
-        proc = self.processes.pop(f"worker-{hostname}")
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        """Kill a worker as a lost host would: SIGKILL to it and every process it started (its running tasks
+        included), no clean shutdown."""
+        with self._lock:
+            self.commands.pop(f"worker-{hostname}")
+            _kill_tree(self.processes.pop(f"worker-{hostname}"))
 
     def stop(self) -> None:
         """SIGTERM each service's process group, SIGKILL it after 30 s, then kill any descendant that left the
         group (a task process in a session of its own) so nothing of this Airflow is left running."""
         import psutil
 
+        self._stopping.set()
+        if self._watchdog:
+            self._watchdog.join()
         descendants = []
         for proc in self.processes.values():
             with contextlib.suppress(psutil.NoSuchProcess):

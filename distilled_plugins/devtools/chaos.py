@@ -34,9 +34,16 @@ from pathlib import Path
 
 import psutil
 
+from distilled_plugins.core.schema import MERGED, SHARD_OUTPUT
 from distilled_plugins.devtools.cluster_services import PostgresServer, RedisServer
-from distilled_plugins.devtools.demo import MATH_TRAIN, demo_settings, make_seed
-from distilled_plugins.devtools.local_airflow import FINAL_STATES, AirflowError, LocalAirflow, free_port
+from distilled_plugins.devtools.demo import MATH_TRAIN, demo_settings, make_seed, stop_training_jobs
+from distilled_plugins.devtools.local_airflow import (
+    FINAL_STATES,
+    TASK_FINISHED_STATES,
+    AirflowError,
+    LocalAirflow,
+    free_port,
+)
 from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 
 logger = logging.getLogger(__name__)
@@ -57,12 +64,19 @@ TEST_SIZE = {"problems": 40, "teacher_delay": 1.0, "max_concurrent": 2, "epochs"
 
 @dataclass
 class Fault:
-    """One fault: ``what`` happens once ``ready(state)`` holds, by ``act(state)``; ``during`` names the task
-    it hits (``ready`` returns it, or None while not yet)."""
+    """One fault: ``act(tis)`` once ``ready(tis)`` returns the task it hits (``tis``: the run's task instances);
+    ``missed(tis)``: its moment has passed (the tasks it waits for are done), so the faults after it go on."""
 
     what: str
-    ready: Callable[[dict], str | None]
-    act: Callable[[dict], None]
+    ready: Callable[[list[dict]], str | None]
+    act: Callable[[list[dict]], None]
+    missed: Callable[[list[dict]], bool]
+
+
+def finished(tis: list[dict], *task_ids: str) -> bool:
+    """Every instance of ``task_ids`` has finished (none of them waits or runs any more)."""
+    mine = [ti for ti in tis if ti["task_id"] in task_ids]
+    return bool(mine) and all(ti["state"] in TASK_FINISHED_STATES for ti in mine)
 
 
 def running(tis: list[dict], *task_ids: str) -> str | None:
@@ -73,101 +87,136 @@ def running(tis: list[dict], *task_ids: str) -> str | None:
     return None
 
 
-def msrun_jobs() -> int:
-    """msrun launchers running on this machine now: one per training job."""
+def msrun_jobs(folder: Path) -> int:
+    """msrun launchers running now for jobs under ``folder`` (msrun's ``--log_dir`` is in the job's folder)."""
     count = 0
     for process in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
-            if any(Path(arg).name == "msrun" for arg in (process.info["cmdline"] or [])[:2]):
+            cmdline = process.info["cmdline"] or []
+            if any(Path(arg).name == "msrun" for arg in cmdline[:2]) and str(folder) in " ".join(cmdline):
                 count += 1
     return count
 
 
 class MsrunSampler(threading.Thread):
-    """Counts msrun jobs every ``interval`` seconds until stopped; ``most`` is the highest count seen."""
+    """Counts the msrun jobs under ``folder`` every ``interval`` seconds until stopped; ``most``: the most seen."""
 
-    def __init__(self, interval: float = 0.5):
+    def __init__(self, folder: Path, interval: float = 0.5):
         super().__init__(daemon=True, name="msrun-sampler")
-        self.interval, self.most, self.samples = interval, 0, 0
+        self.folder, self.interval, self.most, self.samples = folder, interval, 0, 0
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(self.interval):
-            self.most = max(self.most, msrun_jobs())
+            self.most = max(self.most, msrun_jobs(self.folder))
             self.samples += 1
 
 
-def completions(merged: Path, seed: Path, generations: int) -> dict[str, int]:
-    """``lost`` and ``duplicated`` completions of ``merged`` against every seed problem x ``generations``."""
+def completions(merged: Path, shards: list[Path], seed: Path, generations: int) -> dict[str, int]:
+    """Completions against every seed problem x ``generations``: ``lost``, those missing from the ``merged`` file;
+    ``duplicated``, each one beyond the first that the generate ``shards`` wrote (merge keeps one row per problem,
+    so a completion generated twice shows only there)."""
     expected = collections.Counter()
     with open(seed) as f:
         for line in f:
             expected.update((json.loads(line)["problem"], i) for i in range(generations))
-    seen = collections.Counter()
-    with open(merged) as f:
-        for line in f:
-            row = json.loads(line)
-            seen.update((row["problem"], i) for i, text in enumerate(row["generations"]) if text)
+    kept, written = _count(merged), sum((_count(shard) for shard in shards), collections.Counter())
     return {
         "expected": sum(expected.values()),
-        "kept": sum(seen.values()),
-        "lost": sum((expected - seen).values()),
-        "duplicated": sum((seen - expected).values()),  # each completion beyond the one expected
+        "kept": sum(kept.values()),
+        "lost": sum((expected - kept).values()),
+        "duplicated": sum((written - expected).values()),
     }
 
 
+def _count(path: Path) -> collections.Counter:
+    """``(problem, generation index)`` -> how often ``path`` holds a completion of it."""
+    seen = collections.Counter()
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line)
+            seen.update((row["problem"], i) for i, text in enumerate(row["generations"]) if text)
+    return seen
+
+
 def faults(airflow: LocalAirflow, postgres: PostgresServer, redis: RedisServer, teacher: ReplayTeacher, total: int):
-    """The faults of one run, in the order they happen. ``ready(state)`` sees ``state["tis"]`` (the run's task
-    instances), ``state["since_last"]`` (seconds since the previous fault) and ``state["triggerer"]`` (its
-    health)."""
+    """The faults of one run, in the order they happen."""
 
     def generating(share: float):
         # generation well under way: this share of the run's requests answered, a shard still running
-        return lambda s: running(s["tis"], "generate") if teacher.requests >= share * total else None
+        return lambda tis: running(tis, "generate") if teacher.requests >= share * total else None
 
-    watched_by = []  # the triggerers killed so far
+    killed_triggerers = set()
 
-    def finetune_watched(s):
-        # fine-tuning deferred, its trigger running on a triggerer not killed yet: that triggerer began the trigger's
-        # log (attempt=N.log.trigger.<triggerer id>.log)
-        ti = next((t for t in s["tis"] if t["task_id"] == "finetune" and t["state"] == "deferred"), None)
+    def watching_triggerer(tis) -> int | None:
+        # the triggerer running the deferred fine-tune's trigger: it has begun the trigger's log
+        # (attempt=N.log.trigger.<triggerer id>.log)
+        ti = next((t for t in tis if t["task_id"] == "finetune" and t["state"] == "deferred"), None)
         triggerer = ti and ti["trigger"] and ti["trigger"]["triggerer_id"]
-        if not triggerer or triggerer in watched_by:
-            return None
-        if not any(airflow.home.glob(f"logs/**/task_id=finetune/**/*.log.trigger.{triggerer}.log")):
-            return None
-        watched_by.append(triggerer)
-        return "finetune"
+        if triggerer and any(airflow.home.glob(f"logs/**/task_id=finetune/**/*.log.trigger.{triggerer}.log")):
+            return triggerer
+        return None
 
-    def replace_worker(s):
-        airflow.kill_worker("cpu-node-1")
-        airflow.start_worker("cpu-node-2", ["cpu"], concurrency=2)
+    def finetune_watched(tis):
+        # by a triggerer not killed yet
+        return "finetune" if watching_triggerer(tis) not in (None, *killed_triggerers) else None
 
-    def restart(service):
-        def act(s):
-            airflow.kill_service(service)
-            airflow.start_service(service)
-
-        return act
-
-    def triggerer_down(s):
+    def kill_triggerer(tis):
+        killed_triggerers.add(watching_triggerer(tis))
         airflow.kill_service("triggerer")
-        deadline = time.monotonic() + TRIGGERER_HEALTH_THRESHOLD + 30
-        while airflow.health()["triggerer"]["status"] == "healthy":  # until the scheduler counts it dead
+
+    def triggerer_restarted(tis):
+        kill_triggerer(tis)
+        airflow.start_service("triggerer")
+
+    def triggerer_down(tis):
+        kill_triggerer(tis)
+        deadline = time.monotonic() + TRIGGERER_HEALTH_THRESHOLD + 60
+        while _triggerer_health(airflow) != "unhealthy":  # until the scheduler counts it dead
             if time.monotonic() > deadline:
                 raise ChaosError("the killed triggerer was still counted healthy")
             time.sleep(1)
-        time.sleep(2)
         airflow.start_service("triggerer")
 
+    def replace_worker(tis):
+        airflow.kill_worker("cpu-node-1")
+        airflow.start_worker("cpu-node-2", ["cpu"], concurrency=2)
+
+    def restart_scheduler(tis):
+        airflow.kill_service("scheduler")
+        airflow.start_service("scheduler")
+
+    def data_stage(tis):
+        return running(tis, *DATA_STAGES)
+
+    def generated(tis):
+        return finished(tis, "generate")
+
+    def trained(tis):
+        return finished(tis, "finetune")
+
     return [
-        Fault("broker restarted", generating(0.1), lambda s: redis.restart()),
-        Fault("worker cpu-node-1 SIGKILLed, cpu-node-2 started", generating(0.25), replace_worker),
-        Fault("scheduler SIGKILLed and started again", generating(0.55), restart("scheduler")),
-        Fault("database restarted", lambda s: running(s["tis"], *DATA_STAGES), lambda s: postgres.restart()),
-        Fault("triggerer SIGKILLed and started again", finetune_watched, restart("triggerer")),
-        Fault("triggerer SIGKILLed, left down until counted dead, started again", finetune_watched, triggerer_down),
+        Fault("broker restarted", generating(0.1), lambda tis: redis.restart(), generated),
+        Fault("worker cpu-node-1 SIGKILLed, cpu-node-2 started", generating(0.25), replace_worker, generated),
+        Fault("scheduler SIGKILLed and started again", generating(0.55), restart_scheduler, generated),
+        Fault(
+            "database restarted", data_stage, lambda tis: postgres.restart(), lambda tis: finished(tis, *DATA_STAGES)
+        ),
+        Fault("triggerer SIGKILLed and started again", finetune_watched, triggerer_restarted, trained),
+        Fault(
+            "triggerer SIGKILLed, left down until counted dead, started again",
+            finetune_watched,
+            triggerer_down,
+            trained,
+        ),
     ]
+
+
+def _triggerer_health(airflow: LocalAirflow) -> str | None:
+    try:
+        return airflow.health()["triggerer"]["status"]
+    except (OSError, AirflowError):  # a slow answer is asked again
+        return None
 
 
 class ChaosError(RuntimeError):
@@ -197,27 +246,35 @@ def run(
     }
     total = problems * generations
     teacher = ReplayTeacher(replay_answer(load_answers(MATH_TRAIN, "problem", "solution")), delay=teacher_delay)
-    sampler = MsrunSampler()
+    sampler = MsrunSampler(workdir)
     with ExitStack() as stack:
         server = stack.enter_context(ServerThread(teacher.app()))
         postgres, redis = stack.enter_context(PostgresServer()), stack.enter_context(RedisServer())
         airflow = stack.enter_context(_cluster(workdir, server.url, postgres, redis, settings))
+        # training runs detached from its task: a run cut short must not leave it behind
+        stack.callback(stop_training_jobs, Path(settings["output_root"]))
         airflow.wait_for_dag(DAG_ID)
         sampler.start()
         stack.callback(sampler.stopped.set)
         run_id = airflow.trigger(DAG_ID, {})
         logger.info("run %s of %s: %d problems x %d generations", run_id, DAG_ID, problems, generations)
         began = time.time()
-        state, done = _follow(airflow, run_id, faults(airflow, postgres, redis, teacher, total), timeout)
+        state, done, missed = _follow(airflow, run_id, faults(airflow, postgres, redis, teacher, total), timeout)
         run_seconds = round(time.time() - began, 1)
         restarts = [{**r, "at": round(r["at"] - began, 1)} for r in airflow.restarts]
         tis = airflow.task_instances(DAG_ID, run_id)
-        merged = Path(airflow.xcom(DAG_ID, run_id, "merge")) if state == "success" else None
-    figures = completions(merged, seed, generations) if merged else {"lost": None, "duplicated": None}
+    run_dir = Path(settings["output_root"]) / DAG_ID / run_id
+    # the rows each shard generated (its reused list names rows the store already held: not paid this run)
+    shards = [run_dir / SHARD_OUTPUT.format(i) for i in range(settings["shards"])]
+    merged = run_dir / MERGED
+    figures = {"lost": None, "duplicated": None}
+    if state == "success":
+        figures = completions(merged, shards, seed, generations)
     return {
         "run_state": state,
         "run_seconds": run_seconds,
         "faults": done,
+        "missed_faults": missed,  # faults whose moment passed unseen
         **figures,
         "teacher_requests": teacher.requests,
         "expected_requests": total,
@@ -261,38 +318,44 @@ def _cluster(workdir: Path, teacher_url: str, postgres, redis, settings: dict):
         yield airflow
 
 
-def _follow(airflow: LocalAirflow, run_id: str, pending: list[Fault], timeout: float) -> tuple[str, list[dict]]:
-    """Follow the run to its end, applying each fault when its moment comes; returns its state and the faults."""
-    started = last = time.monotonic()
-    done, shown = [], {}
-    while True:
+def _follow(
+    airflow: LocalAirflow, run_id: str, pending: list[Fault], timeout: float
+) -> tuple[str, list[dict], list[str]]:
+    """Follow the run to its end, applying each fault when its moment comes; returns the run's state (``timed
+    out`` after ``timeout`` seconds), the faults applied and those whose moment passed unseen."""
+    started = time.monotonic()
+    done, missed, shown = [], [], {}
+    while _since(started) < timeout:
         try:
             run = airflow.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
             tis = airflow.task_instances(DAG_ID, run_id)
-            triggerer = airflow.health()["triggerer"]["status"]
         except (OSError, AirflowError) as e:  # the API server's database may be restarting
             logger.info("Airflow's API did not answer (%s); asking again", str(e)[:200])
             time.sleep(1)
             continue
         if run["state"] in FINAL_STATES:
-            if pending:
-                logger.warning("the run ended before these faults: %s", [f.what for f in pending])
-            return run["state"], done
+            missed += [fault.what for fault in pending]
+            return run["state"], done, missed
         for ti in tis:
             name = ti["task_id"] + (f"[{ti['map_index']}]" if ti["map_index"] >= 0 else "")
             if ti["state"] and shown.get(name) != (ti["state"], ti["try_number"]):
                 shown[name] = (ti["state"], ti["try_number"])
                 logger.info("%-22s %-10s try %d (%.0f s)", name, ti["state"], ti["try_number"], _since(started))
-        state = {"tis": tis, "since_last": _since(last), "triggerer": triggerer}
-        if pending and (during := pending[0].ready(state)):
+        while pending and pending[0].missed(tis):
+            missed.append(pending.pop(0).what)
+            logger.warning("FAULT MISSED %s: its moment passed unseen", missed[-1])
+        if pending and (during := pending[0].ready(tis)):
             fault, t = pending.pop(0), round(_since(started), 1)
             logger.info("FAULT %s during %s (%.0f s)", fault.what, during, t)
-            fault.act(state)
             done.append({"what": fault.what, "during": during, "t": t})
-            last = time.monotonic()
-        if _since(started) > timeout:
-            raise ChaosError(f"run {run_id} did not finish within {timeout:g} s; logs in {airflow.home}/logs")
+            try:
+                fault.act(tis)
+            except ChaosError as e:
+                done[-1]["error"] = str(e)
+                logger.error("FAULT %s: %s", fault.what, e)
         time.sleep(1)
+    logger.error("run %s did not finish within %g s; logs in %s/logs", run_id, timeout, airflow.home)
+    return "timed out", done, missed + [fault.what for fault in pending]
 
 
 def _since(t: float) -> float:

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("demo stopped (%s): stopping what it started", e.args[0] if e.args else "SIGINT")
         return 130
     finally:
-        _stop_training_jobs(args.workdir.resolve() / "output")
+        stop_training_jobs(args.workdir.resolve() / "output")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -268,8 +268,8 @@ def _stop_on_signals() -> None:
         signal.signal(sig, interrupt)
 
 
-def _stop_training_jobs(output_root: Path) -> None:
-    """Stop every fine-tune job under the demo's output that still has a process on this machine."""
+def stop_training_jobs(output_root: Path) -> None:
+    """Stop every fine-tune job under ``output_root`` that still has a process on this machine."""
     from distilled_plugins.finetune import job as jobs
 
     for job_dir in sorted({record.parent for record in output_root.glob("**/job-*/node-*.json")}):

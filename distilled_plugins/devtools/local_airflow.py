@@ -15,6 +15,7 @@ Nothing here imports Airflow: it talks to it the way a user's scripts do.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -108,11 +109,6 @@ def celery_settings(database_url: str, broker_url: str) -> dict:
     }
 
 
-def _with(env: dict, changes: dict) -> dict:
-    """``env`` with ``changes`` applied: a ``None`` value removes the variable."""
-    return {key: value for key, value in {**env, **changes}.items() if value is not None}
-
-
 def _kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL ``proc``'s process group and every descendant, also one in a session of its own (a task process)."""
     import psutil
@@ -190,7 +186,9 @@ class LocalAirflow:
         self.commands: dict[str, tuple[list[str], dict, Path]] = {}  # how to start each process again
         self.restart_exited = restart_exited
         self.restarts: list[dict] = []  # {"process", "exit_code", "at"} of each restart of one that exited
-        self.held_down: set[str] = set()
+        self.killed_on_purpose: set[str] = set()  # by kill_service: down until start_service
+        self._started: dict[str, float] = {}  # when each process was last started (monotonic)
+        self._quick_exits: collections.Counter = collections.Counter()  # exits in a row soon after starting
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
@@ -213,10 +211,6 @@ class LocalAirflow:
             self.airflow("variables", "set", key, value if isinstance(value, str) else json.dumps(value))
         for service in SERVICES:
             self.start_service(service)
-        if self.restart_exited:
-            self._stopping.clear()
-            self._watchdog = threading.Thread(target=self._restart_exited, daemon=True, name="airflow-restarts")
-            self._watchdog.start()
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -224,6 +218,10 @@ class LocalAirflow:
                 if health["scheduler"]["status"] == "healthy" and health["triggerer"]["status"] == "healthy":
                     if self.users:
                         self.login(self.users.split(":")[0])
+                    if self.restart_exited:  # once up: a service failing to start at all is an error above
+                        self._stopping.clear()
+                        self._watchdog = threading.Thread(target=self._watch, daemon=True, name="airflow-restarts")
+                        self._watchdog.start()
                     return self
             except (AirflowError, OSError, KeyError):
                 pass
@@ -241,7 +239,7 @@ class LocalAirflow:
         with self._lock:
             if self.processes.get(service) and self.processes[service].poll() is None:
                 raise AirflowError(f"airflow {service} is already running (pid {self.processes[service].pid})")
-            self.held_down.discard(service)
+            self.killed_on_purpose.discard(service)
             cmd = [str(Path(sys.executable).parent / "airflow"), service]
             return self._spawn(service, cmd, self.env, self.home / "logs" / f"{service}.log")
 
@@ -251,24 +249,34 @@ class LocalAirflow:
                 cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
             )
         self.commands[name] = (cmd, env, log_path)
+        self._started[name] = time.monotonic()
         return self.processes[name]
 
     def kill_service(self, service: str) -> None:
         """SIGKILL a service and everything it started, as a lost host or an out-of-memory kill ends it: no clean
         shutdown, nothing it holds released. It stays down until :meth:`start_service`."""
         with self._lock:
-            self.held_down.add(service)
+            self.killed_on_purpose.add(service)
             _kill_tree(self.processes[service])
 
-    def _restart_exited(self) -> None:
+    def _watch(self) -> None:
+        """Start again each process that exited by itself, as docker's ``restart: always`` does: at once, then, while
+        it keeps exiting within a minute of its start, after a delay doubling each time (at most 60 s)."""
+        due: dict[str, float] = {}  # exited process -> when to start it again
         while not self._stopping.wait(1):
             with self._lock:
                 for name, proc in list(self.processes.items()):
-                    if proc.poll() is None or name in self.held_down or self._stopping.is_set():
+                    if proc.poll() is None or name in self.killed_on_purpose or self._stopping.is_set():
                         continue
-                    logger.warning("%s exited (%s); starting it again (restart: always)", name, proc.returncode)
-                    self.restarts.append({"process": name, "exit_code": proc.returncode, "at": time.time()})
-                    self._spawn(name, *self.commands[name])
+                    if name not in due:
+                        logger.warning("%s exited (%s); starting it again (restart: always)", name, proc.returncode)
+                        quick = time.monotonic() - self._started[name] < 60
+                        self._quick_exits[name] = self._quick_exits[name] + 1 if quick else 0
+                        due[name] = time.monotonic() + min(60, 2 ** self._quick_exits[name] - 1)
+                    if time.monotonic() >= due[name]:
+                        del due[name]
+                        self.restarts.append({"process": name, "exit_code": proc.returncode, "at": time.time()})
+                        self._spawn(name, *self.commands[name])
 
     def health(self) -> dict:
         """``/api/v2/monitor/health``: each component's ``status`` (``healthy``/``unhealthy``) and last heartbeat."""
@@ -301,22 +309,26 @@ class LocalAirflow:
             **(env or {}),
         }
         with self._lock:
-            proc = self._spawn(name, cmd, _with(self.env, worker_env), log_path)
+            worker_env = {key: value for key, value in {**self.env, **worker_env}.items() if value is not None}
+            proc = self._spawn(name, cmd, worker_env, log_path)
         deadline = time.monotonic() + timeout
         while True:
             with open(log_path, "rb") as f:
                 f.seek(offset)
                 if b" ready." in f.read():
                     return proc
+            failure = None
             if proc.poll() is not None:
-                raise AirflowError(f"celery worker {hostname} exited ({proc.returncode}); see {log_path}")
-            if time.monotonic() > deadline:
-                raise AirflowError(f"celery worker {hostname} not ready within {timeout:g} s; see {log_path}")
+                failure = f"celery worker {hostname} exited ({proc.returncode}); see {log_path}"
+            elif time.monotonic() > deadline:
+                failure = f"celery worker {hostname} not ready within {timeout:g} s; see {log_path}"
+            if failure:  # removed, so that nothing starts it again
+                self.kill_worker(hostname)
+                raise AirflowError(failure)
             time.sleep(1)
 
     def kill_worker(self, hostname: str) -> None:
-        """Kill a worker as a lost host would: SIGKILL to it and every process it started (its running tasks
-        included), no clean shutdown."""
+        """Kill a worker and its running tasks as a lost host would: SIGKILL, no clean shutdown."""
         with self._lock:
             self.commands.pop(f"worker-{hostname}")
             _kill_tree(self.processes.pop(f"worker-{hostname}"))

@@ -15,7 +15,7 @@ import pytest
 from distilled_plugins.devtools import chaos
 from distilled_plugins.devtools.cluster_services import ServerUnavailable
 from distilled_plugins.devtools.local_airflow import LocalAirflow, free_port
-from tests.support import wait_until, write_jsonl
+from tests.support import read_jsonl, wait_until, write_jsonl
 
 
 @pytest.mark.slow
@@ -28,40 +28,41 @@ def test_a_run_meeting_broker_database_scheduler_triggerer_and_worker_faults_fin
             pytest.fail(f"CI must install the cluster test's servers (.ci/run): {e}")
         pytest.skip(str(e))
     assert figures["run_state"] == "success", f"logs in {figures['logs']}"
-    # every fault happened, each during the task it waits for
-    hit = [(fault["what"].split()[0], fault["during"].split("[")[0]) for fault in figures["faults"]]
-    assert hit == [
-        ("broker", "generate"),
-        ("worker", "generate"),
-        ("scheduler", "generate"),
-        ("database", hit[3][1]),
-        ("triggerer", "finetune"),
-        ("triggerer", "finetune"),
-    ], figures["faults"]
-    assert hit[3][1] in chaos.DATA_STAGES
-    # the shard whose worker died was retried on the new worker and resumed: nothing lost, nothing paid twice
+    # every fault happened, in the task it waits for, none missed nor failing
+    assert figures["missed_faults"] == [] and not [f for f in figures["faults"] if "error" in f], figures["faults"]
+    kinds = [fault["what"].split()[0] for fault in figures["faults"]]
+    assert kinds == ["broker", "worker", "scheduler", "database", "triggerer", "triggerer"], figures["faults"]
+    hit = {fault["what"].split()[0]: fault["during"].split("[")[0] for fault in figures["faults"]}
+    assert hit["broker"] == hit["worker"] == hit["scheduler"] == "generate" and hit["triggerer"] == "finetune"
+    assert hit["database"] in chaos.DATA_STAGES
+    # the shard whose worker died was retried on the new worker and resumed; no other fault cost a task a try
     lost_shard = figures["faults"][1]["during"]
-    assert figures["tries"][lost_shard] == [2, "cpu-node-2"], figures["tries"]
+    assert figures["tries"].pop(lost_shard) == [2, "cpu-node-2"]
+    assert {task: tries for task, (tries, _host) in figures["tries"].items() if tries != 1} == {}
     assert figures["lost"] == 0 and figures["duplicated"] == 0, figures
-    assert figures["kept"] == figures["expected_requests"]
-    # the requests in flight when the worker died are the only ones sent again
+    # only the requests in flight when the worker died are sent again
     expected = figures["expected_requests"]
     assert expected <= figures["teacher_requests"] <= expected + chaos.TEST_SIZE["max_concurrent"], figures
     # training ran (the sampler saw it) and never twice at once, however often its watcher was lost
     assert figures["concurrent_msrun_jobs_max"] == 1, figures
-    assert figures["tries"]["finetune[0]"][0] == 1, figures["tries"]
 
 
 def test_the_counts_see_a_lost_and_a_duplicated_completion(tmp_path):
     seed = write_jsonl(tmp_path / "seed.jsonl", [{"problem": p} for p in ("a", "b", "c")])
-    merged = [
-        {"problem": "a", "generations": ["x", "y"]},
-        {"problem": "b", "generations": ["x", ""]},  # its second completion never came
-        {"problem": "c", "generations": ["x", "y"]},
-        {"problem": "c", "generations": ["x", "y"]},  # a row written twice: two completions paid twice
+    shards = [
+        write_jsonl(tmp_path / "shard-0.jsonl", [{"problem": "a", "generations": ["x", "y"]}]),
+        write_jsonl(
+            tmp_path / "shard-1.jsonl",
+            [
+                {"problem": "b", "generations": ["x", ""]},  # its second completion never came
+                {"problem": "c", "generations": ["x", "y"]},
+                {"problem": "c", "generations": ["x", "y"]},  # generated twice: two completions paid twice
+            ],
+        ),
     ]
-    figures = chaos.completions(write_jsonl(tmp_path / "merged.jsonl", merged), seed, generations=2)
-    assert figures == {"expected": 6, "kept": 7, "lost": 1, "duplicated": 2}
+    merged = write_jsonl(tmp_path / "merged.jsonl", [row for s in shards for row in read_jsonl(s)][:3])  # one c
+    figures = chaos.completions(merged, shards, seed, generations=2)
+    assert figures == {"expected": 6, "kept": 5, "lost": 1, "duplicated": 2}
 
 
 @pytest.mark.slow

@@ -14,9 +14,10 @@ scheduler, dag-processor, triggerer; see :mod:`distilled_plugins.devtools.cluste
   longer than its health check allows (the scheduler then counts it dead) before it is started again.
 
 As in docker-compose.yml (``restart: always``), a component that exits by itself is started again (the
-scheduler exits when the database goes away under it); each such restart is reported. It then counts, from the
-merged generations, the completions lost or duplicated against seed x generations, the
-teacher's requests against those the run needed, and the most msrun jobs seen at once (sampled every half second).
+scheduler exits when the database goes away under it); each such restart is reported. It then counts the
+completions lost (missing from the merged file) or duplicated (generated twice by the shards) against seed x
+generations, the teacher's requests against those the run needed, and the most msrun jobs seen at once (sampled
+every half second).
 """
 
 from __future__ import annotations

@@ -224,7 +224,6 @@ def in_memory_merge(paths, uuid_column: str) -> bytes:
 
 
 # the routing of the Celery deployment the cluster test starts and docker/deployment.json configures
-DEPLOYMENT = {"cpu_queue": "cpu", "npu_queue": "npu", "teacher_pool": "teacher", "training_pool": "npu_training"}
 
 
 class XComTI:

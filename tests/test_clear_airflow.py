@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, make_seed
-from distilled_plugins.devtools.local_airflow import free_port
+from distilled_plugins.devtools.local_airflow import free_port, ti_name
 from tests.support import MATH_TRAIN_SOLUTIONS
 
 DAG_ID = "distill_r1"
@@ -33,10 +33,7 @@ class Run:
 
     def tries(self) -> dict[str, tuple[str, int]]:
         """task (``name[i]`` for a mapped one) -> (state, try number)."""
-        return {
-            ti["task_id"] + (f"[{ti['map_index']}]" if ti["map_index"] >= 0 else ""): (ti["state"], ti["try_number"])
-            for ti in self.airflow.task_instances(DAG_ID, self.run_id)
-        }
+        return {ti_name(ti): (ti["state"], ti["try_number"]) for ti in self.airflow.task_instances(DAG_ID, self.run_id)}
 
     def events(self, asset: str) -> list[dict]:
         asset_id = self.airflow.api("GET", f"/api/v2/assets?name_pattern={asset}")["assets"][0]["id"]
@@ -52,7 +49,7 @@ class Run:
         try more, every other task as it was); returns the tries after."""
         before = self.tries()
         cleared = self.airflow.clear(DAG_ID, self.run_id, task_ids, downstream)
-        names = {t["task_id"] + (f"[{t['map_index']}]" if t["map_index"] >= 0 else "") for t in cleared}
+        names = {ti_name(t) for t in cleared}
         assert names == expect | (SKIPPED_BRANCHES & names), (task_ids, names)
         state = self.airflow.wait_for_run(DAG_ID, self.run_id, timeout=timeout)
         after = self.tries()

@@ -14,8 +14,9 @@ import pytest
 import yaml
 from cryptography.fernet import Fernet
 
+from distilled_plugins.devtools.cluster_services import DEPLOYMENT
 from operators.dag_helpers.deployment import ROUTING_KEYS, parse
-from tests.support import DEPLOYMENT, REPO, cli_env
+from tests.support import REPO, cli_env
 
 DOCKER = REPO / "docker"
 AIRFLOW_SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer", "worker-cpu", "worker-npu")

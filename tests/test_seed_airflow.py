@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, make_seed
-from distilled_plugins.devtools.local_airflow import free_port
+from distilled_plugins.devtools.local_airflow import free_port, ti_name
 from operators.triggers.seed_change import STATE_KEY
 from tests.support import MATH_TRAIN_SOLUTIONS, conversation_rows, read_jsonl, wait_until
 
@@ -45,10 +45,7 @@ class Env:
             return None
 
     def states(self, run_id: str, dag_id: str = DAG_ID) -> dict[str, str]:
-        return {
-            ti["task_id"] + (f"[{ti['map_index']}]" if ti["map_index"] >= 0 else ""): ti["state"]
-            for ti in self.airflow.task_instances(dag_id, run_id)
-        }
+        return {ti_name(ti): ti["state"] for ti in self.airflow.task_instances(dag_id, run_id)}
 
     def events(self, asset: str, run_id: str) -> list[dict]:
         query = urllib.parse.urlencode({"asset_id": self.asset_id(asset), "source_run_id": run_id})

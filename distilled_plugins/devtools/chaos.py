@@ -36,7 +36,7 @@ from pathlib import Path
 import psutil
 
 from distilled_plugins.core.schema import MERGED, SHARD_OUTPUT
-from distilled_plugins.devtools.cluster_services import PostgresServer, RedisServer
+from distilled_plugins.devtools.cluster_services import DEPLOYMENT, PostgresServer, RedisServer
 from distilled_plugins.devtools.demo import MATH_TRAIN, demo_settings, make_seed, stop_training_jobs
 from distilled_plugins.devtools.local_airflow import (
     FINAL_STATES,
@@ -44,13 +44,13 @@ from distilled_plugins.devtools.local_airflow import (
     AirflowError,
     LocalAirflow,
     free_port,
+    ti_name,
 )
 from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 
 logger = logging.getLogger(__name__)
 
 DAG_ID = "distill_r1"
-DEPLOYMENT = {"cpu_queue": "cpu", "npu_queue": "npu", "teacher_pool": "teacher", "training_pool": "npu_training"}
 DATA_STAGES = ("reject_sampling", "handle", "pack")
 # how long the scheduler waits for a lost worker's task and for a triggerer's heartbeat before it counts them dead:
 # Airflow's defaults are 300 s and 30 s, which a run that meets these faults on purpose need not wait out
@@ -84,7 +84,7 @@ def running(tis: list[dict], *task_ids: str) -> str | None:
     """The first of ``task_ids`` running now (``name[index]`` for a mapped one), else None."""
     for ti in tis:
         if ti["task_id"] in task_ids and ti["state"] == "running":
-            return ti["task_id"] + (f"[{ti['map_index']}]" if ti["map_index"] >= 0 else "")
+            return ti_name(ti)
     return None
 
 
@@ -283,11 +283,7 @@ def run(
         # processes that exited by themselves and were started again, as docker-compose's restart: always does
         "restarts": restarts,
         "msrun_samples": sampler.samples,
-        "tries": {
-            t["task_id"] + (f"[{t['map_index']}]" if t["map_index"] >= 0 else ""): [t["try_number"], t["hostname"]]
-            for t in tis
-            if t["state"] != "skipped"
-        },
+        "tries": {ti_name(ti): [ti["try_number"], ti["hostname"]] for ti in tis if ti["state"] != "skipped"},
         "settings": {"problems": problems, "generations": generations, "teacher_delay": teacher_delay}
         | {"max_concurrent": max_concurrent, "epochs": epochs},
         "logs": str(workdir / "airflow" / "logs"),
@@ -338,7 +334,7 @@ def _follow(
             missed += [fault.what for fault in pending]
             return run["state"], done, missed
         for ti in tis:
-            name = ti["task_id"] + (f"[{ti['map_index']}]" if ti["map_index"] >= 0 else "")
+            name = ti_name(ti)
             if ti["state"] and shown.get(name) != (ti["state"], ti["try_number"]):
                 shown[name] = (ti["state"], ti["try_number"])
                 logger.info("%-22s %-10s try %d (%.0f s)", name, ti["state"], ti["try_number"], _since(started))

@@ -23,6 +23,8 @@ from pathlib import Path
 from distilled_plugins.devtools.local_airflow import free_port
 
 logger = logging.getLogger(__name__)
+# the private Celery cluster's routing (the Variable distill_deployment's queues and pools), as docker/ routes
+DEPLOYMENT = {"cpu_queue": "cpu", "npu_queue": "npu", "teacher_pool": "teacher", "training_pool": "npu_training"}
 
 
 class ServerUnavailable(RuntimeError):

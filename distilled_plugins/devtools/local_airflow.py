@@ -77,6 +77,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ti_name(ti: dict) -> str:
+    """A task instance of the REST API as the UI names it: ``task_id``, or ``task_id[map_index]`` when mapped."""
+    return ti["task_id"] + (f"[{ti['map_index']}]" if ti["map_index"] >= 0 else "")
+
+
 def worker_hostname() -> str:
     """``[core] hostname_callable`` of the workers ``start_worker`` starts: the hostname it was given, as each
     worker would report its own host's name on its own machine."""
@@ -473,18 +478,13 @@ class LocalAirflow:
             run = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
             if progress:
                 tis = self.task_instances(dag_id, run_id)
+                finished = sum(t["state"] in TASK_FINISHED_STATES for t in tis)
                 for ti in tis:
-                    name = ti["task_id"] + (f"[{ti['map_index']}]" if ti["map_index"] >= 0 else "")
-                    if ti["state"] and shown.get(name) != ti["state"]:
+                    if ti["state"] and shown.get(name := ti_name(ti)) != ti["state"]:
                         shown[name] = ti["state"]
-                        finished = sum(t["state"] in TASK_FINISHED_STATES for t in tis)
+                        seconds = time.monotonic() - started
                         logger.info(
-                            "%-22s %-10s (%d/%d tasks finished, %.0f s)",
-                            name,
-                            ti["state"],
-                            finished,
-                            len(tis),
-                            time.monotonic() - started,
+                            "%-22s %-10s (%d/%d tasks finished, %.0f s)", name, ti["state"], finished, len(tis), seconds
                         )
             if run["state"] in FINAL_STATES:
                 return run["state"]

@@ -28,12 +28,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from distilled_plugins.devtools.cluster_services import PostgresServer, RedisServer, ServerUnavailable
+from distilled_plugins.devtools.cluster_services import DEPLOYMENT, PostgresServer, RedisServer, ServerUnavailable
 from distilled_plugins.devtools.demo import demo_settings, make_seed
 from distilled_plugins.devtools.local_airflow import AirflowError, LocalAirflow, free_port
 from distilled_plugins.finetune.checkpoints import latest_step_checkpoint
 from distilled_plugins.finetune.job import JobPaths
-from tests.support import DEPLOYMENT, MATH_TRAIN_SOLUTIONS, read_jsonl
+from tests.support import MATH_TRAIN_SOLUTIONS, read_jsonl
 
 DAG_ID = "distill_r1"
 CPU_TASKS = (

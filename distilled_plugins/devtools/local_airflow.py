@@ -280,8 +280,8 @@ class LocalAirflow:
                         due[name] = time.monotonic() + min(60, 2 ** self._quick_exits[name] - 1)
                     if time.monotonic() >= due[name]:
                         del due[name]
+                        self._spawn(name, *self.commands[name])  # first: whoever sees it listed sees the new one
                         self.restarts.append({"process": name, "exit_code": proc.returncode, "at": time.time()})
-                        self._spawn(name, *self.commands[name])
 
     def health(self) -> dict:
         """``/api/v2/monitor/health``: each component's ``status`` (``healthy``/``unhealthy``) and last heartbeat."""

@@ -23,16 +23,17 @@ ARGS ?=
 demo: $(STAMP)
 	$(PY) -m distilled_plugins.devtools.demo $(ARGS)
 
+# two pytest-xdist workers: the slow tests mostly wait on Airflow, msrun and servers (tests/conftest.py groups them)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 --doctest-modules distilled_plugins operators tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --durations=15 --doctest-modules distilled_plugins operators tests
 
 # the development loop: lint and every test not marked slow (no msrun, Airflow or browser), doctests included
 check: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=5 --doctest-modules distilled_plugins operators tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup -m "not slow" --durations=5 --doctest-modules distilled_plugins operators tests
 
 bench: $(STAMP)
 	$(PY) bench/bench_generate.py

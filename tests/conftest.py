@@ -65,16 +65,6 @@ os.environ["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"] = json.dumps(
 )
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(items):
-    """``make test`` runs on two pytest-xdist workers (``--dist loadgroup``), one file at a time each: a module's
-    tests share its fixtures (a private Airflow) and run in file order. The Celery cluster's tests run one after
-    another on one worker: two clusters at once would starve the chaos run's shortened heartbeats of CPU."""
-    for item in items:
-        path = Path(item.path).relative_to(REPO)
-        item.add_marker(pytest.mark.xdist_group("cluster" if path.parts[:2] == ("tests", "cluster") else str(path)))
-
-
 @pytest.fixture(scope="session")
 def airflow_db():
     """A migrated Airflow metadata database, created once per test session."""

@@ -12,10 +12,12 @@ import pytest
 
 from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, make_seed
 from distilled_plugins.devtools.local_airflow import AirflowError, LocalAirflow, free_port
+from distilled_plugins.devtools.teacher_server import judge_answer, load_answers, replay_answer
 from tests.support import MATH_TRAIN_SOLUTIONS, REPO, TOKENIZER_DIR, read_jsonl, wait_until, write_jsonl
 
 DAG_FILE = REPO / "dags" / "distill_r1.py"
 DAG_ID = "distill_r1"
+JUDGE_KEY = "sk-judge-key"
 
 
 # parsing the DAG file (every few seconds, in the dag-processor) must not load the ML frameworks
@@ -90,13 +92,24 @@ def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(replay_teacher, t
         **demo_settings(tmp_path, seed),
         "eval_limit": 2,
         "eval_max_new_tokens": 8,
-        "request_attempts": 1,
-    }  # one attempt per request: a teacher error fails the task, the retry resumes
-    # replays reference solutions; its first 2 requests get HTTP 500
-    teacher, url = replay_teacher(solutions=MATH_TRAIN_SOLUTIONS, fail_first=2)
+        "request_attempts": 1,  # one attempt per request: a teacher error fails the task, the retry resumes
+        "judge_conn_id": "judge_default",
+    }
+    # answers briefly with the right answer (short texts: few training steps), except one in words that math_verify
+    # cannot read (the judge can); its first 2 requests get HTTP 500
+    answers = {
+        p: f"Step by step, the answer is $\\boxed{{{a}}}$."
+        for p, a in load_answers(MATH_TRAIN_SOLUTIONS, "problem", "answer").items()
+    }
+    worded = read_jsonl(seed)[3]["problem"]
+    answers[worded] = "Working through the cases, the answer comes out as the number I name in words at the end."
+    teacher, url = replay_teacher(replay_answer(answers), fail_first=2)
+    judge = replay_teacher(judge_answer({worded: "yes"}), api_key=JUDGE_KEY)
     airflow = airflow_for_demo(tmp_path, url, free_port(), settings, retry_delay_seconds=1)
     with airflow:
         airflow.wait_for_dag(DAG_ID)
+        connection = {"connection_id": "judge_default", "conn_type": "http", "host": judge.host, "port": judge.port}
+        airflow.api("POST", "/api/v2/connections", {**connection, "password": JUDGE_KEY})
 
         with pytest.raises(AirflowError, match="HTTP 400.*shards"):  # refused before any task runs
             airflow.trigger(DAG_ID, {**settings, "shards": 0})
@@ -111,6 +124,14 @@ def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(replay_teacher, t
         assert merged == f"{tmp_path}/output/{DAG_ID}/{run_id}/merge/generations.jsonl"
         rows = read_jsonl(merged)
         assert len(rows) == 16 and len({r["problem"] for r in rows}) == 16  # nothing lost, nothing twice
+        # the judge, from its Connection (key included), kept the worded answer's two generations
+        judged = json.loads(Path(airflow.xcom(DAG_ID, run_id, "reject_sampling")["stats"]).read_text())["judge"]
+        asked = judge.replay.requests  # 1 or 2: the second, identical generation may find the first's verdict
+        assert judged["requests"] == asked and judged["requests"] + judged["from_cache"] == 2, judged
+        assert (judged["recovered"], judged["rows_added"]) == (2, 1), judged
+        assert judge.replay.seen_authorization == [f"Bearer {JUDGE_KEY}"] * asked
+        filtered = read_jsonl(tmp_path / "output" / DAG_ID / run_id / "reject_sampling" / "filtered.jsonl")
+        assert [r["correctness_judge"] for r in filtered if r["problem"] == worded] == [[True, True]]
         finetuned = airflow.xcom(DAG_ID, run_id, "finetune", map_index=0)  # mapped over node ranks
         assert Path(finetuned["checkpoint_dir"], "rank_0").is_dir() and Path(finetuned["metrics"]).exists()
         report = json.loads(Path(airflow.xcom(DAG_ID, run_id, "evaluate")).read_text())
@@ -144,6 +165,7 @@ def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(replay_teacher, t
             for i in range(2)
         )
         assert reused == 16
+        assert judge.replay.requests == asked  # the second run's judge read its verdicts from the cache
 
 
 class _TaskInstance:

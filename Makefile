@@ -29,8 +29,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not slow" --doctest-modules distilled_plugins operators tests
-	$(PY) -m pytest -q -p no:cacheprovider -m slow --durations=15 tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not slow" --doctest-modules distilled_plugins operators tests; \
+	fast=$$?; $(PY) -m pytest -q -p no:cacheprovider -m slow --durations=15 tests; slow=$$?; \
+	exit $$(( fast ? fast : slow ))  # the slow tests run (and report) even when a fast one failed
 
 # the development loop: lint and every test not marked slow (no msrun, Airflow or browser), doctests included
 check: $(STAMP)

@@ -127,7 +127,7 @@ def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(replay_teacher, t
         # the judge, from its Connection (key included), kept the worded answer's two generations
         judged = json.loads(Path(airflow.xcom(DAG_ID, run_id, "reject_sampling")["stats"]).read_text())["judge"]
         asked = judge.replay.requests  # 1 or 2: the second, identical generation may find the first's verdict
-        assert judged["requests"] == asked and judged["requests"] + judged["from_cache"] == 2, judged
+        assert judged["requests_sent"] == asked and judged["requests"] + judged["from_cache"] == 2, judged
         assert (judged["recovered"], judged["rows_added"]) == (2, 1), judged
         assert judge.replay.seen_authorization == [f"Bearer {JUDGE_KEY}"] * asked
         filtered = read_jsonl(tmp_path / "output" / DAG_ID / run_id / "reject_sampling" / "filtered.jsonl")
@@ -165,7 +165,12 @@ def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(replay_teacher, t
             for i in range(2)
         )
         assert reused == 16
-        assert judge.replay.requests == asked  # the second run's judge read its verdicts from the cache
+        # the second run's judge (its settings the deployment's defaults) read its verdicts from the cache
+        judged = json.loads(Path(airflow.xcom(DAG_ID, second, "reject_sampling")["stats"]).read_text())["judge"]
+        assert (judged["requests"], judged["from_cache"], judged["rows_added"]) == (0, 2, 1), judged
+        assert judge.replay.requests == asked
+        filtered = read_jsonl(tmp_path / "output" / DAG_ID / second / "reject_sampling" / "filtered.jsonl")
+        assert [r["correctness_judge"] for r in filtered if r["problem"] == worded] == [[True, True]]
 
 
 class _TaskInstance:

@@ -223,9 +223,6 @@ def in_memory_merge(paths, uuid_column: str) -> bytes:
     return b"".join(json.dumps(by_key[key], ensure_ascii=False).encode() + b"\n" for key in sorted(by_key))
 
 
-# the routing of the Celery deployment the cluster test starts and docker/deployment.json configures
-
-
 class XComTI:
     """What the operator uses of its task instance: XCom of this try, kept in a dict as the worker's XCom keeps it
     while the task is deferred (a real task instance needs a running Airflow task)."""

@@ -125,12 +125,13 @@ def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(replay_teacher, t
         rows = read_jsonl(merged)
         assert len(rows) == 16 and len({r["problem"] for r in rows}) == 16  # nothing lost, nothing twice
         # the judge, from its Connection (key included), kept the worded answer's two generations
-        judged = json.loads(Path(airflow.xcom(DAG_ID, run_id, "reject_sampling")["stats"]).read_text())["judge"]
+        rejection = airflow.xcom(DAG_ID, run_id, "reject_sampling")
+        judged = json.loads(Path(rejection["stats"]).read_text())["judge"]
         asked = judge.replay.requests  # 1 or 2: the second, identical generation may find the first's verdict
         assert judged["requests_sent"] == asked and judged["requests"] + judged["from_cache"] == 2, judged
         assert (judged["recovered"], judged["rows_added"]) == (2, 1), judged
         assert judge.replay.seen_authorization == [f"Bearer {JUDGE_KEY}"] * asked
-        filtered = read_jsonl(tmp_path / "output" / DAG_ID / run_id / "reject_sampling" / "filtered.jsonl")
+        filtered = read_jsonl(rejection["output"])
         assert [r["correctness_judge"] for r in filtered if r["problem"] == worded] == [[True, True]]
         finetuned = airflow.xcom(DAG_ID, run_id, "finetune", map_index=0)  # mapped over node ranks
         assert Path(finetuned["checkpoint_dir"], "rank_0").is_dir() and Path(finetuned["metrics"]).exists()
@@ -166,10 +167,11 @@ def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(replay_teacher, t
         )
         assert reused == 16
         # the second run's judge (its settings the deployment's defaults) read its verdicts from the cache
-        judged = json.loads(Path(airflow.xcom(DAG_ID, second, "reject_sampling")["stats"]).read_text())["judge"]
+        rejection = airflow.xcom(DAG_ID, second, "reject_sampling")
+        judged = json.loads(Path(rejection["stats"]).read_text())["judge"]
         assert (judged["requests"], judged["from_cache"], judged["rows_added"]) == (0, 2, 1), judged
         assert judge.replay.requests == asked
-        filtered = read_jsonl(tmp_path / "output" / DAG_ID / second / "reject_sampling" / "filtered.jsonl")
+        filtered = read_jsonl(rejection["output"])
         assert [r["correctness_judge"] for r in filtered if r["problem"] == worded] == [[True, True]]
 
 

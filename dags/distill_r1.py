@@ -205,7 +205,8 @@ params = {
         "Tokenizer folder",
         PROCESSING,
         "Folder of the Qwen2.5 tokenizer (tokenizer.json with the chat template): the training data is tokenized "
-        "with it, and the fine-tuned model's evaluation too",
+        "with it, and the fine-tuned model's evaluation too. The tiny CPU profile has its own, cut to its "
+        "vocabulary: configs/tokenizer_tiny",
         type="string",
         minLength=1,
     ),

@@ -3,16 +3,18 @@
 Usage:
     python -m distilled_plugins.preflight --source generate --seed-dataset seed.jsonl --output-root out/
 
-A run that would fail on a missing file after hours of generation or training fails here instead, with one line
-per problem, each naming the setting (its form title where the caller gives one) and what to do. Which inputs are
-checked follows the entry point: the seed and its columns only when generating, the OpenR1-style or packed
-dataset only for its own entry point; the tokenizer when a stage tokenizes; the fine-tune profile and the base
-checkpoint; the evaluation set or the evaluation endpoint's connection; the output folder. Connections are checked
-through a callback (this module imports no Airflow): :data:`CONNECTIONS` says when each one is needed, and a new
-one is one more line there and a field of :class:`RunInputs`.
+A run that would fail on a missing file after hours of generation or training fails here instead, with one line per
+problem, each naming the setting (its form title where the caller gives one) and what to do. Which inputs are
+checked follows the entry point: the seed and its columns only when generating, the OpenR1-style or packed dataset
+only for its own entry point; the tokenizer when a stage tokenizes (its ids must fit the fine-tune profile's
+vocabulary); the fine-tune profile and the base checkpoint; the evaluation set or the evaluation endpoint's
+connection; the output folder. Connections are checked through a callback (this module imports no Airflow):
+:data:`CONNECTIONS` says when each one is needed, and a new one is one more line there and a field of
+:class:`RunInputs`.
 
 >>> inputs = RunInputs(source="packed_dataset", packed_dataset="/nonexistent/packed", output_root="/tmp",
-...                    finetune_config="finetune_tiny_cpu.yaml", whole_numbers={"epochs": 2.5})
+...                    finetune_config="finetune_tiny_cpu.yaml", tokenizer_dir=str(configs.TINY_TOKENIZER),
+...                    whole_numbers={"epochs": 2.5})
 >>> for line in problems(inputs, titles={"packed_dataset": "Packed dataset"}):
 ...     print(line)
 epochs: 2.5 is not a whole number; give a whole number
@@ -155,6 +157,27 @@ def _tokenizer_problems(name: str, folder: str | None) -> list[tuple[str, str]]:
     return []
 
 
+def _vocabulary_problems(run: RunInputs) -> list[tuple[str, str]]:
+    """The tokenizer's ids must fit the profile's model: a larger id than its vocab_size has no embedding row."""
+    try:
+        spec = json.loads((Path(run.tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+        profile = run.finetune_config or configs.FINETUNE_7B.name
+        vocab_size = configs.load_yaml(profile)["model"]["model_config"]["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError):  # told apart by the tokenizer's and the profile's own checks
+        return []
+    top = max([*spec["model"]["vocab"].values(), *(token["id"] for token in spec.get("added_tokens", ()))])
+    if top < vocab_size:
+        return []
+    hint = f" ({configs.FINETUNE_TINY.name}'s is {configs.TINY_TOKENIZER})"
+    return [
+        (
+            "tokenizer_dir",
+            f"{run.tokenizer_dir}: token ids up to {top}, but the fine-tune profile {Path(profile).name} has a "
+            f"vocabulary of {vocab_size}; give the tokenizer its model was made for{hint}",
+        )
+    ]
+
+
 def _finetune_problems(run: RunInputs) -> tuple[list[tuple[str, str]], int | None]:
     """Problems of the fine-tune profile and the base checkpoint, and the profile's seq_length (None if unknown)."""
     try:
@@ -211,7 +234,7 @@ def problems(
         found += [("openr1_dataset", line) for line in lines]
     # handle tokenizes the data, evaluation the checkpoint's prompts and answers: both with the form's tokenizer
     if run.source in ("generate", "openr1_dataset") or run.eval_source != "endpoint":
-        found += _tokenizer_problems("tokenizer_dir", run.tokenizer_dir)
+        found += _tokenizer_problems("tokenizer_dir", run.tokenizer_dir) or _vocabulary_problems(run)
     finetune, seq_length = _finetune_problems(run)
     found += finetune
     if run.source == "packed_dataset":

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from distilled_plugins.core.configs import TINY_TOKENIZER
 from distilled_plugins.devtools.local_airflow import free_port
 from distilled_plugins.devtools.teacher_server import (
     ReplayTeacher,
@@ -30,7 +31,6 @@ from tests.support import (  # MATH_TRAIN_SOLUTIONS, read_jsonl: still imported 
     MATH_TRAIN_SOLUTIONS,  # noqa: F401
     REPO,
     TINY_ROWS,
-    TOKENIZER_DIR,
     answer_with_solution,
     cli_env,
     conversation_rows,
@@ -188,15 +188,15 @@ def _solutions(path: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def tiny_packed(tmp_path_factory):
-    """Packed rows at the tiny CPU profile's seq_length (256): a few training steps' worth."""
+    """Packed rows at the tiny CPU profile's seq_length (256), in its tokenizer: a few training steps' worth."""
     from distilled_plugins.handle.config import HandleConfig
     from distilled_plugins.handle.stage import run as handle_run
     from distilled_plugins.pack.config import PackConfig
     from distilled_plugins.pack.stage import run as pack_run
 
     tmp = tmp_path_factory.mktemp("tiny-packed")
-    src = write_jsonl(tmp / "filtered.jsonl", conversation_rows(6, start=2))
-    handled = handle_run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp / "handled")))
+    src = write_jsonl(tmp / "filtered.jsonl", conversation_rows(5, start=2))
+    handled = handle_run(HandleConfig(src=[str(src)], tokenizer=str(TINY_TOKENIZER), dst=str(tmp / "handled")))
     packed = pack_run(PackConfig(src=str(handled), dst=str(tmp / "packed"), seq_length=256))
     rows = json.loads((packed / "stats.json").read_text())["packs"]
     assert rows == TINY_ROWS, f"the tiny packed data has {rows} rows; the fine-tune tests count on {TINY_ROWS}"

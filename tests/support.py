@@ -32,6 +32,9 @@ TOKENIZER_DIR = SHARED_DATA / "tokenizer" / "qwen2.5"
 
 # rows of the tiny packed data: one training step each with one worker, half as many per worker with two
 TINY_ROWS = 10
+# epochs of the tiny data for a test that stops or kills training while it trains: its steps take ~40 ms (the tiny
+# profile's 4,096-token vocabulary), so one epoch is over in half a second; 20 give a window of ~10 s
+INTERRUPTIBLE_EPOCHS = 20
 
 # ---- rows and files -------------------------------------------------------------------------------------------
 

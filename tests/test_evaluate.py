@@ -135,7 +135,8 @@ def test_mindformers_generation_from_the_tiny_checkpoint(tiny_checkpoint, tmp_pa
         out=str(tmp_path),
         checkpoint=str(tiny_checkpoint),
         limit=3,
-        mindformers_config=str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml"),
+        mindformers_config=str(configs.FINETUNE_TINY),
+        tokenizer=str(configs.TINY_TOKENIZER),
         protocol=Protocol(n_samples=2, max_new_tokens=12),
     )
     report = json.loads(evaluate(cfg).read_text())
@@ -193,14 +194,20 @@ class TestCheckpointGeneration:
     def test_batched_greedy_equals_one_at_a_time(self, tmp_path):
         from distilled_plugins.core import configs
         from distilled_plugins.in_mindformers import mf_generate
-        from tests.support import TOKENIZER_DIR
 
         problems = write_jsonl(tmp_path / "p.jsonl", load_problems(MATH500, 3))  # prompts of 3 lengths
         outputs = {}
         for batch in (3, 1):
             outputs[batch] = tmp_path / f"out{batch}.jsonl"
-            argv = ["--config", str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml"), "--checkpoint", "untrained"]
-            argv += ["--tokenizer", str(TOKENIZER_DIR), "--problems", str(problems), "--output", str(outputs[batch])]
+            argv = ["--config", str(configs.FINETUNE_TINY), "--checkpoint", "untrained"]
+            argv += [
+                "--tokenizer",
+                str(configs.TINY_TOKENIZER),
+                "--problems",
+                str(problems),
+                "--output",
+                str(outputs[batch]),
+            ]
             argv += ["--system-prompt", SYSTEM_PROMPT, "--num-samples", "1", "--max-new-tokens", "6"]
             argv += ["--temperature", "0", "--batch-size", str(batch)]
             assert mf_generate.main(argv) == 0

@@ -22,8 +22,8 @@ from distilled_plugins.devtools.local_airflow import free_port
 from distilled_plugins.finetune import FinetuneConfig, stage
 from distilled_plugins.finetune import job as jobs
 from distilled_plugins.finetune.checkpoints import ResumePoint, checkpoint_step, latest_step_checkpoint, resume_point
-from distilled_plugins.finetune.metrics import latest_progress, parse_steps
-from tests.support import TINY_ROWS, cli_command, cli_env, wait_until
+from distilled_plugins.finetune.metrics import global_step, latest_progress, parse_steps
+from tests.support import INTERRUPTIBLE_EPOCHS, TINY_ROWS, cli_command, cli_env, wait_until
 
 TINY = str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml")
 
@@ -59,7 +59,7 @@ def job_dir_of(cfg: FinetuneConfig) -> Path:
 
 @pytest.mark.slow
 def test_one_worker_stop_resume_and_finished_retry(tiny_packed, tmp_path):
-    cfg = tiny(tiny_packed, tmp_path / "out")
+    cfg = tiny(tiny_packed, tmp_path / "out", epochs=INTERRUPTIBLE_EPOCHS)
     launched = stage.launch(cfg)
     job = Path(launched.job_dir)
     assert job.parent == tmp_path / "out" and job.name == "job-" + stage.find_job(cfg).fingerprint[:12]
@@ -74,7 +74,8 @@ def test_one_worker_stop_resume_and_finished_retry(tiny_packed, tmp_path):
     result = stage.run(cfg)  # a retry: resumes from the newest checkpoint, not from step 0
     steps = json.loads(Path(result.metrics_file).read_text())["steps"]
     assert result.resumed_from_step >= 4
-    assert steps[0]["step"] == result.resumed_from_step + 1 and steps[-1]["step"] == TINY_ROWS
+    assert global_step(steps[0]) == result.resumed_from_step + 1
+    assert global_step(steps[-1]) == result.steps == TINY_ROWS * INTERRUPTIBLE_EPOCHS
     assert all(s["loss"] >= 0 for s in steps)  # 0 where a split piece holds prompt tokens only
     assert Path(result.loss_curve).read_bytes()[:4] == b"\x89PNG"
     assert Path(result.checkpoint_dir) == job / "checkpoint" and (job / "checkpoint" / "rank_0").is_dir()
@@ -139,8 +140,9 @@ def test_a_dead_worker_fails_the_cli_at_once_and_a_rerun_after_a_dead_supervisor
         "--worker-num=2",
         f"--master-port={free_port()}",
         "--poll-interval=0.5",
+        f"--epochs={INTERRUPTIBLE_EPOCHS}",
         "--set",
-        "callbacks.1.save_checkpoint_steps=2",  # 5 steps of 2 rows: a checkpoint at step 2, time to kill after it
+        "callbacks.1.save_checkpoint_steps=2",  # a checkpoint at step 2, then time to kill a worker
     )
 
     clis = []
@@ -194,7 +196,9 @@ def _kill_a_worker_then_the_supervisor(out: Path, tmp_path: Path, start) -> None
     said = (tmp_path / "third.log").read_text()
     assert "the supervisor recorded on this host is dead" in said and "re-attaching" not in said
     metrics = json.loads((job / "metrics.json").read_text())
-    assert metrics["resumed_from_step"] >= 2 and metrics["steps"][-1]["step"] == TINY_ROWS // 2
+    assert (
+        metrics["resumed_from_step"] >= 2 and global_step(metrics["steps"][-1]) == TINY_ROWS // 2 * INTERRUPTIBLE_EPOCHS
+    )
     assert job_processes(job) == []
 
 
@@ -206,7 +210,7 @@ def _progress_unless_ended(job: Path, cli: subprocess.Popen, log: Path) -> str |
 
 @pytest.mark.slow
 def test_killed_supervisor_is_dead_and_its_leftovers_are_stopped(tiny_packed, tmp_path):
-    cfg = tiny(tiny_packed, tmp_path / "out", dead_after=6.0)
+    cfg = tiny(tiny_packed, tmp_path / "out", dead_after=6.0, epochs=INTERRUPTIBLE_EPOCHS)
     launched = stage.launch(cfg)
     job = Path(launched.job_dir)
     log = job / "msrun_log" / "worker_0.log"
@@ -341,7 +345,7 @@ def test_two_nodes_on_two_hosts_train_to_the_end(tiny_packed, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare (UTS namespaces)")
 def test_a_failing_node_fails_every_node_with_its_log_tail(tiny_packed, tmp_path):
-    cfg = tiny(tiny_packed, tmp_path / "out", overrides={"runner_config.epochs": 20})
+    cfg = tiny(tiny_packed, tmp_path / "out", epochs=INTERRUPTIBLE_EPOCHS)
     nodes = [start_node(cfg, rank, f"node{rank}", tmp_path / f"node{rank}.log") for rank in (0, 1)]
     log = tmp_path / "out"
     wait_for(lambda: any("step:[" in p.read_text() for p in log.glob("job-*/msrun_log/worker_1.log")), 300, "a step")
@@ -384,6 +388,15 @@ class TestResumePoint:
         (tmp_path / "rank_0/meta.json").write_text(json.dumps({"last_ckpt_file": "tiny_rank_0_1-1_3.safetensors"}))
         _save_checkpoint(tmp_path / "rank_1/tiny_rank_1_1-1_3.safetensors", 6, bytes_written=20)
         assert resume_point(tmp_path).step == latest_step_checkpoint(tmp_path) == 4
+
+    def test_a_checkpoint_of_the_last_step_resumes_from_the_one_before(self, tmp_path):
+        # stopped after its final save: mindspore cannot resume at the end of the last epoch
+        for step in (6, 8, 10):
+            _save_checkpoint(tmp_path / f"rank_0/tiny_rank_0-1_{step // 2}.safetensors", step)
+        (tmp_path / "rank_0/meta.json").write_text(json.dumps({"last_ckpt_file": "tiny_rank_0-1_5.safetensors"}))
+        assert resume_point(tmp_path).step == 10
+        assert resume_point(tmp_path, below=10) == ResumePoint(8, "tiny_rank_0-1_4.safetensors")
+        assert resume_point(tmp_path, below=6) is None  # no earlier one kept: from the beginning
 
     def test_none_until_every_rank_finished_one(self, tmp_path):
         assert resume_point(tmp_path) is None and latest_step_checkpoint(tmp_path) == 0

@@ -9,6 +9,10 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 FINETUNE_7B = CONFIG_DIR / "finetune_qwen_2_5_7b.yaml"
+# the demo's and the tests' profile, and its own tokenizer: Qwen2.5's cut to the profile's 4,096-token vocabulary
+# (distilled_plugins/devtools/tiny_tokenizer.py writes it)
+FINETUNE_TINY = CONFIG_DIR / "finetune_tiny_cpu.yaml"
+TINY_TOKENIZER = CONFIG_DIR / "tokenizer_tiny"
 # the public data beside the checkout (MATH-500, the Qwen2.5 tokenizer, ...); DISTILL_DATA moves it (Docker: /data)
 # the Airflow worker's own settings and secrets (database and broker URLs with passwords, fernet key, connections)
 # and the keys of the teacher and the hub are none of the business of the processes a stage starts (msrun, its

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from distilled_plugins.core.configs import SHARED_DATA
+from distilled_plugins.core.configs import FINETUNE_TINY, SHARED_DATA, TINY_TOKENIZER
 from distilled_plugins.core.io import rewrite_jsonl, write_json
 from distilled_plugins.devtools import learnability
 from distilled_plugins.devtools.batch_server import BatchTeacher
@@ -74,14 +74,15 @@ def make_seed(path: Path, n: int) -> Path:
 
 
 def demo_settings(workdir: Path, seed: Path) -> dict:
-    """Parameters of a demo run: the tiny CPU model, one msrun worker, a MATH-500 subset."""
+    """Parameters of a demo run: the tiny CPU model with its tokenizer, one msrun worker, a MATH-500 subset."""
     return {
         "seed_dataset": str(seed),
         "teacher_model": "demo-replay-teacher",
         "num_generations": 2,
         "shards": 2,
         "max_concurrent": 16,
-        "finetune_config": "finetune_tiny_cpu.yaml",
+        "finetune_config": FINETUNE_TINY.name,
+        "tokenizer_dir": str(TINY_TOKENIZER),
         "nodes": 1,
         "workers_per_node": 1,
         "master_port": free_port(),

@@ -28,32 +28,34 @@ def checkpoint_step(path: Path) -> int:
         return int.from_bytes(f.read(end - start), "little", signed=True)
 
 
-def resume_point(checkpoint_dir: Path) -> ResumePoint | None:
-    """Where a retry resumes, decided before the workers start (on CPU they share no barrier to agree on it).
+def resume_point(checkpoint_dir: Path, below: int | None = None) -> ResumePoint | None:
+    """Where a retry resumes, decided before the workers start (on CPU they share no barrier to agree on it): the
+    newest step every rank finished a checkpoint of, before step ``below`` if given.
 
     A rank's ``meta.json`` names its last checkpoint once the file is complete (mindformers replaces it after the
-    save), so a worker killed mid-save leaves its previous one named; the oldest of those, present in every rank,
-    is the point. None: some rank finished no checkpoint yet (the job starts from its beginning)."""
-
-    def rank_of(rank_dir: Path) -> int:
-        return int(rank_dir.name.removeprefix("rank_"))
-
-    ranks = sorted(Path(checkpoint_dir).glob("rank_*"), key=rank_of)
-    last = []
-    for rank_dir in ranks:
+    save), so a worker killed mid-save leaves its previous one named; that file and the older ones are complete.
+    ``below``: the job's last step. mindspore cannot resume at the end of the last epoch (a job stopped after its
+    final save), so it resumes from the checkpoint before and trains the last steps again. None: no such step in
+    every rank (the job starts from its beginning)."""
+    finished = []  # per rank, in rank order: {global step: file name} of its complete checkpoints
+    for rank_dir in sorted(Path(checkpoint_dir).glob("rank_*"), key=lambda d: int(d.name.removeprefix("rank_"))):
         try:
-            name = json.loads((rank_dir / "meta.json").read_text())["last_ckpt_file"]
-            last.append((checkpoint_step(rank_dir / name), rank_dir, name))
+            last = checkpoint_step(rank_dir / json.loads((rank_dir / "meta.json").read_text())["last_ckpt_file"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-    if not last:
+        steps = {}
+        for path in rank_dir.glob("*.safetensors"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                step = checkpoint_step(path)
+                if step <= last:
+                    steps[step] = path.name
+        finished.append(steps)
+    common = set.intersection(*(set(steps) for steps in finished)) if finished else set()
+    candidates = [step for step in common if below is None or step < below]
+    if not candidates:
         return None
-    step, rank_dir, name = min(last, key=lambda found: found[0])
-    files = [d / name.replace(f"_rank_{rank_of(rank_dir)}", f"_rank_{rank_of(d)}") for d in ranks]
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        if all(checkpoint_step(f) == step for f in files):
-            return ResumePoint(step, files[0].name)
-    return None
+    step = max(candidates)
+    return ResumePoint(step, finished[0][step])  # rank 0's name: mindformers puts each rank's id in it
 
 
 def latest_step_checkpoint(checkpoint_dir: Path) -> int:

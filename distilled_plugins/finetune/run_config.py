@@ -111,12 +111,13 @@ def resolved_config(cfg: FinetuneConfig) -> dict:
     return run_config
 
 
-def job_config(run_config: dict, job_dir: Path) -> tuple[dict, int]:
-    """The resolved YAML placed in ``job_dir``; returns it and the step it resumes from (0: fresh)."""
+def job_config(run_config: dict, job_dir: Path, last_step: int | None) -> tuple[dict, int]:
+    """The resolved YAML placed in ``job_dir``; returns it and the step it resumes from (0: fresh), one before the
+    job's ``last_step`` where known."""
     run_config = json.loads(json.dumps(run_config))
     run_config["output_dir"] = str(job_dir)
     # every worker writes its steps as JSON lines next to its log (distilled_plugins/in_mindformers/train.py: StepMetricsWriter)
-    point = resume_point(job_dir / "checkpoint")
+    point = resume_point(job_dir / "checkpoint", below=last_step)
     resume_step = point.step if point else 0
     callbacks = [c for c in run_config.get("callbacks") or [] if c.get("type") != "StepMetricsWriter"]
     writer = {"type": "StepMetricsWriter", "folder": str(job_dir / "msrun_log"), "initial_step": resume_step}
@@ -138,22 +139,26 @@ def stall_timeout(cfg: FinetuneConfig, run_config: dict) -> float:
     return float(cfg.stall_timeout or STALL_TIMEOUT.get(device(run_config), STALL_TIMEOUT["ascend"]))
 
 
-def expected_steps(cfg: FinetuneConfig, run_config: dict) -> int:
-    """Training steps of the whole job: packed rows / (batch x data-parallel workers) x epochs."""
+def total_steps(cfg: FinetuneConfig, run_config: dict) -> int | None:
+    """Training steps of the whole job: packed rows / (batch x data-parallel workers) x epochs (None: the packed
+    data has no stats.json to count its rows)."""
     stats = Path(cfg.dataset_path) / STATS_FILE
     rows = int(json.loads(stats.read_text())["packs"]) if stats.exists() else 0
+    if not rows:
+        return None
     layout = run_config.get("parallel_config") or {}
     data_parallel = int(layout.get("data_parallel", 1) or 1) if run_config.get("use_parallel") else 1
     batch = int(value_at(run_config, "runner_config.batch_size"))
     epochs = int(value_at(run_config, "runner_config.epochs"))
-    return max(1, math.ceil(rows / (batch * data_parallel)) * epochs) if rows else 1000
+    return max(1, math.ceil(rows / (batch * data_parallel)) * epochs)
 
 
 def deferral_timeout(cfg: FinetuneConfig, run_config: dict) -> float:
     """How long the whole job may take before its task gives up: every step at its device's worst step time,
     plus twice the stall timeout for start-up (cluster forming, compiling, loading) and the last save."""
     per_step = MAX_STEP_SECONDS.get(device(run_config), MAX_STEP_SECONDS["ascend"])
-    return expected_steps(cfg, run_config) * per_step + 2 * stall_timeout(cfg, run_config)
+    steps = total_steps(cfg, run_config) or 1000  # rows unknown: a guess
+    return steps * per_step + 2 * stall_timeout(cfg, run_config)
 
 
 def job_env(run_config: dict) -> dict:

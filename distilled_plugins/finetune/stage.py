@@ -35,6 +35,7 @@ from distilled_plugins.finetune.run_config import (
     preflight,
     resolved_config,
     stall_timeout,
+    total_steps,
 )
 from distilled_plugins.finetune.supervisor import start_supervisor
 
@@ -81,7 +82,7 @@ def launch(cfg: FinetuneConfig, job: Job | None = None) -> Launch:
 
     job = job or find_job(cfg)
     job_dir = Path(job.job_dir)
-    run_config, resume_step = job_config(job.run_config, job_dir)
+    run_config, resume_step = job_config(job.run_config, job_dir, total_steps(cfg, job.run_config))
     preflight(cfg, run_config, resuming=bool(resume_step))
     paths = JobPaths(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)

@@ -108,7 +108,8 @@ def when(stamp: str) -> datetime:
 def test_celery_deployment_routes_tasks_and_a_lost_npu_node_resumes_on_another(replay_teacher, tmp_path):
     shared = tmp_path / "shared"  # the shared filesystem (NFS, SFS, Lustre) every worker mounts
     seed = make_seed(shared / "seed" / "seed.jsonl", 12)
-    settings = {**demo_settings(shared, seed), "eval_limit": 2, "eval_max_new_tokens": 8}
+    # 10 epochs: training lasts long enough to lose its node after the first checkpoint (~40 ms a step)
+    settings = {**demo_settings(shared, seed), "eval_limit": 2, "eval_max_new_tokens": 8, "epochs": 10}
     # the teacher refuses requests without the key (401): the workers must read it from the Connection
     teacher, teacher_url = replay_teacher(solutions=MATH_TRAIN_SOLUTIONS, api_key=TEACHER_KEY)
 

@@ -16,7 +16,8 @@ with DAG(
         dataset_path="{{ params.data }}",
         output_dir="{{ params.out }}",
         master_port="{{ params.port }}",
-        overrides={"runner_config.epochs": 20},  # long enough to be stopped while it trains
+        # long enough to be stopped while it trains: 2,000 steps of ~40 ms, where the tests stop it after the first
+        overrides={"runner_config.epochs": 200},
         deferrable=True,
         poll_interval=1.0,
         dead_after=10.0,

@@ -1,0 +1,63 @@
+"""The tiny profile's tokenizer (configs/tokenizer_tiny): Qwen2.5's cut to 4,096 tokens, and the preflight that
+keeps a tokenizer and a profile's vocabulary together."""
+
+from __future__ import annotations
+
+import pytest
+
+from distilled_plugins import preflight
+from distilled_plugins.core import configs
+from distilled_plugins.devtools import tiny_tokenizer
+from distilled_plugins.handle.encoder import load_tokenizer
+from tests.support import TOKENIZER_DIR, conversation_rows
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return load_tokenizer(configs.TINY_TOKENIZER), load_tokenizer(TOKENIZER_DIR)
+
+
+def test_the_committed_folder_is_what_the_builder_writes(tmp_path):
+    built = tiny_tokenizer.build(tmp_path / "tokenizer")
+    committed = sorted(p.name for p in configs.TINY_TOKENIZER.iterdir())
+    assert sorted(p.name for p in built.iterdir()) == committed
+    for name in committed:
+        assert (built / name).read_bytes() == (configs.TINY_TOKENIZER / name).read_bytes(), name
+
+
+def test_it_renders_qwens_template_and_encodes_any_text_losslessly_in_the_profiles_vocabulary(tokenizers):
+    tiny, qwen = tokenizers
+    model = configs.load_yaml(configs.FINETUNE_TINY)["model"]["model_config"]
+    assert len(tiny) == model["vocab_size"] == 4096 and tiny.pad_token_id == model["pad_token_id"]
+    texts = [qwen.apply_chat_template(row["messages"], tokenize=False) for row in conversation_rows(20)]
+    texts.append("∑ 日本語 \\boxed{\\frac{1}{2}} 🙂\r\n\t")  # bytes outside the cut vocabulary's merges
+    for text in texts:
+        ids = tiny(text, add_special_tokens=False)["input_ids"]
+        assert max(ids) < model["vocab_size"] and tiny.decode(ids) == text
+    messages = conversation_rows(1)[0]["messages"]
+    assert tiny.apply_chat_template(messages, tokenize=False) == qwen.apply_chat_template(messages, tokenize=False)
+    # the special tokens are whole tokens after the vocabulary, as in Qwen2.5
+    assert tiny.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [4074, 4075, 4076]
+    # the same BPE, fewer merges: a common word is one token in both
+    assert tiny.tokenize(" the") == qwen.tokenize(" the") == ["Ġthe"]
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "profile", "refused"),
+    [
+        (TOKENIZER_DIR, configs.FINETUNE_TINY.name, True),
+        (configs.TINY_TOKENIZER, configs.FINETUNE_TINY.name, False),
+        (TOKENIZER_DIR, configs.FINETUNE_7B.name, False),
+    ],
+)
+def test_the_preflight_refuses_a_tokenizer_whose_ids_the_profile_cannot_embed(tmp_path, tokenizer, profile, refused):
+    run = preflight.RunInputs(
+        source="packed_dataset", tokenizer_dir=str(tokenizer), finetune_config=profile, output_root=str(tmp_path)
+    )
+    lines = [line for line in preflight.problems(run) if line.startswith("tokenizer_dir")]
+    expected = (
+        f"tokenizer_dir: {TOKENIZER_DIR}: token ids up to 151664, but the fine-tune profile finetune_tiny_cpu.yaml "
+        f"has a vocabulary of 4096; give the tokenizer its model was made for (finetune_tiny_cpu.yaml's is "
+        f"{configs.TINY_TOKENIZER})"
+    )
+    assert lines == ([expected] if refused else [])

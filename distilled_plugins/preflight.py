@@ -159,21 +159,21 @@ def _tokenizer_problems(name: str, folder: str | None) -> list[tuple[str, str]]:
 
 def _vocabulary_problems(run: RunInputs) -> list[tuple[str, str]]:
     """The tokenizer's ids must fit the profile's model: a larger id than its vocab_size has no embedding row."""
+    profile = run.finetune_config or configs.FINETUNE_7B.name
     try:
         spec = json.loads((Path(run.tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"))
-        profile = run.finetune_config or configs.FINETUNE_7B.name
-        vocab_size = configs.load_yaml(profile)["model"]["model_config"]["vocab_size"]
-    except (OSError, ValueError, KeyError, TypeError):  # told apart by the tokenizer's and the profile's own checks
+        top = max([*spec["model"]["vocab"].values(), *(token["id"] for token in spec.get("added_tokens", ()))])
+        vocab_size = int(configs.load_yaml(profile)["model"]["model_config"]["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # the profile's own check tells of it
         return []
-    top = max([*spec["model"]["vocab"].values(), *(token["id"] for token in spec.get("added_tokens", ()))])
     if top < vocab_size:
         return []
-    hint = f" ({configs.FINETUNE_TINY.name}'s is {configs.TINY_TOKENIZER})"
+    own = f" ({configs.TINY_TOKENIZER})" if Path(profile).name == configs.FINETUNE_TINY.name else ""
     return [
         (
             "tokenizer_dir",
             f"{run.tokenizer_dir}: token ids up to {top}, but the fine-tune profile {Path(profile).name} has a "
-            f"vocabulary of {vocab_size}; give the tokenizer its model was made for{hint}",
+            f"vocabulary of {vocab_size}; give the tokenizer its model was made for{own}",
         )
     ]
 

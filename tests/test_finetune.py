@@ -210,6 +210,7 @@ def _progress_unless_ended(job: Path, cli: subprocess.Popen, log: Path) -> str |
 
 @pytest.mark.slow
 def test_killed_supervisor_is_dead_and_its_leftovers_are_stopped(tiny_packed, tmp_path):
+    # training outlasts the ~7 s until the dead supervisor counts as dead: leftovers that collect must stop
     cfg = tiny(tiny_packed, tmp_path / "out", dead_after=6.0, epochs=INTERRUPTIBLE_EPOCHS)
     launched = stage.launch(cfg)
     job = Path(launched.job_dir)
@@ -388,6 +389,16 @@ class TestResumePoint:
         (tmp_path / "rank_0/meta.json").write_text(json.dumps({"last_ckpt_file": "tiny_rank_0_1-1_3.safetensors"}))
         _save_checkpoint(tmp_path / "rank_1/tiny_rank_1_1-1_3.safetensors", 6, bytes_written=20)
         assert resume_point(tmp_path).step == latest_step_checkpoint(tmp_path) == 4
+
+    def test_a_step_whose_files_the_ranks_named_apart_is_passed_over(self, tmp_path):
+        # mindformers gives every rank rank 0's name, with its id put in: a file named otherwise is not found
+        for rank in (0, 1):
+            _save_checkpoint(tmp_path / f"rank_{rank}/tiny_rank_{rank}-1_2.safetensors", 4)
+        _save_checkpoint(tmp_path / "rank_0/tiny_rank_0_1-1_3.safetensors", 6)
+        _save_checkpoint(tmp_path / "rank_1/tiny_rank_1-1_3.safetensors", 6)  # a suffix of its own
+        for rank, last in ((0, "tiny_rank_0_1-1_3"), (1, "tiny_rank_1-1_3")):
+            (tmp_path / f"rank_{rank}/meta.json").write_text(json.dumps({"last_ckpt_file": f"{last}.safetensors"}))
+        assert resume_point(tmp_path) == ResumePoint(4, "tiny_rank_0-1_2.safetensors")
 
     def test_a_checkpoint_of_the_last_step_resumes_from_the_one_before(self, tmp_path):
         # stopped after its final save: mindspore cannot resume at the end of the last epoch

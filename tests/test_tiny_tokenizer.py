@@ -9,7 +9,7 @@ from distilled_plugins import preflight
 from distilled_plugins.core import configs
 from distilled_plugins.devtools import tiny_tokenizer
 from distilled_plugins.handle.encoder import load_tokenizer
-from tests.support import TOKENIZER_DIR, conversation_rows
+from tests.support import TOKENIZER_DIR, conversation_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,16 @@ def test_the_preflight_refuses_a_tokenizer_whose_ids_the_profile_cannot_embed(tm
     lines = [line for line in preflight.problems(run) if line.startswith("tokenizer_dir")]
     expected = (
         f"tokenizer_dir: {TOKENIZER_DIR}: token ids up to 151664, but the fine-tune profile finetune_tiny_cpu.yaml "
-        f"has a vocabulary of 4096; give the tokenizer its model was made for (finetune_tiny_cpu.yaml's is "
-        f"{configs.TINY_TOKENIZER})"
+        f"has a vocabulary of 4096; give the tokenizer its model was made for ({configs.TINY_TOKENIZER})"
     )
     assert lines == ([expected] if refused else [])
+
+
+def test_generation_refuses_a_tokenizer_with_more_tokens_than_the_models_vocabulary(tmp_path, caplog):
+    from distilled_plugins.in_mindformers import mf_generate
+
+    problems = write_jsonl(tmp_path / "p.jsonl", [{"problem": "What is 1 + 1?", "answer": "2"}])
+    argv = ["--config", str(configs.FINETUNE_TINY), "--checkpoint", "untrained", "--tokenizer", str(TOKENIZER_DIR)]
+    argv += ["--problems", str(problems), "--output", str(tmp_path / "out.jsonl"), "--system-prompt", "Reason."]
+    assert mf_generate.main(argv) == 2
+    assert "151665 tokens, more than the model's vocabulary" in caplog.text and not (tmp_path / "out.jsonl").exists()

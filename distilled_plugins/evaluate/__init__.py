@@ -5,7 +5,8 @@ Usage:
     python -m distilled_plugins.evaluate --api-addr localhost:8000 --model OpenR1-Qwen-7B --dst eval/
     # mindformers' own generation from the stage 5 checkpoint (the tutorial's way):
     python -m distilled_plugins.evaluate --checkpoint finetune/checkpoint \\
-        --mindformers-config configs/finetune_tiny_cpu.yaml --limit 20 --max-new-tokens 64 --dst eval/
+        --mindformers-config configs/finetune_tiny_cpu.yaml --tokenizer configs/tokenizer_tiny --limit 20 \\
+        --max-new-tokens 64 --dst eval/
     # re-score completions made elsewhere:
     python -m distilled_plugins.evaluate --rescore outputs.jsonl --problem-column question \\
         --gold-column answer --completion-column code --dst eval/

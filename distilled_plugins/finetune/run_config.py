@@ -4,7 +4,6 @@ implies, the environment msrun runs in, and the preflight checks made before any
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -111,13 +110,13 @@ def resolved_config(cfg: FinetuneConfig) -> dict:
     return run_config
 
 
-def job_config(run_config: dict, job_dir: Path, last_step: int | None) -> tuple[dict, int]:
-    """The resolved YAML placed in ``job_dir``; returns it and the step it resumes from (0: fresh), one before the
-    job's ``last_step`` where known."""
+def job_config(run_config: dict, job_dir: Path, job_steps: int | None) -> tuple[dict, int]:
+    """The resolved YAML placed in ``job_dir``; returns it and the step it resumes from (0: fresh), before the job's
+    last step (``job_steps``: :func:`total_steps`)."""
     run_config = json.loads(json.dumps(run_config))
     run_config["output_dir"] = str(job_dir)
     # every worker writes its steps as JSON lines next to its log (distilled_plugins/in_mindformers/train.py: StepMetricsWriter)
-    point = resume_point(job_dir / "checkpoint", below=last_step)
+    point = resume_point(job_dir / "checkpoint", below=job_steps)
     resume_step = point.step if point else 0
     callbacks = [c for c in run_config.get("callbacks") or [] if c.get("type") != "StepMetricsWriter"]
     writer = {"type": "StepMetricsWriter", "folder": str(job_dir / "msrun_log"), "initial_step": resume_step}
@@ -140,8 +139,9 @@ def stall_timeout(cfg: FinetuneConfig, run_config: dict) -> float:
 
 
 def total_steps(cfg: FinetuneConfig, run_config: dict) -> int | None:
-    """Training steps of the whole job: packed rows / (batch x data-parallel workers) x epochs (None: the packed
-    data has no stats.json to count its rows)."""
+    """Training steps of the whole job: each data-parallel worker's share of the packed rows in batches, times the
+    epochs, rounded down where rows or batches do not divide evenly (a lower bound: where a retry resumes must lie
+    before the job's end). None: the packed data has no stats.json to count its rows."""
     stats = Path(cfg.dataset_path) / STATS_FILE
     rows = int(json.loads(stats.read_text())["packs"]) if stats.exists() else 0
     if not rows:
@@ -150,7 +150,7 @@ def total_steps(cfg: FinetuneConfig, run_config: dict) -> int | None:
     data_parallel = int(layout.get("data_parallel", 1) or 1) if run_config.get("use_parallel") else 1
     batch = int(value_at(run_config, "runner_config.batch_size"))
     epochs = int(value_at(run_config, "runner_config.epochs"))
-    return max(1, math.ceil(rows / (batch * data_parallel)) * epochs)
+    return max(1, rows // (batch * data_parallel) * epochs)
 
 
 def deferral_timeout(cfg: FinetuneConfig, run_config: dict) -> float:

@@ -3,7 +3,7 @@ evaluate, made fast enough for a held-out set).
 
 Usage (normally started by ``python -m distilled_plugins.evaluate --checkpoint ...`` as its own process):
     python -m distilled_plugins.in_mindformers.mf_generate --config configs/finetune_tiny_cpu.yaml \\
-        --checkpoint finetune/checkpoint --tokenizer ../shared/data/tokenizer/qwen2.5 \\
+        --checkpoint finetune/checkpoint --tokenizer configs/tokenizer_tiny \\
         --problems problems.jsonl --output completions.jsonl --num-samples 4 --max-new-tokens 64 --batch-size 64
 
 Prompts are rendered exactly as stage 3 renders training conversations (system prompt, the tokenizer's chat
@@ -354,6 +354,16 @@ def main(argv: list[str] | None = None) -> int:
 
     ms.set_seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
+    vocab_size = int(load_yaml(args.config)["model"]["model_config"]["vocab_size"])
+    if len(tokenizer) > vocab_size:  # its larger ids have no embedding row: a mindspore index error, or garbage
+        logger.error(
+            "%s has %d tokens, more than the model's vocabulary (%s: %d); give the tokenizer it was trained with",
+            args.tokenizer,
+            len(tokenizer),
+            args.config,
+            vocab_size,
+        )
+        return 2
     problems = [row for _, row in iter_jsonl(args.problems)]
     output = Path(args.output)
     todo = pending_problems(problems, output, args.key_column)

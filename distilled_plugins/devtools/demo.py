@@ -40,7 +40,7 @@ MATH_TRAIN = SHARED_DATA / "math_train" / "math12k_train_with_solutions.jsonl"
 DAG_ID = "distill_r1"
 # seconds Airflow's start and the DAG run take on an idle 2-core machine (README); the learnability check's come from
 # learnability.estimate_seconds. A later demo estimates from what the last one took here (TIMINGS in --workdir).
-DAG_RUN_SECONDS = 125.0
+DAG_RUN_SECONDS = 60.0
 TIMINGS = "timings.json"
 
 

@@ -58,6 +58,17 @@ def seq_length_of(finetune_config: str | Path) -> int:
     return value
 
 
+def check_built_tokenizer(finetune_config: str | Path, tokenizer, whose: str) -> None:
+    """A tokenizer built for a profile (the tiny profile's, the learnability task's; ``whose`` names it in the
+    error) must have exactly its model's ``vocab_size`` and pad id."""
+    model = load_yaml(finetune_config)["model"]["model_config"]
+    if (model["vocab_size"], model["pad_token_id"]) != (len(tokenizer), tokenizer.pad_token_id):
+        raise ValueError(
+            f"{finetune_config}: model vocab_size {model['vocab_size']} and pad_token_id {model['pad_token_id']} must "
+            f"be the {whose}'s {len(tokenizer)} and {tokenizer.pad_token_id}"
+        )
+
+
 def child_env() -> dict[str, str]:
     """This process's environment without the secrets a started process has no use for (see above).
 

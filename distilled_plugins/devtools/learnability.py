@@ -206,12 +206,7 @@ def build_tokenizer(folder: Path) -> Path:
         for word, _ in pipeline.pre_tokenizer.pre_tokenize_str(pipeline.normalizer.normalize_str(piece))
     }
     tokenizer = _word_level(qwen, qwen_config, [*SPECIAL_TOKENS, UNKNOWN_TOKEN, *sorted(words)])
-    model = configs.load_yaml(PROFILE)["model"]["model_config"]
-    if (model["vocab_size"], model["pad_token_id"]) != (len(tokenizer), tokenizer.pad_token_id):
-        raise ValueError(
-            f"{PROFILE}: model vocab_size {model['vocab_size']} and pad_token_id {model['pad_token_id']} must be the "
-            f"task tokenizer's {len(tokenizer)} and {tokenizer.pad_token_id}"
-        )
+    configs.check_built_tokenizer(PROFILE, tokenizer, "task tokenizer")
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     decoded = tokenizer.backend_tokenizer.decode_batch([e.ids for e in encodings], skip_special_tokens=False)
     for text, encoding, back in zip(texts, encodings, decoded, strict=True):  # every word known, and lossless

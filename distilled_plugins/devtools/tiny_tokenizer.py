@@ -51,12 +51,7 @@ def build(out: Path = configs.TINY_TOKENIZER, qwen: Path = configs.QWEN_TOKENIZE
         clean_up_tokenization_spaces=False,
         model_max_length=qwen_config["model_max_length"],
     )
-    model = configs.load_yaml(configs.FINETUNE_TINY)["model"]["model_config"]
-    if (model["vocab_size"], model["pad_token_id"]) != (len(tokenizer), tokenizer.pad_token_id):
-        raise ValueError(
-            f"{configs.FINETUNE_TINY}: vocab_size {model['vocab_size']} and pad_token_id {model['pad_token_id']} must be the "
-            f"tiny tokenizer's {len(tokenizer)} and {tokenizer.pad_token_id}"
-        )
+    configs.check_built_tokenizer(configs.FINETUNE_TINY, tokenizer, "tiny tokenizer")
     with atomic_dir(out) as tmp:
         tokenizer.save_pretrained(str(tmp))
     return out

@@ -453,6 +453,7 @@ with DAG(
         local_worker_num="{{ params.workers_per_node }}",
         master_addr="{{ params.master_addr }}",
         master_port="{{ params.master_port }}",
+        poll_interval=seconds(DEPLOYMENT, "training_poll_seconds"),  # the trigger's look at the job
     ).expand(node_rank=node_ranks.override(task_id="node_ranks", **cpu)("{{ params.nodes }}"))
     evaluated = Math500EvalOperator(
         task_id="evaluate",

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from distilled_plugins.devtools.airflow_rest import ti_name
 from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, make_seed
-from distilled_plugins.devtools.local_airflow import free_port, ti_name
+from distilled_plugins.devtools.local_airflow import free_port
 from tests.support import MATH_TRAIN_SOLUTIONS
 
 DAG_ID = "distill_r1"

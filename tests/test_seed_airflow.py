@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from distilled_plugins.devtools.airflow_rest import ti_name
 from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, make_seed
-from distilled_plugins.devtools.local_airflow import free_port, ti_name
+from distilled_plugins.devtools.local_airflow import free_port
 from operators.triggers.seed_change import STATE_KEY
 from tests.support import MATH_TRAIN_SOLUTIONS, conversation_rows, read_jsonl, wait_until
 

@@ -36,16 +36,10 @@ from pathlib import Path
 import psutil
 
 from distilled_plugins.core.schema import MERGED, SHARD_OUTPUT
+from distilled_plugins.devtools.airflow_rest import FINAL_STATES, TASK_FINISHED_STATES, ti_name
 from distilled_plugins.devtools.cluster_services import DEPLOYMENT, PostgresServer, RedisServer
 from distilled_plugins.devtools.demo import MATH_TRAIN, demo_settings, make_seed, stop_training_jobs
-from distilled_plugins.devtools.local_airflow import (
-    FINAL_STATES,
-    TASK_FINISHED_STATES,
-    AirflowError,
-    LocalAirflow,
-    free_port,
-    ti_name,
-)
+from distilled_plugins.devtools.local_airflow import AirflowError, LocalAirflow, free_port
 from distilled_plugins.devtools.teacher_server import ReplayTeacher, ServerThread, load_answers, replay_answer
 
 logger = logging.getLogger(__name__)

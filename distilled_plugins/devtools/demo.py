@@ -107,7 +107,15 @@ def airflow_for_demo(
         env={
             "AIRFLOW_CONN_TEACHER_DEFAULT": json.dumps({"conn_type": "http", "host": host, "port": int(teacher_port)}),
         },
-        variables={"distill_deployment": {"defaults": settings, "retry_delay_seconds": 5, **deployment}},
+        # a tiny model trains for seconds: its trigger looks every second, not every 5
+        variables={
+            "distill_deployment": {
+                "defaults": settings,
+                "retry_delay_seconds": 5,
+                "training_poll_seconds": 1,
+                **deployment,
+            }
+        },
         users=users,
     )
 

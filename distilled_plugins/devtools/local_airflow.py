@@ -1,7 +1,9 @@
 """A private Airflow 3 on this machine (SQLite, LocalExecutor): the demo's and the end-to-end tests' Airflow.
 
 Starts ``api-server``, ``scheduler``, ``dag-processor`` and ``triggerer`` as processes of the project's
-environment, with their own ``AIRFLOW_HOME`` and logs, and drives Airflow through its REST API (v2).
+environment, with their own ``AIRFLOW_HOME`` and logs, and drives Airflow through its REST API (v2: the methods of
+:class:`~distilled_plugins.devtools.airflow_rest.AirflowRest`). Its configuration and a new database come from
+:mod:`distilled_plugins.devtools.airflow_setup`.
 The Celery variant (``database_url`` of a PostgreSQL, ``broker_url`` of a Redis: see
 :mod:`distilled_plugins.devtools.cluster_services`) runs CeleryExecutor and Celery workers started with
 :meth:`LocalAirflow.start_worker`, each under its own hostname and queues.
@@ -20,26 +22,27 @@ import contextlib
 import json
 import logging
 import os
-import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from distilled_plugins.devtools.airflow_rest import AirflowRest
+from distilled_plugins.devtools.airflow_setup import (
+    AirflowError,
+    airflow_cli,
+    celery_settings,
+    login_settings,
+    migrated_sqlite,
+)
 
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
-FINAL_STATES = ("success", "failed")
-TASK_FINISHED_STATES = ("success", "failed", "skipped", "upstream_failed", "removed")
-
-
-class AirflowError(RuntimeError):
-    pass
 
 
 def port_is_free(port: int) -> bool:
@@ -77,41 +80,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ti_name(ti: dict) -> str:
-    """A task instance of the REST API as the UI names it: ``task_id``, or ``task_id[map_index]`` when mapped."""
-    return ti["task_id"] + (f"[{ti['map_index']}]" if ti["map_index"] >= 0 else "")
-
-
 def worker_hostname() -> str:
     """``[core] hostname_callable`` of the workers ``start_worker`` starts: the hostname it was given, as each
     worker would report its own host's name on its own machine."""
     import socket
 
     return os.environ.get("DISTILL_WORKER_HOSTNAME") or socket.getfqdn()
-
-
-def login_settings(users: str, passwords_file: Path) -> dict:
-    """The auth manager settings of docker/docker-compose.yml: the Simple auth manager, its users, the file its
-    generated passwords go to (created by the API server on its first start), no login-free admin."""
-    return {
-        "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": users,
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-    }
-
-
-def celery_settings(database_url: str, broker_url: str) -> dict:
-    """Airflow configuration (as environment) shared by every service and worker of a Celery deployment."""
-    from cryptography.fernet import Fernet
-
-    return {
-        "AIRFLOW__CELERY__BROKER_URL": broker_url,
-        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database_url,
-        "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
-        "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
-    }
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -130,7 +104,7 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(descendants, timeout=10)
 
 
-class LocalAirflow:
+class LocalAirflow(AirflowRest):
     def __init__(
         self,
         home: str | Path,
@@ -180,6 +154,7 @@ class LocalAirflow:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",  # new DAG files appear within seconds
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+            "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
             # the workers' and triggerer's log servers (8793/8794 by default) get free ports too
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
@@ -200,18 +175,23 @@ class LocalAirflow:
 
     # ---- lifecycle ----
     def airflow(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run(
-            [str(Path(sys.executable).parent / "airflow"), *args], env=self.env, capture_output=True, text=True
-        )
-        if check and done.returncode:
-            raise AirflowError(f"airflow {' '.join(args)} failed:\n{done.stderr[-2000:]}")
-        return done
+        return airflow_cli(self.env, *args, check=check)
+
+    def _create_database(self) -> None:
+        """Migrate the metadata database. A new SQLite one is a copy of one this process migrated before instead: a
+        migration takes seconds, and the tests start over a dozen Airflows."""
+        url = self.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+        path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+        if path is None or path.exists():
+            self.airflow("db", "migrate")
+        else:
+            shutil.copyfile(migrated_sqlite(self.env), path)
 
     def start(self, timeout: float = 180) -> LocalAirflow:
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "logs").mkdir(exist_ok=True)
         self.passwords_file.parent.mkdir(mode=0o700, exist_ok=True)
-        self.airflow("db", "migrate")
+        self._create_database()
         for key, value in self.variables.items():  # in the database, read alike by every service and worker
             self.airflow("variables", "set", key, value if isinstance(value, str) else json.dumps(value))
         for service in SERVICES:
@@ -283,10 +263,6 @@ class LocalAirflow:
                         self._spawn(name, *self.commands[name])  # first: whoever sees it listed sees the new one
                         self.restarts.append({"process": name, "exit_code": proc.returncode, "at": time.time()})
 
-    def health(self) -> dict:
-        """``/api/v2/monitor/health``: each component's ``status`` (``healthy``/``unhealthy``) and last heartbeat."""
-        return self.api("GET", "/api/v2/monitor/health")
-
     def start_worker(
         self,
         hostname: str,
@@ -340,7 +316,11 @@ class LocalAirflow:
 
     def stop(self) -> None:
         """SIGTERM each service's process group, SIGKILL it after 30 s, then kill any descendant that left the
-        group (a task process in a session of its own) so nothing of this Airflow is left running."""
+        group (a task process in a session of its own) so nothing of this Airflow is left running.
+
+        The triggerer's trigger runner is stopped first, and the triggerer then ends by itself: a SIGTERM that
+        reaches the triggerer while its runner is exiting has it wait out a 10 s escalation delay for a runner
+        already gone (Airflow 3.3), seconds lost on every stop after a seed watcher ran."""
         import psutil
 
         self._stopping.set()
@@ -350,9 +330,16 @@ class LocalAirflow:
         for proc in self.processes.values():
             with contextlib.suppress(psutil.NoSuchProcess):
                 descendants += psutil.Process(proc.pid).children(recursive=True)
-            if proc.poll() is None:
+        runner_stopped = self._stop_trigger_runner()
+        for name, proc in self.processes.items():
+            if proc.poll() is None and not (name == "triggerer" and runner_stopped):
                 os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.processes.values():
+        for name, proc in self.processes.items():
+            if name == "triggerer" and runner_stopped:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+                if proc.poll() is None:  # it did not end by itself
+                    os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -364,6 +351,22 @@ class LocalAirflow:
         psutil.wait_procs(descendants, timeout=10)
         self.processes.clear()
 
+    def _stop_trigger_runner(self) -> bool:
+        """SIGTERM the triggerer's trigger runner (its child running the same command); whether there was one."""
+        import psutil
+
+        triggerer = self.processes.get("triggerer")
+        if triggerer is None or triggerer.poll() is not None:
+            return False
+        try:
+            main = psutil.Process(triggerer.pid)
+            runners = [child for child in main.children() if child.cmdline() == main.cmdline()]
+            for runner in runners:
+                runner.terminate()
+        except psutil.Error:
+            return False
+        return bool(runners)
+
     def __enter__(self) -> LocalAirflow:
         try:
             return self.start()
@@ -373,128 +376,3 @@ class LocalAirflow:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    # ---- REST API ----
-    def password(self, user: str) -> str:
-        """The password the Simple auth manager generated for ``user`` (``users`` given)."""
-        return json.loads(self.passwords_file.read_text())[user]
-
-    def login(self, user: str, password: str | None = None) -> str:
-        """Log in (``POST /auth/token``, as docker/README.md shows) and send the token with every later call."""
-        body = {"username": user, "password": password if password is not None else self.password(user)}
-        self.token = self.api("POST", "/auth/token", body, token="")["access_token"]  # the login goes anonymously
-        return self.token
-
-    def api(self, method: str, path: str, body: dict | None = None, token: str | None = None):
-        """One REST call with this instance's token (``token=""``: anonymously); HTTP errors raise AirflowError
-        with the status code in the message (``HTTP 401: ...``)."""
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"}
-        token = self.token if token is None else token
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
-        for attempt in range(1, 4):
-            try:
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    text = response.read().decode()
-                break
-            except urllib.error.HTTPError as e:
-                raise AirflowError(f"{method} {path}: HTTP {e.code}: {e.read().decode()[:2000]}") from None
-            except (TimeoutError, urllib.error.URLError):
-                # a loaded machine (training on every core) can stall the API server for a while; reads are safe
-                # to repeat, writes are not
-                if method != "GET" or attempt == 3:
-                    raise
-                logger.info("GET %s timed out; asking again", path)
-        return json.loads(text) if text else None
-
-    def wait_for_dag(self, dag_id: str, timeout: float = 120) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                dag = self.api("GET", f"/api/v2/dags/{dag_id}")
-                if dag.get("is_paused"):
-                    self.api("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
-                return dag
-            except AirflowError:
-                if time.monotonic() > deadline:
-                    raise AirflowError(
-                        f"DAG {dag_id} did not appear within {timeout:g} s; see {self.home}/logs/dag-processor.log"
-                    ) from None
-                time.sleep(2)
-
-    def _writing(self, what: str, method: str, path: str, body: dict) -> dict:
-        """A REST call that writes, asked again when SQLite was locked for a moment by the scheduler on a loaded
-        machine (HTTP 500 "Database error"): the transaction was rolled back, so asking again writes once."""
-        for attempt in range(1, 4):
-            try:
-                return self.api(method, path, body)
-            except AirflowError as e:
-                if "HTTP 500" not in str(e) or "Database error" not in str(e) or attempt == 3:
-                    raise
-                logger.info("%s hit a locked database; asking again", what)
-                time.sleep(2 * attempt)
-        raise AssertionError("unreachable")
-
-    def trigger(self, dag_id: str, conf: dict) -> str:
-        path = f"/api/v2/dags/{dag_id}/dagRuns"
-        return self._writing(f"triggering {dag_id}", "POST", path, {"logical_date": None, "conf": conf})["dag_run_id"]
-
-    def set_run_state(self, dag_id: str, run_id: str, state: str) -> dict:
-        """Mark a run ``failed`` or ``success`` (the UI's "Mark as")."""
-        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}"
-        return self._writing(f"marking {run_id} {state}", "PATCH", path, {"state": state})
-
-    def set_task_state(self, dag_id: str, run_id: str, task_id: str, state: str) -> dict:
-        """Mark a task instance ``failed`` or ``success`` (the UI's "Mark as" on a task)."""
-        path = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}"
-        return self._writing(f"marking {task_id} {state}", "PATCH", path, {"new_state": state})
-
-    def clear(self, dag_id: str, run_id: str, task_ids: list, downstream: bool = False) -> list[dict]:
-        """Clear task instances of a run as the UI's *Clear* does (a mapped task's every index, or ``[task_id,
-        map_index]``; ``downstream``: with its downstream tasks); returns the task instances cleared."""
-        body = {
-            "dry_run": False,
-            "dag_run_id": run_id,
-            "task_ids": task_ids,
-            "include_downstream": downstream,
-            "only_failed": False,
-            "reset_dag_runs": True,
-        }
-        path = f"/api/v2/dags/{dag_id}/clearTaskInstances"
-        return self._writing(f"clearing {task_ids} of {run_id}", "POST", path, body)["task_instances"]
-
-    def runs(self, dag_id: str) -> list[dict]:
-        return self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns?order_by=-start_date")["dag_runs"]
-
-    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
-        return self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
-
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 900, progress: bool = True) -> str:
-        started, shown = time.monotonic(), {}
-        deadline = started + timeout
-        while True:
-            run = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
-            if progress:
-                tis = self.task_instances(dag_id, run_id)
-                finished = sum(t["state"] in TASK_FINISHED_STATES for t in tis)
-                for ti in tis:
-                    if ti["state"] and shown.get(name := ti_name(ti)) != ti["state"]:
-                        shown[name] = ti["state"]
-                        seconds = time.monotonic() - started
-                        logger.info(
-                            "%-22s %-10s (%d/%d tasks finished, %.0f s)", name, ti["state"], finished, len(tis), seconds
-                        )
-            if run["state"] in FINAL_STATES:
-                return run["state"]
-            if time.monotonic() > deadline:
-                raise AirflowError(f"run {run_id} of {dag_id} did not finish within {timeout:g} s")
-            time.sleep(2)
-
-    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1):
-        path = (
-            f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}"
-            f"?map_index={map_index}&deserialize=true"
-        )
-        return self.api("GET", path)["value"]

@@ -2,7 +2,7 @@
 
 Where each task runs (Celery queues and pools), the defaults of the run settings (the trigger form's defaults, and
 the settings of runs started without ``conf``: seed refreshes, ``publish_model``), the seed the asset watches and
-the output root, the retry delay and the seed polling intervals -- none of it comes from a service's environment.
+the output root, the retry delay and the polling intervals -- none of it comes from a service's environment.
 The Variable lives in the metadata database (``airflow variables set distill_deployment "$(cat deployment.json)"``,
 Admin > Variables, or ``POST /api/v2/variables``), so the dag-processor (whose parse renders the form and fixes
 the asset's watcher, the queues and pools, which the scheduler and triggerer use) and every worker (whose parse
@@ -10,7 +10,7 @@ of the same file renders the task's ``params``) read the same value, whatever im
 
     {"cpu_queue": "cpu", "npu_queue": "npu", "teacher_pool": "teacher", "training_pool": "npu_training",
      "defaults": {"seed_dataset": "/data/seed/seed.parquet", "output_root": "/distill", "num_generations": 4},
-     "retry_delay_seconds": 60, "seed_poll_seconds": 10, "watch_seed_seconds": 300,
+     "retry_delay_seconds": 60, "seed_poll_seconds": 10, "watch_seed_seconds": 300, "training_poll_seconds": 5,
      "approval": {"seed_refresh": true, "timeout_hours": 24, "on_timeout": "Reject"}}
 
 Every key is optional. Queues default to ``default`` (a LocalExecutor or a single Celery worker serves all
@@ -47,7 +47,12 @@ DEFAULT_QUEUE = "default"
 DEFAULT_OUTPUT_ROOT = "/opt/airflow/distill"
 ROUTING_KEYS = {"cpu_queue", "npu_queue", "teacher_pool", "training_pool"}
 # key -> (default, minimum): seconds
-SECONDS = {"retry_delay_seconds": (60.0, 0.0), "seed_poll_seconds": (10.0, 0.1), "watch_seed_seconds": (300.0, 1.0)}
+SECONDS = {
+    "retry_delay_seconds": (60.0, 0.0),
+    "seed_poll_seconds": (10.0, 0.1),
+    "watch_seed_seconds": (300.0, 1.0),
+    "training_poll_seconds": (5.0, 0.1),  # how often the deferred fine-tune task's trigger looks at its job
+}
 # the approval gate before fine-tuning (operators/approval.py): whether runs a seed refresh starts wait for a
 # person, how long they wait, and what happens then
 APPROVAL_DEFAULTS = {"seed_refresh": False, "timeout_hours": 24.0, "on_timeout": "Reject"}
@@ -76,7 +81,7 @@ def parse(text: str | None) -> dict:
     >>> parse('{"npu_qeue": "npu"}')
     Traceback (most recent call last):
     ...
-    operators.dag_helpers.deployment.DeploymentConfigError: Variable distill_deployment: unknown key(s) npu_qeue; known: approval, cpu_queue, defaults, npu_queue, retry_delay_seconds, seed_poll_seconds, teacher_pool, training_pool, watch_seed_seconds
+    operators.dag_helpers.deployment.DeploymentConfigError: Variable distill_deployment: unknown key(s) npu_qeue; known: approval, cpu_queue, defaults, npu_queue, retry_delay_seconds, seed_poll_seconds, teacher_pool, training_poll_seconds, training_pool, watch_seed_seconds
     """
     if not text or not text.strip():
         return {}
@@ -172,7 +177,8 @@ def output_root(config: dict) -> str:
 
 
 def seconds(config: dict, key: str) -> float:
-    """One of the intervals (``retry_delay_seconds``, ``seed_poll_seconds``, ``watch_seed_seconds``)."""
+    """One of the intervals (``retry_delay_seconds``, ``seed_poll_seconds``, ``watch_seed_seconds``,
+    ``training_poll_seconds``)."""
     return float(config.get(key, SECONDS[key][0]))
 
 

@@ -68,20 +68,23 @@ def test_a_mistyped_deployment_key_is_one_clear_error():
 
 def test_the_run_settings_defaults_come_from_the_deployment_variable():
     """docker/deployment.json's defaults become the form's defaults, the watched seed and the output root; the
-    intervals become the retry delay; no DISTILL_* variable in the environment changes any of it."""
+    intervals become the retry delay and the fine-tune trigger's poll; no DISTILL_* variable in the environment changes any of it."""
     deployment = json.loads((REPO / "docker" / "deployment.json").read_text())
     deployment["defaults"]["num_generations"] = 3
     deployment["retry_delay_seconds"] = 7
+    deployment["training_poll_seconds"] = 2.5
     show = (
         "{'params': {n: m.params[n].value for n in m.params}, 'seed_uri': m.SEED.uri, "
-        "'retry_delay': m.dag.default_args['retry_delay'].total_seconds()}"
+        "'retry_delay': m.dag.default_args['retry_delay'].total_seconds(), "
+        "'training_poll': m.dag.get_task('finetune').partial_kwargs['poll_interval']}"
     )
     parsed = parse_dag(json.dumps(deployment), show)
     for name, value in deployment["defaults"].items():
         assert parsed["params"][name] == value, name
     assert parsed["seed_uri"] == "file:///data/seed/seed.parquet"
-    assert parsed["retry_delay"] == 7
-    assert parse_dag(None, show)["params"]["output_root"] == "/opt/airflow/distill"  # no Variable: the code's
+    assert parsed["retry_delay"] == 7 and parsed["training_poll"] == 2.5
+    unset = parse_dag(None, show)  # no Variable: the code's
+    assert unset["params"]["output_root"] == "/opt/airflow/distill" and unset["training_poll"] == 5.0
 
 
 def test_a_default_for_an_unknown_parameter_is_one_clear_error():

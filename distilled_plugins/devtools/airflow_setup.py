@@ -1,0 +1,66 @@
+"""What a :class:`~distilled_plugins.devtools.local_airflow.LocalAirflow` is made of before its services start:
+its configuration as environment (real logins as docker/docker-compose.yml configures them, a Celery deployment's
+shared settings) and its metadata database (a new SQLite one copied from one migrated once per process)."""
+
+from __future__ import annotations
+
+import atexit
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+class AirflowError(RuntimeError):
+    pass
+
+
+def login_settings(users: str, passwords_file: Path) -> dict:
+    """The auth manager settings of docker/docker-compose.yml: the Simple auth manager, its users, the file its
+    generated passwords go to (created by the API server on its first start), no login-free admin."""
+    return {
+        "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": users,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+    }
+
+
+def celery_settings(database_url: str, broker_url: str) -> dict:
+    """Airflow configuration (as environment) shared by every service and worker of a Celery deployment."""
+    from cryptography.fernet import Fernet
+
+    return {
+        "AIRFLOW__CELERY__BROKER_URL": broker_url,
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database_url,
+        "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+        "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
+    }
+
+
+def airflow_cli(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), *args], env=env, capture_output=True, text=True
+    )
+    if check and done.returncode:
+        raise AirflowError(f"airflow {' '.join(args)} failed:\n{done.stderr[-2000:]}")
+    return done
+
+
+_MIGRATED: list[Path] = []  # the database migrated_sqlite made in this process
+
+
+def migrated_sqlite(env: dict) -> Path:
+    """A new SQLite metadata database after ``airflow db migrate`` (``env``: a LocalAirflow's, for the rest of the
+    configuration), made once per process: each new SQLite Airflow starts from a copy."""
+    if not _MIGRATED:
+        folder = Path(tempfile.mkdtemp(prefix="distill-airflow-db-"))
+        atexit.register(shutil.rmtree, folder, True)
+        database = folder / "airflow.db"
+        url = f"sqlite:///{database}"
+        airflow_cli({**env, "AIRFLOW_HOME": str(folder), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url}, "db", "migrate")
+        _MIGRATED.append(database)
+    return _MIGRATED[0]

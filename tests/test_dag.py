@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, make_seed
-from distilled_plugins.devtools.local_airflow import AirflowError, LocalAirflow, free_port
+from distilled_plugins.devtools.local_airflow import AirflowError, free_port
 from distilled_plugins.devtools.teacher_server import judge_answer, load_answers, replay_answer
 from tests.support import MATH_TRAIN_SOLUTIONS, REPO, TOKENIZER_DIR, read_jsonl, wait_until, write_jsonl
 
@@ -257,59 +257,3 @@ def test_a_retryable_error_is_retried_and_says_so(tmp_path, capsys):
         op.execute({"ti": _TaskInstance("finetune", try_number=3, max_tries=2)})
     out = capsys.readouterr().out
     assert "try 3): disk busy -- what to do: read the worker log tail above" in out and "retries it" not in out
-
-
-FAIL_FAST_DAG = """
-from datetime import timedelta
-
-from airflow.sdk import DAG
-
-from operators import MsrunFinetuneOperator
-from operators.dag_helpers.failures import log_failure_summary
-
-with DAG("fail_fast", schedule=None, params={"data": "", "out": "", "port": 8118}):
-    MsrunFinetuneOperator(
-        task_id="finetune",
-        config="finetune_tiny_cpu.yaml",
-        dataset_path="{{ params.data }}",
-        output_dir="{{ params.out }}/{{ run_id }}",
-        load_checkpoint="/nonexistent/Qwen2.5-Math-7B-Instruct",
-        master_port="{{ params.port }}",
-        retries=2,
-        retry_delay=timedelta(seconds=30),
-        on_failure_callback=log_failure_summary,
-    )
-"""
-
-
-@pytest.mark.slow
-def test_a_missing_checkpoint_fails_at_once_in_a_real_airflow_with_the_line_at_top_level(tiny_packed, tmp_path):
-    dags = tmp_path / "dags"
-    dags.mkdir()
-    (dags / "fail_fast.py").write_text(FAIL_FAST_DAG)
-    bundle = {"name": "dags-folder", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle"}
-    airflow = LocalAirflow(
-        tmp_path / "airflow",
-        port=free_port(),
-        dags_folder=dags,
-        env={"AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps([{**bundle, "kwargs": {"path": str(dags)}}])},
-    )
-    with airflow:
-        airflow.wait_for_dag("fail_fast")
-        run_id = airflow.trigger(
-            "fail_fast", {"data": str(tiny_packed), "out": str(tmp_path / "out"), "port": free_port()}
-        )
-        assert airflow.wait_for_run("fail_fast", run_id, timeout=300) == "failed"
-        (ti,) = airflow.task_instances("fail_fast", run_id)
-        assert ti["state"] == "failed" and ti["try_number"] == 1  # no retry: none can fix a missing checkpoint
-        log = airflow.api(
-            "GET", f"/api/v2/dags/fail_fast/dagRuns/{run_id}/taskInstances/finetune/logs/1?full_content=true"
-        )["content"]
-    events = [str(e.get("event", "")) if isinstance(e, dict) else str(e) for e in log]
-    failed = [i for i, e in enumerate(events) if e.startswith("FAILED finetune")]
-    assert len(failed) == 1, events  # once: the failure callback does not repeat it
-    assert "/nonexistent/Qwen2.5-Math-7B-Instruct" in events[failed[0]]
-    assert "what to do: set the 'Base checkpoint' parameter" in events[failed[0]]
-    post = events.index("::group::Post Execute")
-    assert failed[0] < post, events  # shown at the top level, before Airflow's collapsed group
-    assert events.count("::endgroup::") >= 1 and events.index("::endgroup::") < failed[0]  # after "Pre Execute"

@@ -62,12 +62,14 @@ class AirflowRest:
                 break
             except urllib.error.HTTPError as e:
                 raise AirflowError(f"{method} {path}: HTTP {e.code}: {e.read().decode()[:2000]}") from None
-            except (TimeoutError, urllib.error.URLError):
-                # a loaded machine (training on every core) can stall the API server for a while; reads are safe
-                # to repeat, writes are not
-                if method != "GET" or attempt == 3:
+            except (TimeoutError, urllib.error.URLError) as e:
+                # a loaded machine (training on every core) can stall the API server for a while: a read is asked
+                # again (reads are safe to repeat, writes are not); a refused connection (no server up yet, as
+                # while Airflow starts) is the caller's to handle, at once
+                reason = getattr(e, "reason", e)
+                if method != "GET" or attempt == 3 or isinstance(reason, ConnectionRefusedError):
                     raise
-                logger.info("GET %s timed out; asking again", path)
+                logger.info("GET %s: %s; asking again", path, reason)
         return json.loads(text) if text else None
 
     def wait_for_dag(self, dag_id: str, timeout: float = 120) -> dict:

@@ -1,6 +1,7 @@
 """What a :class:`~distilled_plugins.devtools.local_airflow.LocalAirflow` is made of before its services start:
 its configuration as environment (real logins as docker/docker-compose.yml configures them, a Celery deployment's
-shared settings) and its metadata database (a new SQLite one copied from one migrated once per process)."""
+shared settings), a new home's ``airflow.cfg`` and its metadata database (a new SQLite one copied from one migrated
+once per process)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,25 @@ def celery_settings(database_url: str, broker_url: str) -> dict:
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
         "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
     }
+
+
+def write_config(home: Path) -> None:
+    """Give a new Airflow home an ``airflow.cfg`` holding the secrets every process of it must share (the fernet
+    key, the JWT secret the API server checks tasks' tokens with, the API's secret key). Without one, the services
+    starting at once would each write their own with their own generated secrets, and a task's token be refused
+    ("Invalid auth token"). A home that has one (the demo's, started again) keeps it."""
+    from cryptography.fernet import Fernet
+
+    path = home / "airflow.cfg"
+    if path.exists():
+        return
+    path.write_text(
+        "# written by distilled_plugins.devtools.airflow_setup; the rest of the configuration is environment\n"
+        f"[core]\nfernet_key = {Fernet.generate_key().decode()}\n\n"
+        f"[api_auth]\njwt_secret = {secrets.token_urlsafe(32)}\n\n"
+        f"[api]\nsecret_key = {secrets.token_urlsafe(32)}\n"
+    )
+    path.chmod(0o600)
 
 
 def airflow_cli(env: dict, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -37,6 +37,7 @@ from distilled_plugins.devtools.airflow_setup import (
     celery_settings,
     login_settings,
     migrated_sqlite,
+    write_config,
 )
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,8 @@ class LocalAirflow(AirflowRest):
             "AIRFLOW__API__BASE_URL": self.url,
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",  # new DAG files appear within seconds
-            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
+            # a known file is parsed again every 30 s (Airflow's default): a parse every 5 s took CPU from the tasks
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "30",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
             "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "1",
@@ -191,6 +193,7 @@ class LocalAirflow(AirflowRest):
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "logs").mkdir(exist_ok=True)
         self.passwords_file.parent.mkdir(mode=0o700, exist_ok=True)
+        write_config(self.home)  # before any command or service reads it
         self._create_database()
         for key, value in self.variables.items():  # in the database, read alike by every service and worker
             self.airflow("variables", "set", key, value if isinstance(value, str) else json.dumps(value))

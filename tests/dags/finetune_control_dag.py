@@ -1,5 +1,5 @@
 """One deferred fine-tune task on the tiny profile, no retries, quick heartbeat checks: the DAG of the tests that
-stop training through the REST API and kill a job's supervisor (tests/test_finetune_airflow.py)."""
+stop training through the REST API and kill a job's supervisor (tests/test_operators_airflow.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Generation in batch mode, deferred while the batch runs, and a one-task DAG that needs a worker slot: the DAGs
-of the tests that watch a deferred batch task in a real Airflow (tests/test_generate_batch_airflow.py)."""
+of the tests that watch a deferred batch task in a real Airflow (tests/test_operators_airflow.py)."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from distilled_plugins import generate
@@ -207,6 +208,16 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str, inter
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+def job_processes(folder: Path) -> list[psutil.Process]:
+    """Live processes of the training jobs under ``folder``: the supervisor, msrun and its workers all carry the
+    job's folder in their command line."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and any(str(folder) in p for p in proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
 
 
 def line_count(path: Path) -> int:

@@ -23,7 +23,7 @@ from distilled_plugins.finetune import FinetuneConfig, stage
 from distilled_plugins.finetune import job as jobs
 from distilled_plugins.finetune.checkpoints import ResumePoint, checkpoint_step, latest_step_checkpoint, resume_point
 from distilled_plugins.finetune.metrics import global_step, latest_progress, parse_steps
-from tests.support import INTERRUPTIBLE_EPOCHS, TINY_ROWS, cli_command, cli_env, wait_until
+from tests.support import INTERRUPTIBLE_EPOCHS, TINY_ROWS, cli_command, cli_env, job_processes, wait_until
 
 TINY = str(configs.CONFIG_DIR / "finetune_tiny_cpu.yaml")
 
@@ -39,15 +39,6 @@ def tiny(tiny_packed, out: Path, **overrides) -> FinetuneConfig:
     }
     settings.update(overrides)
     return FinetuneConfig(**settings)
-
-
-def job_processes(run_dir: Path) -> list[psutil.Process]:
-    """Processes of a job: the supervisor, msrun and workers all carry the run folder in their command line."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        if proc.info["status"] != psutil.STATUS_ZOMBIE and any(str(run_dir) in p for p in proc.info["cmdline"] or []):
-            found.append(proc)
-    return found
 
 
 wait_for = functools.partial(wait_until, interval=0.5)  # polls every 0.5 s

@@ -24,7 +24,7 @@ import pytest
 from distilled_plugins.core import configs
 from distilled_plugins.devtools.local_airflow import LocalAirflow, free_port
 from distilled_plugins.teacher.batch_api import STATE_FILE, batch_folder
-from tests.support import REPO, SECRET, math_train_rows, read_jsonl, wait_until, write_jsonl
+from tests.support import REPO, SECRET, job_processes, math_train_rows, read_jsonl, wait_until, write_jsonl
 
 FINETUNE_DAG = "test_finetune_control"
 BATCH_DAG = "test_generate_batch"
@@ -66,15 +66,6 @@ def airflow(provider, tmp_path_factory):
 
 
 # ---- a deferred fine-tune ----
-
-
-def job_processes(folder: Path) -> list[psutil.Process]:
-    """Live processes of jobs under ``folder``: supervisor, msrun and workers carry it in their command line."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        if proc.info["status"] != psutil.STATUS_ZOMBIE and any(str(folder) in p for p in proc.info["cmdline"] or []):
-            found.append(proc)
-    return found
 
 
 def start_training(airflow: LocalAirflow, tiny_packed, out: Path) -> tuple[str, Path]:

@@ -13,6 +13,7 @@ import pytest
 from distilled_plugins.devtools.demo import airflow_for_demo, demo_settings, make_seed
 from distilled_plugins.devtools.local_airflow import AirflowError, free_port
 from distilled_plugins.devtools.teacher_server import judge_answer, load_answers, replay_answer
+from operators.triggers.seed_change import STATE_KEY
 from tests.support import MATH_TRAIN_SOLUTIONS, REPO, TOKENIZER_DIR, read_jsonl, wait_until, write_jsonl
 
 DAG_FILE = REPO / "dags" / "distill_r1.py"
@@ -146,7 +147,19 @@ def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(replay_teacher, t
         ):
             assert (tmp_path / "output" / DAG_ID / run_id / task).exists(), task
 
-        # the seed refreshes with 3 new problems; the seed watcher notices and starts a run (no REST call)
+        # the seed refreshes with 3 new problems; the seed watcher notices and starts a run (no REST call). Once it
+        # recorded the seed as it was: a change before its first look would be its baseline, not a refresh
+        seed_asset = airflow.api("GET", "/api/v2/assets?name_pattern=distill_seed")["assets"][0]["id"]
+
+        def baseline():
+            try:
+                return airflow.api("GET", f"/api/v2/assets/{seed_asset}/state-store/{STATE_KEY}")["value"]
+            except AirflowError as e:  # HTTP 404 until the watcher stored one
+                if "HTTP 404" not in str(e):
+                    raise
+                return None
+
+        wait_until(baseline, 120, "the seed watcher to record its baseline", interval=1)
         before = teacher.requests
         extra = [json.loads(line) for line in open(MATH_TRAIN_SOLUTIONS)][200:203]
         write_jsonl(seed, read_jsonl(seed) + [{"problem": r["problem"], "answer": r["answer"]} for r in extra])

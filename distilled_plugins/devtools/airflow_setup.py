@@ -29,35 +29,40 @@ def login_settings(users: str, passwords_file: Path) -> dict:
     }
 
 
-def celery_settings(database_url: str, broker_url: str) -> dict:
-    """Airflow configuration (as environment) shared by every service and worker of a Celery deployment."""
+def shared_secrets() -> dict:
+    """New secrets every process of one Airflow must share, as environment: the fernet key, the JWT secret the API
+    server checks tasks' tokens with, the API's secret key."""
     from cryptography.fernet import Fernet
 
     return {
-        "AIRFLOW__CELERY__BROKER_URL": broker_url,
-        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database_url,
         "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
         "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
     }
 
 
-def write_config(home: Path) -> None:
-    """Give a new Airflow home an ``airflow.cfg`` holding the secrets every process of it must share (the fernet
-    key, the JWT secret the API server checks tasks' tokens with, the API's secret key). Without one, the services
-    starting at once would each write their own with their own generated secrets, and a task's token be refused
-    ("Invalid auth token"). A home that has one (the demo's, started again) keeps it."""
-    from cryptography.fernet import Fernet
+def celery_settings(database_url: str, broker_url: str) -> dict:
+    """Airflow configuration (as environment) shared by every service and worker of a Celery deployment."""
+    return {
+        "AIRFLOW__CELERY__BROKER_URL": broker_url,
+        "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database_url,
+        **shared_secrets(),
+    }
 
+
+def write_config(home: Path) -> None:
+    """Give a new Airflow home an ``airflow.cfg`` holding :func:`shared_secrets`. Without one, the services starting
+    at once would each write their own with their own generated secrets, and a task's token be refused ("Invalid
+    auth token"). A home that has one (the demo's, started again) keeps it."""
     path = home / "airflow.cfg"
     if path.exists():
         return
-    path.write_text(
-        "# written by distilled_plugins.devtools.airflow_setup; the rest of the configuration is environment\n"
-        f"[core]\nfernet_key = {Fernet.generate_key().decode()}\n\n"
-        f"[api_auth]\njwt_secret = {secrets.token_urlsafe(32)}\n\n"
-        f"[api]\nsecret_key = {secrets.token_urlsafe(32)}\n"
-    )
+    sections = []
+    for name, value in shared_secrets().items():  # AIRFLOW__<SECTION>__<KEY>
+        _, section, key = name.lower().split("__")
+        sections.append(f"[{section}]\n{key} = {value}\n")
+    header = "# written by distilled_plugins.devtools.airflow_setup; the rest of the configuration is environment\n"
+    path.write_text(header + "\n".join(sections))
     path.chmod(0o600)
 
 

@@ -23,21 +23,19 @@ ARGS ?=
 demo: $(STAMP)
 	$(PY) -m distilled_plugins.devtools.demo $(ARGS)
 
-# the tests not marked slow on two pytest-xdist workers (a test file each at a time: a file's tests share its
-# fixtures), then the slow ones one at a time: two Airflows at once starve each other of CPU, and a loaded machine
-# meets Airflow's race between a deferral and a trigger that fires at once (apache/airflow#67287, #72716)
+# every test on two pytest-xdist workers: the ones that start Airflow (marked `airflow`) in turn on one of them, the
+# others file by file (a file's tests share its fixtures) on either; see pytest_collection_modifyitems in
+# tests/conftest.py
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not slow" --doctest-modules distilled_plugins operators tests; \
-	fast=$$?; $(PY) -m pytest -q -p no:cacheprovider -m slow --durations=15 tests; slow=$$?; \
-	exit $$(( fast ? fast : slow ))  # the slow tests run (and report) even when a fast one failed
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --no-loadscope-reorder --durations=15 --doctest-modules distilled_plugins operators tests
 
 # the development loop: lint and every test not marked slow (no msrun, Airflow or browser), doctests included
 check: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not slow" --durations=5 --doctest-modules distilled_plugins operators tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup -m "not slow" --durations=5 --doctest-modules distilled_plugins operators tests
 
 bench: $(STAMP)
 	$(PY) bench/bench_generate.py

@@ -21,7 +21,7 @@ from distilled_plugins.devtools.local_airflow import free_port
 from tests.support import MATH_TRAIN_SOLUTIONS
 
 DAG_ID = "distill_r1"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.airflow]
 # skipped in a generate run: the entry points it does not take, and the approval gate (off unless asked for)
 SKIPPED_BRANCHES = {"from_openr1", "from_packed", "approve_finetune"}
 

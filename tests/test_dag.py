@@ -87,6 +87,7 @@ def test_dag_parses_light_and_every_param_is_a_labelled_form_field():
 
 
 @pytest.mark.slow
+@pytest.mark.airflow
 def test_rest_trigger_retry_and_seed_refresh_in_a_real_airflow(replay_teacher, tmp_path):
     seed = make_seed(tmp_path / "seed" / "seed.jsonl", 16)
     settings = {

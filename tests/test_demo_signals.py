@@ -50,6 +50,7 @@ def serving(port: int) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.airflow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
 def test_the_demo_stops_everything_it_started(sig, demo_workdir, tmp_path):
     port = free_port()

@@ -32,7 +32,7 @@ FAIL_FAST_DAG = "test_fail_fast"
 TEST_DAGS = REPO / "tests" / "dags"
 wait_for = functools.partial(wait_until, interval=0.5)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.airflow]
 
 
 @pytest.fixture(scope="module")

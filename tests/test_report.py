@@ -125,6 +125,7 @@ def finished_run(gated_run):
 
 
 @pytest.mark.slow
+@pytest.mark.airflow
 def test_browser_approves_the_gate_then_sees_the_finished_runs_report_tab(gated_run, tmp_path):
     """In headless Chromium: the approval form shows the data summary, Approve starts fine-tuning; the finished
     run's Report tab shows the charts. ``DISTILL_DOCS_SCREENSHOTS=1`` also copies the two shots the README shows
@@ -189,6 +190,7 @@ def test_browser_approves_the_gate_then_sees_the_finished_runs_report_tab(gated_
 
 
 @pytest.mark.slow
+@pytest.mark.airflow
 def test_report_figures_are_the_stats_files(finished_run, tmp_path):
     _af, _run_id, run_dir = finished_run
     written = run_dir / REPORT_FILE  # by the DAG's report task, at the end of the run
@@ -247,6 +249,7 @@ def test_report_figures_are_the_stats_files(finished_run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.airflow
 def test_report_app_in_the_api_server_needs_a_login_and_stays_in_the_runs_folder(finished_run):
     af, run_id, run_dir = finished_run
     status, page = get_report(af, DAG_ID, run_id)
@@ -269,6 +272,7 @@ def test_report_app_in_the_api_server_needs_a_login_and_stays_in_the_runs_folder
 
 
 @pytest.mark.slow
+@pytest.mark.airflow
 def test_reject_ends_the_run_without_training_and_says_so(finished_run):
     af, first_run, first_dir = finished_run
     conf = next(r for r in af.runs(DAG_ID) if r["dag_run_id"] == first_run)["conf"]

@@ -24,7 +24,7 @@ from operators.triggers.seed_change import STATE_KEY
 from tests.support import MATH_TRAIN_SOLUTIONS, conversation_rows, read_jsonl, wait_until
 
 DAG_ID = "distill_r1"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.airflow]
 
 
 wait_until = functools.partial(wait_until, interval=1.0)  # the REST API polled once a second

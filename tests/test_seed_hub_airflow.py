@@ -19,7 +19,7 @@ from tests.support import MATH_TRAIN_SOLUTIONS, read_jsonl, wait_until
 
 DAG_ID = "distill_r1"
 REPO_ID = "standin/math-seed"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.airflow]
 
 
 def test_a_new_hub_commit_starts_a_run_that_reads_exactly_that_commit(replay_teacher, tmp_path):

@@ -35,6 +35,7 @@ def labels(form) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.airflow
 def test_trigger_form_shows_labelled_sections_refuses_an_empty_field_and_submits_its_defaults(replay_teacher, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

@@ -104,6 +104,7 @@ def when(stamp: str) -> datetime:
 
 
 @pytest.mark.slow
+@pytest.mark.airflow
 @pytest.mark.timeout(1800)
 def test_celery_deployment_routes_tasks_and_a_lost_npu_node_resumes_on_another(replay_teacher, tmp_path):
     shared = tmp_path / "shared"  # the shared filesystem (NFS, SFS, Lustre) every worker mounts

@@ -19,6 +19,7 @@ from tests.support import read_jsonl, wait_until, write_jsonl
 
 
 @pytest.mark.slow
+@pytest.mark.airflow
 @pytest.mark.timeout(1800)
 def test_a_run_meeting_broker_database_scheduler_triggerer_and_worker_faults_finishes_and_loses_nothing(tmp_path):
     try:
@@ -66,6 +67,7 @@ def test_the_counts_see_a_lost_and_a_duplicated_completion(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.airflow
 def test_a_service_that_exits_by_itself_is_started_again_as_restart_always_does(tmp_path):
     (tmp_path / "dags").mkdir()
     with LocalAirflow(tmp_path / "airflow", free_port(), dags_folder=tmp_path / "dags", restart_exited=True) as af:

@@ -39,7 +39,7 @@ from distilled_plugins.core import cli, configs
 from distilled_plugins.core.artifacts import ARTIFACT_KINDS, artifact_kind
 from distilled_plugins.core.errors import DataError
 from distilled_plugins.core.io import hub_seed, iter_rows
-from distilled_plugins.core.schema import MESSAGES_COLUMN, STATS_FILE, STATS_SEQ_LENGTH
+from distilled_plugins.core.schema import MESSAGES_COLUMN, STATS_FILE, STATS_PAD_TOKEN_ID, STATS_SEQ_LENGTH
 from distilled_plugins.core.settings import is_empty
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,8 @@ def _packed_problems(run: RunInputs, seq_length: int | None) -> list[tuple[str, 
         return [
             ("packed_dataset", f"{path}: no {STATS_FILE}; not a folder written by python -m distilled_plugins.pack")
         ]
-    rows = json.loads(stats.read_text()).get(STATS_SEQ_LENGTH)
+    recorded = json.loads(stats.read_text())
+    rows = recorded.get(STATS_SEQ_LENGTH)
     if seq_length and rows != seq_length:
         return [
             (
@@ -146,7 +147,13 @@ def _packed_problems(run: RunInputs, seq_length: int | None) -> list[tuple[str, 
                 "pack again at that length or pick the profile it was packed for",
             )
         ]
-    return []
+    profile = run.finetune_config or configs.FINETUNE_7B.name
+    try:
+        model_config = configs.load_yaml(profile)["model"]["model_config"]
+    except (OSError, ValueError, KeyError, TypeError):  # the profile's own check tells of it
+        return []
+    mismatch = configs.packed_pad_mismatch(recorded.get(STATS_PAD_TOKEN_ID), profile, model_config)
+    return [("packed_dataset", f"{path}: {mismatch}")] if mismatch else []
 
 
 def _tokenizer_problems(name: str, folder: str | None) -> list[tuple[str, str]]:

@@ -1,5 +1,5 @@
-"""The tiny profile's tokenizer (configs/tokenizer_tiny): Qwen2.5's cut to 4,096 tokens, and the preflight that
-keeps a tokenizer and a profile's vocabulary together."""
+"""The tiny profile's tokenizer (configs/tokenizer_tiny): Qwen2.5's cut to 4,096 tokens, and the checks that keep
+a tokenizer, the data packed with it and a profile's vocabulary together."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import pytest
 
 from distilled_plugins import preflight
 from distilled_plugins.core import configs
+from distilled_plugins.core.errors import DataError
 from distilled_plugins.devtools import tiny_tokenizer
+from distilled_plugins.devtools.local_airflow import free_port
 from distilled_plugins.handle.encoder import load_tokenizer
 from tests.support import TOKENIZER_DIR, conversation_rows, write_jsonl
 
@@ -70,3 +72,47 @@ def test_generation_refuses_a_tokenizer_with_more_tokens_than_the_models_vocabul
     argv += ["--problems", str(problems), "--output", str(tmp_path / "out.jsonl"), "--system-prompt", "Reason."]
     assert mf_generate.main(argv) == 2
     assert "151665 tokens, more than the model's vocabulary" in caplog.text and not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def qwen_packed(tmp_path_factory):
+    """Rows handled and packed with Qwen2.5's tokenizer at the tiny profile's row length (256)."""
+    from distilled_plugins.handle.config import HandleConfig
+    from distilled_plugins.handle.stage import run as handle_run
+    from distilled_plugins.pack.config import PackConfig
+    from distilled_plugins.pack.stage import run as pack_run
+
+    tmp = tmp_path_factory.mktemp("qwen-packed")
+    src = write_jsonl(tmp / "filtered.jsonl", conversation_rows(5, start=2))
+    handled = handle_run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp / "handled")))
+    return pack_run(PackConfig(src=str(handled), dst=str(tmp / "packed"), seq_length=256))
+
+
+def test_data_packed_with_another_tokenizer_is_refused_before_training(qwen_packed, tiny_packed, tmp_path):
+    from distilled_plugins.finetune import FinetuneConfig, stage
+
+    why = (
+        "packed with a tokenizer whose pad id is 151643, but the fine-tune profile finetune_tiny_cpu.yaml pads with "
+        "4074 (a vocabulary of 4096): handle and pack again with the tokenizer its model was made for "
+        f"({configs.TINY_TOKENIZER}), or pick the profile the data was packed for"
+    )
+
+    def preflight_lines(packed) -> list[str]:
+        run = preflight.RunInputs(
+            source="packed_dataset",
+            packed_dataset=str(packed),
+            finetune_config=configs.FINETUNE_TINY.name,
+            output_root=str(tmp_path),
+        )
+        return [line for line in preflight.problems(run) if line.startswith("packed_dataset")]
+
+    assert preflight_lines(qwen_packed) == [f"packed_dataset: {qwen_packed}: {why}"]
+    assert preflight_lines(tiny_packed) == []  # packed with the profile's own tokenizer
+    out = tmp_path / "out"
+    cfg = FinetuneConfig(
+        config=str(configs.FINETUNE_TINY), dataset_path=str(qwen_packed), output_dir=str(out), master_port=free_port()
+    )
+    with pytest.raises(DataError) as refused:  # the fine-tune task's own check, before msrun starts
+        stage.launch(cfg)
+    assert str(refused.value) == f"{qwen_packed}: {why}"
+    assert not list(out.glob("job-*/node-0.json"))

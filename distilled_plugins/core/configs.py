@@ -69,6 +69,21 @@ def check_built_tokenizer(finetune_config: str | Path, tokenizer, whose: str) ->
         )
 
 
+def packed_pad_mismatch(packed_pad: int | None, finetune_config: str | Path, model_config: dict) -> str | None:
+    """Why rows packed with a tokenizer whose pad id is ``packed_pad`` (pack records it in its stats) do not suit
+    the fine-tune profile's model, or None when they do (or the pad id is unknown): another pad id means another
+    tokenizer, whose ids name other tokens or lie past the model's vocabulary."""
+    model_pad = model_config.get("pad_token_id")
+    if packed_pad is None or model_pad is None or int(packed_pad) == int(model_pad):
+        return None
+    own = f" ({TINY_TOKENIZER})" if Path(finetune_config).name == FINETUNE_TINY.name else ""
+    return (
+        f"packed with a tokenizer whose pad id is {packed_pad}, but the fine-tune profile {Path(finetune_config).name} "
+        f"pads with {model_pad} (a vocabulary of {model_config.get('vocab_size')}): handle and pack again with the "
+        f"tokenizer its model was made for{own}, or pick the profile the data was packed for"
+    )
+
+
 def child_env() -> dict[str, str]:
     """This process's environment without the secrets a started process has no use for (see above).
 

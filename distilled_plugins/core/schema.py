@@ -47,7 +47,7 @@ STATS_SUFFIX = ".stats.json"
 VERDICTS_SUFFIX = ".verdicts.jsonl"
 # stats keys another stage reads
 STATS_FILE = "stats.json"  # inside a folder artifact
-STATS_PAD_TOKEN_ID = "pad_token_id"  # handle's stats, read by pack
+STATS_PAD_TOKEN_ID = "pad_token_id"  # handle's stats, read by pack; pack's, read by fine-tune
 STATS_SEQ_LENGTH = "seq_length"  # pack's stats, read by finetune
 # every stage's stats begin with these (written by stats.Stats): rows_in == rows_out + sum(dropped.values())
 STATS_ROWS_IN = "rows_in"

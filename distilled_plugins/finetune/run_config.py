@@ -11,7 +11,7 @@ from pathlib import Path
 from distilled_plugins.core import configs
 from distilled_plugins.core.artifacts import require_artifact
 from distilled_plugins.core.errors import CheckpointMissing, DataError, SeqLengthMismatch
-from distilled_plugins.core.schema import STATS_FILE
+from distilled_plugins.core.schema import STATS_FILE, STATS_PAD_TOKEN_ID
 from distilled_plugins.finetune.checkpoints import resume_point
 from distilled_plugins.finetune.config import FinetuneConfig
 
@@ -188,6 +188,12 @@ def packed_row_length(dataset_path: str | Path) -> int:
     return len(datasets.load_from_disk(str(path))[0]["input_ids"])
 
 
+def packed_pad_id(dataset_path: str | Path) -> int | None:
+    """The pad id pack recorded (its tokenizer's), None without its stats."""
+    stats = Path(dataset_path) / STATS_FILE
+    return json.loads(stats.read_text()).get(STATS_PAD_TOKEN_ID) if stats.exists() else None
+
+
 def npu_count() -> int:
     return len(list(Path("/dev").glob("davinci[0-9]*")))
 
@@ -205,6 +211,9 @@ def preflight(cfg: FinetuneConfig, run_config: dict, resuming: bool) -> None:
             f"(the tutorial packed at 8,192 for a 32,768 model): pack again with --seq-length {seq_length}"
             f" or set model.model_config.seq_length to {rows}"
         )
+    mismatch = configs.packed_pad_mismatch(packed_pad_id(dataset), cfg.config, run_config["model"]["model_config"])
+    if mismatch:
+        raise DataError(f"{dataset}: {mismatch}")
     checkpoint = run_config.get("load_checkpoint")
     if checkpoint and not resuming and not Path(str(checkpoint)).exists():
         raise CheckpointMissing(

@@ -128,7 +128,7 @@ def _stats(cfg: PackConfig, selection: Selection, lengths: np.ndarray, plan: lis
         "src": str(Path(cfg.src)),
         STATS_SEQ_LENGTH: cfg.seq_length,
         "overlong_policy": cfg.overlong,
-        "pad_token_id": pad,
+        STATS_PAD_TOKEN_ID: pad,
         "samples_in": len(lengths),
         "pieces_packed": len(selection.pieces),
         "tokens": int(tokens),

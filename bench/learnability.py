@@ -1,7 +1,7 @@
 """Learnability benchmark: the project's own stages must teach a small model a synthetic task it cannot guess.
 
 Usage:
-    .venv/bin/python bench/learnability.py --out /tmp/learnability [--train 1440 --held-out 64 --epochs 5]
+    .venv/bin/python bench/learnability.py --out /tmp/learnability [--train 1440 --held-out 64 --epochs 6]
 
 The check itself is ``distilled_plugins/devtools/learnability.py`` (also used by the demo and tests/test_learnability.py).
 Writes ``--out``/report.json (``before``, ``after``: pass@1 in %; ``held_out``, ``steps``, ``seconds``) and

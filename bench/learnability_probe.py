@@ -1,7 +1,7 @@
 """How reliably the learnability check's model learns its task: many seeds, a minute or so each.
 
 Usage:
-    .venv/bin/python bench/learnability_probe.py --out /tmp/probe [--train 1440 --held-out 64 --epochs 5 --seeds 1-12]
+    .venv/bin/python bench/learnability_probe.py --out /tmp/probe [--train 1440 --held-out 64 --epochs 6 --seeds 1-12]
 
 Training in the check is stochastic: the mindspore CPU kernels make two runs with the same seed drift apart after
 the first step, so one run says little about how often the check passes. This probe trains the check's model

@@ -150,9 +150,9 @@ def _packed_problems(run: RunInputs, seq_length: int | None) -> list[tuple[str, 
     profile = run.finetune_config or configs.FINETUNE_7B.name
     try:
         model_config = configs.load_yaml(profile)["model"]["model_config"]
-    except (OSError, ValueError, KeyError, TypeError):  # the profile's own check tells of it
+        mismatch = configs.packed_pad_mismatch(recorded.get(STATS_PAD_TOKEN_ID), profile, model_config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # the profile's own check tells of it
         return []
-    mismatch = configs.packed_pad_mismatch(recorded.get(STATS_PAD_TOKEN_ID), profile, model_config)
     return [("packed_dataset", f"{path}: {mismatch}")] if mismatch else []
 
 

@@ -92,9 +92,9 @@ def test_data_packed_with_another_tokenizer_is_refused_before_training(qwen_pack
     from distilled_plugins.finetune import FinetuneConfig, stage
 
     why = (
-        "packed with a tokenizer whose pad id is 151643, but the fine-tune profile finetune_tiny_cpu.yaml pads with "
-        "4074 (a vocabulary of 4096): handle and pack again with the tokenizer its model was made for "
-        f"({configs.TINY_TOKENIZER}), or pick the profile the data was packed for"
+        "packed with pad id 151643, but the fine-tune profile finetune_tiny_cpu.yaml pads with 4074 (a vocabulary of "
+        "4096): another tokenizer than its model's (or pack's --pad-token-id); handle and pack again with the "
+        f"tokenizer its model was made for ({configs.TINY_TOKENIZER}), or pick the profile the data was packed for"
     )
 
     def preflight_lines(packed) -> list[str]:

@@ -78,9 +78,10 @@ def packed_pad_mismatch(packed_pad: int | None, finetune_config: str | Path, mod
         return None
     own = f" ({TINY_TOKENIZER})" if Path(finetune_config).name == FINETUNE_TINY.name else ""
     return (
-        f"packed with a tokenizer whose pad id is {packed_pad}, but the fine-tune profile {Path(finetune_config).name} "
-        f"pads with {model_pad} (a vocabulary of {model_config.get('vocab_size')}): handle and pack again with the "
-        f"tokenizer its model was made for{own}, or pick the profile the data was packed for"
+        f"packed with pad id {packed_pad}, but the fine-tune profile {Path(finetune_config).name} pads with "
+        f"{model_pad} (a vocabulary of {model_config.get('vocab_size')}): another tokenizer than its model's (or "
+        f"pack's --pad-token-id); handle and pack again with the tokenizer its model was made for{own}, or pick the "
+        "profile the data was packed for"
     )
 
 

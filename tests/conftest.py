@@ -33,8 +33,8 @@ from tests.support import (  # MATH_TRAIN_SOLUTIONS, read_jsonl: still imported 
     TINY_ROWS,
     answer_with_solution,
     cli_env,
-    conversation_rows,
     failing_first,
+    handled_and_packed_rows,
     math_train_rows,
     read_jsonl,  # noqa: F401
     write_jsonl,
@@ -214,15 +214,7 @@ def _solutions(path: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_packed(tmp_path_factory):
     """Packed rows at the tiny CPU profile's seq_length (256), in its tokenizer: a few training steps' worth."""
-    from distilled_plugins.handle.config import HandleConfig
-    from distilled_plugins.handle.stage import run as handle_run
-    from distilled_plugins.pack.config import PackConfig
-    from distilled_plugins.pack.stage import run as pack_run
-
-    tmp = tmp_path_factory.mktemp("tiny-packed")
-    src = write_jsonl(tmp / "filtered.jsonl", conversation_rows(5, start=2))
-    handled = handle_run(HandleConfig(src=[str(src)], tokenizer=str(TINY_TOKENIZER), dst=str(tmp / "handled")))
-    packed = pack_run(PackConfig(src=str(handled), dst=str(tmp / "packed"), seq_length=256))
+    _, packed = handled_and_packed_rows(tmp_path_factory.mktemp("tiny-packed"), TINY_TOKENIZER, 5, start=2)
     rows = json.loads((packed / "stats.json").read_text())["packs"]
     assert rows == TINY_ROWS, f"the tiny packed data has {rows} rows; the fine-tune tests count on {TINY_ROWS}"
     return packed

@@ -71,6 +71,19 @@ def conversation_rows(n: int, start: int = 0) -> list[dict]:
     ]
 
 
+def handled_and_packed_rows(folder: Path, tokenizer, rows: int, start: int = 0, seq_length: int = 256):
+    """``rows`` conversations handled with ``tokenizer`` and packed at ``seq_length`` by the stages themselves, in
+    ``folder``: the handled folder and the packed one."""
+    from distilled_plugins.handle.config import HandleConfig
+    from distilled_plugins.handle.stage import run as handle_run
+    from distilled_plugins.pack.config import PackConfig
+    from distilled_plugins.pack.stage import run as pack_run
+
+    src = write_jsonl(folder / "filtered.jsonl", conversation_rows(rows, start=start))
+    handled = handle_run(HandleConfig(src=[str(src)], tokenizer=str(tokenizer), dst=str(folder / "handled")))
+    return handled, pack_run(PackConfig(src=str(handled), dst=str(folder / "packed"), seq_length=seq_length))
+
+
 def generation_rows() -> list[dict]:
     """Stage 1 rows covering each verdict and each reason an example is dropped (see test_reject_sampling)."""
     return [

@@ -21,7 +21,7 @@ from distilled_plugins.handle.config import HandleConfig
 from distilled_plugins.handle.stage import run as handle_run
 from distilled_plugins.pack.config import PackConfig
 from distilled_plugins.pack.stage import run as pack_run
-from tests.support import TOKENIZER_DIR, conversation_rows, run_cli, write_jsonl
+from tests.support import TOKENIZER_DIR, conversation_rows, handled_and_packed_rows, run_cli, write_jsonl
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -35,11 +35,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def handled_and_packed(tmp_path_factory) -> tuple[Path, Path]:
     """A small handled folder and its packed folder, made by the stages themselves (with their markers)."""
-    tmp = tmp_path_factory.mktemp("stages")
-    src = write_jsonl(tmp / "filtered.jsonl", conversation_rows(4))
-    handled = handle_run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp / "handled")))
-    packed = pack_run(PackConfig(src=str(handled), dst=str(tmp / "packed"), seq_length=256))
-    return handled, packed
+    return handled_and_packed_rows(tmp_path_factory.mktemp("stages"), TOKENIZER_DIR, 4)
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

@@ -11,7 +11,7 @@ from distilled_plugins.core.errors import DataError
 from distilled_plugins.devtools import tiny_tokenizer
 from distilled_plugins.devtools.local_airflow import free_port
 from distilled_plugins.handle.encoder import load_tokenizer
-from tests.support import TOKENIZER_DIR, conversation_rows, write_jsonl
+from tests.support import TOKENIZER_DIR, conversation_rows, handled_and_packed_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +77,7 @@ def test_generation_refuses_a_tokenizer_with_more_tokens_than_the_models_vocabul
 @pytest.fixture(scope="module")
 def qwen_packed(tmp_path_factory):
     """Rows handled and packed with Qwen2.5's tokenizer at the tiny profile's row length (256)."""
-    from distilled_plugins.handle.config import HandleConfig
-    from distilled_plugins.handle.stage import run as handle_run
-    from distilled_plugins.pack.config import PackConfig
-    from distilled_plugins.pack.stage import run as pack_run
-
-    tmp = tmp_path_factory.mktemp("qwen-packed")
-    src = write_jsonl(tmp / "filtered.jsonl", conversation_rows(5, start=2))
-    handled = handle_run(HandleConfig(src=[str(src)], tokenizer=str(TOKENIZER_DIR), dst=str(tmp / "handled")))
-    return pack_run(PackConfig(src=str(handled), dst=str(tmp / "packed"), seq_length=256))
+    return handled_and_packed_rows(tmp_path_factory.mktemp("qwen-packed"), TOKENIZER_DIR, 5, start=2)[1]
 
 
 def test_data_packed_with_another_tokenizer_is_refused_before_training(qwen_packed, tiny_packed, tmp_path):

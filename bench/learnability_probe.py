@@ -2,6 +2,7 @@
 
 Usage:
     .venv/bin/python bench/learnability_probe.py --out /tmp/probe [--train 1440 --held-out 64 --epochs 6 --seeds 1-12]
+        [--set optimizer.weight_decay=0.01 ...]   # the profile with changes, to compare settings over seeds
 
 Training in the check is stochastic: the mindspore CPU kernels make two runs with the same seed drift apart after
 the first step, so one run says little about how often the check passes. This probe trains the check's model
@@ -56,7 +57,9 @@ class Probe:
         self.held_out = [tuple(a[None] for a in row) for row in held_out]
         self.lookups = lookups
 
-    def run(self, seed: int, steps: int, every: int) -> list[tuple[int, float, float, list[float]]]:
+    def run(
+        self, seed: int, steps: int, every: int, overrides: dict | None = None
+    ) -> list[tuple[int, float, float, list[float]]]:
         import mindspore as ms
         from mindformers.core import build_lr, build_optim
         from mindformers.models.llama import LlamaConfig, LlamaForCausalLM
@@ -68,6 +71,12 @@ class Probe:
 
         ms.set_seed(seed)
         profile = MindFormerConfig(str(learnability.PROFILE))
+        for key, value in (overrides or {}).items():
+            *parents, last = key.split(".")
+            node = profile
+            for parent in parents:
+                node = node[parent]
+            node[last] = value
         ms.set_context(mode=profile.context.mode, device_target=profile.context.device_target)  # graph mode: 20x
         settings = {k: v for k, v in profile.model.model_config.items() if k != "type"}
         seq_length = self.train[0][0].shape[1]
@@ -149,6 +158,15 @@ def seeds(text: str) -> list[int]:
     return chosen
 
 
+def override(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"not KEY=VALUE: {text!r}")
+    return key, yaml.safe_load(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, type=Path, help="work folder: the task and its packed rows (reused)")
@@ -157,6 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=learnability.SIZE["epochs"])
     p.add_argument("--seeds", type=seeds, default=seeds("1-12"), help="initialisation seeds, e.g. 1-12")
     p.add_argument("--every", type=int, help="score the held-out problems every N steps (default: one epoch)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        type=override,
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the profile, e.g. optimizer.weight_decay=0.1 (repeatable; the value is read as YAML)",
+    )
     args = p.parse_args(argv)
 
     from distilled_plugins.handle.encoder import load_tokenizer
@@ -178,12 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     probe = Probe(packed["train"], packed["held_out"], lookup_ids(load_tokenizer(tokenizer)))
     steps = args.epochs * len(probe.train)
     every = args.every or len(probe.train)
-    print(f"{len(probe.train)} packed rows x {args.epochs} epochs = {steps} steps; the profile's model and vocabulary")
+    changed = "".join(f", {k}={v}" for k, v in args.overrides)
+    print(f"{len(probe.train)} packed rows x {args.epochs} epochs = {steps} steps; the profile's model{changed}")
     finals = []
     bar, target = learnability.TEST_MIN_AFTER, learnability.TARGET_AFTER
     for seed in args.seeds:
         started = time.monotonic()
-        history = probe.run(seed, steps, every)
+        history = probe.run(seed, steps, every, dict(args.overrides))
         finals.append(history[-1][2])
         trail = " ".join(
             f"{s}:{right:.0f}%[{'/'.join(f'{v:.0f}' for v in lookups)}]" for s, _, right, lookups in history

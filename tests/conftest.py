@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from distilled_plugins.core.configs import TINY_TOKENIZER
-from distilled_plugins.devtools.local_airflow import free_port
+from distilled_plugins.devtools.local_airflow import LocalAirflow, free_port
 from distilled_plugins.devtools.teacher_server import (
     ReplayTeacher,
     ServerThread,
@@ -79,6 +79,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         group = AIRFLOW_GROUP if item.get_closest_marker("airflow") else item.path.stem  # xdist appends it to ids
         item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=lambda item: not item.get_closest_marker("airflow"))  # stable: file order otherwise kept
+
+
+_running_test: pytest.Item | None = None  # the test whose set-up, call or tear-down runs now
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    global _running_test
+    _running_test = item
+    try:
+        return (yield)
+    finally:
+        _running_test = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _airflow_starts_only_in_tests_marked_airflow():
+    """A test that starts Airflow's services (itself or by a fixture) must be marked ``airflow``: unmarked, make
+    test would run it beside the Airflow group, two Airflows at once. Fails such a test when it starts them."""
+    start = LocalAirflow.start
+
+    @functools.wraps(start)
+    def start_if_marked(self, *args, **kwargs):
+        if _running_test is not None and not _running_test.get_closest_marker("airflow"):
+            pytest.fail(f"{_running_test.nodeid} starts Airflow's services: mark it @pytest.mark.airflow", False)
+        return start(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LocalAirflow, "start", start_if_marked)
+        yield
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: its controller, once a worker collected

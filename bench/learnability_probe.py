@@ -19,6 +19,7 @@ benchmark's target. A stand-in for the fine-tune stage, not the check: no msrun,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import shutil
 import sys
@@ -71,12 +72,7 @@ class Probe:
 
         ms.set_seed(seed)
         profile = MindFormerConfig(str(learnability.PROFILE))
-        for key, value in (overrides or {}).items():
-            *parents, last = key.split(".")
-            node = profile
-            for parent in parents:
-                node = node[parent]
-            node[last] = value
+        apply_overrides(profile, overrides or {})
         ms.set_context(mode=profile.context.mode, device_target=profile.context.device_target)  # graph mode: 20x
         settings = {k: v for k, v in profile.model.model_config.items() if k != "type"}
         seq_length = self.train[0][0].shape[1]
@@ -161,10 +157,25 @@ def seeds(text: str) -> list[int]:
 def override(text: str) -> tuple[str, object]:
     import yaml
 
-    key, sep, value = text.partition("=")
-    if not sep or not key:
+    key, sep, text_value = text.partition("=")
+    if not sep or not key or not text_value:
         raise argparse.ArgumentTypeError(f"not KEY=VALUE: {text!r}")
-    return key, yaml.safe_load(value)
+    value = yaml.safe_load(text_value)
+    with contextlib.suppress(ValueError):  # YAML 1.1 reads 1e-2 as a string
+        value = float(value) if isinstance(value, str) else value
+    return key, value
+
+
+def apply_overrides(profile, overrides: dict) -> None:
+    """Set each dotted key of ``overrides`` in ``profile``; a key the profile lacks is an error, not a new one."""
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node = profile
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
+            raise SystemExit(f"--set {key}: the profile {learnability.PROFILE.name} has no such key")
+        node[last] = value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,7 +103,11 @@ def _airflow_starts_only_in_tests_marked_airflow():
     @functools.wraps(start)
     def start_if_marked(self, *args, **kwargs):
         if _running_test is not None and not _running_test.get_closest_marker("airflow"):
-            pytest.fail(f"{_running_test.nodeid} starts Airflow's services: mark it @pytest.mark.airflow", False)
+            pytest.fail(
+                f"{_running_test.nodeid} starts Airflow's services, itself or through one of its fixtures "
+                f"({', '.join(_running_test.fixturenames)}): mark it @pytest.mark.airflow",
+                pytrace=False,
+            )
         return start(self, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:

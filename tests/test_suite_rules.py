@@ -9,8 +9,10 @@ from distilled_plugins.devtools.local_airflow import LocalAirflow, free_port
 
 def test_a_test_not_marked_airflow_cannot_start_airflows_services(tmp_path):
     airflow = LocalAirflow(tmp_path / "airflow", free_port())
-    with pytest.raises(
-        pytest.fail.Exception, match=r"test_suite_rules\.py::test_a_test.* mark it @pytest\.mark\.airflow"
-    ):
-        airflow.start()
+    refused = r"test_suite_rules\.py::test_a_test\S* starts Airflow's services.*: mark it @pytest\.mark\.airflow"
+    try:
+        with pytest.raises(pytest.fail.Exception, match=refused):
+            airflow.start()
+    finally:
+        airflow.stop()  # were it started after all
     assert not airflow.processes and not (tmp_path / "airflow" / "logs").exists()  # refused before starting any

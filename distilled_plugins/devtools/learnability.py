@@ -62,7 +62,7 @@ QWEN_TOKENIZER = configs.QWEN_TOKENIZER
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 UNKNOWN_TOKEN = "<|unk|>"
 # one size for the benchmark, the demo and the slow test: 1,440 training problems in 360 packed rows, 6 epochs
-# (2,160 steps, ~35 ms each: the lookups the task needs mostly form at ~400-800 steps, in some runs past 1,100,
+# (2,160 steps, ~25 ms each: the lookups the task needs mostly form at ~400-1,000 steps, in some runs past 1,100,
 # while the learning rate falls linearly to 0 at the last step; README), 64 held-out problems
 SIZE = {"n_train": 1440, "n_held_out": 64, "epochs": 6}
 TARGET_AFTER = 90.0  # held-out pass@1 (%) after fine-tuning: the benchmark's target

@@ -82,12 +82,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 _running_test: pytest.Item | None = None  # the test whose set-up, call or tear-down runs now
+# make test's worker that runs the other tests yields the CPUs to the Airflow group's (the longest part, and mostly
+# waiting on Airflow's loops): niceness of it and of all it starts (msrun, the learnability check)
+OTHER_TESTS_NICENESS = 10
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     global _running_test
     _running_test = item
+    if os.environ.get("PYTEST_XDIST_WORKER") and not item.get_closest_marker("airflow") and os.nice(0) == 0:
+        os.nice(OTHER_TESTS_NICENESS)  # once: the Airflow group runs first and whole on one worker, never after
     try:
         return (yield)
     finally:

@@ -92,7 +92,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     global _running_test
     _running_test = item
     if os.environ.get("PYTEST_XDIST_WORKER") and not item.get_closest_marker("airflow") and os.nice(0) == 0:
-        os.nice(OTHER_TESTS_NICENESS)  # once: the Airflow group runs first and whole on one worker, never after
+        os.nice(OTHER_TESTS_NICENESS)  # once; the Airflow group runs first and whole on one worker: never niced
     try:
         return (yield)
     finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 from distilled_plugins.core import configs
 from distilled_plugins.core.artifacts import require_artifact
 from distilled_plugins.core.errors import CheckpointMissing, DataError, SeqLengthMismatch
-from distilled_plugins.core.schema import STATS_FILE, STATS_PAD_TOKEN_ID
+from distilled_plugins.core.schema import STATS_FILE, STATS_PAD_TOKEN_ID, STATS_SEQ_LENGTH
 from distilled_plugins.finetune.checkpoints import resume_point
 from distilled_plugins.finetune.config import FinetuneConfig
 
@@ -138,12 +138,18 @@ def stall_timeout(cfg: FinetuneConfig, run_config: dict) -> float:
     return float(cfg.stall_timeout or STALL_TIMEOUT.get(device(run_config), STALL_TIMEOUT["ascend"]))
 
 
+def packed_stats(dataset_path: str | Path) -> dict:
+    """The stats pack wrote beside its rows ({} for a folder without them)."""
+    stats = Path(dataset_path) / STATS_FILE
+    return json.loads(stats.read_text()) if stats.exists() else {}
+
+
 def total_steps(cfg: FinetuneConfig, run_config: dict) -> int | None:
     """Training steps of the whole job: each data-parallel worker's share of the packed rows in batches, times the
     epochs, rounded down where rows or batches do not divide evenly (a lower bound: where a retry resumes must lie
     before the job's end). None: the packed data has no stats.json to count its rows."""
-    stats = Path(cfg.dataset_path) / STATS_FILE
-    rows = int(json.loads(stats.read_text())["packs"]) if stats.exists() else 0
+    stats = packed_stats(cfg.dataset_path)
+    rows = int(stats["packs"]) if stats else 0
     if not rows:
         return None
     layout = run_config.get("parallel_config") or {}
@@ -178,20 +184,13 @@ def job_env(run_config: dict) -> dict:
 # ---- preflight ------------------------------------------------------------------------------------------------
 
 
-def packed_row_length(dataset_path: str | Path) -> int:
-    path = Path(dataset_path)
-    stats = path / STATS_FILE
-    if stats.exists():
-        return int(json.loads(stats.read_text())["seq_length"])
+def packed_row_length(dataset_path: str | Path, stats: dict) -> int:
+    """Tokens in a packed row: as pack's ``stats`` record it, else as the first row holds them."""
+    if stats:
+        return int(stats[STATS_SEQ_LENGTH])
     import datasets
 
-    return len(datasets.load_from_disk(str(path))[0]["input_ids"])
-
-
-def packed_pad_id(dataset_path: str | Path) -> int | None:
-    """The pad id pack recorded (its tokenizer's), None without its stats."""
-    stats = Path(dataset_path) / STATS_FILE
-    return json.loads(stats.read_text()).get(STATS_PAD_TOKEN_ID) if stats.exists() else None
+    return len(datasets.load_from_disk(str(dataset_path))[0]["input_ids"])
 
 
 def npu_count() -> int:
@@ -204,14 +203,17 @@ def preflight(cfg: FinetuneConfig, run_config: dict, resuming: bool) -> None:
     if not dataset.is_dir():
         raise DataError(f"packed dataset {dataset} not found")
     seq_length = int(value_at(run_config, "model.model_config.seq_length"))
-    rows = packed_row_length(dataset)
+    stats = packed_stats(dataset)
+    rows = packed_row_length(dataset, stats)
     if rows != seq_length:
         raise SeqLengthMismatch(
             f"packed rows of {dataset} hold {rows} tokens but the model's seq_length is {seq_length} "
             f"(the tutorial packed at 8,192 for a 32,768 model): pack again with --seq-length {seq_length}"
             f" or set model.model_config.seq_length to {rows}"
         )
-    mismatch = configs.packed_pad_mismatch(packed_pad_id(dataset), cfg.config, run_config["model"]["model_config"])
+    mismatch = configs.packed_pad_mismatch(
+        stats.get(STATS_PAD_TOKEN_ID), cfg.config, run_config["model"]["model_config"]
+    )
     if mismatch:
         raise DataError(f"{dataset}: {mismatch}")
     checkpoint = run_config.get("load_checkpoint")
